@@ -1,0 +1,173 @@
+"""What the benchmarks measure: shapes, the two input scenarios, and the plan for each device.
+
+A batch is `n_seqs` equal-length sequences in groups of `group_size` (the last member of each
+group is the off-policy trace, as in LUFFY's 7 + 1 groups). Scenarios:
+- dense: every group has mixed rewards, so every token carries a gradient; the LUFFY reference
+  config (shaping, no clipping, `constant` normalizer, entropy bonus 0.001);
+- rlvr: half of the groups have equal rewards (zero advantage) and there is no entropy term, as in
+  typical RLVR batches; an implementation that skips inactive tokens should pay off here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+
+from luffy_fast import LuffyLossConfig
+
+SCENARIOS = ("dense", "rlvr")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measured configuration: scenario and shape."""
+
+    scenario: str
+    T: int
+    H: int
+    V: int
+    dtype: str = "float32"
+    n_seqs: int = 16
+    group_size: int = 8
+
+    @property
+    def seq_len(self) -> int:
+        return self.T // self.n_seqs
+
+    @property
+    def shape(self) -> str:
+        return f"T={self.T} H={self.H} V={self.V} {self.dtype}"
+
+    @property
+    def id(self) -> str:
+        return f"{self.scenario}-T{self.T}-H{self.H}-V{self.V}-{self.dtype}"
+
+    def config(self) -> LuffyLossConfig:
+        entropy = 0.001 if self.scenario == "dense" else 0.0
+        return LuffyLossConfig.luffy(max_len=self.seq_len, entropy_coef=entropy)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __post_init__(self) -> None:
+        if self.scenario not in SCENARIOS:
+            raise ValueError(f"Case.scenario must be one of {SCENARIOS}, got {self.scenario!r}")
+        if self.T % self.n_seqs or self.n_seqs % self.group_size:
+            raise ValueError(f"Case: T={self.T} must split into {self.n_seqs} sequences "
+                             f"in groups of {self.group_size}")
+
+
+@dataclass
+class Inputs:
+    """The tensors every implementation gets for one case (flat [T] per-token tensors)."""
+
+    case: Case
+    hidden: torch.Tensor  # [T, H], requires grad
+    weight: torch.Tensor  # [V, H], requires grad (the LM head is trained)
+    targets: torch.Tensor  # [T] int64
+    advantages: torch.Tensor  # [T] float32, broadcast from each sequence
+    seq_advantages: torch.Tensor  # [n_seqs] float32 (Liger takes one per sequence)
+    loss_mask: torch.Tensor  # [T] bool
+    off_policy_mask: torch.Tensor  # [T] bool
+    seq_ids: torch.Tensor  # [T] int64
+    config: LuffyLossConfig
+
+    def zero_grads(self) -> None:
+        self.hidden.grad = None
+        self.weight.grad = None
+
+    def grad_bytes(self) -> int:
+        return sum(t.grad.nbytes for t in (self.hidden, self.weight) if t.grad is not None)
+
+
+def group_rewards(case: Case) -> torch.Tensor:
+    """Per-sequence 0/1 rewards: mixed in every group (dense) or equal in odd groups (rlvr)."""
+    n_groups = case.n_seqs // case.group_size
+    member = torch.arange(case.group_size)
+    mixed = (member % 2 == 0).float()
+    mixed[-1] = 1.0  # the off-policy trace is a correct solution
+    rows = []
+    for group in range(n_groups):
+        all_correct = case.scenario == "rlvr" and group % 2 == 1
+        rows.append(torch.ones(case.group_size) if all_correct else mixed)
+    return torch.stack(rows)  # [n_groups, group_size]
+
+
+def make_inputs(case: Case, device: str, seed: int = 0) -> Inputs:
+    """Deterministic random inputs for `case` on `device` (generated there: fast on a GPU)."""
+    dtype = DTYPES[case.dtype]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(case.T, case.H, device=device, generator=gen).to(dtype)
+    # Weights scaled so that logits have unit variance, like a trained LM head's order of magnitude.
+    weight = (torch.randn(case.V, case.H, device=device, generator=gen) / case.H**0.5).to(dtype)
+    targets = torch.randint(0, case.V, (case.T,), device=device, generator=gen)
+
+    rewards = group_rewards(case)
+    seq_advantages = (rewards - rewards.mean(dim=1, keepdim=True)).reshape(-1)  # no std division
+    seq_ids = torch.arange(case.n_seqs).repeat_interleave(case.seq_len)
+    off_policy_seq = torch.arange(case.n_seqs) % case.group_size == case.group_size - 1
+    return Inputs(
+        case=case,
+        hidden=hidden.requires_grad_(),
+        weight=weight.requires_grad_(),
+        targets=targets,
+        advantages=seq_advantages[seq_ids].to(device),
+        seq_advantages=seq_advantages.to(device),
+        loss_mask=torch.ones(case.T, dtype=torch.bool, device=device),
+        off_policy_mask=off_policy_seq[seq_ids].to(device),
+        seq_ids=seq_ids.to(device),
+        config=case.config(),
+    )
+
+
+@dataclass
+class Plan:
+    """Everything one benchmark run measures on one device."""
+
+    device: str
+    tag: str  # names the result files: cpu, cuda, or dry-run
+    impls: list[str]
+    main_cases: list[Case]
+    memory_cases: list[Case]  # subset of main_cases whose extra memory is measured
+    sweep_cases: list[Case]  # dense, growing T: peak memory only
+    rounds: int
+    warmup_rounds: int
+    notes: list[str] = field(default_factory=list)
+
+
+def _int_env(name: str) -> Optional[int]:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+def make_plan(device: str, dry_run: bool = False) -> Plan:
+    """The CPU plan (fp32, one shape) or the CUDA plan (bf16, four shapes); dry-run shrinks it."""
+    cuda = device.startswith("cuda")
+    if dry_run:
+        # The CUDA plan's structure at toy sizes, on whatever device is present.
+        impls = ["gemm_floor", "naive", "liger", "torch", "triton"]
+        main = [Case(s, T, H, V) for (H, V) in [(64, 1000), (48, 1024)] for T in (256, 512)
+                for s in SCENARIOS]
+        memory = [c for c in main if c.T == 256 or c.scenario == "dense"]
+        sweep = [Case("dense", T, 32, 1000) for T in (128, 256, 512, 1024)]
+        return Plan(device, "dry-run", impls, main, memory, sweep, rounds=1, warmup_rounds=1)
+    if cuda:
+        impls = ["gemm_floor", "naive", "liger", "torch", "triton"]
+        shapes = [(8192, 4096, 151936), (8192, 3584, 152064), (32768, 4096, 151936),
+                  (32768, 3584, 152064)]
+        main = [Case(s, T, H, V, "bfloat16") for (T, H, V) in shapes for s in SCENARIOS]
+        # Extra memory hardly depends on the scenario: both only at the first shape.
+        memory = [c for c in main if c.scenario == "dense" or c is main[1]]
+        sweep = [Case("dense", T, 4096, 151936, "bfloat16")
+                 for T in (4096, 8192, 16384, 32768, 65536, 131072)]
+        rounds = _int_env("LUFFY_BENCH_ROUNDS") or 3
+        return Plan(device, "cuda", impls, main, memory, sweep, rounds=rounds, warmup_rounds=1)
+    impls = ["naive", "liger", "torch", "triton"]
+    main = [Case(s, 4096, 512, 32768) for s in SCENARIOS]
+    sweep = [Case("dense", T, 128, 32768) for T in (1024, 4096, 16384, 65536)]
+    rounds = _int_env("LUFFY_BENCH_ROUNDS") or 3
+    return Plan(device, "cpu", impls, main, list(main), sweep, rounds=rounds, warmup_rounds=1)

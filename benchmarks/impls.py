@@ -1,0 +1,108 @@
+"""The implementations the benchmarks compare: each is one forward + backward on `Inputs`.
+
+- gemm_floor: the bare LM-head GEMMs (logits = h W^T, then dL/dh = G W and dL/dW = G^T h with a
+  random [T, V] gradient G): the time no fused loss can beat (CUDA plan only).
+- naive: materialized logits + float32 log_softmax + autograd (benchmarks/naive.py).
+- liger: Liger-Kernel's LigerFusedLinearGRPOLoss (benchmarks/liger_baseline.py).
+- torch / triton: luffy_fast.fused_luffy_loss with that backend.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from functools import cache
+from typing import Optional
+
+import torch
+
+from luffy_fast import fused_luffy_loss
+
+from .cases import Case, Inputs, make_inputs
+from .liger_baseline import liger_grpo_loss, liger_import_error
+from .naive import naive_luffy_loss
+
+
+def _luffy(inputs: Inputs, backend: str) -> torch.Tensor:
+    loss, _stats = fused_luffy_loss(inputs.hidden, inputs.weight, inputs.targets, inputs.advantages,
+                                    inputs.loss_mask, inputs.off_policy_mask, config=inputs.config,
+                                    seq_ids=inputs.seq_ids, backend=backend)
+    return loss
+
+
+def loss_fn(impl: str) -> Callable[[Inputs], torch.Tensor]:
+    """The scalar-loss function of a loss implementation (not gemm_floor)."""
+    if impl == "naive":
+        return lambda x: naive_luffy_loss(x.hidden, x.weight, x.targets, x.advantages, x.loss_mask,
+                                          x.off_policy_mask, x.seq_ids, x.config)
+    if impl == "liger":
+        return liger_grpo_loss
+    if impl in ("torch", "triton", "reference"):
+        return lambda x: _luffy(x, impl)
+    raise ValueError(f"unknown implementation {impl!r}")
+
+
+class GemmFloor:
+    """The three LM-head GEMMs at a case's shape, with their [T, V] operands preallocated."""
+
+    def __init__(self, inputs: Inputs):
+        h, w = inputs.hidden.detach(), inputs.weight.detach()
+        gen = torch.Generator(device=h.device).manual_seed(1)
+        self.h, self.w = h, w
+        self.grad_logits = torch.randn(h.shape[0], w.shape[0], device=h.device, generator=gen,
+                                       dtype=torch.float32).to(h.dtype)
+
+    def __call__(self) -> None:
+        logits = self.h @ self.w.T
+        grad_hidden = self.grad_logits @ self.w
+        grad_weight = self.grad_logits.T @ self.h
+        del logits, grad_hidden, grad_weight
+
+
+def make_step(impl: str, inputs: Inputs) -> Callable[[], Optional[torch.Tensor]]:
+    """A closure running one forward + backward (gradients reset first); returns the loss."""
+    if impl == "gemm_floor":
+        return GemmFloor(inputs)
+    compute = loss_fn(impl)
+
+    def step() -> torch.Tensor:
+        inputs.zero_grads()
+        loss = compute(inputs)
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@cache
+def _backend_error(backend: str, device: str) -> Optional[str]:
+    """None when the luffy_fast backend runs a tiny case on `device`, else the error."""
+    try:
+        inputs = make_inputs(Case("dense", 32, 16, 64, n_seqs=8, group_size=4), device)
+        make_step(backend, inputs)()
+    except Exception as exc:
+        return f"luffy_fast backend {backend!r} unavailable on {device}: {type(exc).__name__}: {exc}"
+    return None
+
+
+def skip_reason(impl: str, device: str, dry_run: bool = False) -> Optional[str]:
+    """Why `impl` cannot be benchmarked on `device` (None: it can)."""
+    cuda = device.startswith("cuda")
+    if impl == "liger":
+        return liger_import_error()
+    if impl == "triton":
+        if not cuda and not dry_run:
+            return "triton backend: CUDA only (on the CPU it runs in the slow Triton interpreter)"
+        if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            return "triton backend on the CPU needs TRITON_INTERPRET=1 set before Python starts"
+        return _backend_error("triton", device)
+    if impl == "torch":
+        return _backend_error("torch", device)
+    if impl == "gemm_floor" and not cuda and not dry_run:
+        return "the GEMM floor is measured in the CUDA plan"
+    return None

@@ -1,0 +1,270 @@
+"""Results: the records a run wrote, turned into JSON, a markdown table, targets and the plot.
+
+    python -m benchmarks.report DIR [--tag cuda]
+
+reads DIR/<tag>-meta.json and DIR/<tag>-records.jsonl (written as the benchmarks run, so a run cut
+short still reports what it measured), writes DIR/<tag>.json, DIR/<tag>.md and
+DIR/scaling-<tag>.png, and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+IMPL_ORDER = ["gemm_floor", "naive", "liger", "torch", "triton"]
+LABELS = {
+    "gemm_floor": "bare LM-head GEMMs (floor)",
+    "naive": "naive (materialized logits)",
+    "liger": "Liger FusedLinearGRPOLoss",
+    "torch": "luffy_fast torch backend",
+    "triton": "luffy_fast triton backend",
+}
+OURS = {"cpu": "torch", "dry-run": "torch", "cuda": "triton"}
+
+
+class Recorder:
+    """Appends records to DIR/<tag>-records.jsonl as they are measured."""
+
+    def __init__(self, out_dir: Path, tag: str, meta: dict, append: bool = False):
+        self.out_dir, self.tag = Path(out_dir), tag
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.out_dir / f"{tag}-records.jsonl"
+        if not append:
+            self.path.write_text("")
+            (self.out_dir / f"{tag}-meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+    def add(self, **record) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def load(out_dir: Path, tag: str) -> tuple[dict, list[dict]]:
+    meta_path = out_dir / f"{tag}-meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"tag": tag}
+    path = out_dir / f"{tag}-records.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \
+        if path.exists() else []
+    return meta, records
+
+
+# ---- formatting --------------------------------------------------------------------------------
+
+def fmt_time(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "–"
+    return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.1f} ms"
+
+
+def fmt_bytes(n: Optional[float]) -> str:
+    if n is None:
+        return "–"
+    if abs(n) >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB"
+
+
+def fmt_ratio(x: Optional[float], digits: int = 2) -> str:
+    return "–" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a is not None and b not in (None, 0) else None
+
+
+def _table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+# ---- summary -----------------------------------------------------------------------------------
+
+def summarize(meta: dict, records: list[dict]) -> dict:
+    """Per case: each implementation's time and memory, with ratios; then targets and the sweep."""
+    cases: dict[str, dict] = {}
+    sweep: dict[str, dict] = {}
+    for r in records:
+        if r.get("sweep"):
+            sweep.setdefault(r["case_id"], {"case": r["case"], "impls": {}})["impls"][r["impl"]] = r
+            continue
+        entry = cases.setdefault(r["case_id"], {"case": r["case"], "impls": {}})
+        entry["impls"].setdefault(r["impl"], {})[r["kind"]] = r
+
+    for entry in cases.values():
+        impls = entry["impls"]
+
+        def ok(impl: str, kind: str, key: str, impls: dict = impls):
+            rec = impls.get(impl, {}).get(kind)
+            return rec.get(key) if rec and rec.get("status") == "ok" else None
+
+        naive_t, liger_t, floor_t = (ok(i, "time", "median_s") for i in ("naive", "liger", "gemm_floor"))
+        naive_m = ok("naive", "memory", "extra_bytes")
+        for impl, kinds in impls.items():
+            t, m = ok(impl, "time", "median_s"), ok(impl, "memory", "extra_bytes")
+            kinds["ratios"] = {"time_vs_naive": _ratio(t, naive_t), "liger_speedup": _ratio(liger_t, t),
+                               "time_vs_floor": _ratio(t, floor_t), "memory_vs_naive": _ratio(m, naive_m)}
+    summary = {"meta": meta, "cases": cases, "sweep": sweep}
+    summary["targets"] = targets(summary)
+    return summary
+
+
+def targets(summary: dict) -> list[dict]:
+    """DESIGN.md's performance targets, each with the measured ratio (None: not measured)."""
+    tag = summary["meta"].get("tag", "cpu")
+    ours = OURS.get(tag, "torch")
+    out = []
+
+    def check(name: str, value: Optional[float], limit: float, at_most: bool, where: str) -> None:
+        met = None if value is None else (value <= limit if at_most else value >= limit)
+        out.append({"target": name, "where": where, "measured": value, "limit": limit, "met": met})
+
+    for entry in summary["cases"].values():
+        case = entry["case"]
+        ratios = entry["impls"].get(ours, {}).get("ratios", {})
+        where = f"{case['scenario']} T={case['T']} H={case['H']} V={case['V']}"
+        if case["scenario"] == "rlvr":
+            check(f"{ours} time ≤ 0.75 × naive (rlvr)", ratios.get("time_vs_naive"), 0.75, True, where)
+            continue
+        if tag == "cuda":
+            check("triton time ≤ 1.3 × bare GEMMs", ratios.get("time_vs_floor"), 1.3, True, where)
+            check("triton ≥ 3 × faster than Liger", ratios.get("liger_speedup"), 3.0, False, where)
+            check("triton time ≤ 1.0 × naive", ratios.get("time_vs_naive"), 1.0, True, where)
+            check("triton extra memory ≤ 0.02 × naive", ratios.get("memory_vs_naive"), 0.02, True, where)
+        else:
+            check(f"{ours} time ≤ 1.0 × naive", ratios.get("time_vs_naive"), 1.0, True, where)
+            check(f"{ours} extra memory ≤ 0.08 × naive", ratios.get("memory_vs_naive"), 0.08, True, where)
+            check(f"{ours} ≥ 1.25 × faster than Liger", ratios.get("liger_speedup"), 1.25, False, where)
+    return out
+
+
+def markdown(summary: dict, plot_name: Optional[str] = None) -> str:
+    meta = summary["meta"]
+    lines = [f"### {meta.get('tag', '?')}: {meta.get('date', '?')}", ""]
+    machine = meta.get("machine", "?")
+    lines += [f"Machine: {machine}. Software: {meta.get('software', '?')}.",
+              f"Command: `{meta.get('command', '?')}`. Timing: median of {meta.get('rounds', '?')} "
+              f"rounds after {meta.get('warmup_rounds', '?')} warm-up, forward + backward"
+              f"{' (synchronized)' if meta.get('tag') == 'cuda' else ''}. Extra memory: peak beyond "
+              "inputs and gradients, each implementation in its own process.", ""]
+    show_floor = any("gemm_floor" in e["impls"] for e in summary["cases"].values())
+    for entry in summary["cases"].values():
+        case = entry["case"]
+        lines += [f"**{case['scenario']}** · T={case['T']} H={case['H']} V={case['V']} {case['dtype']}", ""]
+        header = ["implementation", "median fwd+bwd", "× naive time", "Liger time ÷ this"]
+        header += ["× GEMM floor"] if show_floor else []
+        header += ["extra peak memory", "× naive memory"]
+        rows = []
+        for impl in sorted(entry["impls"], key=IMPL_ORDER.index):
+            kinds = entry["impls"][impl]
+            t, m, ratios = kinds.get("time"), kinds.get("memory"), kinds.get("ratios", {})
+            t_text = fmt_time(t.get("median_s")) if t and t["status"] == "ok" else \
+                (f"{t['status']}" if t else "–")
+            m_text = fmt_bytes(m.get("extra_bytes")) if m and m["status"] == "ok" else \
+                (f"{m['status']}" if m else "–")
+            row = [LABELS.get(impl, impl), t_text, fmt_ratio(ratios.get("time_vs_naive")),
+                   fmt_ratio(ratios.get("liger_speedup"))]
+            row += [fmt_ratio(ratios.get("time_vs_floor"))] if show_floor else []
+            row += [m_text, fmt_ratio(ratios.get("memory_vs_naive"), 3)]
+            rows.append(row)
+        lines += _table(header, rows, "lrrr" + ("r" if show_floor else "") + "rr") + [""]
+        skipped = [f"{impl}: {k['time'].get('note')}" for impl, k in entry["impls"].items()
+                   if k.get("time", {}).get("status") not in (None, "ok") and k["time"].get("note")]
+        lines += [f"- not measured: {s}" for s in skipped] + ([""] if skipped else [])
+
+    if summary["targets"]:
+        rows = [[t["target"], t["where"], fmt_ratio(t["measured"]),
+                 {True: "met", False: "MISSED", None: "not measured"}[t["met"]]]
+                for t in summary["targets"]]
+        lines += ["**Targets** (DESIGN.md)", ""]
+        lines += _table(["target", "case", "measured", ""], rows, "llrl") + [""]
+
+    if summary["sweep"]:
+        entries = sorted(summary["sweep"].values(), key=lambda e: e["case"]["T"])
+        c0 = entries[0]["case"]
+        impls = sorted({i for e in entries for i in e["impls"]}, key=IMPL_ORDER.index)
+        lines += [f"**Peak extra memory vs T** ({c0['scenario']}, H={c0['H']} V={c0['V']} "
+                  f"{c0['dtype']})", ""]
+        rows = []
+        for e in entries:
+            row = [str(e["case"]["T"])]
+            for impl in impls:
+                r = e["impls"].get(impl)
+                if r is None:
+                    row.append("–")
+                elif r["status"] == "ok":
+                    row.append(fmt_bytes(r["extra_bytes"]))
+                else:
+                    row.append(f"{r['status']}" + (f" ({r['note']})" if r.get("note") else ""))
+            rows.append(row)
+        lines += _table(["T"] + [LABELS.get(i, i) for i in impls], rows, "r" * (len(impls) + 1))
+        if plot_name:
+            lines += ["", f"![peak extra memory vs T]({plot_name})"]
+        lines += [""]
+    return "\n".join(lines)
+
+
+def plot_sweep(summary: dict, path: Path) -> bool:
+    """Log-log plot of each implementation's peak extra memory against T. False if no data."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for e in summary["sweep"].values():
+        for impl, r in e["impls"].items():
+            if r["status"] == "ok" and r["extra_bytes"] > 0:
+                series.setdefault(impl, []).append((e["case"]["T"], r["extra_bytes"] / 2**20))
+    if not series:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c0 = next(iter(summary["sweep"].values()))["case"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for impl in sorted(series, key=IMPL_ORDER.index):
+        points = sorted(series[impl])
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=LABELS.get(impl, impl))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens T")
+    ax.set_ylabel("peak extra memory (MiB)")
+    ax.set_title(f"{summary['meta'].get('tag')}: H={c0['H']} V={c0['V']} {c0['dtype']}, fwd+bwd")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write(out_dir: Path, tag: str) -> str:
+    """Writes <tag>.json, <tag>.md and the plot from the run's records; returns the markdown."""
+    meta, records = load(out_dir, tag)
+    summary = summarize(meta, records)
+    plot = out_dir / f"scaling-{tag}.png"
+    has_plot = plot_sweep(summary, plot)
+    text = markdown(summary, plot.name if has_plot else None)
+    (out_dir / f"{tag}.json").write_text(json.dumps({**summary, "records": records}, indent=1) + "\n")
+    (out_dir / f"{tag}.md").write_text(text)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Summarize a benchmark run's records.")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--tag", default=None, help="cpu, cuda or dry-run (default: the newest)")
+    args = parser.parse_args()
+    tag = args.tag
+    if tag is None:
+        metas = sorted(args.out_dir.glob("*-records.jsonl"), key=lambda p: p.stat().st_mtime)
+        if not metas:
+            raise SystemExit(f"no *-records.jsonl in {args.out_dir}")
+        tag = metas[-1].name[: -len("-records.jsonl")]
+    print(write(args.out_dir, tag))
+
+
+if __name__ == "__main__":
+    main()
