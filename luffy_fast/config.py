@@ -1,0 +1,91 @@
+"""Configuration dataclasses: the loss config here; the trainer's tree builds on it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+NORMALIZERS = ("token", "seq_mean_token_mean", "constant")
+
+
+@dataclass(frozen=True)
+class LuffyLossConfig:
+    """Every knob of the mixed-policy loss (LUFFY_SPEC.md section 2).
+
+    gamma / shaping: off-policy shaping f(p) = p / (p + gamma), or the raw probability when off.
+    clip_low / clip_high: PPO clip range [1 - clip_low, 1 + clip_high] for the ratio.
+    clip_on_policy / clip_off_policy: whether that range applies to each side.
+    dual_clip: c > 1 caps the loss of negative-advantage tokens at -c * A (None: off).
+    entropy_coef: weight of the entropy bonus (subtracted from the loss).
+    temperature: logits are h . W^T / temperature.
+    normalizer: "token", "seq_mean_token_mean" or "constant" (sum / (num_sequences * max_len)).
+    ignore_index: target id that marks a token as not part of the loss.
+    memory_budget_mb: working memory the op may use beyond inputs and gradients (None: 64 MiB).
+        The torch backend sizes its token chunks from it; the triton backend keeps the forward's
+        bf16 logits for the backward (no recompute) when they fit in it.
+    """
+
+    gamma: float = 0.1
+    shaping: bool = True
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    clip_on_policy: bool = True
+    clip_off_policy: bool = False
+    dual_clip: Optional[float] = None
+    entropy_coef: float = 0.0
+    temperature: float = 1.0
+    normalizer: str = "token"
+    max_len: Optional[int] = None
+    ignore_index: int = -100
+    memory_budget_mb: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"LuffyLossConfig.{name}: {why} (got {getattr(self, name)!r})")
+
+        if self.normalizer not in NORMALIZERS:
+            raise bad("normalizer", f"must be one of {NORMALIZERS}")
+        if self.normalizer == "constant":
+            if self.max_len is None:
+                raise bad("max_len", "the 'constant' normalizer needs max_len (the response length)")
+        if self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len <= 0):
+            raise bad("max_len", "must be a positive integer")
+        for name in ("gamma", "temperature"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise bad(name, "must be a positive finite number")
+        for name in ("clip_low", "clip_high", "entropy_coef"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise bad(name, "must be a non-negative finite number")
+        if self.memory_budget_mb is not None and not (
+                math.isfinite(self.memory_budget_mb) and self.memory_budget_mb > 0):
+            raise bad("memory_budget_mb", "must be None or a positive number of MiB")
+        if self.clip_low >= 1:
+            raise bad("clip_low", "must be below 1 so that 1 - clip_low stays positive")
+        if self.dual_clip is not None and not (math.isfinite(self.dual_clip) and self.dual_clip > 1):
+            raise bad("dual_clip", "must be None or a number greater than 1")
+
+    def replace(self, **changes) -> LuffyLossConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def luffy(cls, max_len: int = 8192, **overrides) -> LuffyLossConfig:
+        """The LUFFY reference run: shaping with gamma 0.1, no clipping, Dr. GRPO normalizer."""
+        settings = dict(gamma=0.1, shaping=True, clip_on_policy=False, clip_off_policy=False,
+                        entropy_coef=0.001, normalizer="constant", max_len=max_len)
+        settings.update(overrides)
+        return cls(**settings)
+
+    @classmethod
+    def grpo(cls, **overrides) -> LuffyLossConfig:
+        """On-policy GRPO: PPO clipping with epsilon 0.2 and a token-mean normalizer."""
+        settings = dict(clip_low=0.2, clip_high=0.2, clip_on_policy=True, entropy_coef=0.0,
+                        normalizer="token")
+        settings.update(overrides)
+        return cls(**settings)

@@ -1,0 +1,151 @@
+"""The per-token LUFFY loss math, in one place (LUFFY_SPEC.md sections 2 and 4).
+
+Every backend goes through these functions: the reference differentiates `policy_loss` with
+autograd, the chunked and Triton backends use the closed-form `grad_coef` that the tests check
+against that autograd. All functions work on flat per-token tensors of shape [T].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .config import LuffyLossConfig
+
+
+@dataclass
+class PolicyTerms:
+    """Per-token results of the policy-gradient part (entropy excluded)."""
+
+    loss: Tensor  # L_t, before the normalizer
+    grad_coef: Tensor  # g_t = dL_t / d log pi_t
+    ratio: Tensor  # r_t for on-policy tokens, the (shaped) probability for off-policy ones
+    clipped: Tensor  # bool: the clipped branch is active, so g_t = 0
+
+
+def _ppo_clip(ratio: Tensor, advantages: Tensor, config: LuffyLossConfig):
+    """PPO (and dual) clipping of a ratio: returns (loss, clipped)."""
+    low, high = 1.0 - config.clip_low, 1.0 + config.clip_high
+    unclipped = -ratio * advantages
+    clipped_loss = -ratio.clamp(low, high) * advantages
+    loss = torch.maximum(unclipped, clipped_loss)
+    clipped = ((advantages > 0) & (ratio > high)) | ((advantages < 0) & (ratio < low))
+    if config.dual_clip is not None:
+        capped = (advantages < 0) & (ratio > config.dual_clip)
+        loss = torch.where(capped, -config.dual_clip * advantages, loss)
+        clipped = clipped | capped
+    return loss, clipped
+
+
+def policy_loss(logprobs: Tensor, old_logprobs: Optional[Tensor], advantages: Tensor,
+                off_policy_mask: Tensor, config: LuffyLossConfig) -> Tensor:
+    """Per-token policy loss L_t, differentiable in `logprobs` (the reference uses autograd)."""
+    return _policy(logprobs, old_logprobs, advantages, off_policy_mask, config, with_grad=False).loss
+
+
+def policy_terms(logprobs: Tensor, old_logprobs: Optional[Tensor], advantages: Tensor,
+                 off_policy_mask: Tensor, config: LuffyLossConfig) -> PolicyTerms:
+    """Per-token loss, closed-form gradient coefficient, ratio and clip flags (no autograd)."""
+    return _policy(logprobs.detach(), old_logprobs, advantages, off_policy_mask, config,
+                   with_grad=True)
+
+
+def _policy(logprobs, old_logprobs, advantages, off_policy_mask, config, with_grad):
+    # On-policy: r = pi / pi_old. Old policy None means old == current, so r = 1 with grad r.
+    old = logprobs.detach() if old_logprobs is None else old_logprobs.to(logprobs.dtype)
+    ratio_on = torch.exp(logprobs - old)
+    if config.clip_on_policy:
+        loss_on, clipped_on = _ppo_clip(ratio_on, advantages, config)
+    else:
+        loss_on, clipped_on = -ratio_on * advantages, torch.zeros_like(off_policy_mask)
+
+    # Off-policy: the behaviour policy is taken as 1, so the "ratio" is the (shaped) probability.
+    prob = torch.exp(logprobs)
+    ratio_off = prob / (prob + config.gamma) if config.shaping else prob
+    if config.clip_off_policy:
+        loss_off, clipped_off = _ppo_clip(ratio_off, advantages, config)
+    else:
+        loss_off, clipped_off = -ratio_off * advantages, torch.zeros_like(off_policy_mask)
+
+    loss = torch.where(off_policy_mask, loss_off, loss_on)
+    ratio = torch.where(off_policy_mask, ratio_off, ratio_on)
+    clipped = torch.where(off_policy_mask, clipped_off, clipped_on)
+    if not with_grad:
+        return PolicyTerms(loss, None, ratio, clipped)
+
+    # d ratio / d log pi: r for on-policy; p, or gamma p / (p + gamma)^2 with shaping, off-policy.
+    if config.shaping:
+        dratio_off = config.gamma * prob / (prob + config.gamma) ** 2
+    else:
+        dratio_off = prob
+    dratio = torch.where(off_policy_mask, dratio_off, ratio_on)
+    grad_coef = torch.where(clipped, torch.zeros_like(dratio), -advantages * dratio)
+    return PolicyTerms(loss, grad_coef, ratio, clipped)
+
+
+@dataclass
+class Normalization:
+    """Per-token weights w_t with loss = sum_t w_t L_t, and what produced them."""
+
+    weights: Tensor  # [T], zero where the token is not part of the loss
+    denominator: Tensor  # scalar: sum of mask, number of sequences, or sequences * max_len
+    num_sequences: Tensor  # scalar: sequences with at least one loss token
+
+
+def normalization(loss_mask: Tensor, seq_ids: Tensor, config: LuffyLossConfig) -> Normalization:
+    """Aggregation weights for the configured normalizer (LUFFY_SPEC.md section 2).
+
+    `loss_mask` is a float weight per token (0 outside the loss); `seq_ids` a sequence id per token.
+    Only sequences with at least one loss token count. An empty batch gets all-zero weights.
+    """
+    _, seq_index = torch.unique(seq_ids, return_inverse=True)
+    num_slots = int(seq_index.max().item()) + 1 if seq_index.numel() else 0
+    per_seq_mask = torch.zeros(num_slots, dtype=loss_mask.dtype, device=loss_mask.device)
+    per_seq_mask.index_add_(0, seq_index, loss_mask)
+    num_sequences = (per_seq_mask != 0).sum().to(loss_mask.dtype)
+
+    if config.normalizer == "token":
+        denominator = loss_mask.sum()
+        weights = loss_mask / denominator.clamp_min(torch.finfo(loss_mask.dtype).tiny)
+    elif config.normalizer == "seq_mean_token_mean":
+        denominator = num_sequences
+        seq_total = per_seq_mask[seq_index]
+        safe = torch.where(seq_total != 0, seq_total, torch.ones_like(seq_total))
+        weights = loss_mask / safe / num_sequences.clamp_min(1)
+    else:  # "constant"
+        denominator = num_sequences * config.max_len
+        weights = loss_mask / denominator.clamp_min(1)
+    return Normalization(weights, denominator, num_sequences)
+
+
+def summarize(logprobs: Tensor, entropy: Optional[Tensor], terms: PolicyTerms, loss_mask: Tensor,
+              off_policy_mask: Tensor, normalization: Normalization) -> dict:
+    """The detached statistics the trainer logs, from per-token values of one pass."""
+    with torch.no_grad():
+        in_loss = loss_mask != 0
+        weight = loss_mask.to(torch.float32)
+        total = weight.sum().clamp_min(1e-30)
+        on = in_loss & ~off_policy_mask
+        stats = {
+            "logprob_mean": (logprobs.float() * weight).sum() / total,
+            "clip_fraction": (terms.clipped & in_loss).float().sum() / in_loss.sum().clamp_min(1),
+            "num_on_policy_tokens": on.sum(),
+            "num_off_policy_tokens": (in_loss & off_policy_mask).sum(),
+            "num_sequences": normalization.num_sequences.detach().float(),
+            "denominator": normalization.denominator.detach().float(),
+        }
+        if entropy is not None:
+            stats["entropy_mean"] = (entropy.float() * weight).sum() / total
+        # Ratio statistics over on-policy loss tokens; 1.0 (old == current) when there are none.
+        ratio = terms.ratio.float()
+        if bool(on.any()):
+            stats["ratio_min"] = ratio[on].min()
+            stats["ratio_mean"] = ratio[on].mean()
+            stats["ratio_max"] = ratio[on].max()
+        else:
+            one = torch.ones((), device=ratio.device)
+            stats["ratio_min"], stats["ratio_mean"], stats["ratio_max"] = one, one.clone(), one.clone()
+        return {k: v.detach() for k, v in stats.items()}

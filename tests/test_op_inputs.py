@@ -1,0 +1,90 @@
+"""Bad inputs raise ValueError naming the argument, before any compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import random_batch
+from luffy_fast import LuffyLossConfig, fused_luffy_loss
+
+
+def call(batch, **changes):
+    args = dict(batch)
+    args.update(changes)
+    config = args.pop("config", LuffyLossConfig())
+    backend = args.pop("backend", "torch")
+    return fused_luffy_loss(args["hidden"], args["weight"], args["targets"], args["advantages"],
+                            args["loss_mask"], args["off_policy_mask"],
+                            old_logprobs=args.get("old_logprobs"), config=config,
+                            seq_ids=args.get("seq_ids"), bias=args.get("bias"), backend=backend)
+
+
+@pytest.fixture
+def batch():
+    return random_batch(12, 4, 9)
+
+
+BAD_INPUTS = [
+    ("hidden", lambda b: {"hidden": b["hidden"][0]}),  # 1-D
+    ("hidden", lambda b: {"hidden": b["hidden"].long()}),
+    ("weight", lambda b: {"weight": b["weight"][:, :3]}),  # H mismatch
+    ("weight", lambda b: {"weight": b["weight"].double()}),  # dtype mismatch
+    ("targets", lambda b: {"targets": b["targets"][:5]}),
+    ("targets", lambda b: {"targets": b["targets"].int()}),
+    ("targets", lambda b: {"targets": torch.full_like(b["targets"], 9)}),  # == V
+    ("targets", lambda b: {"targets": torch.full_like(b["targets"], -3)}),
+    ("advantages", lambda b: {"advantages": torch.full_like(b["advantages"], float("nan"))}),
+    ("advantages", lambda b: {"advantages": b["advantages"].long()}),
+    ("loss_mask", lambda b: {"loss_mask": b["loss_mask"][:-1]}),
+    ("loss_mask", lambda b: {"loss_mask": -torch.ones(12)}),
+    ("off_policy_mask", lambda b: {"off_policy_mask": b["off_policy_mask"].float()}),
+    ("old_logprobs", lambda b: {"old_logprobs": torch.full((12,), float("-inf"))}),
+    ("old_logprobs", lambda b: {"old_logprobs": torch.zeros(11)}),
+    ("seq_ids", lambda b: {"seq_ids": b["seq_ids"].float()}),
+    ("bias", lambda b: {"bias": torch.zeros(8)}),
+    ("backend", lambda b: {"backend": "cuda-magic"}),
+    ("config", lambda b: {"config": {"gamma": 0.1}}),
+]
+
+
+@pytest.mark.parametrize("name,change", BAD_INPUTS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(BAD_INPUTS)])
+def test_bad_input_names_the_argument(batch, name, change):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        call(batch, **change(batch))
+
+
+def test_non_finite_values_outside_the_loss_are_ignored(batch):
+    # Padding positions may hold anything; only loss tokens are checked.
+    batch["loss_mask"] = torch.ones(12, dtype=torch.bool)
+    batch["loss_mask"][0] = False
+    batch["advantages"][0] = float("nan")
+    batch["old_logprobs"][0] = float("-inf")
+    batch["hidden"].requires_grad_(True)
+    loss, _ = call(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(batch["hidden"].grad).all()
+
+
+def test_ignore_index_is_not_out_of_range(batch):
+    batch["targets"][:4] = -100
+    loss, stats = call(batch)
+    assert torch.isfinite(loss)
+    assert int(stats["num_on_policy_tokens"] + stats["num_off_policy_tokens"]) <= 8
+
+
+@pytest.mark.parametrize("field,value", [
+    ("normalizer", "sum"), ("max_len", None), ("gamma", 0.0), ("temperature", -1.0),
+    ("clip_low", 1.5), ("dual_clip", 0.5), ("entropy_coef", float("nan")), ("memory_budget_mb", 0),
+])
+def test_bad_config_names_the_field(field, value):
+    base = {"normalizer": "constant", "max_len": 8} if field == "max_len" else {}
+    with pytest.raises(ValueError, match=field):
+        LuffyLossConfig(**{**base, field: value})
+
+
+def test_device_mismatch_is_named(batch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a second device type")
+    with pytest.raises(ValueError, match="`weight`"):
+        call(batch, weight=batch["weight"].cuda())
