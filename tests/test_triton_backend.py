@@ -1,0 +1,95 @@
+"""The `triton` backend against the reference, on the CPU interpreter (TRITON_INTERPRET=1).
+
+The interpreter simulates every tile on the CPU, so shapes stay small; float32 only (it computes
+bf16 dots wrongly; bf16 is checked on a GPU by benchmarks/gpu_parity.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helpers import assert_close, random_batch, run_loss
+from luffy_fast import LuffyLossConfig, token_logprobs
+from luffy_fast.ops import default_backend, prepare_inputs
+from test_op_backends import SETTINGS, compare_backends, loss_case
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs CUDA or TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+
+KEEP, RECOMPUTE = 64.0, 0.002  # MiB: logits kept for the backward / recomputed in 16-token chunks
+
+
+def small_case():
+    """loss_case with the interpreter in mind: at most ~100 tokens and vocabulary ~130."""
+    return loss_case().filter(lambda c: c[0]["hidden"].numel() // c[0]["hidden"].shape[-1] <= 100
+                              and c[0]["weight"].shape[0] <= 130)
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(case=small_case(), budget=st.sampled_from([KEEP, RECOMPUTE]))
+def test_triton_matches_reference_float32(case, budget):
+    batch, config, _ = case
+    compare_backends(batch, config.replace(memory_budget_mb=budget), torch.float32, "triton")
+
+
+@pytest.mark.parametrize("budget", [KEEP, RECOMPUTE])
+@pytest.mark.parametrize("config", [
+    LuffyLossConfig.luffy(max_len=80),
+    LuffyLossConfig.grpo(dual_clip=3.0),
+    LuffyLossConfig(shaping=False, clip_off_policy=True, entropy_coef=0.2, temperature=0.6,
+                    normalizer="seq_mean_token_mean"),
+], ids=["luffy", "grpo_dual_clip", "unshaped_entropy_temperature"])
+def test_triton_option_combinations(config, budget):
+    # T, V, H deliberately not multiples of any tile size; ignore_index and a bias present.
+    batch = random_batch(67, 21, 77, seed=5, with_bias=True, ignore_some=True, zero_adv_fraction=0.4)
+    compare_backends(batch, config.replace(memory_budget_mb=budget), torch.float32, "triton")
+
+
+@pytest.mark.parametrize("scenario", ["all_masked", "zero_advantage"])
+def test_triton_empty_work(scenario):
+    batch = random_batch(40, 9, 50, mask_fraction=0.0 if scenario == "all_masked" else 1.0,
+                         zero_adv_fraction=1.0)
+    loss, _, grads = run_loss(batch, "triton", LuffyLossConfig())
+    assert float(loss) == 0.0
+    assert all(float(g.abs().max()) == 0.0 for g in grads.values())
+
+
+def test_budget_selects_kept_logits_or_recompute():
+    from luffy_fast.kernels.function import _forward
+
+    batch = random_batch(30, 8, 40)
+    for budget, kept in ((KEEP, True), (RECOMPUTE, False)):
+        inputs = prepare_inputs(batch["hidden"], batch["weight"], batch["targets"],
+                                batch["advantages"], batch["loss_mask"], batch["off_policy_mask"],
+                                None, LuffyLossConfig(memory_budget_mb=budget), None, None)
+        _, _, state = _forward(inputs, inputs.hidden, inputs.weight, needs_grad=True)
+        assert (state.kept is not None) == kept
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_triton_token_logprobs(with_entropy):
+    batch = random_batch(33, 12, 45, with_bias=True)
+    expected = token_logprobs(batch["hidden"], batch["weight"], batch["targets"], temperature=1.3,
+                              bias=batch["bias"], with_entropy=with_entropy, backend="reference")
+    actual = token_logprobs(batch["hidden"], batch["weight"], batch["targets"], temperature=1.3,
+                            bias=batch["bias"], with_entropy=with_entropy, backend="triton")
+    assert_close(actual[0], expected[0], 1e-5, "logprobs")
+    if with_entropy:
+        assert_close(actual[1], expected[1], 1e-5, "entropy")
+
+
+def test_default_backend_by_device():
+    assert default_backend(torch.device("cpu")) == "torch"
+    assert default_backend(torch.device("cuda", 0)) == "triton"
+
+
+def test_triton_rejects_float64_with_a_clear_error():
+    batch = random_batch(5, 4, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64"):
+        run_loss(batch, "triton", LuffyLossConfig())
