@@ -1,0 +1,95 @@
+"""Prompts with their ground truth and off-policy traces, as token ids.
+
+Two sources share one record type, `Sample`:
+- the embedded toy task (luffy_fast.toy), generated on the fly;
+- a JSONL file in the OpenR1-Math layout used by LUFFY (LUFFY_SPEC.md section 5): each line has
+  `prompt` (chat messages), `target` (the trace: an assistant message, or a list of them),
+  `reward_model.ground_truth`, and optionally `data_source`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from luffy_fast.toy.task import Problem
+
+THINK_OPEN = "<think>\n"
+
+
+@dataclass
+class Sample:
+    """One prompt: what the policy sees, what the verifier checks, and the traces."""
+
+    prompt_ids: list[int]
+    ground_truth: str
+    traces: list[list[int]] = field(default_factory=list)  # response token ids, EOS included
+    data_source: str = ""
+
+
+def toy_samples(problems: Sequence[Problem], tokenizer: PreTrainedTokenizerBase) -> list[Sample]:
+    return [Sample(prompt_ids=tokenizer(p.prompt, add_special_tokens=False).input_ids,
+                   ground_truth=p.answer,
+                   traces=[tokenizer(p.trace, add_special_tokens=False).input_ids],
+                   data_source="toy_reverse") for p in problems]
+
+
+def _message_text(message, where: str) -> str:
+    if isinstance(message, dict) and isinstance(message.get("content"), str):
+        return message["content"]
+    if isinstance(message, str):
+        return message
+    raise ValueError(f"{where}: expected a chat message with a 'content' string")
+
+
+def load_jsonl_samples(path: str | Path, tokenizer: PreTrainedTokenizerBase,
+                       max_prompt_length: int, max_response_length: int) -> list[Sample]:
+    """Read an OpenR1-Math style JSONL file; rows too long for the limits are skipped.
+
+    A row without `prompt` or `reward_model.ground_truth` is an error naming the line.
+    A trace's leading "<think>\\n" is dropped when the rendered prompt already ends with it.
+    """
+    path = Path(path)
+    samples = []
+    with path.open() as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: not valid JSON ({error})") from None
+            if "prompt" not in row:
+                raise ValueError(f"{where}: the row has no 'prompt'")
+            truth = (row.get("reward_model") or {}).get("ground_truth")
+            if truth is None:
+                raise ValueError(f"{where}: the row has no 'reward_model.ground_truth'")
+            messages = row["prompt"]
+            if isinstance(messages, str):
+                messages = [{"role": "user", "content": messages}]
+            prompt_text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                                        add_generation_prompt=True)
+            prompt_ids = tokenizer(prompt_text, add_special_tokens=False).input_ids
+            targets = row.get("target") or []
+            if not isinstance(targets, list):
+                targets = [targets]
+            traces = []
+            for target in targets:
+                text = _message_text(target, f"{where} target")
+                if prompt_text.endswith(THINK_OPEN) and text.startswith(THINK_OPEN):
+                    text = text[len(THINK_OPEN):]
+                ids = tokenizer(text, add_special_tokens=False).input_ids
+                traces.append(ids + [tokenizer.eos_token_id])
+            if len(prompt_ids) > max_prompt_length:
+                continue
+            traces = [t for t in traces if len(t) <= max_response_length]
+            samples.append(Sample(prompt_ids, str(truth), traces, str(row.get("data_source", ""))))
+    if not samples:
+        raise ValueError(f"{path}: no usable rows (empty, or every prompt is longer than "
+                         f"max_prompt_length={max_prompt_length})")
+    return samples

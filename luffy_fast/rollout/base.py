@@ -1,0 +1,69 @@
+"""The rollout interface: prompts in, N sampled completions per prompt out.
+
+Every engine (transformers `generate` here, vLLM later) implements `RolloutEngine`. The trainer
+only ever talks to this interface, so engines are interchangeable.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. temperature 0 means greedy decoding; `seed` makes a call reproducible."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"SamplingParams.max_new_tokens must be positive "
+                             f"(got {self.max_new_tokens})")
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0 (got {self.temperature})")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1] (got {self.top_p})")
+
+
+@dataclass
+class Completion:
+    """One sampled response.
+
+    token_ids: the response tokens, ending with the EOS token when `finished`.
+    logprobs: the behaviour policy's log-probability of each sampled token, under the
+        distribution actually sampled from (after temperature and top-p), one per token.
+    finished: True when the response ended with EOS, False when cut at max_new_tokens.
+    """
+
+    token_ids: list[int]
+    logprobs: list[float] = field(default_factory=list)
+    finished: bool = True
+
+    def __post_init__(self) -> None:
+        if len(self.logprobs) != len(self.token_ids):
+            raise ValueError(f"Completion has {len(self.token_ids)} tokens but "
+                             f"{len(self.logprobs)} log-probs")
+
+
+class RolloutEngine(abc.ABC):
+    """Samples completions from (a copy of) the current policy."""
+
+    @abc.abstractmethod
+    def generate(self, prompts: Sequence[Sequence[int]], n: int,
+                 params: SamplingParams) -> list[list[Completion]]:
+        """`n` completions for each prompt (token ids without padding), in prompt order."""
+
+    @abc.abstractmethod
+    def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load the trainer's current weights, as (transformers parameter name, tensor) pairs."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Free the engine's resources (model copies, worker processes, device memory)."""

@@ -1,0 +1,84 @@
+"""Rollouts with transformers' `generate`: the engine for CPUs and small runs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from transformers import PreTrainedModel
+
+from luffy_fast.rollout.base import Completion, RolloutEngine, SamplingParams
+
+
+class HFGenerateEngine(RolloutEngine):
+    """Samples with `model.generate` on the engine's own copy of the policy.
+
+    The copy is refreshed by `sync_weights` after every update, which keeps generation
+    independent of how the trainer shards its weights (ZeRO-3 partitions them).
+    Prompts are left-padded into batches of at most `max_batch_size` sequences.
+    """
+
+    def __init__(self, model: PreTrainedModel, pad_token_id: int, eos_token_id: int,
+                 max_batch_size: int = 256) -> None:
+        if max_batch_size <= 0:
+            raise ValueError(f"max_batch_size must be positive (got {max_batch_size})")
+        self.model = model.eval().requires_grad_(False)
+        self.pad_token_id = pad_token_id
+        self.eos_token_id = eos_token_id
+        self.max_batch_size = max_batch_size
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], n: int,
+                 params: SamplingParams) -> list[list[Completion]]:
+        if n <= 0:
+            raise ValueError(f"n must be positive (got {n})")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        flat = [list(p) for p in prompts for _ in range(n)]
+        completions: list[Completion] = []
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            for start in range(0, len(flat), self.max_batch_size):
+                completions.extend(self._generate_batch(flat[start:start + self.max_batch_size],
+                                                        params))
+        return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):  # left padding: generation continues at the right
+            input_ids[row, width - len(prompt):] = torch.tensor(prompt)
+            attention_mask[row, width - len(prompt):] = 1
+        greedy = params.temperature == 0
+        sampling = {} if greedy else dict(temperature=params.temperature, top_p=params.top_p,
+                                          top_k=0)
+        out = self.model.generate(
+            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+            do_sample=not greedy, max_new_tokens=params.max_new_tokens,
+            pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
+            output_scores=True, return_dict_in_generate=True, **sampling)
+        new_tokens = out.sequences[:, width:].cpu()
+        # scores are the processed logits actually sampled from (temperature, top-p applied)
+        logprobs = torch.stack(out.scores, dim=1).float().log_softmax(-1).cpu()
+        token_logprobs = logprobs.gather(-1, new_tokens[..., None]).squeeze(-1)
+        result = []
+        for tokens, lps in zip(new_tokens.tolist(), token_logprobs.tolist()):
+            finished = self.eos_token_id in tokens
+            length = tokens.index(self.eos_token_id) + 1 if finished else len(tokens)
+            result.append(Completion(tokens[:length], lps[:length], finished))
+        return result
+
+    @torch.no_grad()
+    def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        own = dict(self.model.named_parameters())
+        own.update(dict(self.model.named_buffers()))
+        for name, tensor in named_tensors:
+            if name not in own:
+                raise KeyError(f"sync_weights: the rollout model has no parameter {name!r}")
+            own[name].copy_(tensor.to(own[name].device, own[name].dtype))
+
+    def close(self) -> None:
+        self.model = None  # the copy is the engine's only resource

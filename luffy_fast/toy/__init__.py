@@ -1,0 +1,1 @@
+"""The embedded default: digit reversal with a tiny Qwen2, for `luffy-fast demo`."""

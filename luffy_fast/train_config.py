@@ -1,0 +1,396 @@
+"""The trainer's configuration: one dataclass tree, loaded from YAML with dotted overrides.
+
+    config = load_config("configs/demo_luffy.yaml", ["optim.lr=1e-3", "train.steps=50"])
+
+Every key is checked: an unknown key or a value of the wrong type or range raises ConfigError
+naming the dotted key (for example `optim.lr`). The `loss` section is the op's own
+LuffyLossConfig, so the trainer and the fused op share one definition of every loss knob.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from luffy_fast.config import LuffyLossConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message starts with the dotted key at fault."""
+
+
+def _positive_int(owner: str, name: str, value: Any, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{owner}.{name}: must be an integer >= {minimum} (got {value!r})")
+
+
+def _finite(owner: str, name: str, value: Any, low: float | None = None, high: float | None = None,
+            low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        bounds = f"{'>' if low_open else '>='} {low}" if low is not None else "finite"
+        if high is not None:
+            bounds += f" and <= {high}"
+        raise ConfigError(f"{owner}.{name}: must be a number {bounds} (got {value!r})")
+
+
+def _choice(owner: str, name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{owner}.{name}: must be one of {list(choices)} (got {value!r})")
+
+
+@dataclass
+class ModelConfig:
+    """The policy. path "toy" builds the demo's tiny Qwen2 from the shape fields below (random
+    weights, no download); anything else is a local transformers model directory."""
+
+    path: str = "toy"
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    precision: str = "auto"  # "auto": bf16 on CUDA, fp32 on CPU
+
+    def validate(self) -> None:
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads"):
+            _positive_int("model", name, getattr(self, name))
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"model.hidden_size: must be divisible by model.num_attention_heads "
+                              f"({self.hidden_size} % {self.num_attention_heads} != 0)")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError("model.num_key_value_heads: must divide model.num_attention_heads")
+        _choice("model", "precision", self.precision, ("auto", "fp32", "bf16"))
+        _choice("model", "attn_implementation", self.attn_implementation,
+                ("sdpa", "eager", "flash_attention_2"))
+
+
+@dataclass
+class DataConfig:
+    """Prompts, answers and off-policy traces. source "toy" generates the demo's digit-reversal
+    task; otherwise a JSONL file in the OpenR1-Math layout (see luffy_fast.data)."""
+
+    source: str = "toy"
+    heldout_source: Optional[str] = None  # JSONL of held-out problems (toy: generated)
+    num_digits: int = 5  # toy task: length of the digit string to reverse
+    heldout_fraction: float = 0.1  # toy task: share of all problems reserved for held-out
+    max_prompt_length: int = 1024
+    max_response_length: int = 8192
+
+    def validate(self) -> None:
+        _positive_int("data", "num_digits", self.num_digits)
+        if self.num_digits > 10:
+            raise ConfigError(f"data.num_digits: must be at most 10 (got {self.num_digits})")
+        _finite("data", "heldout_fraction", self.heldout_fraction, 0.0, 0.5, low_open=True)
+        _positive_int("data", "max_prompt_length", self.max_prompt_length)
+        _positive_int("data", "max_response_length", self.max_response_length)
+        if self.source != "toy" and not Path(self.source).is_file():
+            raise ConfigError(f"data.source: no such file {self.source!r} (or use 'toy')")
+
+
+@dataclass
+class RolloutConfig:
+    """Group composition and sampling: n_on policy samples plus n_off traces per prompt."""
+
+    engine: str = "hf"
+    n_on: int = 7
+    n_off: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_batch_size: int = 256  # sequences per generate call
+
+    def validate(self) -> None:
+        _choice("rollout", "engine", self.engine, ("hf",))
+        _positive_int("rollout", "n_on", self.n_on, minimum=0)
+        _positive_int("rollout", "n_off", self.n_off, minimum=0)
+        if self.n_on + self.n_off < 2:
+            raise ConfigError("rollout.n_on: a group needs at least two members "
+                              f"(n_on + n_off = {self.n_on + self.n_off})")
+        _finite("rollout", "temperature", self.temperature, 0.0, low_open=True)
+        _finite("rollout", "top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _positive_int("rollout", "max_batch_size", self.max_batch_size)
+
+
+@dataclass
+class AlgorithmConfig:
+    """Advantage estimation and the number of passes over each rollout batch."""
+
+    advantage_std: bool = False  # divide by the group's std (GRPO) or not (LUFFY, Dr. GRPO)
+    ppo_epochs: int = 1
+
+    def validate(self) -> None:
+        _positive_int("algorithm", "ppo_epochs", self.ppo_epochs)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule (linear warm-up, then constant or cosine)."""
+
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.0  # cosine: final lr as a fraction of lr
+
+    def validate(self) -> None:
+        _finite("optim", "lr", self.lr, 0.0, low_open=True)
+        _finite("optim", "weight_decay", self.weight_decay, 0.0)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas: must be two numbers in [0, 1) (got {self.betas!r})")
+        _finite("optim", "eps", self.eps, 0.0, low_open=True)
+        _finite("optim", "grad_clip", self.grad_clip, 0.0)
+        _positive_int("optim", "warmup_steps", self.warmup_steps, minimum=0)
+        _choice("optim", "schedule", self.schedule, ("constant", "cosine"))
+        _finite("optim", "min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+
+
+@dataclass
+class TrainSection:
+    """Batch sizes, length of the run, DeepSpeed ZeRO stage and seed.
+
+    prompts_per_step: prompts per rollout batch (each becomes a group of n_on + n_off).
+    mini_batch_size: prompts per optimizer step; prompts_per_step / mini_batch_size optimizer
+        steps per rollout batch (LUFFY's reference: 128 / 64 = 2).
+    token_budget: most tokens in one packed micro-batch (padding removed).
+    """
+
+    steps: int = 100
+    prompts_per_step: int = 128
+    mini_batch_size: int = 64
+    token_budget: int = 32768
+    zero_stage: int = 0
+    seed: int = 0
+    loss_backend: str = "auto"  # fused op backend: auto (triton on CUDA, torch on CPU), ...
+
+    def validate(self) -> None:
+        _choice("train", "loss_backend", self.loss_backend,
+                ("auto", "torch", "triton", "reference"))
+        for name in ("steps", "prompts_per_step", "mini_batch_size", "token_budget"):
+            _positive_int("train", name, getattr(self, name))
+        if self.prompts_per_step % self.mini_batch_size:
+            raise ConfigError(f"train.mini_batch_size: must divide train.prompts_per_step "
+                              f"({self.prompts_per_step} % {self.mini_batch_size} != 0)")
+        _choice("train", "zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _positive_int("train", "seed", self.seed, minimum=0)
+
+
+@dataclass
+class EvalConfig:
+    """Held-out accuracy every `every` steps (and after the last); temperature 0 is greedy."""
+
+    every: int = 10
+    num_problems: int = 200
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    def validate(self) -> None:
+        _positive_int("eval", "every", self.every, minimum=0)
+        _positive_int("eval", "num_problems", self.num_problems, minimum=0)
+        _finite("eval", "temperature", self.temperature, 0.0)
+        _finite("eval", "top_p", self.top_p, 0.0, 1.0, low_open=True)
+
+
+@dataclass
+class OutputConfig:
+    """Where metrics (JSONL, TensorBoard) and checkpoints go."""
+
+    dir: str = "runs/train"
+    save_every: int = 50  # checkpoint every N steps (and after the last); 0: only at the end
+    keep_checkpoints: int = 2
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+    def validate(self) -> None:
+        if not self.dir:
+            raise ConfigError("output.dir: must not be empty")
+        _positive_int("output", "save_every", self.save_every, minimum=0)
+        _positive_int("output", "keep_checkpoints", self.keep_checkpoints)
+
+
+@dataclass
+class LuffyTrainConfig:
+    """The whole run. The `loss` section is luffy_fast.config.LuffyLossConfig; with the
+    "constant" normalizer its max_len defaults to data.max_response_length."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LuffyLossConfig = field(default_factory=LuffyLossConfig.luffy)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def validate(self) -> None:
+        for section in dataclasses.fields(self):
+            value = getattr(self, section.name)
+            if section.name == "loss":
+                try:
+                    value.validate()
+                except ValueError as error:
+                    raise ConfigError(f"loss: {error}") from None
+            else:
+                value.validate()
+        if self.loss.normalizer == "constant" and self.loss.max_len < self.data.max_response_length:
+            raise ConfigError(f"loss.max_len: the 'constant' normalizer's max_len "
+                              f"({self.loss.max_len}) is below data.max_response_length "
+                              f"({self.data.max_response_length})")
+
+    def optimizer_steps_per_rollout(self) -> int:
+        return (self.train.prompts_per_step // self.train.mini_batch_size
+                * self.algorithm.ppo_epochs)
+
+    def to_dict(self) -> dict:
+        return _to_plain(self)
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _convert(key: str, annotation: Any, value: Any) -> Any:
+    """Check `value` against a type annotation, converting only where it is lossless."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(key, option, value)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is tuple:
+        items = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise ConfigError(f"{key}: expected a list of {len(items)} values (got {value!r})")
+        return tuple(_convert(f"{key}[{i}]", t, v) for i, (t, v) in enumerate(zip(items, value)))
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false (got {value!r})")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer (got {value!r})")
+        return value
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number (got {value!r})")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string (got {value!r})")
+        return value
+    if dataclasses.is_dataclass(annotation):
+        return _build(key, annotation, value)
+    raise ConfigError(f"{key}: unsupported type {annotation!r}")
+
+
+def _build(prefix: str, cls: type, values: Any) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys (got {values!r})")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for name in values:
+        if name not in known:
+            where = f"{prefix}.{name}" if prefix else str(name)
+            raise ConfigError(f"{where}: unknown key (known keys: {', '.join(sorted(known))})")
+    kwargs = {name: _convert(f"{prefix}.{name}" if prefix else name, hints[name], value)
+              for name, value in values.items()}
+    if cls is LuffyLossConfig:
+        return kwargs  # built by config_from_dict, which knows the response length
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict) -> LuffyTrainConfig:
+    """Build and validate the tree from nested mappings (missing keys take their defaults)."""
+    values = dict(values or {})
+    loss_values = values.pop("loss", None)
+    config = _build("", LuffyTrainConfig, values)
+    loss_kwargs = _build("loss", LuffyLossConfig, loss_values)
+    base = dataclasses.asdict(LuffyLossConfig.luffy(max_len=config.data.max_response_length))
+    base.update(loss_kwargs)
+    if base["normalizer"] == "constant" and base.get("max_len") is None:
+        base["max_len"] = config.data.max_response_length
+    try:
+        config.loss = LuffyLossConfig(**base)
+    except ValueError as error:
+        raise ConfigError(f"loss: {error}") from None
+    config.validate()
+    return config
+
+
+def apply_overrides(values: dict, overrides: Sequence[str]) -> dict:
+    """Apply "dotted.key=value" overrides (values parsed as YAML) to nested mappings."""
+    values = _deep_copy(values)
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r}: expected dotted.key=value")
+        parts = key.split(".")
+        node = values
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(parts[:depth + 1])}: is a value, not a section")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{key}: cannot parse {text!r}: {error}") from None
+    return values
+
+
+def _deep_copy(values: dict) -> dict:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in values.items()}
+
+
+def load_config(path: str | Path | None = None,
+                overrides: Sequence[str] = ()) -> LuffyTrainConfig:
+    """Read a YAML file (or start from the defaults when path is None), apply overrides."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
+    return config_from_dict(apply_overrides(values, overrides))
