@@ -150,10 +150,11 @@ def make_plan(device: str, dry_run: bool = False) -> Plan:
     if dry_run:
         # The CUDA plan's structure at toy sizes, on whatever device is present.
         impls = ["gemm_floor", "naive", "liger", "torch", "triton"]
-        main = [Case(s, T, H, V) for (H, V) in [(64, 1000), (48, 1024)] for T in (256, 512)
+        # (Small enough for the Triton interpreter when there is no GPU.)
+        main = [Case(s, T, H, V) for (H, V) in [(32, 500), (48, 512)] for T in (128, 256)
                 for s in SCENARIOS]
-        memory = [c for c in main if c.T == 256 or c.scenario == "dense"]
-        sweep = [Case("dense", T, 32, 1000) for T in (128, 256, 512, 1024)]
+        memory = [c for c in main if c.scenario == "dense" or c is main[1]]
+        sweep = [Case("dense", T, 32, 500) for T in (128, 256, 512)]
         return Plan(device, "dry-run", impls, main, memory, sweep, rounds=1, warmup_rounds=1)
     if cuda:
         impls = ["gemm_floor", "naive", "liger", "torch", "triton"]
@@ -168,6 +169,9 @@ def make_plan(device: str, dry_run: bool = False) -> Plan:
         return Plan(device, "cuda", impls, main, memory, sweep, rounds=rounds, warmup_rounds=1)
     impls = ["naive", "liger", "torch", "triton"]
     main = [Case(s, 4096, 512, 32768) for s in SCENARIOS]
-    sweep = [Case("dense", T, 128, 32768) for T in (1024, 4096, 16384, 65536)]
+    # Smaller H and V keep the sweep to about a minute and a half on 2 cores; what grows with T
+    # (naive's [T, V] tensors) still dominates.
+    sweep = [Case("dense", T, 64, 8192) for T in (1024, 4096, 16384, 65536)]
     rounds = _int_env("LUFFY_BENCH_ROUNDS") or 3
-    return Plan(device, "cpu", impls, main, list(main), sweep, rounds=rounds, warmup_rounds=1)
+    # No warm-up on the CPU: nothing is compiled or autotuned, and each round costs seconds.
+    return Plan(device, "cpu", impls, main, list(main), sweep, rounds=rounds, warmup_rounds=0)

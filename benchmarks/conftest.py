@@ -179,8 +179,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize(("speed_case", "speed_impl"), params,
                              ids=[f"{case.id}-{impl}" for case, impl in params])
     if "memory_impl" in names:
-        impls = [impl for impl in plan.impls if impl != "gemm_floor"]
-        metafunc.parametrize("memory_impl", impls)
+        # Ours first, Liger (slowest, compiled on CUDA) last: a run cut short keeps what matters.
+        order = ["triton", "torch", "naive", "liger"]
+        metafunc.parametrize("memory_impl", [impl for impl in order if impl in plan.impls])
 
 
 @pytest.hookimpl(trylast=True)
@@ -192,7 +193,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         return
     from .report import write
 
-    text = write(_SESSION.out_dir, _SESSION.plan.tag)
+    text = write(_SESSION.out_dir, _SESSION.plan.tag)["markdown"]
     terminalreporter.section("luffy-fast benchmark results")
     terminalreporter.write_line(f"(written to {_SESSION.out_dir})")
     for line in text.splitlines():

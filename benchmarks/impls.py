@@ -50,7 +50,7 @@ class GemmFloor:
         gen = torch.Generator(device=h.device).manual_seed(1)
         self.h, self.w = h, w
         self.grad_logits = torch.randn(h.shape[0], w.shape[0], device=h.device, generator=gen,
-                                       dtype=torch.float32).to(h.dtype)
+                                       dtype=h.dtype)
 
     def __call__(self) -> None:
         logits = self.h @ self.w.T

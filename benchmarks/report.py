@@ -208,6 +208,30 @@ def markdown(summary: dict, plot_name: Optional[str] = None) -> str:
     return "\n".join(lines)
 
 
+def short_table(summary: dict) -> str:
+    """One compact table of every measurement, then the targets: for a terminal."""
+    rows = []
+    for entry in summary["cases"].values():
+        c = entry["case"]
+        for impl in sorted(entry["impls"], key=IMPL_ORDER.index):
+            kinds = entry["impls"][impl]
+            t, m, r = kinds.get("time") or {}, kinds.get("memory") or {}, kinds.get("ratios", {})
+            rows.append([f"{c['scenario']} T={c['T']} H={c['H']}", impl,
+                         fmt_time(t.get("median_s")) if t.get("status") == "ok" else t.get("status", "–"),
+                         fmt_ratio(r.get("time_vs_naive")), fmt_ratio(r.get("time_vs_floor")),
+                         fmt_ratio(r.get("liger_speedup")),
+                         fmt_bytes(m.get("extra_bytes")) if m.get("status") == "ok" else m.get("status", "–"),
+                         fmt_ratio(r.get("memory_vs_naive"), 3)])
+    header = ["case", "impl", "time", "×naive", "×floor", "Liger÷", "extra mem", "mem×naive"]
+    lines = _table(header, rows, "llrrrrrr")
+    if summary["targets"]:
+        lines += [""] + _table(["target", "case", "measured", ""], [
+            [t["target"], t["where"], fmt_ratio(t["measured"]),
+             {True: "met", False: "MISSED", None: "not measured"}[t["met"]]]
+            for t in summary["targets"]], "llrl")
+    return "\n".join(lines)
+
+
 def plot_sweep(summary: dict, path: Path) -> bool:
     """Log-log plot of each implementation's peak extra memory against T. False if no data."""
     series: dict[str, list[tuple[int, float]]] = {}
@@ -240,22 +264,23 @@ def plot_sweep(summary: dict, path: Path) -> bool:
     return True
 
 
-def write(out_dir: Path, tag: str) -> str:
-    """Writes <tag>.json, <tag>.md and the plot from the run's records; returns the markdown."""
+def write(out_dir: Path, tag: str) -> dict:
+    """Writes <tag>.json, <tag>.md and the plot from the run's records; returns the summary."""
     meta, records = load(out_dir, tag)
     summary = summarize(meta, records)
     plot = out_dir / f"scaling-{tag}.png"
     has_plot = plot_sweep(summary, plot)
-    text = markdown(summary, plot.name if has_plot else None)
+    summary["markdown"] = markdown(summary, plot.name if has_plot else None)
     (out_dir / f"{tag}.json").write_text(json.dumps({**summary, "records": records}, indent=1) + "\n")
-    (out_dir / f"{tag}.md").write_text(text)
-    return text
+    (out_dir / f"{tag}.md").write_text(summary["markdown"])
+    return summary
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Summarize a benchmark run's records.")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--tag", default=None, help="cpu, cuda or dry-run (default: the newest)")
+    parser.add_argument("--short", action="store_true", help="print the compact table only")
     args = parser.parse_args()
     tag = args.tag
     if tag is None:
@@ -263,7 +288,8 @@ def main() -> None:
         if not metas:
             raise SystemExit(f"no *-records.jsonl in {args.out_dir}")
         tag = metas[-1].name[: -len("-records.jsonl")]
-    print(write(args.out_dir, tag))
+    summary = write(args.out_dir, tag)
+    print(short_table(summary) if args.short else summary["markdown"])
 
 
 if __name__ == "__main__":

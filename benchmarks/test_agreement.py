@@ -24,9 +24,11 @@ def _loss_and_grads(impl: str, inputs) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def _assert_close(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    # fp32 everywhere; on a GPU, kernels may use TF32 tensor cores for fp32 dots.
+    tolerance = 1e-2 if got.is_cuda else 2e-4
     scale = want.abs().max().clamp_min(1e-12)
     err = ((got - want).abs().max() / scale).item()
-    assert err < 2e-4, f"{name}: max relative error {err:.2e}"
+    assert err < tolerance, f"{name}: max relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)

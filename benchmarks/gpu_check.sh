@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# One prepared run on a GPU machine (H100/H200, no network): Triton parity checks, then the CUDA
+# benchmarks; ends by printing a short table. Results go to $OUT (or ./gpu_results).
+#
+#   bash benchmarks/gpu_check.sh                      # on the GPU machine, from the repo root
+#   BENCH_DRY_RUN=1 bash benchmarks/gpu_check.sh      # the same steps at toy sizes, on any machine
+#
+# Budget: every stage runs under `timeout`, sized from one overall budget (GPU_CHECK_BUDGET_S,
+# default 400 s), so the whole script ends in under 7 minutes even when a stage hangs; each stage
+# keeps what it measured so far, and each implementation fails on its own (one test each).
+# Expected on an H100: about 5 minutes (parity ~1, speed ~2.5, memory + scaling sweep ~2).
+set -u
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT_DIR=${OUT:-$ROOT/gpu_results}
+mkdir -p "$OUT_DIR"
+PY=${PYTHON:-python3}
+BUDGET=${GPU_CHECK_BUDGET_S:-400}
+START=$(date +%s)
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+log() { echo "[gpu_check +$(( $(date +%s) - START ))s] $*"; }
+# Seconds a stage may take: at most $1, and never past the budget minus $2 s kept for later stages.
+stage_limit() {
+  local left=$(( BUDGET - ($(date +%s) - START) - $2 ))
+  (( left < $1 )) && echo $(( left > 5 ? left : 5 )) || echo "$1"
+}
+
+DRY=()
+if [[ "${BENCH_DRY_RUN:-0}" == 1 ]]; then
+  DRY=(--bench-dry-run)
+  TAG=dry-run
+else
+  TAG=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
+fi
+log "device tag: $TAG; results in $OUT_DIR"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
+  | tee "$OUT_DIR/gpu.txt"
+
+# (b) Wheels carried in .whl/ (liger-kernel: pure Python; torch and triton are already there).
+if compgen -G ".whl/*.whl" >/dev/null; then
+  if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+    log "installed carried wheels: $(ls .whl | tr '\n' ' ')"
+  else
+    log "installing the carried wheels failed: Liger will be skipped"
+  fi
+fi
+# luffy_fast.kernels lives in kernels/ and is mapped by setup.py: an editable install makes it
+# importable (offline: setuptools and wheel are in the image).
+if ! $PY -c "import luffy_fast.kernels" 2>/dev/null; then
+  $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT_DIR/install.log" 2>&1 \
+    && log "installed luffy-fast (editable)" || log "editable install failed: see install.log"
+fi
+
+# (a) Parity: the Triton backend against the reference, compiled for CUDA (the lead's script).
+PARITY="not run"
+if [[ "$TAG" != cuda ]]; then
+  PARITY="skipped: no GPU"
+elif [[ -f benchmarks/gpu_parity.py ]]; then
+  limit=$(stage_limit 75 300)
+  log "parity (timeout ${limit}s)"
+  timeout -k 5 "$limit" $PY benchmarks/gpu_parity.py 2>&1 | tee "$OUT_DIR/parity.log"
+  rc=${PIPESTATUS[0]}
+  case $rc in 0) PARITY="passed" ;; 124|137) PARITY="TIMED OUT after ${limit}s" ;; *) PARITY="FAILED (exit $rc)" ;; esac
+else
+  PARITY="skipped: benchmarks/gpu_parity.py not present"
+fi
+log "parity: $PARITY"
+
+# (c) Benchmarks: speed first (floor, naive, liger, torch, triton per case), then memory + sweep.
+PYTEST=($PY -m pytest -p no:cacheprovider -q -rs --benchmark "${DRY[@]}" --bench-out "$OUT_DIR")
+if $PY -c "import pytest_timeout" 2>/dev/null; then PYTEST+=(--timeout 150); fi
+limit=$(stage_limit 170 160)
+log "speed (timeout ${limit}s)"
+timeout -k 10 "$limit" "${PYTEST[@]}" benchmarks/test_agreement.py benchmarks/test_speed.py \
+  >"$OUT_DIR/speed.log" 2>&1
+log "speed: exit $? (log: speed.log)"; tail -n 3 "$OUT_DIR/speed.log"
+limit=$(stage_limit 150 15)
+log "memory + scaling sweep (timeout ${limit}s)"
+timeout -k 10 "$limit" "${PYTEST[@]}" --bench-append benchmarks/test_memory.py \
+  >"$OUT_DIR/memory.log" 2>&1
+log "memory: exit $? (log: memory.log)"; tail -n 3 "$OUT_DIR/memory.log"
+
+# (d) Everything is under $OUT_DIR: <tag>.json, <tag>.md, scaling-<tag>.png, logs. Table last.
+log "done; parity: $PARITY"
+timeout 60 $PY -m benchmarks.report "$OUT_DIR" --tag "$TAG" --short 2>&1 | tee "$OUT_DIR/summary.txt"
+echo "parity: $PARITY | total $(( $(date +%s) - START )) s | files in $OUT_DIR"
