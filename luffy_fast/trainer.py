@@ -550,13 +550,30 @@ class LuffyTrainer:
 
     def optimizer_step(self, batch: RolloutBatch, indices: Sequence[int],
                        old_logprobs: Optional[list[Tensor]]) -> dict:
-        """One optimizer step on a mini-batch; the loss scale does not depend on the split."""
+        """One optimizer step on a mini-batch (the sequences at `indices`)."""
+        learning_rate = self.scheduler.get_last_lr()[0]
+        result = self.accumulate_gradients(batch, indices, old_logprobs)
+        self.engine.step()
+        result["learning_rate"] = learning_rate
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            result["grad_norm"] = float(grad_norm)
+        return result
+
+    def accumulate_gradients(self, batch: RolloutBatch, indices: Sequence[int],
+                             old_logprobs: Optional[list[Tensor]]) -> dict:
+        """Forward and backward over a mini-batch's token-budget micro-batches.
+
+        Each micro-batch's normalized loss is rescaled by its denominator over the mini-batch's
+        (LUFFY_SPEC.md section 6), so the summed gradient does not depend on the split.
+        """
         config = self.config
         denominator = loss_denominator(batch, indices, config.loss)
         indices = self.sequences_with_gradient(batch, indices)
         plan = plan_micro_batches([batch.sequence_length(i) for i in indices],
                                   config.train.token_budget, padded=not self.engine.module.packed)
-        stats_sum: dict[str, float] = {}
+        sums: dict[str, float] = {"tokens": 0.0}
+        extremes: dict[str, float] = {}
         loss_total = 0.0
         self.engine.train()
         for part in plan:
@@ -566,21 +583,15 @@ class LuffyTrainer:
             self.engine.backward(scaled)
             loss_total += float(scaled.detach())
             tokens = float(micro.loss_mask.sum())
+            sums["tokens"] += tokens
             for name in ("logprob_mean", "entropy_mean", "clip_fraction", "ratio_mean"):
                 if name in stats:
-                    stats_sum[name] = stats_sum.get(name, 0.0) + float(stats[name]) * tokens
-            stats_sum["tokens"] = stats_sum.get("tokens", 0.0) + tokens
-            for name, pick in (("ratio_min", min), ("ratio_max", max)):
-                stats_sum[name] = pick(stats_sum.get(name, float(stats[name])), float(stats[name]))
-        self.engine.step()
-        tokens = max(stats_sum.pop("tokens"), 1.0)
-        result = {"loss": loss_total, "micro_batches": len(plan),
-                  "learning_rate": self.scheduler.get_last_lr()[0]}
-        grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is not None:
-            result["grad_norm"] = float(grad_norm)
-        for name, value in stats_sum.items():  # token-weighted means; min and max as they are
-            result[name] = value if name in ("ratio_min", "ratio_max") else value / tokens
+                    sums[name] = sums.get(name, 0.0) + float(stats[name]) * tokens
+            extremes["ratio_min"] = min(extremes.get("ratio_min", math.inf), float(stats["ratio_min"]))
+            extremes["ratio_max"] = max(extremes.get("ratio_max", -math.inf), float(stats["ratio_max"]))
+        tokens = max(sums.pop("tokens"), 1.0)
+        result = {"loss": loss_total, "micro_batches": len(plan), **extremes}
+        result.update({name: value / tokens for name, value in sums.items()})  # token-weighted
         if "entropy_mean" in result:
             result["entropy"] = result.pop("entropy_mean")
         return result

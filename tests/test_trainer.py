@@ -1,0 +1,252 @@
+"""The LUFFY trainer: group assembly, the update's numerics, DeepSpeed ZeRO stages, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from luffy_fast import LuffyLossConfig, group_advantages
+from luffy_fast.data import Sample
+from luffy_fast.rollout import Completion
+from luffy_fast.train_config import load_config
+from luffy_fast.trainer import (IGNORE_INDEX, LuffyTrainer, assemble_groups, loss_denominator,
+                                pack_micro_batch, plan_micro_batches, read_metrics)
+
+TINY = [
+    "model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=2",
+    "model.num_attention_heads=2", "model.num_key_value_heads=1",
+    "data.num_digits=3", "data.max_response_length=24", "data.max_prompt_length=8",
+    "rollout.n_on=3", "rollout.n_off=1",
+    "loss.normalizer=token", "loss.entropy_coef=0.0", "loss.clip_on_policy=false",
+    "optim.lr=1e-3", "optim.weight_decay=0.0", "optim.warmup_steps=2",
+    "train.prompts_per_step=4", "train.mini_batch_size=4", "train.token_budget=4096",
+    "train.seed=3", "eval.every=2", "eval.num_problems=8",
+    "output.save_every=2", "output.tensorboard=false", "output.progress_bar=false",
+]
+
+
+def tiny_config(tmp_path, *overrides):
+    return load_config(None, [*TINY, f"output.dir={tmp_path}", *overrides])
+
+
+def tiny_trainer(tmp_path, *overrides) -> LuffyTrainer:
+    return LuffyTrainer(tiny_config(tmp_path, *overrides))
+
+
+def rollout_batch(trainer: LuffyTrainer, step: int = 0):
+    """A real mixed batch from the trainer's own rollout engine, with advantages."""
+    from luffy_fast.rollout import SamplingParams
+    from luffy_fast.trainer import score_responses
+
+    samples = trainer.prompt_batch(step)
+    completions = trainer.rollout.generate([s.prompt_ids for s in samples], n=3,
+                                           params=SamplingParams(24, seed=11))
+    batch = assemble_groups(samples, completions, n_off=1)
+    batch.rewards = score_responses(batch, samples, trainer.reward_fn, trainer.decode)
+    # varied advantages so every sequence carries gradient (rewards are all 0 or 1 here)
+    batch.advantages = torch.linspace(-1.0, 1.0, len(batch))
+    return batch
+
+
+def policy_gradients(trainer: LuffyTrainer, batch, old_logprobs=None) -> dict[str, torch.Tensor]:
+    trainer.engine.zero_grad()
+    trainer.accumulate_gradients(batch, list(range(len(batch))), old_logprobs)
+    grads = {name: p.grad.detach().clone() for name, p in
+             trainer.engine.module.policy.named_parameters() if p.grad is not None}
+    trainer.engine.zero_grad()
+    return grads
+
+
+def assert_same_gradients(a: dict, b: dict, rtol: float) -> None:
+    assert a.keys() == b.keys() and a
+    for name in a:
+        scale = a[name].abs().max().clamp_min(1e-12)
+        error = (a[name] - b[name]).abs().max() / scale
+        assert error <= rtol, f"{name}: relative difference {error:.2e}"
+
+
+# --------------------------------------------------------------------------- group assembly
+
+def test_hand_made_batch_groups_masks_and_advantages():
+    samples = [Sample(prompt_ids=[5, 6], ground_truth="x", traces=[[7, 8, 1]]),
+               Sample(prompt_ids=[9], ground_truth="y", traces=[[3, 1], [4, 4, 1]])]
+    completions = [[Completion([2, 1], [-0.5, -0.1]), Completion([3, 3, 3], [-1.0] * 3, False)],
+                   [Completion([4, 1], [-0.2, -0.3]), Completion([5, 1], [-0.4, -0.6])]]
+    batch = assemble_groups(samples, completions, n_off=2)
+    # group 0: two rollouts, then its single trace twice; group 1: two rollouts, both traces
+    assert batch.response_ids == [[2, 1], [3, 3, 3], [7, 8, 1], [7, 8, 1],
+                                  [4, 1], [5, 1], [3, 1], [4, 4, 1]]
+    assert batch.off_policy.tolist() == [False, False, True, True, False, False, True, True]
+    assert batch.group_ids.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert batch.finished == [True, False, True, True, True, True, True, True]
+
+    batch.rewards = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0])
+    batch.advantages = group_advantages(batch.rewards, batch.group_ids)
+    # A = R - mean over the mixed group: group 0 mean 0.5, group 1 mean 0.75
+    expected = torch.tensor([-0.5, -0.5, 0.5, 0.5, 0.25, -0.75, 0.25, 0.25])
+    torch.testing.assert_close(batch.advantages, expected)
+
+    micro = pack_micro_batch(batch, [0, 2, 5])
+    # inputs are prompt + response minus the last token; targets are the response, shifted
+    assert micro.input_ids[0].tolist() == [5, 6, 2, 5, 6, 7, 8, 9, 5]
+    assert micro.position_ids[0].tolist() == [0, 1, 2, 0, 1, 2, 3, 0, 1]
+    assert micro.targets.tolist() == [IGNORE_INDEX, 2, 1, IGNORE_INDEX, 7, 8, 1, 5, 1]
+    assert micro.loss_mask.tolist() == [False, True, True, False, True, True, True, True, True]
+    assert micro.off_policy_mask.tolist() == [False] * 3 + [True] * 4 + [False] * 2
+    assert micro.seq_ids.tolist() == [0] * 3 + [2] * 4 + [5] * 2
+    assert micro.advantages.tolist() == [-0.5] * 3 + [0.5] * 4 + [-0.75] * 2
+    rows, mask = micro.padded_rows()
+    assert rows.tolist() == [[5, 6, 2, 0], [5, 6, 7, 8], [9, 5, 0, 0]]
+    assert mask.sum().item() == micro.num_tokens
+
+    token = LuffyLossConfig(normalizer="token")
+    assert loss_denominator(batch, [0, 2, 5], token) == 2 + 3 + 2
+    assert loss_denominator(batch, [0, 2, 5], token.replace(normalizer="seq_mean_token_mean")) == 3
+    assert loss_denominator(batch, [0, 2, 5], token.replace(normalizer="constant", max_len=10)) == 30
+
+
+def test_group_without_traces_and_empty_response_is_an_error():
+    samples = [Sample(prompt_ids=[5], ground_truth="x", traces=[])]
+    batch = assemble_groups(samples, [[Completion([1], [0.0]), Completion([2, 1], [0.0, 0.0])]], 1)
+    assert batch.off_policy.tolist() == [False, False]
+    with pytest.raises(ValueError, match="empty response"):
+        assemble_groups(samples, [[Completion([], [])]], 0)
+
+
+def test_micro_batch_plan_respects_the_token_budget():
+    lengths = [9, 3, 7, 5, 2, 8]
+    packed = plan_micro_batches(lengths, token_budget=12)
+    assert sorted(i for b in packed for i in b) == list(range(6))
+    assert all(sum(lengths[i] for i in b) <= 12 for b in packed)
+    padded = plan_micro_batches(lengths, token_budget=16, padded=True)
+    assert all(len(b) * max(lengths[i] for i in b) <= 16 for b in padded)
+    with pytest.raises(ValueError, match="token_budget"):
+        plan_micro_batches([20], token_budget=12)
+
+
+# --------------------------------------------------------------------------- the update
+
+def test_fused_update_equals_reference_backend(tmp_path):
+    trainer = tiny_trainer(tmp_path / "a", "train.loss_backend=torch")
+    batch = rollout_batch(trainer)
+    fused = policy_gradients(trainer, batch)
+    trainer.engine.module.loss_head.backend = "reference"
+    reference = policy_gradients(trainer, batch)
+    assert_same_gradients(reference, fused, rtol=1e-5)
+
+
+@pytest.mark.parametrize("normalizer", ["token", "seq_mean_token_mean", "constant"])
+def test_gradient_does_not_depend_on_the_micro_batch_split(tmp_path, normalizer):
+    trainer = tiny_trainer(tmp_path, f"loss.normalizer={normalizer}", "loss.entropy_coef=0.01")
+    batch = rollout_batch(trainer)
+    lengths = [batch.sequence_length(i) for i in range(len(batch))]
+    trainer.config.train.token_budget = 4096
+    assert len(plan_micro_batches(lengths, 4096, padded=True)) == 1
+    whole = policy_gradients(trainer, batch)
+    # the smallest padded budget that still splits the 16 sequences into exactly 4 micro-batches
+    budget = next(b for b in range(max(lengths), 4096)
+                  if len(plan_micro_batches(lengths, b, padded=True)) == 4)
+    trainer.config.train.token_budget = budget
+    split = policy_gradients(trainer, batch)
+    assert_same_gradients(whole, split, rtol=1e-5)
+
+
+def test_old_logprobs_pass_matches_the_free_path(tmp_path):
+    """With unchanged weights, explicit old log-probs give the same gradient as old=None."""
+    trainer = tiny_trainer(tmp_path)
+    batch = rollout_batch(trainer)
+    free = policy_gradients(trainer, batch)
+    old, _ = trainer.compute_logprobs(batch, range(len(batch)))
+    explicit = policy_gradients(trainer, batch, old_logprobs=old)
+    assert_same_gradients(free, explicit, rtol=1e-5)
+
+
+def test_zero_advantage_sequences_are_skipped_without_changing_the_gradient(tmp_path):
+    trainer = tiny_trainer(tmp_path)
+    batch = rollout_batch(trainer)
+    batch.advantages[::2] = 0.0
+    kept = trainer.sequences_with_gradient(batch, range(len(batch)))
+    assert kept == list(range(1, len(batch), 2))
+    skipped = policy_gradients(trainer, batch)
+    trainer.config.loss = trainer.config.loss.replace(entropy_coef=1e-30)  # disables the skip
+    trainer.engine.module.loss_head.loss_config = trainer.config.loss
+    assert trainer.sequences_with_gradient(batch, range(len(batch))) == list(range(len(batch)))
+    full = policy_gradients(trainer, batch)
+    assert_same_gradients(full, skipped, rtol=1e-5)
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_a_few_steps_with_zero(tmp_path, zero_stage):
+    trainer = tiny_trainer(tmp_path, f"train.zero_stage={zero_stage}", "train.steps=3",
+                           "eval.every=0", "output.save_every=0", "optim.lr=1e-2")
+    policy = trainer.engine.module.policy
+
+    def snapshot():
+        from luffy_fast.trainer import _gathered
+
+        with _gathered(policy.parameters(), zero_stage):
+            return {n: p.detach().clone() for n, p in policy.named_parameters()}
+
+    before = snapshot()
+    history = trainer.train()
+    after = snapshot()
+    assert [row["step"] for row in history] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(row["loss"])) for row in history)
+    assert all(row["reward_off_policy"] == 1.0 for row in history)  # traces are correct
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert len(changed) == len(before), f"unchanged: {set(before) - set(changed)}"
+    # the rollout engine received the new weights
+    engine_state = dict(trainer.rollout.model.named_parameters())
+    for name, value in after.items():
+        torch.testing.assert_close(engine_state[name], value)
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-000003"
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def _comparable(row: dict) -> dict:
+    timing = ("rollout_seconds", "step_seconds", "tokens_per_second", "peak_memory_mb")
+    return {k: v for k, v in row.items() if k not in timing}
+
+
+def test_resume_after_a_crash_logs_the_same_next_step(tmp_path, monkeypatch):
+    straight = tiny_trainer(tmp_path / "straight", "train.steps=3")
+    straight.train()
+    expected = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+
+    crashed = tiny_trainer(tmp_path / "crash", "train.steps=3")
+    real_step = crashed.training_step
+
+    def crash_on_third(step):
+        if step == 2:
+            raise KeyboardInterrupt("killed after the step-2 checkpoint")
+        return real_step(step)
+
+    monkeypatch.setattr(crashed, "training_step", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        crashed.train()
+    # a half-written checkpoint must never become `latest`
+    (tmp_path / "crash" / "checkpoints" / ".staging-step-000004").mkdir()
+    assert (tmp_path / "crash" / "checkpoints" / "latest").read_text().strip() == "step-000002"
+
+    resumed = tiny_trainer(tmp_path / "crash", "train.steps=3")
+    resumed.train(resume=True)
+    got = read_metrics(tmp_path / "crash" / "metrics.jsonl")
+    assert [r["step"] for r in got] == [r["step"] for r in expected] == [0, 1, 2, 3]
+    for mine, theirs in zip(got, expected):
+        mine, theirs = _comparable(mine), _comparable(theirs)
+        assert mine.keys() == theirs.keys()
+        for key in mine:
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), key
+    # the transformers export loads on its own
+    from transformers import AutoModelForCausalLM
+
+    export = tmp_path / "crash" / "checkpoints" / "step-000003" / "hf"
+    model = AutoModelForCausalLM.from_pretrained(export)
+    torch.testing.assert_close(dict(model.named_parameters())["model.norm.weight"],
+                               dict(resumed.engine.module.policy.named_parameters())
+                               ["model.norm.weight"])
+    state = json.loads((export.parent / "trainer_state.json").read_text())
+    assert state["step"] == 3
