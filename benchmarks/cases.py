@@ -136,7 +136,17 @@ class Plan:
     sweep_cases: list[Case]  # dense, growing T: peak memory only
     rounds: int
     warmup_rounds: int
-    notes: list[str] = field(default_factory=list)
+    # Largest T an implementation is timed at / measured at (to bound the run), by name.
+    max_tokens_speed: dict[str, int] = field(default_factory=dict)
+    max_tokens_memory: dict[str, int] = field(default_factory=dict)
+
+    def too_large(self, impl: str, case: Case, kind: str) -> Optional[str]:
+        """Why `impl` is not run at `case` in this plan (None: it is)."""
+        limits = self.max_tokens_speed if kind == "time" else self.max_tokens_memory
+        limit = limits.get(impl)
+        if limit is not None and case.T > limit:
+            return f"{impl} is run up to T={limit} in this plan (keeps the run short)"
+        return None
 
 
 def _int_env(name: str) -> Optional[int]:
@@ -155,7 +165,8 @@ def make_plan(device: str, dry_run: bool = False) -> Plan:
                 for s in SCENARIOS]
         memory = [c for c in main if c.scenario == "dense" or c is main[1]]
         sweep = [Case("dense", T, 32, 500) for T in (128, 256, 512)]
-        return Plan(device, "dry-run", impls, main, memory, sweep, rounds=1, warmup_rounds=1)
+        return Plan(device, "dry-run", impls, main, memory, sweep, rounds=1, warmup_rounds=1,
+                    max_tokens_speed={"torch": 128}, max_tokens_memory={"torch": 256})
     if cuda:
         impls = ["gemm_floor", "naive", "liger", "torch", "triton"]
         shapes = [(8192, 4096, 151936), (8192, 3584, 152064), (32768, 4096, 151936),
@@ -166,7 +177,9 @@ def make_plan(device: str, dry_run: bool = False) -> Plan:
         sweep = [Case("dense", T, 4096, 151936, "bfloat16")
                  for T in (4096, 8192, 16384, 32768, 65536, 131072)]
         rounds = _int_env("LUFFY_BENCH_ROUNDS") or 3
-        return Plan(device, "cuda", impls, main, memory, sweep, rounds=rounds, warmup_rounds=1)
+        # The torch backend is the CPU path; on a GPU its small chunks make it slow at large T.
+        return Plan(device, "cuda", impls, main, memory, sweep, rounds=rounds, warmup_rounds=1,
+                    max_tokens_speed={"torch": 8192}, max_tokens_memory={"torch": 32768})
     impls = ["naive", "liger", "torch", "triton"]
     main = [Case(s, 4096, 512, 32768) for s in SCENARIOS]
     # Smaller H and V keep the sweep to about a minute and a half on 2 cores; what grows with T

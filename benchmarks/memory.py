@@ -34,6 +34,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def measure_in_subprocess(impl: str, device: str, cases: list, timeout_s: float,
                           budget_fraction: float = 0.6) -> list[dict]:
     """Run the cases for `impl` in one fresh Python process; one result dict per case."""
+    if not cases:
+        return []
     cmd = [sys.executable, "-m", "benchmarks.memory", "--impl", impl, "--device", device,
            "--budget-fraction", str(budget_fraction),
            "--cases", json.dumps([c.to_dict() for c in cases])]

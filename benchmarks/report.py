@@ -23,7 +23,8 @@ LABELS = {
     "torch": "luffy_fast torch backend",
     "triton": "luffy_fast triton backend",
 }
-OURS = {"cpu": "torch", "dry-run": "torch", "cuda": "triton"}
+OURS = {"cpu": "torch", "dry-run": "triton", "cuda": "triton"}  # dry-run mirrors the CUDA plan
+FLAT_LIMIT = 1.25  # "flat in T": extra memory grows by at most this over the whole sweep
 
 
 class Recorder:
@@ -130,7 +131,7 @@ def targets(summary: dict) -> list[dict]:
         if case["scenario"] == "rlvr":
             check(f"{ours} time ≤ 0.75 × naive (rlvr)", ratios.get("time_vs_naive"), 0.75, True, where)
             continue
-        if tag == "cuda":
+        if tag in ("cuda", "dry-run"):
             check("triton time ≤ 1.3 × bare GEMMs", ratios.get("time_vs_floor"), 1.3, True, where)
             check("triton ≥ 3 × faster than Liger", ratios.get("liger_speedup"), 3.0, False, where)
             check("triton time ≤ 1.0 × naive", ratios.get("time_vs_naive"), 1.0, True, where)
@@ -139,6 +140,14 @@ def targets(summary: dict) -> list[dict]:
             check(f"{ours} time ≤ 1.0 × naive", ratios.get("time_vs_naive"), 1.0, True, where)
             check(f"{ours} extra memory ≤ 0.08 × naive", ratios.get("memory_vs_naive"), 0.08, True, where)
             check(f"{ours} ≥ 1.25 × faster than Liger", ratios.get("liger_speedup"), 1.25, False, where)
+
+    # Flat in T: extra memory at the largest swept T over that at the smallest.
+    points = sorted((e["case"]["T"], e["impls"][ours]["extra_bytes"]) for e in summary["sweep"].values()
+                    if e["impls"].get(ours, {}).get("status") == "ok")
+    if len(points) >= 2:
+        (t0, m0), (t1, m1) = points[0], points[-1]
+        check(f"{ours} extra memory flat in T (growth ≤ {FLAT_LIMIT} ×)", _ratio(m1, m0), FLAT_LIMIT, True,
+              f"sweep T={t0}…{t1}")
     return out
 
 
@@ -189,7 +198,7 @@ def markdown(summary: dict, plot_name: Optional[str] = None) -> str:
         impls = sorted({i for e in entries for i in e["impls"]}, key=IMPL_ORDER.index)
         lines += [f"**Peak extra memory vs T** ({c0['scenario']}, H={c0['H']} V={c0['V']} "
                   f"{c0['dtype']})", ""]
-        rows = []
+        rows, notes = [], {}
         for e in entries:
             row = [str(e["case"]["T"])]
             for impl in impls:
@@ -199,9 +208,12 @@ def markdown(summary: dict, plot_name: Optional[str] = None) -> str:
                 elif r["status"] == "ok":
                     row.append(fmt_bytes(r["extra_bytes"]))
                 else:
-                    row.append(f"{r['status']}" + (f" ({r['note']})" if r.get("note") else ""))
+                    note = f"{impl}: {r.get('note') or r['status']}"
+                    mark = notes.setdefault(note, len(notes) + 1)
+                    row.append(f"{r['status']} [{mark}]")
             rows.append(row)
         lines += _table(["T"] + [LABELS.get(i, i) for i in impls], rows, "r" * (len(impls) + 1))
+        lines += [""] + [f"[{mark}] {note}" for note, mark in notes.items()] if notes else []
         if plot_name:
             lines += ["", f"![peak extra memory vs T]({plot_name})"]
         lines += [""]

@@ -18,8 +18,11 @@ def test_memory(bench, memory_impl) -> None:
             bench.record("memory", case, impl, status="skipped", note=reason,
                          sweep=case in plan.sweep_cases)
         pytest.skip(reason)
+    skipped = {c: plan.too_large(impl, c, "memory") for c in cases}
+    measured = [c for c in cases if not skipped[c]]
     timeout = 120 if bench.dry_run else (900 if bench.device == "cpu" else 300)
-    rows = measure_in_subprocess(impl, bench.device, cases, timeout_s=timeout)
+    results = dict(zip(measured, measure_in_subprocess(impl, bench.device, measured, timeout_s=timeout)))
+    rows = [results.get(c) or {"status": "skipped", "note": skipped[c]} for c in cases]
     for case, row in zip(cases, rows):
         fields = {k: v for k, v in row.items() if k not in ("case_id", "impl")}
         if case in plan.memory_cases:

@@ -10,7 +10,7 @@ from .impls import make_step, skip_reason, synchronize
 
 def test_speed(benchmark, bench, speed_case, speed_impl) -> None:
     case, impl = speed_case, speed_impl
-    reason = skip_reason(impl, bench.device, bench.dry_run)
+    reason = bench.plan.too_large(impl, case, "time") or skip_reason(impl, bench.device, bench.dry_run)
     if reason:
         bench.record("time", case, impl, status="skipped", note=reason)
         pytest.skip(reason)
