@@ -196,6 +196,8 @@ class VLLMRolloutEngine(RolloutEngine):
         try:
             llm = LLM(**kwargs)
         except Exception as error:
+            gc.collect()  # the half-built engine, before its process groups go
+            _destroy_vllm_process_groups(world=self._owns_process_group)
             raise VLLMStartupError(self._explain(error)) from error
         finally:
             torch.set_num_threads = set_threads

@@ -36,7 +36,7 @@ class VLLMConfig:
     dtype: str = "auto"
     max_model_len: Optional[int] = None
     enforce_eager: bool = False
-    sync_bucket_mb: int = 256
+    sync_bucket_mb: float = 256.0
     enable_prefix_caching: bool = True
 
     def validate(self, prefix: str = "rollout.vllm") -> None:
@@ -56,5 +56,5 @@ class VLLMConfig:
             fail("dtype", f"must be one of {list(DTYPES)}", self.dtype)
         if self.max_model_len is not None and self.max_model_len < 2:
             fail("max_model_len", "must be an integer >= 2", self.max_model_len)
-        if not isinstance(self.sync_bucket_mb, int) or self.sync_bucket_mb < 1:
-            fail("sync_bucket_mb", "must be an integer >= 1", self.sync_bucket_mb)
+        if not isinstance(self.sync_bucket_mb, (int, float)) or not self.sync_bucket_mb > 0:
+            fail("sync_bucket_mb", "must be a positive number", self.sync_bucket_mb)

