@@ -1,8 +1,8 @@
 """Backward: dL/dz for chunks of active tokens, formed in registers, then the two gradient GEMMs.
 
-For each chunk of active tokens (masked, clipped and zero-advantage tokens were compacted away),
-`_grad_logits_kernel` recomputes the logit tiles from hidden and weight with fp32 accumulation
-(or reads the forward's kept bf16 logits), forms
+For a chunk of active tokens (masked, clipped and zero-advantage tokens were compacted away),
+`_grad_logits_kernel` takes each logit tile (recomputed from hidden and weight with fp32
+accumulation, or read from the chunk of logits the forward's GEMM wrote), forms
 
     dL/dz = g (e_y - p) + c_ent p (z - E_p[z]),   scaled by 1 / temperature,
 
@@ -13,22 +13,24 @@ chunk's tokens (dz^T @ h), accumulated across chunks. No [T, V] buffer and no at
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
 from .forward import dot_precision
-from .utils import shape_bucket, tile_configs
+from .utils import logit_tile, shape_bucket, tile_configs
 
 
-@triton.autotune(configs=tile_configs("backward"), key=["V_BUCKET", "H_BUCKET"])
+@triton.autotune(configs=tile_configs("backward"), key=["V_BUCKET", "H_BUCKET", "FROM_LOGITS"])
 @triton.jit
 def _grad_logits_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, rows_ptr, kept_rows_ptr, kept_logits_ptr, targets_ptr,
+    hidden_ptr, weight_ptr, bias_ptr, rows_ptr, logit_rows_ptr, logits_ptr, targets_ptr,
     lse_ptr, coef_ptr, entropy_weight_ptr, expected_logit_ptr, grad_logits_ptr,
-    C, V, HD, stride_hidden, stride_weight, inv_temperature,
+    C, V, HD, stride_hidden, stride_weight, stride_logits, inv_temperature,
     V_BUCKET, H_BUCKET,
-    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, FROM_KEPT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, FROM_LOGITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -38,26 +40,13 @@ def _grad_logits_kernel(
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     t_mask = offs_t < C
     v_mask = offs_v < V
-    tile_mask = t_mask[:, None] & v_mask[None, :]
 
-    if FROM_KEPT:
-        kept_rows = tl.load(kept_rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
-        logits = tl.load(kept_logits_ptr + kept_rows[:, None] * V + offs_v[None, :],
-                         mask=tile_mask, other=0.0).to(tl.float32)
-    else:
-        rows = tl.load(rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
-        acc = tl.zeros((BLOCK_T, BLOCK_V), tl.float32)
-        for k0 in range(0, HD, BLOCK_H):
-            offs_k = k0 + tl.arange(0, BLOCK_H)
-            k_mask = offs_k < HD
-            h = tl.load(hidden_ptr + rows[:, None] * stride_hidden + offs_k[None, :],
-                        mask=t_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(weight_ptr + offs_v[:, None].to(tl.int64) * stride_weight + offs_k[None, :],
-                        mask=v_mask[:, None] & k_mask[None, :], other=0.0)
-            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
-        logits = acc * inv_temperature
+    rows = tl.load(rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
+    logit_rows = tl.load(logit_rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
+    logits = logit_tile(hidden_ptr, weight_ptr, bias_ptr, logits_ptr, rows, logit_rows, offs_v,
+                        t_mask, v_mask, HD, stride_hidden, stride_weight, stride_logits,
+                        inv_temperature, HAS_BIAS, FROM_LOGITS, DOT_PRECISION,
+                        BLOCK_T, BLOCK_V, BLOCK_H)
 
     lse = tl.load(lse_ptr + offs_t, mask=t_mask, other=0.0)
     coef = tl.load(coef_ptr + offs_t, mask=t_mask, other=0.0)
@@ -72,24 +61,30 @@ def _grad_logits_kernel(
     grad += tl.where(offs_v[None, :] == targets[:, None], coef[:, None], 0.0)
     grad = grad * inv_temperature
     out = grad_logits_ptr + offs_t[:, None].to(tl.int64) * V + offs_v[None, :]
-    tl.store(out, grad.to(grad_logits_ptr.dtype.element_ty), mask=tile_mask)
+    tl.store(out, grad.to(grad_logits_ptr.dtype.element_ty), mask=t_mask[:, None] & v_mask[None, :])
 
 
-def grad_logits(hidden, weight, bias, rows, kept_rows, kept_logits, targets, lse, coef,
-                entropy_weight, expected_logit, temperature: float, out: torch.Tensor) -> torch.Tensor:
-    """Fill `out` [C, V] with dL/dz for C active tokens (rows of `hidden`, or of `kept_logits`)."""
+def grad_logits(hidden, weight, bias, rows, targets, lse, coef, entropy_weight, expected_logit,
+                temperature: float, out: torch.Tensor, logits: Optional[torch.Tensor] = None,
+                logit_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Fill `out` [C, V] with dL/dz for C active tokens.
+
+    Token i is row rows[i] of `hidden`; with `logits` given (raw h W^T from the forward's GEMM),
+    its logits are row logit_rows[i] of that buffer instead of being recomputed.
+    """
     C, V, HD = out.shape[0], weight.shape[0], weight.shape[1]
     with_entropy = entropy_weight is not None
     grid = lambda meta: (triton.cdiv(C, meta["BLOCK_T"]), triton.cdiv(V, meta["BLOCK_V"]))  # noqa: E731
     _grad_logits_kernel[grid](
         hidden, weight, bias if bias is not None else weight, rows,
-        kept_rows if kept_rows is not None else rows,
-        kept_logits if kept_logits is not None else out, targets,
+        logit_rows if logit_rows is not None else rows,
+        logits if logits is not None else out, targets,
         lse, coef, entropy_weight if with_entropy else coef,
         expected_logit if with_entropy else coef, out,
-        C, V, HD, hidden.stride(0), weight.stride(0), 1.0 / temperature,
+        C, V, HD, hidden.stride(0), weight.stride(0),
+        logits.stride(0) if logits is not None else 0, 1.0 / temperature,
         shape_bucket(V), shape_bucket(HD),
-        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, FROM_KEPT=kept_logits is not None,
+        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, FROM_LOGITS=logits is not None,
         DOT_PRECISION=dot_precision(hidden.dtype))
     return out
 

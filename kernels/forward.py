@@ -1,33 +1,38 @@
-"""Forward kernel: per-token logsumexp, target logit and (optionally) E_p[z], never storing logits.
+"""Forward kernel: per-token logsumexp, target logit and (optionally) E_p[z].
 
-Grid: token tiles x vocabulary splits. Each program multiplies hidden and weight tiles in SRAM
-with fp32 accumulation and keeps an online max, sum of exponentials and sum of p*z for its token
-tile over its share of the vocabulary; `merge_splits` combines the splits.
+Grid: vocabulary splits x token tiles, the split index varying fastest, so the programs that run
+at the same time share a few hidden tiles and walk the weight together (both stay in L2). Each
+program forms logit tiles in SRAM (`logit_tile`: hidden x weight tiles with fp32 accumulation, or
+read from a chunk of logits a GEMM wrote) and keeps an online max, sum of exponentials and sum of
+p*z for its token tile over its share of the vocabulary; `merge_splits` combines the splits.
+No [T, V] buffer: the logits exist only as tiles.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .utils import num_vocab_splits, shape_bucket, tile_configs
+from .utils import logit_tile, num_vocab_splits, shape_bucket, tile_configs
 
 
-@triton.autotune(configs=tile_configs("forward"), key=["V_BUCKET", "H_BUCKET"])
+@triton.autotune(configs=tile_configs("forward"), key=["V_BUCKET", "H_BUCKET", "FROM_LOGITS"])
 @triton.jit
 def _forward_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, rows_ptr, targets_ptr,
-    max_ptr, sum_ptr, sum_pz_ptr, target_logit_ptr, logits_ptr,
-    N, V, HD, stride_hidden, stride_weight, inv_temperature,
+    hidden_ptr, weight_ptr, bias_ptr, rows_ptr, targets_ptr, logits_ptr,
+    max_ptr, sum_ptr, sum_pz_ptr, target_logit_ptr,
+    N, V, HD, stride_hidden, stride_weight, stride_logits, inv_temperature,
     V_BUCKET, H_BUCKET,
-    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, KEEP_LOGITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, FROM_LOGITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    split = tl.program_id(1)
-    num_splits = tl.num_programs(1)
+    split = tl.program_id(0)
+    num_splits = tl.num_programs(0)
+    pid_t = tl.program_id(1)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = offs_t < N
     rows = tl.load(rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
@@ -45,21 +50,10 @@ def _forward_kernel(
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_mask = offs_v < v_end
-        acc = tl.zeros((BLOCK_T, BLOCK_V), tl.float32)
-        for k0 in range(0, HD, BLOCK_H):
-            offs_k = k0 + tl.arange(0, BLOCK_H)
-            k_mask = offs_k < HD
-            h = tl.load(hidden_ptr + rows[:, None] * stride_hidden + offs_k[None, :],
-                        mask=t_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(weight_ptr + offs_v[:, None].to(tl.int64) * stride_weight + offs_k[None, :],
-                        mask=v_mask[:, None] & k_mask[None, :], other=0.0)
-            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
-        logits = acc * inv_temperature
-        if KEEP_LOGITS:
-            out = logits_ptr + offs_t[:, None].to(tl.int64) * V + offs_v[None, :]
-            tl.store(out, logits.to(logits_ptr.dtype.element_ty), mask=t_mask[:, None] & v_mask[None, :])
+        logits = logit_tile(hidden_ptr, weight_ptr, bias_ptr, logits_ptr, rows,
+                            offs_t.to(tl.int64), offs_v, t_mask, v_mask, HD, stride_hidden,
+                            stride_weight, stride_logits, inv_temperature, HAS_BIAS, FROM_LOGITS,
+                            DOT_PRECISION, BLOCK_T, BLOCK_V, BLOCK_H)
         logits = tl.where(v_mask[None, :], logits, float("-inf"))
 
         new_max = tl.maximum(run_max, tl.max(logits, axis=1))
@@ -96,14 +90,11 @@ def merge_splits(run_max, run_sum, run_sum_pz, target_logit):
 
 
 def logsumexp_forward(hidden, weight, bias, rows, targets, temperature: float, with_entropy: bool,
-                      keep_logits: bool = False):
-    """Per loss-token logsumexp, log-prob of the target, E_p[z] (entropy on) and kept logits.
+                      logits: Optional[torch.Tensor] = None):
+    """Per-token logsumexp, log-prob of the target and E_p[z] (entropy on; else None), in fp32.
 
-    Kept logits are stored in the input dtype (bf16 for bf16 inputs), for a backward without
-    recompute.
-
-    `rows` [N] selects rows of `hidden` [T, H]; `targets` [N]. Returns fp32 tensors
-    (lse, logprobs, expected_logit or None, logits [N, V] in hidden's dtype or None).
+    Tokens are rows `rows` [N] of `hidden` [T, H] with `targets` [N]. When `logits` [N, V] (raw
+    h W^T from a GEMM, row i for token i) is given, tiles are read from it instead of multiplied.
     """
     N, V, HD = rows.numel(), weight.shape[0], weight.shape[1]
     device = hidden.device
@@ -111,16 +102,17 @@ def logsumexp_forward(hidden, weight, bias, rows, targets, temperature: float, w
     partial = lambda: torch.empty((splits, N), dtype=torch.float32, device=device)  # noqa: E731
     run_max, run_sum, target_logit = partial(), partial(), partial()
     run_sum_pz = partial() if with_entropy else run_sum
-    logits = torch.empty((N, V), dtype=hidden.dtype, device=device) if keep_logits else run_sum
     if N > 0:
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_T"]), splits)  # noqa: E731
+        grid = lambda meta: (splits, triton.cdiv(N, meta["BLOCK_T"]))  # noqa: E731
         _forward_kernel[grid](
             hidden, weight, bias if bias is not None else weight, rows, targets,
-            run_max, run_sum, run_sum_pz, target_logit, logits,
-            N, V, HD, hidden.stride(0), weight.stride(0), 1.0 / temperature,
+            logits if logits is not None else weight,
+            run_max, run_sum, run_sum_pz, target_logit,
+            N, V, HD, hidden.stride(0), weight.stride(0),
+            logits.stride(0) if logits is not None else 0, 1.0 / temperature,
             shape_bucket(V), shape_bucket(HD),
-            HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, KEEP_LOGITS=keep_logits,
+            HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, FROM_LOGITS=logits is not None,
             DOT_PRECISION=dot_precision(hidden.dtype))
     lse, target, expected = merge_splits(run_max, run_sum, run_sum_pz if with_entropy else None,
                                          target_logit)
-    return lse, target - lse, expected, (logits if keep_logits else None)
+    return lse, target - lse, expected

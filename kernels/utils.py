@@ -6,6 +6,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -22,10 +23,11 @@ def tile_configs(role: str) -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({"BLOCK_T": 16, "BLOCK_V": 32, "BLOCK_H": 16}, num_warps=4)]
     if hopper():
+        # The last one fits fp32 tiles in shared memory, where the larger ones run out.
         return [
             triton.Config({"BLOCK_T": 128, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=8, num_stages=4),
             triton.Config({"BLOCK_T": 128, "BLOCK_V": 256, "BLOCK_H": 64}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_T": 64, "BLOCK_V": 256, "BLOCK_H": 64}, num_warps=8, num_stages=4),
+            triton.Config({"BLOCK_T": 64, "BLOCK_V": 128, "BLOCK_H": 32}, num_warps=4, num_stages=3),
         ]
     return [triton.Config({"BLOCK_T": 64, "BLOCK_V": 128, "BLOCK_H": 32}, num_warps=4, num_stages=3)]
 
@@ -39,6 +41,37 @@ def num_vocab_splits(num_tokens: int, vocab_size: int) -> int:
     """Vocabulary splits for the forward grid, so that small token counts still fill the GPU."""
     if INTERPRET or not torch.cuda.is_available():
         return max(1, min(3, triton.cdiv(vocab_size, 64)))
+    # About 4k vocabulary entries per split keeps each program's loop long and its partials few;
+    # more splits when there are too few token tiles to fill the GPU.
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     token_tiles = triton.cdiv(max(num_tokens, 1), 128)
-    return max(1, min(triton.cdiv(2 * sms, token_tiles), triton.cdiv(vocab_size, 2048)))
+    splits = max(triton.cdiv(vocab_size, 4096), triton.cdiv(2 * sms, token_tiles))
+    return max(1, min(splits, triton.cdiv(vocab_size, 512)))
+
+
+@triton.jit
+def logit_tile(hidden_ptr, weight_ptr, bias_ptr, logits_ptr, rows, logit_rows, offs_v, t_mask, v_mask,
+               HD, stride_hidden, stride_weight, stride_logits, inv_temperature,
+               HAS_BIAS: tl.constexpr, FROM_LOGITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """A [BLOCK_T, BLOCK_V] tile of z = (h W^T + b) / temperature in fp32.
+
+    Either multiplied here from hidden and weight tiles (fp32 accumulation), or read from a buffer
+    of raw h W^T (`logits_ptr`, rows `logit_rows`) that a GEMM filled.
+    """
+    if FROM_LOGITS:
+        raw = tl.load(logits_ptr + logit_rows[:, None] * stride_logits + offs_v[None, :],
+                      mask=t_mask[:, None] & v_mask[None, :], other=0.0).to(tl.float32)
+    else:
+        raw = tl.zeros((BLOCK_T, BLOCK_V), tl.float32)
+        for k0 in range(0, HD, BLOCK_H):
+            offs_k = k0 + tl.arange(0, BLOCK_H)
+            k_mask = offs_k < HD
+            h = tl.load(hidden_ptr + rows[:, None] * stride_hidden + offs_k[None, :],
+                        mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(weight_ptr + offs_v[:, None].to(tl.int64) * stride_weight + offs_k[None, :],
+                        mask=v_mask[:, None] & k_mask[None, :], other=0.0)
+            raw = tl.dot(h, tl.trans(w), raw, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        raw += tl.load(bias_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+    return raw * inv_temperature

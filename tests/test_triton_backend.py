@@ -15,14 +15,15 @@ from hypothesis import strategies as st
 
 from helpers import assert_close, random_batch, run_loss
 from luffy_fast import LuffyLossConfig, token_logprobs
-from luffy_fast.ops import default_backend, prepare_inputs
+from luffy_fast.ops import default_backend
 from test_op_backends import SETTINGS, compare_backends, loss_case
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
     reason="needs CUDA or TRITON_INTERPRET=1 (tests/conftest.py sets it)")
 
-KEEP, RECOMPUTE = 64.0, 0.002  # MiB: logits kept for the backward / recomputed in 16-token chunks
+# MiB: logits kept (one chunk), kept in chunks of ~50 tokens, recomputed in 16-token chunks.
+KEEP, KEEP_CHUNKED, RECOMPUTE = 64.0, 0.05, 0.002
 
 
 def small_case():
@@ -32,13 +33,13 @@ def small_case():
 
 
 @settings(max_examples=60, **SETTINGS)
-@given(case=small_case(), budget=st.sampled_from([KEEP, RECOMPUTE]))
+@given(case=small_case(), budget=st.sampled_from([KEEP, KEEP_CHUNKED, RECOMPUTE]))
 def test_triton_matches_reference_float32(case, budget):
     batch, config, _ = case
     compare_backends(batch, config.replace(memory_budget_mb=budget), torch.float32, "triton")
 
 
-@pytest.mark.parametrize("budget", [KEEP, RECOMPUTE])
+@pytest.mark.parametrize("budget", [KEEP, KEEP_CHUNKED, RECOMPUTE])
 @pytest.mark.parametrize("config", [
     LuffyLossConfig.luffy(max_len=80),
     LuffyLossConfig.grpo(dual_clip=3.0),
@@ -60,16 +61,18 @@ def test_triton_empty_work(scenario):
     assert all(float(g.abs().max()) == 0.0 for g in grads.values())
 
 
-def test_budget_selects_kept_logits_or_recompute():
-    from luffy_fast.kernels.function import _forward
+def test_budget_selects_the_strategy():
+    from luffy_fast.kernels.function import plan
 
-    batch = random_batch(30, 8, 40)
-    for budget, kept in ((KEEP, True), (RECOMPUTE, False)):
-        inputs = prepare_inputs(batch["hidden"], batch["weight"], batch["targets"],
-                                batch["advantages"], batch["loss_mask"], batch["off_policy_mask"],
-                                None, LuffyLossConfig(memory_budget_mb=budget), None, None)
-        _, _, state = _forward(inputs, inputs.hidden, inputs.weight, needs_grad=True)
-        assert (state.kept is not None) == kept
+    config = LuffyLossConfig
+    cpu = torch.device("cpu")
+    assert plan(config(memory_budget_mb=KEEP), cpu, 100, 130, 4) == ("kept", 100)
+    strategy, rows = plan(config(memory_budget_mb=KEEP_CHUNKED), cpu, 100, 130, 4)
+    assert strategy == "kept" and 16 <= rows < 100
+    assert plan(config(memory_budget_mb=RECOMPUTE), cpu, 100, 130, 4) == ("recompute", 16)
+    # An H100-sized problem under the default budget keeps ~1100-token chunks of logits.
+    strategy, rows = plan(config(), torch.device("cuda"), 8192, 151936, 2)
+    assert strategy == "kept" and 1000 < rows < 1300
 
 
 @pytest.mark.parametrize("with_entropy", [False, True])
