@@ -7,7 +7,7 @@ import torch
 
 from luffy_fast import LuffyLossConfig, fused_luffy_loss
 from luffy_fast.loss_math import normalization, policy_loss
-from luffy_fast.rollout.correction import rollout_correction, weight_advantages
+from luffy_fast.rollout.correction import behaviour_logprobs, rollout_correction, weight_advantages
 
 
 def test_gap_metrics_and_truncated_weights():
@@ -86,3 +86,16 @@ def test_weight_advantages_checks_token_counts():
     with pytest.raises(ValueError, match="sequence 0"):
         weight_advantages(torch.ones(3), torch.ones(3, dtype=torch.bool), torch.zeros(3, dtype=torch.long),
                           [0], [torch.ones(2)])
+
+
+def test_behaviour_logprobs_follow_the_batch_layout():
+    from luffy_fast.rollout.base import Completion
+
+    completions = [[Completion([5, 1], [-0.1, -0.2]), Completion([6], [-0.3])],
+                   [Completion([7], [-0.4]), Completion([8, 1], [-0.5, -0.6])]]
+    off_policy = [False, False, True, False, False, True]
+    group_ids = [0, 0, 0, 1, 1, 1]
+    result = behaviour_logprobs(off_policy, group_ids, completions)
+    assert result[2] is None and result[5] is None
+    torch.testing.assert_close(result[0], torch.tensor([-0.1, -0.2]))
+    torch.testing.assert_close(result[4], torch.tensor([-0.5, -0.6]))

@@ -22,6 +22,28 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from luffy_fast.rollout.base import Completion
+
+
+def behaviour_logprobs(off_policy: Sequence[bool], group_ids: Sequence[int],
+                       completions: Sequence[Sequence[Completion]]) -> list[Optional[Tensor]]:
+    """The engine's log-probs of every member of a rollout batch, None for off-policy traces.
+
+    Members are in batch order: each group's completions in order, then its traces (the layout
+    of luffy_fast.trainer.assemble_groups).
+    """
+    taken = [0] * len(completions)
+    result: list[Optional[Tensor]] = []
+    for is_trace, group in zip(off_policy, group_ids):
+        group = int(group)
+        if bool(is_trace):
+            result.append(None)
+            continue
+        completion = completions[group][taken[group]]
+        taken[group] += 1
+        result.append(torch.tensor(completion.logprobs, dtype=torch.float32))
+    return result
+
 
 def rollout_correction(behaviour_logprobs: Sequence[Optional[Tensor]],
                        trainer_logprobs: Sequence[Optional[Tensor]],

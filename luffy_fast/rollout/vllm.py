@@ -100,8 +100,10 @@ class VLLMRolloutEngine(RolloutEngine):
     Every sampled token comes with its log-prob under the distribution actually sampled from
     (`logprobs_mode="processed_logprobs"`: after temperature and top-p), as in training.
 
-    `last_timings` holds the seconds of the latest generate / sync / sleep / wake and the
-    generation throughput; the trainer merges it into its per-step metrics.
+    `last_timings` (merged by the trainer into its per-step metrics) holds the latest
+    generate_seconds, generated_tokens, generate_tokens_per_second, sync_seconds and, with sleep
+    mode, sleep_seconds, wake_weights_seconds and wake_kv_cache_seconds; `start_seconds` is the
+    engine's start-up time.
     """
 
     def __init__(self, model_path: str | Path, config: Optional[VLLMConfig] = None,
@@ -123,7 +125,7 @@ class VLLMRolloutEngine(RolloutEngine):
         self._check_model_dir()
         self.in_process = config.tensor_parallel_size == 1
         self.last_timings: dict[str, float] = {}
-        self._asleep = False
+        self._sleeping: set[str] = set()  # vLLM memory tags released by sleep()
         self._weights_discarded = False  # level-2 sleep: weights are garbage until a full sync
         self._llm = None
         self._owns_process_group = False
@@ -202,7 +204,7 @@ class VLLMRolloutEngine(RolloutEngine):
         finally:
             torch.set_num_threads = set_threads
             torch.set_num_threads(threads)
-        self.last_timings["engine_start_seconds"] = time.perf_counter() - start
+        self.start_seconds = time.perf_counter() - start
         return llm
 
     def _explain(self, error: Exception) -> str:
@@ -229,7 +231,7 @@ class VLLMRolloutEngine(RolloutEngine):
 
         requests = [{"prompt_token_ids": list(p)} for p in prompts]
         settings = [VLLMSamplingParams(
-            n=n, temperature=params.temperature, top_p=params.top_p, top_k=0,
+            n=n, temperature=params.temperature, top_p=params.top_p,
             max_tokens=params.max_new_tokens, logprobs=0, detokenize=False,
             seed=None if params.seed is None else params.seed + i * _PROMPT_SEED_STRIDE)
             for i in range(len(prompts))]
@@ -267,11 +269,9 @@ class VLLMRolloutEngine(RolloutEngine):
 
         After a level-2 sleep every parameter must be sent (the engine's copy was discarded).
         """
-        wake = 0.0
-        if self._asleep:
-            start = time.perf_counter()
-            self._llm.wake_up(tags=["weights"])  # KV cache stays released until generation
-            wake = time.perf_counter() - start
+        if self._llm is None:
+            raise RuntimeError("the vLLM engine is closed")
+        wake = self._wake({"weights"})  # the KV cache stays released until generation
         start = time.perf_counter()
         cap = self.config.sync_bucket_mb * 2**20
         batch: list[tuple[str, torch.Tensor]] = []
@@ -294,7 +294,9 @@ class VLLMRolloutEngine(RolloutEngine):
                     "parameter")
             self._weights_discarded = False
         self._llm.reset_prefix_cache()  # its KV was computed with the old weights
-        self.last_timings.update(sync_seconds=time.perf_counter() - start, wake_seconds=wake)
+        self.last_timings["sync_seconds"] = time.perf_counter() - start
+        if self.sleep_level:
+            self.last_timings["wake_weights_seconds"] = wake
 
     def _load(self, batch: list[tuple[str, torch.Tensor]]) -> set[str]:
         ipc = not self.in_process
@@ -320,11 +322,11 @@ class VLLMRolloutEngine(RolloutEngine):
         Level 1 offloads the weights to host memory, level 2 discards them (the next
         `sync_weights` must send every parameter); both drop the KV cache.
         """
-        if not self.sleep_level or self._asleep:
+        if not self.sleep_level or self._sleeping:
             return
         start = time.perf_counter()
         self._llm.sleep(level=self.sleep_level)
-        self._asleep = True
+        self._sleeping = {"weights", "kv_cache"}
         self._weights_discarded = self.sleep_level == 2
         self.last_timings["sleep_seconds"] = time.perf_counter() - start
 
@@ -334,12 +336,18 @@ class VLLMRolloutEngine(RolloutEngine):
         if self._weights_discarded:
             raise RuntimeError("the vLLM engine slept at level 2, which discards its weights: "
                                "call sync_weights before generating")
-        if self._asleep:
-            start = time.perf_counter()
-            self._llm.wake_up()  # what is still asleep (the KV cache, or everything)
-            self._asleep = False
-            self.last_timings["wake_seconds"] = (self.last_timings.get("wake_seconds", 0.0)
-                                                 + time.perf_counter() - start)
+        if self._sleeping:  # normally only the KV cache: sync_weights woke the weights
+            self.last_timings["wake_kv_cache_seconds"] = self._wake(set(self._sleeping))
+
+    def _wake(self, tags: set[str]) -> float:
+        """Wake the sleeping part of `tags` (each tag is woken once); returns the seconds."""
+        tags = tags & self._sleeping
+        if not tags:
+            return 0.0
+        start = time.perf_counter()
+        self._llm.wake_up(tags=sorted(tags))
+        self._sleeping -= tags
+        return time.perf_counter() - start
 
     # ------------------------------------------------------------------ shutdown
 
