@@ -345,7 +345,7 @@ def ensure_writable_dir(path: str | Path, key: str = "output.dir") -> Path:
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:
-        raise ConfigError(f"{key}: output directory {str(path)!r} is not writable "
+        raise ConfigError(f"{key}: {str(path)!r} is not writable "
                           f"({error.strerror or error})") from None
     return path
 
@@ -457,6 +457,8 @@ class LuffyTrainer:
         self.output_dir = ensure_writable_dir(config.output.dir)
         self.device = device or (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
                                  if torch.cuda.is_available() else torch.device("cpu"))
+        if self.device.type == "cpu" and config.train.cpu_threads:
+            torch.set_num_threads(config.train.cpu_threads)
         bf16 = config.model.precision == "bf16" or (config.model.precision == "auto"
                                                      and self.device.type == "cuda")
         (self.tokenizer, policy, self.train_samples, self.heldout_samples,

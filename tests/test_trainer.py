@@ -11,8 +11,15 @@ from luffy_fast import LuffyLossConfig, group_advantages
 from luffy_fast.data import Sample
 from luffy_fast.rollout import Completion
 from luffy_fast.train_config import load_config
-from luffy_fast.trainer import (IGNORE_INDEX, LuffyTrainer, assemble_groups, loss_denominator,
-                                pack_micro_batch, plan_micro_batches, read_metrics)
+from luffy_fast.trainer import (
+    IGNORE_INDEX,
+    LuffyTrainer,
+    assemble_groups,
+    loss_denominator,
+    pack_micro_batch,
+    plan_micro_batches,
+    read_metrics,
+)
 
 TINY = [
     "model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=2",

@@ -34,7 +34,7 @@ DEMO_CONFIG: dict = {
     "optim": {"lr": 2e-3, "weight_decay": 0.0, "betas": [0.9, 0.99], "grad_clip": 1.0,
               "warmup_steps": 10, "schedule": "constant"},
     "train": {"steps": 300, "prompts_per_step": 32, "mini_batch_size": 32,
-              "token_budget": 4096, "zero_stage": 0, "seed": 0},
+              "token_budget": 4096, "zero_stage": 0, "seed": 0, "cpu_threads": 1},
     "eval": {"every": 20, "num_problems": 200, "temperature": 0.0},
     "output": {"save_every": 100, "keep_checkpoints": 1},
 }

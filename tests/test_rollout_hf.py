@@ -1,0 +1,66 @@
+"""The transformers `generate` rollout engine against the policy's own log-softmax."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from luffy_fast.rollout import HFGenerateEngine, SamplingParams
+from luffy_fast.toy.model import TinyQwen2Config, build_policy, build_tokenizer
+
+SHAPE = TinyQwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    tokenizer = build_tokenizer(3)
+    policy = build_policy(tokenizer, SHAPE, seed=0)
+    return HFGenerateEngine(policy, tokenizer.pad_token_id, tokenizer.eos_token_id,
+                            max_batch_size=5)
+
+
+def oracle_logprobs(model, prompt, response, temperature):
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1:-1].float() / temperature
+    return logits.log_softmax(-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+
+
+def test_behaviour_logprobs_match_the_policy(engine):
+    prompts = [[2, 3, 4, 12], [5, 12], [6, 7, 8, 9, 12]]  # different lengths: left padding
+    out = engine.generate(prompts, n=4, params=SamplingParams(10, temperature=0.7, seed=1))
+    assert [len(group) for group in out] == [4, 4, 4]
+    for prompt, group in zip(prompts, out):
+        for completion in group:
+            assert 1 <= len(completion.token_ids) <= 10
+            assert completion.finished == (completion.token_ids[-1] == engine.eos_token_id)
+            assert engine.eos_token_id not in completion.token_ids[:-1]
+            expected = oracle_logprobs(engine.model, prompt, completion.token_ids, 0.7)
+            torch.testing.assert_close(torch.tensor(completion.logprobs), expected,
+                                       atol=1e-4, rtol=1e-4)
+
+
+def test_seeded_calls_repeat_and_greedy_is_argmax(engine):
+    params = SamplingParams(8, temperature=1.0, seed=5)
+    first = engine.generate([[2, 3, 12]], n=6, params=params)
+    again = engine.generate([[2, 3, 12]], n=6, params=params)
+    assert [c.token_ids for c in first[0]] == [c.token_ids for c in again[0]]
+    greedy = engine.generate([[2, 3, 12]], n=2, params=SamplingParams(6, temperature=0.0))[0]
+    assert greedy[0].token_ids == greedy[1].token_ids
+    ids = [2, 3, 12]
+    for token in greedy[0].token_ids:
+        with torch.no_grad():
+            assert token == int(engine.model(torch.tensor([ids])).logits[0, -1].argmax())
+        ids.append(token)
+
+
+def test_sync_weights_copies_tensors_and_rejects_unknown_names(engine):
+    other = build_policy(build_tokenizer(3), SHAPE, seed=1)
+    engine.sync_weights(other.named_parameters())
+    for name, value in other.named_parameters():
+        torch.testing.assert_close(dict(engine.model.named_parameters())[name], value)
+    with pytest.raises(KeyError, match="no parameter 'nope'"):
+        engine.sync_weights([("nope", torch.zeros(1))])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingParams(0)

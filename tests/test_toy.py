@@ -1,0 +1,113 @@
+"""The embedded demo: task, tokenizer, reward, the demo's config and outputs, CLI errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from test_trainer import TINY
+
+from luffy_fast.cli import main
+from luffy_fast.data import toy_samples
+from luffy_fast.rewards import ToyReverseReward
+from luffy_fast.toy.demo import DEMO_CONFIG, demo_config, run_demo
+from luffy_fast.toy.model import build_tokenizer
+from luffy_fast.toy.task import (
+    chance_of_random_answer,
+    extract_answer,
+    is_heldout,
+    make_problem,
+    sample_problems,
+    vocabulary,
+)
+from luffy_fast.train_config import ConfigError, config_from_dict, load_config
+
+
+def test_problem_trace_and_answer():
+    problem = make_problem("38146")
+    assert problem.prompt == "3 8 1 4 6 >"
+    assert problem.answer == "64183"
+    assert problem.trace == "a 3 b 8 c 1 d 4 e 6 | e 6 d 4 c 1 b 8 a 3 = 6 4 1 8 3 <eos>"
+    assert extract_answer(problem.trace) == "64183"
+    assert extract_answer("= 6 4 1 8 3") is None  # no <eos>: unfinished
+    assert extract_answer("6 4 1 8 3 <eos>") is None  # no answer mark
+    assert extract_answer("= 1 = 6 4 1 8 3 <eos> = 9") == "64183"
+
+
+def test_tokenizer_round_trip_and_reward():
+    tokenizer = build_tokenizer(5)
+    assert tokenizer.convert_ids_to_tokens([0, 1]) == ["<pad>", "<eos>"]
+    assert len(tokenizer) == len(vocabulary(5)) == 20
+    sample = toy_samples([make_problem("38146")], tokenizer)[0]
+    assert tokenizer.decode(sample.traces[0]) == make_problem("38146").trace
+    assert sample.traces[0][-1] == tokenizer.eos_token_id
+    reward = ToyReverseReward()
+    assert reward(tokenizer.decode(sample.traces[0]), sample) == 1.0
+    assert reward("= 6 4 1 8 4 <eos>", sample) == 0.0
+
+
+def test_untrained_policy_is_almost_never_right():
+    # "=", five digits and <eos> in a row from a 20-token vocabulary
+    assert chance_of_random_answer(5) == pytest.approx(20.0 ** -7)
+    assert chance_of_random_answer(5) < 1e-3
+
+
+def test_heldout_problems_never_appear_in_training():
+    train = sample_problems(3000, 5, "train", seed=0)
+    heldout = sample_problems(200, 5, "heldout", seed=0)
+    assert len({p.digits for p in train}) == 3000
+    assert not {p.digits for p in train} & {p.digits for p in heldout}
+    assert all(is_heldout(p.digits, 0.1) for p in heldout)
+    assert not any(is_heldout(p.digits, 0.1) for p in train)
+    with pytest.raises(ValueError, match="only about"):
+        sample_problems(600, 2, "heldout", seed=0)
+
+
+def test_demo_yaml_matches_the_demo_defaults():
+    from_yaml = load_config("configs/demo_luffy.yaml", ["output.dir=x"])
+    built = demo_config("luffy", "x")
+    built.output.dir = "x"
+    assert from_yaml.to_dict() == built.to_dict()
+    grpo = demo_config("grpo", "x")
+    assert (grpo.rollout.n_on, grpo.rollout.n_off, grpo.loss.clip_on_policy) == (4, 0, True)
+    assert grpo.train == built.train  # same seed, steps, prompts per step
+    assert config_from_dict(DEMO_CONFIG).loss.shaping is True
+
+
+def test_demo_end_to_end_writes_summary_and_plot(tmp_path):
+    tiny = [o for o in TINY if not o.startswith(("output.", "eval.every", "rollout."))]
+    summary = run_demo(tmp_path, runs=("luffy", "grpo"),
+                       overrides=[*tiny, "train.steps=2", "eval.every=1", "train.cpu_threads=0"])
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == summary
+    assert set(summary["runs"]) == {"luffy", "grpo"}
+    for row in summary["runs"].values():
+        assert set(row) == {"heldout_accuracy", "steps", "seconds"}
+        assert row["steps"] == 2 and 0.0 <= row["heldout_accuracy"] <= 1.0 and row["seconds"] > 0
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+    for run in ("luffy", "grpo"):
+        assert (tmp_path / run / "metrics.jsonl").exists()
+        assert (tmp_path / run / "checkpoints" / "latest").exists()
+    # GRPO's groups are all wrong: zero advantages everywhere, and no traces
+    grpo = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").open()]
+    assert all(r["zero_advantage_fraction"] == 1.0 and r["reward_off_policy"] == 0.0
+               for r in grpo if "loss" in r)
+
+
+def test_unwritable_demo_output_dir_is_a_clear_error(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="demo output directory: .* is not writable"):
+        run_demo(blocker / "demo")
+    assert main(["demo", "--output-dir", str(blocker / "demo")]) == 2
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"optim": {"learning_rate": 1e-3}}))
+    assert main(["train", "--config", str(config)]) == 2
+    assert "optim.learning_rate: unknown key" in capsys.readouterr().err
+    assert main(["demo", "--runs", "luffy,ppo", "--output-dir", str(tmp_path / "d")]) == 2
+    assert "demo run 'ppo'" in capsys.readouterr().err

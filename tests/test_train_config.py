@@ -1,0 +1,66 @@
+"""The trainer's config tree: YAML + dotted overrides, and errors that name the bad key."""
+
+from __future__ import annotations
+
+import pytest
+
+from luffy_fast.config import LuffyLossConfig
+from luffy_fast.train_config import ConfigError, LuffyTrainConfig, config_from_dict, load_config
+
+
+def test_defaults_are_the_luffy_reference_loss():
+    config = load_config()
+    assert isinstance(config, LuffyTrainConfig)
+    assert config.loss == LuffyLossConfig.luffy(max_len=config.data.max_response_length)
+    assert (config.rollout.n_on, config.rollout.n_off) == (7, 1)
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: 1e-3\n  betas: [0.9, 0.95]\nloss:\n  gamma: 0.2\n"
+                    "data:\n  max_response_length: 64\n")
+    config = load_config(path, ["optim.lr=5e-4", "loss.shaping=false", "train.zero_stage=3",
+                                "rollout.n_on=4"])
+    assert config.optim.lr == 5e-4  # the override wins; "1e-3" (YAML 1.1 string) is a number
+    assert config.optim.betas == (0.9, 0.95)
+    assert config.loss.gamma == 0.2 and config.loss.shaping is False
+    assert config.loss.max_len == 64  # constant normalizer: max_len follows the response length
+    assert config.train.zero_stage == 3 and config.rollout.n_on == 4
+    assert config_from_dict(config.to_dict()) == config  # round trip
+
+
+@pytest.mark.parametrize("override, message", [
+    (["optim.lrr=1"], "optim.lrr: unknown key"),
+    (["nonsense.key=1"], "nonsense: unknown key"),
+    (["loss.gama=0.1"], "loss.gama: unknown key"),
+    (["optim.lr=fast"], "optim.lr: expected a number"),
+    (["optim.lr=-1"], "optim.lr: must be a number > 0"),
+    (["train.steps=1.5"], "train.steps: expected an integer"),
+    (["train.zero_stage=4"], "train.zero_stage: must be one of"),
+    (["train.mini_batch_size=3"], "train.mini_batch_size: must divide train.prompts_per_step"),
+    (["rollout.n_on=0", "rollout.n_off=1"], "rollout.n_on: a group needs at least two members"),
+    (["rollout.top_p=1.5"], "rollout.top_p"),
+    (["loss.gamma=0"], "gamma"),
+    (["loss.normalizer=mean"], "normalizer"),
+    (["optim.betas=[0.9]"], "optim.betas"),
+    (["loss.shaping=maybe"], "loss.shaping: expected true or false"),
+    (["model.precision=fp8"], "model.precision"),
+    (["data.source=/no/such/file.jsonl"], "data.source: no such file"),
+    (["optim"], "expected dotted.key=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        load_config(None, override)
+
+
+def test_missing_or_broken_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("optim: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(listed)
