@@ -99,3 +99,14 @@ def test_behaviour_logprobs_follow_the_batch_layout():
     assert result[2] is None and result[5] is None
     torch.testing.assert_close(result[0], torch.tensor([-0.1, -0.2]))
     torch.testing.assert_close(result[4], torch.tensor([-0.5, -0.6]))
+
+
+def test_request_seeds_never_replay_another_prompt_or_step():
+    from luffy_fast.rollout.vllm import request_seed
+
+    n = 8  # vLLM seeds a request's samples seed, seed + 1, ..., seed + n - 1
+    streams = [range(request_seed(step, i), request_seed(step, i) + n)
+               for step in range(50) for i in range(32)]
+    starts = sorted(s.start for s in streams)
+    assert all(b - a >= n for a, b in zip(starts, starts[1:]))
+    assert request_seed(3, 1) == request_seed(3, 1)

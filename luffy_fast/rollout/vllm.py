@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import hashlib
 import os
 import time
 import weakref
@@ -35,10 +36,6 @@ import torch
 from luffy_fast.rollout.base import Completion, RolloutEngine, SamplingParams
 from luffy_fast.rollout.vllm_config import VLLMConfig
 from luffy_fast.rollout.weights import engine_weight_name
-
-# Seeds of different prompts in one call are spread this far apart (vLLM gives the n samples of
-# one request seeds seed, seed + 1, ..., so neighbouring prompts must not overlap).
-_PROMPT_SEED_STRIDE = 1_000_003
 
 
 class VLLMStartupError(RuntimeError):
@@ -233,7 +230,7 @@ class VLLMRolloutEngine(RolloutEngine):
         settings = [VLLMSamplingParams(
             n=n, temperature=params.temperature, top_p=params.top_p,
             max_tokens=params.max_new_tokens, logprobs=0, detokenize=False,
-            seed=None if params.seed is None else params.seed + i * _PROMPT_SEED_STRIDE)
+            seed=None if params.seed is None else request_seed(params.seed, i))
             for i in range(len(prompts))]
         start = time.perf_counter()
         outputs = self._llm.generate(requests, settings, use_tqdm=False)
@@ -364,6 +361,17 @@ class VLLMRolloutEngine(RolloutEngine):
             _destroy_vllm_process_groups(world=self._owns_process_group)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+
+def request_seed(seed: int, prompt_index: int) -> int:
+    """The seed of one prompt's request: a hash of (call seed, prompt index).
+
+    vLLM seeds the n samples of a request with seed, seed + 1, ..., so seeds built by addition
+    (seed + index) would replay one prompt's random stream for another prompt, or for the next
+    step's call (the trainer passes seed + step); hashed seeds overlap only by chance (2**-62).
+    """
+    digest = hashlib.blake2b(f"{seed}:{prompt_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
 
 
 def _completion(sample: Any) -> Completion:
