@@ -21,6 +21,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from luffy_fast.config import LuffyLossConfig
+from luffy_fast.rollout.vllm_config import VLLMConfig
 
 
 class ConfigError(ValueError):
@@ -107,15 +108,17 @@ class DataConfig:
 class RolloutConfig:
     """Group composition and sampling: n_on policy samples plus n_off traces per prompt."""
 
-    engine: str = "hf"
+    engine: str = "hf"  # "hf" (transformers generate) or "vllm"
     n_on: int = 7
     n_off: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
-    max_batch_size: int = 256  # sequences per generate call
+    max_batch_size: int = 256  # hf engine: sequences per generate call
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
     def validate(self) -> None:
-        _choice("rollout", "engine", self.engine, ("hf",))
+        _choice("rollout", "engine", self.engine, ("hf", "vllm"))
+        self.vllm.validate()
         _positive_int("rollout", "n_on", self.n_on, minimum=0)
         _positive_int("rollout", "n_off", self.n_off, minimum=0)
         if self.n_on + self.n_off < 2:

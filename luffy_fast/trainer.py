@@ -19,7 +19,6 @@ that owns the weight, so that ZeRO-3 gathers it for the call.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
@@ -40,7 +39,9 @@ from luffy_fast import fused_luffy_loss, group_advantages, token_logprobs
 from luffy_fast.config import LuffyLossConfig
 from luffy_fast.data import Sample, load_jsonl_samples, toy_samples
 from luffy_fast.rewards import MathVerifyReward, RewardFunction, ToyReverseReward
-from luffy_fast.rollout import Completion, HFGenerateEngine, RolloutEngine, SamplingParams
+from luffy_fast.rollout import Completion, RolloutEngine, SamplingParams
+from luffy_fast.rollout.factory import build_rollout_engine
+from luffy_fast.rollout.weights import gathered_named_parameters
 from luffy_fast.train_config import ConfigError, LuffyTrainConfig
 
 IGNORE_INDEX = -100
@@ -479,11 +480,10 @@ class LuffyTrainer:
             policy.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
 
-        self.rollout = rollout_engine or HFGenerateEngine(
-            copy.deepcopy(policy).to(self.device), pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id, max_batch_size=config.rollout.max_batch_size)
-
         init_distributed(self.device.type)
+        # before DeepSpeed partitions the policy: the engine starts from a full copy
+        self.rollout = rollout_engine or build_rollout_engine(
+            config, policy, self.tokenizer, self.device, self.output_dir)
         backend = None if config.train.loss_backend == "auto" else config.train.loss_backend
         module = PolicyWithFusedLoss(policy, config.loss, backend)
         optim = config.optim
@@ -639,10 +639,9 @@ class LuffyTrainer:
         return logprobs, entropies
 
     def sync_rollout_weights(self) -> None:
-        policy = self.engine.module.policy
-        with _gathered(policy.parameters(), self.config.train.zero_stage):
-            self.rollout.sync_weights(
-                (name, param.detach()) for name, param in policy.named_parameters())
+        """Step 7: the new weights to the rollout engine (ZeRO-3: gathered bucket by bucket)."""
+        self.rollout.sync_weights(gathered_named_parameters(
+            self.engine.module.policy, bucket_mb=self.config.rollout.vllm.sync_bucket_mb))
 
     # ------------------------------------------------------------------ metrics and evaluation
 
