@@ -127,6 +127,7 @@ class BenchSession:
         self.recorder = Recorder(self.out_dir, self.plan.tag, meta,
                                  append=bool(config.getoption("--bench-append")))
         self._inputs_key, self._inputs = None, None
+        self.not_timed: dict = {}  # (case, impl) -> why a later round need not try again
 
     def inputs(self, case):
         """Inputs for `case`, kept while consecutive benchmarks use the same case."""
@@ -175,9 +176,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     device = config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu")
     plan = make_plan(device, bool(config.getoption("--bench-dry-run")))
     if "speed_case" in names:
-        params = [(case, impl) for case in plan.main_cases for impl in plan.impls]
-        metafunc.parametrize(("speed_case", "speed_impl"), params,
-                             ids=[f"{case.id}-{impl}" for case, impl in params])
+        # Rounds interleave the implementations (naive, liger, torch, naive, ...): on a shared
+        # machine a change in load then hits all of them alike instead of one of them.
+        params = [(case, k, impl) for case in plan.main_cases for k in range(plan.rounds)
+                  for impl in plan.impls]
+        metafunc.parametrize(("speed_case", "speed_round", "speed_impl"), params,
+                             ids=[f"{case.id}-round{k}-{impl}" for case, k, impl in params])
     if "memory_impl" in names:
         # Ours first, Liger (slowest, compiled on CUDA) last: a run cut short keeps what matters.
         order = ["triton", "torch", "naive", "liger"]

@@ -11,6 +11,7 @@ because the expensive parts (logits, softmax, the three GEMMs) are identical.
 from __future__ import annotations
 
 from functools import cache
+from typing import Optional
 
 import torch
 
@@ -36,11 +37,11 @@ def _liger_loss(seq_len: int, compiled: bool) -> torch.nn.Module:
                                     epsilon_low=0.2, epsilon_high=0.2)
 
 
-def liger_grpo_loss(inputs: Inputs) -> torch.Tensor:
-    """Liger's loss on the benchmark inputs (compiled on CUDA, as its default; eager on CPU)."""
+def liger_grpo_loss(inputs: Inputs, compiled: Optional[bool] = None) -> torch.Tensor:
+    """Liger's loss on the benchmark inputs (compiled on CUDA, its default; eager on the CPU)."""
     case = inputs.case
     B, L = case.n_seqs, case.seq_len
-    loss_fn = _liger_loss(L, compiled=inputs.hidden.is_cuda)
+    loss_fn = _liger_loss(L, compiled=inputs.hidden.is_cuda if compiled is None else compiled)
     loss, _metrics = loss_fn(inputs.hidden.view(B, L, case.H), inputs.weight,
                              inputs.targets.view(B, L), inputs.loss_mask.view(B, L).float(),
                              inputs.seq_advantages)

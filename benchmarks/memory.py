@@ -9,8 +9,9 @@ loss implementation needs beyond its inputs and its outputs:
   writing 5 to /proc/self/clear_refs, and malloc_trim returns freed heap pages first, so the
   baseline is the current RSS and the peak is VmHWM. Without clear_refs it falls back to polling.
 - CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats; baseline memory_allocated.
-Cases run in the order given; once a case runs out of memory (or its predicted peak, extrapolated
-linearly in T from the cases measured so far, would not fit), larger cases are skipped.
+Cases run in the order given; once a case runs out of memory (or its predicted extra memory,
+extrapolated linearly in T * V from the cases measured so far, would not fit), larger cases are
+skipped.
 """
 
 from __future__ import annotations
@@ -104,14 +105,17 @@ class CpuPeak:
         return max(self._peak, _status_kib("VmRSS") * 1024)
 
 
-def _memory_budget(device: str) -> int:
+CPU_BUDGET_CAP = 8 * 2**30  # the CPU machine is shared: never take more than this
+
+
+def _memory_budget(device: str, fraction: float) -> float:
     import torch
 
     if device.startswith("cuda"):
         free, _total = torch.cuda.mem_get_info()
-        return free
+        return fraction * free
     available = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
-    return int(available.group(1)) * 1024
+    return min(fraction * int(available.group(1)) * 1024, CPU_BUDGET_CAP)
 
 
 def _child(impl: str, device: str, cases: list[dict], budget_fraction: float) -> None:
@@ -122,7 +126,7 @@ def _child(impl: str, device: str, cases: list[dict], budget_fraction: float) ->
 
     cuda = device.startswith("cuda")
     cases = [Case(**c) for c in cases]
-    budget = budget_fraction * _memory_budget(device)
+    budget = _memory_budget(device, budget_fraction)
     cpu_peak = None if cuda else CpuPeak()
 
     def emit(case: Case, **row) -> None:
@@ -137,10 +141,10 @@ def _child(impl: str, device: str, cases: list[dict], budget_fraction: float) ->
     synchronize(device)
     del inputs
 
-    per_token = 0.0  # largest extra bytes per token seen so far, for the extrapolation
+    per_logit = 0.0  # largest extra bytes per T * V seen so far, for the extrapolation
     oom_at = None  # T * V of the first case that ran out of memory
     for case in cases:
-        predicted = per_token * case.T
+        predicted = per_logit * case.T * case.V
         if oom_at is not None and case.T * case.V >= oom_at:
             emit(case, status="skipped", note="a smaller case already ran out of memory")
             continue
@@ -168,7 +172,7 @@ def _child(impl: str, device: str, cases: list[dict], budget_fraction: float) ->
         else:
             grad_bytes = inputs.grad_bytes()
             extra = peak - baseline - grad_bytes
-            per_token = max(per_token, extra / case.T)
+            per_logit = max(per_logit, extra / (case.T * case.V))
             emit(case, status="ok", extra_bytes=int(extra), peak_bytes=int(peak),
                  baseline_bytes=int(baseline), grad_bytes=int(grad_bytes),
                  method="cuda.max_memory_allocated" if cuda

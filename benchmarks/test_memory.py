@@ -21,7 +21,9 @@ def test_memory(bench, memory_impl) -> None:
     skipped = {c: plan.too_large(impl, c, "memory") for c in cases}
     measured = [c for c in cases if not skipped[c]]
     timeout = 120 if bench.dry_run else (900 if bench.device == "cpu" else 300)
-    results = dict(zip(measured, measure_in_subprocess(impl, bench.device, measured, timeout_s=timeout)))
+    fraction = 0.6 if bench.device == "cpu" else 0.9
+    rows = measure_in_subprocess(impl, bench.device, measured, timeout_s=timeout, budget_fraction=fraction)
+    results = dict(zip(measured, rows))
     rows = [results.get(c) or {"status": "skipped", "note": skipped[c]} for c in cases]
     for case, row in zip(cases, rows):
         fields = {k: v for k, v in row.items() if k not in ("case_id", "impl")}
