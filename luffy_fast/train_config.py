@@ -114,6 +114,8 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_batch_size: int = 256  # hf engine: sequences per generate call
+    # truncated importance sampling: on-policy advantages times min(pi_train / pi_rollout, cap)
+    tis_cap: Optional[float] = None
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
     def validate(self) -> None:
@@ -127,6 +129,8 @@ class RolloutConfig:
         _finite("rollout", "temperature", self.temperature, 0.0, low_open=True)
         _finite("rollout", "top_p", self.top_p, 0.0, 1.0, low_open=True)
         _positive_int("rollout", "max_batch_size", self.max_batch_size)
+        if self.tis_cap is not None:
+            _finite("rollout", "tis_cap", self.tis_cap, 0.0, low_open=True)
 
 
 @dataclass

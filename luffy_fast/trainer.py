@@ -40,6 +40,7 @@ from luffy_fast.config import LuffyLossConfig
 from luffy_fast.data import Sample, load_jsonl_samples, toy_samples
 from luffy_fast.rewards import MathVerifyReward, RewardFunction, ToyReverseReward
 from luffy_fast.rollout import Completion, RolloutEngine, SamplingParams
+from luffy_fast.rollout.correction import behaviour_logprobs, rollout_correction, weight_advantages
 from luffy_fast.rollout.factory import build_rollout_engine
 from luffy_fast.rollout.weights import gathered_named_parameters
 from luffy_fast.train_config import ConfigError, LuffyTrainConfig
@@ -520,17 +521,40 @@ class LuffyTrainer:
         batch.advantages = group_advantages(batch.rewards, batch.group_ids,
                                             use_std=config.algorithm.advantage_std)
         rollout_seconds = time.perf_counter() - start
+        engine_metrics = dict(getattr(self.rollout, "last_timings", {}))
+        if hasattr(self.rollout, "sleep"):  # engines that can free device memory for the update
+            self.rollout.sleep()
+        token_weights, correction = self.rollout_correction(batch, completions)
 
-        update = self.update_policy(batch)
+        update = self.update_policy(batch, token_weights)
         self.sync_rollout_weights()
         seconds = time.perf_counter() - start
         trained_tokens = sum(batch.sequence_length(i) for i in range(len(batch)))
-        return {**self.batch_metrics(batch), **update,
+        return {**self.batch_metrics(batch), **update, **correction, **engine_metrics,
                 "rollout_seconds": rollout_seconds, "step_seconds": seconds,
                 "tokens_per_second": trained_tokens / max(seconds, 1e-9),
                 "peak_memory_mb": peak_memory_mb(self.device)}
 
-    def update_policy(self, batch: RolloutBatch) -> dict:
+    def rollout_correction(self, batch: RolloutBatch, completions: Sequence[Sequence[Completion]]
+                           ) -> tuple[Optional[list[Optional[Tensor]]], dict]:
+        """Gap between the engine's and the trainer's log-probs of the sampled tokens, and the
+        truncated importance weights when rollout.tis_cap is set (luffy_fast.rollout.correction).
+
+        Skipped for the transformers engine without a cap: it samples from an exact copy of the
+        trainer's weights, so the gap is zero and the extra no-grad pass would be wasted.
+        """
+        cap = self.config.rollout.tis_cap
+        if not completions or (cap is None and self.config.rollout.engine == "hf"):
+            return None, {}
+        behaviour = behaviour_logprobs(batch.off_policy.tolist(), batch.group_ids.tolist(),
+                                       completions)
+        sampled = [i for i, values in enumerate(behaviour) if values is not None]
+        current, _ = self.compute_logprobs(batch, sampled)
+        trainer = [current[i] if values is not None else None for i, values in enumerate(behaviour)]
+        return rollout_correction(behaviour, trainer, cap)
+
+    def update_policy(self, batch: RolloutBatch,
+                      token_weights: Optional[list[Optional[Tensor]]] = None) -> dict:
         """Optimizer steps over the rollout batch's mini-batches, each split into micro-batches."""
         config = self.config
         groups_per_mini = config.train.mini_batch_size
@@ -545,16 +569,18 @@ class LuffyTrainer:
                 in_mini = ((batch.group_ids >= mini * groups_per_mini)
                            & (batch.group_ids < (mini + 1) * groups_per_mini))
                 indices = torch.nonzero(in_mini).flatten().tolist()
-                for name, value in self.optimizer_step(batch, indices, old_logprobs).items():
+                for name, value in self.optimizer_step(batch, indices, old_logprobs,
+                                                       token_weights).items():
                     totals[name] = totals.get(name, 0.0) + value
                     counts[name] = counts.get(name, 0) + 1
         return {name: totals[name] / counts[name] for name in totals}
 
     def optimizer_step(self, batch: RolloutBatch, indices: Sequence[int],
-                       old_logprobs: Optional[list[Tensor]]) -> dict:
+                       old_logprobs: Optional[list[Tensor]],
+                       token_weights: Optional[list[Optional[Tensor]]] = None) -> dict:
         """One optimizer step on a mini-batch (the sequences at `indices`)."""
         learning_rate = self.scheduler.get_last_lr()[0]
-        result = self.accumulate_gradients(batch, indices, old_logprobs)
+        result = self.accumulate_gradients(batch, indices, old_logprobs, token_weights)
         self.engine.step()
         result["learning_rate"] = learning_rate
         grad_norm = self.engine.get_global_grad_norm()
@@ -563,7 +589,8 @@ class LuffyTrainer:
         return result
 
     def accumulate_gradients(self, batch: RolloutBatch, indices: Sequence[int],
-                             old_logprobs: Optional[list[Tensor]]) -> dict:
+                             old_logprobs: Optional[list[Tensor]],
+                             token_weights: Optional[list[Optional[Tensor]]] = None) -> dict:
         """Forward and backward over a mini-batch's token-budget micro-batches.
 
         Each micro-batch's normalized loss is rescaled by its denominator over the mini-batch's
@@ -580,6 +607,10 @@ class LuffyTrainer:
         self.engine.train()
         for part in plan:
             micro = pack_micro_batch(batch, [indices[i] for i in part], old_logprobs)
+            if token_weights is not None:  # TIS: A' = w * A on sampled tokens
+                micro.advantages = weight_advantages(micro.advantages, micro.loss_mask,
+                                                     micro.seq_ids, micro.sequence_indices,
+                                                     token_weights)
             loss, stats = self.engine(micro.to(self.device))
             scaled = loss * (stats["denominator"].to(loss.dtype) / max(denominator, 1e-30))
             self.engine.backward(scaled)

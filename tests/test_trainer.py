@@ -257,3 +257,12 @@ def test_resume_after_a_crash_logs_the_same_next_step(tmp_path, monkeypatch):
                                ["model.norm.weight"])
     state = json.loads((export.parent / "trainer_state.json").read_text())
     assert state["step"] == 3
+
+
+def test_truncated_importance_sampling_hooks_into_the_step(tmp_path):
+    """The HF engine samples from an exact copy of the policy: gap 0, every weight 1."""
+    trainer = tiny_trainer(tmp_path, "rollout.tis_cap=2.0", "eval.every=0")
+    metrics = trainer.training_step(0)
+    assert metrics["rollout_logprob_gap_max"] < 1e-4
+    assert metrics["tis_weight_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert metrics["tis_clipped_fraction"] == 0.0
