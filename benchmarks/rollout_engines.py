@@ -20,13 +20,18 @@ from pathlib import Path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", help="a transformers directory (model + tokenizer)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--n", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: tiny models gain nothing from more, and a "
+                             "busy machine makes more much slower)")
     args = parser.parse_args()
 
     import torch
+
+    torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from luffy_fast.data import toy_samples
