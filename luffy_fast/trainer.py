@@ -27,10 +27,10 @@ import resource
 import shutil
 import socket
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -818,8 +818,3 @@ def _to_yaml(values: dict) -> str:
 
     return yaml.safe_dump(values, sort_keys=False)
 
-
-def iterate_steps(history: Sequence[dict], key: str) -> Iterator[tuple[int, Any]]:
-    for row in history:
-        if key in row:
-            yield row["step"], row[key]

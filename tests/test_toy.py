@@ -24,6 +24,17 @@ from luffy_fast.toy.task import (
 from luffy_fast.train_config import ConfigError, config_from_dict, load_config
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny-model generation is fastest on one thread, and immune to a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_problem_trace_and_answer():
     problem = make_problem("38146")
     assert problem.prompt == "3 8 1 4 6 >"
@@ -111,3 +122,28 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     assert "optim.learning_rate: unknown key" in capsys.readouterr().err
     assert main(["demo", "--runs", "luffy,ppo", "--output-dir", str(tmp_path / "d")]) == 2
     assert "demo run 'ppo'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_untrained_demo_policy_samples_are_never_correct(one_thread):
+    """4096 samples of the untrained demo policy, none correct: below 3 / 4096 = 7.3e-4 per
+    sample (95 % upper bound), so under 1e-3."""
+    from luffy_fast.rollout import HFGenerateEngine, SamplingParams
+    from luffy_fast.toy.model import TinyQwen2Config, build_policy
+
+    config = demo_config("grpo", "unused")
+    tokenizer = build_tokenizer(config.data.num_digits)
+    shape = TinyQwen2Config(hidden_size=config.model.hidden_size,
+                            intermediate_size=config.model.intermediate_size,
+                            num_hidden_layers=config.model.num_hidden_layers)
+    engine = HFGenerateEngine(build_policy(tokenizer, shape, seed=config.train.seed),
+                              tokenizer.pad_token_id, tokenizer.eos_token_id, max_batch_size=512)
+    samples = toy_samples(sample_problems(128, config.data.num_digits, "heldout", seed=0),
+                          tokenizer)
+    out = engine.generate([s.prompt_ids for s in samples], n=32,
+                          params=SamplingParams(config.data.max_response_length, seed=0))
+    reward = ToyReverseReward()
+    correct = sum(reward(tokenizer.decode(c.token_ids), s)
+                  for s, group in zip(samples, out) for c in group)
+    assert sum(len(group) for group in out) == 4096
+    assert correct == 0
