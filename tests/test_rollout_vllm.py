@@ -143,6 +143,16 @@ def test_bad_model_path_names_the_cause(tmp_path):
         VLLMRolloutEngine(tmp_path / "broken")
 
 
+def test_not_enough_memory_names_the_cause(setup, tmp_path):
+    variant, policy, _, _ = setup
+    if variant != "tied":
+        pytest.skip("start-up failure checked once")
+    directory = save_pretrained_pair(policy, build_tokenizer(5), tmp_path / "model")
+    # on CPU gpu_memory_utilization is the share of RAM for the model + KV cache: far too little
+    with pytest.raises(VLLMStartupError, match="(?s)memory.*gpu_memory_utilization"):
+        VLLMRolloutEngine(directory, VLLMConfig(max_model_len=96, gpu_memory_utilization=1e-5))
+
+
 def test_bad_options_are_rejected_before_start(tmp_path):
     with pytest.raises(ValueError, match="rollout.vllm.sleep_level"):
         VLLMRolloutEngine(tmp_path, VLLMConfig(sleep_level=3))
