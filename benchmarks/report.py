@@ -110,26 +110,39 @@ def summarize(meta: dict, records: list[dict]) -> dict:
             rec = impls.get(impl, {}).get(kind)
             return rec.get(key) if rec and rec.get("status") == "ok" else None
 
-        naive_t, liger_t, floor_t = (ok(i, "time", "median_s") for i in ("naive", "liger", "gemm_floor"))
+        def time_ratio(a: str, b: str, impls: dict = impls) -> Optional[float]:
+            """Median over rounds of time(a) / time(b) in the same round (adjacent in time)."""
+            ta, tb = (impls.get(i, {}).get("time") or {} for i in (a, b))
+            if ta.get("status") != "ok" or tb.get("status") != "ok":
+                return None
+            ra, rb = ta.get("by_round", {}), tb.get("by_round", {})
+            paired = [ra[k] / rb[k] for k in ra if k in rb and rb[k] > 0]
+            return _median(paired) if paired else _ratio(ta["median_s"], tb["median_s"])
+
         naive_m = ok("naive", "memory", "extra_bytes")
         for impl, kinds in impls.items():
-            t, m = ok(impl, "time", "median_s"), ok(impl, "memory", "extra_bytes")
-            kinds["ratios"] = {"time_vs_naive": _ratio(t, naive_t), "liger_speedup": _ratio(liger_t, t),
-                               "time_vs_floor": _ratio(t, floor_t), "memory_vs_naive": _ratio(m, naive_m)}
+            kinds["ratios"] = {"time_vs_naive": time_ratio(impl, "naive"),
+                               "liger_speedup": time_ratio("liger", impl),
+                               "time_vs_floor": time_ratio(impl, "gemm_floor"),
+                               "memory_vs_naive": _ratio(ok(impl, "memory", "extra_bytes"), naive_m)}
     summary = {"meta": meta, "cases": cases, "sweep": sweep}
     summary["targets"] = targets(summary)
     return summary
 
 
+def _median(values: list[float]) -> float:
+    values, n = sorted(values), len(values)
+    return values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
+
+
 def combine_rounds(rounds: list[dict]) -> dict:
     """The median over an implementation's timed rounds; else why it was not timed."""
-    seconds = sorted(r["seconds"] for r in rounds if r["status"] == "ok")
-    if not seconds:
+    timed = [r for r in rounds if r["status"] == "ok"]
+    if not timed:
         return rounds[-1]
-    n = len(seconds)
-    median = seconds[n // 2] if n % 2 else (seconds[n // 2 - 1] + seconds[n // 2]) / 2
-    return {"status": "ok", "median_s": median, "min_s": seconds[0], "max_s": seconds[-1],
-            "rounds": n, "seconds": seconds}
+    seconds = sorted(r["seconds"] for r in timed)
+    return {"status": "ok", "median_s": _median(seconds), "min_s": seconds[0], "max_s": seconds[-1],
+            "rounds": len(seconds), "by_round": {str(r.get("round")): r["seconds"] for r in timed}}
 
 
 def targets(summary: dict) -> list[dict]:
@@ -175,15 +188,17 @@ def markdown(summary: dict, plot_name: Optional[str] = None) -> str:
     lines = [f"### {meta.get('tag', '?')}: {meta.get('date', '?')}", ""]
     machine = meta.get("machine", "?")
     lines += [f"Machine: {machine}. Software: {meta.get('software', '?')}.",
-              f"Command: `{meta.get('command', '?')}`. Timing: median of {meta.get('rounds', '?')} "
-              f"rounds after {meta.get('warmup_rounds', '?')} warm-up, forward + backward"
-              f"{' (synchronized)' if meta.get('tag') == 'cuda' else ''}. Extra memory: peak beyond "
-              "inputs and gradients, each implementation in its own process.", ""]
+              f"Command: `{meta.get('command', '?')}`. Time: forward + backward"
+              f"{' (synchronized)' if meta.get('tag') == 'cuda' else ''}, {meta.get('rounds', '?')} "
+              f"rounds interleaving the implementations, {meta.get('warmup_rounds', '?')} warm-up; "
+              "the median over rounds, and each time ratio is the median over rounds of the ratio "
+              "within the same round (robust to load changes between rounds). Extra memory: peak "
+              "beyond inputs and gradients, each implementation in its own process.", ""]
     show_floor = any("gemm_floor" in e["impls"] for e in summary["cases"].values())
     for entry in summary["cases"].values():
         case = entry["case"]
         lines += [f"**{case['scenario']}** · T={case['T']} H={case['H']} V={case['V']} {case['dtype']}", ""]
-        header = ["implementation", "median fwd+bwd", "× naive time", "Liger time ÷ this"]
+        header = ["implementation", "median fwd+bwd", "rounds", "× naive time", "Liger time ÷ this"]
         header += ["× GEMM floor"] if show_floor else []
         header += ["extra peak memory", "× naive memory"]
         rows = []
@@ -194,12 +209,14 @@ def markdown(summary: dict, plot_name: Optional[str] = None) -> str:
                 (f"{t['status']}" if t else "–")
             m_text = fmt_bytes(m.get("extra_bytes")) if m and m["status"] == "ok" else \
                 (f"{m['status']}" if m else "–")
-            row = [LABELS.get(impl, impl), t_text, fmt_ratio(ratios.get("time_vs_naive")),
+            by_round = (t or {}).get("by_round", {})
+            rounds_text = " / ".join(f"{by_round[k]:.3g}" for k in sorted(by_round, key=int)) or "–"
+            row = [LABELS.get(impl, impl), t_text, rounds_text, fmt_ratio(ratios.get("time_vs_naive")),
                    fmt_ratio(ratios.get("liger_speedup"))]
             row += [fmt_ratio(ratios.get("time_vs_floor"))] if show_floor else []
             row += [m_text, fmt_ratio(ratios.get("memory_vs_naive"), 3)]
             rows.append(row)
-        lines += _table(header, rows, "lrrr" + ("r" if show_floor else "") + "rr") + [""]
+        lines += _table(header, rows, "lrrrr" + ("r" if show_floor else "") + "rr") + [""]
         skipped = [f"{impl}: {k['time'].get('note')}" for impl, k in entry["impls"].items()
                    if k.get("time", {}).get("status") not in (None, "ok") and k["time"].get("note")]
         lines += [f"- not measured: {s}" for s in skipped] + ([""] if skipped else [])
