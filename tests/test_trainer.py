@@ -266,3 +266,12 @@ def test_truncated_importance_sampling_hooks_into_the_step(tmp_path):
     assert metrics["rollout_logprob_gap_max"] < 1e-4
     assert metrics["tis_weight_mean"] == pytest.approx(1.0, abs=1e-4)
     assert metrics["tis_clipped_fraction"] == 0.0
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(tmp_path):
+    plain = tiny_trainer(tmp_path / "plain")
+    checkpointed = tiny_trainer(tmp_path / "ckpt", "model.gradient_checkpointing=true")
+    assert checkpointed.engine.module.policy.is_gradient_checkpointing
+    batch = rollout_batch(plain)
+    assert_same_gradients(policy_gradients(plain, batch), policy_gradients(checkpointed, batch),
+                          rtol=1e-5)
