@@ -564,6 +564,7 @@ class LuffyTrainer:
             old_logprobs = self.compute_logprobs(batch, range(len(batch)))[0]
         totals: dict[str, float] = {}
         counts: dict[str, int] = {}
+        extremes: dict[str, float] = {}
         for _ in range(config.algorithm.ppo_epochs):
             for mini in range(num_minis):
                 in_mini = ((batch.group_ids >= mini * groups_per_mini)
@@ -573,7 +574,13 @@ class LuffyTrainer:
                                                        token_weights).items():
                     totals[name] = totals.get(name, 0.0) + value
                     counts[name] = counts.get(name, 0) + 1
-        return {name: totals[name] / counts[name] for name in totals}
+                    extremes[name] = (min if name == "ratio_min" else max)(
+                        extremes.get(name, value), value)
+        # means over the optimizer steps; the ratio's extremes over all of them
+        result = {name: totals[name] / counts[name] for name in totals}
+        result.update({name: extremes[name] for name in ("ratio_min", "ratio_max")
+                       if name in extremes})
+        return result
 
     def optimizer_step(self, batch: RolloutBatch, indices: Sequence[int],
                        old_logprobs: Optional[list[Tensor]],

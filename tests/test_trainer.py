@@ -275,3 +275,17 @@ def test_gradient_checkpointing_gives_the_same_gradient(tmp_path):
     batch = rollout_batch(plain)
     assert_same_gradients(policy_gradients(plain, batch), policy_gradients(checkpointed, batch),
                           rtol=1e-5)
+
+
+def test_two_mini_batches_use_old_logprobs_from_before_the_first_update(tmp_path):
+    trainer = tiny_trainer(tmp_path, "train.mini_batch_size=2", "optim.lr=1e-2", "eval.every=0")
+    assert trainer.config.optimizer_steps_per_rollout() == 2
+    batch = rollout_batch(trainer)
+    before = {n: p.detach().clone() for n, p in trainer.engine.module.policy.named_parameters()}
+    metrics = trainer.update_policy(batch)
+    assert trainer.engine.global_steps == 2
+    # the second mini-batch sees weights moved by the first: its ratios are no longer all 1
+    assert metrics["ratio_max"] > 1.0 or metrics["ratio_min"] < 1.0
+    changed = [n for n, p in trainer.engine.module.policy.named_parameters()
+               if not torch.equal(p, before[n])]
+    assert changed
