@@ -159,7 +159,7 @@ def make_plan(device: str, dry_run: bool = False) -> Plan:
     cuda = device.startswith("cuda")
     if dry_run:
         # The CUDA plan's structure at toy sizes, on whatever device is present.
-        impls = ["gemm_floor", "naive", "liger", "torch", "triton"]
+        impls = ["gemm_floor", "naive", "liger", "torch", "triton", "triton_lowmem"]
         # (Small enough for the Triton interpreter when there is no GPU.)
         main = [Case(s, T, H, V) for (H, V) in [(32, 500), (48, 512)] for T in (128, 256)
                 for s in SCENARIOS]
@@ -168,7 +168,7 @@ def make_plan(device: str, dry_run: bool = False) -> Plan:
         return Plan(device, "dry-run", impls, main, memory, sweep, rounds=1, warmup_rounds=1,
                     max_tokens_speed={"torch": 128}, max_tokens_memory={"torch": 256})
     if cuda:
-        impls = ["gemm_floor", "naive", "liger", "torch", "triton"]
+        impls = ["gemm_floor", "naive", "liger", "torch", "triton", "triton_lowmem"]
         shapes = [(8192, 4096, 151936), (8192, 3584, 152064), (32768, 4096, 151936),
                   (32768, 3584, 152064)]
         main = [Case(s, T, H, V, "bfloat16") for (T, H, V) in shapes for s in SCENARIOS]

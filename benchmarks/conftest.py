@@ -184,7 +184,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                              ids=[f"{case.id}-round{k}-{impl}" for case, k, impl in params])
     if "memory_impl" in names:
         # Ours first, Liger (slowest, compiled on CUDA) last: a run cut short keeps what matters.
-        order = ["triton", "torch", "naive", "liger"]
+        order = ["triton", "triton_lowmem", "torch", "naive", "liger"]
         metafunc.parametrize("memory_impl", [impl for impl in order if impl in plan.impls])
 
 

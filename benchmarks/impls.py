@@ -22,10 +22,16 @@ from .cases import Case, Inputs, make_inputs
 from .liger_baseline import liger_grpo_loss, liger_import_error
 from .naive import naive_luffy_loss
 
+# The triton backend under a small memory budget: its recompute strategy (logits never written).
+LOW_MEMORY_BUDGET_MB = 128
+
 
 def _luffy(inputs: Inputs, backend: str) -> torch.Tensor:
+    config = inputs.config
+    if backend == "triton_lowmem":
+        backend, config = "triton", config.replace(memory_budget_mb=LOW_MEMORY_BUDGET_MB)
     loss, _stats = fused_luffy_loss(inputs.hidden, inputs.weight, inputs.targets, inputs.advantages,
-                                    inputs.loss_mask, inputs.off_policy_mask, config=inputs.config,
+                                    inputs.loss_mask, inputs.off_policy_mask, config=config,
                                     seq_ids=inputs.seq_ids, backend=backend)
     return loss
 
@@ -37,7 +43,7 @@ def loss_fn(impl: str) -> Callable[[Inputs], torch.Tensor]:
                                           x.off_policy_mask, x.seq_ids, x.config)
     if impl == "liger":
         return liger_grpo_loss
-    if impl in ("torch", "triton", "reference"):
+    if impl in ("torch", "triton", "triton_lowmem", "reference"):
         return lambda x: _luffy(x, impl)
     raise ValueError(f"unknown implementation {impl!r}")
 
@@ -95,12 +101,12 @@ def skip_reason(impl: str, device: str, dry_run: bool = False) -> Optional[str]:
     cuda = device.startswith("cuda")
     if impl == "liger":
         return liger_import_error()
-    if impl == "triton":
+    if impl in ("triton", "triton_lowmem"):
         if not cuda and not dry_run:
             return "triton backend: CUDA only (on the CPU it runs in the slow Triton interpreter)"
         if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
             return "triton backend on the CPU needs TRITON_INTERPRET=1 set before Python starts"
-        return _backend_error("triton", device)
+        return _backend_error(impl, device)
     if impl == "torch":
         return _backend_error("torch", device)
     if impl == "gemm_floor" and not cuda and not dry_run:

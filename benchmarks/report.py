@@ -15,13 +15,14 @@ import math
 from pathlib import Path
 from typing import Optional
 
-IMPL_ORDER = ["gemm_floor", "naive", "liger", "torch", "triton"]
+IMPL_ORDER = ["gemm_floor", "naive", "liger", "torch", "triton", "triton_lowmem"]
 LABELS = {
     "gemm_floor": "bare LM-head GEMMs (floor)",
     "naive": "naive (materialized logits)",
     "liger": "Liger FusedLinearGRPOLoss",
     "torch": "luffy_fast torch backend",
     "triton": "luffy_fast triton backend",
+    "triton_lowmem": "luffy_fast triton backend, 128 MiB budget (recompute)",
 }
 OURS = {"cpu": "torch", "dry-run": "triton", "cuda": "triton"}  # dry-run mirrors the CUDA plan
 FLAT_LIMIT, FLAT_FROM = 1.25, 4096  # "flat in T": extra memory grows at most 1.25 × from T=4096 on
