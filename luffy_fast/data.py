@@ -19,6 +19,26 @@ from transformers import PreTrainedTokenizerBase
 from luffy_fast.toy.task import Problem
 
 THINK_OPEN = "<think>\n"
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in a model directory, exactly as saved.
+
+    AutoTokenizer maps some model types (qwen2 among them) to their own tokenizer class even
+    when the directory holds a generic `tokenizer.json` (transformers 5), which silently swaps a
+    custom tokenizer, such as the demo's word-level one, for a BPE; a generic class is loaded
+    from its `tokenizer.json` directly, anything else through AutoTokenizer.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(path)
+    settings_file = path / "tokenizer_config.json"
+    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    if (settings.get("tokenizer_class") in GENERIC_TOKENIZER_CLASSES
+            and (path / "tokenizer.json").is_file()):
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
 
 
 @dataclass

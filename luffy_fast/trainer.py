@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from luffy_fast import fused_luffy_loss, group_advantages, token_logprobs
 from luffy_fast.config import LuffyLossConfig
-from luffy_fast.data import Sample, load_jsonl_samples, toy_samples
+from luffy_fast.data import Sample, load_jsonl_samples, load_tokenizer, toy_samples
 from luffy_fast.rewards import MathVerifyReward, RewardFunction, ToyReverseReward
 from luffy_fast.rollout import Completion, RolloutEngine, SamplingParams
 from luffy_fast.rollout.correction import behaviour_logprobs, rollout_correction, weight_advantages
@@ -430,9 +430,9 @@ def build_components(config: LuffyTrainConfig):
     if config.model.path == "toy" or config.data.source == "toy":
         raise ConfigError("model.path: the toy policy and the toy data go together "
                           f"(model.path={config.model.path!r}, data.source={config.data.source!r})")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+    tokenizer = load_tokenizer(config.model.path)
     policy = AutoModelForCausalLM.from_pretrained(
         config.model.path, dtype=torch.float32, attn_implementation=config.model.attn_implementation)
     limits = (config.data.max_prompt_length, config.data.max_response_length)
