@@ -505,35 +505,47 @@ class LuffyTrainer:
         return [self.train_samples[i] for i in picks]
 
     def training_step(self, step: int) -> dict:
+        """One LUFFY step (LUFFY_SPEC.md section 1); returns the step's metrics."""
         config = self.config
         start = time.perf_counter()
+        # 1. a batch of prompts, each with its ground truth and off-policy traces
         samples = self.prompt_batch(step)
-        completions: list[list[Completion]] = []
-        if config.rollout.n_on:
-            completions = self.rollout.generate(
-                [s.prompt_ids for s in samples], n=config.rollout.n_on,
-                params=SamplingParams(max_new_tokens=config.data.max_response_length,
-                                      temperature=config.rollout.temperature,
-                                      top_p=config.rollout.top_p,
-                                      seed=config.train.seed * 1_000_003 + step))
+        # 2. n_on on-policy rollouts per prompt
+        completions = self.sample_rollouts(samples, step)
+        rollout_seconds = time.perf_counter() - start
+        # 3. mixed groups: the rollouts plus n_off traces appended as responses
         batch = assemble_groups(samples, completions, config.rollout.n_off)
+        # 4. the verifiable reward of every member, traces included
         batch.rewards = score_responses(batch, samples, self.reward_fn, self.decode)
+        # 5. group-normalized advantages over each mixed group
         batch.advantages = group_advantages(batch.rewards, batch.group_ids,
                                             use_std=config.algorithm.advantage_std)
-        rollout_seconds = time.perf_counter() - start
+        # 6. the mixed-policy loss over all response tokens, and the optimizer steps
         engine_metrics = dict(getattr(self.rollout, "last_timings", {}))
         if hasattr(self.rollout, "sleep"):  # engines that can free device memory for the update
             self.rollout.sleep()
         token_weights, correction = self.rollout_correction(batch, completions)
-
         update = self.update_policy(batch, token_weights)
+        # 7. the new weights to the rollout engine
         self.sync_rollout_weights()
+
         seconds = time.perf_counter() - start
         trained_tokens = sum(batch.sequence_length(i) for i in range(len(batch)))
         return {**self.batch_metrics(batch), **update, **correction, **engine_metrics,
                 "rollout_seconds": rollout_seconds, "step_seconds": seconds,
                 "tokens_per_second": trained_tokens / max(seconds, 1e-9),
                 "peak_memory_mb": peak_memory_mb(self.device)}
+
+    def sample_rollouts(self, samples: Sequence[Sample], step: int) -> list[list[Completion]]:
+        """n_on completions per prompt, seeded by step (a resumed run samples the same)."""
+        rollout = self.config.rollout
+        if not rollout.n_on:
+            return []
+        params = SamplingParams(max_new_tokens=self.config.data.max_response_length,
+                                temperature=rollout.temperature, top_p=rollout.top_p,
+                                seed=self.config.train.seed * 1_000_003 + step)
+        return self.rollout.generate([s.prompt_ids for s in samples], n=rollout.n_on,
+                                     params=params)
 
     def rollout_correction(self, batch: RolloutBatch, completions: Sequence[Sequence[Completion]]
                            ) -> tuple[Optional[list[Optional[Tensor]]], dict]:
