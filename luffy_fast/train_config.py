@@ -261,6 +261,10 @@ class LuffyTrainConfig:
                     raise ConfigError(f"loss: {error}") from None
             else:
                 value.validate()
+        if self.loss.temperature != self.rollout.temperature:
+            raise ConfigError(f"loss.temperature: must equal rollout.temperature (the loss scores "
+                              f"tokens under the distribution they were sampled from; got "
+                              f"{self.loss.temperature} and {self.rollout.temperature})")
         if self.loss.normalizer == "constant" and self.loss.max_len < self.data.max_response_length:
             raise ConfigError(f"loss.max_len: the 'constant' normalizer's max_len "
                               f"({self.loss.max_len}) is below data.max_response_length "
@@ -354,6 +358,7 @@ def config_from_dict(values: dict) -> LuffyTrainConfig:
     config = _build("", LuffyTrainConfig, values)
     loss_kwargs = _build("loss", LuffyLossConfig, loss_values)
     base = dataclasses.asdict(LuffyLossConfig.luffy(max_len=config.data.max_response_length))
+    base["temperature"] = config.rollout.temperature  # logits / tau, tau the sampling temperature
     base.update(loss_kwargs)
     if base["normalizer"] == "constant" and base.get("max_len") is None:
         base["max_len"] = config.data.max_response_length

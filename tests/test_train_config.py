@@ -27,6 +27,8 @@ def test_yaml_and_dotted_overrides(tmp_path):
     assert config.loss.max_len == 64  # constant normalizer: max_len follows the response length
     assert config.train.zero_stage == 3 and config.rollout.n_on == 4
     assert config_from_dict(config.to_dict()) == config  # round trip
+    warm = load_config(None, ["rollout.temperature=0.7"])
+    assert warm.loss.temperature == 0.7  # the loss follows the sampling temperature
 
 
 @pytest.mark.parametrize("override, message", [
@@ -47,6 +49,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
     (["model.precision=fp8"], "model.precision"),
     (["data.source=/no/such/file.jsonl"], "data.source: no such file"),
     (["optim"], "expected dotted.key=value"),
+    (["loss.temperature=0.7"], "loss.temperature: must equal rollout.temperature"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
