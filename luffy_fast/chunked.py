@@ -174,8 +174,9 @@ class AttachGradients(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grads = tuple(None if g is None else (g * grad_loss).to(dtype)
-                      for g, dtype in zip(ctx.grads, ctx.dtypes))
+        # Scale in place where the dtype already matches: no second copy of d(weight) [V, H].
+        grads = tuple(None if g is None else g.mul_(grad_loss) if g.dtype == dtype
+                      else (g * grad_loss).to(dtype) for g, dtype in zip(ctx.grads, ctx.dtypes))
         ctx.grads = None
         return (None, *grads, None)
 
