@@ -19,7 +19,7 @@ $(STAMP): setup.py pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/op_example.py
+	$(BIN)/luffy-fast demo
 
 example: $(STAMP)
 	$(BIN)/python examples/op_example.py
