@@ -297,6 +297,12 @@ def init_distributed(device_type: str) -> None:
                                verbose=False)
 
 
+def rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def learning_rate_lambda(config: LuffyTrainConfig):
     """Linear warm-up, then constant or cosine decay to min_lr_ratio over the remaining steps."""
     optim = config.optim
@@ -482,6 +488,11 @@ class LuffyTrainer:
                 gradient_checkpointing_kwargs={"use_reentrant": False})
 
         init_distributed(self.device.type)
+        self.rank, self.world_size = rank_and_world()
+        per_rank = config.train.mini_batch_size // self.world_size
+        if per_rank * self.world_size != config.train.mini_batch_size:
+            raise ConfigError(f"train.mini_batch_size: {config.train.mini_batch_size} prompts do not "
+                              f"split evenly over {self.world_size} ranks")
         # before DeepSpeed partitions the policy: the engine starts from a full copy
         self.rollout = rollout_engine or build_rollout_engine(
             config, policy, self.tokenizer, self.device, self.output_dir)
@@ -502,7 +513,12 @@ class LuffyTrainer:
         """The step's prompts: a seeded draw, so a resumed run sees the same batches."""
         rng = random.Random(f"{self.config.train.seed}:{step}")
         picks = rng.sample(range(len(self.train_samples)), self.config.train.prompts_per_step)
-        return [self.train_samples[i] for i in picks]
+        # data parallel: each rank takes its slice of every mini-batch
+        mini = self.config.train.mini_batch_size
+        share = mini // self.world_size
+        mine = [picks[start + self.rank * share: start + (self.rank + 1) * share]
+                for start in range(0, len(picks), mini)]
+        return [self.train_samples[i] for chunk in mine for i in chunk]
 
     def training_step(self, step: int) -> dict:
         """One LUFFY step (LUFFY_SPEC.md section 1); returns the step's metrics."""
@@ -569,8 +585,8 @@ class LuffyTrainer:
                       token_weights: Optional[list[Optional[Tensor]]] = None) -> dict:
         """Optimizer steps over the rollout batch's mini-batches, each split into micro-batches."""
         config = self.config
-        groups_per_mini = config.train.mini_batch_size
-        num_minis = config.train.prompts_per_step // groups_per_mini
+        groups_per_mini = config.train.mini_batch_size // self.world_size  # this rank's share
+        num_minis = config.train.prompts_per_step // config.train.mini_batch_size
         old_logprobs = None
         if num_minis > 1 or config.algorithm.ppo_epochs > 1:
             old_logprobs = self.compute_logprobs(batch, range(len(batch)))[0]
@@ -617,6 +633,12 @@ class LuffyTrainer:
         """
         config = self.config
         denominator = loss_denominator(batch, indices, config.loss)
+        if self.world_size > 1:
+            # DeepSpeed averages gradients over ranks: normalize by the global denominator,
+            # times the world size, so the update equals one process on the whole mini-batch
+            total = torch.tensor([denominator], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(total)
+            denominator = float(total) / self.world_size
         indices = self.sequences_with_gradient(batch, indices)
         plan = plan_micro_batches([batch.sequence_length(i) for i in indices],
                                   config.train.token_budget, padded=not self.engine.module.packed)
@@ -750,22 +772,27 @@ class LuffyTrainer:
         root.mkdir(parents=True, exist_ok=True)
         final = root / f"step-{step:06d}"
         staging = root / f".staging-step-{step:06d}"
-        if staging.exists():
+        if self.rank == 0 and staging.exists():
             shutil.rmtree(staging)
+        if self.world_size > 1:
+            torch.distributed.barrier()
         self.engine.save_checkpoint(str(staging), tag="deepspeed", save_latest=False)
         policy = self.engine.module.policy
         with _gathered(policy.parameters(), self.config.train.zero_stage):
             state = {name: tensor.detach().cpu().clone()
                      for name, tensor in policy.state_dict().items()}
-        policy.save_pretrained(staging / "hf", state_dict=state)
-        self.tokenizer.save_pretrained(staging / "hf")
-        (staging / "trainer_state.json").write_text(json.dumps(
-            {"step": step, "config": self.config.to_dict()}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        _write_atomic(root / "latest", final.name + "\n")
-        self._prune_checkpoints(keep=final.name)
+        if self.rank == 0:
+            policy.save_pretrained(staging / "hf", state_dict=state)
+            self.tokenizer.save_pretrained(staging / "hf")
+            (staging / "trainer_state.json").write_text(json.dumps(
+                {"step": step, "config": self.config.to_dict()}, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            _write_atomic(root / "latest", final.name + "\n")
+            self._prune_checkpoints(keep=final.name)
+        if self.world_size > 1:
+            torch.distributed.barrier()
         return final
 
     def _prune_checkpoints(self, keep: str) -> None:
@@ -792,7 +819,11 @@ class LuffyTrainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self, resume: bool = False) -> list[dict]:
-        """Run to train.steps; with resume, continue from the latest checkpoint if any."""
+        """Run to train.steps; with resume, continue from the latest checkpoint if any.
+
+        Every rank trains on its share of each step's prompts; rank 0 logs its metrics, shows
+        the progress bar and publishes checkpoints.
+        """
         from tqdm.auto import tqdm
 
         config = self.config
@@ -801,22 +832,28 @@ class LuffyTrainer:
             latest = self.latest_checkpoint()
             if latest is not None:
                 start_step = self.load_checkpoint(latest)
-        (self.output_dir / "config.yaml").write_text(_to_yaml(config.to_dict()))
-        logger = MetricsLogger(self.output_dir, config.output.tensorboard, resume_step=start_step)
+        lead = self.rank == 0
+        logger = None
+        if lead:
+            (self.output_dir / "config.yaml").write_text(_to_yaml(config.to_dict()))
+            logger = MetricsLogger(self.output_dir, config.output.tensorboard, resume_step=start_step)
         history = []
         bar = tqdm(range(start_step, config.train.steps), initial=start_step,
-                   total=config.train.steps, disable=not config.output.progress_bar,
+                   total=config.train.steps, disable=not (config.output.progress_bar and lead),
                    desc=self.output_dir.name, dynamic_ncols=True)
         try:
             if start_step == 0 and config.eval.every:
-                logger.log({"step": 0, **self.evaluate()})
+                evaluation = {"step": 0, **self.evaluate()}
+                if logger:
+                    logger.log(evaluation)
             for step in bar:
                 metrics = {"step": step + 1, **self.training_step(step)}
                 self.step = step + 1
                 last = self.step == config.train.steps
                 if config.eval.every and (self.step % config.eval.every == 0 or last):
                     metrics.update(self.evaluate())
-                logger.log(metrics)
+                if logger:
+                    logger.log(metrics)
                 history.append(metrics)
                 bar.set_postfix({k: f"{metrics[k]:.3g}" for k in
                                  ("reward_on_policy", "loss", "heldout_accuracy") if k in metrics})
@@ -825,7 +862,8 @@ class LuffyTrainer:
                     self.save_checkpoint(self.step)
         finally:
             bar.close()
-            logger.close()
+            if logger:
+                logger.close()
         return history
 
     def close(self) -> None:

@@ -1,0 +1,58 @@
+"""Two training processes (gloo, ZeRO-2), as the DeepSpeed launcher would start them."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+WORKER = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    from test_trainer import tiny_config
+    from luffy_fast.trainer import LuffyTrainer
+
+    trainer = LuffyTrainer(tiny_config(Path({out!r}), "train.zero_stage=2", "train.steps=2",
+                                       "eval.every=0"))
+    prompts = [s.prompt_ids for s in trainer.prompt_batch(0)]
+    history = trainer.train()
+    print("RESULT " + json.dumps({{"rank": trainer.rank, "prompts": prompts,
+                                   "loss": [row["loss"] for row in history]}}))
+""")
+
+
+@pytest.mark.slow
+def test_two_ranks_share_each_step_and_publish_one_checkpoint(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(tests=str(Path(__file__).parent), out=str(tmp_path / "out")))
+    workers = []
+    for rank in (0, 1):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        workers.append(subprocess.Popen([sys.executable, str(script)], env=env, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    results = {}
+    for worker in workers:
+        output, _ = worker.communicate(timeout=600)
+        assert worker.returncode == 0, output[-3000:]
+        line = next(line for line in output.splitlines() if line.startswith("RESULT "))
+        result = json.loads(line[len("RESULT "):])
+        results[result["rank"]] = result
+    # 4 prompts per step, mini-batches of 4: each rank takes a different half
+    assert len(results[0]["prompts"]) == len(results[1]["prompts"]) == 2
+    assert results[0]["prompts"] != results[1]["prompts"]
+    assert all(len(r["loss"]) == 2 for r in results.values())
+    checkpoints = tmp_path / "out" / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step-000002"
+    assert (checkpoints / "step-000002" / "hf" / "config.json").exists()
+    assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 2  # rank 0 only
