@@ -1,4 +1,5 @@
-"""Two training processes (gloo, ZeRO-2), as the DeepSpeed launcher would start them."""
+"""Two training processes (gloo), as the DeepSpeed launcher would start them: their averaged
+gradient equals one process on the whole mini-batch, and a ZeRO-2 run publishes one checkpoint."""
 
 from __future__ import annotations
 
@@ -15,15 +16,39 @@ import pytest
 WORKER = textwrap.dedent("""
     import json, sys
     from pathlib import Path
+    import torch
     sys.path.insert(0, {tests!r})
     from test_trainer import tiny_config
-    from luffy_fast.trainer import LuffyTrainer
+    from luffy_fast.rollout import SamplingParams
+    from luffy_fast.trainer import LuffyTrainer, assemble_groups
+
+    # the gradient of two ranks (each half of the groups, averaged) == one process, whole batch
+    check = LuffyTrainer(tiny_config(Path({out!r}) / "grad", "loss.entropy_coef=0.01"))
+    samples = check.train_samples[:4]  # the same prompts, weights and seed on both ranks
+    completions = check.rollout.generate([s.prompt_ids for s in samples], n=3,
+                                         params=SamplingParams(24, seed=11))
+    batch = assemble_groups(samples, completions, n_off=1)
+    batch.advantages = torch.linspace(-1.0, 1.0, len(batch))
+    mine = [i for i in range(len(batch)) if int(batch.group_ids[i]) % 2 == check.rank]
+    policy = check.engine.module.policy
+    check.engine.zero_grad()
+    check.accumulate_gradients(batch, mine, None)
+    averaged = {{n: p.grad.clone() for n, p in policy.named_parameters()}}
+    for grad in averaged.values():
+        torch.distributed.all_reduce(grad)
+        grad /= 2
+    check.engine.zero_grad()
+    check.world_size = 1
+    check.accumulate_gradients(batch, list(range(len(batch))), None)
+    worst = max(float((averaged[n] - p.grad).abs().max() / p.grad.abs().max().clamp_min(1e-12))
+                for n, p in policy.named_parameters())
+    check.world_size = 2
 
     trainer = LuffyTrainer(tiny_config(Path({out!r}), "train.zero_stage=2", "train.steps=2",
                                        "eval.every=0"))
     prompts = [s.prompt_ids for s in trainer.prompt_batch(0)]
     history = trainer.train()
-    print("RESULT " + json.dumps({{"rank": trainer.rank, "prompts": prompts,
+    print("RESULT " + json.dumps({{"rank": trainer.rank, "prompts": prompts, "worst": worst,
                                    "loss": [row["loss"] for row in history]}}))
 """)
 
@@ -52,6 +77,7 @@ def test_two_ranks_share_each_step_and_publish_one_checkpoint(tmp_path):
     assert len(results[0]["prompts"]) == len(results[1]["prompts"]) == 2
     assert results[0]["prompts"] != results[1]["prompts"]
     assert all(len(r["loss"]) == 2 for r in results.values())
+    assert all(r["worst"] <= 1e-5 for r in results.values()), results
     checkpoints = tmp_path / "out" / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step-000002"
     assert (checkpoints / "step-000002" / "hf" / "config.json").exists()
