@@ -537,7 +537,8 @@ class LuffyTrainer:
         batch.advantages = group_advantages(batch.rewards, batch.group_ids,
                                             use_std=config.algorithm.advantage_std)
         # 6. the mixed-policy loss over all response tokens, and the optimizer steps
-        engine_metrics = dict(getattr(self.rollout, "last_timings", {}))
+        engine_metrics = {**getattr(self.rollout, "last_timings", {}),
+                          **getattr(self.rollout, "last_metrics", {})}
         if hasattr(self.rollout, "sleep"):  # engines that can free device memory for the update
             self.rollout.sleep()
         token_weights, correction = self.rollout_correction(batch, completions)

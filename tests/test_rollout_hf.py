@@ -39,6 +39,16 @@ def test_behaviour_logprobs_match_the_policy(engine):
             expected = oracle_logprobs(engine.model, prompt, completion.token_ids, 0.7)
             torch.testing.assert_close(torch.tensor(completion.logprobs), expected,
                                        atol=1e-4, rtol=1e-4)
+    # the policy's entropy at temperature 0.7 over every sampled position
+    entropies = []
+    for prompt, group in zip(prompts, out):
+        for completion in group:
+            ids = torch.tensor([prompt + completion.token_ids])
+            with torch.no_grad():
+                logits = engine.model(ids).logits[0, len(prompt) - 1:-1].float() / 0.7
+            entropies.append(torch.distributions.Categorical(logits=logits).entropy())
+    assert engine.last_metrics["rollout_entropy"] == pytest.approx(
+        float(torch.cat(entropies).mean()), rel=1e-4)
 
 
 def test_seeded_calls_repeat_and_greedy_is_argmax(engine):

@@ -27,6 +27,8 @@ class HFGenerateEngine(RolloutEngine):
         self.eos_token_id = eos_token_id
         self.max_batch_size = max_batch_size
         self.device = next(model.parameters()).device
+        # of the latest generate call: mean entropy of the sampling distribution per sampled token
+        self.last_metrics: dict[str, float] = {}
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], n: int,
@@ -37,12 +39,14 @@ class HFGenerateEngine(RolloutEngine):
             raise ValueError("every prompt needs at least one token")
         flat = [list(p) for p in prompts for _ in range(n)]
         completions: list[Completion] = []
+        self._entropy_sum, self._entropy_count = 0.0, 0
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             if params.seed is not None:
                 torch.manual_seed(params.seed)
             for start in range(0, len(flat), self.max_batch_size):
                 completions.extend(self._generate_batch(flat[start:start + self.max_batch_size],
                                                         params))
+        self.last_metrics = {"rollout_entropy": self._entropy_sum / max(self._entropy_count, 1)}
         return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     def _generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
@@ -64,11 +68,14 @@ class HFGenerateEngine(RolloutEngine):
         # scores are the processed logits actually sampled from (temperature, top-p applied)
         logprobs = torch.stack(out.scores, dim=1).float().log_softmax(-1).cpu()
         token_logprobs = logprobs.gather(-1, new_tokens[..., None]).squeeze(-1)
+        entropy = -(logprobs.exp() * logprobs.clamp_min(-1e30)).sum(-1)  # [B, new tokens]
         result = []
-        for tokens, lps in zip(new_tokens.tolist(), token_logprobs.tolist()):
+        for row, (tokens, lps) in enumerate(zip(new_tokens.tolist(), token_logprobs.tolist())):
             finished = self.eos_token_id in tokens
             length = tokens.index(self.eos_token_id) + 1 if finished else len(tokens)
             result.append(Completion(tokens[:length], lps[:length], finished))
+            self._entropy_sum += float(entropy[row, :length].sum())
+            self._entropy_count += length
         return result
 
     @torch.no_grad()
