@@ -20,14 +20,14 @@ import triton
 import triton.language as tl
 
 from .forward import dot_precision
-from .utils import logit_tile, shape_bucket, tile_configs
+from .utils import expm1, logit_tile, shape_bucket, tile_configs
 
 
 @triton.autotune(configs=tile_configs("backward"), key=["V_BUCKET", "H_BUCKET", "FROM_LOGITS"])
 @triton.jit
 def _grad_logits_kernel(
     hidden_ptr, weight_ptr, bias_ptr, rows_ptr, logit_rows_ptr, logits_ptr, targets_ptr,
-    lse_ptr, coef_ptr, entropy_weight_ptr, expected_logit_ptr, grad_logits_ptr,
+    lse_ptr, coef_ptr, entropy_weight_ptr, row_max_ptr, expected_shift_ptr, grad_logits_ptr,
     C, V, HD, stride_hidden, stride_weight, stride_logits, inv_temperature,
     V_BUCKET, H_BUCKET,
     HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, FROM_LOGITS: tl.constexpr,
@@ -51,21 +51,26 @@ def _grad_logits_kernel(
     lse = tl.load(lse_ptr + offs_t, mask=t_mask, other=0.0)
     coef = tl.load(coef_ptr + offs_t, mask=t_mask, other=0.0)
     targets = tl.load(targets_ptr + offs_t, mask=t_mask, other=-1)
-    prob = tl.exp(logits - lse[:, None])
+    log_prob = logits - lse[:, None]
+    prob = tl.exp(log_prob)
+    # g (e_y - p): at the target g (1 - p_y) = -g expm1(log p_y), exact when p_y is near 1.
+    is_target = offs_v[None, :] == targets[:, None]
+    grad = tl.where(is_target, -expm1(log_prob), -prob) * coef[:, None]
     if WITH_ENTROPY:
         entropy_weight = tl.load(entropy_weight_ptr + offs_t, mask=t_mask, other=0.0)
-        expected = tl.load(expected_logit_ptr + offs_t, mask=t_mask, other=0.0)
-        grad = prob * (entropy_weight[:, None] * (logits - expected[:, None]) - coef[:, None])
-    else:
-        grad = -prob * coef[:, None]
-    grad += tl.where(offs_v[None, :] == targets[:, None], coef[:, None], 0.0)
+        # z - E_p[z] as (z - max) - (E_p[z] - max): no cancellation for a peaked distribution.
+        row_max = tl.load(row_max_ptr + offs_t, mask=t_mask, other=0.0)
+        expected_shift = tl.load(expected_shift_ptr + offs_t, mask=t_mask, other=0.0)
+        shift = (logits - row_max[:, None]) - expected_shift[:, None]
+        grad += prob * entropy_weight[:, None] * shift
     grad = grad * inv_temperature
     out = grad_logits_ptr + offs_t[:, None].to(tl.int64) * V + offs_v[None, :]
     tl.store(out, grad.to(grad_logits_ptr.dtype.element_ty), mask=t_mask[:, None] & v_mask[None, :])
 
 
-def grad_logits(hidden, weight, bias, rows, targets, lse, coef, entropy_weight, expected_logit,
-                temperature: float, out: torch.Tensor, logits: Optional[torch.Tensor] = None,
+def grad_logits(hidden, weight, bias, rows, targets, lse, coef, entropy_weight, row_max,
+                expected_shift, temperature: float, out: torch.Tensor,
+                logits: Optional[torch.Tensor] = None,
                 logit_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Fill `out` [C, V] with dL/dz for C active tokens.
 
@@ -80,7 +85,7 @@ def grad_logits(hidden, weight, bias, rows, targets, lse, coef, entropy_weight, 
         logit_rows if logit_rows is not None else rows,
         logits if logits is not None else out, targets,
         lse, coef, entropy_weight if with_entropy else coef,
-        expected_logit if with_entropy else coef, out,
+        row_max if with_entropy else coef, expected_shift if with_entropy else coef, out,
         C, V, HD, hidden.stride(0), weight.stride(0),
         logits.stride(0) if logits is not None else 0, 1.0 / temperature,
         shape_bucket(V), shape_bucket(HD),

@@ -23,7 +23,7 @@ from .utils import logit_tile, num_vocab_splits, shape_bucket, tile_configs
 @triton.jit
 def _forward_kernel(
     hidden_ptr, weight_ptr, bias_ptr, rows_ptr, targets_ptr, logits_ptr,
-    max_ptr, sum_ptr, sum_pz_ptr, target_logit_ptr,
+    max_ptr, sum_ptr, sum_all_ptr, sum_pz_ptr, target_logit_ptr,
     N, V, HD, stride_hidden, stride_weight, stride_logits, inv_temperature,
     V_BUCKET, H_BUCKET,
     HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, FROM_LOGITS: tl.constexpr,
@@ -45,6 +45,7 @@ def _forward_kernel(
 
     run_max = tl.full((BLOCK_T,), float("-inf"), tl.float32)
     run_sum = tl.zeros((BLOCK_T,), tl.float32)
+    run_sum_all = tl.zeros((BLOCK_T,), tl.float32)
     run_sum_pz = tl.zeros((BLOCK_T,), tl.float32)
     target_logit = tl.zeros((BLOCK_T,), tl.float32)
     for v0 in range(v_begin, v_end, BLOCK_V):
@@ -59,10 +60,16 @@ def _forward_kernel(
         new_max = tl.maximum(run_max, tl.max(logits, axis=1))
         rescale = tl.exp(run_max - new_max)
         exp = tl.exp(logits - new_max[:, None])
-        run_sum = run_sum * rescale + tl.sum(exp, axis=1)
-        if WITH_ENTROPY:
-            run_sum_pz = run_sum_pz * rescale + tl.sum(exp * tl.where(v_mask[None, :], logits, 0.0), axis=1)
         is_target = offs_v[None, :] == targets[:, None]
+        # The sum leaves the target out: log pi = -log1p(others / exp(z_y)) stays exact as pi -> 1.
+        run_sum = run_sum * rescale + tl.sum(tl.where(is_target, 0.0, exp), axis=1)
+        if WITH_ENTROPY:
+            # sum of p (z - max) with the running max: E_p[z] - max keeps its relative precision
+            # when the distribution is peaked (z - E_p[z] would cancel otherwise).
+            shifted = tl.where(v_mask[None, :], logits - new_max[:, None], 0.0)
+            moved = tl.where(run_sum_all > 0, (run_max - new_max) * run_sum_all, 0.0)
+            run_sum_pz = (run_sum_pz + moved) * rescale + tl.sum(exp * shifted, axis=1)
+            run_sum_all = run_sum_all * rescale + tl.sum(exp, axis=1)
         target_logit += tl.sum(tl.where(is_target, logits, 0.0), axis=1)
         run_max = new_max
 
@@ -71,6 +78,7 @@ def _forward_kernel(
     tl.store(sum_ptr + out, run_sum, mask=t_mask)
     tl.store(target_logit_ptr + out, target_logit, mask=t_mask)
     if WITH_ENTROPY:
+        tl.store(sum_all_ptr + out, run_sum_all, mask=t_mask)
         tl.store(sum_pz_ptr + out, run_sum_pz, mask=t_mask)
 
 
@@ -79,19 +87,33 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def merge_splits(run_max, run_sum, run_sum_pz, target_logit):
-    """Combine per-split partials [S, N] into logsumexp, target logit and E_p[z] per token."""
+def merge_splits(run_max, run_other, run_sum_all, run_sum_pz, target_logit):
+    """Combine per-split partials [S, N] into per-token logsumexp, log pi, max and E_p[z] - max.
+
+    `run_other` sums exp(z - max) over the non-target entries, so that
+    log pi = -log1p(others / exp(z_y)) keeps full relative precision as pi -> 1 (where
+    z_y - logsumexp would cancel). With entropy, `run_sum_pz` holds sum exp(z - max) (z - max).
+    """
     top = run_max.max(dim=0).values
     scale = torch.exp(run_max - top)  # an empty split has max -inf: scale 0
-    total = (run_sum * scale).sum(dim=0)
+    others = (run_other * scale).sum(dim=0)
+    target_shift = target_logit.sum(dim=0) - top
+    target_exp = target_shift.exp()
+    total = others + target_exp
     lse = top + total.log()
-    expected_logit = None if run_sum_pz is None else (run_sum_pz * scale).sum(dim=0) / total
-    return lse, target_logit.sum(dim=0), expected_logit
+    logprobs = torch.where(target_shift > -20, -torch.log1p(others / target_exp), target_shift - total.log())
+    expected_shift = None
+    if run_sum_pz is not None:
+        moved = torch.where(run_sum_all > 0, (run_max - top) * run_sum_all, torch.zeros_like(run_sum_all))
+        expected_shift = ((run_sum_pz + moved) * scale).sum(dim=0) / (run_sum_all * scale).sum(dim=0)
+    return lse, logprobs, top, expected_shift
 
 
 def logsumexp_forward(hidden, weight, bias, rows, targets, temperature: float, with_entropy: bool,
                       logits: Optional[torch.Tensor] = None):
-    """Per-token logsumexp, log-prob of the target and E_p[z] (entropy on; else None), in fp32.
+    """Per-token logsumexp, log-prob of the target, max logit and E_p[z] - max, in fp32.
+
+    The last is None without entropy; the entropy is lse - max - (E_p[z] - max).
 
     Tokens are rows `rows` [N] of `hidden` [T, H] with `targets` [N]. When `logits` [N, V] (raw
     h W^T from a GEMM, row i for token i) is given, tiles are read from it instead of multiplied.
@@ -102,17 +124,17 @@ def logsumexp_forward(hidden, weight, bias, rows, targets, temperature: float, w
     partial = lambda: torch.empty((splits, N), dtype=torch.float32, device=device)  # noqa: E731
     run_max, run_sum, target_logit = partial(), partial(), partial()
     run_sum_pz = partial() if with_entropy else run_sum
+    run_sum_all = partial() if with_entropy else run_sum
     if N > 0:
         grid = lambda meta: (splits, triton.cdiv(N, meta["BLOCK_T"]))  # noqa: E731
         _forward_kernel[grid](
             hidden, weight, bias if bias is not None else weight, rows, targets,
             logits if logits is not None else weight,
-            run_max, run_sum, run_sum_pz, target_logit,
+            run_max, run_sum, run_sum_all, run_sum_pz, target_logit,
             N, V, HD, hidden.stride(0), weight.stride(0),
             logits.stride(0) if logits is not None else 0, 1.0 / temperature,
             shape_bucket(V), shape_bucket(HD),
             HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, FROM_LOGITS=logits is not None,
             DOT_PRECISION=dot_precision(hidden.dtype))
-    lse, target, expected = merge_splits(run_max, run_sum, run_sum_pz if with_entropy else None,
-                                         target_logit)
-    return lse, target - lse, expected
+    return merge_splits(run_max, run_sum, run_sum_all, run_sum_pz if with_entropy else None,
+                        target_logit)

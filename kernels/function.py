@@ -79,7 +79,7 @@ class _Terms:
     """The epilogue of one group of tokens: loss, gradient coefficients, per-token stats."""
 
     def __init__(self, inputs: LossInputs, part: slice, lse: Tensor, logprobs: Tensor,
-                 expected_logit: Optional[Tensor]):
+                 row_max: Tensor, expected_shift: Optional[Tensor]):
         config = inputs.config
         old = None if inputs.old_logprobs is None else inputs.old_logprobs[part]
         terms = loss_math.policy_terms(logprobs, old, inputs.advantages[part],
@@ -90,8 +90,8 @@ class _Terms:
         self.coef = token_weight * terms.grad_coef.float()
         self.active = self.coef != 0
         self.entropy = self.entropy_weight = None
-        if expected_logit is not None:
-            self.entropy = lse - expected_logit
+        if expected_shift is not None:
+            self.entropy = (lse - row_max) - expected_shift
             self.entropy_weight = token_weight * config.entropy_coef
             self.loss = self.loss - (self.entropy_weight * self.entropy).sum()
             self.active = self.active | (self.entropy_weight != 0)
@@ -128,9 +128,9 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
         part = slice(start, min(start + chunk, N))
         rows, targets = inputs.rows[part], inputs.targets[part]
         logits = raw_logits(hidden[rows], weight)
-        lse, logprobs, expected = logsumexp_forward(hidden, weight, bias, rows, targets,
-                                                    config.temperature, with_entropy, logits=logits)
-        terms = _Terms(inputs, part, lse, logprobs, expected)
+        lse, logprobs, row_max, expected_shift = logsumexp_forward(
+            hidden, weight, bias, rows, targets, config.temperature, with_entropy, logits=logits)
+        terms = _Terms(inputs, part, lse, logprobs, row_max, expected_shift)
         groups.append(terms)
         loss += terms.loss
         position = terms.active.nonzero().squeeze(1)
@@ -139,8 +139,9 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
         out = grad_buffer[: position.numel()]
         grad_logits(hidden, weight, bias, rows[position].contiguous(), targets[position].contiguous(),
                     lse[position].contiguous(), terms.coef[position].contiguous(),
-                    _pick(terms.entropy_weight, position), _pick(expected, position),
-                    config.temperature, out, logits=logits, logit_rows=position)
+                    _pick(terms.entropy_weight, position), _pick(row_max, position),
+                    _pick(expected_shift, position), config.temperature, out, logits=logits,
+                    logit_rows=position)
         active_rows = rows[position]
         accumulate_gradients(out, hidden[active_rows], weight, active_rows, grad_hidden,
                              grad_weight, grad_bias)
@@ -156,7 +157,8 @@ class _BackwardState:
     lse: Tensor
     coef: Tensor  # dL/d log pi with the normalizer
     entropy_weight: Optional[Tensor]
-    expected_logit: Optional[Tensor]
+    row_max: Optional[Tensor]
+    expected_shift: Optional[Tensor]  # E_p[z] - max
     temperature: float
     chunk: int
 
@@ -165,9 +167,10 @@ class _BackwardState:
 def _recompute_forward(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                        chunk: int, needs_grad: bool):
     config = inputs.config
-    lse, logprobs, expected = logsumexp_forward(hidden, weight, bias, inputs.rows, inputs.targets,
-                                                config.temperature, config.entropy_coef > 0)
-    terms = _Terms(inputs, slice(0, inputs.rows.numel()), lse, logprobs, expected)
+    lse, logprobs, row_max, expected_shift = logsumexp_forward(
+        hidden, weight, bias, inputs.rows, inputs.targets, config.temperature,
+        config.entropy_coef > 0)
+    terms = _Terms(inputs, slice(0, inputs.rows.numel()), lse, logprobs, row_max, expected_shift)
     state = None
     if needs_grad:
         position = terms.active.nonzero().squeeze(1)  # only these go to the backward
@@ -175,7 +178,9 @@ def _recompute_forward(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias:
             rows=_pick(inputs.rows, position), targets=_pick(inputs.targets, position),
             lse=_pick(lse, position), coef=_pick(terms.coef, position),
             entropy_weight=_pick(terms.entropy_weight, position),
-            expected_logit=_pick(expected, position), temperature=config.temperature, chunk=chunk)
+            row_max=_pick(row_max, position) if expected_shift is not None else None,
+            expected_shift=_pick(expected_shift, position), temperature=config.temperature,
+            chunk=chunk)
     return terms.loss, _stats(inputs, [terms]), state
 
 
@@ -215,7 +220,8 @@ class _RecomputeBackward(torch.autograd.Function):
             out = buffer[: rows.numel()]
             grad_logits(hidden_c, weight_c, bias if has_bias else None, rows, state.targets[part],
                         state.lse[part], coef[part], sub(entropy_weight, part),
-                        sub(state.expected_logit, part), state.temperature, out)
+                        sub(state.row_max, part), sub(state.expected_shift, part),
+                        state.temperature, out)
             accumulate_gradients(out, hidden_c[rows], weight_c, rows, grad_hidden, grad_weight,
                                  grad_bias)
         if grad_bias is not None:
@@ -250,7 +256,7 @@ def triton_token_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
                           config: LuffyLossConfig, with_entropy: bool):
     _check_device(hidden)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
-    lse, logprobs, expected_logit = logsumexp_forward(
+    lse, logprobs, row_max, expected_shift = logsumexp_forward(
         hidden.contiguous(), weight.contiguous(), bias, rows, targets, config.temperature,
         with_entropy)
-    return logprobs, (lse - expected_logit) if with_entropy else None
+    return logprobs, ((lse - row_max) - expected_shift) if with_entropy else None

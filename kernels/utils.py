@@ -75,3 +75,10 @@ def logit_tile(hidden_ptr, weight_ptr, bias_ptr, logits_ptr, rows, logit_rows, o
     if HAS_BIAS:
         raw += tl.load(bias_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
     return raw * inv_temperature
+
+
+@triton.jit
+def expm1(x):
+    """exp(x) - 1 without cancellation near 0 (a degree-6 Taylor polynomial for |x| < 0.1)."""
+    taylor = x * (1.0 + x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (1.0 / 720))))))
+    return tl.where(tl.abs(x) < 0.1, taylor, tl.exp(x) - 1.0)

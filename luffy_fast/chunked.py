@@ -54,7 +54,8 @@ class _ChunkedLogits:
 
 
 def _softmax_parts(logits: Tensor, targets: Tensor, with_entropy: bool, with_probs: bool = True):
-    """From a [C, V] logit chunk: probabilities (a new buffer), logsumexp, log-probs, E_p[z].
+    """From a [C, V] logit chunk: probabilities (a new buffer), logsumexp, log-probs, and with
+    entropy (row max, E_p[z] - row max): the shifted form keeps z - E_p[z] exact when p is peaked.
 
     Goes through torch's fused log_softmax, several times faster on the CPU than separate max,
     exp and sum passes.
@@ -65,8 +66,16 @@ def _softmax_parts(logits: Tensor, targets: Tensor, with_entropy: bool, with_pro
     if not with_probs:
         return None, lse, logprobs, None
     probs = log_probs.exp_()
-    expected_logit = (probs * logits).sum(dim=1) if with_entropy else None
-    return probs, lse, logprobs, expected_logit
+    expected = None
+    if with_entropy:
+        row_max = logits.amax(dim=1)
+        expected = (row_max, (probs * (logits - row_max[:, None])).sum(dim=1))
+    # As pi -> 1, z_y - logsumexp cancels; 1 - pi summed over the other entries does not.
+    target_probs = probs.gather(1, targets[:, None])
+    others = probs.scatter_(1, targets[:, None], 0.0).sum(dim=1)
+    probs.scatter_(1, targets[:, None], target_probs)
+    logprobs = torch.where(others < 0.5, torch.log1p(-others), logprobs)
+    return probs, lse, logprobs, expected
 
 
 @torch.no_grad()
@@ -112,7 +121,7 @@ def _sweep(inputs: LossInputs, need_hidden: bool, need_weight: bool, need_bias: 
                 inputs.advantages[part], inputs.off_policy_mask[part], config)
             logprobs[part], ratio[part], clipped[part] = lp, terms.ratio, terms.clipped
             continue
-        probs, lse, lp, expected_logit = _softmax_parts(logits, targets, with_entropy)
+        probs, lse, lp, expected = _softmax_parts(logits, targets, with_entropy)
         terms = loss_math.policy_terms(
             lp, None if inputs.old_logprobs is None else inputs.old_logprobs[part],
             inputs.advantages[part], inputs.off_policy_mask[part], config)
@@ -122,7 +131,8 @@ def _sweep(inputs: LossInputs, need_hidden: bool, need_weight: bool, need_bias: 
         coef = token_weight * terms.grad_coef  # dL/d log pi, normalizer included
         entropy_weight = None
         if with_entropy:
-            entropy[part] = lse - expected_logit
+            row_max, expected_shift = expected
+            entropy[part] = (lse - row_max) - expected_shift
             entropy_weight = token_weight * config.entropy_coef
             loss -= (entropy_weight * entropy[part]).sum()
         if not any_grad:
@@ -135,18 +145,24 @@ def _sweep(inputs: LossInputs, need_hidden: bool, need_weight: bool, need_bias: 
             if index.numel() == 0:
                 continue
             probs, coef, targets, rows = probs[index], coef[index], targets[index], rows[index]
-            hidden_rows, logits = hidden_rows[index], logits[index]
+            hidden_rows, logits, lp = hidden_rows[index], logits[index], lp[index]
             if entropy_weight is not None:
-                entropy_weight, expected_logit = entropy_weight[index], expected_logit[index]
+                entropy_weight = entropy_weight[index]
+                row_max, expected_shift = row_max[index], expected_shift[index]
 
         # dL/dz = g (e_y - p) + c_ent p (z - E_p[z]), then 1/temperature for z = hW^T / tau.
+        # At the target, g (1 - p_y) = -g expm1(log p_y): no cancellation when p_y is near 1.
+        target_grad = -coef * torch.expm1(lp)
         grad_logits = probs  # overwritten in place
         if entropy_weight is None:
             grad_logits.mul_(-coef[:, None])
         else:
-            shift = logits.sub_(expected_logit[:, None]).mul_(entropy_weight[:, None])
+            # z - E_p[z] = (z - max) - (E_p[z] - max): exact for a peaked distribution.
+            shift = logits.sub_(row_max[:, None]).sub_(expected_shift[:, None])
+            target_grad += entropy_weight * lp.exp() * shift.gather(1, targets[:, None]).squeeze(1)
+            shift.mul_(entropy_weight[:, None])
             grad_logits.mul_(shift.sub_(coef[:, None]))
-        grad_logits.scatter_add_(1, targets[:, None], coef[:, None])
+        grad_logits.scatter_(1, targets[:, None], target_grad[:, None])
         if config.temperature != 1.0:
             grad_logits.mul_(1.0 / config.temperature)
 
@@ -215,9 +231,10 @@ def chunked_token_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor
     for start in range(0, T, step):
         part = slice(start, min(start + step, T))
         logits = logits_of(hidden[part])
-        _, lse, lp, expected_logit = _softmax_parts(logits, targets[part], with_entropy,
-                                                    with_probs=with_entropy)
+        _, lse, lp, expected = _softmax_parts(logits, targets[part], with_entropy,
+                                              with_probs=with_entropy)
         logprobs[part] = lp
         if with_entropy:
-            entropy[part] = lse - expected_logit
+            row_max, expected_shift = expected
+            entropy[part] = (lse - row_max) - expected_shift
     return logprobs, entropy

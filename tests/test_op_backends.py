@@ -76,8 +76,12 @@ def cast_batch(batch: dict, dtype: torch.dtype) -> dict:
 
 
 def compare_backends(batch: dict, config, dtype: torch.dtype, backend: str,
-                     oracle_dtype: torch.dtype | None = None) -> None:
-    """`backend` on `dtype` inputs against the reference on the same (or upcast) inputs."""
+                     oracle_dtype: torch.dtype | None = torch.float64) -> None:
+    """`backend` on `dtype` inputs against the reference on the same inputs, upcast to float64.
+
+    A float64 oracle measures each backend's own error; an fp32 reference would add its own
+    rounding (e.g. log_softmax's backward computes g (1 - p_y) with cancellation as p_y -> 1).
+    """
     rtol = TOLERANCE[dtype]
     # The oracle sees the same rounded inputs, upcast when oracle_dtype is given.
     rounded = cast_batch(batch, dtype)
@@ -85,7 +89,9 @@ def compare_backends(batch: dict, config, dtype: torch.dtype, backend: str,
         cast_batch(rounded, oracle_dtype) if oracle_dtype else rounded, "reference", config)
     loss, stats, grads = run_loss(cast_batch(batch, dtype), backend, config)
     atol = 1e-12 if dtype == torch.float64 else 1e-8
-    assert_close(loss, expected_loss, rtol, "loss", atol=atol)
+    # The loss is a weighted mean of O(1) terms of both signs: when they cancel, its error is
+    # set by the terms' scale, so it also gets an absolute allowance of rtol * 0.01.
+    assert_close(loss, expected_loss, rtol, "loss", atol=max(atol, rtol * 1e-2))
     for name, expected in expected_grads.items():
         assert grads[name].dtype == dtype, f"d({name}) dtype"
         assert_close(grads[name], expected.to(dtype), rtol, f"d({name})", atol=atol)
@@ -120,7 +126,7 @@ def test_torch_backend_bfloat16_within_1e2(case):
     batch, config, scenario = case
     if scenario == "all_clipped":
         return  # clip decisions on bf16-rounded ratios legitimately differ from float64 ones
-    compare_backends(batch, config, torch.bfloat16, "torch", oracle_dtype=torch.float64)
+    compare_backends(batch, config, torch.bfloat16, "torch")
 
 
 def test_empty_batch_gives_zero_loss_and_zero_gradients():
