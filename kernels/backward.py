@@ -27,7 +27,7 @@ from .utils import expm1, logit_tile, shape_bucket, tile_configs
 @triton.jit
 def _grad_logits_kernel(
     hidden_ptr, weight_ptr, bias_ptr, rows_ptr, logit_rows_ptr, logits_ptr, targets_ptr,
-    lse_ptr, coef_ptr, entropy_weight_ptr, row_max_ptr, expected_shift_ptr, grad_logits_ptr,
+    lse_ptr, logprob_ptr, coef_ptr, entropy_weight_ptr, row_max_ptr, expected_shift_ptr, grad_logits_ptr,
     C, V, HD, stride_hidden, stride_weight, stride_logits, inv_temperature,
     V_BUCKET, H_BUCKET,
     HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, FROM_LOGITS: tl.constexpr,
@@ -51,11 +51,12 @@ def _grad_logits_kernel(
     lse = tl.load(lse_ptr + offs_t, mask=t_mask, other=0.0)
     coef = tl.load(coef_ptr + offs_t, mask=t_mask, other=0.0)
     targets = tl.load(targets_ptr + offs_t, mask=t_mask, other=-1)
-    log_prob = logits - lse[:, None]
-    prob = tl.exp(log_prob)
-    # g (e_y - p): at the target g (1 - p_y) = -g expm1(log p_y), exact when p_y is near 1.
+    prob = tl.exp(logits - lse[:, None])
+    # g (e_y - p): at the target g (1 - p_y) = -g expm1(log p_y), from the forward's log p_y
+    # (exact as p_y -> 1, where z_y - lse would cancel).
+    target_logprob = tl.load(logprob_ptr + offs_t, mask=t_mask, other=0.0)
     is_target = offs_v[None, :] == targets[:, None]
-    grad = tl.where(is_target, -expm1(log_prob), -prob) * coef[:, None]
+    grad = tl.where(is_target, -expm1(target_logprob)[:, None], -prob) * coef[:, None]
     if WITH_ENTROPY:
         entropy_weight = tl.load(entropy_weight_ptr + offs_t, mask=t_mask, other=0.0)
         # z - E_p[z] as (z - max) - (E_p[z] - max): no cancellation for a peaked distribution.
@@ -68,7 +69,7 @@ def _grad_logits_kernel(
     tl.store(out, grad.to(grad_logits_ptr.dtype.element_ty), mask=t_mask[:, None] & v_mask[None, :])
 
 
-def grad_logits(hidden, weight, bias, rows, targets, lse, coef, entropy_weight, row_max,
+def grad_logits(hidden, weight, bias, rows, targets, lse, logprobs, coef, entropy_weight, row_max,
                 expected_shift, temperature: float, out: torch.Tensor,
                 logits: Optional[torch.Tensor] = None,
                 logit_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -84,7 +85,7 @@ def grad_logits(hidden, weight, bias, rows, targets, lse, coef, entropy_weight, 
         hidden, weight, bias if bias is not None else weight, rows,
         logit_rows if logit_rows is not None else rows,
         logits if logits is not None else out, targets,
-        lse, coef, entropy_weight if with_entropy else coef,
+        lse, logprobs, coef, entropy_weight if with_entropy else coef,
         row_max if with_entropy else coef, expected_shift if with_entropy else coef, out,
         C, V, HD, hidden.stride(0), weight.stride(0),
         logits.stride(0) if logits is not None else 0, 1.0 / temperature,

@@ -138,7 +138,8 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
             continue
         out = grad_buffer[: position.numel()]
         grad_logits(hidden, weight, bias, rows[position].contiguous(), targets[position].contiguous(),
-                    lse[position].contiguous(), terms.coef[position].contiguous(),
+                    lse[position].contiguous(), logprobs[position].contiguous(),
+                    terms.coef[position].contiguous(),
                     _pick(terms.entropy_weight, position), _pick(row_max, position),
                     _pick(expected_shift, position), config.temperature, out, logits=logits,
                     logit_rows=position)
@@ -155,6 +156,7 @@ class _BackwardState:
     rows: Tensor  # rows of hidden
     targets: Tensor
     lse: Tensor
+    logprobs: Tensor
     coef: Tensor  # dL/d log pi with the normalizer
     entropy_weight: Optional[Tensor]
     row_max: Optional[Tensor]
@@ -176,7 +178,8 @@ def _recompute_forward(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias:
         position = terms.active.nonzero().squeeze(1)  # only these go to the backward
         state = _BackwardState(
             rows=_pick(inputs.rows, position), targets=_pick(inputs.targets, position),
-            lse=_pick(lse, position), coef=_pick(terms.coef, position),
+            lse=_pick(lse, position), logprobs=_pick(logprobs, position),
+            coef=_pick(terms.coef, position),
             entropy_weight=_pick(terms.entropy_weight, position),
             row_max=_pick(row_max, position) if expected_shift is not None else None,
             expected_shift=_pick(expected_shift, position), temperature=config.temperature,
@@ -219,7 +222,7 @@ class _RecomputeBackward(torch.autograd.Function):
             rows = state.rows[part]
             out = buffer[: rows.numel()]
             grad_logits(hidden_c, weight_c, bias if has_bias else None, rows, state.targets[part],
-                        state.lse[part], coef[part], sub(entropy_weight, part),
+                        state.lse[part], state.logprobs[part], coef[part], sub(entropy_weight, part),
                         sub(state.row_max, part), sub(state.expected_shift, part),
                         state.temperature, out)
             accumulate_gradients(out, hidden_c[rows], weight_c, rows, grad_hidden, grad_weight,
