@@ -67,3 +67,11 @@ class RolloutEngine(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Free the engine's resources (model copies, worker processes, device memory)."""
+
+
+def check_generate_args(prompts: Sequence[Sequence[int]], n: int) -> None:
+    """The argument checks every engine's `generate` starts with."""
+    if n <= 0:
+        raise ValueError(f"n must be positive (got {n})")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")

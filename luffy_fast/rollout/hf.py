@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from transformers import PreTrainedModel
 
-from luffy_fast.rollout.base import Completion, RolloutEngine, SamplingParams
+from luffy_fast.rollout.base import Completion, RolloutEngine, SamplingParams, check_generate_args
 
 
 class HFGenerateEngine(RolloutEngine):
@@ -33,10 +33,7 @@ class HFGenerateEngine(RolloutEngine):
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], n: int,
                  params: SamplingParams) -> list[list[Completion]]:
-        if n <= 0:
-            raise ValueError(f"n must be positive (got {n})")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
+        check_generate_args(prompts, n)
         flat = [list(p) for p in prompts for _ in range(n)]
         completions: list[Completion] = []
         self._entropy_sum, self._entropy_count = 0.0, 0

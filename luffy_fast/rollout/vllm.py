@@ -33,7 +33,7 @@ from typing import Any, Optional
 
 import torch
 
-from luffy_fast.rollout.base import Completion, RolloutEngine, SamplingParams
+from luffy_fast.rollout.base import Completion, RolloutEngine, SamplingParams, check_generate_args
 from luffy_fast.rollout.vllm_config import VLLMConfig
 from luffy_fast.rollout.weights import engine_weight_name
 
@@ -217,10 +217,7 @@ class VLLMRolloutEngine(RolloutEngine):
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int,
                  params: SamplingParams) -> list[list[Completion]]:
-        if n <= 0:
-            raise ValueError(f"n must be positive (got {n})")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
+        check_generate_args(prompts, n)
         if not prompts:
             return []
         self._ensure_awake()
