@@ -56,6 +56,7 @@ class _ChunkedLogits:
 def _softmax_parts(logits: Tensor, targets: Tensor, with_entropy: bool, with_probs: bool = True):
     """From a [C, V] logit chunk: probabilities (a new buffer), logsumexp, log-probs, and with
     entropy (row max, E_p[z] - row max): the shifted form keeps z - E_p[z] exact when p is peaked.
+    With entropy, `logits` is left holding z - row max.
 
     Goes through torch's fused log_softmax, several times faster on the CPU than separate max,
     exp and sum passes.
@@ -68,8 +69,11 @@ def _softmax_parts(logits: Tensor, targets: Tensor, with_entropy: bool, with_pro
     probs = log_probs.exp_()
     expected = None
     if with_entropy:
+        # Shifts `logits` in place to z - max (callers use them so from here on); row dots by bmm
+        # need no [C, V] temporary.
         row_max = logits.amax(dim=1)
-        expected = (row_max, (probs * (logits - row_max[:, None])).sum(dim=1))
+        shifted = logits.sub_(row_max[:, None])
+        expected = (row_max, torch.bmm(probs[:, None, :], shifted[:, :, None]).reshape(-1))
     # As pi -> 1, z_y - logsumexp cancels; 1 - pi summed over the other entries does not.
     target_probs = probs.gather(1, targets[:, None])
     others = probs.scatter_(1, targets[:, None], 0.0).sum(dim=1)
@@ -158,7 +162,7 @@ def _sweep(inputs: LossInputs, need_hidden: bool, need_weight: bool, need_bias: 
             grad_logits.mul_(-coef[:, None])
         else:
             # z - E_p[z] = (z - max) - (E_p[z] - max): exact for a peaked distribution.
-            shift = logits.sub_(row_max[:, None]).sub_(expected_shift[:, None])
+            shift = logits.sub_(expected_shift[:, None])  # logits already hold z - max
             target_grad += entropy_weight * lp.exp() * shift.gather(1, targets[:, None]).squeeze(1)
             shift.mul_(entropy_weight[:, None])
             grad_logits.mul_(shift.sub_(coef[:, None]))
