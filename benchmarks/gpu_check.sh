@@ -6,7 +6,7 @@
 #   BENCH_DRY_RUN=1 bash benchmarks/gpu_check.sh      # the same steps at toy sizes, on any machine
 #
 # Budget: every stage runs under `timeout`, sized from one overall budget (GPU_CHECK_BUDGET_S,
-# default 480 s), so the whole script ends in under 8.5 minutes even when a stage hangs; each stage
+# default 465 s), so the whole script ends in under 8 minutes even when a stage hangs; each stage
 # keeps what it measured so far, and each implementation fails on its own (one test each).
 # Expected on an H100: about 7 minutes (parity ~2, speed ~2.5, memory + scaling sweep ~2.5).
 set -u
@@ -15,7 +15,7 @@ ROOT=$PWD
 OUT_DIR=${OUT:-$ROOT/gpu_results}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-480}
+BUDGET=${GPU_CHECK_BUDGET_S:-465}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1
 export LUFFY_BENCH_ROUNDS=${LUFFY_BENCH_ROUNDS:-2}
