@@ -15,7 +15,7 @@ luffy_fast.loss_math on [N] vectors: the same definition as the other backends.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from functools import cache
 from typing import Optional
 
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from luffy_fast import loss_math
-from luffy_fast.chunked import AttachGradients
+from luffy_fast.chunked import attach_gradients, bias_slot, wants_grad
 from luffy_fast.config import LuffyLossConfig
 from luffy_fast.ops import LossInputs
 
@@ -105,53 +105,9 @@ def _stats(inputs: LossInputs, groups: list) -> dict:
                                inputs.off_policy_mask, inputs.norm)
 
 
-def _pick(tensor: Optional[Tensor], index: Tensor) -> Optional[Tensor]:
-    return None if tensor is None else tensor[index].contiguous()
-
-
-@torch.no_grad()
-def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                      chunk: int, needs: tuple[bool, bool, bool]):
-    """Loss, stats and gradients in one sweep over chunks of logits written by a GEMM (N > 0)."""
-    config = inputs.config
-    with_entropy = config.entropy_coef > 0
-    need_hidden, need_weight, need_bias = needs
-    grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-    grad_weight = torch.zeros_like(weight) if need_weight else None
-    grad_bias = None
-    if need_bias:
-        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
-    N = inputs.rows.numel()
-    groups, loss = [], torch.zeros((), dtype=torch.float32, device=hidden.device)
-    grad_buffer = torch.empty((min(chunk, N), weight.shape[0]), dtype=hidden.dtype, device=hidden.device)
-    for start in range(0, N, chunk):
-        part = slice(start, min(start + chunk, N))
-        rows, targets = inputs.rows[part], inputs.targets[part]
-        logits = raw_logits(hidden[rows], weight)
-        lse, logprobs, row_max, expected_shift = logsumexp_forward(
-            hidden, weight, bias, rows, targets, config.temperature, with_entropy, logits=logits)
-        terms = _Terms(inputs, part, lse, logprobs, row_max, expected_shift)
-        groups.append(terms)
-        loss += terms.loss
-        position = terms.active.nonzero().squeeze(1)
-        if position.numel() == 0:
-            continue
-        out = grad_buffer[: position.numel()]
-        grad_logits(hidden, weight, bias, rows[position].contiguous(), targets[position].contiguous(),
-                    lse[position].contiguous(), logprobs[position].contiguous(),
-                    terms.coef[position].contiguous(),
-                    _pick(terms.entropy_weight, position), _pick(row_max, position),
-                    _pick(expected_shift, position), config.temperature, out, logits=logits,
-                    logit_rows=position)
-        active_rows = rows[position]
-        accumulate_gradients(out, hidden[active_rows], weight, active_rows, grad_hidden,
-                             grad_weight, grad_bias)
-    return loss, _stats(inputs, groups), (grad_hidden, grad_weight, grad_bias)
-
-
 @dataclass
-class _BackwardState:
-    """What the recompute backward needs, restricted to the active tokens."""
+class _ActiveTokens:
+    """The gradient kernel's per-token inputs, for the tokens with something to contribute."""
 
     rows: Tensor  # rows of hidden
     targets: Tensor
@@ -161,6 +117,81 @@ class _BackwardState:
     entropy_weight: Optional[Tensor]
     row_max: Optional[Tensor]
     expected_shift: Optional[Tensor]  # E_p[z] - max
+
+    @classmethod
+    def select(cls, terms: _Terms, rows: Tensor, targets: Tensor, lse: Tensor, row_max: Tensor,
+               expected_shift: Optional[Tensor]) -> tuple[_ActiveTokens, Tensor]:
+        """The active tokens of `terms` (compacted), and their positions among the group."""
+        position = terms.active.nonzero().squeeze(1)
+        pick = lambda t: None if t is None else t[position].contiguous()  # noqa: E731
+        tokens = cls(pick(rows), pick(targets), pick(lse), pick(terms.logprobs), pick(terms.coef),
+                     pick(terms.entropy_weight), pick(row_max if expected_shift is not None else None),
+                     pick(expected_shift))
+        return tokens, position
+
+    def __len__(self) -> int:
+        return self.rows.numel()
+
+    def __getitem__(self, part: slice) -> _ActiveTokens:
+        return _ActiveTokens(*(None if getattr(self, f.name) is None else getattr(self, f.name)[part]
+                               for f in fields(self)))
+
+    def scaled(self, factor: Tensor) -> _ActiveTokens:
+        """The loss is linear in coef and entropy_weight: an upstream gradient scales both."""
+        entropy_weight = None if self.entropy_weight is None else self.entropy_weight * factor
+        return replace(self, coef=self.coef * factor, entropy_weight=entropy_weight)
+
+
+def _zero_gradients(hidden: Tensor, weight: Tensor, needs: tuple[bool, bool, bool]):
+    """Accumulators: d(hidden) and d(weight) in their own dtypes (GEMMs accumulate in fp32 within
+    a chunk), d(bias) in fp32."""
+    need_hidden, need_weight, need_bias = needs
+    return (torch.zeros_like(hidden) if need_hidden else None,
+            torch.zeros_like(weight) if need_weight else None,
+            torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None)
+
+
+def _add_gradients(tokens: _ActiveTokens, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                   temperature: float, out: Tensor, grads, logits: Optional[Tensor] = None,
+                   logit_rows: Optional[Tensor] = None) -> None:
+    """dL/dz of `tokens` into `out` [len(tokens), V], then its share of the three gradients."""
+    grad_logits(hidden, weight, bias, tokens.rows, tokens.targets, tokens.lse, tokens.logprobs,
+                tokens.coef, tokens.entropy_weight, tokens.row_max, tokens.expected_shift,
+                temperature, out, logits=logits, logit_rows=logit_rows)
+    accumulate_gradients(out, hidden[tokens.rows], weight, tokens.rows, *grads)
+
+
+@torch.no_grad()
+def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                      chunk: int, needs: tuple[bool, bool, bool]):
+    """Loss, stats and gradients in one sweep over chunks of logits written by a GEMM (N > 0)."""
+    config = inputs.config
+    grads = _zero_gradients(hidden, weight, needs)
+    N = inputs.rows.numel()
+    groups, loss = [], torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_buffer = torch.empty((min(chunk, N), weight.shape[0]), dtype=hidden.dtype, device=hidden.device)
+    for start in range(0, N, chunk):
+        part = slice(start, min(start + chunk, N))
+        rows, targets = inputs.rows[part], inputs.targets[part]
+        logits = raw_logits(hidden[rows], weight)
+        lse, logprobs, row_max, expected_shift = logsumexp_forward(
+            hidden, weight, bias, rows, targets, config.temperature, config.entropy_coef > 0,
+            logits=logits)
+        terms = _Terms(inputs, part, lse, logprobs, row_max, expected_shift)
+        groups.append(terms)
+        loss += terms.loss
+        tokens, position = _ActiveTokens.select(terms, rows, targets, lse, row_max, expected_shift)
+        if len(tokens):
+            _add_gradients(tokens, hidden, weight, bias, config.temperature,
+                           grad_buffer[: len(tokens)], grads, logits=logits, logit_rows=position)
+    return loss, _stats(inputs, groups), grads
+
+
+@dataclass
+class _BackwardState:
+    """What the recompute backward needs."""
+
+    tokens: _ActiveTokens
     temperature: float
     chunk: int
 
@@ -174,16 +205,10 @@ def _recompute_forward(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias:
         config.entropy_coef > 0)
     terms = _Terms(inputs, slice(0, inputs.rows.numel()), lse, logprobs, row_max, expected_shift)
     state = None
-    if needs_grad:
-        position = terms.active.nonzero().squeeze(1)  # only these go to the backward
-        state = _BackwardState(
-            rows=_pick(inputs.rows, position), targets=_pick(inputs.targets, position),
-            lse=_pick(lse, position), logprobs=_pick(logprobs, position),
-            coef=_pick(terms.coef, position),
-            entropy_weight=_pick(terms.entropy_weight, position),
-            row_max=_pick(row_max, position) if expected_shift is not None else None,
-            expected_shift=_pick(expected_shift, position), temperature=config.temperature,
-            chunk=chunk)
+    if needs_grad:  # only the active tokens go to the backward
+        tokens, _ = _ActiveTokens.select(terms, inputs.rows, inputs.targets, lse, row_max,
+                                         expected_shift)
+        state = _BackwardState(tokens, config.temperature, chunk)
     return terms.loss, _stats(inputs, [terms]), state
 
 
@@ -200,33 +225,18 @@ class _RecomputeBackward(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         hidden, weight, bias = ctx.saved_tensors
         state, ctx.state = ctx.state, None
-        _, need_hidden, need_weight, need_bias = ctx.needs_input_grad[:4]
         has_bias = bias.numel() > 0
-        need_bias = need_bias and has_bias
+        needs = (ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[3] and has_bias)
         hidden_c, weight_c = hidden.detach().contiguous(), weight.detach().contiguous()
-        # The loss is linear in coef and entropy_weight: fold the upstream gradient into them.
-        coef = state.coef * grad_loss
-        entropy_weight = None if state.entropy_weight is None else state.entropy_weight * grad_loss
-        grad_hidden = torch.zeros_like(hidden_c) if need_hidden else None
-        # d(weight) accumulates in the weight's dtype, through GEMMs with fp32 accumulation.
-        grad_weight = torch.zeros_like(weight_c) if need_weight else None
-        grad_bias = None
-        if need_bias:
-            grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
-
-        A, chunk = state.rows.numel(), state.chunk
-        buffer = torch.empty((min(chunk, A), weight.shape[0]), dtype=hidden.dtype, device=hidden.device)
-        sub = lambda t, part: None if t is None else t[part]  # noqa: E731
-        for start in range(0, A, chunk):
-            part = slice(start, min(start + chunk, A))
-            rows = state.rows[part]
-            out = buffer[: rows.numel()]
-            grad_logits(hidden_c, weight_c, bias if has_bias else None, rows, state.targets[part],
-                        state.lse[part], state.logprobs[part], coef[part], sub(entropy_weight, part),
-                        sub(state.row_max, part), sub(state.expected_shift, part),
-                        state.temperature, out)
-            accumulate_gradients(out, hidden_c[rows], weight_c, rows, grad_hidden, grad_weight,
-                                 grad_bias)
+        grads = _zero_gradients(hidden_c, weight_c, needs)
+        tokens, chunk = state.tokens.scaled(grad_loss), state.chunk
+        buffer = torch.empty((min(chunk, len(tokens)), weight.shape[0]), dtype=hidden.dtype,
+                             device=hidden.device)
+        for start in range(0, len(tokens), chunk):
+            part = tokens[start:start + chunk]
+            _add_gradients(part, hidden_c, weight_c, bias if has_bias else None, state.temperature,
+                           buffer[: len(part)], grads)
+        grad_hidden, grad_weight, grad_bias = grads
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
         return None, grad_hidden, grad_weight, grad_bias, None
@@ -236,21 +246,15 @@ def triton_loss(inputs: LossInputs) -> tuple[Tensor, dict]:
     _check_device(inputs.hidden)
     hidden, weight = inputs.hidden.detach().contiguous(), inputs.weight.detach().contiguous()
     bias = None if inputs.bias is None else inputs.bias.detach().contiguous()
-    enabled = torch.is_grad_enabled()
-    needs = (enabled and inputs.hidden.requires_grad, enabled and inputs.weight.requires_grad,
-             enabled and bias is not None and inputs.bias.requires_grad)
+    needs = wants_grad(inputs)
     strategy, chunk = plan(inputs.config, hidden.device, inputs.rows.numel(), weight.shape[0],
                            hidden.element_size())
-    # An autograd.Function needs a tensor in the bias slot; an empty one takes no gradient.
-    bias_slot = inputs.bias if inputs.bias is not None else torch.empty(0, device=hidden.device,
-                                                                         dtype=hidden.dtype)
     if strategy == "kept" and any(needs):
         loss, stats, grads = _kept_logits_pass(inputs, hidden, weight, bias, chunk, needs)
-        loss = AttachGradients.apply(loss, inputs.hidden, inputs.weight, bias_slot, grads)
-        return loss, stats
+        return attach_gradients(loss, inputs, grads), stats
     loss, stats, state = _recompute_forward(inputs, hidden, weight, bias, chunk, any(needs))
     if any(needs):
-        loss = _RecomputeBackward.apply(loss, inputs.hidden, inputs.weight, bias_slot, state)
+        loss = _RecomputeBackward.apply(loss, inputs.hidden, inputs.weight, bias_slot(inputs), state)
     return loss, stats
 
 

@@ -201,11 +201,15 @@ class AttachGradients(torch.autograd.Function):
         return (None, *grads, None)
 
 
+def bias_slot(inputs: LossInputs) -> Tensor:
+    """The bias, or an empty tensor: an autograd.Function needs a tensor slot (it takes no grad)."""
+    if inputs.bias is not None:
+        return inputs.bias
+    return torch.empty(0, device=inputs.hidden.device, dtype=inputs.hidden.dtype)
+
+
 def attach_gradients(loss: Tensor, inputs: LossInputs, grads) -> Tensor:
-    bias = inputs.bias
-    if bias is None:  # autograd.Function needs a tensor slot; an empty one takes no gradient
-        bias = torch.empty(0, device=loss.device)
-    return AttachGradients.apply(loss, inputs.hidden, inputs.weight, bias, grads)
+    return AttachGradients.apply(loss, inputs.hidden, inputs.weight, bias_slot(inputs), grads)
 
 
 def wants_grad(inputs: LossInputs) -> tuple[bool, bool, bool]:
