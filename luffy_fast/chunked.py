@@ -118,18 +118,15 @@ def _sweep(inputs: LossInputs, need_hidden: bool, need_weight: bool, need_bias: 
         rows, targets = inputs.rows[part], inputs.targets[part]
         hidden_rows = hidden[rows]
         logits = logits_of(hidden_rows)
-        if start >= num_contributing:  # forward only, for the stats
-            _, _, lp, _ = _softmax_parts(logits, targets, False, with_probs=False)
-            terms = loss_math.policy_terms(
-                lp, None if inputs.old_logprobs is None else inputs.old_logprobs[part],
-                inputs.advantages[part], inputs.off_policy_mask[part], config)
-            logprobs[part], ratio[part], clipped[part] = lp, terms.ratio, terms.clipped
-            continue
-        probs, lse, lp, expected = _softmax_parts(logits, targets, with_entropy)
+        forward_only = start >= num_contributing  # log-probs for the stats; the loss term is 0
+        probs, lse, lp, expected = _softmax_parts(logits, targets, with_entropy,
+                                                  with_probs=not forward_only)
         terms = loss_math.policy_terms(
             lp, None if inputs.old_logprobs is None else inputs.old_logprobs[part],
             inputs.advantages[part], inputs.off_policy_mask[part], config)
         logprobs[part], ratio[part], clipped[part] = lp, terms.ratio, terms.clipped
+        if forward_only:
+            continue
         token_weight = inputs.norm.weights[part]
         loss += (token_weight * terms.loss).sum()
         coef = token_weight * terms.grad_coef  # dL/d log pi, normalizer included
