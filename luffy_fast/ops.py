@@ -124,11 +124,9 @@ def default_backend(device: torch.device) -> str:
 
 
 def _resolve_backend(backend: Optional[str], device: torch.device) -> str:
-    if backend is None:
-        return default_backend(device)
-    if backend not in BACKENDS:
+    if backend is not None and backend not in BACKENDS:
         raise _fail("backend", f"must be None or one of {BACKENDS}, got {backend!r}")
-    return backend
+    return backend or default_backend(device)
 
 
 def fused_luffy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tensor,
@@ -142,11 +140,9 @@ def fused_luffy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages
     Returns the scalar loss (float32, or float64 for float64 inputs) and a dict of detached
     statistics. See LuffyLossConfig for the options and DESIGN.md for the contract.
     """
-    if backend is not None and backend not in BACKENDS:
-        raise _fail("backend", f"must be None or one of {BACKENDS}, got {backend!r}")
     inputs = prepare_inputs(hidden, weight, targets, advantages, loss_mask, off_policy_mask,
                             old_logprobs, config, seq_ids, bias)
-    backend = _resolve_backend(backend, hidden.device)
+    backend = _resolve_backend(backend, hidden.device)  # still before any kernel runs
     if backend == "reference":
         from .reference import reference_loss
         return reference_loss(inputs)
