@@ -95,6 +95,20 @@ class Normalization:
     num_sequences: Tensor  # scalar: sequences with at least one loss token
 
 
+def normalizer_denominator(num_tokens, num_sequences, config: LuffyLossConfig):
+    """The normalizer's denominator: loss = sum_t L_t / denominator (docs/algorithm.md §Normalizers).
+
+    `num_tokens` is the (weighted) count of loss tokens, `num_sequences` the sequences with at least
+    one loss token; numbers or scalar tensors, and the result has their type. The op reports it as
+    stats["denominator"]; the trainer uses it over a whole mini-batch.
+    """
+    if config.normalizer == "token":
+        return num_tokens
+    if config.normalizer == "seq_mean_token_mean":
+        return num_sequences
+    return num_sequences * config.max_len  # "constant"
+
+
 def normalization(loss_mask: Tensor, seq_ids: Tensor, config: LuffyLossConfig) -> Normalization:
     """Aggregation weights for the configured normalizer (LUFFY_SPEC.md section 2).
 
@@ -107,16 +121,14 @@ def normalization(loss_mask: Tensor, seq_ids: Tensor, config: LuffyLossConfig) -
     per_seq_mask.index_add_(0, seq_index, loss_mask)
     num_sequences = (per_seq_mask != 0).sum().to(loss_mask.dtype)
 
+    denominator = normalizer_denominator(loss_mask.sum(), num_sequences, config)
     if config.normalizer == "token":
-        denominator = loss_mask.sum()
         weights = loss_mask / denominator.clamp_min(torch.finfo(loss_mask.dtype).tiny)
     elif config.normalizer == "seq_mean_token_mean":
-        denominator = num_sequences
         seq_total = per_seq_mask[seq_index]
         safe = torch.where(seq_total != 0, seq_total, torch.ones_like(seq_total))
-        weights = loss_mask / safe / num_sequences.clamp_min(1)
+        weights = loss_mask / safe / denominator.clamp_min(1)
     else:  # "constant"
-        denominator = num_sequences * config.max_len
         weights = loss_mask / denominator.clamp_min(1)
     return Normalization(weights, denominator, num_sequences)
 
