@@ -1,0 +1,84 @@
+"""RewardPool: rewards in order from worker processes; a hang, a crash or an exception scores 0,
+is counted, and never stalls the batch (luffy_fast/reward_pool.py)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from luffy_fast.reward_pool import RewardPool
+
+
+def length_parity(response: str, sample) -> float:
+    """Hand-checkable: 1 for an even-length response, 0 for odd, plus the sample's bonus."""
+    if response == "hang":
+        time.sleep(3600)
+    if response == "crash":
+        os._exit(3)
+    if response == "raise":
+        raise RuntimeError("the verifier choked")
+    return float(len(response) % 2 == 0) + sample
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with RewardPool(length_parity, workers=2, timeout=2.0) as pool:
+        yield pool
+
+
+def test_rewards_come_back_in_order(pool):
+    items = [("ab", 0.0), ("abc", 0.0), ("", 0.5), ("abcd", 10.0), ("x", 0.25)]
+    report = pool.score(items)
+    # even, odd, even + 0.5, even + 10, odd + 0.25
+    assert report.rewards == [1.0, 0.0, 1.5, 11.0, 0.25]
+    assert (report.timeouts, report.errors) == (0, 0)
+
+
+def test_a_hang_a_crash_and_an_exception_score_zero_and_are_counted(pool):
+    items = [("ab", 0.0), ("hang", 0.0), ("abc", 0.0), ("crash", 0.0), ("raise", 0.0),
+             ("abcd", 0.0), ("hang", 0.0), ("xy", 0.0)]
+    report = pool.submit(items).result()
+    assert report.rewards == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0]
+    assert report.timeouts == 2
+    assert report.errors == 2  # the crash and the exception
+    assert any("the verifier choked" in m for m in report.messages)
+    assert any("died" in m for m in report.messages)
+    # the pool is whole again afterwards
+    assert pool.score([("ab", 0.0), ("abc", 1.0)]).rewards == [1.0, 1.0]
+
+
+def test_scoring_overlaps_with_the_caller():
+    with RewardPool(length_parity, workers=1, timeout=30.0) as pool:
+        pending = pool.submit([("ab", 0.0)] * 3)
+        # the caller is free while the worker scores; result() then waits for all of it
+        assert pending.result().rewards == [1.0, 1.0, 1.0]
+
+
+def test_in_process_scoring_without_workers():
+    report = RewardPool(length_parity, workers=0).score([("ab", 0.0), ("abc", 2.0)])
+    assert report.rewards == [1.0, 2.0]
+
+
+def test_bad_settings_name_the_argument():
+    with pytest.raises(ValueError, match="workers"):
+        RewardPool(length_parity, workers=-1)
+    with pytest.raises(ValueError, match="timeout"):
+        RewardPool(length_parity, timeout=0)
+
+
+def test_pathological_math_hits_the_timeout_and_scores_zero():
+    """math-verify needs ~5 s on a power tower (its own internal timeout); the pool's 1 s timeout
+    scores it 0 and the correct answer beside it still scores 1."""
+    pytest.importorskip("math_verify")
+    from luffy_fast.data import Sample
+    from luffy_fast.rewards import MathVerifyReward
+
+    sample = Sample(prompt_ids=[1], ground_truth="3")
+    items = [("so </think> \\boxed{9^{9^{9^{9}}}}", sample), ("so </think> \\boxed{3}", sample)]
+    with RewardPool(MathVerifyReward(), workers=2, timeout=1.0) as pool:
+        pool.score([("</think> \\boxed{3}", sample)])  # warm: workers import math-verify
+        report = pool.score(items)
+    assert report.rewards == [0.0, 1.0]
+    assert report.timeouts == 1
