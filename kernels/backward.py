@@ -19,11 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .forward import dot_precision
-from .utils import expm1, logit_tile, shape_bucket, tile_configs
+from .utils import LOGIT_FLAGS, expm1, logit_tile, shape_bucket, tile_configs
 
 
-@triton.autotune(configs=tile_configs("backward"), key=["V_BUCKET", "H_BUCKET", "FROM_LOGITS"])
+@triton.heuristics({**LOGIT_FLAGS, "WITH_ENTROPY": lambda args: args["entropy_weight_ptr"] is not None})
+@triton.autotune(configs=tile_configs(), key=["V_BUCKET", "H_BUCKET", "FROM_LOGITS"])
 @triton.jit
 def _grad_logits_kernel(
     hidden_ptr, weight_ptr, bias_ptr, rows_ptr, logit_rows_ptr, logits_ptr, targets_ptr,
@@ -42,7 +42,9 @@ def _grad_logits_kernel(
     v_mask = offs_v < V
 
     rows = tl.load(rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
-    logit_rows = tl.load(logit_rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
+    logit_rows = rows  # unused unless the logits are read from a buffer
+    if FROM_LOGITS:
+        logit_rows = tl.load(logit_rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
     logits = logit_tile(hidden_ptr, weight_ptr, bias_ptr, logits_ptr, rows, logit_rows, offs_v,
                         t_mask, v_mask, HD, stride_hidden, stride_weight, stride_logits,
                         inv_temperature, HAS_BIAS, FROM_LOGITS, DOT_PRECISION,
@@ -79,19 +81,13 @@ def grad_logits(hidden, weight, bias, rows, targets, lse, logprobs, coef, entrop
     its logits are row logit_rows[i] of that buffer instead of being recomputed.
     """
     C, V, HD = out.shape[0], weight.shape[0], weight.shape[1]
-    with_entropy = entropy_weight is not None
     grid = lambda meta: (triton.cdiv(C, meta["BLOCK_T"]), triton.cdiv(V, meta["BLOCK_V"]))  # noqa: E731
     _grad_logits_kernel[grid](
-        hidden, weight, bias if bias is not None else weight, rows,
-        logit_rows if logit_rows is not None else rows,
-        logits if logits is not None else out, targets,
-        lse, logprobs, coef, entropy_weight if with_entropy else coef,
-        row_max if with_entropy else coef, expected_shift if with_entropy else coef, out,
+        hidden, weight, bias, rows, logit_rows, logits, targets,
+        lse, logprobs, coef, entropy_weight, row_max, expected_shift, out,
         C, V, HD, hidden.stride(0), weight.stride(0),
         logits.stride(0) if logits is not None else 0, 1.0 / temperature,
-        shape_bucket(V), shape_bucket(HD),
-        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, FROM_LOGITS=logits is not None,
-        DOT_PRECISION=dot_precision(hidden.dtype))
+        shape_bucket(V), shape_bucket(HD))
     return out
 
 

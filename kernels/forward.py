@@ -16,10 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import logit_tile, num_vocab_splits, shape_bucket, tile_configs
+from .utils import LOGIT_FLAGS, logit_tile, num_vocab_splits, shape_bucket, tile_configs
 
 
-@triton.autotune(configs=tile_configs("forward"), key=["V_BUCKET", "H_BUCKET", "FROM_LOGITS"])
+@triton.heuristics({**LOGIT_FLAGS, "WITH_ENTROPY": lambda args: args["sum_pz_ptr"] is not None})
+@triton.autotune(configs=tile_configs(), key=["V_BUCKET", "H_BUCKET", "FROM_LOGITS"])
 @triton.jit
 def _forward_kernel(
     hidden_ptr, weight_ptr, bias_ptr, rows_ptr, targets_ptr, logits_ptr,
@@ -82,11 +83,6 @@ def _forward_kernel(
         tl.store(sum_pz_ptr + out, run_sum_pz, mask=t_mask)
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get full-precision products (Triton would default to tf32).
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def merge_splits(run_max, run_other, run_sum_all, run_sum_pz, target_logit):
     """Combine per-split partials [S, N] into per-token logsumexp, log pi, max and E_p[z] - max.
 
@@ -123,18 +119,14 @@ def logsumexp_forward(hidden, weight, bias, rows, targets, temperature: float, w
     splits = num_vocab_splits(N, V)
     partial = lambda: torch.empty((splits, N), dtype=torch.float32, device=device)  # noqa: E731
     run_max, run_sum, target_logit = partial(), partial(), partial()
-    run_sum_pz = partial() if with_entropy else run_sum
-    run_sum_all = partial() if with_entropy else run_sum
+    run_sum_all = partial() if with_entropy else None
+    run_sum_pz = partial() if with_entropy else None
     if N > 0:
         grid = lambda meta: (splits, triton.cdiv(N, meta["BLOCK_T"]))  # noqa: E731
         _forward_kernel[grid](
-            hidden, weight, bias if bias is not None else weight, rows, targets,
-            logits if logits is not None else weight,
+            hidden, weight, bias, rows, targets, logits,
             run_max, run_sum, run_sum_all, run_sum_pz, target_logit,
             N, V, HD, hidden.stride(0), weight.stride(0),
             logits.stride(0) if logits is not None else 0, 1.0 / temperature,
-            shape_bucket(V), shape_bucket(HD),
-            HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, FROM_LOGITS=logits is not None,
-            DOT_PRECISION=dot_precision(hidden.dtype))
-    return merge_splits(run_max, run_sum, run_sum_all, run_sum_pz if with_entropy else None,
-                        target_logit)
+            shape_bucket(V), shape_bucket(HD))
+    return merge_splits(run_max, run_sum, run_sum_all, run_sum_pz, target_logit)

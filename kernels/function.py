@@ -9,8 +9,8 @@ Two strategies, chosen from the memory budget (LuffyLossConfig.memory_budget_mb)
 - recompute (small budgets): the forward kernel multiplies tiles in SRAM and never writes logits;
   the backward recomputes logit tiles for the active tokens only: 8 T H V FLOPs.
 
-The per-token epilogue (ratio, shaping, clipping, normalizer, gradient coefficient) is
-luffy_fast.loss_math on [N] vectors: the same definition as the other backends.
+The per-token epilogue (ratio, shaping, clipping, normalizer, gradient coefficient, entropy) is
+luffy_fast.loss_math.token_terms on [N] vectors: the same definition as the other backends.
 """
 
 from __future__ import annotations
@@ -22,16 +22,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from luffy_fast import loss_math
-from luffy_fast.chunked import attach_gradients, bias_slot, wants_grad
+from luffy_fast.autograd import attach_gradients, bias_slot, wants_grad
 from luffy_fast.config import LuffyLossConfig
-from luffy_fast.ops import LossInputs
+from luffy_fast.inputs import LossInputs
+from luffy_fast.loss_math import TokenTerms, entropy_from_moments
 
 from .backward import accumulate_gradients, grad_logits
 from .forward import logsumexp_forward
 from .utils import INTERPRET
 
-DEFAULT_MEMORY_BUDGET_MB = {"cuda": 1024, "cpu": 16}
 # Below this many rows per chunk, GEMMs get too thin to pay for keeping logits (the d(weight)
 # update re-reads and re-writes the whole [V, H] gradient once per chunk).
 MIN_KEPT_ROWS = {"cuda": 256, "cpu": 16}
@@ -50,7 +49,7 @@ def _check_device(tensor: Tensor) -> None:
 def plan(config: LuffyLossConfig, device: torch.device, num_tokens: int, vocab_size: int,
          element_size: int) -> tuple[str, int]:
     """("kept", rows per chunk) or ("recompute", rows per backward chunk) for this budget."""
-    budget = int((config.memory_budget_mb or DEFAULT_MEMORY_BUDGET_MB.get(device.type, 64)) * 2**20)
+    budget = config.memory_budget_bytes(device)
     kept_rows = budget // (vocab_size * (4 + element_size))
     if num_tokens > 0 and kept_rows >= min(num_tokens, MIN_KEPT_ROWS.get(device.type, 16)):
         return "kept", min(kept_rows, num_tokens)
@@ -75,34 +74,11 @@ def raw_logits(hidden_rows: Tensor, weight: Tensor) -> Tensor:
     return (hidden_rows @ weight.T).float()  # fallback: bf16-rounded logits
 
 
-class _Terms:
-    """The epilogue of one group of tokens: loss, gradient coefficients, per-token stats."""
-
-    def __init__(self, inputs: LossInputs, part: slice, lse: Tensor, logprobs: Tensor,
-                 row_max: Tensor, expected_shift: Optional[Tensor]):
-        config = inputs.config
-        old = None if inputs.old_logprobs is None else inputs.old_logprobs[part]
-        terms = loss_math.policy_terms(logprobs, old, inputs.advantages[part],
-                                       inputs.off_policy_mask[part], config)
-        token_weight = inputs.norm.weights[part].float()
-        self.logprobs, self.ratio, self.clipped = logprobs, terms.ratio, terms.clipped
-        self.loss = (token_weight * terms.loss.float()).sum()
-        self.coef = token_weight * terms.grad_coef.float()
-        self.active = self.coef != 0
-        self.entropy = self.entropy_weight = None
-        if expected_shift is not None:
-            self.entropy = (lse - row_max) - expected_shift
-            self.entropy_weight = token_weight * config.entropy_coef
-            self.loss = self.loss - (self.entropy_weight * self.entropy).sum()
-            self.active = self.active | (self.entropy_weight != 0)
-
-
-def _stats(inputs: LossInputs, groups: list) -> dict:
-    cat = lambda name: torch.cat([getattr(g, name) for g in groups])  # noqa: E731
-    terms = loss_math.PolicyTerms(loss=None, grad_coef=None, ratio=cat("ratio"), clipped=cat("clipped"))
-    entropy = cat("entropy") if groups[0].entropy is not None else None
-    return loss_math.summarize(cat("logprobs"), entropy, terms, inputs.loss_mask,
-                               inputs.off_policy_mask, inputs.norm)
+def _token_terms(inputs: LossInputs, part: slice, lse: Tensor, logprobs: Tensor, row_max: Tensor,
+                 expected_shift: Optional[Tensor]) -> TokenTerms:
+    """The epilogue of the loss tokens `part`, from the forward kernel's outputs."""
+    entropy = None if expected_shift is None else entropy_from_moments(lse, row_max, expected_shift)
+    return inputs.token_terms(part, logprobs, entropy)
 
 
 @dataclass
@@ -119,7 +95,7 @@ class _ActiveTokens:
     expected_shift: Optional[Tensor]  # E_p[z] - max
 
     @classmethod
-    def select(cls, terms: _Terms, rows: Tensor, targets: Tensor, lse: Tensor, row_max: Tensor,
+    def select(cls, terms: TokenTerms, rows: Tensor, targets: Tensor, lse: Tensor, row_max: Tensor,
                expected_shift: Optional[Tensor]) -> tuple[_ActiveTokens, Tensor]:
         """The active tokens of `terms` (compacted), and their positions among the group."""
         position = terms.active.nonzero().squeeze(1)
@@ -177,14 +153,14 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
         lse, logprobs, row_max, expected_shift = logsumexp_forward(
             hidden, weight, bias, rows, targets, config.temperature, config.entropy_coef > 0,
             logits=logits)
-        terms = _Terms(inputs, part, lse, logprobs, row_max, expected_shift)
+        terms = _token_terms(inputs, part, lse, logprobs, row_max, expected_shift)
         groups.append(terms)
         loss += terms.loss
         tokens, position = _ActiveTokens.select(terms, rows, targets, lse, row_max, expected_shift)
         if len(tokens):
             _add_gradients(tokens, hidden, weight, bias, config.temperature,
                            grad_buffer[: len(tokens)], grads, logits=logits, logit_rows=position)
-    return loss, _stats(inputs, groups), grads
+    return loss, inputs.summarize(TokenTerms.cat(groups)), grads
 
 
 @dataclass
@@ -203,13 +179,13 @@ def _recompute_forward(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias:
     lse, logprobs, row_max, expected_shift = logsumexp_forward(
         hidden, weight, bias, inputs.rows, inputs.targets, config.temperature,
         config.entropy_coef > 0)
-    terms = _Terms(inputs, slice(0, inputs.rows.numel()), lse, logprobs, row_max, expected_shift)
+    terms = _token_terms(inputs, slice(None), lse, logprobs, row_max, expected_shift)
     state = None
     if needs_grad:  # only the active tokens go to the backward
         tokens, _ = _ActiveTokens.select(terms, inputs.rows, inputs.targets, lse, row_max,
                                          expected_shift)
         state = _BackwardState(tokens, config.temperature, chunk)
-    return terms.loss, _stats(inputs, [terms]), state
+    return terms.loss, inputs.summarize(terms), state
 
 
 class _RecomputeBackward(torch.autograd.Function):
@@ -266,4 +242,4 @@ def triton_token_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     lse, logprobs, row_max, expected_shift = logsumexp_forward(
         hidden.contiguous(), weight.contiguous(), bias, rows, targets, config.temperature,
         with_entropy)
-    return logprobs, ((lse - row_max) - expected_shift) if with_entropy else None
+    return logprobs, entropy_from_moments(lse, row_max, expected_shift) if with_entropy else None

@@ -1,4 +1,5 @@
-"""Shared helpers for the Triton kernels: interpreter detection, tile configs, split counts."""
+"""Shared helpers for the Triton kernels: interpreter detection, tile configs, launch flags,
+split counts, and the logit tile both kernels form."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ def hopper() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
 
-def tile_configs(role: str) -> list[triton.Config]:
+def tile_configs() -> list[triton.Config]:
     """Tile shapes to autotune over: a few for Hopper, one safe default elsewhere.
 
     Under the interpreter every tile is simulated on the CPU, so it gets small ones.
@@ -30,6 +31,20 @@ def tile_configs(role: str) -> list[triton.Config]:
             triton.Config({"BLOCK_T": 64, "BLOCK_V": 128, "BLOCK_H": 32}, num_warps=4, num_stages=3),
         ]
     return [triton.Config({"BLOCK_T": 64, "BLOCK_V": 128, "BLOCK_H": 32}, num_warps=4, num_stages=3)]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get full-precision products (Triton would default to tf32)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# Launch flags derived from the arguments (`triton.heuristics`): absent optional inputs are passed
+# as None, and the kernels compile without the code that would read them.
+LOGIT_FLAGS = {
+    "HAS_BIAS": lambda args: args["bias_ptr"] is not None,
+    "FROM_LOGITS": lambda args: args["logits_ptr"] is not None,
+    "DOT_PRECISION": lambda args: dot_precision(args["hidden_ptr"].dtype),
+}
 
 
 def shape_bucket(n: int) -> int:

@@ -7,12 +7,23 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 NORMALIZERS = ("token", "seq_mean_token_mean", "constant")
+# MiB of working memory when LuffyLossConfig.memory_budget_mb is None; devices not listed get the
+# CPU's. On a GPU, 1 GiB holds ~880 rows of fp32 logits at V = 152k: GEMMs wide enough to run at
+# full speed (64 MiB gives ~55-row chunks there).
+DEFAULT_MEMORY_BUDGET_MB = {"cuda": 1024.0, "cpu": 64.0}
+
+
+def default_memory_budget_mb(device: torch.device) -> float:
+    """The op's working memory when the config sets none: 1024 MiB on CUDA, 64 MiB elsewhere."""
+    return DEFAULT_MEMORY_BUDGET_MB.get(torch.device(device).type, DEFAULT_MEMORY_BUDGET_MB["cpu"])
 
 
 @dataclass(frozen=True)
 class LuffyLossConfig:
-    """Every knob of the mixed-policy loss (LUFFY_SPEC.md section 2).
+    """Every knob of the mixed-policy loss (docs/algorithm.md).
 
     gamma / shaping: off-policy shaping f(p) = p / (p + gamma), or the raw probability when off.
     clip_low / clip_high: PPO clip range [1 - clip_low, 1 + clip_high] for the ratio.
@@ -22,9 +33,10 @@ class LuffyLossConfig:
     temperature: logits are h . W^T / temperature.
     normalizer: "token", "seq_mean_token_mean" or "constant" (sum / (num_sequences * max_len)).
     ignore_index: target id that marks a token as not part of the loss.
-    memory_budget_mb: working memory the op may use beyond inputs and gradients (None: 64 MiB).
-        The torch backend sizes its token chunks from it; the triton backend keeps the forward's
-        bf16 logits for the backward (no recompute) when they fit in it.
+    memory_budget_mb: working memory the op may use beyond inputs and gradients, in MiB. None:
+        the device's default, `default_memory_budget_mb`: 1024 MiB on CUDA, 64 MiB elsewhere.
+        The torch backend sizes its token chunks from it; the triton backend keeps chunks of the
+        forward's logits for the backward (no recompute) when they fit in it.
     """
 
     gamma: float = 0.1
@@ -73,6 +85,10 @@ class LuffyLossConfig:
 
     def replace(self, **changes) -> LuffyLossConfig:
         return dataclasses.replace(self, **changes)
+
+    def memory_budget_bytes(self, device: torch.device) -> int:
+        """`memory_budget_mb`, or the default for `device`, in bytes."""
+        return int((self.memory_budget_mb or default_memory_budget_mb(device)) * 2**20)
 
     @classmethod
     def luffy(cls, max_len: int = 8192, **overrides) -> LuffyLossConfig:

@@ -1,13 +1,15 @@
-"""The per-token LUFFY loss math, in one place (LUFFY_SPEC.md sections 2 and 4).
+"""The per-token LUFFY loss math, in one place (docs/algorithm.md).
 
 Every backend goes through these functions: the reference differentiates `policy_loss` with
-autograd, the chunked and Triton backends use the closed-form `grad_coef` that the tests check
-against that autograd. All functions work on flat per-token tensors of shape [T].
+autograd; the chunked and Triton backends take `token_terms` after their logsumexp (the
+closed-form gradient coefficient that the tests check against that autograd, the entropy and its
+weight, the tokens that still contribute a gradient). All functions work on flat per-token
+tensors of shape [N].
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -86,6 +88,60 @@ def _policy(logprobs, old_logprobs, advantages, off_policy_mask, config, with_gr
     return PolicyTerms(loss, grad_coef, ratio, clipped)
 
 
+def entropy_from_moments(lse: Tensor, row_max: Tensor, expected_shift: Tensor) -> Tensor:
+    """H = logsumexp(z) - E_p[z], written as (lse - max) - (E_p[z] - max): both parts keep their
+    relative precision when p is peaked, where lse - E_p[z] would cancel."""
+    return (lse - row_max) - expected_shift
+
+
+@dataclass
+class TokenTerms:
+    """What a group of loss tokens contributes, from its log-probs (and entropies).
+
+    The per-token fields are [n]; `loss` is the group's share of the normalized loss.
+    """
+
+    logprobs: Tensor
+    ratio: Tensor  # PolicyTerms.ratio
+    clipped: Tensor  # bool
+    entropy: Optional[Tensor]  # None without the entropy bonus
+    loss: Tensor  # scalar: sum_t w_t (L_t - entropy_coef H_t)
+    coef: Tensor  # w_t g_t: dL/d log pi_t with the normalizer weight
+    entropy_weight: Optional[Tensor]  # w_t * entropy_coef: dL/dH_t is minus this
+    active: Tensor  # bool: the token has a gradient to contribute
+
+    @classmethod
+    def cat(cls, groups: list[TokenTerms]) -> TokenTerms:
+        """The groups' terms one after the other, their losses summed."""
+        def join(name: str) -> Optional[Tensor]:
+            parts = [getattr(group, name) for group in groups]
+            if parts[0] is None:
+                return None
+            return torch.stack(parts).sum() if name == "loss" else torch.cat(parts)
+        return cls(**{field.name: join(field.name) for field in fields(cls)})
+
+
+def token_terms(logprobs: Tensor, old_logprobs: Optional[Tensor], advantages: Tensor,
+                off_policy_mask: Tensor, token_weight: Tensor, config: LuffyLossConfig,
+                entropy: Optional[Tensor] = None) -> TokenTerms:
+    """Loss, gradient coefficients and statistics of tokens with normalizer weights `token_weight`.
+
+    `entropy` is given exactly when config.entropy_coef > 0. A token is active when its coefficient
+    or its entropy weight is non-zero (not clipped, non-zero advantage, or an entropy bonus).
+    """
+    terms = policy_terms(logprobs, old_logprobs, advantages, off_policy_mask, config)
+    loss = (token_weight * terms.loss).sum()
+    coef = token_weight * terms.grad_coef
+    active = coef != 0
+    entropy_weight = None
+    if entropy is not None:
+        entropy_weight = token_weight * config.entropy_coef
+        loss = loss - (entropy_weight * entropy).sum()
+        active = active | (entropy_weight != 0)
+    return TokenTerms(logprobs, terms.ratio, terms.clipped, entropy, loss, coef, entropy_weight,
+                      active)
+
+
 @dataclass
 class Normalization:
     """Per-token weights w_t with loss = sum_t w_t L_t, and what produced them."""
@@ -110,7 +166,7 @@ def normalizer_denominator(num_tokens, num_sequences, config: LuffyLossConfig):
 
 
 def normalization(loss_mask: Tensor, seq_ids: Tensor, config: LuffyLossConfig) -> Normalization:
-    """Aggregation weights for the configured normalizer (LUFFY_SPEC.md section 2).
+    """Aggregation weights for the configured normalizer (docs/algorithm.md §Normalizers).
 
     `loss_mask` is a float weight per token (0 outside the loss); `seq_ids` a sequence id per token.
     Only sequences with at least one loss token count. An empty batch gets all-zero weights.
@@ -133,8 +189,8 @@ def normalization(loss_mask: Tensor, seq_ids: Tensor, config: LuffyLossConfig) -
     return Normalization(weights, denominator, num_sequences)
 
 
-def summarize(logprobs: Tensor, entropy: Optional[Tensor], terms: PolicyTerms, loss_mask: Tensor,
-              off_policy_mask: Tensor, normalization: Normalization) -> dict:
+def summarize(terms: TokenTerms, loss_mask: Tensor, off_policy_mask: Tensor,
+              normalization: Normalization) -> dict:
     """The detached statistics the trainer logs, from per-token values of one pass."""
     with torch.no_grad():
         in_loss = loss_mask != 0
@@ -142,15 +198,15 @@ def summarize(logprobs: Tensor, entropy: Optional[Tensor], terms: PolicyTerms, l
         total = weight.sum().clamp_min(1e-30)
         on = in_loss & ~off_policy_mask
         stats = {
-            "logprob_mean": (logprobs.float() * weight).sum() / total,
+            "logprob_mean": (terms.logprobs.float() * weight).sum() / total,
             "clip_fraction": (terms.clipped & in_loss).float().sum() / in_loss.sum().clamp_min(1),
             "num_on_policy_tokens": on.sum(),
             "num_off_policy_tokens": (in_loss & off_policy_mask).sum(),
             "num_sequences": normalization.num_sequences.detach().float(),
             "denominator": normalization.denominator.detach().float(),
         }
-        if entropy is not None:
-            stats["entropy_mean"] = (entropy.float() * weight).sum() / total
+        if terms.entropy is not None:
+            stats["entropy_mean"] = (terms.entropy.float() * weight).sum() / total
         # Ratio statistics over on-policy loss tokens; 1.0 (old == current) when there are none.
         ratio = terms.ratio.float()
         if bool(on.any()):

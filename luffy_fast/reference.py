@@ -12,7 +12,7 @@ from torch import Tensor
 
 from . import loss_math
 from .config import LuffyLossConfig
-from .ops import LossInputs
+from .inputs import LossInputs
 
 
 def _logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float,
@@ -38,10 +38,9 @@ def reference_loss(inputs: LossInputs) -> tuple[Tensor, dict]:
         per_token = per_token - config.entropy_coef * entropy
     loss = (inputs.norm.weights * per_token).sum()
 
-    terms = loss_math.policy_terms(logprobs, inputs.old_logprobs, inputs.advantages,
-                                   inputs.off_policy_mask, config)
-    stats = loss_math.summarize(logprobs, entropy, terms, inputs.loss_mask, inputs.off_policy_mask,
-                                inputs.norm)
+    with torch.no_grad():
+        stats = inputs.summarize(inputs.token_terms(slice(None), logprobs.detach(),
+                                                    None if entropy is None else entropy.detach()))
     return loss, stats
 
 

@@ -1,0 +1,148 @@
+"""The op's inputs: every check (errors name the argument) and the flattened loss tokens.
+
+Shared by the public op and every backend; imports only the config and the loss math.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .config import LuffyLossConfig
+from .loss_math import Normalization, TokenTerms, normalization, summarize, token_terms
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class LossInputs:
+    """Validated, flattened inputs restricted to the tokens that are part of the loss."""
+
+    hidden: Tensor  # [T, H] as given (flattened), still attached to autograd
+    weight: Tensor  # [V, H]
+    bias: Optional[Tensor]  # [V]
+    rows: Tensor  # [N] int64: indices of loss tokens in hidden
+    targets: Tensor  # [N] int64
+    advantages: Tensor  # [N] compute dtype
+    loss_mask: Tensor  # [N] compute dtype, non-zero
+    off_policy_mask: Tensor  # [N] bool
+    old_logprobs: Optional[Tensor]  # [N] compute dtype
+    norm: Normalization  # weights over the N loss tokens
+    config: LuffyLossConfig
+    compute_dtype: torch.dtype  # float64 for float64 inputs, else float32
+
+    def token_terms(self, part, logprobs: Tensor, entropy: Optional[Tensor] = None) -> TokenTerms:
+        """loss_math.token_terms of the loss tokens `part` (a slice or an index tensor)."""
+        old = None if self.old_logprobs is None else self.old_logprobs[part]
+        return token_terms(logprobs, old, self.advantages[part], self.off_policy_mask[part],
+                           self.norm.weights[part], self.config, entropy)
+
+    def summarize(self, terms: TokenTerms, order: Optional[Tensor] = None) -> dict:
+        """The op's statistics from the terms of every loss token, listed in `order` when given
+        (a permutation: the statistics are sums and extremes, so any order gives them)."""
+        loss_mask, off_policy_mask = self.loss_mask, self.off_policy_mask
+        if order is not None:
+            loss_mask, off_policy_mask = loss_mask[order], off_policy_mask[order]
+        return summarize(terms, loss_mask, off_policy_mask, self.norm)
+
+
+def input_error(name: str, why: str) -> ValueError:
+    return ValueError(f"fused_luffy_loss: `{name}` {why}")
+
+
+def _check_tensor(name: str, value, shape, device, dtypes, dtype_words: str) -> None:
+    if not isinstance(value, Tensor):
+        raise input_error(name, f"must be a torch.Tensor, got {type(value).__name__}")
+    if tuple(value.shape) != tuple(shape):
+        raise input_error(name, f"has shape {tuple(value.shape)}, expected {tuple(shape)}")
+    if value.device != device:
+        raise input_error(name, f"is on {value.device}, but `hidden` is on {device}")
+    if value.dtype not in dtypes:
+        raise input_error(name, f"has dtype {value.dtype}, expected {dtype_words}")
+
+
+def prepare_inputs(hidden, weight, targets, advantages, loss_mask, off_policy_mask,
+                   old_logprobs, config, seq_ids, bias) -> LossInputs:
+    """Check every input (raising ValueError naming it) and flatten to the loss tokens."""
+    if not isinstance(config, LuffyLossConfig):
+        raise input_error("config", f"must be a LuffyLossConfig, got {type(config).__name__}")
+    config.validate()
+    if not isinstance(hidden, Tensor):
+        raise input_error("hidden", f"must be a torch.Tensor, got {type(hidden).__name__}")
+    if hidden.dim() not in (2, 3):
+        raise input_error("hidden", f"must be [T, H] or [B, L, H], got shape {tuple(hidden.shape)}")
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise input_error("hidden", f"has dtype {hidden.dtype}, expected bf16, fp16, fp32 or fp64")
+    device, token_shape, H = hidden.device, hidden.shape[:-1], hidden.shape[-1]
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != H:
+        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise input_error("weight", f"must be [V, H] with H = {H} (hidden's last dim), got {shape}")
+    V = weight.shape[0]
+    _check_tensor("weight", weight, weight.shape, device, (hidden.dtype,), f"{hidden.dtype} like `hidden`")
+    if bias is not None:
+        _check_tensor("bias", bias, (V,), device, (hidden.dtype,), f"{hidden.dtype} like `hidden`")
+    floats = FLOAT_DTYPES
+    _check_tensor("targets", targets, token_shape, device, (torch.int64,), "torch.int64")
+    _check_tensor("advantages", advantages, token_shape, device, floats, "a float dtype")
+    _check_tensor("loss_mask", loss_mask, token_shape, device, floats + (torch.bool,), "bool or float")
+    _check_tensor("off_policy_mask", off_policy_mask, token_shape, device, (torch.bool,), "torch.bool")
+    if old_logprobs is not None:
+        _check_tensor("old_logprobs", old_logprobs, token_shape, device, floats, "a float dtype")
+    if seq_ids is not None:
+        _check_tensor("seq_ids", seq_ids, token_shape, device, (torch.int64,), "torch.int64")
+
+    compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    hidden_flat = hidden.reshape(-1, H)
+    T = hidden_flat.shape[0]
+    targets = targets.reshape(T)
+    ignored = targets == config.ignore_index
+    out_of_range = ~ignored & ((targets < 0) | (targets >= V))
+    if bool(out_of_range.any()):
+        bad = targets[out_of_range][0].item()
+        raise input_error("targets", f"holds id {bad} outside [0, {V}) (vocabulary size from `weight`) "
+                               f"that is not ignore_index={config.ignore_index}")
+    mask = loss_mask.reshape(T).to(compute_dtype)
+    if not bool(torch.isfinite(mask).all()) or bool((mask < 0).any()):
+        raise input_error("loss_mask", "must be finite and non-negative")
+    mask = torch.where(ignored, torch.zeros_like(mask), mask)
+    in_loss = mask != 0
+    advantages = advantages.reshape(T)
+    if not bool(torch.isfinite(advantages[in_loss]).all()):
+        raise input_error("advantages", "holds non-finite values at loss tokens")
+    if old_logprobs is not None:
+        old_logprobs = old_logprobs.reshape(T)
+        if not bool(torch.isfinite(old_logprobs[in_loss]).all()):
+            raise input_error("old_logprobs", "holds non-finite values at loss tokens")
+
+    if hidden.dim() == 3 and seq_ids is None:
+        B, L = token_shape
+        seq_ids = torch.arange(B, device=device).repeat_interleave(L)
+    elif seq_ids is None:
+        seq_ids = torch.zeros(T, dtype=torch.int64, device=device)  # packed input: one sequence
+    seq_ids = seq_ids.reshape(T)
+
+    rows = in_loss.nonzero().squeeze(1)
+    norm = normalization(mask[rows], seq_ids[rows], config)
+    return LossInputs(
+        hidden=hidden_flat, weight=weight, bias=bias, rows=rows, targets=targets[rows],
+        advantages=advantages[rows].to(compute_dtype), loss_mask=mask[rows],
+        off_policy_mask=off_policy_mask.reshape(T)[rows],
+        old_logprobs=None if old_logprobs is None else old_logprobs[rows].to(compute_dtype),
+        norm=norm, config=config, compute_dtype=compute_dtype)
+
+
+def prepare_token_inputs(hidden, weight, targets) -> tuple[Tensor, Tensor, Tensor]:
+    """token_logprobs' checks: flattened hidden [T, H], targets with out-of-range ids (e.g. -100
+    padding) replaced by 0, and the mask of the valid ones."""
+    if not isinstance(hidden, Tensor) or hidden.dim() not in (2, 3):
+        raise input_error("hidden", "must be a [T, H] or [B, L, H] tensor")
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise input_error("weight", "must be [V, H] with H equal to hidden's last dim")
+    _check_tensor("targets", targets, hidden.shape[:-1], hidden.device, (torch.int64,), "torch.int64")
+    flat_targets = targets.reshape(-1)
+    valid = (flat_targets >= 0) & (flat_targets < weight.shape[0])
+    safe_targets = torch.where(valid, flat_targets, torch.zeros_like(flat_targets))
+    return hidden.reshape(-1, hidden.shape[-1]), safe_targets, valid
