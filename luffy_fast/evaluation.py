@@ -1,0 +1,143 @@
+"""Evaluation: k samples per problem, verified rewards, avg@k and pass@k per data source.
+
+The same code serves `luffy-fast eval` and the trainer's in-training validation. Generation goes
+through a rollout engine (vLLM or transformers `generate`: luffy_fast/rollout/), scoring through
+a RewardPool (luffy_fast/reward_pool.py). pass@k is the unbiased estimator
+1 - C(n - c, k) / C(n, k) over n samples with c correct (Chen et al., 2021, "Evaluating Large
+Language Models Trained on Code"); avg@n is the mean reward over the n samples, as the LUFFY
+paper reports AIME and AMC (avg@32). The macro average weighs every data source equally, as the
+paper's "avg" column does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from luffy_fast.rollout.base import RolloutEngine, SamplingParams
+
+
+@dataclass
+class EvalProblem:
+    """One evaluation problem: the rendered prompt's token ids, the answer, where it is from."""
+
+    prompt_ids: list[int]
+    ground_truth: str
+    data_source: str
+    sample: Any = None  # what the reward function receives beside the response (default: self)
+
+
+@dataclass
+class EvalRecord:
+    """One generated sample and its score (a line of the generations file)."""
+
+    data_source: str
+    problem: int
+    sample: int
+    ground_truth: str
+    response: str
+    reward: float
+    finished: bool
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n (got n={n}, c={c}, k={k})")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def reported_ks(n: int) -> list[int]:
+    """pass@k reported for k = 1, 2, 4, ... and n itself."""
+    ks, k = [], 1
+    while k < n:
+        ks.append(k)
+        k *= 2
+    return ks + [n]
+
+
+def summarize(records: Sequence[EvalRecord], n: int) -> dict:
+    """Per data source: problems, avg@n, pass@k; and the macro average over sources."""
+    per_problem: dict[tuple[str, int], list[float]] = {}
+    for record in records:
+        per_problem.setdefault((record.data_source, record.problem), []).append(record.reward)
+    sources: dict[str, dict] = {}
+    for (source, _), rewards in sorted(per_problem.items()):
+        if len(rewards) != n:
+            raise ValueError(f"{source}: a problem has {len(rewards)} samples, expected {n}")
+        correct = sum(1 for r in rewards if r >= 1.0)
+        entry = sources.setdefault(source, {"problems": 0, f"avg@{n}": 0.0,
+                                            **{f"pass@{k}": 0.0 for k in reported_ks(n)}})
+        entry["problems"] += 1
+        entry[f"avg@{n}"] += sum(rewards) / n
+        for k in reported_ks(n):
+            entry[f"pass@{k}"] += pass_at_k(n, correct, k)
+    for entry in sources.values():
+        for name in entry:
+            if name != "problems":
+                entry[name] /= entry["problems"]
+    metrics = [name for name in next(iter(sources.values()), {}) if name != "problems"]
+    macro = {name: sum(e[name] for e in sources.values()) / len(sources) for name in metrics}
+    return {"n": n, "sources": sources, "macro": macro}
+
+
+def format_table(summary: dict) -> str:
+    """A plain-text table: one row per source, then the macro average (percentages)."""
+    n = summary["n"]
+    columns = [f"avg@{n}", f"pass@{n}"] if n > 1 else [f"avg@{n}"]
+    width = max([len("macro average")] + [len(s) for s in summary["sources"]])
+    lines = [f"{'source':<{width}}  {'problems':>8}  " + "  ".join(f"{c:>8}" for c in columns)]
+    for source, entry in summary["sources"].items():
+        lines.append(f"{source:<{width}}  {entry['problems']:>8}  "
+                     + "  ".join(f"{100 * entry[c]:>8.1f}" for c in columns))
+    lines.append(f"{'macro average':<{width}}  {'':>8}  "
+                 + "  ".join(f"{100 * summary['macro'][c]:>8.1f}" for c in columns))
+    return "\n".join(lines)
+
+
+def generate_and_score(engine: RolloutEngine, problems: Sequence[EvalProblem], n: int,
+                       params: SamplingParams, decode: Callable[[list[int]], str],
+                       score: Callable[[list[tuple[str, Any]]], list[float]]) -> list[EvalRecord]:
+    """n samples per problem from `engine`, each scored by `score` ((response, sample) pairs ->
+    rewards, e.g. `lambda items: pool.score(items).rewards`)."""
+    completions = engine.generate([p.prompt_ids for p in problems], n=n, params=params)
+    records, items = [], []
+    for index, (problem, group) in enumerate(zip(problems, completions)):
+        for k, completion in enumerate(group):
+            response = decode(completion.token_ids)
+            items.append((response, problem.sample if problem.sample is not None else problem))
+            records.append(EvalRecord(problem.data_source, index, k, problem.ground_truth,
+                                      response, 0.0, completion.finished))
+    for record, reward in zip(records, score(items)):
+        record.reward = float(reward)
+    return records
+
+
+def write_results(directory: str | Path, summary: dict, records: Sequence[EvalRecord],
+                  settings: Optional[dict] = None) -> tuple[Path, Path]:
+    """`results.json` (settings + summary) and `generations.jsonl` (one line per sample)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    results = directory / "results.json"
+    results.write_text(json.dumps({"settings": settings or {}, **summary}, indent=1) + "\n")
+    generations = directory / "generations.jsonl"
+    with generations.open("w") as out:
+        for record in records:
+            out.write(json.dumps(asdict(record)) + "\n")
+    return results, generations
+
+
+def validation_metrics(summary: dict, prefix: str = "val") -> dict:
+    """Flat metric names for the trainer's log: val/<source>/avg@n ..., val/macro/avg@n ..."""
+    flat = {}
+    for source, entry in summary["sources"].items():
+        flat.update({f"{prefix}/{source}/{name}": float(value) for name, value in entry.items()
+                     if name != "problems"})
+    flat.update({f"{prefix}/macro/{name}": float(value) for name, value in summary["macro"].items()})
+    return flat

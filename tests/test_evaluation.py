@@ -1,0 +1,91 @@
+"""Evaluation metrics against hand-computed values, with a scripted generator."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from luffy_fast.evaluation import (
+    EvalProblem,
+    format_table,
+    generate_and_score,
+    pass_at_k,
+    summarize,
+    validation_metrics,
+    write_results,
+)
+from luffy_fast.rollout.base import Completion, RolloutEngine, SamplingParams
+
+# Token 1 decodes to "right", token 0 to "wrong"; a problem's script is its n samples.
+SCRIPTS = {
+    (10,): [1, 0, 0, 0],  # aime, 1 of 4 correct
+    (11,): [0, 0, 0, 0],  # aime, 0 of 4
+    (12,): [1, 1, 1, 1],  # amc, 4 of 4
+    (13,): [0, 1, 1, 0],  # amc, 2 of 4
+}
+
+
+class ScriptedEngine(RolloutEngine):
+    def generate(self, prompts, n, params):
+        return [[Completion([token], [0.0]) for token in SCRIPTS[tuple(p)][:n]] for p in prompts]
+
+    def sync_weights(self, named_tensors):
+        pass
+
+    def close(self):
+        pass
+
+
+def problems():
+    sources = ["aime", "aime", "amc", "amc"]
+    return [EvalProblem([10 + i], "right", source) for i, source in enumerate(sources)]
+
+
+def score(items):
+    return [float(response == problem.ground_truth) for response, problem in items]
+
+
+def test_unbiased_pass_at_k_by_hand():
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)  # 1 - C(3,2)/C(4,2)
+    assert pass_at_k(4, 2, 2) == pytest.approx(1 - 1 / 6)  # 1 - C(2,2)/C(4,2)
+    assert pass_at_k(4, 0, 4) == 0.0 and pass_at_k(4, 1, 4) == 1.0
+    with pytest.raises(ValueError, match="k="):
+        pass_at_k(4, 1, 5)
+
+
+def test_avg_and_pass_at_k_per_source_and_macro(tmp_path):
+    records = generate_and_score(ScriptedEngine(), problems(), n=4,
+                                 params=SamplingParams(max_new_tokens=4, temperature=0.6),
+                                 decode=lambda ids: "right" if ids == [1] else "wrong", score=score)
+    summary = summarize(records, n=4)
+    aime, amc = summary["sources"]["aime"], summary["sources"]["amc"]
+    assert aime["problems"] == amc["problems"] == 2
+    assert aime["avg@4"] == pytest.approx((0.25 + 0.0) / 2)
+    assert aime["pass@1"] == pytest.approx(0.125)
+    assert aime["pass@2"] == pytest.approx((0.5 + 0.0) / 2)
+    assert aime["pass@4"] == pytest.approx(0.5)
+    assert amc["avg@4"] == pytest.approx((1.0 + 0.5) / 2)
+    assert amc["pass@2"] == pytest.approx((1.0 + 5 / 6) / 2)
+    assert amc["pass@4"] == pytest.approx(1.0)
+    assert summary["macro"]["avg@4"] == pytest.approx((0.125 + 0.75) / 2)
+    assert summary["macro"]["pass@4"] == pytest.approx((0.5 + 1.0) / 2)
+
+    table = format_table(summary).splitlines()
+    assert table[0].split() == ["source", "problems", "avg@4", "pass@4"]
+    assert table[1].split() == ["aime", "2", "12.5", "50.0"]
+    assert table[-1].split() == ["macro", "average", "43.8", "75.0"]
+
+    results, generations = write_results(tmp_path, summary, records, {"n": 4})
+    assert json.loads(results.read_text())["macro"]["pass@4"] == pytest.approx(0.75)
+    lines = [json.loads(line) for line in generations.read_text().splitlines()]
+    assert len(lines) == 16 and sum(line["reward"] for line in lines) == 7
+    assert validation_metrics(summary)["val/amc/avg@4"] == pytest.approx(0.75)
+
+
+def test_a_problem_with_missing_samples_is_an_error():
+    records = generate_and_score(ScriptedEngine(), problems()[:1], n=4,
+                                 params=SamplingParams(max_new_tokens=4), decode=str, score=score)
+    with pytest.raises(ValueError, match="expected 8"):
+        summarize(records, n=8)
