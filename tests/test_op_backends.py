@@ -4,106 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings
 
-from helpers import assert_close, random_batch, run_loss
+from helpers import SETTINGS, assert_close, compare_backends, loss_case, random_batch, run_loss
 from luffy_fast import LuffyLossConfig, token_logprobs
-
-TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
-
-@st.composite
-def loss_case(draw):
-    """A random batch and config covering the op's options and its corner cases."""
-    T = draw(st.integers(1, 300))
-    V = draw(st.integers(2, 300))
-    H = draw(st.integers(1, 70))
-    scenario = draw(st.sampled_from(["mixed", "mixed", "mixed", "all_masked", "zero_advantage",
-                                     "all_clipped", "all_off_policy"]))
-    normalizer = draw(st.sampled_from(["token", "seq_mean_token_mean", "constant"]))
-    config = LuffyLossConfig(
-        gamma=draw(st.sampled_from([0.1, 0.5])),
-        shaping=draw(st.booleans()),
-        clip_low=0.2, clip_high=draw(st.sampled_from([0.2, 0.28])),
-        clip_on_policy=draw(st.booleans()),
-        clip_off_policy=draw(st.booleans()),
-        dual_clip=draw(st.sampled_from([None, 3.0])),
-        entropy_coef=draw(st.sampled_from([0.0, 0.0, 0.01, 0.3])),
-        temperature=draw(st.sampled_from([1.0, 0.6, 1.7])),
-        normalizer=normalizer,
-        max_len=draw(st.integers(T, 2 * T + 5)) if normalizer == "constant" else None,
-        memory_budget_mb=draw(st.sampled_from([None, 0.01])),  # 0.01 MiB: many tiny chunks
-    )
-    batch = random_batch(
-        T, H, V, dtype=torch.float64, seed=draw(st.integers(0, 2**31 - 1)),
-        off_fraction={"all_off_policy": 1.0}.get(scenario, draw(st.sampled_from([0.0, 0.3, 0.7]))),
-        mask_fraction=0.0 if scenario == "all_masked" else draw(st.sampled_from([0.5, 1.0])),
-        zero_adv_fraction=1.0 if scenario == "zero_advantage" else 0.3,
-        num_seqs=draw(st.integers(1, 6)), with_old=draw(st.booleans()),
-        with_bias=draw(st.booleans()), ignore_some=draw(st.booleans()))
-    if scenario == "all_clipped":
-        # Put every on-policy ratio outside the clip range on the side its advantage pushes.
-        current, _ = token_logprobs(batch["hidden"], batch["weight"], batch["targets"].clamp_min(0),
-                                    temperature=config.temperature, bias=batch.get("bias"),
-                                    backend="reference")
-        sign = torch.sign(batch["advantages"])
-        batch["advantages"] = torch.where(sign == 0, torch.ones_like(sign), batch["advantages"])
-        batch["old_logprobs"] = current - 0.5 * torch.sign(batch["advantages"])
-        batch["off_policy_mask"] = torch.zeros_like(batch["off_policy_mask"])
-        config = config.replace(clip_on_policy=True, dual_clip=None, entropy_coef=0.0)
-    layout = draw(st.sampled_from(["packed", "packed_one_sequence", "rows"]))
-    if layout == "packed_one_sequence":
-        del batch["seq_ids"]
-    elif layout == "rows":
-        # [B, L, H] input: rows are sequences. Use a T that factors; drop seq_ids.
-        B = draw(st.sampled_from([d for d in range(1, 7) if T % d == 0]))
-        del batch["seq_ids"]
-        for key in ("hidden",):
-            batch[key] = batch[key].reshape(B, T // B, H)
-        for key in ("targets", "advantages", "loss_mask", "off_policy_mask", "old_logprobs"):
-            if key in batch:
-                batch[key] = batch[key].reshape(B, T // B)
-    return batch, config, scenario
-
-
-def cast_batch(batch: dict, dtype: torch.dtype) -> dict:
-    out = dict(batch)
-    for key in ("hidden", "weight", "bias", "advantages", "old_logprobs"):
-        if key in out:
-            out[key] = out[key].to(dtype)
-    return out
-
-
-def compare_backends(batch: dict, config, dtype: torch.dtype, backend: str,
-                     oracle_dtype: torch.dtype | None = torch.float64) -> None:
-    """`backend` on `dtype` inputs against the reference on the same inputs, upcast to float64.
-
-    A float64 oracle measures each backend's own error; an fp32 reference would add its own
-    rounding (e.g. log_softmax's backward computes g (1 - p_y) with cancellation as p_y -> 1).
-    """
-    rtol = TOLERANCE[dtype]
-    # The oracle sees the same rounded inputs, upcast when oracle_dtype is given.
-    rounded = cast_batch(batch, dtype)
-    expected_loss, expected_stats, expected_grads = run_loss(
-        cast_batch(rounded, oracle_dtype) if oracle_dtype else rounded, "reference", config)
-    loss, stats, grads = run_loss(cast_batch(batch, dtype), backend, config)
-    atol = 1e-12 if dtype == torch.float64 else 1e-8
-    # The loss is a weighted mean of O(1) terms of both signs: when they cancel, its error is
-    # set by the terms' scale, so it also gets an absolute allowance of rtol * 0.01.
-    assert_close(loss, expected_loss, rtol, "loss", atol=max(atol, rtol * 1e-2))
-    for name, expected in expected_grads.items():
-        assert grads[name].dtype == dtype, f"d({name}) dtype"
-        assert_close(grads[name], expected.to(dtype), rtol, f"d({name})", atol=atol)
-    assert stats.keys() == expected_stats.keys()
-    for key in ("num_on_policy_tokens", "num_off_policy_tokens", "num_sequences", "denominator"):
-        assert float(stats[key]) == float(expected_stats[key]), key
-    for key in ("logprob_mean", "entropy_mean", "ratio_mean"):
-        if key in stats:
-            assert_close(stats[key], expected_stats[key], max(rtol, 1e-6), key, atol=1e-6)
-
-
-SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 @settings(max_examples=60, **SETTINGS)

@@ -13,10 +13,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import assert_close, random_batch, run_loss
+from helpers import SETTINGS, assert_close, compare_backends, loss_case, random_batch, run_loss
 from luffy_fast import LuffyLossConfig, token_logprobs
 from luffy_fast.ops import default_backend
-from test_op_backends import SETTINGS, compare_backends, loss_case
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
