@@ -22,10 +22,22 @@ def default_backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "torch"
 
 
-def _resolve_backend(backend: Optional[str], device: torch.device) -> str:
+def _backend(backend: Optional[str], device: torch.device):
+    """The chosen backend's (loss, token_logprobs) functions; imported on first use (the triton
+    backend imports Triton)."""
     if backend is not None and backend not in BACKENDS:
         raise input_error("backend", f"must be None or one of {BACKENDS}, got {backend!r}")
-    return backend or default_backend(device)
+    backend = backend or default_backend(device)
+    if backend == "reference":
+        from .reference import reference_loss as loss
+        from .reference import reference_token_logprobs as logprobs
+    elif backend == "torch":
+        from .chunked import chunked_loss as loss
+        from .chunked import chunked_token_logprobs as logprobs
+    else:
+        from .kernels.function import triton_loss as loss
+        from .kernels.function import triton_token_logprobs as logprobs
+    return loss, logprobs
 
 
 def fused_luffy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tensor,
@@ -41,15 +53,8 @@ def fused_luffy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages
     """
     inputs = prepare_inputs(hidden, weight, targets, advantages, loss_mask, off_policy_mask,
                             old_logprobs, config, seq_ids, bias)
-    backend = _resolve_backend(backend, hidden.device)  # still before any kernel runs
-    if backend == "reference":
-        from .reference import reference_loss
-        return reference_loss(inputs)
-    if backend == "torch":
-        from .chunked import chunked_loss
-        return chunked_loss(inputs)
-    from .kernels.function import triton_loss
-    return triton_loss(inputs)
+    loss_of, _ = _backend(backend, hidden.device)  # still before any kernel runs
+    return loss_of(inputs)
 
 
 @torch.no_grad()
@@ -63,14 +68,8 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature:
     """
     config = LuffyLossConfig(temperature=temperature)
     hidden_flat, safe_targets, valid = prepare_token_inputs(hidden, weight, targets)
-    backend = _resolve_backend(backend, hidden.device)
-    if backend == "reference":
-        from .reference import reference_token_logprobs as impl
-    elif backend == "torch":
-        from .chunked import chunked_token_logprobs as impl
-    else:
-        from .kernels.function import triton_token_logprobs as impl
-    logprobs, entropy = impl(hidden_flat, weight, bias, safe_targets, config, with_entropy)
+    _, logprobs_of = _backend(backend, hidden.device)
+    logprobs, entropy = logprobs_of(hidden_flat, weight, bias, safe_targets, config, with_entropy)
     token_shape = hidden.shape[:-1]
     logprobs = torch.where(valid, logprobs, torch.zeros_like(logprobs)).reshape(token_shape)
     if entropy is not None:
