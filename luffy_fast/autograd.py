@@ -1,8 +1,8 @@
 """Autograd glue shared by the backends that compute their gradients during the forward.
 
 The chunked and Triton backends form d(hidden), d(weight) and d(bias) in the same sweep as the
-loss (docs/design.md §Layers of the op); `attach_gradients` returns the loss with a backward that only
-scales those stored gradients by the upstream gradient.
+loss (docs/design.md §Layers of the op); `attach_gradients` returns the loss with a backward
+that only scales those stored gradients by the upstream gradient.
 """
 
 from __future__ import annotations
