@@ -34,13 +34,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from luffy_fast.data import toy_samples
     from luffy_fast.rollout.base import SamplingParams
     from luffy_fast.rollout.hf import HFGenerateEngine
     from luffy_fast.rollout.vllm import VLLMRolloutEngine
     from luffy_fast.rollout.vllm_config import VLLMConfig
     from luffy_fast.toy.model import TinyQwen2Config, build_policy, build_tokenizer, save_pretrained_pair
-    from luffy_fast.toy.task import sample_problems
+    from luffy_fast.toy.problems import sample_problems
+    from luffy_fast.toy.task import toy_samples
 
     with tempfile.TemporaryDirectory() as scratch:
         if args.checkpoint:

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
-from luffy_fast.train_config import ConfigError
+from luffy_fast.errors import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:

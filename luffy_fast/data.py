@@ -1,22 +1,21 @@
 """Prompts with their ground truth and off-policy traces, as token ids.
 
-Two sources share one record type, `Sample`:
-- the embedded toy task (luffy_fast.toy), generated on the fly;
-- a JSONL file in the OpenR1-Math layout used by LUFFY (LUFFY_SPEC.md section 5): each line has
-  `prompt` (chat messages), `target` (the trace: an assistant message, or a list of them),
-  `reward_model.ground_truth`, and optionally `data_source`.
+Every task (luffy_fast.tasks) hands the trainer `Sample`s. Here: the record, a model
+directory's tokenizer, and the JSONL reader of the math task, in the OpenR1-Math layout used by
+LUFFY (docs/algorithm.md §The reference run's settings): each line has `prompt` (chat
+messages), `target` (the trace: an assistant message, or a list of them),
+`reward_model.ground_truth`, and optionally `data_source`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transformers import PreTrainedTokenizerBase
-
-from luffy_fast.toy.task import Problem
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 THINK_OPEN = "<think>\n"
 GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
@@ -49,13 +48,6 @@ class Sample:
     ground_truth: str
     traces: list[list[int]] = field(default_factory=list)  # response token ids, EOS included
     data_source: str = ""
-
-
-def toy_samples(problems: Sequence[Problem], tokenizer: PreTrainedTokenizerBase) -> list[Sample]:
-    return [Sample(prompt_ids=tokenizer(p.prompt, add_special_tokens=False).input_ids,
-                   ground_truth=p.answer,
-                   traces=[tokenizer(p.trace, add_special_tokens=False).input_ids],
-                   data_source="toy_reverse") for p in problems]
 
 
 def _message_text(message, where: str) -> str:

@@ -1,23 +1,19 @@
-"""Verifiable rewards: a reward function maps (response text, sample) to a float."""
+"""Verifiable rewards: a reward function maps (response text, sample) to a float.
+
+Each task owns its reward (luffy_fast.tasks); the math task's is here, the toy task's in
+luffy_fast/toy/task.py.
+"""
 
 from __future__ import annotations
 
 from typing import Protocol
 
 from luffy_fast.data import THINK_OPEN, Sample
-from luffy_fast.toy.task import extract_answer
 
 
 class RewardFunction(Protocol):
     def __call__(self, response: str, sample: Sample) -> float:
         """The reward of one response (1.0 correct, 0.0 otherwise for binary rewards)."""
-
-
-class ToyReverseReward:
-    """1 when the answer after the last "=" (ended by <eos>) equals the reversed digits."""
-
-    def __call__(self, response: str, sample: Sample) -> float:
-        return float(extract_answer(response) == sample.ground_truth)
 
 
 class MathVerifyReward:

@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import yaml
 
 from luffy_fast.config import LuffyLossConfig
+from luffy_fast.config_parsing import apply_overrides, build_dataclass, to_plain
+from luffy_fast.errors import ConfigError
 from luffy_fast.rollout.vllm_config import VLLMConfig
 
-
-class ConfigError(ValueError):
-    """A configuration problem; the message starts with the dotted key at fault."""
+__all__ = ["ConfigError", "LuffyTrainConfig", "apply_overrides", "config_from_dict", "load_config"]
 
 
 def _positive_int(owner: str, name: str, value: Any, minimum: int = 1) -> None:
@@ -83,9 +81,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Prompts, answers and off-policy traces. source "toy" generates the demo's digit-reversal
-    task; otherwise a JSONL file in the OpenR1-Math layout (see luffy_fast.data)."""
+    """Prompts, answers and off-policy traces, from a task (luffy_fast.tasks).
 
+    task: "toy" (the demo's digit reversal, generated on the fly), "math" (an OpenR1-Math JSONL
+        file at `source`, scored by math-verify) or a user's "package.module:Class"; None picks
+        "toy" when source is "toy", else "math".
+    """
+
+    task: Optional[str] = None
     source: str = "toy"
     heldout_source: Optional[str] = None  # JSONL of held-out problems (toy: generated)
     num_digits: int = 5  # toy task: length of the digit string to reverse
@@ -94,14 +97,23 @@ class DataConfig:
     max_response_length: int = 8192
 
     def validate(self) -> None:
+        if self.task is not None and (
+                not self.task or (self.task not in ("toy", "math") and ":" not in self.task)):
+            raise ConfigError(f"data.task: must be 'toy', 'math' or 'package.module:Class' "
+                              f"(got {self.task!r})")
         _positive_int("data", "num_digits", self.num_digits)
         if self.num_digits > 10:
             raise ConfigError(f"data.num_digits: must be at most 10 (got {self.num_digits})")
         _finite("data", "heldout_fraction", self.heldout_fraction, 0.0, 0.5, low_open=True)
         _positive_int("data", "max_prompt_length", self.max_prompt_length)
         _positive_int("data", "max_response_length", self.max_response_length)
-        if self.source != "toy" and not Path(self.source).is_file():
+        if self.task_name == "math" and not Path(self.source).is_file():
             raise ConfigError(f"data.source: no such file {self.source!r} (or use 'toy')")
+
+    @property
+    def task_name(self) -> str:
+        """The task to load: `task`, or the one today's `source` implies."""
+        return self.task or ("toy" if self.source == "toy" else "math")
 
 
 @dataclass
@@ -275,88 +287,18 @@ class LuffyTrainConfig:
                 * self.algorithm.ppo_epochs)
 
     def to_dict(self) -> dict:
-        return _to_plain(self)
+        return to_plain(self)
 
-
-def _to_plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, tuple):
-        return list(value)
-    return value
-
-
-def _convert(key: str, annotation: Any, value: Any) -> Any:
-    """Check `value` against a type annotation, converting only where it is lossless."""
-    origin = typing.get_origin(annotation)
-    if origin in (Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _convert(key, option, value)
-            except ConfigError as error:
-                errors.append(str(error))
-        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
-    if origin is tuple:
-        items = typing.get_args(annotation)
-        if not isinstance(value, (list, tuple)) or len(value) != len(items):
-            raise ConfigError(f"{key}: expected a list of {len(items)} values (got {value!r})")
-        return tuple(_convert(f"{key}[{i}]", t, v) for i, (t, v) in enumerate(zip(items, value)))
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false (got {value!r})")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer (got {value!r})")
-        return value
-    if annotation is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number (got {value!r})")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string (got {value!r})")
-        return value
-    if dataclasses.is_dataclass(annotation):
-        return _build(key, annotation, value)
-    raise ConfigError(f"{key}: unsupported type {annotation!r}")
-
-
-def _build(prefix: str, cls: type, values: Any) -> Any:
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys (got {values!r})")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    for name in values:
-        if name not in known:
-            where = f"{prefix}.{name}" if prefix else str(name)
-            raise ConfigError(f"{where}: unknown key (known keys: {', '.join(sorted(known))})")
-    kwargs = {name: _convert(f"{prefix}.{name}" if prefix else name, hints[name], value)
-              for name, value in values.items()}
-    if cls is LuffyLossConfig:
-        return kwargs  # built by config_from_dict, which knows the response length
-    return cls(**kwargs)
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
 def config_from_dict(values: dict) -> LuffyTrainConfig:
     """Build and validate the tree from nested mappings (missing keys take their defaults)."""
     values = dict(values or {})
     loss_values = values.pop("loss", None)
-    config = _build("", LuffyTrainConfig, values)
-    loss_kwargs = _build("loss", LuffyLossConfig, loss_values)
+    config = build_dataclass("", LuffyTrainConfig, values)
+    loss_kwargs = build_dataclass("loss", LuffyLossConfig, loss_values, kwargs_only=True)
     base = dataclasses.asdict(LuffyLossConfig.luffy(max_len=config.data.max_response_length))
     base["temperature"] = config.rollout.temperature  # logits / tau, tau the sampling temperature
     base.update(loss_kwargs)
@@ -368,31 +310,6 @@ def config_from_dict(values: dict) -> LuffyTrainConfig:
         raise ConfigError(f"loss: {error}") from None
     config.validate()
     return config
-
-
-def apply_overrides(values: dict, overrides: Sequence[str]) -> dict:
-    """Apply "dotted.key=value" overrides (values parsed as YAML) to nested mappings."""
-    values = _deep_copy(values)
-    for override in overrides:
-        key, sep, text = override.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {override!r}: expected dotted.key=value")
-        parts = key.split(".")
-        node = values
-        for depth, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"{'.'.join(parts[:depth + 1])}: is a value, not a section")
-            node = child
-        try:
-            node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{key}: cannot parse {text!r}: {error}") from None
-    return values
-
-
-def _deep_copy(values: dict) -> dict:
-    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in values.items()}
 
 
 def load_config(path: str | Path | None = None,

@@ -15,11 +15,13 @@ import time
 import torch
 
 from luffy_fast import LuffyLossConfig
-from luffy_fast.data import toy_samples
+from luffy_fast.micro_batches import pack_micro_batch
+from luffy_fast.policy import PolicyWithFusedLoss
 from luffy_fast.rollout import HFGenerateEngine, SamplingParams
+from luffy_fast.rollout_batch import assemble_groups
 from luffy_fast.toy.model import TinyQwen2Config, build_policy, build_tokenizer
-from luffy_fast.toy.task import sample_problems
-from luffy_fast.trainer import PolicyWithFusedLoss, assemble_groups, pack_micro_batch
+from luffy_fast.toy.problems import sample_problems
+from luffy_fast.toy.task import toy_samples
 
 
 def main() -> int:

@@ -162,3 +162,26 @@ def compare_backends(batch: dict, config, dtype: torch.dtype, backend: str,
 
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+# --------------------------------------------------------------------------- trainer tests
+
+# A tiny toy-task run: 2-layer 32-wide policy, 3-digit problems, groups of 3 rollouts + 1 trace
+TINY = [
+    "model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=2",
+    "model.num_attention_heads=2", "model.num_key_value_heads=1",
+    "data.num_digits=3", "data.max_response_length=24", "data.max_prompt_length=8",
+    "rollout.n_on=3", "rollout.n_off=1",
+    "loss.normalizer=token", "loss.entropy_coef=0.0", "loss.clip_on_policy=false",
+    "optim.lr=1e-3", "optim.weight_decay=0.0", "optim.warmup_steps=2",
+    "train.prompts_per_step=4", "train.mini_batch_size=4", "train.token_budget=4096",
+    "train.seed=3", "eval.every=2", "eval.num_problems=8",
+    "output.save_every=2", "output.tensorboard=false", "output.progress_bar=false",
+]
+
+
+def tiny_config(output_dir, *overrides):
+    """The TINY trainer config writing to `output_dir`, with extra dotted overrides."""
+    from luffy_fast.train_config import load_config
+
+    return load_config(None, [*TINY, f"output.dir={output_dir}", *overrides])

@@ -47,7 +47,7 @@ def test_behaviour_logprobs_match_the_policy(engine):
             with torch.no_grad():
                 logits = engine.model(ids).logits[0, len(prompt) - 1:-1].float() / 0.7
             entropies.append(torch.distributions.Categorical(logits=logits).entropy())
-    assert engine.last_metrics["rollout_entropy"] == pytest.approx(
+    assert engine.metrics()["rollout_entropy"] == pytest.approx(
         float(torch.cat(entropies).mean()), rel=1e-4)
 
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from luffy_fast.data import toy_samples
 from luffy_fast.rollout.base import SamplingParams
 from luffy_fast.rollout.vllm import VLLMRolloutEngine, VLLMStartupError
 from luffy_fast.rollout.vllm_config import VLLMConfig
 from luffy_fast.rollout.weights import gathered_named_parameters
 from luffy_fast.toy.model import TinyQwen2Config, build_policy, build_tokenizer, save_pretrained_pair
-from luffy_fast.toy.task import sample_problems
+from luffy_fast.toy.problems import sample_problems
+from luffy_fast.toy.task import toy_samples
 
 pytest.importorskip("vllm")  # luffy_fast.rollout.vllm imports it only when an engine starts
 pytestmark = pytest.mark.slow
@@ -82,7 +82,7 @@ def test_weight_sync_after_a_real_optimizer_step(setup):
     engine.sync_weights(gathered_named_parameters(policy))
     gap_after = max_gap(engine.score(prompts, continuations), expected)
     assert gap_after <= 1e-4, (gap_before, gap_after)
-    assert engine.last_timings["sync_seconds"] > 0
+    assert engine.metrics()["sync_seconds"] > 0
 
     # the sampled tokens' behaviour log-probs are the processed (temperature-scaled) ones
     groups = engine.generate(prompts, n=2, params=SamplingParams(max_new_tokens=12, temperature=0.7,
@@ -109,8 +109,8 @@ def test_generate_returns_n_completions_with_logprobs(setup):
         assert completion.finished == (completion.token_ids[-1] == eos)
         if not completion.finished:
             assert len(completion.token_ids) == 6  # cut at max_new_tokens
-    assert engine.last_timings["generated_tokens"] == sum(len(c.token_ids) for g in groups for c in g)
-    assert engine.last_timings["generate_tokens_per_second"] > 0
+    assert engine.metrics()["generated_tokens"] == sum(len(c.token_ids) for g in groups for c in g)
+    assert engine.metrics()["generate_tokens_per_second"] > 0
 
     again = engine.generate(prompts, n=3, params=params)
     assert [[c.token_ids for c in g] for g in again] == [[c.token_ids for c in g] for g in groups]

@@ -6,14 +6,12 @@ import json
 
 import pytest
 import yaml
-from test_trainer import TINY
 
+from helpers import TINY
 from luffy_fast.cli import main
-from luffy_fast.data import toy_samples
-from luffy_fast.rewards import ToyReverseReward
 from luffy_fast.toy.demo import DEMO_CONFIG, demo_config, run_demo
 from luffy_fast.toy.model import build_tokenizer
-from luffy_fast.toy.task import (
+from luffy_fast.toy.problems import (
     chance_of_random_answer,
     extract_answer,
     is_heldout,
@@ -21,6 +19,7 @@ from luffy_fast.toy.task import (
     sample_problems,
     vocabulary,
 )
+from luffy_fast.toy.task import ToyReverseReward, toy_samples
 from luffy_fast.train_config import ConfigError, config_from_dict, load_config
 
 

@@ -7,35 +7,22 @@ import json
 import pytest
 import torch
 
+from helpers import tiny_config
 from luffy_fast import LuffyLossConfig, group_advantages
 from luffy_fast.data import Sample
-from luffy_fast.rollout import Completion
-from luffy_fast.train_config import load_config
-from luffy_fast.trainer import (
-    IGNORE_INDEX,
-    LuffyTrainer,
-    assemble_groups,
+from luffy_fast.distributed import gathered_parameters
+from luffy_fast.metrics import read_metrics
+from luffy_fast.micro_batches import (
     loss_denominator,
     pack_micro_batch,
     plan_micro_batches,
-    read_metrics,
+    sequences_with_gradient,
 )
+from luffy_fast.rollout import Completion
+from luffy_fast.rollout_batch import assemble_groups, score_responses
+from luffy_fast.trainer import LuffyTrainer
 
-TINY = [
-    "model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=2",
-    "model.num_attention_heads=2", "model.num_key_value_heads=1",
-    "data.num_digits=3", "data.max_response_length=24", "data.max_prompt_length=8",
-    "rollout.n_on=3", "rollout.n_off=1",
-    "loss.normalizer=token", "loss.entropy_coef=0.0", "loss.clip_on_policy=false",
-    "optim.lr=1e-3", "optim.weight_decay=0.0", "optim.warmup_steps=2",
-    "train.prompts_per_step=4", "train.mini_batch_size=4", "train.token_budget=4096",
-    "train.seed=3", "eval.every=2", "eval.num_problems=8",
-    "output.save_every=2", "output.tensorboard=false", "output.progress_bar=false",
-]
-
-
-def tiny_config(tmp_path, *overrides):
-    return load_config(None, [*TINY, f"output.dir={tmp_path}", *overrides])
+IGNORE_INDEX = LuffyLossConfig().ignore_index
 
 
 def tiny_trainer(tmp_path, *overrides) -> LuffyTrainer:
@@ -45,13 +32,12 @@ def tiny_trainer(tmp_path, *overrides) -> LuffyTrainer:
 def rollout_batch(trainer: LuffyTrainer, step: int = 0):
     """A real mixed batch from the trainer's own rollout engine, with advantages."""
     from luffy_fast.rollout import SamplingParams
-    from luffy_fast.trainer import score_responses
 
     samples = trainer.prompt_batch(step)
     completions = trainer.rollout.generate([s.prompt_ids for s in samples], n=3,
                                            params=SamplingParams(24, seed=11))
     batch = assemble_groups(samples, completions, n_off=1)
-    batch.rewards = score_responses(batch, samples, trainer.reward_fn, trainer.decode)
+    batch.rewards = score_responses(batch, samples, trainer.task.reward, trainer.decode)
     # varied advantages so every sequence carries gradient (rewards are all 0 or 1 here)
     batch.advantages = torch.linspace(-1.0, 1.0, len(batch))
     return batch
@@ -174,12 +160,12 @@ def test_zero_advantage_sequences_are_skipped_without_changing_the_gradient(tmp_
     trainer = tiny_trainer(tmp_path)
     batch = rollout_batch(trainer)
     batch.advantages[::2] = 0.0
-    kept = trainer.sequences_with_gradient(batch, range(len(batch)))
+    kept = sequences_with_gradient(batch, range(len(batch)), trainer.config.loss)
     assert kept == list(range(1, len(batch), 2))
     skipped = policy_gradients(trainer, batch)
     trainer.config.loss = trainer.config.loss.replace(entropy_coef=1e-30)  # disables the skip
     trainer.engine.module.loss_head.loss_config = trainer.config.loss
-    assert trainer.sequences_with_gradient(batch, range(len(batch))) == list(range(len(batch)))
+    assert sequences_with_gradient(batch, range(len(batch)), trainer.config.loss) == list(range(len(batch)))
     full = policy_gradients(trainer, batch)
     assert_same_gradients(full, skipped, rtol=1e-5)
 
@@ -191,9 +177,7 @@ def test_a_few_steps_with_zero(tmp_path, zero_stage):
     policy = trainer.engine.module.policy
 
     def snapshot():
-        from luffy_fast.trainer import _gathered
-
-        with _gathered(policy.parameters(), zero_stage):
+        with gathered_parameters(policy.parameters(), zero_stage):
             return {n: p.detach().clone() for n, p in policy.named_parameters()}
 
     before = snapshot()
@@ -214,8 +198,8 @@ def test_a_few_steps_with_zero(tmp_path, zero_stage):
 # --------------------------------------------------------------------------- checkpoints
 
 def _comparable(row: dict) -> dict:
-    timing = ("rollout_seconds", "step_seconds", "tokens_per_second", "peak_memory_mb")
-    return {k: v for k, v in row.items() if k not in timing}
+    timing = ("step_seconds", "tokens_per_second", "peak_memory_mb")
+    return {k: v for k, v in row.items() if k not in timing and not k.startswith("time/")}
 
 
 def test_resume_after_a_crash_logs_the_same_next_step(tmp_path, monkeypatch):

@@ -10,8 +10,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from luffy_fast.cli import main
+from luffy_fast.metrics import read_metrics
 from luffy_fast.toy.model import TinyQwen2Config, build_policy
-from luffy_fast.trainer import read_metrics
 
 
 def math_tokenizer() -> PreTrainedTokenizerFast:

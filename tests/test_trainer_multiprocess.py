@@ -18,9 +18,10 @@ WORKER = textwrap.dedent("""
     from pathlib import Path
     import torch
     sys.path.insert(0, {tests!r})
-    from test_trainer import tiny_config
+    from helpers import tiny_config
     from luffy_fast.rollout import SamplingParams
-    from luffy_fast.trainer import LuffyTrainer, assemble_groups
+    from luffy_fast.rollout_batch import assemble_groups
+    from luffy_fast.trainer import LuffyTrainer
 
     # the gradient of two ranks (each half of the groups, averaged) == one process, whole batch
     check = LuffyTrainer(tiny_config(Path({out!r}) / "grad", "loss.entropy_coef=0.01"))

@@ -1,7 +1,8 @@
 """The rollout interface: prompts in, N sampled completions per prompt out.
 
-Every engine (transformers `generate` here, vLLM later) implements `RolloutEngine`. The trainer
-only ever talks to this interface, so engines are interchangeable.
+Every engine (transformers `generate`, vLLM) implements `RolloutEngine`. The trainer only ever
+talks to this interface, so engines are interchangeable. In one step it calls: `generate`,
+`sleep` (before the update), `sync_weights`, `wake`, then `metrics` (docs/design.md §The trainer).
 """
 
 from __future__ import annotations
@@ -67,6 +68,19 @@ class RolloutEngine(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Free the engine's resources (model copies, worker processes, device memory)."""
+
+    def sleep(self) -> None:
+        """Release device memory for the policy update (no-op unless the engine can)."""
+        return None
+
+    def wake(self) -> None:
+        """Take back what `sleep` released, ready to generate (no-op unless the engine sleeps)."""
+        return None
+
+    def metrics(self) -> dict[str, float]:
+        """Measurements of the latest calls (e.g. timings, rollout entropy), merged into the
+        step's metrics after the weight sync; none by default."""
+        return {}
 
 
 def check_generate_args(prompts: Sequence[Sequence[int]], n: int) -> None:

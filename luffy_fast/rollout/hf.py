@@ -28,7 +28,7 @@ class HFGenerateEngine(RolloutEngine):
         self.max_batch_size = max_batch_size
         self.device = next(model.parameters()).device
         # of the latest generate call: mean entropy of the sampling distribution per sampled token
-        self.last_metrics: dict[str, float] = {}
+        self._metrics: dict[str, float] = {}
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], n: int,
@@ -43,7 +43,7 @@ class HFGenerateEngine(RolloutEngine):
             for start in range(0, len(flat), self.max_batch_size):
                 completions.extend(self._generate_batch(flat[start:start + self.max_batch_size],
                                                         params))
-        self.last_metrics = {"rollout_entropy": self._entropy_sum / max(self._entropy_count, 1)}
+        self._metrics = {"rollout_entropy": self._entropy_sum / max(self._entropy_count, 1)}
         return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     def _generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
@@ -83,6 +83,11 @@ class HFGenerateEngine(RolloutEngine):
             if name not in own:
                 raise KeyError(f"sync_weights: the rollout model has no parameter {name!r}")
             own[name].copy_(tensor.to(own[name].device, own[name].dtype))
+
+    def metrics(self) -> dict[str, float]:
+        """`rollout_entropy`: the sampling distribution's mean entropy per sampled token, over
+        the latest generate call."""
+        return dict(self._metrics)
 
     def close(self) -> None:
         self.model = None  # the copy is the engine's only resource

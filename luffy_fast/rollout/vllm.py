@@ -6,7 +6,7 @@
     ...optimizer step...
     engine.sync_weights(gathered_named_parameters(policy))   # wakes, loads, resets prefix cache
 
-How weights get in: `collective_rpc` runs `_load_weights_on_worker` on every engine worker, which
+How weights get in: `collective_rpc` runs `load_weights_on_worker` on every engine worker, which
 calls the vLLM model's own `load_weights` with transformers names (vLLM maps them to its fused
 layers: q/k/v into qkv_proj, gate/up into gate_up_proj, and skips lm_head when embeddings are
 tied). With tensor_parallel_size 1 the engine runs inside this process and the tensors are passed
@@ -16,7 +16,7 @@ handles (same node).
 On CPU, vLLM repacks each linear weight for oneDNN after loading and drops the original, so an
 in-place reload would leave the linear layers stale. `keep_cpu_linear_weights_unpacked` replaces
 that dispatch with plain `torch.nn.functional.linear` on the layer's own weight, before the
-engine loads the model, so every sync lands (DESIGN.md, "Real components").
+engine loads the model, so every sync lands (docs/design.md).
 """
 
 from __future__ import annotations
@@ -35,57 +35,16 @@ import torch
 
 from luffy_fast.rollout.base import Completion, RolloutEngine, SamplingParams, check_generate_args
 from luffy_fast.rollout.vllm_config import VLLMConfig
+from luffy_fast.rollout.vllm_setup import (
+    VLLMStartupError,
+    cuda_ipc_handle,
+    destroy_vllm_process_groups,
+    engine_kwargs,
+    engine_parameter_names,
+    keep_cpu_linear_weights_unpacked,
+    load_weights_on_worker,
+)
 from luffy_fast.rollout.weights import engine_weight_name
-
-
-class VLLMStartupError(RuntimeError):
-    """The vLLM engine could not start; the message names the cause."""
-
-
-# --------------------------------------------------------------------------- CPU weight layout
-
-def keep_cpu_linear_weights_unpacked() -> None:
-    """Make vLLM's CPU backend compute linear layers with `F.linear` on their own weight.
-
-    Applies to engines created afterwards in this process (the dispatch runs while loading).
-    3-D weights (MoE experts, convolutions) keep vLLM's own handling.
-    """
-    import vllm.model_executor.layers.utils as layer_utils
-
-    original = layer_utils.dispatch_cpu_unquantized_gemm
-    if getattr(original, "keeps_weights_unpacked", False):
-        return
-
-    def dispatch_keeping_weight(layer: torch.nn.Module, remove_weight: bool) -> None:
-        if layer.weight.is_meta or layer.weight.ndim != 2:
-            original(layer, remove_weight)
-            return
-        layer.cpu_linear = torch.nn.functional.linear  # called as (x, layer.weight, bias)
-
-    dispatch_keeping_weight.keeps_weights_unpacked = True  # type: ignore[attr-defined]
-    layer_utils.dispatch_cpu_unquantized_gemm = dispatch_keeping_weight
-
-
-# --------------------------------------------------------------------------- worker side
-
-def _load_weights_on_worker(worker: Any, weights: list[tuple[str, Any]], ipc: bool) -> set[str]:
-    """Runs on each vLLM worker: load (name, tensor) pairs, or (name, CUDA IPC handle) pairs,
-    into its model. Returns the names of the engine parameters written."""
-    if ipc:
-        weights = [(name, rebuild(*args)) for name, (rebuild, args) in weights]
-    loaded = worker.model_runner.model.load_weights(weights=iter(weights))
-    return set(loaded) if loaded is not None else set()
-
-
-def _engine_parameter_names(worker: Any) -> set[str]:
-    return {name for name, _ in worker.model_runner.model.named_parameters()}
-
-
-def _cuda_ipc_handle(tensor: torch.Tensor) -> tuple:
-    from torch.multiprocessing.reductions import reduce_tensor
-
-    return reduce_tensor(tensor.contiguous())
-
 
 # --------------------------------------------------------------------------- the engine
 
@@ -97,7 +56,7 @@ class VLLMRolloutEngine(RolloutEngine):
     Every sampled token comes with its log-prob under the distribution actually sampled from
     (`logprobs_mode="processed_logprobs"`: after temperature and top-p), as in training.
 
-    `last_timings` (merged by the trainer into its per-step metrics) holds the latest
+    `metrics()` (merged by the trainer into its per-step metrics) holds the latest
     generate_seconds, generated_tokens, generate_tokens_per_second, sync_seconds and, with sleep
     mode, sleep_seconds, wake_weights_seconds and wake_kv_cache_seconds; `start_seconds` is the
     engine's start-up time.
@@ -121,13 +80,13 @@ class VLLMRolloutEngine(RolloutEngine):
                                    "use 0")
         self._check_model_dir()
         self.in_process = config.tensor_parallel_size == 1
-        self.last_timings: dict[str, float] = {}
+        self._timings: dict[str, float] = {}
         self._sleeping: set[str] = set()  # vLLM memory tags released by sleep()
         self._weights_discarded = False  # level-2 sleep: weights are garbage until a full sync
         self._llm = None
         self._owns_process_group = False
         self._llm = self._start(seed)
-        self._engine_parameters = self._rpc(_engine_parameter_names)[0]
+        self._engine_parameters = self._rpc(engine_parameter_names)[0]
         atexit.register(_close_at_exit, weakref.ref(self))
 
     def _check_model_dir(self) -> None:
@@ -137,38 +96,6 @@ class VLLMRolloutEngine(RolloutEngine):
         if not (path / "config.json").is_file():
             raise VLLMStartupError(f"vLLM engine: {str(path)!r} has no config.json (expected a "
                                    "transformers model directory saved with save_pretrained)")
-
-    def _engine_kwargs(self, seed: int) -> dict:
-        config = self.config
-        dtype = config.dtype
-        if dtype == "auto":
-            dtype = "float32" if self.on_cpu else "bfloat16"
-        utilization = config.gpu_memory_utilization
-        if utilization is None:
-            utilization = 0.1 if self.on_cpu else 0.5
-        kwargs = dict(
-            model=str(self.model_path), dtype=dtype, seed=seed,
-            logprobs_mode="processed_logprobs",
-            gpu_memory_utilization=utilization,
-            tensor_parallel_size=config.tensor_parallel_size,
-            enforce_eager=self.on_cpu or config.enforce_eager,
-            enable_prefix_caching=config.enable_prefix_caching,
-            enable_sleep_mode=self.sleep_level > 0,
-        )
-        if config.max_model_len is not None:
-            kwargs["max_model_len"] = config.max_model_len
-        world = torch.distributed.get_world_size() \
-            if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
-        if world > 1:
-            if config.tensor_parallel_size != 1:
-                raise VLLMStartupError(
-                    "rollout.vllm.tensor_parallel_size: with several training ranks each rank "
-                    "runs its own engine in-process, so it must be 1 "
-                    f"(got {config.tensor_parallel_size})")
-            kwargs["distributed_executor_backend"] = "external_launcher"  # reuse our ranks
-        elif config.tensor_parallel_size > 1:
-            kwargs["distributed_executor_backend"] = "mp"
-        return kwargs
 
     def _start(self, seed: int):
         try:
@@ -185,7 +112,7 @@ class VLLMRolloutEngine(RolloutEngine):
                 vllm.envs.disable_envs_cache()  # a previous engine froze the environment
         if self.on_cpu:
             keep_cpu_linear_weights_unpacked()
-        kwargs = self._engine_kwargs(seed)
+        kwargs = engine_kwargs(self.config, self.model_path, seed, self.on_cpu, self.sleep_level)
         self._owns_process_group = not (torch.distributed.is_available()
                                         and torch.distributed.is_initialized())
         # vLLM's CPU worker pins torch to one thread and disables set_num_threads for the whole
@@ -196,7 +123,7 @@ class VLLMRolloutEngine(RolloutEngine):
             llm = LLM(**kwargs)
         except Exception as error:
             gc.collect()  # the half-built engine, before its process groups go
-            _destroy_vllm_process_groups(world=self._owns_process_group)
+            destroy_vllm_process_groups(world=self._owns_process_group)
             raise VLLMStartupError(self._explain(error)) from error
         finally:
             torch.set_num_threads = set_threads
@@ -234,7 +161,7 @@ class VLLMRolloutEngine(RolloutEngine):
         seconds = time.perf_counter() - start
         result = [[_completion(sample) for sample in output.outputs] for output in outputs]
         tokens = sum(len(c.token_ids) for group in result for c in group)
-        self.last_timings.update(generate_seconds=seconds, generated_tokens=float(tokens),
+        self._timings.update(generate_seconds=seconds, generated_tokens=float(tokens),
                                  generate_tokens_per_second=tokens / max(seconds, 1e-9))
         return result
 
@@ -288,9 +215,9 @@ class VLLMRolloutEngine(RolloutEngine):
                     "parameter")
             self._weights_discarded = False
         self._llm.reset_prefix_cache()  # its KV was computed with the old weights
-        self.last_timings["sync_seconds"] = time.perf_counter() - start
+        self._timings["sync_seconds"] = time.perf_counter() - start
         if self.sleep_level:
-            self.last_timings["wake_weights_seconds"] = wake
+            self._timings["wake_weights_seconds"] = wake
 
     def _load(self, batch: list[tuple[str, torch.Tensor]]) -> set[str]:
         ipc = not self.in_process
@@ -298,12 +225,12 @@ class VLLMRolloutEngine(RolloutEngine):
             if any(t.device.type != "cuda" for _, t in batch):
                 raise RuntimeError("an engine in separate processes takes CUDA tensors only "
                                    "(weights travel as CUDA IPC handles)")
-            payload: list = [(name, _cuda_ipc_handle(t)) for name, t in batch]
+            payload: list = [(name, cuda_ipc_handle(t)) for name, t in batch]
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
         else:
             payload = batch
-        return self._rpc(_load_weights_on_worker, payload, ipc)[0]
+        return self._rpc(load_weights_on_worker, payload, ipc)[0]
 
     def _rpc(self, function, *args) -> list:
         return self._llm.collective_rpc(function, args=args)
@@ -322,7 +249,7 @@ class VLLMRolloutEngine(RolloutEngine):
         self._llm.sleep(level=self.sleep_level)
         self._sleeping = {"weights", "kv_cache"}
         self._weights_discarded = self.sleep_level == 2
-        self.last_timings["sleep_seconds"] = time.perf_counter() - start
+        self._timings["sleep_seconds"] = time.perf_counter() - start
 
     def _ensure_awake(self) -> None:
         if self._llm is None:
@@ -330,8 +257,18 @@ class VLLMRolloutEngine(RolloutEngine):
         if self._weights_discarded:
             raise RuntimeError("the vLLM engine slept at level 2, which discards its weights: "
                                "call sync_weights before generating")
-        if self._sleeping:  # normally only the KV cache: sync_weights woke the weights
-            self.last_timings["wake_kv_cache_seconds"] = self._wake(set(self._sleeping))
+        self.wake()
+
+    def wake(self) -> None:
+        """Re-allocate what `sleep` released (normally only the KV cache: `sync_weights` woke
+        the weights); generating after a level-2 sleep still needs a full sync first."""
+        if self._llm is None:
+            raise RuntimeError("the vLLM engine is closed")
+        if self._sleeping:
+            self._timings["wake_kv_cache_seconds"] = self._wake(set(self._sleeping))
+
+    def metrics(self) -> dict[str, float]:
+        return dict(self._timings)
 
     def _wake(self, tags: set[str]) -> float:
         """Wake the sleeping part of `tags` (each tag is woken once); returns the seconds."""
@@ -355,7 +292,7 @@ class VLLMRolloutEngine(RolloutEngine):
         finally:
             del llm
             gc.collect()
-            _destroy_vllm_process_groups(world=self._owns_process_group)
+            destroy_vllm_process_groups(world=self._owns_process_group)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
@@ -375,18 +312,6 @@ def _completion(sample: Any) -> Completion:
     tokens = list(sample.token_ids)
     logprobs = [float(entry[token].logprob) for entry, token in zip(sample.logprobs, tokens)]
     return Completion(tokens, logprobs, finished=sample.finish_reason == "stop")
-
-
-def _destroy_vllm_process_groups(world: bool) -> None:
-    """vLLM's own groups; the default process group too when vLLM created it (a trainer that
-    initialized it first keeps it)."""
-    try:
-        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
-    except ImportError:
-        return
-    destroy_model_parallel()
-    if world:
-        destroy_distributed_environment()
 
 
 def _close_at_exit(reference: weakref.ref) -> None:

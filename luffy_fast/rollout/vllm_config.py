@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from luffy_fast.errors import ConfigError
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -40,8 +42,6 @@ class VLLMConfig:
     enable_prefix_caching: bool = True
 
     def validate(self, prefix: str = "rollout.vllm") -> None:
-        from luffy_fast.train_config import ConfigError
-
         def fail(name: str, rule: str, value) -> None:
             raise ConfigError(f"{prefix}.{name}: {rule} (got {value!r})")
 

@@ -1,6 +1,6 @@
 """`luffy-fast demo`: the paper's headline in miniature, on a CPU in minutes.
 
-The task is reversing 4 digits (luffy_fast.toy.task) with a tiny random-initialized Qwen2.
+The task is reversing 4 digits (luffy_fast.toy.problems) with a tiny random-initialized Qwen2.
 Its own samples are never correct at the start (about 19^-6 = 2e-8 per sample), so on-policy
 GRPO gets no learning signal, while LUFFY learns from the teacher's traces. The runs share the
 seed, the prompts of every step, the number of steps and the group size (n_on + n_off = 4):
@@ -88,7 +88,9 @@ def plot_runs(histories: dict[str, list[dict]], path: str | Path) -> Path:
 def run_demo(output_dir: str | Path = "runs/demo", runs: Sequence[str] = DEFAULT_RUNS,
              overrides: Sequence[str] = (), resume: bool = False) -> dict:
     """Train every run in turn, then write summary.json and the plot; returns the summary."""
-    from luffy_fast.trainer import LuffyTrainer, ensure_writable_dir, read_metrics
+    from luffy_fast.checkpoint import ensure_writable_dir
+    from luffy_fast.metrics import read_metrics
+    from luffy_fast.trainer import LuffyTrainer
 
     output_dir = ensure_writable_dir(output_dir, key="demo output directory")
     configs = {run: demo_config(run, output_dir, overrides) for run in runs}  # fail fast

@@ -15,7 +15,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from luffy_fast.toy.task import EOS, PAD, vocabulary
+from luffy_fast.toy.problems import EOS, PAD, vocabulary
 
 
 def build_tokenizer(num_digits: int) -> PreTrainedTokenizerFast:

@@ -1,106 +1,68 @@
-"""The demo's task: reverse a string of digits, with worked steps from a programmatic teacher.
-
-A problem is a string of `num_digits` random digits; the answer is the same digits reversed.
-The teacher's trace (the off-policy guidance) first labels each digit with its position, then
-reads the labels back from the last to the first, then writes the answer:
-
-    prompt:   3 8 1 4 6 >
-    trace:    a 3 b 8 c 1 d 4 e 6 | e 6 d 4 c 1 b 8 a 3 = 6 4 1 8 3 <eos>
-
-Each step is an easy lookup for a small transformer (copy at a fixed offset, find the digit
-after a label), so the traces teach quickly; the policy is only rewarded for the answer after
-"=", so the steps are guidance, not a requirement.
-
-Train and held-out problems come from disjoint sets: a problem belongs to the held-out split
-exactly when a hash of its digits falls in the held-out bucket, so no held-out problem is
-ever seen in training, whatever the seed.
+"""The toy task plug-in (`data.task: toy`): digit reversal (luffy_fast/toy/problems.py) with the
+demo's own tokenizer and tiny Qwen2 (luffy_fast/toy/model.py). A user's task implements the same
+interface (luffy_fast.tasks.Task); see examples/custom_task.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import random
-from dataclasses import dataclass
+from collections.abc import Sequence
 
-DIGITS = tuple("0123456789")
-LABELS = tuple("abcdefghij")
-PROMPT_END = ">"
-STEP_SEP = "|"
-ANSWER_MARK = "="
-EOS = "<eos>"
-PAD = "<pad>"
-SPECIAL_TOKENS = (PAD, EOS)
-VOCAB = SPECIAL_TOKENS + DIGITS + (PROMPT_END, STEP_SEP, ANSWER_MARK)
+from luffy_fast.data import Sample
+from luffy_fast.errors import ConfigError
+from luffy_fast.tasks import Task
+from luffy_fast.toy.model import TinyQwen2Config, build_policy, build_tokenizer
+from luffy_fast.toy.problems import Problem, extract_answer, sample_problems
 
 
-def vocabulary(num_digits: int) -> tuple[str, ...]:
-    """Every token the task uses, specials first (pad id 0, eos id 1)."""
-    return VOCAB + LABELS[:num_digits]
+def toy_samples(problems: Sequence[Problem], tokenizer) -> list[Sample]:
+    """Problems as samples: prompt token ids, the answer as ground truth, the trace."""
+    return [Sample(prompt_ids=tokenizer(p.prompt, add_special_tokens=False).input_ids,
+                   ground_truth=p.answer,
+                   traces=[tokenizer(p.trace, add_special_tokens=False).input_ids],
+                   data_source="toy_reverse") for p in problems]
 
 
-@dataclass(frozen=True)
-class Problem:
-    """One problem: `prompt` and `trace` are whitespace-separated token strings."""
+class ToyReverseReward:
+    """1 when the answer after the last "=" (ended by <eos>) equals the reversed digits."""
 
-    digits: str
-    prompt: str
-    answer: str
-    trace: str
+    def __call__(self, response: str, sample: Sample) -> float:
+        return float(extract_answer(response) == sample.ground_truth)
 
 
-def make_problem(digits: str) -> Problem:
-    labelled = [f"{LABELS[i]} {d}" for i, d in enumerate(digits)]
-    answer = digits[::-1]
-    trace = " ".join(
-        labelled + [STEP_SEP] + labelled[::-1] + [ANSWER_MARK] + list(answer) + [EOS]
-    )
-    return Problem(digits=digits, prompt=" ".join(list(digits) + [PROMPT_END]), answer=answer,
-                   trace=trace)
+class ToyTask(Task):
+    """Digit reversal (`data.task: toy`) with its own word-level tokenizer and tiny Qwen2
+    (model.path "toy"), shaped by the `model` section; `data.num_digits` digits per problem."""
 
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        if config.model.path != "toy":
+            raise ConfigError("model.path: the toy policy and the toy data go together "
+                              f"(model.path={config.model.path!r}, data.task='toy')")
+        self._reward = ToyReverseReward()
 
-def is_heldout(digits: str, heldout_fraction: float) -> bool:
-    bucket = int.from_bytes(hashlib.sha256(digits.encode()).digest()[:8], "big") / 2.0**64
-    return bucket < heldout_fraction
+    def components(self) -> tuple:
+        config = self.config
+        tokenizer = build_tokenizer(config.data.num_digits)
+        model = config.model
+        shape = TinyQwen2Config(hidden_size=model.hidden_size,
+                                intermediate_size=model.intermediate_size,
+                                num_hidden_layers=model.num_hidden_layers,
+                                num_attention_heads=model.num_attention_heads,
+                                num_key_value_heads=model.num_key_value_heads,
+                                max_position_embeddings=max(128, 2 * config.data.max_response_length))
+        return tokenizer, build_policy(tokenizer, shape, seed=config.train.seed)
 
+    def _problems(self, count: int, split: str) -> list[Problem]:
+        data = self.config.data
+        return sample_problems(count, data.num_digits, split, self.config.train.seed,
+                               data.heldout_fraction)
 
-def sample_problems(count: int, num_digits: int, split: str, seed: int,
-                    heldout_fraction: float = 0.1) -> list[Problem]:
-    """`count` distinct problems of the given split ("train" or "heldout")."""
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout' (got {split!r})")
-    if not 1 <= num_digits <= len(LABELS):
-        raise ValueError(f"num_digits must be between 1 and {len(LABELS)} (got {num_digits})")
-    space = 10**num_digits
-    available = space * (heldout_fraction if split == "heldout" else 1 - heldout_fraction)
-    if count > 0.5 * available:
-        raise ValueError(f"asked for {count} distinct {split} problems of {num_digits} digits; "
-                         f"only about {int(available)} exist")
-    rng = random.Random(f"{split}:{seed}")
-    seen: set[str] = set()
-    problems = []
-    while len(problems) < count:
-        digits = "".join(rng.choice(DIGITS) for _ in range(num_digits))
-        if digits in seen or is_heldout(digits, heldout_fraction) != (split == "heldout"):
-            continue
-        seen.add(digits)
-        problems.append(make_problem(digits))
-    return problems
+    def train_samples(self, tokenizer) -> list[Sample]:
+        available = 10**self.config.data.num_digits * (1 - self.config.data.heldout_fraction)
+        return toy_samples(self._problems(min(20000, int(0.4 * available)), "train"), tokenizer)
 
+    def heldout_samples(self, tokenizer) -> list[Sample]:
+        return toy_samples(self._problems(self.config.eval.num_problems, "heldout"), tokenizer)
 
-def extract_answer(response: str) -> str | None:
-    """The answer a response gives: the tokens after the last "=", up to <eos>; None if absent."""
-    if EOS not in response.split():
-        return None
-    body = response.split(EOS)[0]
-    if ANSWER_MARK not in body.split():
-        return None
-    return "".join(body.rsplit(ANSWER_MARK, 1)[1].split())
-
-
-def chance_of_random_answer(num_digits: int) -> float:
-    """Probability that a uniform random policy writes "= <answer> <eos>" at a given point.
-
-    An upper bound for the untrained policy, whose initial next-token distribution is close to
-    uniform over the vocabulary: it needs num_digits + 2 specific tokens in a row.
-    """
-    return (1.0 / len(vocabulary(num_digits))) ** (num_digits + 2)
+    def reward(self, response: str, sample: Sample) -> float:
+        return self._reward(response, sample)

@@ -1,0 +1,116 @@
+"""Nested dataclasses from YAML-style mappings, every value checked; dotted overrides.
+
+Generic: the trainer's config tree (luffy_fast.train_config) is built with it. Errors raise
+ConfigError naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any, Union
+
+import yaml
+
+from luffy_fast.errors import ConfigError
+
+
+def to_plain(value: Any) -> Any:
+    """Dataclasses as nested dicts, tuples as lists: what YAML and JSON hold."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def convert(key: str, annotation: Any, value: Any) -> Any:
+    """Check `value` against a type annotation, converting only where it is lossless."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return convert(key, option, value)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is tuple:
+        items = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise ConfigError(f"{key}: expected a list of {len(items)} values (got {value!r})")
+        return tuple(convert(f"{key}[{i}]", t, v) for i, (t, v) in enumerate(zip(items, value)))
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false (got {value!r})")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer (got {value!r})")
+        return value
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number (got {value!r})")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string (got {value!r})")
+        return value
+    if dataclasses.is_dataclass(annotation):
+        return build_dataclass(key, annotation, value)
+    raise ConfigError(f"{key}: unsupported type {annotation!r}")
+
+
+def build_dataclass(prefix: str, cls: type, values: Any, kwargs_only: bool = False) -> Any:
+    """`cls` built from a mapping, every value checked against its annotation (nested
+    dataclasses from nested mappings); with kwargs_only, the checked keyword arguments."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys (got {values!r})")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for name in values:
+        if name not in known:
+            where = f"{prefix}.{name}" if prefix else str(name)
+            raise ConfigError(f"{where}: unknown key (known keys: {', '.join(sorted(known))})")
+    kwargs = {name: convert(f"{prefix}.{name}" if prefix else name, hints[name], value)
+              for name, value in values.items()}
+    return kwargs if kwargs_only else cls(**kwargs)
+
+
+def apply_overrides(values: dict, overrides: Sequence[str]) -> dict:
+    """Apply "dotted.key=value" overrides (values parsed as YAML) to nested mappings."""
+    values = _deep_copy(values)
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r}: expected dotted.key=value")
+        parts = key.split(".")
+        node = values
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(parts[:depth + 1])}: is a value, not a section")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{key}: cannot parse {text!r}: {error}") from None
+    return values
+
+
+def _deep_copy(values: dict) -> dict:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in values.items()}

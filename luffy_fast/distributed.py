@@ -1,0 +1,125 @@
+"""Process group, device, DeepSpeed engine (ZeRO stage, precision, AdamW) and the LR schedule.
+
+One process without a launcher trains in a world of one (gloo on the CPU); under the `deepspeed`
+launcher every rank takes its share of each mini-batch (docs/design.md §The trainer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import socket
+from collections.abc import Callable, Iterable
+from typing import Optional
+
+import torch
+from torch import nn
+
+from luffy_fast.errors import ConfigError
+from luffy_fast.train_config import LuffyTrainConfig
+
+
+def init_distributed(device_type: str, config: LuffyTrainConfig) -> tuple[int, int]:
+    """Join (or start) the process group; returns (rank, world size). One process without a
+    launcher gets a world of size one; the `deepspeed` launcher's environment is used as is."""
+    import deepspeed
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if "RANK" not in os.environ:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo",
+                                   verbose=False)
+    rank, world_size = rank_and_world()
+    if config.train.mini_batch_size % world_size:
+        raise ConfigError(f"train.mini_batch_size: {config.train.mini_batch_size} prompts do not "
+                          f"split evenly over {world_size} ranks")
+    return rank, world_size
+
+
+def rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def training_device(config: LuffyTrainConfig,
+                    device: Optional[torch.device] = None) -> tuple[torch.device, bool]:
+    """This rank's device (its LOCAL_RANK's GPU, else the CPU) and whether it trains in bf16."""
+    device = device or (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+                        if torch.cuda.is_available() else torch.device("cpu"))
+    if device.type == "cpu" and config.train.cpu_threads:
+        torch.set_num_threads(config.train.cpu_threads)
+    precision = config.model.precision
+    return device, precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def learning_rate_lambda(config: LuffyTrainConfig) -> Callable[[int], float]:
+    """Linear warm-up, then constant or cosine decay to min_lr_ratio over the remaining steps.
+
+    After the warm-up this is transformers' get_cosine_with_min_lr_schedule_with_warmup (tested
+    equal), but its warm-up starts at 0, so the first optimizer step would not move the weights;
+    here step k of the warm-up runs at (k + 1) / warmup_steps of the peak, as in every run so far.
+    """
+    optim = config.optim
+    total = config.train.steps * config.optimizer_steps_per_rollout()
+
+    def factor(optimizer_step: int) -> float:
+        if optimizer_step < optim.warmup_steps:
+            return (optimizer_step + 1) / optim.warmup_steps
+        if optim.schedule == "constant":
+            return 1.0
+        progress = (optimizer_step - optim.warmup_steps) / max(1, total - optim.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * cosine
+
+    return factor
+
+
+def deepspeed_config(config: LuffyTrainConfig, bf16: bool) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        # micro-batch counts vary with packing: backward() accumulates, step() is the boundary
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": config.optim.grad_clip,
+        "zero_optimization": {"stage": config.train.zero_stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(module: nn.Module, config: LuffyTrainConfig, bf16: bool):
+    """The DeepSpeed engine over `module` with a torch AdamW (no CPU-Adam build) and the LR
+    schedule; returns (engine, scheduler)."""
+    import deepspeed
+
+    optim = config.optim
+    optimizer = torch.optim.AdamW(module.parameters(), lr=optim.lr, betas=optim.betas,
+                                  eps=optim.eps, weight_decay=optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_lambda(config))
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(config, bf16))
+    return engine, scheduler
+
+
+def gathered_parameters(parameters: Iterable[nn.Parameter], zero_stage: int):
+    """A context in which ZeRO-3 parameters are whole (read-only); a no-op below stage 3."""
+    if zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(parameters), modifier_rank=None)
+
+
+def all_reduce_sum(value: float, device: torch.device) -> float:
+    """The sum of `value` over all ranks (float64)."""
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total)
+    return float(total)
