@@ -1,0 +1,154 @@
+"""The trainer's parts on their own: the LR schedule, the metric accumulator and timer, tasks
+loaded by name (the example's user task trained for real), and the rollout engine's step order."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import tiny_config
+from luffy_fast.data import Sample
+from luffy_fast.distributed import learning_rate_lambda
+from luffy_fast.errors import ConfigError
+from luffy_fast.metrics import MeanMinMax, PhaseTimer
+from luffy_fast.rollout import HFGenerateEngine, RolloutEngine
+from luffy_fast.tasks import MathTask, Task, load_task
+from luffy_fast.toy.task import ToyTask
+from luffy_fast.train_config import load_config
+from luffy_fast.trainer import LuffyTrainer
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+# --------------------------------------------------------------------------- LR schedule
+
+def test_learning_rate_schedules_by_hand():
+    # the demo's schedule: 10 warm-up steps, then cosine to 10 % over 250 - 10 steps
+    cosine = learning_rate_lambda(load_config("configs/demo_luffy.yaml"))
+    assert [cosine(k) for k in (0, 4, 9)] == [0.1, 0.5, 1.0]  # (k + 1) / 10
+    assert cosine(10) == 1.0  # progress 0
+    assert cosine(130) == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-15)  # half way: cos(pi/2) = 0
+    assert cosine(250) == pytest.approx(0.1, abs=1e-15)  # the end, and it stays there
+    assert cosine(400) == pytest.approx(0.1, abs=1e-15)
+    constant = learning_rate_lambda(load_config(None, ["optim.warmup_steps=4", "train.steps=20"]))
+    assert [constant(k) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    no_warmup = learning_rate_lambda(load_config(None, ["optim.schedule=cosine", "train.steps=8",
+                                                        "train.prompts_per_step=4",
+                                                        "train.mini_batch_size=2"]))
+    # 2 optimizer steps per rollout, 16 in all, min_lr_ratio 0
+    assert [no_warmup(k) for k in (0, 8)] == [1.0, pytest.approx(0.5, abs=1e-15)]
+
+
+def test_cosine_after_the_warm_up_is_transformers_cosine_with_min_lr():
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    config = load_config("configs/demo_luffy.yaml")
+    ours = learning_rate_lambda(config)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    theirs = get_cosine_with_min_lr_schedule_with_warmup(optimizer, 10, 250, min_lr_rate=0.1)
+    # transformers' warm-up starts at k / 10 (a first step at lr 0); ours at (k + 1) / 10
+    assert [theirs.lr_lambdas[0](k) for k in (0, 9)] == [0.0, 0.9]
+    assert all(ours(k) == theirs.lr_lambdas[0](k) for k in range(10, 250))
+
+
+# --------------------------------------------------------------------------- metrics
+
+def test_mean_min_max_and_phase_timer():
+    stats = MeanMinMax(minimum=("ratio_min",), maximum=("ratio_max",))
+    stats.add({"loss": 1.0, "ratio_min": 0.9, "ratio_max": 1.1}, weight=3.0)
+    stats.add({"loss": 3.0, "ratio_min": 0.8, "ratio_max": 1.05}, weight=1.0)
+    # weighted mean (1 * 3 + 3 * 1) / 4 = 1.5; extremes over both
+    assert stats.result() == {"loss": 1.5, "ratio_min": 0.8, "ratio_max": 1.1}
+    assert MeanMinMax().result() == {}
+    zero = MeanMinMax()
+    zero.add({"entropy": 0.0}, weight=0.0)
+    assert zero.result() == {"entropy": 0.0}
+    timer = PhaseTimer()
+    for _ in range(2):
+        with timer.phase("generate"):
+            pass
+    assert list(timer.seconds) == ["time/generate"] and timer.seconds["time/generate"] >= 0
+
+
+# --------------------------------------------------------------------------- tasks
+
+def test_tasks_load_by_name(tmp_path, monkeypatch):
+    assert isinstance(load_task(load_config(None)), ToyTask)  # data.source toy: the toy task
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1", "reward_model": {"ground_truth": "1"}}\n')
+    math_config = load_config(None, [f"data.source={data}", "model.path=/some/model"])
+    assert math_config.data.task is None and isinstance(load_task(math_config), MathTask)
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    user = load_task(load_config(None, ["data.task=custom_task:CopyDigits"]))
+    assert isinstance(user, Task) and type(user).__name__ == "CopyDigits"
+    assert user.reward("= 1 2 3 <eos>", Sample([5], "123")) == 1.0
+    assert user.reward("= 1 2 3", Sample([5], "123")) == 0.0  # unfinished
+    with pytest.raises(ConfigError, match="data.task: cannot load 'nowhere:Task'"):
+        load_task(load_config(None, ["data.task=nowhere:Task"]))
+    with pytest.raises(ConfigError, match="data.task: 'luffy_fast.data:Sample' is not"):
+        load_task(load_config(None, ["data.task=luffy_fast.data:Sample"]))
+    with pytest.raises(ConfigError, match="data.task: must be 'toy', 'math'"):
+        load_config(None, ["data.task=mytask"])
+    with pytest.raises(ConfigError, match="model.path: 'toy' needs a task that builds"):
+        LuffyTrainer(load_config(None, [f"data.source={data}", f"output.dir={tmp_path}/o"]))
+
+
+def test_the_custom_task_example_trains(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import custom_task
+
+    history = custom_task.main(str(tmp_path), "output.progress_bar=false", "train.cpu_threads=1")
+    assert [row["step"] for row in history] == [1, 2, 3]
+    # the traces are "= d d d <eos>": right by construction, 5 tokens each
+    assert all(row["reward_off_policy"] == 1.0 for row in history)
+    assert all(row["response_length_off_policy"] == 5.0 for row in history)
+    assert all(math.isfinite(row["loss"]) and row["micro_batches"] == 1 for row in history)
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-000003"
+
+
+# --------------------------------------------------------------------------- engine interface
+
+class RecordingEngine(RolloutEngine):
+    """The hf engine, recording the order of the trainer's calls; its metrics count syncs."""
+
+    def __init__(self, inner: HFGenerateEngine) -> None:
+        self.inner, self.calls, self.syncs = inner, [], 0
+
+    def generate(self, prompts, n, params):
+        self.calls.append("generate")
+        return self.inner.generate(prompts, n, params)
+
+    def sync_weights(self, named_tensors):
+        self.calls.append("sync_weights")
+        self.syncs += 1
+        self.inner.sync_weights(named_tensors)
+
+    def sleep(self):
+        self.calls.append("sleep")
+
+    def wake(self):
+        self.calls.append("wake")
+
+    def metrics(self):
+        self.calls.append("metrics")
+        return {"syncs_seen": float(self.syncs), **self.inner.metrics()}
+
+    def close(self):
+        self.inner.close()
+
+
+def test_engine_metrics_are_collected_after_the_sync(tmp_path):
+    config = tiny_config(tmp_path, "eval.every=0", "train.steps=2", "output.save_every=0")
+    tokenizer, policy = ToyTask(config).components()  # seeded: the trainer's own initial weights
+    engine = RecordingEngine(HFGenerateEngine(policy, tokenizer.pad_token_id,
+                                              tokenizer.eos_token_id))
+    trainer = LuffyTrainer(config, rollout_engine=engine)
+    history = trainer.train()
+    assert engine.calls == ["generate", "sleep", "sync_weights", "wake", "metrics"] * 2
+    assert [row["syncs_seen"] for row in history] == [1.0, 2.0]  # this step's sync, not the last
+    assert all(0 < row["rollout_entropy"] for row in history)
+    assert all(row[f"time/{phase}"] >= 0 for row in history
+               for phase in ("generate", "score", "update", "sync"))
