@@ -1,6 +1,7 @@
 """Train LUFFY on your own task: a `Task` owns its prompts, traces and reward (docs/design.md §Tasks).
 
-    python examples/custom_task.py     # 3 steps on the CPU; with the CLI: data.task=custom_task:CopyDigits
+    python examples/custom_task.py     # 3 steps on the CPU
+    PYTHONPATH=examples luffy-fast train --config FILE.yaml data.task=custom_task:CopyDigits
 
 The task copies three digits. The tiny policy and tokenizer are the demo's; with a real model set
 model.path to its directory and leave `components` out.

@@ -26,7 +26,7 @@ from luffy_fast.train_config import ConfigError, LuffyTrainConfig, apply_overrid
 DEMO_CONFIG: dict = {
     "model": {"path": "toy", "hidden_size": 128, "intermediate_size": 256,
               "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2},
-    "data": {"source": "toy", "num_digits": 4, "max_prompt_length": 16,
+    "data": {"task": "toy", "source": "toy", "num_digits": 4, "max_prompt_length": 16,
              "max_response_length": 28},
     "rollout": {"n_on": 3, "n_off": 1, "temperature": 1.0, "top_p": 1.0},
     "loss": {"shaping": True, "gamma": 0.1, "clip_on_policy": False, "clip_off_policy": False,
