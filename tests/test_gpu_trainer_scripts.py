@@ -1,0 +1,172 @@
+"""benchmarks/gpu_trainer_check.sh and benchmarks/trainer_update.py at toy sizes on the CPU
+(BENCH_DRY_RUN=1): the stages the GPU run goes through, checked on the numbers they write."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) leaves the root out
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import trainer_update as tu  # noqa: E402
+
+
+def test_generated_data_tokenizes_and_the_traces_earn_the_math_reward(tmp_path):
+    """The generated JSONL goes through the trainer's own loader and reward: every trace is
+    correct (reward 1), so LUFFY's groups always have an off-policy success."""
+    from luffy_fast.data import load_jsonl_samples
+    from luffy_fast.rewards import MathVerifyReward
+
+    plan = tu.DRY
+    tokenizer = tu.build_tokenizer(plan.vocab_size)
+    assert len(tokenizer) == plan.vocab_size
+    # every id a random policy can sample decodes to a word
+    assert all(tokenizer.convert_ids_to_tokens(i) for i in range(plan.vocab_size))
+    rows = tu.jsonl_rows(plan)
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples = load_jsonl_samples(path, tokenizer, plan.prompt_words + 8, plan.max_response_length)
+    assert len(samples) == plan.num_rows
+    reward = MathVerifyReward()
+    for sample, row in zip(samples, rows):
+        assert sample.ground_truth == row["reward_model"]["ground_truth"]
+        (trace,) = sample.traces
+        assert len(trace) == plan.trace_words + 3  # reasoning words, </think>, \boxed{d}, <eos>
+        assert reward(tokenizer.decode(trace), sample) == 1.0
+        wrong = tokenizer.decode(trace).replace("\\boxed{", "\\boxed{1")
+        assert reward(wrong, sample) == 0.0
+
+
+def test_synthetic_micro_batches_have_the_asked_shape():
+    plan = tu.DRY
+    micro = tu.synthetic_micro_batch(plan, rows=4, length=plan.row_length, seed=0,
+                                     device=torch.device("cpu"))
+    assert micro.num_tokens == 4 * plan.row_length
+    assert micro.lengths == [plan.row_length] * 4
+    response = plan.row_length + 1 - plan.prompt_length
+    assert int(micro.loss_mask.sum()) == 4 * response
+    assert int(micro.off_policy_mask.sum()) == 2 * plan.row_length  # one trace per group of two
+    assert set(micro.advantages.tolist()) == {1.0, -1.0}
+    single = tu.synthetic_micro_batch(plan, rows=1, length=200, seed=1, device=torch.device("cpu"))
+    assert single.num_tokens == 200 and not bool(single.off_policy_mask.any())
+
+
+def _write(work: Path, stage: str, rows: list[dict]) -> None:
+    for row in rows:
+        tu.emit(work, stage, row)
+
+
+def _throughput(impl: str, tokens_per_second: dict[int, float]) -> list[dict]:
+    return [{"kind": "throughput", "impl": impl, "tokens": t, "status": "ok",
+             "tokens_per_second": v, "peak_mb": 1024.0} for t, v in tokens_per_second.items()]
+
+
+def test_report_ratios_and_verdicts_from_known_numbers(tmp_path, capsys):
+    """The table's ratios are the measured numbers' ratios, each beside its target."""
+    plan = replace(tu.REAL, probe_lengths=(16384, 32768, 65536, 131072))
+    k4, k16, k32 = plan.micro_batch_tokens
+    _write(tmp_path, "update-fused", _throughput("fused", {k4: 9000.0, k16: 12000.0, k32: 11000.0})
+           + [{"kind": "growth", "impl": "fused", "growth_mb": 0.5, "ok": True},
+              {"kind": "longest", "impl": "fused", "longest": 131072, "limit_reached": False}])
+    _write(tmp_path, "update-naive", _throughput("naive", {k4: 8000.0, k16: 10000.0})
+           + [{"kind": "throughput", "impl": "naive", "tokens": k32, "status": "oom"},
+              {"kind": "longest", "impl": "naive", "longest": 32768, "limit_reached": True}])
+    # Liger cut short by its timeout: no "longest" row, the last passing probe counts
+    _write(tmp_path, "update-liger", _throughput("liger", {k4: 2000.0, k16: 3000.0})
+           + [{"kind": "probe", "impl": "liger", "length": 16384, "status": "ok"}])
+    _write(tmp_path, "train", [{"ok": True, "steps": 3, "expected_steps": 3}])
+    _write(tmp_path, "parity", [{"backend": "reference", "ok": True},
+                                {"backend": "triton", "rel_l2_error": 4e-3, "ok": True},
+                                {"backend": "torch", "rel_l2_error": 5e-2, "ok": False}])
+    summary = tu.report(plan, tmp_path, tmp_path / "out")
+    checks = {c["name"]: c for c in summary["checks"]}
+    longest = checks["longest sequence, fused / naive"]
+    assert longest["value"] == 4.0 and longest["ok"] and "lower bound" in longest["note"]
+    vs_naive = checks["tokens/s at 16k, fused / naive"]
+    assert vs_naive["value"] == pytest.approx(1.2) and vs_naive["ok"]
+    vs_liger = checks["tokens/s at 16k, fused / liger"]
+    assert vs_liger["value"] == pytest.approx(4.0) and vs_liger["ok"]
+    assert checks["allocated growth over steps, fused (MiB)"]["ok"]
+    assert checks["gradient, triton vs reference (rel. L2)"]["ok"]
+    assert not checks["gradient, torch vs reference (rel. L2)"]["ok"]
+    assert summary["impls"]["liger"]["longest"]["longest"] == 16384
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[-1].startswith("gradient, torch vs reference") and table[-1].endswith("MISS")
+    assert any(line.startswith("naive") and "oom" in line and "32k" in line for line in table)
+    saved = json.loads((tmp_path / "out" / "trainer_check.json").read_text())
+    assert saved["checks"] == json.loads(json.dumps(summary["checks"]))
+
+    # naive out of memory at the first probe: fused must reach twice that length to pass
+    _write(tmp_path, "update-naive", [{"kind": "longest", "impl": "naive", "longest": 0,
+                                       "limit_reached": True}])
+    assert tu.summarize(plan, tmp_path)["checks"][0]["ok"]
+    (tmp_path / "results" / "update-fused.jsonl").write_text(json.dumps(
+        {"kind": "longest", "impl": "fused", "longest": 16384, "limit_reached": True}) + "\n")
+    assert not tu.summarize(plan, tmp_path)["checks"][0]["ok"]
+
+
+@pytest.mark.slow
+def test_dry_run_of_the_whole_gpu_trainer_check(tmp_path):
+    """The shell script end to end at toy sizes (about 100 s on two cores): every stage runs and
+    writes numbers that hold up."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = dict(os.environ, BENCH_DRY_RUN="1", PYTHON=sys.executable, OUT=str(out),
+               TRAINER_CHECK_WORK=str(work), GPU_CHECK_BUDGET_S="900")
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_trainer_check.sh")], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    stages = next(line for line in log.splitlines() if "] stages: " in line)
+    for stage in ("prepare", "train", "check-train", "grad-parity", "update-fused",
+                  "update-naive", "update-liger"):
+        assert f"{stage}: ok" in stages, stages
+    assert sorted(p.name for p in out.iterdir()) == [
+        "train_metrics.jsonl", "trainer_check.json", "trainer_check.log", "trainer_check.txt"]
+    summary = json.loads((out / "trainer_check.json").read_text())
+    plan = tu.DRY
+
+    # a. the train run: every step finite, and math-verify scored the generated traces 1
+    train = summary["train"]
+    assert train["ok"] and train["steps"] == plan.train_steps and train["checkpoint"]
+    assert all(math.isfinite(v) and v > 0 for v in train["grad_norms"])
+    assert all(step["reward_off_policy"] == 1.0 for step in train["per_step"])
+    # the fused backends' gradients against the reference backend's, fp32
+    parity = summary["parity"]
+    assert parity["reference"]["finite"] and parity["reference"]["grad_norm"] > 0
+    for backend in ("triton", "torch"):
+        assert parity[backend]["rel_l2_error"] <= 1e-5, parity[backend]
+        assert parity[backend]["loss_rel_error"] <= 1e-6, parity[backend]
+
+    # b. every implementation at every size; tokens/s is tokens over the median step time
+    for impl in tu.IMPLS:
+        info = summary["impls"][impl]
+        assert info["setup"]["impl"] == impl
+        for tokens in plan.micro_batch_tokens:
+            row = info["throughput"][str(tokens)]
+            assert row["status"] == "ok" and row["loss_finite"], row
+            assert row["rows"] * row["row_length"] == tokens
+            assert row["tokens_per_second"] == pytest.approx(tokens / row["median_seconds"])
+            assert row["peak_mb"] > 0
+        assert info["growth"]["growth_mb"] <= plan.growth_tolerance_mb
+        assert len(info["growth"]["allocated_after_step_mb"]) == (
+            plan.timed_steps * len(plan.micro_batch_tokens))
+        assert [p["length"] for p in info["probes"]] == list(plan.probe_lengths)
+        assert info["longest"]["longest"] == plan.probe_lengths[-1]  # no OOM on the CPU
+    checks = {c["name"]: c for c in summary["checks"]}
+    fused = summary["impls"]["fused"]["throughput"][str(plan.target_tokens)]
+    naive = summary["impls"]["naive"]["throughput"][str(plan.target_tokens)]
+    assert checks["tokens/s at 256, fused / naive"]["value"] == pytest.approx(
+        fused["tokens_per_second"] / naive["tokens_per_second"])
+    # c. the table is printed last
+    table = (out / "trainer_check.txt").read_text().strip().splitlines()
+    assert log.strip().splitlines()[-1] == table[-1]
