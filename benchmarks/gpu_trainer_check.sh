@@ -7,7 +7,7 @@
 #   b. the update alone (forward, backward, optimizer step; gradient checkpointing) with the fused
 #      head, the usual path (full logits + naive loss) and Liger's GRPO loss: tokens/s and peak
 #      memory at 4k/16k/32k tokens per micro-batch, allocated memory from step to step, and the
-#      longest single sequence each trains (16k, 32k, 64k, 128k, ... until out of memory);
+#      longest single sequence each trains (4k, 8k, ..., 128k until out of memory);
 #   c. everything to $OUT (or ./gpu_results): trainer_check.json, trainer_check.txt (the table),
 #      trainer_check.log, train_metrics.jsonl; the table is printed last.
 #

@@ -24,7 +24,7 @@ gradient checkpointing on, for one loss head at a time, in its own process:
   LUFFY: see benchmarks/liger_baseline.py for what it cannot express).
 Per impl: tokens/s and peak memory at each micro-batch size (equal rows of `row_length` tokens),
 the allocated memory after every step (it must not grow), then the longest single sequence that
-trains (probes doubling until out of memory; the first failure ends the probes).
+trains (probes doubling from 4k until out of memory; the first failure ends the probes).
 Every measurement is appended to DIR/results/<stage>.jsonl as soon as it exists, so a stage cut
 short by its timeout keeps what it measured.
 """
@@ -106,7 +106,8 @@ REAL = Plan(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_
             parity_groups=4, parity_response=240, parity_tolerance=3e-2,
             row_length=1024, prompt_length=128, micro_batch_tokens=(4096, 16384, 32768),
             target_tokens=16384, timed_steps=3,
-            probe_lengths=(16384, 32768, 65536, 131072), growth_tolerance_mb=16.0)
+            probe_lengths=(4096, 8192, 16384, 32768, 65536, 131072),
+            growth_tolerance_mb=16.0)
 
 DRY = Plan(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=2, vocab_size=512, dtype="float32",
@@ -120,7 +121,7 @@ DRY = Plan(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atten
 def plan_for(args) -> Plan:
     plan = DRY if args.dry_run else REAL
     max_seq = int(os.environ.get("BENCH_MAX_SEQ", "0") or 0)
-    if max_seq and not args.dry_run:  # more (or fewer) probes: 16k, 32k, ... up to max_seq
+    if max_seq and not args.dry_run:  # more (or fewer) probes: 4k, 8k, ... up to max_seq
         lengths, length = [], plan.probe_lengths[0]
         while length <= max_seq:
             lengths.append(length)
@@ -613,8 +614,15 @@ def build_engine(plan: Plan, impl: str, device: torch.device):
     return engine, head_note
 
 
+# Tests only: a micro-batch of at least this many tokens fails as if out of memory (after its
+# forward), so the out-of-memory path (sizes skipped, engine rebuilt, probes ended) runs on a CPU.
+FAKE_OOM_TOKENS = int(os.environ.get("BENCH_FAKE_OOM_AT", "0") or 0)
+
+
 def update_step(engine, micro) -> float:
     loss, _stats = engine(micro)
+    if FAKE_OOM_TOKENS and micro.num_tokens >= FAKE_OOM_TOKENS:
+        raise torch.cuda.OutOfMemoryError(f"simulated (BENCH_FAKE_OOM_AT={FAKE_OOM_TOKENS})")
     engine.backward(loss)
     engine.step()
     return float(loss.detach())
@@ -622,19 +630,31 @@ def update_step(engine, micro) -> float:
 
 def run_update(plan: Plan, impl: str, work: Path) -> None:
     """Throughput at each micro-batch size, allocated memory after every step, then the
-    single-sequence probes. Rows go to results/update-<impl>.jsonl as they are measured."""
+    single-sequence probes. Rows go to results/update-<impl>.jsonl as they are measured.
+
+    Sizes ascend, so the first size that fails (out of memory) ends the throughput part; the
+    probes then run on a fresh engine, since a ZeRO-2 engine is not reused after a step that
+    failed half-way through its gradient reduction.
+    """
     device = device_for(plan)
     stage = f"update-{impl}"
     start = time.perf_counter()
     engine, head_note = build_engine(plan, impl, device)
     memory = Memory(device)
+    first_allocated = memory.allocated()
     emit(work, stage, {"kind": "setup", "impl": impl, "head": head_note,
                        "seconds": round(time.perf_counter() - start, 2), "dtype": plan.dtype,
                        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                       "allocated_mb": memory.allocated() / MIB})
-    allocated_after: list[int] = []
+                       "allocated_mb": first_allocated / MIB,
+                       "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")})
+    allocated_after: list[tuple[int, int]] = []  # (micro-batch tokens, bytes after the step)
+    failed = None
     for size_index, tokens in enumerate(plan.micro_batch_tokens):
         rows = tokens // plan.row_length
+        if failed is not None:
+            emit(work, stage, {"kind": "throughput", "impl": impl, "tokens": tokens, "rows": rows,
+                               "status": "skipped", "note": f"{failed} tokens already failed"})
+            continue
         micro = synthetic_micro_batch(plan, rows, plan.row_length, seed=size_index, device=device)
         try:
             warm = time.perf_counter()
@@ -649,17 +669,18 @@ def run_update(plan: Plan, impl: str, work: Path) -> None:
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - began)
                 peak = memory.peak()
-                allocated_after.append(memory.allocated())
+                allocated_after.append((tokens, memory.allocated()))
         except Exception as error:
-            row = {"kind": "throughput", "impl": impl, "tokens": tokens, "rows": rows,
-                   "status": "oom" if is_out_of_memory(error) else "error",
-                   "error": f"{type(error).__name__}: {error}"[:300]}
-            emit(work, stage, row)
+            failed = tokens
+            emit(work, stage, {"kind": "throughput", "impl": impl, "tokens": tokens, "rows": rows,
+                               "status": "oom" if is_out_of_memory(error) else "error",
+                               "error": f"{type(error).__name__}: {error}"[:300]})
             if not is_out_of_memory(error):
                 traceback.print_exc()
+            continue
+        finally:
             del micro
             memory.free()
-            continue
         median = statistics.median(times)
         emit(work, stage, {"kind": "throughput", "impl": impl, "tokens": tokens, "rows": rows,
                            "row_length": plan.row_length, "status": "ok",
@@ -668,18 +689,27 @@ def run_update(plan: Plan, impl: str, work: Path) -> None:
                            "warmup_seconds": round(warm, 3),
                            "peak_mb": peak / MIB, "step_extra_mb": (peak - before) / MIB,
                            "loss_finite": all(math.isfinite(v) for v in losses)})
-        del micro
-        memory.free()
     if allocated_after:
-        growth = (max(allocated_after) - allocated_after[0]) / MIB
+        after = [a for _, a in allocated_after]
+        same_size = max((max(a for t, a in allocated_after if t == size)
+                         - next(a for t, a in allocated_after if t == size))
+                        for size in {t for t, _ in allocated_after})
+        growth = (max(after) - after[0]) / MIB
         emit(work, stage, {"kind": "growth", "impl": impl,
-                           "allocated_after_step_mb": [round(a / MIB, 3) for a in allocated_after],
-                           "growth_mb": growth, "final_minus_first_mb":
-                           (allocated_after[-1] - allocated_after[0]) / MIB,
+                           "allocated_after_step_mb": [round(a / MIB, 3) for a in after],
+                           "growth_mb": growth, "same_size_growth_mb": same_size / MIB,
+                           "final_minus_first_mb": (after[-1] - after[0]) / MIB,
                            "tolerance_mb": plan.growth_tolerance_mb,
                            "ok": growth <= plan.growth_tolerance_mb,
                            "method": "cuda.memory_allocated" if device.type == "cuda"
                            else "live CPU tensor storages"})
+    if failed is not None:
+        del engine
+        memory.free()
+        engine, _ = build_engine(plan, impl, device)
+        emit(work, stage, {"kind": "rebuild", "impl": impl, "allocated_mb":
+                           memory.allocated() / MIB, "first_setup_allocated_mb":
+                           first_allocated / MIB})
     run_probes(plan, impl, work, engine, memory, device)
 
 

@@ -170,3 +170,24 @@ def test_dry_run_of_the_whole_gpu_trainer_check(tmp_path):
     # c. the table is printed last
     table = (out / "trainer_check.txt").read_text().strip().splitlines()
     assert log.strip().splitlines()[-1] == table[-1]
+
+
+def test_out_of_memory_ends_the_sizes_and_the_probes(tmp_path):
+    """A step that runs out of memory (simulated from 256 tokens on) skips the larger sizes,
+    the probes run on a rebuilt engine, and the longest sequence is the last probe that fit."""
+    env = dict(os.environ, BENCH_DRY_RUN="1", BENCH_FAKE_OOM_AT="256",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.trainer_update", "update", "--impl",
+                           "naive", "--work", str(tmp_path)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    rows = tu.read_rows(tmp_path, "update-naive")
+    status = {r["tokens"]: r["status"] for r in rows if r["kind"] == "throughput"}
+    assert status == {64: "ok", 256: "oom", 512: "skipped"}
+    assert [r["kind"] for r in rows].count("rebuild") == 1
+    probes = [(r["length"], r["status"]) for r in rows if r["kind"] == "probe"]
+    assert probes == [(128, "ok"), (256, "oom")]
+    (longest,) = [r for r in rows if r["kind"] == "longest"]
+    assert longest["longest"] == 128 and longest["limit_reached"]
+    growth = next(r for r in rows if r["kind"] == "growth")
+    assert len(growth["allocated_after_step_mb"]) == tu.DRY.timed_steps  # the 64-token size only
