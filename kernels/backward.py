@@ -22,6 +22,31 @@ import triton.language as tl
 from .utils import LOGIT_FLAGS, expm1, logit_tile, shape_bucket, tile_configs
 
 
+@triton.jit
+def grad_logit_tile(logits, offs_t, t_mask, offs_v, targets_ptr, lse_ptr, logprob_ptr, coef_ptr,
+                    entropy_weight_ptr, row_max_ptr, expected_shift_ptr, inv_temperature,
+                    WITH_ENTROPY: tl.constexpr):
+    """The fp32 dL/dz tile of tokens `offs_t` from their logit tile z (already divided by the
+    temperature) and the forward's per-token values; one definition for both backward kernels."""
+    lse = tl.load(lse_ptr + offs_t, mask=t_mask, other=0.0)
+    coef = tl.load(coef_ptr + offs_t, mask=t_mask, other=0.0)
+    targets = tl.load(targets_ptr + offs_t, mask=t_mask, other=-1)
+    prob = tl.exp(logits - lse[:, None])
+    # g (e_y - p): at the target g (1 - p_y) = -g expm1(log p_y), from the forward's log p_y
+    # (exact as p_y -> 1, where z_y - lse would cancel).
+    target_logprob = tl.load(logprob_ptr + offs_t, mask=t_mask, other=0.0)
+    is_target = offs_v[None, :] == targets[:, None]
+    grad = tl.where(is_target, -expm1(target_logprob)[:, None], -prob) * coef[:, None]
+    if WITH_ENTROPY:
+        entropy_weight = tl.load(entropy_weight_ptr + offs_t, mask=t_mask, other=0.0)
+        # z - E_p[z] as (z - max) - (E_p[z] - max): no cancellation for a peaked distribution.
+        row_max = tl.load(row_max_ptr + offs_t, mask=t_mask, other=0.0)
+        expected_shift = tl.load(expected_shift_ptr + offs_t, mask=t_mask, other=0.0)
+        shift = (logits - row_max[:, None]) - expected_shift[:, None]
+        grad += prob * entropy_weight[:, None] * shift
+    return grad * inv_temperature
+
+
 @triton.heuristics({**LOGIT_FLAGS, "WITH_ENTROPY": lambda args: args["entropy_weight_ptr"] is not None})
 @triton.autotune(configs=tile_configs(), key=["V_BUCKET", "H_BUCKET", "FROM_LOGITS"])
 @triton.jit
@@ -50,23 +75,9 @@ def _grad_logits_kernel(
                         inv_temperature, HAS_BIAS, FROM_LOGITS, DOT_PRECISION,
                         BLOCK_T, BLOCK_V, BLOCK_H)
 
-    lse = tl.load(lse_ptr + offs_t, mask=t_mask, other=0.0)
-    coef = tl.load(coef_ptr + offs_t, mask=t_mask, other=0.0)
-    targets = tl.load(targets_ptr + offs_t, mask=t_mask, other=-1)
-    prob = tl.exp(logits - lse[:, None])
-    # g (e_y - p): at the target g (1 - p_y) = -g expm1(log p_y), from the forward's log p_y
-    # (exact as p_y -> 1, where z_y - lse would cancel).
-    target_logprob = tl.load(logprob_ptr + offs_t, mask=t_mask, other=0.0)
-    is_target = offs_v[None, :] == targets[:, None]
-    grad = tl.where(is_target, -expm1(target_logprob)[:, None], -prob) * coef[:, None]
-    if WITH_ENTROPY:
-        entropy_weight = tl.load(entropy_weight_ptr + offs_t, mask=t_mask, other=0.0)
-        # z - E_p[z] as (z - max) - (E_p[z] - max): no cancellation for a peaked distribution.
-        row_max = tl.load(row_max_ptr + offs_t, mask=t_mask, other=0.0)
-        expected_shift = tl.load(expected_shift_ptr + offs_t, mask=t_mask, other=0.0)
-        shift = (logits - row_max[:, None]) - expected_shift[:, None]
-        grad += prob * entropy_weight[:, None] * shift
-    grad = grad * inv_temperature
+    grad = grad_logit_tile(logits, offs_t, t_mask, offs_v, targets_ptr, lse_ptr, logprob_ptr, coef_ptr,
+                           entropy_weight_ptr, row_max_ptr, expected_shift_ptr, inv_temperature,
+                           WITH_ENTROPY)
     out = grad_logits_ptr + offs_t[:, None].to(tl.int64) * V + offs_v[None, :]
     tl.store(out, grad.to(grad_logits_ptr.dtype.element_ty), mask=t_mask[:, None] & v_mask[None, :])
 

@@ -28,6 +28,7 @@ from luffy_fast.inputs import LossInputs
 from luffy_fast.loss_math import TokenTerms, entropy_from_moments
 
 from .backward import accumulate_gradients, grad_logits
+from .backward_filtered import filtered_gradients
 from .forward import logsumexp_forward
 from .utils import INTERPRET
 
@@ -127,14 +128,40 @@ def _zero_gradients(hidden: Tensor, weight: Tensor, needs: tuple[bool, bool, boo
             torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None)
 
 
+class _FilterCount:
+    """Blocks of dL/dz the gradient filter skipped, out of all it tested (no host sync)."""
+
+    def __init__(self, threshold: float, device: torch.device):
+        self.threshold = threshold
+        self.skipped = torch.zeros((), dtype=torch.float32, device=device)
+        self.total = 0
+
+    def add(self, keep: Tensor) -> None:
+        self.skipped += (keep == 0).sum()
+        self.total += keep.numel()
+
+    def fraction(self) -> Tensor:
+        return self.skipped / max(self.total, 1)
+
+
 def _add_gradients(tokens: _ActiveTokens, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                    temperature: float, out: Tensor, grads, logits: Optional[Tensor] = None,
-                   logit_rows: Optional[Tensor] = None) -> None:
-    """dL/dz of `tokens` into `out` [len(tokens), V], then its share of the three gradients."""
+                   logit_rows: Optional[Tensor] = None, grad_filter: Optional[_FilterCount] = None):
+    """dL/dz of `tokens` into `out` [len(tokens), V], then its share of the three gradients
+    (with the gradient filter: only the blocks that pass it, kernels/backward_filtered.py)."""
+    if grad_filter is not None:
+        keep = filtered_gradients(hidden, weight, bias, tokens, temperature, grad_filter.threshold,
+                                  out, grads, logits=logits, logit_rows=logit_rows)
+        grad_filter.add(keep)
+        return
     grad_logits(hidden, weight, bias, tokens.rows, tokens.targets, tokens.lse, tokens.logprobs,
                 tokens.coef, tokens.entropy_weight, tokens.row_max, tokens.expected_shift,
                 temperature, out, logits=logits, logit_rows=logit_rows)
     accumulate_gradients(out, hidden[tokens.rows], weight, tokens.rows, *grads)
+
+
+def _filter_count(config: LuffyLossConfig, device: torch.device) -> Optional[_FilterCount]:
+    return None if config.grad_filter is None else _FilterCount(config.grad_filter, device)
 
 
 @torch.no_grad()
@@ -146,6 +173,7 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
     N = inputs.rows.numel()
     groups, loss = [], torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_buffer = torch.empty((min(chunk, N), weight.shape[0]), dtype=hidden.dtype, device=hidden.device)
+    grad_filter = _filter_count(config, hidden.device)
     for start in range(0, N, chunk):
         part = slice(start, min(start + chunk, N))
         rows, targets = inputs.rows[part], inputs.targets[part]
@@ -159,8 +187,12 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
         tokens, position = _ActiveTokens.select(terms, rows, targets, lse, row_max, expected_shift)
         if len(tokens):
             _add_gradients(tokens, hidden, weight, bias, config.temperature,
-                           grad_buffer[: len(tokens)], grads, logits=logits, logit_rows=position)
-    return loss, inputs.summarize(TokenTerms.cat(groups)), grads
+                           grad_buffer[: len(tokens)], grads, logits=logits, logit_rows=position,
+                           grad_filter=grad_filter)
+    stats = inputs.summarize(TokenTerms.cat(groups))
+    if grad_filter is not None:
+        stats["grad_filter_skipped_fraction"] = grad_filter.fraction()
+    return loss, stats, grads
 
 
 @dataclass
@@ -170,6 +202,8 @@ class _BackwardState:
     tokens: _ActiveTokens
     temperature: float
     chunk: int
+    grad_filter: Optional[_FilterCount]
+    skipped_fraction: Optional[Tensor]  # the stats entry, filled in when the backward runs
 
 
 @torch.no_grad()
@@ -180,12 +214,16 @@ def _recompute_forward(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias:
         hidden, weight, bias, inputs.rows, inputs.targets, config.temperature,
         config.entropy_coef > 0)
     terms = _token_terms(inputs, slice(None), lse, logprobs, row_max, expected_shift)
-    state = None
+    state, stats = None, inputs.summarize(terms)
     if needs_grad:  # only the active tokens go to the backward
         tokens, _ = _ActiveTokens.select(terms, inputs.rows, inputs.targets, lse, row_max,
                                          expected_shift)
-        state = _BackwardState(tokens, config.temperature, chunk)
-    return terms.loss, inputs.summarize(terms), state
+        grad_filter = _filter_count(config, hidden.device)
+        skipped = None if grad_filter is None else grad_filter.fraction()
+        state = _BackwardState(tokens, config.temperature, chunk, grad_filter, skipped)
+        if skipped is not None:
+            stats["grad_filter_skipped_fraction"] = skipped
+    return terms.loss, stats, state
 
 
 class _RecomputeBackward(torch.autograd.Function):
@@ -211,7 +249,9 @@ class _RecomputeBackward(torch.autograd.Function):
         for start in range(0, len(tokens), chunk):
             part = tokens[start:start + chunk]
             _add_gradients(part, hidden_c, weight_c, bias if has_bias else None, state.temperature,
-                           buffer[: len(part)], grads)
+                           buffer[: len(part)], grads, grad_filter=state.grad_filter)
+        if state.grad_filter is not None:
+            state.skipped_fraction.copy_(state.grad_filter.fraction())
         grad_hidden, grad_weight, grad_bias = grads
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)

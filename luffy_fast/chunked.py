@@ -184,6 +184,10 @@ def _sweep(inputs: LossInputs, need_hidden: bool, need_weight: bool, need_bias: 
 
 
 def chunked_loss(inputs: LossInputs) -> tuple[Tensor, dict]:
+    if inputs.config.grad_filter is not None:
+        # Its saving is skipped GEMM blocks, which whole-chunk torch GEMMs cannot skip.
+        raise ValueError("LuffyLossConfig.grad_filter: the gradient filter is an option of the "
+                         "triton backend; use backend='triton' or grad_filter=None with 'torch'")
     needs = wants_grad(inputs)
     loss, grads, stats = _sweep(inputs, *needs)
     if any(needs):

@@ -37,6 +37,14 @@ class LuffyLossConfig:
         the device's default, `default_memory_budget_mb`: 1024 MiB on CUDA, 64 MiB elsewhere.
         The torch backend sizes its token chunks from it; the triton backend keeps chunks of the
         forward's logits for the backward (no recompute) when they fit in it.
+    grad_filter: opt-in gradient filter of the triton backend (None: off, the exact gradient).
+        Blocks of dL/dz (a tile of tokens x a tile of the vocabulary) whose every entry is below
+        grad_filter x its token's gradient scale (|g_t| + |c_t|) / temperature are skipped, with
+        their share of the gradient GEMMs; roughly, blocks whose probabilities are all below
+        grad_filter. Saves time when the logits are peaked (a trained LM's); 1e-5 .. 1e-4 is a
+        typical range, 0 skips nothing. stats["grad_filter_skipped_fraction"] reports the share of
+        blocks skipped (with the recompute strategy it is filled when the backward runs). The
+        torch backend rejects it; the reference backend ignores it (it is the exact oracle).
     """
 
     gamma: float = 0.1
@@ -52,6 +60,7 @@ class LuffyLossConfig:
     max_len: Optional[int] = None
     ignore_index: int = -100
     memory_budget_mb: Optional[float] = None
+    grad_filter: Optional[float] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -78,6 +87,9 @@ class LuffyLossConfig:
         if self.memory_budget_mb is not None and not (
                 math.isfinite(self.memory_budget_mb) and self.memory_budget_mb > 0):
             raise bad("memory_budget_mb", "must be None or a positive number of MiB")
+        if self.grad_filter is not None and not (
+                isinstance(self.grad_filter, (int, float)) and 0 <= self.grad_filter < 1):
+            raise bad("grad_filter", "must be None (off) or a number in [0, 1)")
         if self.clip_low >= 1:
             raise bad("clip_low", "must be below 1 so that 1 - clip_low stays positive")
         if self.dual_clip is not None and not (math.isfinite(self.dual_clip) and self.dual_clip > 1):

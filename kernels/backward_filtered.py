@@ -1,0 +1,186 @@
+"""Backward with the gradient filter (LuffyLossConfig.grad_filter): dL/dz blocks that are all
+negligible are skipped, in the GEMMs too.
+
+Three kernels per chunk of active tokens, on one fixed block grid (`filter_tiles`):
+
+1. `_filtered_grad_logits_kernel` forms each [BLOCK_T, BLOCK_V] dL/dz tile as the dense backward
+   does (`grad_logit_tile`, logits recomputed or read from the forward's GEMM) and keeps it only
+   if some entry reaches grad_filter x its token's gradient scale s_t = (|g_t| + |c_t|) / tau
+   (|dL/dz_tv| <= s_t (p_v + p_v |z_v - E_p[z]|), so the test is about a probability below the
+   threshold). Kept tiles are written to the [C, V] buffer and flagged in a [C/BT, V/BV] map;
+   skipped tiles are not written.
+2. `_sparse_grad_hidden_kernel`: d(hidden)[rows] = dz @ W, one program per (token tile, H tile),
+   reducing over the kept vocabulary tiles only.
+3. `_sparse_grad_weight_kernel`: d(weight) += dz^T @ h (and d(bias) += column sums of dz), one
+   program per (vocabulary tile, H tile), reducing over the kept token tiles only; a vocabulary
+   tile with nothing kept leaves its rows of d(weight) untouched.
+
+Why not one kernel with atomics: per (token tile, vocabulary tile) program, fp32 atomic adds of a
+[BLOCK_V, H] slice of d(weight) and a [BLOCK_T, H] slice of d(hidden) make (T / BLOCK_T) V H +
+(V / BLOCK_V) T H read-modify-writes: about 320 GB at T = 8192, H = 4096, V = 151936 with
+128-wide tiles, several times the GEMMs' whole time when little is skipped. Output-stationary
+kernels write each output tile once per chunk, and a skipped block costs neither its loads nor
+its MMA.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .backward import grad_logit_tile
+from .utils import INTERPRET, LOGIT_FLAGS, dot_precision, logit_tile
+
+
+def filter_tiles() -> dict:
+    """The filter's block grid (BLOCK_T x BLOCK_V) and the GEMM kernels' H tile; tiny under the
+    interpreter. Fixed rather than autotuned: all three kernels must agree on the blocks."""
+    if INTERPRET:
+        return {"BLOCK_T": 16, "BLOCK_V": 32, "BLOCK_H": 16}
+    return {"BLOCK_T": 64, "BLOCK_V": 128, "BLOCK_H": 64}
+
+
+@triton.heuristics({**LOGIT_FLAGS, "WITH_ENTROPY": lambda args: args["entropy_weight_ptr"] is not None})
+@triton.jit
+def _filtered_grad_logits_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, rows_ptr, logit_rows_ptr, logits_ptr, targets_ptr,
+    lse_ptr, logprob_ptr, coef_ptr, entropy_weight_ptr, row_max_ptr, expected_shift_ptr,
+    grad_logits_ptr, keep_ptr,
+    C, V, HD, stride_hidden, stride_weight, stride_logits, inv_temperature, threshold,
+    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, FROM_LOGITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    t_mask = offs_t < C
+    v_mask = offs_v < V
+    rows = tl.load(rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
+    logit_rows = rows
+    if FROM_LOGITS:
+        logit_rows = tl.load(logit_rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
+    logits = logit_tile(hidden_ptr, weight_ptr, bias_ptr, logits_ptr, rows, logit_rows, offs_v,
+                        t_mask, v_mask, HD, stride_hidden, stride_weight, stride_logits,
+                        inv_temperature, HAS_BIAS, FROM_LOGITS, DOT_PRECISION,
+                        BLOCK_T, BLOCK_V, BLOCK_H)
+    grad = grad_logit_tile(logits, offs_t, t_mask, offs_v, targets_ptr, lse_ptr, logprob_ptr, coef_ptr,
+                           entropy_weight_ptr, row_max_ptr, expected_shift_ptr, inv_temperature,
+                           WITH_ENTROPY)
+
+    scale = tl.abs(tl.load(coef_ptr + offs_t, mask=t_mask, other=0.0))
+    if WITH_ENTROPY:
+        scale += tl.abs(tl.load(entropy_weight_ptr + offs_t, mask=t_mask, other=0.0))
+    mask = t_mask[:, None] & v_mask[None, :]
+    large = (tl.abs(grad) >= (threshold * inv_temperature) * scale[:, None]) & mask
+    keep = tl.max(tl.max(large.to(tl.int32), axis=1), axis=0)
+    tl.store(keep_ptr + pid_t * tl.num_programs(1) + pid_v, keep.to(tl.int8))
+    if keep != 0:
+        out = grad_logits_ptr + offs_t[:, None].to(tl.int64) * V + offs_v[None, :]
+        tl.store(out, grad.to(grad_logits_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sparse_grad_hidden_kernel(
+    grad_logits_ptr, keep_ptr, weight_ptr, rows_ptr, grad_hidden_ptr,
+    C, V, HD, stride_weight, stride_grad_hidden, num_v_tiles,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    t_mask = offs_t < C
+    h_mask = offs_h < HD
+    acc = tl.zeros((BLOCK_T, BLOCK_H), tl.float32)
+    for j in range(0, num_v_tiles):
+        if tl.load(keep_ptr + pid_t * num_v_tiles + j) != 0:
+            offs_v = j * BLOCK_V + tl.arange(0, BLOCK_V)
+            v_mask = offs_v < V
+            dz = tl.load(grad_logits_ptr + offs_t[:, None].to(tl.int64) * V + offs_v[None, :],
+                         mask=t_mask[:, None] & v_mask[None, :], other=0.0)
+            w = tl.load(weight_ptr + offs_v[:, None].to(tl.int64) * stride_weight + offs_h[None, :],
+                        mask=v_mask[:, None] & h_mask[None, :], other=0.0)
+            acc = tl.dot(dz, w, acc, input_precision=DOT_PRECISION)
+    rows = tl.load(rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
+    out = grad_hidden_ptr + rows[:, None] * stride_grad_hidden + offs_h[None, :]
+    tl.store(out, acc.to(grad_hidden_ptr.dtype.element_ty), mask=t_mask[:, None] & h_mask[None, :])
+
+
+@triton.heuristics({"NEED_WEIGHT": lambda args: args["grad_weight_ptr"] is not None,
+                    "NEED_BIAS": lambda args: args["grad_bias_ptr"] is not None})
+@triton.jit
+def _sparse_grad_weight_kernel(
+    grad_logits_ptr, keep_ptr, hidden_ptr, rows_ptr, grad_weight_ptr, grad_bias_ptr,
+    C, V, HD, stride_hidden, stride_grad_weight, num_t_tiles, num_v_tiles,
+    NEED_WEIGHT: tl.constexpr, NEED_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid_v = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    v_mask = offs_v < V
+    h_mask = offs_h < HD
+    acc = tl.zeros((BLOCK_V, BLOCK_H), tl.float32)
+    bias_acc = tl.zeros((BLOCK_V,), tl.float32)
+    kept = 0
+    for i in range(0, num_t_tiles):
+        if tl.load(keep_ptr + i * num_v_tiles + pid_v) != 0:
+            kept += 1
+            offs_t = i * BLOCK_T + tl.arange(0, BLOCK_T)
+            t_mask = offs_t < C
+            dz = tl.load(grad_logits_ptr + offs_t[:, None].to(tl.int64) * V + offs_v[None, :],
+                         mask=t_mask[:, None] & v_mask[None, :], other=0.0)
+            if NEED_WEIGHT:
+                rows = tl.load(rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
+                h = tl.load(hidden_ptr + rows[:, None] * stride_hidden + offs_h[None, :],
+                            mask=t_mask[:, None] & h_mask[None, :], other=0.0)
+                acc = tl.dot(tl.trans(dz), h, acc, input_precision=DOT_PRECISION)
+            if NEED_BIAS:
+                bias_acc += tl.sum(dz.to(tl.float32), axis=0)
+    if kept > 0:
+        if NEED_WEIGHT:
+            out = grad_weight_ptr + offs_v[:, None].to(tl.int64) * stride_grad_weight + offs_h[None, :]
+            mask = v_mask[:, None] & h_mask[None, :]
+            total = tl.load(out, mask=mask, other=0.0).to(tl.float32) + acc
+            tl.store(out, total.to(grad_weight_ptr.dtype.element_ty), mask=mask)
+        if NEED_BIAS:
+            if pid_h == 0:
+                total_bias = tl.load(grad_bias_ptr + offs_v, mask=v_mask, other=0.0) + bias_acc
+                tl.store(grad_bias_ptr + offs_v, total_bias, mask=v_mask)
+
+
+def filtered_gradients(hidden, weight, bias, tokens, temperature: float, threshold: float,
+                       out: torch.Tensor, grads, logits=None, logit_rows=None) -> torch.Tensor:
+    """dL/dz of `tokens` (an _ActiveTokens chunk of C tokens) into `out` [C, V] for the blocks that
+    pass the filter, then their share of d(hidden), d(weight) and d(bias) (`grads`, accumulated).
+
+    Returns the block map [C / BLOCK_T, V / BLOCK_V] (int8, 1 = kept)."""
+    C, V, HD = out.shape[0], weight.shape[0], weight.shape[1]
+    tiles = filter_tiles()
+    num_t, num_v = triton.cdiv(C, tiles["BLOCK_T"]), triton.cdiv(V, tiles["BLOCK_V"])
+    keep = torch.empty((num_t, num_v), dtype=torch.int8, device=hidden.device)
+    _filtered_grad_logits_kernel[(num_t, num_v)](
+        hidden, weight, bias, tokens.rows, logit_rows, logits, tokens.targets,
+        tokens.lse, tokens.logprobs, tokens.coef, tokens.entropy_weight, tokens.row_max,
+        tokens.expected_shift, out, keep,
+        C, V, HD, hidden.stride(0), weight.stride(0),
+        logits.stride(0) if logits is not None else 0, 1.0 / temperature, float(threshold), **tiles)
+    grad_hidden, grad_weight, grad_bias = grads
+    precision = dot_precision(out.dtype)
+    if grad_hidden is not None:
+        grid = (num_t, triton.cdiv(HD, tiles["BLOCK_H"]))
+        _sparse_grad_hidden_kernel[grid](out, keep, weight, tokens.rows, grad_hidden, C, V, HD,
+                                         weight.stride(0), grad_hidden.stride(0), num_v,
+                                         DOT_PRECISION=precision, **tiles)
+    if grad_weight is not None or grad_bias is not None:
+        grid = (num_v, triton.cdiv(HD, tiles["BLOCK_H"]) if grad_weight is not None else 1)
+        _sparse_grad_weight_kernel[grid](
+            out, keep, hidden, tokens.rows, grad_weight, grad_bias, C, V, HD, hidden.stride(0),
+            grad_weight.stride(0) if grad_weight is not None else 0, num_t, num_v,
+            DOT_PRECISION=precision, **tiles)
+    return keep
