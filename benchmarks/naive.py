@@ -2,7 +2,7 @@
 
 Logits are materialized in the input dtype, log_softmax runs in float32 over the whole [T, V]
 tensor, the target log-probs are gathered, and plain autograd does the backward. The loss math
-follows LUFFY_SPEC.md section 2 and is written out here on purpose (not imported from
+follows docs/algorithm.md (the per-token loss) and is written out here on purpose (not imported from
 luffy_fast), so that the benchmarks also check the package against an independent version.
 """
 

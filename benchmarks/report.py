@@ -147,7 +147,7 @@ def combine_rounds(rounds: list[dict]) -> dict:
 
 
 def targets(summary: dict) -> list[dict]:
-    """DESIGN.md's performance targets, each with the measured ratio (None: not measured)."""
+    """The performance targets of docs/design.md, each with the measured ratio (None: not measured)."""
     tag = summary["meta"].get("tag", "cpu")
     ours = OURS.get(tag, "torch")
     out = []
@@ -173,7 +173,7 @@ def targets(summary: dict) -> list[dict]:
             check(f"{ours} extra memory ≤ 0.08 × naive", ratios.get("memory_vs_naive"), 0.08, True, where)
             check(f"{ours} ≥ 1.25 × faster than Liger", ratios.get("liger_speedup"), 1.25, False, where)
 
-    # Flat in T: extra memory at the largest swept T over that at T = 4096 (DESIGN.md's range starts
+    # Flat in T: extra memory at the largest swept T over that at T = 4096 (docs/design.md's range starts
     # there; below it a chunked implementation's buffers are not full yet).
     points = sorted((e["case"]["T"], e["impls"][ours]["extra_bytes"]) for e in summary["sweep"].values()
                     if e["impls"].get(ours, {}).get("status") == "ok" and e["case"]["T"] >= FLAT_FROM)
@@ -226,7 +226,7 @@ def markdown(summary: dict, plot_name: Optional[str] = None) -> str:
         rows = [[t["target"], t["where"], fmt_ratio(t["measured"]),
                  {True: "met", False: "MISSED", None: "not measured"}[t["met"]]]
                 for t in summary["targets"]]
-        lines += ["**Targets** (DESIGN.md)", ""]
+        lines += ["**Targets** (docs/design.md)", ""]
         lines += _table(["target", "case", "measured", ""], rows, "llrl") + [""]
 
     if summary["sweep"]:

@@ -1,4 +1,4 @@
-"""Group-normalized advantages over mixed on/off-policy groups (LUFFY_SPEC.md section 3)."""
+"""Group-normalized advantages over mixed on/off-policy groups (docs/algorithm.md, Advantages)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""group_advantages on groups worked out by hand (LUFFY_SPEC.md section 3)."""
+"""group_advantages on groups worked out by hand (docs/algorithm.md, Advantages)."""
 
 from __future__ import annotations
 
