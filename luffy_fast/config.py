@@ -9,7 +9,11 @@ from typing import Optional
 
 import torch
 
-NORMALIZERS = ("token", "seq_mean_token_mean", "constant")
+NORMALIZERS = ("token", "seq_mean_token_mean", "constant", "token_sum_over_max_len")
+NEEDS_MAX_LEN = ("constant", "token_sum_over_max_len")  # normalizers whose divisor has max_len
+# "normalizer": the entropy term under the policy term's weights; "token_mean": c_ent times the
+# token mean of the entropy over the call (docs/algorithm.md §Normalizers).
+ENTROPY_AGGREGATIONS = ("normalizer", "token_mean")
 # MiB of working memory when LuffyLossConfig.memory_budget_mb is None; devices not listed get the
 # CPU's. On a GPU, 1 GiB holds ~880 rows of fp32 logits at V = 152k: GEMMs wide enough to run at
 # full speed (64 MiB gives ~55-row chunks there).
@@ -31,7 +35,11 @@ class LuffyLossConfig:
     dual_clip: c > 1 caps the loss of negative-advantage tokens at -c * A (None: off).
     entropy_coef: weight of the entropy bonus (subtracted from the loss).
     temperature: logits are h . W^T / temperature.
-    normalizer: "token", "seq_mean_token_mean" or "constant" (sum / (num_sequences * max_len)).
+    normalizer: "token", "seq_mean_token_mean", "constant" (sum / (num_sequences * max_len)) or
+        "token_sum_over_max_len" (sum / max_len per call, the official code's scale; a trainer
+        sums such calls' losses, docs/algorithm.md §Normalizers).
+    entropy_aggregation: how the entropy bonus is aggregated: "normalizer" (the policy term's
+        weights w_t) or "token_mean" (c_ent x the call's token-mean entropy, the official code's).
     ignore_index: target id that marks a token as not part of the loss.
     memory_budget_mb: working memory the op may use beyond inputs and gradients, in MiB. None:
         the device's default, `default_memory_budget_mb`: 1024 MiB on CUDA, 64 MiB elsewhere.
@@ -57,6 +65,7 @@ class LuffyLossConfig:
     entropy_coef: float = 0.0
     temperature: float = 1.0
     normalizer: str = "token"
+    entropy_aggregation: str = "normalizer"
     max_len: Optional[int] = None
     ignore_index: int = -100
     memory_budget_mb: Optional[float] = None
@@ -71,9 +80,11 @@ class LuffyLossConfig:
 
         if self.normalizer not in NORMALIZERS:
             raise bad("normalizer", f"must be one of {NORMALIZERS}")
-        if self.normalizer == "constant":
-            if self.max_len is None:
-                raise bad("max_len", "the 'constant' normalizer needs max_len (the response length)")
+        if self.normalizer in NEEDS_MAX_LEN and self.max_len is None:
+            raise bad("max_len", f"the {self.normalizer!r} normalizer needs max_len (the response "
+                                 "length)")
+        if self.entropy_aggregation not in ENTROPY_AGGREGATIONS:
+            raise bad("entropy_aggregation", f"must be one of {ENTROPY_AGGREGATIONS}")
         if self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len <= 0):
             raise bad("max_len", "must be a positive integer")
         for name in ("gamma", "temperature"):
@@ -109,6 +120,13 @@ class LuffyLossConfig:
                         entropy_coef=0.001, normalizer="constant", max_len=max_len)
         settings.update(overrides)
         return cls(**settings)
+
+    @classmethod
+    def luffy_official_scale(cls, max_len: int = 8192, **overrides) -> LuffyLossConfig:
+        """`luffy()` with the official code's loss scale: sum / max_len per micro-batch (summed
+        over micro-batches) and the entropy bonus as a token mean per micro-batch."""
+        return cls.luffy(max_len, **{"normalizer": "token_sum_over_max_len",
+                                     "entropy_aggregation": "token_mean", **overrides})
 
     @classmethod
     def grpo(cls, **overrides) -> LuffyLossConfig:

@@ -38,7 +38,8 @@ class LossInputs:
         """loss_math.token_terms of the loss tokens `part` (a slice or an index tensor)."""
         old = None if self.old_logprobs is None else self.old_logprobs[part]
         return token_terms(logprobs, old, self.advantages[part], self.off_policy_mask[part],
-                           self.norm.weights[part], self.config, entropy)
+                           self.norm.weights[part], self.config, entropy,
+                           self.norm.entropy_weights[part])
 
     def summarize(self, terms: TokenTerms, order: Optional[Tensor] = None) -> dict:
         """The op's statistics from the terms of every loss token, listed in `order` when given

@@ -123,11 +123,14 @@ class TokenTerms:
 
 def token_terms(logprobs: Tensor, old_logprobs: Optional[Tensor], advantages: Tensor,
                 off_policy_mask: Tensor, token_weight: Tensor, config: LuffyLossConfig,
-                entropy: Optional[Tensor] = None) -> TokenTerms:
+                entropy: Optional[Tensor] = None,
+                entropy_token_weight: Optional[Tensor] = None) -> TokenTerms:
     """Loss, gradient coefficients and statistics of tokens with normalizer weights `token_weight`.
 
-    `entropy` is given exactly when config.entropy_coef > 0. A token is active when its coefficient
-    or its entropy weight is non-zero (not clipped, non-zero advantage, or an entropy bonus).
+    `entropy` is given exactly when config.entropy_coef > 0; its tokens are weighted by
+    `entropy_token_weight` (Normalization.entropy_weights; default `token_weight`). A token is
+    active when its coefficient or its entropy weight is non-zero (not clipped, non-zero
+    advantage, or an entropy bonus).
     """
     terms = policy_terms(logprobs, old_logprobs, advantages, off_policy_mask, config)
     loss = (token_weight * terms.loss).sum()
@@ -135,7 +138,8 @@ def token_terms(logprobs: Tensor, old_logprobs: Optional[Tensor], advantages: Te
     active = coef != 0
     entropy_weight = None
     if entropy is not None:
-        entropy_weight = token_weight * config.entropy_coef
+        base = token_weight if entropy_token_weight is None else entropy_token_weight
+        entropy_weight = base * config.entropy_coef
         loss = loss - (entropy_weight * entropy).sum()
         active = active | (entropy_weight != 0)
     return TokenTerms(logprobs, terms.ratio, terms.clipped, entropy, loss, coef, entropy_weight,
@@ -147,8 +151,9 @@ class Normalization:
     """Per-token weights w_t with loss = sum_t w_t L_t, and what produced them."""
 
     weights: Tensor  # [T], zero where the token is not part of the loss
-    denominator: Tensor  # scalar: sum of mask, number of sequences, or sequences * max_len
+    denominator: Tensor  # scalar: sum of mask, sequences, sequences * max_len, or max_len
     num_sequences: Tensor  # scalar: sequences with at least one loss token
+    entropy_weights: Tensor  # [T]: the entropy term's weights (entropy_aggregation), before c_ent
 
 
 def normalizer_denominator(num_tokens, num_sequences, config: LuffyLossConfig):
@@ -162,6 +167,11 @@ def normalizer_denominator(num_tokens, num_sequences, config: LuffyLossConfig):
         return num_tokens
     if config.normalizer == "seq_mean_token_mean":
         return num_sequences
+    if config.normalizer == "token_sum_over_max_len":
+        # the official scale: max_len alone, the same for every call, so a trainer's calls add up
+        if isinstance(num_tokens, Tensor):
+            return torch.full_like(num_tokens, float(config.max_len))
+        return float(config.max_len)
     return num_sequences * config.max_len  # "constant"
 
 
@@ -184,9 +194,12 @@ def normalization(loss_mask: Tensor, seq_ids: Tensor, config: LuffyLossConfig) -
         seq_total = per_seq_mask[seq_index]
         safe = torch.where(seq_total != 0, seq_total, torch.ones_like(seq_total))
         weights = loss_mask / safe / denominator.clamp_min(1)
-    else:  # "constant"
+    else:  # "constant", "token_sum_over_max_len"
         weights = loss_mask / denominator.clamp_min(1)
-    return Normalization(weights, denominator, num_sequences)
+    entropy_weights = weights
+    if config.entropy_aggregation == "token_mean":  # the token mean over this call
+        entropy_weights = loss_mask / loss_mask.sum().clamp_min(torch.finfo(loss_mask.dtype).tiny)
+    return Normalization(weights, denominator, num_sequences, entropy_weights)
 
 
 def summarize(terms: TokenTerms, loss_mask: Tensor, off_policy_mask: Tensor,

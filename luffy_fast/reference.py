@@ -32,11 +32,11 @@ def reference_loss(inputs: LossInputs) -> tuple[Tensor, dict]:
 
     per_token = loss_math.policy_loss(logprobs, inputs.old_logprobs, inputs.advantages,
                                       inputs.off_policy_mask, config)
+    loss = (inputs.norm.weights * per_token).sum()
     entropy = None
     if config.entropy_coef > 0:
         entropy = -(log_softmax.exp() * log_softmax).sum(-1)
-        per_token = per_token - config.entropy_coef * entropy
-    loss = (inputs.norm.weights * per_token).sum()
+        loss = loss - config.entropy_coef * (inputs.norm.entropy_weights * entropy).sum()
 
     with torch.no_grad():
         stats = inputs.summarize(inputs.token_terms(slice(None), logprobs.detach(),

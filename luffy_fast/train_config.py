@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import yaml
 
-from luffy_fast.config import LuffyLossConfig
+from luffy_fast.config import NEEDS_MAX_LEN, LuffyLossConfig
 from luffy_fast.config_parsing import apply_overrides, build_dataclass, to_plain
 from luffy_fast.errors import ConfigError
 from luffy_fast.rollout.vllm_config import VLLMConfig
@@ -277,8 +277,8 @@ class LuffyTrainConfig:
             raise ConfigError(f"loss.temperature: must equal rollout.temperature (the loss scores "
                               f"tokens under the distribution they were sampled from; got "
                               f"{self.loss.temperature} and {self.rollout.temperature})")
-        if self.loss.normalizer == "constant" and self.loss.max_len < self.data.max_response_length:
-            raise ConfigError(f"loss.max_len: the 'constant' normalizer's max_len "
+        if self.loss.normalizer in NEEDS_MAX_LEN and self.loss.max_len < self.data.max_response_length:
+            raise ConfigError(f"loss.max_len: the {self.loss.normalizer!r} normalizer's max_len "
                               f"({self.loss.max_len}) is below data.max_response_length "
                               f"({self.data.max_response_length})")
 
@@ -302,7 +302,7 @@ def config_from_dict(values: dict) -> LuffyTrainConfig:
     base = dataclasses.asdict(LuffyLossConfig.luffy(max_len=config.data.max_response_length))
     base["temperature"] = config.rollout.temperature  # logits / tau, tau the sampling temperature
     base.update(loss_kwargs)
-    if base["normalizer"] == "constant" and base.get("max_len") is None:
+    if base["normalizer"] in NEEDS_MAX_LEN and base.get("max_len") is None:
         base["max_len"] = config.data.max_response_length
     try:
         config.loss = LuffyLossConfig(**base)

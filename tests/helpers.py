@@ -8,6 +8,7 @@ from hypothesis import HealthCheck
 from hypothesis import strategies as st
 
 from luffy_fast import LuffyLossConfig, fused_luffy_loss, token_logprobs
+from luffy_fast.config import NEEDS_MAX_LEN
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -79,7 +80,8 @@ def loss_case(draw):
     H = draw(st.integers(1, 70))
     scenario = draw(st.sampled_from(["mixed", "mixed", "mixed", "all_masked", "zero_advantage",
                                      "all_clipped", "all_off_policy"]))
-    normalizer = draw(st.sampled_from(["token", "seq_mean_token_mean", "constant"]))
+    normalizer = draw(st.sampled_from(["token", "seq_mean_token_mean", "constant",
+                                       "token_sum_over_max_len"]))
     config = LuffyLossConfig(
         gamma=draw(st.sampled_from([0.1, 0.5])),
         shaping=draw(st.booleans()),
@@ -90,7 +92,8 @@ def loss_case(draw):
         entropy_coef=draw(st.sampled_from([0.0, 0.0, 0.01, 0.3])),
         temperature=draw(st.sampled_from([1.0, 0.6, 1.7])),
         normalizer=normalizer,
-        max_len=draw(st.integers(T, 2 * T + 5)) if normalizer == "constant" else None,
+        entropy_aggregation=draw(st.sampled_from(["normalizer", "token_mean"])),
+        max_len=draw(st.integers(T, 2 * T + 5)) if normalizer in NEEDS_MAX_LEN else None,
         memory_budget_mb=draw(st.sampled_from([None, 0.01])),  # 0.01 MiB: many tiny chunks
     )
     batch = random_batch(
