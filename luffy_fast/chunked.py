@@ -8,6 +8,7 @@ scales those stored gradients, so nothing is recomputed.
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Optional
 
 import torch
@@ -21,9 +22,9 @@ from .loss_math import TokenTerms, entropy_from_moments
 MIN_CHUNK, MAX_CHUNK = 16, 8192
 
 
-def chunk_size(vocab_size: int, budget_bytes: int, buffers: int = 2) -> int:
+def chunk_size(vocab_size: int, budget_bytes: int, buffers: float = 2) -> int:
     """Tokens per chunk so that `buffers` fp32 [chunk, V] tensors fit the memory budget."""
-    rows = budget_bytes // (buffers * 4 * vocab_size)
+    rows = int(budget_bytes // (buffers * 4 * vocab_size))
     return max(MIN_CHUNK, min(MAX_CHUNK, rows))
 
 
@@ -31,19 +32,45 @@ def _upcast(tensor: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return None if tensor is None else tensor.detach().to(dtype)
 
 
+def gemm_dtype(hidden: Tensor, compute_dtype: torch.dtype) -> torch.dtype:
+    """The GEMMs' operand dtype: bf16/fp16 inputs stay so on CUDA (tensor cores, fp32 accumulation
+    and fp32 logits); elsewhere, and for fp32/fp64, the compute dtype (CPU numerics unchanged)."""
+    if hidden.device.type == "cuda" and hidden.dtype in (torch.bfloat16, torch.float16):
+        return hidden.dtype
+    return compute_dtype
+
+
+@cache
+def _mm_has_out_dtype(device_type: str) -> bool:
+    try:
+        a = torch.ones(2, 2, dtype=torch.bfloat16, device=device_type)
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
 class _ChunkedLogits:
-    """Computes fp32 (or fp64) logits for a chunk of rows; low-precision weights are upcast once."""
+    """Computes fp32 (or fp64) logits for a chunk of rows. Weights in a low-precision GEMM dtype
+    are used as they are (fp32 output); otherwise they are upcast once to the compute dtype."""
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor], temperature: float,
-                 dtype: torch.dtype):
-        self.weight = _upcast(weight, dtype)
+                 dtype: torch.dtype, operand_dtype: Optional[torch.dtype] = None):
+        self.operand_dtype = operand_dtype or dtype
+        self.weight = _upcast(weight, self.operand_dtype)
         self.bias = _upcast(bias, dtype)
         self.inv_temperature = 1.0 / temperature
         self.dtype = dtype
 
     def __call__(self, hidden_rows: Tensor) -> Tensor:
-        hidden_rows = hidden_rows.detach().to(self.dtype)
-        if self.bias is None:
+        hidden_rows = hidden_rows.detach().to(self.operand_dtype)
+        if self.operand_dtype != self.dtype:
+            if _mm_has_out_dtype(hidden_rows.device.type):
+                logits = torch.mm(hidden_rows, self.weight.T, out_dtype=self.dtype)
+            else:
+                logits = (hidden_rows @ self.weight.T).to(self.dtype)  # bf16-rounded logits
+            if self.bias is not None:
+                logits += self.bias
+        elif self.bias is None:
             logits = hidden_rows @ self.weight.T
         else:
             logits = torch.addmm(self.bias, hidden_rows, self.weight.T)
@@ -131,16 +158,21 @@ def _sweep(inputs: LossInputs, need_hidden: bool, need_weight: bool, need_bias: 
     """One pass over token chunks: loss, per-token values for the stats, and the gradients."""
     hidden, weight, bias = inputs.hidden, inputs.weight, inputs.bias
     config, dtype, device = inputs.config, inputs.compute_dtype, hidden.device
-    grad_hidden = torch.zeros(hidden.shape, dtype=dtype, device=device) if need_hidden else None
-    grad_weight = torch.zeros(weight.shape, dtype=dtype, device=device) if need_weight else None
+    # Low-precision GEMMs on CUDA: dL/dz goes to them in the input dtype and d(hidden), d(weight)
+    # accumulate in it, as the triton backend does; elsewhere all in the compute dtype.
+    operand = gemm_dtype(hidden, dtype)
+    grad_hidden = torch.zeros(hidden.shape, dtype=operand, device=device) if need_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=operand, device=device) if need_weight else None
     grad_bias = torch.zeros(weight.shape[0], dtype=dtype, device=device) if need_bias else None
     any_grad = need_hidden or need_weight or need_bias
 
-    logits_of = _ChunkedLogits(weight, bias, config.temperature, dtype)
+    logits_of = _ChunkedLogits(weight, bias, config.temperature, dtype, operand)
     with_entropy = config.entropy_coef > 0
     loss = torch.zeros((), dtype=dtype, device=device)
     groups = []
-    step = chunk_size(weight.shape[0], config.memory_budget_bytes(device))
+    # With low-precision GEMMs, dL/dz's cast is half an fp32 buffer more.
+    step = chunk_size(weight.shape[0], config.memory_budget_bytes(device),
+                      buffers=2 if operand == dtype else 2.5)
     order, boundaries, num_contributing = _chunks(inputs, step)
 
     for start, stop in boundaries:
@@ -169,12 +201,13 @@ def _sweep(inputs: LossInputs, need_hidden: bool, need_weight: bool, need_bias: 
             per_token = _select(index, *per_token)
         *parts, rows, hidden_rows = per_token
         grad_logits = _grad_logits(*parts, config.temperature)
+        if need_bias:
+            grad_bias += grad_logits.sum(dim=0)
+        grad_logits = grad_logits.to(operand)
         if need_hidden:
             grad_hidden[rows] = grad_logits @ logits_of.weight
         if need_weight:
-            grad_weight.addmm_(grad_logits.T, hidden_rows.to(dtype))
-        if need_bias:
-            grad_bias += grad_logits.sum(dim=0)
+            grad_weight.addmm_(grad_logits.T, hidden_rows.to(operand))
 
     if not groups:  # no loss tokens
         empty = torch.empty(0, dtype=dtype, device=device)
@@ -199,7 +232,7 @@ def chunked_loss(inputs: LossInputs) -> tuple[Tensor, dict]:
 def chunked_token_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                            targets: Tensor, config: LuffyLossConfig, with_entropy: bool):
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    logits_of = _ChunkedLogits(weight, bias, config.temperature, dtype)
+    logits_of = _ChunkedLogits(weight, bias, config.temperature, dtype, gemm_dtype(hidden, dtype))
     T = hidden.shape[0]
     logprobs = torch.empty(T, dtype=dtype, device=hidden.device)
     entropy = torch.empty(T, dtype=dtype, device=hidden.device) if with_entropy else None
