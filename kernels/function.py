@@ -274,12 +274,34 @@ def triton_loss(inputs: LossInputs) -> tuple[Tensor, dict]:
     return loss, stats
 
 
+def _logprob_chunk(config: LuffyLossConfig, device: torch.device, num_tokens: int,
+                   vocab_size: int) -> int:
+    """Rows per chunk of fp32 logits that token_logprobs keeps, or 0 for the tile products."""
+    rows = config.memory_budget_bytes(device) // (vocab_size * 4)
+    if num_tokens > 0 and rows >= min(num_tokens, MIN_KEPT_ROWS.get(device.type, 16)):
+        return min(rows, num_tokens)
+    return 0
+
+
 @torch.no_grad()
 def triton_token_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                           config: LuffyLossConfig, with_entropy: bool):
+    """Per-token log-probs (and entropy). When the budget holds a useful chunk of fp32 logits, one
+    GEMM per chunk writes them and the forward kernel reads them (one bare GEMM plus a read);
+    otherwise the forward kernel multiplies hidden and weight tiles itself."""
     _check_device(hidden)
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    lse, logprobs, row_max, expected_shift = logsumexp_forward(
-        hidden.contiguous(), weight.contiguous(), bias, rows, targets, config.temperature,
-        with_entropy)
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    T = hidden.shape[0]
+    rows = torch.arange(T, device=hidden.device)
+    chunk = _logprob_chunk(config, hidden.device, T, weight.shape[0])
+    if chunk == 0:
+        lse, logprobs, row_max, expected_shift = logsumexp_forward(
+            hidden, weight, bias, rows, targets, config.temperature, with_entropy)
+    else:
+        outs = [logsumexp_forward(hidden, weight, bias, rows[start:start + chunk],
+                                  targets[start:start + chunk], config.temperature, with_entropy,
+                                  logits=raw_logits(hidden[start:start + chunk], weight))
+                for start in range(0, T, chunk)]
+        lse, logprobs, row_max, expected_shift = (
+            None if values[0] is None else torch.cat(values) for values in zip(*outs))
     return logprobs, entropy_from_moments(lse, row_max, expected_shift) if with_entropy else None

@@ -86,6 +86,23 @@ def test_triton_token_logprobs(with_entropy):
         assert_close(actual[1], expected[1], 1e-5, "entropy")
 
 
+# MiB: all 40 tokens' logits kept (one GEMM), ~20-token chunks of them, or tile products.
+@pytest.mark.parametrize("budget", [KEEP, 0.003, RECOMPUTE])
+def test_triton_token_logprobs_strategies(budget):
+    from luffy_fast.kernels.function import _logprob_chunk, triton_token_logprobs
+
+    batch = random_batch(40, 12, 37, with_bias=True)
+    hidden, weight, bias, targets = batch["hidden"], batch["weight"], batch["bias"], batch["targets"]
+    config = LuffyLossConfig(temperature=0.8, memory_budget_mb=budget)
+    chunk = _logprob_chunk(config, hidden.device, 40, 37)
+    assert chunk == {KEEP: 40, 0.003: 21, RECOMPUTE: 0}[budget]
+    expected = token_logprobs(hidden.double(), weight.double(), targets, temperature=0.8,
+                              bias=bias.double(), with_entropy=True, backend="reference")
+    actual = triton_token_logprobs(hidden, weight, bias, targets, config, with_entropy=True)
+    assert_close(actual[0], expected[0].float(), 1e-5, "logprobs")
+    assert_close(actual[1], expected[1].float(), 1e-5, "entropy")
+
+
 def test_default_backend_by_device():
     assert default_backend(torch.device("cpu")) == "torch"
     assert default_backend(torch.device("cuda", 0)) == "triton"
