@@ -1,41 +1,58 @@
 """Verifiable rewards: a reward function maps (response text, sample) to a float.
 
 Each task owns its reward (luffy_fast.tasks); the math task's is here, the toy task's in
-luffy_fast/toy/task.py.
+luffy_fast/toy/task.py. The trainer and `luffy-fast eval` score through a RewardPool
+(luffy_fast/reward_pool.py), so a reward function must pickle when the pool has workers.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import threading
+from typing import Any, Optional, Protocol
 
-from luffy_fast.data import THINK_OPEN, Sample
+from luffy_fast.data import THINK_OPEN
+
+THINK_CLOSE = "</think>"
+# math-verify's own per-call limits (seconds; signal-based, so main thread only). The pool's
+# per-item timeout is the guard that always holds (docs/design.md §Rewards).
+VERIFIER_TIMEOUT = 5
 
 
 class RewardFunction(Protocol):
-    def __call__(self, response: str, sample: Sample) -> float:
+    def __call__(self, response: str, sample: Any) -> float:
         """The reward of one response (1.0 correct, 0.0 otherwise for binary rewards)."""
 
 
+def answer_segment(response: str) -> Optional[str]:
+    """The official answer segment: with "<think>\\n" put back in front of the response, the
+    text between the first and the second "</think>" (the second element of a split on it);
+    None when there is no "</think>" (docs/algorithm.md §Rewards)."""
+    parts = (THINK_OPEN + response).split(THINK_CLOSE)
+    return parts[1] if len(parts) > 1 else None
+
+
 class MathVerifyReward:
-    """LUFFY's math reward: the response (with "<think>\\n" put back in front) must close its
-    reasoning with "</think>"; the text after it is parsed and checked against the ground truth
-    with `math-verify`. Format failures score 0."""
+    """LUFFY's math reward, as the official code computes it: the answer segment (see
+    `answer_segment`) parsed by `math-verify` and verified against the ground truth parsed as
+    "$<ground truth>$". No "</think>", nothing parsed, or a verifier error scores 0."""
 
     def __init__(self) -> None:
         from math_verify import parse, verify  # optional dependency, only for math data
 
         self._parse, self._verify = parse, verify
 
-    def __call__(self, response: str, sample: Sample) -> float:
-        text = response if response.startswith(THINK_OPEN) else THINK_OPEN + response
-        if "</think>" not in text:
+    def __call__(self, response: str, sample: Any) -> float:
+        answer = answer_segment(response)
+        if answer is None:
             return 0.0
-        answer = text.split("</think>", 1)[1]
-        gold_text = sample.ground_truth
-        if "\\boxed" not in gold_text:
-            gold_text = f"\\boxed{{{gold_text}}}"
+        # math-verify's timeouts use SIGALRM, which only the main thread may set; elsewhere (an
+        # in-process pool's thread) they are off and the caller bounds the time.
+        limit = VERIFIER_TIMEOUT if threading.current_thread() is threading.main_thread() else None
         try:
-            gold, predicted = self._parse(gold_text), self._parse(answer)
-            return float(bool(predicted) and self._verify(gold, predicted))
+            gold = self._parse(f"${sample.ground_truth}$", parsing_timeout=limit)
+            predicted = self._parse(answer, parsing_timeout=limit)
+            if not gold or not predicted:
+                return 0.0
+            return float(bool(self._verify(gold, predicted, timeout_seconds=limit)))
         except Exception:  # the verifier's parsers raise on malformed input: a wrong answer
             return 0.0

@@ -1,0 +1,63 @@
+"""The math reward as the official code computes it (docs/algorithm.md §Rewards), checked by hand:
+"<think>\\n" put back in front, the answer between the first and the second "</think>", gold
+parsed as "$<ground truth>$", no "</think>" or nothing parsed scores 0."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from luffy_fast.data import Sample
+from luffy_fast.rewards import answer_segment
+
+math_verify = pytest.importorskip("math_verify")
+
+
+def sample(ground_truth: str) -> Sample:
+    return Sample(prompt_ids=[1], ground_truth=ground_truth)
+
+
+@pytest.fixture(scope="module")
+def reward():
+    from luffy_fast.rewards import MathVerifyReward
+
+    return MathVerifyReward()
+
+
+def test_answer_segment_by_hand():
+    # "<think>\n" + response, split on "</think>", element 1
+    assert answer_segment("plan</think> so 7") == " so 7"
+    assert answer_segment("a</think> 7 </think> 42") == " 7 "  # not everything after the first
+    assert answer_segment("<think>\nplan</think>x") == "x"
+    assert answer_segment("</think>") == ""
+    assert answer_segment("no closing tag \\boxed{3}") is None
+
+
+@pytest.mark.parametrize("response, ground_truth, expected", [
+    ("plan </think> The answer is \\boxed{42}.", "42", 1.0),
+    # the answer is the first segment after </think>: 7 here, not 42
+    ("a </think> \\boxed{7} </think> \\boxed{42}", "42", 0.0),
+    ("a </think> \\boxed{7} </think> \\boxed{42}", "7", 1.0),
+    # a response that still opens with <think>\n scores like one that does not
+    ("<think>\nplan </think> \\boxed{0.5}", "\\frac{1}{2}", 1.0),
+    # gold parsed as $x+1$: an expression, compared symbolically
+    ("plan </think> \\boxed{1+x}", "x+1", 1.0),
+    ("plan </think> \\boxed{2}", "\\boxed{2}", 1.0),  # a boxed gold parses inside $...$ too
+    ("no closing tag \\boxed{42}", "42", 0.0),  # format failure
+    ("plan </think> no answer at all", "42", 0.0),  # nothing parsed
+    ("plan </think> \\boxed{41}", "42", 0.0),
+])
+def test_math_reward_by_hand(reward, response, ground_truth, expected):
+    assert reward(response, sample(ground_truth)) == expected
+
+
+def test_math_reward_outside_the_main_thread(reward):
+    """math-verify's own timeouts need the main thread; in another thread (an in-process pool)
+    the reward still verifies instead of scoring every answer 0."""
+    box = {}
+    thread = threading.Thread(target=lambda: box.setdefault(
+        "reward", reward("plan </think> \\boxed{42}", sample("42"))))
+    thread.start()
+    thread.join()
+    assert box["reward"] == 1.0
