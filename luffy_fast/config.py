@@ -53,6 +53,10 @@ class LuffyLossConfig:
         typical range, 0 skips nothing. stats["grad_filter_skipped_fraction"] reports the share of
         blocks skipped (with the recompute strategy it is filled when the backward runs). The
         torch backend rejects it; the reference backend ignores it (it is the exact oracle).
+    check_finite: after the forward, raise ValueError naming `hidden`, `weight` or `bias` when
+        a loss token's log-probability or the loss is not finite (a non-finite input there, or
+        logits that overflow). Costs one scalar check: the value is in the forward's statistics
+        already. The trainer turns it off and skips such steps instead (docs/robustness.md).
     """
 
     gamma: float = 0.1
@@ -70,6 +74,7 @@ class LuffyLossConfig:
     ignore_index: int = -100
     memory_budget_mb: Optional[float] = None
     grad_filter: Optional[float] = None
+    check_finite: bool = True
 
     def __post_init__(self) -> None:
         self.validate()

@@ -135,13 +135,21 @@ def prepare_inputs(hidden, weight, targets, advantages, loss_mask, off_policy_ma
         norm=norm, config=config, compute_dtype=compute_dtype)
 
 
-def prepare_token_inputs(hidden, weight, targets) -> tuple[Tensor, Tensor, Tensor]:
+def prepare_token_inputs(hidden, weight, targets, bias=None) -> tuple[Tensor, Tensor, Tensor]:
     """token_logprobs' checks: flattened hidden [T, H], targets with out-of-range ids (e.g. -100
     padding) replaced by 0, and the mask of the valid ones."""
     if not isinstance(hidden, Tensor) or hidden.dim() not in (2, 3):
         raise input_error("hidden", "must be a [T, H] or [B, L, H] tensor")
+    if hidden.device.type == "meta":  # no data: the result would be uninitialized memory
+        raise input_error("hidden", "is on the meta device (it holds no values)")
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise input_error("hidden", f"has dtype {hidden.dtype}, expected bf16, fp16, fp32 or fp64")
     if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise input_error("weight", "must be [V, H] with H equal to hidden's last dim")
+    _check_tensor("weight", weight, weight.shape, hidden.device, FLOAT_DTYPES, "a float dtype")
+    if bias is not None:
+        _check_tensor("bias", bias, (weight.shape[0],), hidden.device, FLOAT_DTYPES,
+                      "a float dtype")
     _check_tensor("targets", targets, hidden.shape[:-1], hidden.device, (torch.int64,), "torch.int64")
     flat_targets = targets.reshape(-1)
     valid = (flat_targets >= 0) & (flat_targets < weight.shape[0])

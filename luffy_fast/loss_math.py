@@ -17,6 +17,12 @@ from torch import Tensor
 
 from .config import LuffyLossConfig
 
+# The on-policy log-ratio log pi - log pi_old is clamped at this bound before exp, as verl's
+# compute_policy_loss does (its +-20): finite old log-probs far below the current ones (~88 nats
+# in fp32) would overflow the ratio to inf. Beyond the bound the ratio is e^20 ~ 4.9e8 and its
+# gradient 0 (the clamp's); within it, ratio and clipping are exact (docs/robustness.md).
+MAX_LOG_RATIO = 20.0
+
 
 @dataclass
 class PolicyTerms:
@@ -58,7 +64,8 @@ def policy_terms(logprobs: Tensor, old_logprobs: Optional[Tensor], advantages: T
 def _policy(logprobs, old_logprobs, advantages, off_policy_mask, config, with_grad):
     # On-policy: r = pi / pi_old. Old policy None means old == current, so r = 1 with grad r.
     old = logprobs.detach() if old_logprobs is None else old_logprobs.to(logprobs.dtype)
-    ratio_on = torch.exp(logprobs - old)
+    log_ratio = logprobs - old
+    ratio_on = torch.exp(log_ratio.clamp(max=MAX_LOG_RATIO))
     if config.clip_on_policy:
         loss_on, clipped_on = _ppo_clip(ratio_on, advantages, config)
     else:
@@ -83,7 +90,9 @@ def _policy(logprobs, old_logprobs, advantages, off_policy_mask, config, with_gr
         dratio_off = config.gamma * prob / (prob + config.gamma) ** 2
     else:
         dratio_off = prob
-    dratio = torch.where(off_policy_mask, dratio_off, ratio_on)
+    # the clamp passes no gradient above MAX_LOG_RATIO (as autograd of the clamped ratio)
+    dratio_on = torch.where(log_ratio <= MAX_LOG_RATIO, ratio_on, torch.zeros_like(ratio_on))
+    dratio = torch.where(off_policy_mask, dratio_off, dratio_on)
     grad_coef = torch.where(clipped, torch.zeros_like(dratio), -advantages * dratio)
     return PolicyTerms(loss, grad_coef, ratio, clipped)
 

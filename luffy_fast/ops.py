@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .config import LuffyLossConfig
-from .inputs import input_error, prepare_inputs, prepare_token_inputs
+from .inputs import LossInputs, input_error, prepare_inputs, prepare_token_inputs
 
 BACKENDS = ("torch", "reference", "triton")
 
@@ -54,7 +54,35 @@ def fused_luffy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages
     inputs = prepare_inputs(hidden, weight, targets, advantages, loss_mask, off_policy_mask,
                             old_logprobs, config, seq_ids, bias)
     loss_of, _ = _backend(backend, hidden.device)  # still before any kernel runs
-    return loss_of(inputs)
+    loss, stats = loss_of(inputs)
+    if config.check_finite:
+        _check_finite(loss, stats, inputs)
+    return loss, stats
+
+
+def _check_finite(loss: Tensor, stats: dict, inputs: LossInputs) -> None:
+    """LuffyLossConfig.check_finite: one scalar check fused into the forward's statistics.
+
+    stats["logprob_mean"] sums every loss token's log-prob (a non-finite logsumexp or target
+    logit makes it non-finite) and the loss sums their policy and entropy terms; only when one
+    of them is not finite are the inputs searched for the culprit, to name it.
+    """
+    if bool(torch.isfinite(loss.detach().float() + stats["logprob_mean"].float())):
+        return
+    rows = inputs.hidden[inputs.rows].detach()
+    bad_rows = ~torch.isfinite(rows).all(dim=1)
+    if bool(bad_rows.any()):
+        token = int(inputs.rows[bad_rows][0])
+        raise input_error("hidden", f"holds non-finite values at loss token {token} (flattened "
+                                    f"index){_HOW_TO_SKIP}")
+    for name, value in (("weight", inputs.weight), ("bias", inputs.bias)):
+        if value is not None and not bool(torch.isfinite(value.detach()).all()):
+            raise input_error(name, f"holds non-finite values{_HOW_TO_SKIP}")
+    raise input_error("hidden", f"and `weight` are finite, but their logits at loss tokens "
+                                f"overflow {inputs.hidden.dtype} (|h . w| / temperature){_HOW_TO_SKIP}")
+
+
+_HOW_TO_SKIP = "; the loss would not be finite (LuffyLossConfig.check_finite=False skips this check)"
 
 
 @torch.no_grad()
@@ -67,7 +95,7 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature:
     whose target is out of range (e.g. -100 padding) get log-prob 0.
     """
     config = LuffyLossConfig(temperature=temperature)
-    hidden_flat, safe_targets, valid = prepare_token_inputs(hidden, weight, targets)
+    hidden_flat, safe_targets, valid = prepare_token_inputs(hidden, weight, targets, bias)
     _, logprobs_of = _backend(backend, hidden.device)
     logprobs, entropy = logprobs_of(hidden_flat, weight, bias, safe_targets, config, with_entropy)
     token_shape = hidden.shape[:-1]
