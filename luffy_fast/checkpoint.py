@@ -49,7 +49,8 @@ class CheckpointManager:
         self.keep = keep
         self.rank, self.world_size = rank, world_size
 
-    def save(self, engine, tokenizer, step: int, config: dict, zero_stage: int) -> Path:
+    def save(self, engine, tokenizer, step: int, config: dict, zero_stage: int,
+             extra_state: Optional[dict] = None) -> Path:
         """DeepSpeed state + transformers export + trainer state of `engine` (its module holds
         the transformers model as `.policy`), published atomically as `step-N`."""
         root = self.root
@@ -68,7 +69,7 @@ class CheckpointManager:
             policy.save_pretrained(staging / "hf", state_dict=state)
             tokenizer.save_pretrained(staging / "hf")
             (staging / "trainer_state.json").write_text(json.dumps(
-                {"step": step, "config": config}, indent=1))
+                {"step": step, "config": config, **(extra_state or {})}, indent=1))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)

@@ -7,6 +7,7 @@ ConfigError naming the dotted key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -114,3 +115,29 @@ def apply_overrides(values: dict, overrides: Sequence[str]) -> dict:
 
 def _deep_copy(values: dict) -> dict:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in values.items()}
+
+
+# Value checks shared by the config sections (each raises ConfigError naming owner.name).
+
+def check_int(owner: str, name: str, value: Any, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{owner}.{name}: must be an integer >= {minimum} (got {value!r})")
+
+
+def check_finite(owner: str, name: str, value: Any, low: float | None = None,
+                 high: float | None = None, low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        bounds = f"{'>' if low_open else '>='} {low}" if low is not None else "finite"
+        if high is not None:
+            bounds += f" and <= {high}"
+        raise ConfigError(f"{owner}.{name}: must be a number {bounds} (got {value!r})")
+
+
+def check_choice(owner: str, name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{owner}.{name}: must be one of {list(choices)} (got {value!r})")

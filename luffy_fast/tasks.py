@@ -7,20 +7,26 @@ special-cases one (docs/design.md §Tasks).
     # train with data.task=my_package.my_module:MyTask
 
 A task is built from the run's config (`Task(config)`) and loaded by name from `data.task`:
-"toy" (the demo's digit reversal, luffy_fast/toy/), "math" (OpenR1-Math JSONL + math-verify,
-below) or a user's "package.module:Class". Unless it builds its own tokenizer and policy
-(`components`, used when model.path is "toy"), they come from the model.path directory.
+"toy" (the demo's digit reversal, luffy_fast/toy/), "math" (the official layout from Parquet,
+JSONL or a folder of shards, math-verify; below) or a user's "package.module:Class". Unless it
+builds its own tokenizer and policy (`components`, used when model.path is "toy"), they come
+from the model.path directory.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Optional
 
 import torch
 
-from luffy_fast.data import Sample, load_jsonl_samples, load_tokenizer
+from luffy_fast.data import DataLimits, DataReport, Sample, load_samples
 from luffy_fast.errors import ConfigError
+from luffy_fast.model_loading import load_model_tokenizer, load_policy
 from luffy_fast.rewards import MathVerifyReward
 from luffy_fast.train_config import LuffyTrainConfig
 
@@ -29,6 +35,9 @@ BUILT_IN_TASKS = {"toy": "luffy_fast.toy.task:ToyTask", "math": "luffy_fast.task
 
 class Task:
     """Training and held-out samples, a verifiable reward, optionally a tokenizer and policy."""
+
+    # what loading the training data did (kept, skipped, truncated), when the task reports it
+    data_report: Optional[DataReport] = None
 
     def __init__(self, config: LuffyTrainConfig) -> None:
         self.config = config
@@ -59,20 +68,33 @@ class MathTask(Task):
         super().__init__(config)
         self._reward = MathVerifyReward()
 
-    def _load(self, path: str, tokenizer) -> list[Sample]:
+    def _load(self, path: str, tokenizer, key: str) -> tuple[list[Sample], DataReport]:
         data = self.config.data
-        return load_jsonl_samples(path, tokenizer, data.max_prompt_length,
-                                  data.max_response_length)
+        limits = DataLimits(data.max_prompt_length, data.max_response_length, data.trace_overflow)
+        cache = data_cache_dir(self.config)
+        if cache is None:
+            return load_samples(path, tokenizer, limits, key=key)
+        from luffy_fast.data_cache import load_cached_samples
+
+        return load_cached_samples(path, tokenizer, limits, cache, key=key)
 
     def train_samples(self, tokenizer) -> list[Sample]:
-        return self._load(self.config.data.source, tokenizer)
+        samples, self.data_report = self._load(self.config.data.source, tokenizer, "data.source")
+        if os.environ.get("RANK", "0") == "0":  # the start-up line, once per run
+            print(f"luffy-fast: training data {self.data_report.summary()}", file=sys.stderr,
+                  flush=True)
+        return samples
 
     def heldout_samples(self, tokenizer) -> list[Sample]:
         source = self.config.data.heldout_source
-        return self._load(source, tokenizer)[:self.config.eval.num_problems] if source else []
+        if not source:
+            return []
+        samples, _ = self._load(source, tokenizer, "data.heldout_source")
+        return samples[:self.config.eval.num_problems]
 
     def reward(self, response: str, sample: Sample) -> float:
         return self._reward(response, sample)
+
 
 
 def load_task(config: LuffyTrainConfig) -> Task:
@@ -88,32 +110,68 @@ def load_task(config: LuffyTrainConfig) -> Task:
     return task_class(config)
 
 
-def load_components(task: Task, config: LuffyTrainConfig) -> tuple:
-    """The task's tokenizer and policy (model.path "toy"), or those of the model.path directory."""
+def data_cache_dir(config: LuffyTrainConfig) -> Optional[Path]:
+    """Where tokenized data are cached: data.cache_dir, else $LUFFY_FAST_CACHE or
+    ~/.cache/luffy_fast (by $XDG_CACHE_HOME), under data/; None when data.cache_dir is ""."""
+    if config.data.cache_dir is not None:
+        return Path(config.data.cache_dir) if config.data.cache_dir else None
+    root = os.environ.get("LUFFY_FAST_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "luffy_fast"
+    return Path(root) / "data"
+
+
+def prepare_components(task: Task, config: LuffyTrainConfig) -> tuple[object, Callable[[], object]]:
+    """The tokenizer now, and a function that loads the policy: the data are read and checked
+    in between, so a bad row fails before any weight is read. Both come from the task when
+    model.path is "toy", else from the model.path directory (luffy_fast/model_loading.py)."""
     if config.model.path == "toy":
         components = task.components()
         if components is None:
             raise ConfigError(f"model.path: 'toy' needs a task that builds its own policy; "
                               f"data.task={config.data.task_name!r} does not")
-        return components
-    from transformers import AutoModelForCausalLM
+        tokenizer, policy = components
+        return tokenizer, lambda: policy
+    from luffy_fast.model_loading import check_attention, model_config
 
-    policy = AutoModelForCausalLM.from_pretrained(
-        config.model.path, dtype=torch.float32, attn_implementation=config.model.attn_implementation)
-    return load_tokenizer(config.model.path), policy
+    model_config(config.model)  # model.path checked (and its config read) before the data
+    check_attention(config.model)
+    return load_model_tokenizer(config.model), lambda: load_policy(config.model, torch.float32)
+
+
+def load_components(task: Task, config: LuffyTrainConfig) -> tuple:
+    """The task's tokenizer and policy (model.path "toy"), or those of the model.path directory."""
+    tokenizer, policy = prepare_components(task, config)
+    return tokenizer, policy()
 
 
 def check_samples(samples: Sequence[Sample], config: LuffyTrainConfig) -> None:
-    """Enough training prompts for a step, each with the traces the groups need."""
+    """Enough training prompts for a step, each with the traces the groups need, and every
+    sequence within the token budget: checked from the data at start-up, not after rollouts."""
+    source = config.data.source
     if not samples:
-        raise ConfigError("data.source: no training prompts")
+        raise ConfigError(f"data.source: no training prompts in {source!r} (empty, or every "
+                          f"prompt is longer than data.max_prompt_length="
+                          f"{config.data.max_prompt_length})")
     if len(samples) < config.train.prompts_per_step:
         raise ConfigError(f"train.prompts_per_step: {config.train.prompts_per_step} prompts "
                           f"per step but only {len(samples)} training prompts")
-    for i, sample in enumerate(samples):
-        if config.rollout.n_off and not sample.traces:
-            raise ValueError(f"training sample {i} has no off-policy trace, but "
-                             f"rollout.n_off={config.rollout.n_off}")
-        if any(len(t) > config.data.max_response_length for t in sample.traces):
-            raise ConfigError(f"data.max_response_length: training sample {i} has a trace "
-                              f"longer than {config.data.max_response_length} tokens")
+    if config.rollout.n_off:
+        bare = [s.where or f"sample {i}" for i, s in enumerate(samples) if not s.traces]
+        if bare:
+            shown = ", ".join(bare[:5]) + (", ..." if len(bare) > 5 else "")
+            raise ConfigError(f"data.source: {len(bare)} of {len(samples)} training prompts have "
+                              f"no off-policy trace, but rollout.n_off={config.rollout.n_off} "
+                              f"needs one each: {shown} (add a 'target' to those rows, remove "
+                              f"them, or set rollout.n_off=0)")
+    if any(len(t) > config.data.max_response_length for s in samples for t in s.traces):
+        raise ConfigError(f"data.max_response_length: a training sample has a trace longer "
+                          f"than {config.data.max_response_length} tokens")
+    response = config.data.max_response_length if config.rollout.n_on else 0
+    longest, where = max((len(s.prompt_ids) + max([response, *map(len, s.traces)]),
+                          s.where or f"sample {i}") for i, s in enumerate(samples))
+    if longest > config.train.token_budget:
+        raise ConfigError(f"train.token_budget: {config.train.token_budget} tokens per "
+                          f"micro-batch, but the longest sequence is {longest} tokens (the prompt "
+                          f"of {where} + a response of up to data.max_response_length="
+                          f"{config.data.max_response_length}); raise train.token_budget to at "
+                          f"least {longest}")

@@ -10,44 +10,22 @@ LuffyLossConfig, so the trainer and the fused op share one definition of every l
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import yaml
 
 from luffy_fast.config import NEEDS_MAX_LEN, LuffyLossConfig
 from luffy_fast.config_parsing import apply_overrides, build_dataclass, to_plain
+from luffy_fast.config_parsing import check_choice as _choice
+from luffy_fast.config_parsing import check_finite as _finite
+from luffy_fast.config_parsing import check_int as _positive_int
 from luffy_fast.errors import ConfigError
 from luffy_fast.rollout.vllm_config import VLLMConfig
 
 __all__ = ["ConfigError", "LuffyTrainConfig", "apply_overrides", "config_from_dict", "load_config"]
-
-
-def _positive_int(owner: str, name: str, value: Any, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"{owner}.{name}: must be an integer >= {minimum} (got {value!r})")
-
-
-def _finite(owner: str, name: str, value: Any, low: float | None = None, high: float | None = None,
-            low_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value <= high
-    if not ok:
-        bounds = f"{'>' if low_open else '>='} {low}" if low is not None else "finite"
-        if high is not None:
-            bounds += f" and <= {high}"
-        raise ConfigError(f"{owner}.{name}: must be a number {bounds} (got {value!r})")
-
-
-def _choice(owner: str, name: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{owner}.{name}: must be one of {list(choices)} (got {value!r})")
 
 
 @dataclass
@@ -64,6 +42,11 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     precision: str = "auto"  # "auto": bf16 on CUDA, fp32 on CPU
+    # applied at load (luffy_fast/model_loading.py), None keeps the directory's own value
+    tokenizer_path: Optional[str] = None  # the tokenizer's directory (default: path)
+    rope_theta: Optional[float] = None
+    max_position_embeddings: Optional[int] = None
+    chat_template: Optional[str] = None  # a Jinja file replacing the tokenizer's chat template
 
     def validate(self) -> None:
         for name in ("hidden_size", "intermediate_size", "num_hidden_layers",
@@ -77,6 +60,10 @@ class ModelConfig:
         _choice("model", "precision", self.precision, ("auto", "fp32", "bf16"))
         _choice("model", "attn_implementation", self.attn_implementation,
                 ("sdpa", "eager", "flash_attention_2"))
+        if self.rope_theta is not None:
+            _finite("model", "rope_theta", self.rope_theta, 0.0, low_open=True)
+        if self.max_position_embeddings is not None:
+            _positive_int("model", "max_position_embeddings", self.max_position_embeddings)
 
 
 @dataclass
@@ -93,8 +80,11 @@ class DataConfig:
     heldout_source: Optional[str] = None  # JSONL of held-out problems (toy: generated)
     num_digits: int = 5  # toy task: length of the digit string to reverse
     heldout_fraction: float = 0.1  # toy task: share of all problems reserved for held-out
-    max_prompt_length: int = 1024
+    max_prompt_length: int = 1024  # longer prompts are skipped (counted)
     max_response_length: int = 8192
+    trace_overflow: str = "truncate"  # a longer trace is cut to max_response_length, or "drop"
+    # tokenized data are cached here (~/.cache/luffy_fast/data when None; "" turns it off)
+    cache_dir: Optional[str] = None
 
     def validate(self) -> None:
         if self.task is not None and (
@@ -107,8 +97,10 @@ class DataConfig:
         _finite("data", "heldout_fraction", self.heldout_fraction, 0.0, 0.5, low_open=True)
         _positive_int("data", "max_prompt_length", self.max_prompt_length)
         _positive_int("data", "max_response_length", self.max_response_length)
-        if self.task_name == "math" and not Path(self.source).is_file():
-            raise ConfigError(f"data.source: no such file {self.source!r} (or use 'toy')")
+        _choice("data", "trace_overflow", self.trace_overflow, ("truncate", "drop"))
+        if self.task_name == "math" and not Path(self.source).exists():
+            raise ConfigError(f"data.source: no such file or folder {self.source!r} "
+                              f"(or use 'toy')")
 
     @property
     def task_name(self) -> str:
@@ -189,9 +181,12 @@ class TrainSection:
     mini_batch_size: prompts per optimizer step; prompts_per_step / mini_batch_size optimizer
         steps per rollout batch (LUFFY's reference: 128 / 64 = 2).
     token_budget: most tokens in one packed micro-batch (padding removed).
+    epochs: when set, the run's length: train.steps becomes epochs x (training prompts //
+        prompts_per_step), each epoch a fresh seeded shuffle (luffy_fast/sampler.py).
     """
 
     steps: int = 100
+    epochs: Optional[int] = None
     prompts_per_step: int = 128
     mini_batch_size: int = 64
     token_budget: int = 32768
@@ -213,6 +208,8 @@ class TrainSection:
         _choice("train", "zero_stage", self.zero_stage, (0, 1, 2, 3))
         _positive_int("train", "cpu_threads", self.cpu_threads, minimum=0)
         _positive_int("train", "seed", self.seed, minimum=0)
+        if self.epochs is not None:
+            _positive_int("train", "epochs", self.epochs)
 
 
 @dataclass

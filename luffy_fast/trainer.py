@@ -19,7 +19,6 @@ metrics (metrics.py).
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Iterable, Sequence
 from typing import Optional
@@ -45,7 +44,8 @@ from luffy_fast.rollout.correction import behaviour_logprobs, rollout_correction
 from luffy_fast.rollout.factory import build_rollout_engine
 from luffy_fast.rollout.weights import gathered_named_parameters
 from luffy_fast.rollout_batch import RolloutBatch, assemble_groups, rollout_metrics, score_responses
-from luffy_fast.tasks import Task, check_samples, load_components, load_task
+from luffy_fast.sampler import data_metrics, prompt_sampler
+from luffy_fast.tasks import Task, check_samples, load_task, prepare_components
 from luffy_fast.train_config import LuffyTrainConfig
 
 TokenWeights = Optional[list[Optional[Tensor]]]  # per-sequence TIS weights (rollout/correction.py)
@@ -65,10 +65,11 @@ class LuffyTrainer:
         self.output_dir = ensure_writable_dir(config.output.dir)
         self.device, bf16 = training_device(config, device)
         self.task = task or load_task(config)
-        self.tokenizer, policy = load_components(self.task, config)
+        self.tokenizer, build_policy = prepare_components(self.task, config)  # data, then policy
         self.train_samples = self.task.train_samples(self.tokenizer)
         self.heldout_samples = self.task.heldout_samples(self.tokenizer)
         check_samples(self.train_samples, config)
+        self.sampler, policy = prompt_sampler(len(self.train_samples), config), build_policy()
         if config.model.gradient_checkpointing:
             policy.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -86,10 +87,9 @@ class LuffyTrainer:
     # ------------------------------------------------------------------ one LUFFY step
 
     def prompt_batch(self, step: int) -> list[Sample]:
-        """The step's prompts: a seeded draw, so a resumed run sees the same batches; each rank
-        takes its slice of every mini-batch."""
-        rng = random.Random(f"{self.config.train.seed}:{step}")
-        picks = rng.sample(range(len(self.train_samples)), self.config.train.prompts_per_step)
+        """The step's prompts: the seeded epoch-wise shuffle's batch for `step`, so a resumed
+        run sees the same batches; each rank takes its slice of every mini-batch."""
+        picks = self.sampler.batch(step)
         mini = self.config.train.mini_batch_size
         share = mini // self.world_size
         mine = [picks[start + self.rank * share: start + (self.rank + 1) * share]
@@ -125,7 +125,8 @@ class LuffyTrainer:
         seconds = time.perf_counter() - start
         trained_tokens = sum(batch.sequence_length(i) for i in range(len(batch)))
         return {**rollout_metrics(batch), **update, **correction, **self.rollout.metrics(),
-                **timer.seconds, "step_seconds": seconds,
+                **timer.seconds, **data_metrics(self.task.data_report, self.sampler, step),
+                "step_seconds": seconds,
                 "tokens_per_second": trained_tokens / max(seconds, 1e-9),
                 "peak_memory_mb": peak_memory_mb(self.device)}
 
@@ -263,6 +264,7 @@ class LuffyTrainer:
         start_step = 0
         if latest is not None:
             start_step = self.checkpoints.load(self.engine, latest)
+            self.sampler.check_checkpoint(latest, start_step)  # same data, same order
             self.sync_rollout_weights()
         lead = self.rank == 0
         logger = None
@@ -291,7 +293,8 @@ class LuffyTrainer:
                 if (config.output.save_every and self.step % config.output.save_every == 0) \
                         or last:
                     self.checkpoints.save(self.engine, self.tokenizer, self.step,
-                                          config.to_dict(), config.train.zero_stage)
+                                          config.to_dict(), config.train.zero_stage,
+                                          {"sampler": self.sampler.state_dict(self.step)})
         finally:
             bar.close()
             if logger:

@@ -34,7 +34,7 @@ def test_jsonl_rows_become_samples(tmp_path, tokenizer):
         {"prompt": [{"role": "user", "content": "1 2 3 4 5 6 7 8 9"}],  # prompt too long: skipped
          "target": {"role": "assistant", "content": "= 9"}, "reward_model": {"ground_truth": "9"}},
         {"prompt": "4 5", "target": [{"role": "assistant", "content": "= 5 4 5 4 5 4 5 4"}],
-         "reward_model": {"ground_truth": "54"}},  # trace too long: kept without it
+         "reward_model": {"ground_truth": "54"}},  # trace too long: cut to 6 tokens
     ]
     samples = load_jsonl_samples(write_rows(tmp_path / "d.jsonl", rows), tokenizer,
                                  max_prompt_length=6, max_response_length=6)
@@ -44,7 +44,8 @@ def test_jsonl_rows_become_samples(tmp_path, tokenizer):
     assert first.traces == [tokenizer("= 3 2 1", add_special_tokens=False).input_ids
                             + [tokenizer.eos_token_id]]
     assert (first.ground_truth, first.data_source) == ("321", "toy")
-    assert samples[1].traces == []
+    # official: EOS appended, then cut to max_response_length (so no EOS left)
+    assert samples[1].traces == [tokenizer("= 5 4 5 4 5", add_special_tokens=False).input_ids]
 
 
 @pytest.mark.parametrize("row, message", [

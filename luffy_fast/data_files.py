@@ -1,0 +1,206 @@
+"""Rows of a data set from Parquet, JSONL (or a JSON array) files, or a folder of such shards.
+
+Every row comes with where it is (`file.parquet row 3`, 0-based as pyarrow and pandas count;
+`file.jsonl:4`, 1-based lines), so an error in a row names it. Parquet is read with pyarrow;
+JSONL line by line, so bad UTF-8, a torn line or a line that is not a JSON object are reported
+with the line. A training row in the official LUFFY layout (docs/algorithm.md §The reference
+run's settings) becomes a `Record`: chat messages, trace texts, ground truth, data source.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from luffy_fast.errors import ConfigError
+
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
+
+
+class DataError(ConfigError):
+    """A data file or row the trainer cannot use; the message starts with the file (and row)."""
+
+
+@dataclass
+class Row:
+    values: dict
+    where: str  # "path/file.jsonl:4" or "path/file.parquet row 3"
+
+
+@dataclass
+class Record:
+    """One training prompt in the official layout, checked."""
+
+    messages: list[dict]  # the prompt as chat messages
+    targets: list[str]  # off-policy traces (assistant message texts); may be empty
+    ground_truth: str
+    data_source: str
+    where: str
+
+
+def data_files(path: str | Path, key: str = "data.source") -> list[Path]:
+    """The file at `path`, or the data files in the folder `path` (sorted by name)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in DATA_SUFFIXES and p.is_file())
+        if not files:
+            raise DataError(f"{key}: the folder {str(path)!r} holds no "
+                            f"{'/'.join(DATA_SUFFIXES)} files")
+        return files
+    if not path.is_file():
+        raise DataError(f"{key}: no such file or folder {str(path)!r}")
+    return [path]
+
+
+def read_rows(path: str | Path, key: str = "data.source") -> Iterator[Row]:
+    """Every row of every file under `path`, in order."""
+    for file in data_files(path, key):
+        if file.suffix == ".parquet":
+            yield from _parquet_rows(file)
+        else:
+            yield from _json_rows(file)
+
+
+def _parquet_rows(file: Path) -> Iterator[Row]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(file)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise DataError(f"{file}: not a readable Parquet file ({error})") from None
+    index = 0
+    for batch in parquet.iter_batches(batch_size=4096):
+        for values in batch.to_pylist():
+            yield Row(values, f"{file} row {index}")
+            index += 1
+
+
+def _json_rows(file: Path) -> Iterator[Row]:
+    with file.open("rb") as stream:
+        head = stream.read(4096).lstrip()
+    if head.startswith(b"["):  # a JSON array of objects, as some benchmark files ship
+        try:
+            items = json.loads(file.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise DataError(f"{file}: not valid UTF-8 at byte {error.start}") from None
+        except json.JSONDecodeError as error:
+            raise DataError(f"{file}:{error.lineno}: not valid JSON ({error.msg})") from None
+        for index, item in enumerate(items):
+            yield _object_row(item, f"{file} item {index}")
+        return
+    with file.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            where = f"{file}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{where}: not valid UTF-8 (byte {error.start} of the line); "
+                                f"JSONL files must be UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{where}: not valid JSON ({error.msg}, column {error.colno})"
+                                ) from None
+            yield _object_row(item, where)
+
+
+def _object_row(item: Any, where: str) -> Row:
+    if not isinstance(item, dict):
+        raise DataError(f"{where}: expected a JSON object with the row's fields, got "
+                        f"{_kind(item)} ({_short(item)})")
+    return Row(item, where)
+
+
+def _kind(value: Any) -> str:
+    names = {str: "a string", bool: "a boolean", int: "a number", float: "a number",
+             list: "a list", dict: "a mapping", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _missing(row: Row, field: str) -> DataError:
+    found = ", ".join(sorted(map(str, row.values))) or "none"
+    return DataError(f"{row.where}: the row has no {field!r} (columns found: {found})")
+
+
+def message_text(message: Any, where: str) -> str:
+    """The text of a chat message ({"role", "content"}) or of a plain string."""
+    if isinstance(message, dict) and isinstance(message.get("content"), str):
+        return message["content"]
+    if isinstance(message, str):
+        return message
+    raise DataError(f"{where}: expected a chat message with a 'content' string or a string, "
+                    f"got {_kind(message)} ({_short(message)})")
+
+
+def prompt_messages(prompt: Any, where: str) -> list[dict]:
+    """A prompt as chat messages: a string is one user message."""
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if isinstance(prompt, dict):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise DataError(f"{where} prompt: expected chat messages or a string, got "
+                        f"{_kind(prompt)} ({_short(prompt)})")
+    messages = []
+    for i, message in enumerate(prompt):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise DataError(f"{where} prompt[{i}]: expected a message with 'role' and "
+                            f"'content' strings, got {_short(message)}")
+        messages.append({"role": message["role"], "content": message["content"]})
+    return messages
+
+
+def ground_truth_text(value: Any, where: str) -> str:
+    """A ground truth as text; numbers are written out, empty answers refused."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DataError(f"{where}: the ground truth must be a string or a number, got "
+                        f"{_kind(value)} ({_short(value)})")
+    text = str(value)
+    if not text.strip():
+        raise DataError(f"{where}: the ground truth is empty")
+    return text
+
+
+def training_record(row: Row) -> Record:
+    """A row in the official layout: `prompt`, `reward_model.ground_truth`, optional `target`
+    (an assistant message, a string or a list of them) and `data_source`."""
+    values, where = row.values, row.where
+    if "prompt" not in values:
+        raise _missing(row, "prompt")
+    if "reward_model" not in values:
+        raise _missing(row, "reward_model.ground_truth")
+    reward_model = values["reward_model"]
+    if not isinstance(reward_model, dict):
+        raise DataError(f"{where}: 'reward_model' must be a mapping with a 'ground_truth' "
+                        f"(got {_kind(reward_model)} {_short(reward_model)})")
+    if reward_model.get("ground_truth") is None:
+        keys = ", ".join(sorted(reward_model)) or "none"
+        raise DataError(f"{where}: the row has no 'reward_model.ground_truth' "
+                        f"(reward_model keys found: {keys})")
+    truth = ground_truth_text(reward_model["ground_truth"], f"{where} reward_model.ground_truth")
+    targets = values.get("target")
+    if targets is None:
+        targets = []
+    elif not isinstance(targets, list):
+        targets = [targets]
+    texts = []
+    for i, target in enumerate(targets):
+        text = message_text(target, f"{where} target[{i}]")
+        if not text.strip():
+            raise DataError(f"{where} target[{i}]: the trace is empty")
+        texts.append(text)
+    source = values.get("data_source")
+    return Record(prompt_messages(values["prompt"], where), texts, truth,
+                  "" if source is None else str(source), where)

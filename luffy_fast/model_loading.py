@@ -1,0 +1,126 @@
+"""A local transformers model directory as the run's starting point, checked before it loads.
+
+The `model` section's overrides are applied at load, so a stock Qwen2.5-Math-7B directory
+becomes the official starting point (docs/algorithm.md §The reference run's settings):
+`rope_theta` and `max_position_embeddings` on its config, `chat_template` (a Jinja file) on its
+tokenizer. A tokenizer without a pad token (Llama-3's) pads with its EOS token, as verl does,
+and says so in a log line; padding only fills batches, never a position the loss reads.
+Problems a user can cause raise ConfigError naming the key, before any weight is read.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+from luffy_fast.errors import ConfigError
+
+logger = logging.getLogger("luffy_fast")
+
+
+def model_directory(model) -> Path:
+    """model.path as a directory holding a transformers config.json, or a clear error."""
+    path = Path(model.path)
+    if not path.is_dir():
+        raise ConfigError(f"model.path: no such directory {model.path!r} (a local transformers "
+                          f"model directory, or 'toy'; nothing is downloaded)")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.path: {model.path!r} has no config.json (not a transformers "
+                          f"model directory)")
+    return path
+
+
+def tokenizer_directory(model) -> Path:
+    path = Path(model.tokenizer_path or model.path)
+    key = "model.tokenizer_path" if model.tokenizer_path else "model.path"
+    if not path.is_dir():
+        raise ConfigError(f"{key}: no such directory {str(path)!r}")
+    if not any((path / name).is_file() for name in
+               ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+        raise ConfigError(f"{key}: {str(path)!r} holds no tokenizer files (tokenizer.json, "
+                          f"tokenizer_config.json, ...); set model.tokenizer_path")
+    return path
+
+
+def chat_template_text(model) -> str | None:
+    if model.chat_template is None:
+        return None
+    path = Path(model.chat_template)
+    if not path.is_file():
+        raise ConfigError(f"model.chat_template: no such file {model.chat_template!r} "
+                          f"(a Jinja chat template)")
+    return path.read_text()
+
+
+def prepare_tokenizer(tokenizer, model):
+    """Apply model.chat_template; a missing pad token becomes EOS (logged); no EOS is an error."""
+    template = chat_template_text(model)
+    if template is not None:
+        tokenizer.chat_template = template
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"model.path: the tokenizer of {model.tokenizer_path or model.path!r} "
+                          f"has no EOS token (responses and traces end with it)")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        logger.warning("the tokenizer has no pad token: padding with its EOS token %r",
+                       tokenizer.eos_token)
+    return tokenizer
+
+
+def load_model_tokenizer(model):
+    """The tokenizer of model.tokenizer_path (default model.path), overrides applied."""
+    from luffy_fast.data import load_tokenizer
+
+    return prepare_tokenizer(load_tokenizer(tokenizer_directory(model)), model)
+
+
+def check_attention(model) -> None:
+    if model.attn_implementation == "flash_attention_2" and \
+            importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("model.attn_implementation: 'flash_attention_2' needs the flash-attn "
+                          "package, which is not installed (pip install flash-attn, or use "
+                          "'sdpa')")
+
+
+def model_config(model):
+    """The directory's transformers config with model.rope_theta and
+    model.max_position_embeddings applied."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_directory(model))
+    if model.rope_theta is not None:
+        parameters = getattr(config, "rope_parameters", None)
+        if isinstance(parameters, dict):  # transformers 5 keeps theta among the rope parameters
+            config.rope_parameters = {**parameters, "rope_theta": model.rope_theta}
+        else:
+            config.rope_theta = model.rope_theta
+    if model.max_position_embeddings is not None:
+        config.max_position_embeddings = model.max_position_embeddings
+    return config
+
+
+def rope_theta(config) -> float | None:
+    parameters = getattr(config, "rope_parameters", None)
+    if isinstance(parameters, dict) and "rope_theta" in parameters:
+        return parameters["rope_theta"]
+    return getattr(config, "rope_theta", None)
+
+
+def load_policy(model, dtype):
+    """The causal LM of model.path in `dtype`, with the config overrides."""
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(model)
+    check_attention(model)
+    return AutoModelForCausalLM.from_pretrained(model_directory(model), config=config, dtype=dtype,
+                                                attn_implementation=model.attn_implementation)
+
+
+def meta_policy(model):
+    """The policy's modules on the meta device: shapes and parameter counts, no memory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config(model), dtype=torch.bfloat16)

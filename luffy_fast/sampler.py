@@ -1,0 +1,97 @@
+"""Which prompts each step trains on: epoch-wise shuffling without replacement, seeded.
+
+As the official run's data loader (a torch RandomSampler over a generator seeded once, batches
+of `prompts_per_step`, the last incomplete batch of an epoch dropped): epoch e's order is the
+(e+1)-th `torch.randperm(n)` drawn from `torch.Generator().manual_seed(seed)`, so this sampler
+visits prompts in the same order as the official one over the same data
+(docs/algorithm.md §The reference run's settings). Its position (`state_dict`) is saved in
+every checkpoint and checked on `--resume`, which continues the same order.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from luffy_fast.errors import ConfigError
+
+
+class EpochSampler:
+    """Batches of `batch_size` indices into `size` prompts; every epoch a fresh permutation."""
+
+    def __init__(self, size: int, batch_size: int, seed: int) -> None:
+        if batch_size > size:
+            raise ConfigError(f"train.prompts_per_step: {batch_size} prompts per step but only "
+                              f"{size} training prompts")
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self._order: list[int] = []
+        self._order_epoch = -1
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.size // self.batch_size
+
+    def order(self, epoch: int) -> list[int]:
+        """The permutation of epoch `epoch` (regenerated from the seed after a resume)."""
+        if epoch != self._order_epoch:
+            generator = torch.Generator().manual_seed(self.seed)
+            for _ in range(epoch + 1):
+                order = torch.randperm(self.size, generator=generator)
+            self._order, self._order_epoch = order.tolist(), epoch
+        return self._order
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, batch within the epoch) of step `step` (0-based)."""
+        return divmod(step, self.batches_per_epoch)
+
+    def batch(self, step: int) -> list[int]:
+        """The prompt indices of step `step`: a function of the step alone, so a resumed run
+        draws exactly what the uninterrupted run would have drawn."""
+        epoch, batch = self.position(step)
+        start = batch * self.batch_size
+        return self.order(epoch)[start:start + self.batch_size]
+
+    def state_dict(self, step: int) -> dict:
+        """The position after `step` steps, and what the order depends on (for the checkpoint)."""
+        epoch, batch = self.position(step)
+        return {"epoch": epoch, "batch": batch, "seed": self.seed, "size": self.size,
+                "batch_size": self.batch_size}
+
+    def check_state(self, state: dict, step: int) -> None:
+        """A checkpoint's sampler state must be this sampler's at `step`: the data, batch size
+        and seed unchanged, or the order would silently differ from the interrupted run's."""
+        saved = (state.get("size"), state.get("batch_size"), state.get("seed"))
+        if saved != (self.size, self.batch_size, self.seed):
+            raise ConfigError(
+                f"data.source: the checkpoint's run drew batches of {saved[1]} from {saved[0]} "
+                f"prompts with seed {saved[2]}; this run has batches of {self.batch_size} from "
+                f"{self.size} prompts with seed {self.seed} (the data, train.prompts_per_step or "
+                f"train.seed changed since the checkpoint)")
+        if (state.get("epoch"), state.get("batch")) != self.position(step):
+            raise ConfigError(f"data.source: the checkpoint's sampler position "
+                              f"{state.get('epoch')}:{state.get('batch')} is not step {step}'s")
+
+    def check_checkpoint(self, checkpoint: Path, step: int) -> None:
+        """check_state against a checkpoint folder's trainer_state.json (older checkpoints,
+        saved without a sampler state, are trusted)."""
+        saved = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("sampler")
+        if saved is not None:
+            self.check_state(saved, step)
+
+
+def prompt_sampler(num_prompts: int, config) -> EpochSampler:
+    """The run's sampler; with train.epochs set, train.steps becomes epochs x batches per epoch
+    (the run's length, which the learning-rate schedule reads)."""
+    sampler = EpochSampler(num_prompts, config.train.prompts_per_step, config.train.seed)
+    if config.train.epochs:
+        config.train.steps = config.train.epochs * sampler.batches_per_epoch
+    return sampler
+
+
+def data_metrics(report, sampler: EpochSampler, step: int) -> dict:
+    """The epoch of `step`'s prompts, and what loading the data skipped or cut
+    (a luffy_fast.data.DataReport, or None when the task gives none)."""
+    return {"data/epoch": sampler.position(step)[0],
+            **(report.metrics() if report is not None else {})}
