@@ -4,6 +4,11 @@ A checkpoint is written to a staging folder, renamed into place, and only then i
 pointer replaced (write + rename), so a crash mid-save never corrupts `latest`
 (docs/design.md §The trainer). Each `step-N/` holds the DeepSpeed state (`deepspeed/`), a
 transformers export (`hf/`, model and tokenizer) and `trainer_state.json`.
+
+Faults (docs/robustness.md): weights with a non-finite value are never published; a full disk
+raises DiskFullError naming the folder and leaves no staging folder; start-up removes stale
+staging folders and temporary files; a `latest` that is missing its folder, or empty, falls back
+to the newest complete checkpoint with a warning.
 """
 
 from __future__ import annotations
@@ -17,28 +22,21 @@ from typing import Optional
 import torch
 
 from luffy_fast.distributed import gathered_parameters
-from luffy_fast.errors import ConfigError
+from luffy_fast.run_files import (  # noqa: F401  (ensure_writable_dir: imported from here too)
+    ensure_writable_dir,
+    naming_full_disk,
+    remove_stale_temporaries,
+    warn,
+    write_atomic,
+)
 
 
-def ensure_writable_dir(path: str | Path, key: str = "output.dir") -> Path:
-    """Create `path` if needed and prove it is writable, or raise naming the cause."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-probe-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise ConfigError(f"{key}: {str(path)!r} is not writable "
-                          f"({error.strerror or error})") from None
-    return path
+class NonFiniteWeightsError(RuntimeError):
+    """The weights to save hold NaN or inf: the checkpoint is not published."""
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path`'s contents in one step: readers see the old text or the new, never half."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+class NoCheckpointError(RuntimeError):
+    """`--resume` found a `latest` pointer but no complete checkpoint to resume from."""
 
 
 class CheckpointManager:
@@ -48,6 +46,16 @@ class CheckpointManager:
         self.root = Path(root)
         self.keep = keep
         self.rank, self.world_size = rank, world_size
+
+    def remove_stale_files(self) -> None:
+        """Start-up clean-up (rank 0, before any save): staging folders of interrupted saves
+        and temporary files of dead processes."""
+        if self.rank != 0:
+            return
+        for staging in self.root.glob(".staging-*"):
+            shutil.rmtree(staging, ignore_errors=True)
+        remove_stale_temporaries(self.root)
+        remove_stale_temporaries(self.root.parent)  # the run folder: metrics, write probes
 
     def save(self, engine, tokenizer, step: int, config: dict, zero_stage: int,
              extra_state: Optional[dict] = None) -> Path:
@@ -60,16 +68,24 @@ class CheckpointManager:
         if self.rank == 0 and staging.exists():
             shutil.rmtree(staging)
         self._barrier()
-        engine.save_checkpoint(str(staging), tag="deepspeed", save_latest=False)
         policy = engine.module.policy
         with gathered_parameters(policy.parameters(), zero_stage):
             state = {name: tensor.detach().cpu().clone()
                      for name, tensor in policy.state_dict().items()}
+        bad = [name for name, tensor in state.items()
+               if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+        if bad:  # every rank sees the same gathered weights, so all raise together
+            raise NonFiniteWeightsError(f"step {step}: the weights hold non-finite values "
+                                        f"({', '.join(bad[:3])}...); checkpoint not published")
+        try:
+            naming_full_disk(staging, f"checkpoint step {step}",
+                             lambda: self._write(engine, tokenizer, state, staging, step,
+                                                 config, extra_state))
+        except BaseException:
+            if self.rank == 0:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
         if self.rank == 0:
-            policy.save_pretrained(staging / "hf", state_dict=state)
-            tokenizer.save_pretrained(staging / "hf")
-            (staging / "trainer_state.json").write_text(json.dumps(
-                {"step": step, "config": config, **(extra_state or {})}, indent=1))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)
@@ -78,6 +94,15 @@ class CheckpointManager:
         self._barrier()
         return final
 
+    def _write(self, engine, tokenizer, state: dict, staging: Path, step: int,
+               config: dict, extra_state: Optional[dict] = None) -> None:
+        engine.save_checkpoint(str(staging), tag="deepspeed", save_latest=False)
+        if self.rank == 0:
+            engine.module.policy.save_pretrained(staging / "hf", state_dict=state)
+            tokenizer.save_pretrained(staging / "hf")
+            (staging / "trainer_state.json").write_text(json.dumps(
+                {"step": step, "config": config, **(extra_state or {})}, indent=1))
+
     def prune(self, keep: str) -> None:
         """Delete all but the newest `self.keep` checkpoints (never the one named `keep`)."""
         saved = sorted(p for p in self.root.glob("step-*") if p.is_dir())
@@ -85,13 +110,42 @@ class CheckpointManager:
             if old.name != keep:
                 shutil.rmtree(old, ignore_errors=True)
 
+    def complete(self) -> list[Path]:
+        """The complete checkpoint folders (with their trainer_state.json), oldest first."""
+        return sorted(p for p in self.root.glob("step-*") if (p / "trainer_state.json").is_file())
+
     def latest(self) -> Optional[Path]:
-        """The checkpoint `latest` points to, if it is complete."""
+        """The checkpoint to resume from: the one `latest` points to; if that pointer is empty
+        or names a missing or incomplete folder, the newest complete checkpoint, with a warning
+        (NoCheckpointError when there is none); None when no checkpoint was ever published."""
         pointer = self.root / "latest"
+        complete = self.complete()
         if not pointer.exists():
+            if complete:
+                warn(f"{self.root}: no `latest` pointer; resuming from the newest complete "
+                     f"checkpoint {complete[-1].name}")
+                return complete[-1]
             return None
-        path = self.root / pointer.read_text().strip()
-        return path if (path / "trainer_state.json").exists() else None
+        name = pointer.read_text().strip()
+        path = self.root / name
+        if name and "/" not in name and (path / "trainer_state.json").is_file():
+            return path
+        if not complete:
+            raise NoCheckpointError(
+                f"{pointer}: points to {name or '(nothing)'!r}, which is not a complete "
+                f"checkpoint, and no complete step-* folder is left in {self.root}; "
+                f"run without --resume (with --overwrite) to start over")
+        warn(f"{pointer}: points to {name or '(nothing)'!r}, which is not a complete "
+             f"checkpoint; resuming from the newest complete one, {complete[-1].name}")
+        return complete[-1]
+
+    def clear(self) -> None:
+        """Delete every checkpoint and the pointer (a fresh start replaces the old run)."""
+        if self.rank == 0:
+            for path in self.root.glob("step-*"):
+                shutil.rmtree(path, ignore_errors=True)
+            (self.root / "latest").unlink(missing_ok=True)
+        self._barrier()
 
     @staticmethod
     def load(engine, path: Path) -> int:

@@ -7,7 +7,10 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
+from luffy_fast.checkpoint import NoCheckpointError
 from luffy_fast.errors import ConfigError
+from luffy_fast.nonfinite import NonFiniteTrainingError
+from luffy_fast.run_files import DiskFullError, check_run_dir
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="YAML file (see configs/)")
     train.add_argument("--resume", action="store_true",
                        help="continue from the latest checkpoint in output.dir")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in output.dir (its metrics, TensorBoard "
+                            "and checkpoints); without it or --resume, such a folder is an error")
     train.add_argument("overrides", nargs="*", metavar="dotted.key=value")
 
     demo = commands.add_parser("demo", help="LUFFY vs on-policy GRPO on the embedded toy task",
@@ -35,14 +41,36 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    """The arguments; flags may come after the dotted overrides (`... optim.lr=1e-6 --resume`):
+    argparse stops the overrides at the first flag, so later `key=value` words are added back."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [word for word in extra if "=" not in word or word.startswith("-")]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
+# Failures a user causes (a config key, a file, a folder, a run to resume): a message naming
+# the input and exit code 2, no traceback unless --debug (docs/robustness.md).
+USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+               PermissionError, NoCheckpointError)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # anywhere on the line: shows the traceback of an error
+    args = _parse([word for word in argv if word != "--debug"])
     try:
         if args.command == "train":
             from luffy_fast.train_config import load_config
             from luffy_fast.trainer import LuffyTrainer
 
             config = load_config(args.config, args.overrides)
+            check_run_dir(config.output.dir, args.resume, args.overwrite)  # before any loading
             trainer = LuffyTrainer(config)
             try:
                 trainer.train(resume=args.resume)
@@ -56,9 +84,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             summary = run_demo(args.output_dir, runs, args.overrides, resume=args.resume)
             print(format_summary(summary))
             print(f"summary: {args.output_dir}/summary.json  plot: {args.output_dir}/demo.png")
-    except ConfigError as error:
-        print(f"luffy-fast: configuration error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        kind = "configuration error" if isinstance(error, ConfigError) else "error"
+        print(f"luffy-fast: {kind}: {error}\n(--debug shows the traceback)", file=sys.stderr)
         return 2
+    except (DiskFullError, NonFiniteTrainingError) as error:
+        if debug:
+            raise
+        print(f"luffy-fast: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("luffy-fast: interrupted; `--resume` continues from the last checkpoint",
+              file=sys.stderr)
+        return 130
     return 0
 
 

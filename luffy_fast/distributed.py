@@ -99,13 +99,21 @@ def build_engine(module: nn.Module, config: LuffyTrainConfig, bf16: bool):
     schedule; returns (engine, scheduler)."""
     import deepspeed
 
+    from luffy_fast.nonfinite import CheckedAdamW
+
     optim = config.optim
-    optimizer = torch.optim.AdamW(module.parameters(), lr=optim.lr, betas=optim.betas,
-                                  eps=optim.eps, weight_decay=optim.weight_decay)
+    options = dict(lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
+    ds_config = deepspeed_config(config, bf16)
+    if config.train.zero_stage == 0 and not bf16:
+        # DeepSpeed steps this optimizer as is: it clips, reports the gradient norm and skips
+        # non-finite steps itself, as DeepSpeed's own optimizers do (docs/robustness.md)
+        optimizer = CheckedAdamW(module.parameters(), max_norm=optim.grad_clip, **options)
+        ds_config["gradient_clipping"] = 0.0
+    else:
+        optimizer = torch.optim.AdamW(module.parameters(), **options)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_lambda(config))
     engine, _, _, scheduler = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(config, bf16))
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return engine, scheduler
 
 

@@ -1,18 +1,25 @@
 """Metrics: one logger (metrics.jsonl + TensorBoard), one mean/min/max accumulator, a phase
-timer with namespaced names (`time/generate`, `time/score`, `time/update`, `time/sync`)."""
+timer with namespaced names (`time/generate`, `time/score`, `time/update`, `time/sync`).
+
+metrics.jsonl is always valid JSON: non-finite numbers are written as null, and a torn line (a
+crash or a full disk mid-write) is dropped with a warning on resume (docs/robustness.md).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import resource
+import shutil
+import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
 
-from luffy_fast.checkpoint import write_atomic
+from luffy_fast.run_files import naming_full_disk, warn, write_atomic
 
 
 class MeanMinMax:
@@ -63,17 +70,27 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def finite_or_none(metrics: Mapping) -> dict:
+    """`metrics` with every non-finite float replaced by None (JSON null)."""
+    return {name: None if isinstance(value, float) and not math.isfinite(value) else value
+            for name, value in metrics.items()}
+
+
 class MetricsLogger:
-    """Per-step metrics to metrics.jsonl and TensorBoard."""
+    """Per-step metrics to metrics.jsonl and TensorBoard.
+
+    resume_step > 0 keeps the lines up to that step (a crashed run may have logged past its
+    checkpoint) and TensorBoard purges the later points; 0 starts both afresh.
+    """
 
     def __init__(self, directory: Path, tensorboard: bool, resume_step: int = 0) -> None:
         self.path = directory / "metrics.jsonl"
         if resume_step and self.path.exists():  # drop what a crashed run logged past the checkpoint
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            write_atomic(self.path, "".join(line + "\n" for line in kept))
-        elif not resume_step and self.path.exists():
-            self.path.unlink()
+            kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= resume_step]
+            write_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
+        elif not resume_step:
+            self.path.unlink(missing_ok=True)
+            shutil.rmtree(directory / "tensorboard", ignore_errors=True)  # no duplicate points
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -82,8 +99,14 @@ class MetricsLogger:
                                         purge_step=resume_step + 1 if resume_step else None)
 
     def log(self, metrics: dict) -> None:
-        with self.path.open("a") as out:
-            out.write(json.dumps(metrics) + "\n")
+        metrics = finite_or_none(metrics)
+        line = json.dumps(metrics, allow_nan=False) + "\n"
+
+        def append() -> None:
+            with self.path.open("a") as out:
+                out.write(line)
+
+        naming_full_disk(self.path, "metrics", append)
         if self.writer is not None:
             for name, value in metrics.items():
                 if name != "step" and isinstance(value, (int, float)):
@@ -95,4 +118,56 @@ class MetricsLogger:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a metrics.jsonl; a line that is not a JSON object (torn by a crash or a full
+    disk mid-write) is dropped with a warning naming it."""
+    rows = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
+            warn(f"{path}: line {number} is not a complete JSON object (torn write?); dropped: "
+                 f"{line[:80]!r}")
+            continue
+        rows.append(row)
+    return rows
+
+
+class ProgressLog:
+    """Plain progress lines every `every` steps and at the last (0: never), where no progress
+    bar is shown: stderr is not a terminal (cluster logs) or output.progress_bar is off."""
+
+    def __init__(self, every: int, total: int, start_step: int, stream=None) -> None:
+        self.every, self.total, self.stream = every, total, stream
+        self.since, self.last_step = time.perf_counter(), start_step
+
+    @staticmethod
+    def bar_wanted(enabled: bool) -> bool:
+        """A carriage-return bar only where it renders: output.progress_bar and a terminal."""
+        return enabled and sys.stderr.isatty()
+
+    def step(self, step: int, metrics: Mapping) -> None:
+        if not self.every or (step % self.every and step != self.total):
+            return
+        now = time.perf_counter()
+        seconds = (now - self.since) / max(step - self.last_step, 1)
+        self.since, self.last_step = now, step
+        print(progress_line(step, self.total, metrics, seconds), file=self.stream or sys.stdout,
+              flush=True)
+
+
+def progress_line(step: int, total: int, metrics: Mapping, seconds_per_step: float) -> str:
+    """One plain log line: the step and its headline metrics."""
+    parts = [f"step {step}/{total}"]
+    for name in ("loss", "reward_on_policy", "reward_off_policy", "grad_norm", "heldout_accuracy",
+                 "nonfinite/skipped_steps"):
+        value = metrics.get(name)
+        if isinstance(value, (int, float)):
+            parts.append(f"{name} {value:.4g}")
+        elif name in metrics:
+            parts.append(f"{name} {value}")
+    parts.append(f"{seconds_per_step:.2f} s/step")
+    return " | ".join(parts)

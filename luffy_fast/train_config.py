@@ -196,10 +196,14 @@ class TrainSection:
     # CPU threads for PyTorch (0: its default). Tiny models run fastest on 1: extra threads
     # buy little and, on a busy machine, oversubscription made steps 5-8x slower (measured).
     cpu_threads: int = 0
+    # optimizer steps in a row with a non-finite loss or gradient norm (each skipped) before
+    # the run stops (0: never); docs/robustness.md
+    max_nonfinite_steps: int = 3
 
     def validate(self) -> None:
         _choice("train", "loss_backend", self.loss_backend,
                 ("auto", "torch", "triton", "reference"))
+        _positive_int("train", "max_nonfinite_steps", self.max_nonfinite_steps, minimum=0)
         for name in ("steps", "prompts_per_step", "mini_batch_size", "token_budget"):
             _positive_int("train", name, getattr(self, name))
         if self.prompts_per_step % self.mini_batch_size:
@@ -236,13 +240,15 @@ class OutputConfig:
     save_every: int = 50  # checkpoint every N steps (and after the last); 0: only at the end
     keep_checkpoints: int = 2
     tensorboard: bool = True
-    progress_bar: bool = True
+    progress_bar: bool = True  # shown only when stderr is a terminal
+    log_every: int = 10  # a plain progress line every N steps where no bar is shown (0: none)
 
     def validate(self) -> None:
         if not self.dir:
             raise ConfigError("output.dir: must not be empty")
         _positive_int("output", "save_every", self.save_every, minimum=0)
         _positive_int("output", "keep_checkpoints", self.keep_checkpoints)
+        _positive_int("output", "log_every", self.log_every, minimum=0)
 
 
 @dataclass

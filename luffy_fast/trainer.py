@@ -30,7 +30,7 @@ from luffy_fast.advantages import group_advantages
 from luffy_fast.checkpoint import CheckpointManager, ensure_writable_dir
 from luffy_fast.data import Sample
 from luffy_fast.distributed import all_reduce_sum, build_engine, init_distributed, training_device
-from luffy_fast.metrics import MeanMinMax, MetricsLogger, PhaseTimer, peak_memory_mb
+from luffy_fast.metrics import MeanMinMax, MetricsLogger, PhaseTimer, ProgressLog, peak_memory_mb
 from luffy_fast.micro_batches import (
     loss_denominator,
     mini_batch_indices,
@@ -38,6 +38,7 @@ from luffy_fast.micro_batches import (
     plan_micro_batches,
     sequences_with_gradient,
 )
+from luffy_fast.nonfinite import NonFiniteGuard, optimizer_step, poison_if_nonfinite
 from luffy_fast.policy import PolicyWithFusedLoss, sequence_logprobs
 from luffy_fast.rollout.base import Completion, RolloutEngine, SamplingParams
 from luffy_fast.rollout.correction import behaviour_logprobs, rollout_correction, weight_advantages
@@ -78,8 +79,10 @@ class LuffyTrainer:
         self.rollout = rollout_engine or build_rollout_engine(
             config, policy, self.tokenizer, self.device, self.output_dir)
         backend = None if config.train.loss_backend == "auto" else config.train.loss_backend
-        self.engine, self.scheduler = build_engine(PolicyWithFusedLoss(policy, config.loss, backend),
-                                                   config, bf16)
+        # the op's own non-finite check off: the update skips such steps (nonfinite.py)
+        module = PolicyWithFusedLoss(policy, config.loss.replace(check_finite=False), backend)
+        self.engine, self.scheduler = build_engine(module, config, bf16)
+        self.nonfinite = NonFiniteGuard(config.train.max_nonfinite_steps)
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints",
                                              config.output.keep_checkpoints, self.rank, self.world_size)
         self.step = 0
@@ -166,18 +169,20 @@ class LuffyTrainer:
         if num_minis > 1 or config.algorithm.ppo_epochs > 1:
             old_logprobs = self.compute_logprobs(batch, range(len(batch)))[0]
         steps = MeanMinMax(minimum=("ratio_min",), maximum=("ratio_max",))
+        skipped = 0
         for _ in range(config.algorithm.ppo_epochs):
             for mini in range(num_minis):
                 indices = mini_batch_indices(batch, mini, groups_per_mini)
                 learning_rate = self.scheduler.get_last_lr()[0]
                 result = self.accumulate_gradients(batch, indices, old_logprobs, token_weights)
-                self.engine.step()
+                # a non-finite loss or gradient norm: no update (docs/robustness.md)
+                grad_norm, applied = optimizer_step(self.engine)
+                self.nonfinite.record(applied, self.step + 1)
+                skipped += not applied
                 result["learning_rate"] = learning_rate
-                grad_norm = self.engine.get_global_grad_norm()
-                if grad_norm is not None:
-                    result["grad_norm"] = float(grad_norm)
+                result["grad_norm"] = float("nan") if grad_norm is None else grad_norm
                 steps.add(result)
-        return steps.result()
+        return {**steps.result(), "nonfinite/skipped_steps": skipped}
 
     def accumulate_gradients(self, batch: RolloutBatch, indices: Sequence[int],
                              old_logprobs: Optional[list[Tensor]],
@@ -208,8 +213,9 @@ class LuffyTrainer:
                                                      token_weights)
             loss, stats = self.engine(micro.to(self.device))
             scaled = loss * (stats["denominator"].to(loss.dtype) / max(denominator, 1e-30))
-            self.engine.backward(scaled)
-            loss_total += float(scaled.detach())
+            value = float(scaled.detach())
+            self.engine.backward(poison_if_nonfinite(scaled, value))
+            loss_total += value
             stats_over_tokens.add({name: stats[name] for name in LOSS_STATS if name in stats},
                                   weight=float(micro.loss_mask.sum()))  # token-weighted means
         result = {"loss": loss_total, "micro_batches": len(plan), **stats_over_tokens.result()}
@@ -260,12 +266,15 @@ class LuffyTrainer:
         from tqdm.auto import tqdm
 
         config = self.config
+        self.checkpoints.remove_stale_files()
         latest = self.checkpoints.latest() if resume else None
         start_step = 0
         if latest is not None:
             start_step = self.checkpoints.load(self.engine, latest)
             self.sampler.check_checkpoint(latest, start_step)  # same data, same order
             self.sync_rollout_weights()
+        else:
+            self.checkpoints.clear()  # a fresh start replaces an old run's checkpoints
         lead = self.rank == 0
         logger = None
         if lead:
@@ -273,7 +282,10 @@ class LuffyTrainer:
             logger = MetricsLogger(self.output_dir, config.output.tensorboard, resume_step=start_step)
         history = []
         bar = tqdm(range(start_step, config.train.steps), initial=start_step, total=config.train.steps,
-                   disable=not (config.output.progress_bar and lead), desc=self.output_dir.name)
+                   disable=not (lead and ProgressLog.bar_wanted(config.output.progress_bar)),
+                   desc=self.output_dir.name)
+        progress = ProgressLog(config.output.log_every if lead and bar.disable else 0,
+                               config.train.steps, start_step)
         try:
             if start_step == 0 and config.eval.every:
                 evaluation = {"step": 0, **self.evaluate()}
@@ -288,6 +300,7 @@ class LuffyTrainer:
                 if logger:
                     logger.log(metrics)
                 history.append(metrics)
+                progress.step(self.step, metrics)
                 bar.set_postfix({k: f"{metrics[k]:.3g}" for k in
                                  ("reward_on_policy", "loss", "heldout_accuracy") if k in metrics})
                 if (config.output.save_every and self.step % config.output.save_every == 0) \

@@ -1,0 +1,170 @@
+"""The run folder's files: atomic writes, clear errors for a full disk, stale temporary files,
+and what a fresh start, `--resume` and `--overwrite` do with an existing run (docs/robustness.md).
+
+A run folder (`output.dir`) holds `metrics.jsonl`, `tensorboard/`, `checkpoints/` and
+`config.yaml`. Temporary names carry the writer's PID (`.NAME.tmp-PID`, `.write-probe-PID`), so
+start-up removes those whose process is gone, never a live writer's.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from luffy_fast.errors import ConfigError
+
+RUN_FILES = ("metrics.jsonl", "tensorboard", "checkpoints", "config.yaml")
+_TEMPORARY = re.compile(r"^\.(?:.+\.tmp|write-probe)-(\d+)$")
+Result = TypeVar("Result")
+
+
+class DiskFullError(OSError):
+    """Writing under a run folder failed because its file system is full."""
+
+    def __init__(self, path: Path, what: str) -> None:
+        free = _free_mib(path)
+        super().__init__(errno.ENOSPC, f"no space left on device while writing {what} to "
+                                       f"{str(path)!r} ({free} free); free some space and "
+                                       f"rerun with --resume")
+        self.path = path
+
+
+def _free_mib(path: Path) -> str:
+    for candidate in (path, *path.parents):
+        try:
+            return f"{shutil.disk_usage(candidate).free / 2**20:.1f} MiB"
+        except OSError:
+            continue
+    return "unknown"
+
+
+def is_disk_full(error: BaseException, path: Path) -> bool:
+    """Whether `error` (an OSError, or torch's RuntimeError that drops the errno) came from a
+    full disk: ENOSPC / EDQUOT, or a 1 MiB probe write beside `path` now fails with them."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    folder = path if path.is_dir() else path.parent
+    probe = folder / f".write-probe-{os.getpid()}"
+    try:
+        with probe.open("wb") as out:
+            out.write(b"\0" * 2**20)
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError as probe_error:
+        return probe_error.errno in (errno.ENOSPC, errno.EDQUOT)
+    finally:
+        probe.unlink(missing_ok=True)
+    return False
+
+
+def naming_full_disk(path: Path, what: str, write: Callable[[], Result]) -> Result:
+    """Run `write`; a failure from a full disk is re-raised as DiskFullError naming `path`."""
+    try:
+        return write()
+    except (OSError, RuntimeError) as error:
+        if isinstance(error, DiskFullError) or not is_disk_full(error, Path(path)):
+            raise
+        raise DiskFullError(Path(path), what) from error
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path`'s contents in one step: readers see the old text or the new, never half.
+    A failed write leaves no temporary file behind."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+    def write() -> None:
+        try:
+            temporary.write_text(text)
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+
+    naming_full_disk(path, path.name, write)
+
+
+def ensure_writable_dir(path: str | Path, key: str = "output.dir") -> Path:
+    """Create `path` if needed and prove it is writable, or raise naming the cause."""
+    path = Path(path)
+    probe = path / f".write-probe-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(path, "a write probe") from None
+        raise ConfigError(f"{key}: {str(path)!r} is not writable "
+                          f"({error.strerror or error})") from None
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+    return path
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != 0
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete `.NAME.tmp-PID` and `.write-probe-PID` files in `folder` whose process is gone
+    (left by a crash or a full disk); returns what was removed."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        match = _TEMPORARY.match(entry.name)
+        if match and entry.is_file() and not _process_alive(int(match.group(1))):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def holds_a_run(folder: Path) -> list[str]:
+    """The names of a previous run's files in `folder` (empty: nothing to lose)."""
+    folder = Path(folder)
+    found = []
+    for name in RUN_FILES:
+        item = folder / name
+        if item.is_file() or (item.is_dir() and any(item.iterdir())):
+            found.append(name)
+    return found
+
+
+def check_run_dir(folder: str | Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a fresh run over a previous one unless `--overwrite` says so; with it,
+    clear the previous run's files (metrics, TensorBoard, checkpoints, config)."""
+    folder = Path(folder)
+    found = holds_a_run(folder)
+    if not found or resume:
+        return
+    if not overwrite:
+        raise ConfigError(f"output.dir: {str(folder)!r} already holds a run ({', '.join(found)}); "
+                          f"pass --resume to continue it or --overwrite to replace it")
+    clear_run(folder)
+
+
+def clear_run(folder: Path) -> None:
+    """Delete a previous run's files in `folder`; other files there are left alone."""
+    for name in RUN_FILES:
+        item = Path(folder) / name
+        if item.is_dir():
+            shutil.rmtree(item)
+        elif item.exists():
+            item.unlink()
+
+
+def warn(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)

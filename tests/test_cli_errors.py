@@ -1,0 +1,98 @@
+"""The command line's contract (docs/robustness.md): a user-caused failure is one message naming
+the input and exit code 2 (a traceback only with --debug); an existing run folder needs --resume
+or --overwrite; flags may follow the dotted overrides."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import tiny_config
+from luffy_fast import cli
+from luffy_fast.cli import main
+from luffy_fast.errors import ConfigError
+from luffy_fast.metrics import read_metrics
+
+
+def config_file(tmp_path, *overrides) -> tuple[str, object]:
+    out = tmp_path / "run"
+    path = tmp_path / "run.yaml"
+    path.write_text(tiny_config(out, "eval.every=0", "output.save_every=1", *overrides).to_yaml())
+    return str(path), out
+
+
+def test_flags_are_accepted_after_the_overrides():
+    args = cli._parse(["train", "--config", "c.yaml", "optim.lr=1e-3", "--resume",
+                       "train.steps=5", "--overwrite"])
+    assert args.resume and args.overwrite
+    assert args.overrides == ["optim.lr=1e-3", "train.steps=5"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli._parse(["train", "--config", "c.yaml", "a=1", "--bogus"])
+    assert exit_info.value.code == 2
+
+
+def test_an_existing_run_folder_needs_resume_or_overwrite(tmp_path, capsys):
+    config, out = config_file(tmp_path, "train.steps=2")
+    assert main(["train", "--config", config]) == 0
+    first = read_metrics(out / "metrics.jsonl")
+    capsys.readouterr()
+
+    assert main(["train", "--config", config, "train.steps=1"]) == 2
+    error = capsys.readouterr().err
+    assert f"output.dir: '{out}' already holds a run" in error and "Traceback" not in error
+    assert read_metrics(out / "metrics.jsonl") == first  # nothing touched
+
+    # --resume placed after the overrides continues the run from its step-2 checkpoint
+    assert main(["train", "--config", config, "train.steps=3", "--resume"]) == 0
+    resumed = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == [1, 2, 3] and resumed[:2] == first
+
+    # --overwrite replaces it: a one-step run, one checkpoint, the old ones gone
+    assert main(["train", "--config", config, "train.steps=1", "--overwrite"]) == 0
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-000001"]
+    again = read_metrics(out / "metrics.jsonl")[0]
+    assert again["loss"] == first[0]["loss"]  # the same seeded first step, from scratch
+
+
+def test_user_errors_exit_2_without_a_traceback(tmp_path, capsys):
+    config, _ = config_file(tmp_path)
+    assert main(["train", "--config", config, "optim.lrr=1"]) == 2
+    error = capsys.readouterr().err
+    assert "configuration error: optim.lrr: unknown key" in error and "Traceback" not in error
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        main(["train", "--config", config, "optim.lrr=1", "--debug"])
+
+
+@pytest.mark.parametrize("raised", [ValueError("data.source line 3: not a JSON object"),
+                                    FileNotFoundError("model.path: no such folder 'x'")])
+def test_value_and_missing_file_errors_exit_2(tmp_path, capsys, monkeypatch, raised):
+    config, _ = config_file(tmp_path)
+
+    def fail(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr("luffy_fast.trainer.LuffyTrainer.__init__", fail)
+    assert main(["train", "--config", config]) == 2
+    assert str(raised) in capsys.readouterr().err
+
+
+def test_a_broken_latest_without_checkpoints_exits_2(tmp_path, capsys):
+    config, out = config_file(tmp_path, "train.steps=1")
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("step-000004\n")
+    assert main(["train", "--config", config, "--resume"]) == 2
+    assert "points to 'step-000004'" in capsys.readouterr().err
+
+
+def test_a_run_stopped_by_nonfinite_steps_exits_1_with_the_reason(tmp_path, capsys, monkeypatch):
+    config, out = config_file(tmp_path, "train.steps=3", "train.max_nonfinite_steps=1")
+    from luffy_fast import nonfinite
+
+    monkeypatch.setattr(nonfinite, "poison_if_nonfinite", lambda loss, value: loss * float("nan"))
+    monkeypatch.setattr("luffy_fast.trainer.poison_if_nonfinite",
+                        lambda loss, value: loss * float("nan"))
+    with pytest.warns(RuntimeWarning):
+        assert main(["train", "--config", config]) == 1
+    error = capsys.readouterr().err
+    assert "1 optimizer steps in a row had a non-finite loss" in error
+    assert "Traceback" not in error
