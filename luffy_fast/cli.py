@@ -27,6 +27,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true",
                        help="replace the run already in output.dir (its metrics, TensorBoard "
                             "and checkpoints); without it or --resume, such a folder is an error")
+    train.add_argument("--dry-run", action="store_true",
+                       help="check the config and the data, show the first prompt, the model's "
+                            "size and a per-GPU memory estimate; no weights are read")
+    train.add_argument("--world-size", type=int, default=None,
+                       help="--dry-run: GPUs of the planned run (default: $WORLD_SIZE or 1)")
     train.add_argument("overrides", nargs="*", metavar="dotted.key=value")
 
     demo = commands.add_parser("demo", help="LUFFY vs on-policy GRPO on the embedded toy task",
@@ -70,6 +75,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from luffy_fast.trainer import LuffyTrainer
 
             config = load_config(args.config, args.overrides)
+            if args.dry_run:
+                import os
+
+                from luffy_fast.dry_run import dry_run
+
+                return dry_run(config, args.world_size or int(os.environ.get("WORLD_SIZE", 1)))
             check_run_dir(config.output.dir, args.resume, args.overwrite)  # before any loading
             trainer = LuffyTrainer(config)
             try:

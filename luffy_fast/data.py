@@ -109,8 +109,8 @@ def _tokenize(tokenizer, texts: Sequence[str]) -> list[list[int]]:
 def render_prompt(tokenizer, messages: list[dict]) -> str:
     """The prompt as the policy sees it: the chat template with the generation prompt."""
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError("model: the tokenizer has no chat template; set model.chat_template to "
-                        "a Jinja template file (see configs/templates/)")
+        raise DataError("model.chat_template: the tokenizer has no chat template; set "
+                        "model.chat_template to a Jinja template file (see configs/templates/)")
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 

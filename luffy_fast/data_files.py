@@ -28,6 +28,7 @@ class DataError(ConfigError):
 class Row:
     values: dict
     where: str  # "path/file.jsonl:4" or "path/file.parquet row 3"
+    file: Path
 
 
 @dataclass
@@ -75,7 +76,7 @@ def _parquet_rows(file: Path) -> Iterator[Row]:
     index = 0
     for batch in parquet.iter_batches(batch_size=4096):
         for values in batch.to_pylist():
-            yield Row(values, f"{file} row {index}")
+            yield Row(values, f"{file} row {index}", file)
             index += 1
 
 
@@ -90,7 +91,7 @@ def _json_rows(file: Path) -> Iterator[Row]:
         except json.JSONDecodeError as error:
             raise DataError(f"{file}:{error.lineno}: not valid JSON ({error.msg})") from None
         for index, item in enumerate(items):
-            yield _object_row(item, f"{file} item {index}")
+            yield _object_row(item, f"{file} item {index}", file)
         return
     with file.open("rb") as lines:
         for number, raw in enumerate(lines, start=1):
@@ -98,7 +99,7 @@ def _json_rows(file: Path) -> Iterator[Row]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as error:
-                raise DataError(f"{where}: not valid UTF-8 (byte {error.start} of the line); "
+                raise DataError(f"{where}: not valid UTF-8 (byte {error.start + 1} of the line); "
                                 f"JSONL files must be UTF-8") from None
             if not line.strip():
                 continue
@@ -107,14 +108,14 @@ def _json_rows(file: Path) -> Iterator[Row]:
             except json.JSONDecodeError as error:
                 raise DataError(f"{where}: not valid JSON ({error.msg}, column {error.colno})"
                                 ) from None
-            yield _object_row(item, where)
+            yield _object_row(item, where, file)
 
 
-def _object_row(item: Any, where: str) -> Row:
+def _object_row(item: Any, where: str, file: Path) -> Row:
     if not isinstance(item, dict):
         raise DataError(f"{where}: expected a JSON object with the row's fields, got "
                         f"{_kind(item)} ({_short(item)})")
-    return Row(item, where)
+    return Row(item, where, file)
 
 
 def _kind(value: Any) -> str:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from luffy_fast.rollout.base import RolloutEngine, SamplingParams
+from luffy_fast.rollout.base import Completion, RolloutEngine, SamplingParams
 
 
 @dataclass
@@ -107,6 +107,13 @@ def generate_and_score(engine: RolloutEngine, problems: Sequence[EvalProblem], n
     """n samples per problem from `engine`, each scored by `score` ((response, sample) pairs ->
     rewards, e.g. `lambda items: pool.score(items).rewards`)."""
     completions = engine.generate([p.prompt_ids for p in problems], n=n, params=params)
+    return score_completions(problems, completions, decode, score)
+
+
+def score_completions(problems: Sequence[EvalProblem], completions: Sequence[Sequence[Completion]],
+                      decode: Callable[[list[int]], str],
+                      score: Callable[[list[tuple[str, Any]]], list[float]]) -> list[EvalRecord]:
+    """The records of generated completions (one list per problem), scored by `score`."""
     records, items = [], []
     for index, (problem, group) in enumerate(zip(problems, completions)):
         for k, completion in enumerate(group):
@@ -131,6 +138,14 @@ def write_results(directory: str | Path, summary: dict, records: Sequence[EvalRe
         for record in records:
             out.write(json.dumps(asdict(record)) + "\n")
     return results, generations
+
+
+def problems_from_samples(samples: Sequence[Any], default_source: str = "heldout"
+                          ) -> list[EvalProblem]:
+    """Evaluation problems from tokenized samples (luffy_fast.data.Sample); each sample is what
+    its reward receives."""
+    return [EvalProblem(list(s.prompt_ids), s.ground_truth, s.data_source or default_source, s)
+            for s in samples]
 
 
 def validation_metrics(summary: dict, prefix: str = "val") -> dict:

@@ -46,11 +46,23 @@ class ScoreReport:
 
 
 def default_workers() -> int:
-    """One worker per CPU core this process may run on."""
+    """One worker per CPU core this process may run on, shared by the node's ranks
+    (LOCAL_WORLD_SIZE, set by torchrun and the deepspeed launcher)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def task_reward_pool(task: Any, workers: Optional[int] = None, timeout: float = 10.0
+                     ) -> RewardPool:
+    """The pool for a task (luffy_fast.tasks.Task): `workers` when given, else the task's
+    `reward_workers` hint (None: one per core), running its `reward_function()`."""
+    if workers is None:
+        workers = getattr(task, "reward_workers", None)
+    reward_fn = task.reward_function() if hasattr(task, "reward_function") else task.reward
+    return RewardPool(reward_fn, workers=workers, timeout=timeout)
 
 
 def _worker(connection: Connection, reward_fn: Callable) -> None:

@@ -70,9 +70,16 @@ def assemble_groups(samples: Sequence[Sample], completions: Sequence[Sequence[Co
 def score_responses(batch: RolloutBatch, samples: Sequence[Sample], reward_fn: RewardFunction,
                     decode: Callable[[Sequence[int]], str]) -> Tensor:
     """Verifiable reward of every member (off-policy traces are scored like the rest)."""
-    rewards = [float(reward_fn(decode(batch.response_ids[i]), samples[int(batch.group_ids[i])]))
-               for i in range(len(batch))]
+    rewards = [float(reward_fn(response, sample))
+               for response, sample in reward_items(batch, samples, decode)]
     return torch.tensor(rewards, dtype=torch.float32)
+
+
+def reward_items(batch: RolloutBatch, samples: Sequence[Sample],
+                 decode: Callable[[Sequence[int]], str]) -> list[tuple[str, Sample]]:
+    """(decoded response, its prompt's sample) of every member: what a RewardPool scores."""
+    return [(decode(batch.response_ids[i]), samples[int(batch.group_ids[i])])
+            for i in range(len(batch))]
 
 
 def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:

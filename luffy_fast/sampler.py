@@ -1,9 +1,10 @@
 """Which prompts each step trains on: epoch-wise shuffling without replacement, seeded.
 
 As the official run's data loader (a torch RandomSampler over a generator seeded once, batches
-of `prompts_per_step`, the last incomplete batch of an epoch dropped): epoch e's order is the
-(e+1)-th `torch.randperm(n)` drawn from `torch.Generator().manual_seed(seed)`, so this sampler
-visits prompts in the same order as the official one over the same data
+of `prompts_per_step`, the last incomplete batch of an epoch dropped): each epoch RandomSampler
+draws `torch.randperm(n)` from the generator, and a second one for its (here empty) tail, so
+epoch e's order is the (2e+1)-th permutation drawn from `torch.Generator().manual_seed(seed)`;
+this sampler visits prompts in the order of that loader over the same data
 (docs/algorithm.md §The reference run's settings). Its position (`state_dict`) is saved in
 every checkpoint and checked on `--resume`, which continues the same order.
 """
@@ -37,8 +38,9 @@ class EpochSampler:
         """The permutation of epoch `epoch` (regenerated from the seed after a resume)."""
         if epoch != self._order_epoch:
             generator = torch.Generator().manual_seed(self.seed)
-            for _ in range(epoch + 1):
-                order = torch.randperm(self.size, generator=generator)
+            for _ in range(2 * epoch):  # RandomSampler draws a second, empty, tail each epoch
+                torch.randperm(self.size, generator=generator)
+            order = torch.randperm(self.size, generator=generator)
             self._order, self._order_epoch = order.tolist(), epoch
         return self._order
 

@@ -27,7 +27,7 @@ import torch
 from luffy_fast.data import DataLimits, DataReport, Sample, load_samples
 from luffy_fast.errors import ConfigError
 from luffy_fast.model_loading import load_model_tokenizer, load_policy
-from luffy_fast.rewards import MathVerifyReward
+from luffy_fast.rewards import MathVerifyReward, RewardFunction
 from luffy_fast.train_config import LuffyTrainConfig
 
 BUILT_IN_TASKS = {"toy": "luffy_fast.toy.task:ToyTask", "math": "luffy_fast.tasks:MathTask"}
@@ -58,6 +58,15 @@ class Task:
     def reward(self, response: str, sample: Sample) -> float:
         """The verifiable reward of one decoded response to `sample`'s prompt."""
         raise NotImplementedError
+
+    # Reward processes when reward.workers is unset (luffy_fast/reward_pool.py): None, one per
+    # CPU core; 0, in the trainer's process (cheap, trusted rewards: no process start-up).
+    reward_workers: int | None = None
+
+    def reward_function(self) -> RewardFunction:
+        """What the reward pool calls; it must pickle when the pool has worker processes
+        (default: the bound `reward`, which pickles the task with it)."""
+        return self.reward
 
 
 class MathTask(Task):
@@ -94,6 +103,9 @@ class MathTask(Task):
 
     def reward(self, response: str, sample: Sample) -> float:
         return self._reward(response, sample)
+
+    def reward_function(self) -> RewardFunction:
+        return self._reward  # pickles without the task's data
 
 
 

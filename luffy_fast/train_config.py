@@ -218,18 +218,42 @@ class TrainSection:
 
 @dataclass
 class EvalConfig:
-    """Held-out accuracy every `every` steps (and after the last); temperature 0 is greedy."""
+    """Validation on the held-out problems every `every` steps (and after the last), by the code
+    of `luffy-fast eval` (luffy_fast/evaluation.py): `n` samples per problem, temperature 0 is
+    greedy. best_metric: a validation metric (e.g. "val/macro/avg@1"; higher is better) whose
+    best checkpoint is kept under checkpoints/best; None keeps none."""
 
     every: int = 10
     num_problems: int = 200
     temperature: float = 0.0
     top_p: float = 1.0
+    n: int = 1
+    best_metric: Optional[str] = None
 
     def validate(self) -> None:
         _positive_int("eval", "every", self.every, minimum=0)
         _positive_int("eval", "num_problems", self.num_problems, minimum=0)
         _finite("eval", "temperature", self.temperature, 0.0)
         _finite("eval", "top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _positive_int("eval", "n", self.n)
+        if self.best_metric is not None and not self.best_metric.startswith("val/"):
+            raise ConfigError(f"eval.best_metric: must name a validation metric such as "
+                              f"'val/macro/avg@{self.n}' (got {self.best_metric!r})")
+
+
+@dataclass
+class RewardConfig:
+    """Reward scoring in worker processes (luffy_fast/reward_pool.py), each item under `timeout`
+    seconds: a hang or crash scores 0 and is counted. workers None: the task's hint (the toy
+    task's cheap reward: 0, in-process), else one per CPU core shared by the node's ranks."""
+
+    workers: Optional[int] = None
+    timeout: float = 10.0
+
+    def validate(self) -> None:
+        if self.workers is not None:
+            _positive_int("reward", "workers", self.workers, minimum=0)
+        _finite("reward", "timeout", self.timeout, 0.0, low_open=True)
 
 
 @dataclass
@@ -264,6 +288,7 @@ class LuffyTrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def validate(self) -> None:

@@ -40,14 +40,16 @@ from luffy_fast.micro_batches import (
 )
 from luffy_fast.nonfinite import NonFiniteGuard, optimizer_step, poison_if_nonfinite
 from luffy_fast.policy import PolicyWithFusedLoss, sequence_logprobs
+from luffy_fast.reward_pool import task_reward_pool
 from luffy_fast.rollout.base import Completion, RolloutEngine, SamplingParams
 from luffy_fast.rollout.correction import behaviour_logprobs, rollout_correction, weight_advantages
 from luffy_fast.rollout.factory import build_rollout_engine
 from luffy_fast.rollout.weights import gathered_named_parameters
-from luffy_fast.rollout_batch import RolloutBatch, assemble_groups, rollout_metrics, score_responses
+from luffy_fast.rollout_batch import RolloutBatch, assemble_groups, reward_items, rollout_metrics
 from luffy_fast.sampler import data_metrics, prompt_sampler
 from luffy_fast.tasks import Task, check_samples, load_task, prepare_components
 from luffy_fast.train_config import LuffyTrainConfig
+from luffy_fast.validation import Validation
 
 TokenWeights = Optional[list[Optional[Tensor]]]  # per-sequence TIS weights (rollout/correction.py)
 LOSS_STATS = ("logprob_mean", "entropy_mean", "clip_fraction", "ratio_mean", "ratio_min",
@@ -85,6 +87,9 @@ class LuffyTrainer:
         self.nonfinite = NonFiniteGuard(config.train.max_nonfinite_steps)
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints",
                                              config.output.keep_checkpoints, self.rank, self.world_size)
+        self.rewards = task_reward_pool(self.task, config.reward.workers, config.reward.timeout)
+        self.validation = Validation(self.heldout_samples, config, self.rewards,
+                                     self.checkpoints.root, self.rank, self.world_size)
         self.step = 0
 
     # ------------------------------------------------------------------ one LUFFY step
@@ -111,15 +116,19 @@ class LuffyTrainer:
         with timer.phase("score"):
             # 3. mixed groups: the rollouts plus n_off traces appended as responses
             batch = assemble_groups(samples, completions, config.rollout.n_off)
-            # 4. the verifiable reward of every member, traces included
-            batch.rewards = score_responses(batch, samples, self.task.reward, self.decode)
+            # 4. the reward of every member, traces included (scored while the correction runs)
+            pending = self.rewards.submit(reward_items(batch, samples, self.decode))
+        with timer.phase("update"):
+            self.rollout.sleep()  # engines that can free device memory for the update
+            token_weights, correction = self.rollout_correction(batch, completions)
+        with timer.phase("score"):
+            scores = pending.result()
+            batch.rewards = torch.tensor(scores.rewards, dtype=torch.float32)
             # 5. group-normalized advantages over each mixed group
             batch.advantages = group_advantages(batch.rewards, batch.group_ids,
                                                 use_std=config.algorithm.advantage_std)
         # 6. the mixed-policy loss over all response tokens, and the optimizer steps
         with timer.phase("update"):
-            self.rollout.sleep()  # engines that can free device memory for the update
-            token_weights, correction = self.rollout_correction(batch, completions)
             update = self.update_policy(batch, token_weights)
         # 7. the new weights to the rollout engine
         with timer.phase("sync"):
@@ -127,7 +136,8 @@ class LuffyTrainer:
             self.rollout.wake()
         seconds = time.perf_counter() - start
         trained_tokens = sum(batch.sequence_length(i) for i in range(len(batch)))
-        return {**rollout_metrics(batch), **update, **correction, **self.rollout.metrics(),
+        return {**rollout_metrics(batch), **scores.metrics(),
+                **update, **correction, **self.rollout.metrics(),
                 **timer.seconds, **data_metrics(self.task.data_report, self.sampler, step),
                 "step_seconds": seconds,
                 "tokens_per_second": trained_tokens / max(seconds, 1e-9),
@@ -239,21 +249,10 @@ class LuffyTrainer:
         return self.tokenizer.decode(token_ids, skip_special_tokens=False)
 
     def evaluate(self) -> dict:
-        """Held-out accuracy (eval temperature; 0 = greedy) and the policy's mean token entropy
-        on its own held-out responses."""
-        if not self.heldout_samples:
-            return {}
-        config = self.config
-        completions = self.rollout.generate(
-            [s.prompt_ids for s in self.heldout_samples], n=1,
-            params=SamplingParams(max_new_tokens=config.data.max_response_length,
-                                  temperature=config.eval.temperature, top_p=config.eval.top_p,
-                                  seed=config.train.seed))
-        batch = assemble_groups(self.heldout_samples, completions, n_off=0)
-        rewards = score_responses(batch, self.heldout_samples, self.task.reward, self.decode)
-        entropy = torch.cat(self.compute_logprobs(batch, range(len(batch)), with_entropy=True)[1])
-        return {"heldout_accuracy": float((rewards >= 1).float().mean()),
-                "heldout_entropy": float(entropy.mean()) if entropy.numel() else 0.0}
+        """Validation by the eval command's code (luffy_fast/validation.py) and the policy's
+        mean token entropy on its own held-out responses."""
+        return self.validation.run(self.rollout, self.decode, lambda batch: torch.cat(
+            self.compute_logprobs(batch, range(len(batch)), with_entropy=True)[1]))
 
     # ------------------------------------------------------------------ the loop
 
@@ -275,6 +274,7 @@ class LuffyTrainer:
             self.sync_rollout_weights()
         else:
             self.checkpoints.clear()  # a fresh start replaces an old run's checkpoints
+        self.validation.start(resuming=latest is not None)
         lead = self.rank == 0
         logger = None
         if lead:
@@ -297,6 +297,7 @@ class LuffyTrainer:
                 last = self.step == config.train.steps
                 if config.eval.every and (self.step % config.eval.every == 0 or last):
                     metrics.update(self.evaluate())
+                    self.validation.keep_best(metrics, self.step, self.engine, self.tokenizer)
                 if logger:
                     logger.log(metrics)
                 history.append(metrics)
@@ -316,3 +317,4 @@ class LuffyTrainer:
 
     def close(self) -> None:
         self.rollout.close()
+        self.rewards.close()

@@ -33,6 +33,8 @@ class ToyTask(Task):
     """Digit reversal (`data.task: toy`) with its own word-level tokenizer and tiny Qwen2
     (model.path "toy"), shaped by the `model` section; `data.num_digits` digits per problem."""
 
+    reward_workers = 0  # a string comparison: scored in-process, no worker start-up
+
     def __init__(self, config) -> None:
         super().__init__(config)
         if config.model.path != "toy":

@@ -1,0 +1,221 @@
+"""`luffy-fast train --dry-run`: everything a run checks before its first step, in seconds on a
+CPU, without reading a weight.
+
+It validates the config and the data (counts, length percentiles, truncations), shows the first
+prompt as the policy sees it and the first trace, builds the policy on the meta device for its
+parameter count, and estimates the memory each GPU needs for the ZeRO stage and token budget
+(`estimate_memory`). Settings that cannot work (a token budget below the longest sequence, no
+chat template, a window shorter than prompt + response, ...) are listed as problems; the exit
+code is 2 when there is any.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import TextIO
+
+from luffy_fast.data import percentiles
+from luffy_fast.errors import ConfigError
+
+GIB = 2**30
+SHOWN_CHARS = 600  # of the first prompt and trace
+GPU_MEMORY_GIB = 80  # the reference run's A100-80GB / H100-80GB
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory estimate needs of a model."""
+
+    parameters: int
+    layers: int
+    hidden: int
+    intermediate: int
+    kv_dim: int  # num_key_value_heads x head_dim
+    vocab: int
+    largest_layer: int  # parameters of the largest decoder layer (gathered whole at ZeRO-3)
+
+
+def model_shape(policy) -> ModelShape:
+    config = policy.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    layers = policy.model.layers
+    return ModelShape(
+        parameters=sum(p.numel() for p in policy.parameters()),
+        layers=config.num_hidden_layers, hidden=config.hidden_size,
+        intermediate=config.intermediate_size,
+        kv_dim=getattr(config, "num_key_value_heads", heads) * head_dim,
+        vocab=config.vocab_size,
+        largest_layer=max(sum(p.numel() for p in layer.parameters()) for layer in layers))
+
+
+def estimate_memory(shape: ModelShape, zero_stage: int, world_size: int, bf16: bool,
+                    token_budget: int, gradient_checkpointing: bool,
+                    head_budget_bytes: float) -> dict[str, float]:
+    """Bytes per GPU, by part. Model states as in the ZeRO paper (Rajbhandari et al., 2020):
+    mixed precision keeps 2-byte weights and gradients plus 12 bytes of optimizer state per
+    parameter (fp32 master weights, Adam's m and v); fp32 training 4 + 4 + 8. Stage 1
+    partitions the optimizer state over the GPUs, stage 2 the gradients too, stage 3 the
+    weights too (then one layer is gathered whole at a time, and the next one prefetched).
+    Activations per token and layer: the layer's input (kept under gradient checkpointing) and,
+    for the layer being recomputed (every layer without checkpointing), its attention
+    projections, norms and residuals (7 h + 2 kv) and MLP (4 i) values, doubled for their
+    gradients in the backward. The fused head never stores [tokens, vocab] logits: the final
+    hidden states, their gradient, and its working budget (docs/design.md)."""
+    P, N = shape.parameters, world_size
+    weight_bytes, grad_bytes, state_bytes = (2, 2, 12) if bf16 else (4, 4, 8)
+    weights = P * weight_bytes / (N if zero_stage == 3 else 1)
+    grads = P * grad_bytes / (N if zero_stage >= 2 else 1)
+    states = P * state_bytes / (N if zero_stage >= 1 else 1)
+    gathered = 2 * shape.largest_layer * weight_bytes if zero_stage == 3 and N > 1 else 0
+    T, act = token_budget, weight_bytes
+    layer_work = T * (7 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate) * act * 2
+    if gradient_checkpointing:
+        activations = T * shape.hidden * act * shape.layers + layer_work
+    else:
+        activations = layer_work * shape.layers
+    head = T * shape.hidden * (act + 4) + head_budget_bytes
+    parts = {"weights": weights, "gradients": grads, "optimizer states": states,
+             "gathered layer (ZeRO-3)": gathered, "activations": activations,
+             "fused loss head": head}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def _show(text: str) -> str:
+    text = text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + f" ... [{len(text)} chars]"
+    return "    " + text.replace("\n", "\n    ")
+
+
+def dry_run(config, world_size: int = 1, out: TextIO | None = None) -> int:
+    """Check `config` as a run would, print the report; 0 when nothing blocks the run, else 2."""
+    started = time.perf_counter()
+    problems: list[str] = []
+    say = lambda line="": print(line, file=out or sys.stdout)  # noqa: E731
+    say(f"dry run: model {config.model.path}, data {config.data.source} "
+        f"(task {config.data.task_name}), {world_size} GPU(s), ZeRO-{config.train.zero_stage}")
+    task, tokenizer, notes = tokenizer_for(config, problems)
+    for note in notes:
+        say(f"note: {note}")
+    notes_shown = list(notes)
+    samples = training_data(task, tokenizer, config, problems) if tokenizer is not None else []
+    report = task.data_report if task is not None else None
+    if report is not None:
+        say(f"data: {report.summary()}")
+        say(f"  trace lengths (before the cut): {percentiles(report.trace_lengths)}")
+    if samples:
+        say(f"data: {len(samples)} training prompts; prompt lengths "
+            f"{percentiles([len(s.prompt_ids) for s in samples])}; trace lengths "
+            f"{percentiles([len(t) for s in samples for t in s.traces])}")
+        steps_per_epoch = len(samples) // config.train.prompts_per_step
+        say(f"sampling: {steps_per_epoch} steps per epoch of {config.train.prompts_per_step} "
+            f"prompts (seed {config.train.seed}); run length "
+            + (f"{config.train.epochs} epochs = {config.train.epochs * steps_per_epoch} steps"
+               if config.train.epochs else f"{config.train.steps} steps"))
+        say("first prompt, as the policy sees it:")
+        say(_show(tokenizer.decode(samples[0].prompt_ids, skip_special_tokens=False)))
+        if samples[0].traces:
+            say(f"first trace ({len(samples[0].traces[0])} tokens):")
+            say(_show(tokenizer.decode(samples[0].traces[0], skip_special_tokens=False)))
+    policy = meta_model(task, config, tokenizer, problems, notes) if task is not None else None
+    for note in notes[len(notes_shown):]:
+        say(f"note: {note}")
+    if policy is not None:
+        shape = model_shape(policy)
+        bf16 = config.model.precision != "fp32"
+        budget = config.loss.memory_budget_mb * 2**20 if config.loss.memory_budget_mb else GIB
+        memory = estimate_memory(shape, config.train.zero_stage, world_size, bf16,
+                                 config.train.token_budget, config.model.gradient_checkpointing,
+                                 budget)
+        say(f"model: {shape.parameters / 1e9:.3f} B parameters ({shape.parameters:,}), "
+            f"{shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}")
+        say(f"memory per GPU (estimate; ZeRO-{config.train.zero_stage} over {world_size} GPU(s), "
+            f"{'bf16' if bf16 else 'fp32'}, token budget {config.train.token_budget}, gradient "
+            f"checkpointing {'on' if config.model.gradient_checkpointing else 'off'}):")
+        for name, value in memory.items():
+            say(f"  {name:<24} {value / GIB:8.2f} GiB")
+        if memory["total"] > GPU_MEMORY_GIB * GIB:
+            problems.append(f"train.zero_stage: the estimate ({memory['total'] / GIB:.0f} GiB "
+                            f"per GPU) exceeds an {GPU_MEMORY_GIB} GiB GPU; use more GPUs "
+                            f"(--world-size), a higher ZeRO stage or a smaller token budget")
+        say(f"  (a naive head would also hold fp32 logits: "
+            f"{config.train.token_budget * shape.vocab * 4 / GIB:.1f} GiB per micro-batch)")
+        if config.rollout.engine == "vllm":
+            share = config.rollout.vllm.gpu_memory_utilization or 0.5
+            say(f"rollout: vLLM takes up to {share:.0%} of each GPU while generating and sleeps "
+                f"(level {config.rollout.vllm.sleep_level or 1}) during the update")
+    for problem in problems:
+        say(f"PROBLEM: {problem}")
+    say(f"dry run done in {time.perf_counter() - started:.1f} s: "
+        + (f"{len(problems)} problem(s)" if problems else "no problems found"))
+    return 2 if problems else 0
+
+
+def checked(call, problems: list[str]):
+    """`call()`, or None with its ConfigError recorded as a problem."""
+    try:
+        return call()
+    except ConfigError as error:
+        problems.append(str(error))
+        return None
+
+
+def tokenizer_for(config, problems: list[str]):
+    """(task, tokenizer, notes): the tokenizer the run would use, overrides applied."""
+    from luffy_fast.tasks import load_task
+
+    notes: list[str] = []
+    task = checked(lambda: load_task(config), problems)
+    if task is None:
+        return None, None, notes
+    if config.model.path == "toy":
+        components = checked(lambda: task.components(), problems)
+        return task, components[0] if components else None, notes
+    from luffy_fast.data import load_tokenizer
+    from luffy_fast.model_loading import prepare_tokenizer, tokenizer_directory
+
+    raw = checked(lambda: load_tokenizer(tokenizer_directory(config.model)), problems)
+    if raw is None:
+        return task, None, notes
+    if raw.pad_token_id is None:
+        notes.append("the tokenizer has no pad token: the run pads with its EOS token")
+    return task, checked(lambda: prepare_tokenizer(raw, config.model), problems), notes
+
+
+def training_data(task, tokenizer, config, problems: list[str]) -> list:
+    """The training samples as the run loads them (through the cache), checked."""
+    from luffy_fast.tasks import check_samples
+
+    samples = checked(lambda: task.train_samples(tokenizer), problems)
+    if samples is not None:
+        checked(lambda: check_samples(samples, config), problems)
+    return samples or []
+
+
+def meta_model(task, config, tokenizer, problems: list[str], notes: list[str]):
+    """The policy with meta tensors (no memory, no weights read), its window checked."""
+    if config.model.path == "toy":
+        components = checked(lambda: task.components(), problems)
+        return components[1] if components else None
+    from luffy_fast.model_loading import check_attention, meta_policy
+
+    try:
+        check_attention(config.model)
+    except ConfigError as error:
+        notes.append(f"on this machine: {error}")
+    policy = checked(lambda: meta_policy(config.model), problems)
+    if policy is None:
+        return None
+    window = policy.config.max_position_embeddings
+    need = config.data.max_prompt_length + config.data.max_response_length
+    if window < need:
+        problems.append(f"model.max_position_embeddings: the model's window ({window} tokens) is "
+                        f"shorter than data.max_prompt_length + data.max_response_length "
+                        f"({need}); set model.max_position_embeddings (the reference run: "
+                        f"16384, with model.rope_theta=40000)")
+    if tokenizer is not None and len(tokenizer) > policy.config.vocab_size:
+        problems.append(f"model.tokenizer_path: the tokenizer has {len(tokenizer)} tokens, more "
+                        f"than the model's vocabulary ({policy.config.vocab_size})")
+    return policy

@@ -1,0 +1,218 @@
+"""`luffy-fast eval`: k samples per problem from a model directory, verified by math-verify,
+avg@k and pass@k per data source with the macro average (luffy_fast/evaluation.py).
+
+    luffy-fast eval --model runs/luffy/checkpoints/best/step-000300/hf \\
+        --data aime24.parquet math500.jsonl --n 32 --temperature 0.6 --max-new-tokens 8192
+
+Prompts as the official evaluation builds them: the system prompt removed, the model's own chat
+template applied. Generation with vLLM when it is installed and a GPU is present (or
+`--engine vllm`), transformers `generate` otherwise. Every input is checked before the model
+loads; the table is printed, `results.json` and `generations.jsonl` written to `--output`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from luffy_fast.data_files import (
+    DataError,
+    data_files,
+    ground_truth_text,
+    prompt_messages,
+    read_rows,
+)
+from luffy_fast.errors import ConfigError
+from luffy_fast.evaluation import (
+    EvalProblem,
+    format_table,
+    generate_and_score,
+    summarize,
+    write_results,
+)
+from luffy_fast.rollout.base import RolloutEngine, SamplingParams
+
+# Benchmark layouts beside the official one (prompt + reward_model.ground_truth): the first
+# question and answer columns found, in this order.
+QUESTION_KEYS = ("problem", "question", "prompt")
+ANSWER_KEYS = ("answer", "ground_truth", "solution")
+
+
+def add_eval_parser(commands) -> None:
+    parser = commands.add_parser(
+        "eval", help="avg@k / pass@k of a model on evaluation files",
+        description="Sample --n responses per problem, verify them with math-verify, print "
+                    "avg@k and pass@k per data source and their macro average.")
+    parser.add_argument("--model", required=True, help="a transformers model directory")
+    parser.add_argument("--data", required=True, nargs="+", metavar="FILE",
+                        help="Parquet / JSONL files or folders: the official layout (prompt, "
+                             "reward_model.ground_truth, data_source) or problem/question with "
+                             "answer/solution (data source: the file name)")
+    parser.add_argument("--n", type=int, default=1, help="samples per problem (k)")
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=8192)
+    parser.add_argument("--output", default=None,
+                        help="folder for results.json and generations.jsonl (default: none)")
+    parser.add_argument("--engine", choices=("auto", "vllm", "hf"), default="auto")
+    parser.add_argument("--question-key", default=None, help="the question column, if unusual")
+    parser.add_argument("--answer-key", default=None, help="the answer column, if unusual")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=64, help="hf engine: sequences per call")
+    parser.add_argument("--reward-workers", type=int, default=None,
+                        help="scoring processes (default: one per CPU core; 0: in-process)")
+    parser.add_argument("--reward-timeout", type=float, default=10.0,
+                        help="seconds per answer before it scores 0")
+
+
+def _pick(values: dict, chosen: Optional[str], candidates: tuple[str, ...]) -> Optional[str]:
+    if chosen is not None:
+        return chosen if chosen in values else None
+    return next((key for key in candidates if key in values), None)
+
+
+def _rows(path: str | Path):
+    """(file name without suffix, row) of every row of the file or folder `path`."""
+    for file in data_files(path, key="--data"):
+        for row in read_rows(file, key="--data"):
+            yield file.stem, row
+
+
+def eval_rows(path: str | Path, question_key: Optional[str] = None,
+              answer_key: Optional[str] = None) -> list[tuple[list[dict], str, str]]:
+    """(chat messages without the system prompt, ground truth, data source) of every row."""
+    problems = []
+    for stem, row in _rows(path):
+        values, where = row.values, row.where
+        official = "reward_model" in values and question_key is None and answer_key is None
+        if official and isinstance(values["reward_model"], dict):
+            question, answer = values.get("prompt"), values["reward_model"].get("ground_truth")
+            question_name, answer_name = "prompt", "reward_model.ground_truth"
+        else:
+            question_name = _pick(values, question_key, QUESTION_KEYS)
+            answer_name = _pick(values, answer_key, ANSWER_KEYS)
+            question = values.get(question_name) if question_name else None
+            answer = values.get(answer_name) if answer_name else None
+        if question is None or answer is None:
+            if question is None:
+                missing = question_key or "/".join(QUESTION_KEYS)
+            else:
+                missing = answer_key or "/".join(ANSWER_KEYS)
+            found = ", ".join(sorted(map(str, values))) or "none"
+            raise DataError(f"{where}: no {missing!r} field (columns found: {found}); name the "
+                            "columns with --question-key / --answer-key")
+        messages = [m for m in prompt_messages(question, f"{where} {question_name}")
+                    if m["role"] != "system"]  # the official evaluation drops the system prompt
+        source = values.get("data_source") or stem
+        problems.append((messages, ground_truth_text(answer, f"{where} {answer_name}"),
+                         str(source)))
+    return problems
+
+
+def load_eval_problems(paths, tokenizer, question_key: Optional[str] = None,
+                       answer_key: Optional[str] = None) -> list[EvalProblem]:
+    """Every file's problems, rendered with the tokenizer's chat template and tokenized."""
+    from luffy_fast.data import Sample, render_prompt
+
+    problems = []
+    for path in paths:
+        for messages, truth, source in eval_rows(path, question_key, answer_key):
+            ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False).input_ids
+            problems.append(EvalProblem(ids, truth, source,
+                                        Sample(prompt_ids=ids, ground_truth=truth,
+                                               data_source=source)))
+    return problems
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Everything a user can get wrong, before any model loads."""
+    model = Path(args.model)
+    if not (model / "config.json").is_file():
+        raise ConfigError(f"--model: {str(model)!r} is not a model directory (no config.json)")
+    for path in args.data:
+        if not Path(path).exists():
+            raise ConfigError(f"--data: no such file or folder {path!r}")
+    if args.n < 1:
+        raise ConfigError(f"--n: must be at least 1 (got {args.n})")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens: must be at least 1 (got {args.max_new_tokens})")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1] "
+                          f"(got {args.temperature}, {args.top_p})")
+    if args.reward_workers is not None and args.reward_workers < 0:
+        raise ConfigError(f"--reward-workers: must be >= 0 (got {args.reward_workers})")
+    if not args.reward_timeout > 0:
+        raise ConfigError(f"--reward-timeout: must be positive (got {args.reward_timeout})")
+
+
+def engine_name(requested: str) -> str:
+    """vLLM when installed and on CUDA (or asked for), transformers `generate` otherwise."""
+    if requested != "auto":
+        return requested
+    import importlib.util
+
+    return "vllm" if importlib.util.find_spec("vllm") and torch.cuda.is_available() else "hf"
+
+
+def build_engine(name: str, model_dir: str, tokenizer, args: argparse.Namespace,
+                 max_model_len: int) -> RolloutEngine:
+    """The generation engine over the model directory's weights."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "vllm":
+        from luffy_fast.rollout.vllm import VLLMRolloutEngine
+        from luffy_fast.rollout.vllm_config import VLLMConfig
+
+        options = VLLMConfig(max_model_len=max_model_len, sleep_level=0,
+                             gpu_memory_utilization=0.9 if device.type == "cuda" else None)
+        return VLLMRolloutEngine(model_dir, options, seed=args.seed, device=device)
+    from transformers import AutoModelForCausalLM
+
+    from luffy_fast.rollout.hf import HFGenerateEngine
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    return HFGenerateEngine(model, pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=tokenizer.eos_token_id, max_batch_size=args.batch_size)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from luffy_fast.data import load_tokenizer
+    from luffy_fast.reward_pool import RewardPool
+    from luffy_fast.rewards import MathVerifyReward
+
+    check_arguments(args)
+    tokenizer = load_tokenizer(args.model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    problems = load_eval_problems(args.data, tokenizer, args.question_key, args.answer_key)
+    if not problems:
+        raise ConfigError(f"--data: no problems in {' '.join(args.data)}")
+    name = engine_name(args.engine)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, seed=args.seed)
+    longest = max(len(p.prompt_ids) for p in problems) + args.max_new_tokens
+    start = time.perf_counter()
+    engine = build_engine(name, args.model, tokenizer, args, longest)
+    try:
+        with RewardPool(MathVerifyReward(), workers=args.reward_workers,
+                        timeout=args.reward_timeout) as pool:
+            records = generate_and_score(
+                engine, problems, args.n, params,
+                lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
+                lambda items: pool.score(items).rewards)
+    finally:
+        engine.close()
+    summary = summarize(records, args.n)
+    print(format_table(summary))
+    if args.output:
+        settings = {"model": str(args.model), "data": list(args.data), "n": args.n,
+                    "temperature": args.temperature, "top_p": args.top_p,
+                    "max_new_tokens": args.max_new_tokens, "engine": name, "seed": args.seed,
+                    "seconds": time.perf_counter() - start}
+        results, generations = write_results(args.output, summary, records, settings)
+        print(f"results: {results}  generations: {generations}")
+    return 0

@@ -1,0 +1,103 @@
+"""Evaluation problems from the official layout or the common benchmark layouts.
+
+A row in the official layout (`prompt` + `reward_model.ground_truth`) or in a benchmark's
+(`problem` or `question`, with `answer` or `solution`; MATH-500, AIME, AMC, Minerva and
+OlympiadBench ship this way) becomes an `EvalProblem`; other names are mapped with
+`question_key` / `answer_key`. Prompts follow the official evaluation
+(docs/algorithm.md §The reference run's settings): the system prompt is removed and the
+model's own chat template is applied. A `solution` without a separate answer is graded against
+its last `\\boxed{...}`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from luffy_fast.data import render_prompt
+from luffy_fast.data_files import (
+    DataError,
+    Row,
+    ground_truth_text,
+    prompt_messages,
+    read_rows,
+    training_record,
+)
+from luffy_fast.evaluation import EvalProblem
+
+QUESTION_KEYS = ("problem", "question")
+ANSWER_KEYS = ("answer", "solution")
+
+
+def last_boxed(text: str) -> Optional[str]:
+    """The contents of the last \\boxed{...} in `text` (braces balanced), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, begin = 0, start + len("\\boxed{")
+    for i in range(begin, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            if depth == 0:
+                return text[begin:i]
+            depth -= 1
+    return None
+
+
+def _pick(row: Row, key: Optional[str], candidates: tuple[str, ...], what: str) -> str:
+    if key is not None:
+        if key not in row.values:
+            found = ", ".join(sorted(map(str, row.values))) or "none"
+            raise DataError(f"{row.where}: the row has no {key!r} ({what}; columns found: {found})")
+        return key
+    for name in candidates:
+        if row.values.get(name) is not None:
+            return name
+    found = ", ".join(sorted(map(str, row.values))) or "none"
+    raise DataError(f"{row.where}: no {what} column: expected 'prompt' with 'reward_model', or "
+                    f"one of {list(candidates)} (columns found: {found}); map other names with "
+                    f"the question/answer key options")
+
+
+def eval_record(row: Row, question_key: Optional[str] = None, answer_key: Optional[str] = None,
+                data_source: Optional[str] = None, remove_system: bool = True):
+    """(messages, ground truth, data source) of one evaluation row, in either layout."""
+    values = row.values
+    source = data_source or values.get("data_source") or row.file.stem
+    if question_key is None and answer_key is None and "prompt" in values \
+            and "reward_model" in values:
+        record = training_record(row)
+        messages, truth = record.messages, record.ground_truth
+    else:
+        question = _pick(row, question_key, QUESTION_KEYS, "question")
+        answer = _pick(row, answer_key, ANSWER_KEYS, "answer")
+        messages = prompt_messages(values[question], f"{row.where} {question}")
+        truth = values[answer]
+        if answer == "solution" and isinstance(truth, str):
+            truth = last_boxed(truth) or truth
+        truth = ground_truth_text(truth, f"{row.where} {answer}")
+    if remove_system:
+        messages = [m for m in messages if m["role"] != "system"]
+    return messages, truth, str(source)
+
+
+def load_eval_problems(path: str | Path, tokenizer, *, question_key: Optional[str] = None,
+                       answer_key: Optional[str] = None, data_source: Optional[str] = None,
+                       max_prompt_length: Optional[int] = None,
+                       key: str = "--data") -> list[EvalProblem]:
+    """The evaluation problems of a file or folder, rendered with the model's chat template
+    (system prompt removed). data_source: the label in the results (default: the row's
+    `data_source`, else the file name); a prompt over max_prompt_length is an error (an
+    evaluation never skips a problem silently)."""
+    problems = []
+    for row in read_rows(path, key):
+        messages, truth, source = eval_record(row, question_key, answer_key, data_source)
+        ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False).input_ids
+        if max_prompt_length is not None and len(ids) > max_prompt_length:
+            raise DataError(f"{row.where}: the prompt has {len(ids)} tokens, more than "
+                            f"max_prompt_length={max_prompt_length}")
+        problems.append(EvalProblem(prompt_ids=ids, ground_truth=truth, data_source=source))
+    if not problems:
+        raise DataError(f"{key}: no problems in {str(path)!r}")
+    return problems

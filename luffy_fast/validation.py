@@ -1,0 +1,109 @@
+"""In-training validation and the best checkpoint.
+
+Validation runs the code of `luffy-fast eval` (luffy_fast/evaluation.py) on the task's held-out
+problems: `eval.n` samples per problem, scored through the trainer's reward pool, avg@n and
+pass@k per data source and their macro average in the metrics (val/<source>/avg@n, ...,
+val/macro/avg@n). With `eval.best_metric` set, the checkpoint with the best value of that metric
+so far (higher is better) is kept under checkpoints/best/: written and published atomically
+like the regular ones (best/latest names it), never pruned by them, with best/best.json saying
+which metric, value and step (docs/design.md §Evaluation).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from luffy_fast.checkpoint import CheckpointManager, write_atomic
+from luffy_fast.errors import ConfigError
+from luffy_fast.evaluation import (
+    problems_from_samples,
+    score_completions,
+    summarize,
+    validation_metrics,
+)
+from luffy_fast.reward_pool import RewardPool
+from luffy_fast.rollout.base import RolloutEngine, SamplingParams
+from luffy_fast.rollout_batch import RolloutBatch, assemble_groups
+
+
+class Validation:
+    """The held-out problems, how to sample them, and the best value seen of `best_metric`."""
+
+    def __init__(self, samples: Sequence[Any], config, pool: RewardPool, checkpoint_root: Path,
+                 rank: int = 0, world_size: int = 1) -> None:
+        """config: the run's LuffyTrainConfig (its `eval` section, the response limit, the seed)."""
+        self.config, evaluation = config, config.eval
+        self.samples, self.problems = list(samples), problems_from_samples(samples)
+        self.n, self.best_metric = evaluation.n, evaluation.best_metric
+        self.params = SamplingParams(max_new_tokens=config.data.max_response_length,
+                                     temperature=evaluation.temperature,
+                                     top_p=evaluation.top_p, seed=config.train.seed)
+        self.pool = pool
+        self.best = CheckpointManager(Path(checkpoint_root) / "best", keep=1, rank=rank,
+                                      world_size=world_size)
+        self.best_value: Optional[float] = None
+
+    def run(self, engine: RolloutEngine, decode: Callable[[list[int]], str],
+            token_entropy: Optional[Callable[[RolloutBatch], Tensor]] = None) -> dict:
+        """Metrics of one validation pass; with `token_entropy` (the policy's entropy at each
+        response token of a batch), also the mean over the held-out responses."""
+        if not self.problems:
+            return {}
+        completions = engine.generate([p.prompt_ids for p in self.problems], n=self.n,
+                                      params=self.params)
+        reports = []
+
+        def score(items: list) -> list[float]:
+            reports.append(self.pool.score(items))
+            return reports[-1].rewards
+
+        records = score_completions(self.problems, completions, decode, score)
+        metrics = validation_metrics(summarize(records, self.n))
+        metrics["heldout_accuracy"] = sum(r.reward >= 1.0 for r in records) / len(records)
+        metrics.update(reports[-1].metrics("val_reward"))
+        if token_entropy is not None:
+            entropy = token_entropy(assemble_groups(self.samples, completions, n_off=0))
+            metrics["heldout_entropy"] = float(entropy.mean()) if entropy.numel() else 0.0
+        return metrics
+
+    def start(self, resuming: bool) -> None:
+        """A resumed run continues from the best value saved; a fresh one drops an old run's."""
+        info = self.best.root / "best.json"
+        if resuming and info.is_file():
+            saved = json.loads(info.read_text())
+            if saved.get("metric") == self.best_metric:
+                self.best_value = float(saved["value"])
+        elif not resuming:
+            if self.best.rank == 0:
+                shutil.rmtree(self.best.root, ignore_errors=True)
+            if self.best.world_size > 1:
+                torch.distributed.barrier()
+
+    def keep_best(self, metrics: dict, step: int, engine, tokenizer) -> bool:
+        """Save `engine`'s checkpoint under best/ when `metrics` improve on the best value of
+        `best_metric`; returns whether it did."""
+        name = self.best_metric
+        if name is None or not self.problems:
+            return False
+        if name not in metrics:
+            known = ", ".join(sorted(k for k in metrics if k.startswith("val/")))
+            raise ConfigError(f"eval.best_metric: {name!r} is not among this run's validation "
+                              f"metrics ({known})")
+        value = float(metrics[name])
+        if self.best_value is not None and value <= self.best_value:
+            return False
+        self.best_value = value
+        path = self.best.save(engine, tokenizer, step, self.config.to_dict(),
+                              self.config.train.zero_stage)
+        if self.best.rank == 0:
+            self.best.root.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.best.root / "best.json", json.dumps(
+                {"metric": name, "value": value, "step": step, "checkpoint": path.name}) + "\n")
+        return True

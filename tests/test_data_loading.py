@@ -1,0 +1,244 @@
+"""Training data in the official layout from Parquet, JSONL and folders of shards: the limits
+(skipped prompts, truncated traces) counted against rows built with known lengths
+(tests/math_helpers.py), errors naming the file and row, and the on-disk tokenization cache."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from math_helpers import (
+    LONG_TRACE_ROWS,
+    SKIPPED_ROWS,
+    math_rows,
+    math_tokenizer,
+    write_jsonl,
+    write_parquet,
+)
+
+from luffy_fast.data import DataLimits, load_samples, percentiles
+from luffy_fast.data_cache import load_cached_samples
+from luffy_fast.data_files import DataError
+from luffy_fast.errors import ConfigError
+
+LIMITS = DataLimits(max_prompt_length=8, max_response_length=8)
+
+
+@pytest.fixture
+def tokenizer():
+    return math_tokenizer()
+
+
+def ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def test_parquet_and_jsonl_give_the_same_samples_and_counts(tmp_path, tokenizer):
+    rows = math_rows()
+    from_jsonl, jsonl_report = load_samples(write_jsonl(tmp_path / "d.jsonl", rows), tokenizer,
+                                            LIMITS)
+    from_parquet, parquet_report = load_samples(write_parquet(tmp_path / "d.parquet", rows),
+                                                tokenizer, LIMITS)
+    kept = [i for i in range(20) if i not in SKIPPED_ROWS]
+    for samples, report in ((from_jsonl, jsonl_report), (from_parquet, parquet_report)):
+        assert len(samples) == 16 and report.rows == 20
+        assert report.metrics() == {"data/prompts": 16, "data/skipped_prompts": 4,
+                                    "data/truncated_traces": 4, "data/dropped_traces": 0,
+                                    "data/prompts_without_trace": 0}
+        for sample, i in zip(samples, kept):
+            d = str(i % 10)
+            assert sample.prompt_ids == ids(tokenizer, f"q {d} so")
+            assert sample.ground_truth == d and sample.data_source == "digits"
+            if i in LONG_TRACE_ROWS:  # EOS appended, then cut to 8: the EOS is gone
+                assert sample.traces == [ids(tokenizer, " ".join([d] * 8))]
+            else:
+                assert sample.traces == [ids(tokenizer, f"{d} </think> \\boxed{{{d}}}")
+                                         + [tokenizer.eos_token_id]]
+        # trace lengths before the cut: 12 short (4 tokens) and 4 long (11 tokens)
+        assert sorted(report.trace_lengths) == [4] * 12 + [11] * 4
+        assert report.prompt_lengths == [3] * 16
+    assert [s.prompt_ids for s in from_jsonl] == [s.prompt_ids for s in from_parquet]
+    assert [s.traces for s in from_jsonl] == [s.traces for s in from_parquet]
+    assert from_jsonl[0].where.endswith("d.jsonl:2") and from_parquet[0].where.endswith(
+        "d.parquet row 1")
+
+
+def test_drop_leaves_long_traces_out_and_names_the_bare_prompts(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", math_rows())
+    samples, report = load_samples(path, tokenizer, DataLimits(8, 8, "drop"))
+    assert (report.truncated_traces, report.dropped_traces) == (0, 4)
+    assert report.without_trace == [f"{path}:{i + 1}" for i in (3, 7, 11, 19)]
+    assert [len(s.traces) for s in samples].count(0) == 4
+
+
+def test_a_folder_of_shards_reads_in_name_order(tmp_path, tokenizer):
+    rows = math_rows()
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write_parquet(folder / "part-0.parquet", rows[:10])
+    write_jsonl(folder / "part-1.jsonl", rows[10:])
+    (folder / "README.txt").write_text("ignored")
+    samples, report = load_samples(folder, tokenizer, LIMITS)
+    single, _ = load_samples(write_jsonl(tmp_path / "all.jsonl", rows), tokenizer, LIMITS)
+    assert report.rows == 20 and [s.traces for s in samples] == [s.traces for s in single]
+    assert samples[-1].where == f"{folder / 'part-1.jsonl'}:10"
+
+
+def test_percentiles_by_nearest_rank():
+    assert percentiles(list(range(1, 101))) == {"p50": 50, "p90": 90, "p99": 99, "p100": 100}
+    assert percentiles([7]) == {"p50": 7, "p90": 7, "p99": 7, "p100": 7}
+    assert percentiles([]) == {}
+
+
+BAD_ROWS = [
+    ({"target": "x", "reward_model": {"ground_truth": "1"}},
+     r":1: the row has no 'prompt' \(columns found: reward_model, target\)"),
+    ({"prompt": "q 1", "reward_model": "1"},
+     r":1: 'reward_model' must be a mapping with a 'ground_truth' \(got a string '1'\)"),
+    ({"prompt": "q 1", "reward_model": {"style": "rule"}},
+     r":1: the row has no 'reward_model.ground_truth' \(reward_model keys found: style\)"),
+    ({"prompt": "q 1", "reward_model": {"ground_truth": "  "}}, r":1 reward_model.ground_truth: "
+                                                                 r"the ground truth is empty"),
+    ({"prompt": "q 1", "reward_model": {"ground_truth": "1"},
+      "target": {"role": "assistant", "content": ""}}, r":1 target\[0\]: the trace is empty"),
+    ({"prompt": [{"content": "q 1"}], "reward_model": {"ground_truth": "1"}},
+     r":1 prompt\[0\]: expected a message with 'role' and 'content' strings"),
+]
+
+
+@pytest.mark.parametrize("row, message", BAD_ROWS)
+def test_bad_rows_name_the_file_and_line(tmp_path, tokenizer, row, message):
+    path = write_jsonl(tmp_path / "d.jsonl", [row])
+    with pytest.raises(DataError, match=f"{path}{message}"):
+        load_samples(path, tokenizer, LIMITS)
+
+
+def test_a_parquet_row_missing_a_field_names_the_row_and_the_columns(tmp_path, tokenizer):
+    rows = math_rows(3)
+    for row in rows:
+        row["reward_model"] = {"answer": "1"}  # every row (Parquet columns are shared)
+    path = write_parquet(tmp_path / "d.parquet", rows)
+    with pytest.raises(DataError, match=rf"{path} row 0: the row has no 'reward_model.ground_truth'"
+                                        r" \(reward_model keys found: answer\)"):
+        load_samples(path, tokenizer, LIMITS)
+    renamed = [{"question": r["prompt"], "reward_model": {"ground_truth": "1"}} for r in rows]
+    path = write_parquet(tmp_path / "e.parquet", renamed)
+    with pytest.raises(DataError, match=rf"{path} row 0: the row has no 'prompt' \(columns found: "
+                                        r"question, reward_model\)"):
+        load_samples(path, tokenizer, LIMITS)
+    assert issubclass(DataError, ConfigError)  # the command line reports it as a user error
+
+
+@pytest.mark.parametrize("line, message", [
+    (b"42\n", r":2: expected a JSON object with the row's fields, got a number \(42\)"),
+    (b'"q 1"\n', r":2: expected a JSON object with the row's fields, got a string"),
+    (b'{"prompt": "q \xff 1"}\n', r":2: not valid UTF-8 \(byte 15 of the line\)"),
+    (b'{"prompt": "q 1", \n', r":2: not valid JSON"),
+])
+def test_bad_jsonl_lines_name_the_line(tmp_path, tokenizer, line, message):
+    path = tmp_path / "d.jsonl"
+    good = b'{"prompt": "q 1", "reward_model": {"ground_truth": "1"}}\n'
+    path.write_bytes(good + line + good)
+    with pytest.raises(DataError, match=f"{path}{message}"):
+        load_samples(path, tokenizer, LIMITS)
+
+
+def test_unreadable_files_and_missing_paths(tmp_path, tokenizer):
+    fake = tmp_path / "d.parquet"
+    fake.write_text('{"prompt": "q 1"}\n')  # JSONL named .parquet: the old UnicodeDecodeError
+    with pytest.raises(DataError, match=f"{fake}: not a readable Parquet file"):
+        load_samples(fake, tokenizer, LIMITS)
+    with pytest.raises(DataError, match="data.source: no such file or folder"):
+        load_samples(tmp_path / "missing.jsonl", tokenizer, LIMITS)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no .parquet/.jsonl/.json files"):
+        load_samples(tmp_path / "empty", tokenizer, LIMITS)
+
+
+def test_no_chat_template_is_a_clear_error(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", math_rows(2))
+    with pytest.raises(DataError, match="model.chat_template: the tokenizer has no chat template"):
+        load_samples(path, math_tokenizer(chat_template=None), LIMITS)
+
+
+def test_the_cache_is_read_back_and_rebuilt_when_an_input_changes(tmp_path, tokenizer,
+                                                                   monkeypatch):
+    path = write_jsonl(tmp_path / "d.jsonl", math_rows())
+    cache = tmp_path / "cache"
+    built, _ = load_cached_samples(path, tokenizer, LIMITS, cache)
+    assert len(list(cache.glob("*.npz"))) == 1
+
+    import luffy_fast.data_cache as data_cache
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(data_cache, "load_samples", no_build)
+    again, report = load_cached_samples(path, tokenizer, LIMITS, cache)
+    assert again == built and report.truncated_traces == 4 and len(report.skipped_prompts) == 4
+    monkeypatch.undo()
+    load_cached_samples(path, tokenizer, DataLimits(8, 9), cache)  # new limits: a new entry
+    other = math_tokenizer(chat_template="{% for m in messages %}{{ m['content'] }} {% endfor %}")
+    load_cached_samples(path, other, LIMITS, cache)  # another template: a new entry
+    write_jsonl(path, math_rows(12))  # the file changes: a new entry
+    smaller, _ = load_cached_samples(path, tokenizer, LIMITS, cache)
+    assert len(list(cache.glob("*.npz"))) == 4 and len(smaller) == 9
+
+
+def test_concurrent_processes_tokenize_once(tmp_path, tokenizer):
+    """Three "ranks" start together: one builds the entry, the others wait and read it."""
+    path = write_jsonl(tmp_path / "d.jsonl", math_rows())
+    tokenizer.save_pretrained(tmp_path / "tok")
+    script = textwrap.dedent(f"""
+        import luffy_fast.data_cache as data_cache
+        from luffy_fast.data import DataLimits, load_tokenizer
+        real = data_cache.load_samples
+        def counted(*args, **kwargs):
+            with open({str(tmp_path / 'builds')!r}, "a") as out:
+                out.write("built\\n")
+            return real(*args, **kwargs)
+        data_cache.load_samples = counted
+        samples, _ = data_cache.load_cached_samples({str(path)!r},
+            load_tokenizer({str(tmp_path / 'tok')!r}), DataLimits(8, 8), {str(tmp_path / 'c')!r})
+        print(len(samples), sum(len(t) for s in samples for t in s.traces))
+    """)
+    ranks = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outputs = [rank.communicate(timeout=300)[0].split() for rank in ranks]
+    assert all(rank.returncode == 0 for rank in ranks)
+    # 16 prompts; traces: 12 x 4 tokens + 4 x 8 tokens (cut) = 80
+    assert outputs == [["16", "80"]] * 3
+    assert (tmp_path / "builds").read_text() == "built\n"
+
+
+# --------------------------------------------------------------------------- evaluation files
+
+def test_eval_problems_in_the_official_and_benchmark_layouts(tmp_path, tokenizer):
+    from luffy_fast.eval_data import last_boxed, load_eval_problems
+
+    official = write_jsonl(tmp_path / "valid.jsonl", [
+        {"prompt": [{"role": "system", "content": "sys sys"}, {"role": "user", "content": "q 3"}],
+         "reward_model": {"ground_truth": "3"}, "data_source": "aime"}])
+    math500 = write_parquet(tmp_path / "math500.parquet", [
+        {"problem": "q 4", "solution": "so \\boxed{\\frac{1}{2}} then \\boxed{4}", "level": 3},
+        {"problem": "q 5", "answer": 5, "solution": "so \\boxed{5}"}])
+    gsm = write_jsonl(tmp_path / "gsm.jsonl", [{"question": "q 6", "solution": "6 no box"}])
+    custom = write_jsonl(tmp_path / "custom.jsonl", [{"input": "q 7", "target": "7"}])
+
+    [aime] = load_eval_problems(official, tokenizer)
+    assert aime.prompt_ids == ids(tokenizer, "q 3 so")  # system prompt removed, model template
+    assert (aime.ground_truth, aime.data_source) == ("3", "aime")
+    first, second = load_eval_problems(math500, tokenizer)
+    assert first.ground_truth == "4" and first.data_source == "math500"  # last \boxed{}
+    assert second.ground_truth == "5"  # `answer` before `solution`
+    [gsm_problem] = load_eval_problems(gsm, tokenizer, data_source="gsm8k")
+    assert (gsm_problem.ground_truth, gsm_problem.data_source) == ("6 no box", "gsm8k")
+    with pytest.raises(DataError, match=rf"{custom}:1: no question column: expected 'prompt' with "
+                                        r"'reward_model', or one of \['problem', 'question'\] "
+                                        r"\(columns found: input, target\)"):
+        load_eval_problems(custom, tokenizer)
+    [mapped] = load_eval_problems(custom, tokenizer, question_key="input", answer_key="target")
+    assert mapped.prompt_ids == ids(tokenizer, "q 7 so") and mapped.ground_truth == "7"
+    assert last_boxed("a \\boxed{x^{2}} b") == "x^{2}" and last_boxed("none") is None

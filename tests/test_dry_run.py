@@ -1,0 +1,151 @@
+"""`luffy-fast train --dry-run`: the 7B recipe checked on a CPU from a config.json-only model
+directory (no weights), its parameter count and memory estimate against hand-worked numbers,
+and the settings that cannot work reported as problems."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from math_helpers import math_rows, write_parquet
+
+from luffy_fast.cli import main
+from luffy_fast.dry_run import ModelShape, estimate_memory
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "configs" / "luffy_qwen2.5_math_7b.yaml"
+GIB = 2**30
+
+# Qwen2.5-Math-7B's config.json (the architecture of Qwen2.5-7B, a 4096-token window)
+QWEN25_MATH_7B = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+    "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+    "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+    "max_position_embeddings": 4096, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151643,
+    "sliding_window": 4096, "max_window_layers": 28, "use_sliding_window": False,
+    "torch_dtype": "bfloat16", "attention_dropout": 0.0, "initializer_range": 0.02,
+}
+H, I, L, KV, V = 3584, 18944, 28, 4 * 128, 152064
+LAYER = (H * H + H) + 2 * (H * KV + KV) + H * H + 3 * H * I + 2 * H  # q, k, v (biases), o, MLP, norms
+PARAMETERS = 2 * V * H + L * LAYER + H  # embeddings, lm_head, layers, final norm
+assert PARAMETERS == 7_615_616_512  # Qwen2.5-7B's published 7.61 B
+
+
+def bpe_tokenizer(corpus: list[str], chat_template: str | None = None, pad: bool = True):
+    """A byte-level BPE trained on `corpus` in milliseconds: decoding gives the text back."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>",
+                                        **({"pad_token": "<|endoftext|>"} if pad else {}))
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+@pytest.fixture
+def setup(tmp_path):
+    model = tmp_path / "Qwen2.5-Math-7B"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(QWEN25_MATH_7B))
+    rows = math_rows()
+    corpus = [json.dumps(row) for row in rows] + [
+        (ROOT / "configs" / "templates" / "qwen2.5_math_think.jinja").read_text()]
+    bpe_tokenizer(corpus).save_pretrained(tmp_path / "tokenizer")
+    data = write_parquet(tmp_path / "train.parquet", rows)
+    return model, tmp_path / "tokenizer", data
+
+
+def dry_run(capsys, model, tokenizer, data, tmp_path, *overrides) -> tuple[int, str]:
+    code = main(["train", "--config", str(RECIPE), "--dry-run", "--world-size", "8",
+                 f"model.path={model}", f"model.tokenizer_path={tokenizer}",
+                 f"model.chat_template={ROOT / 'configs/templates/qwen2.5_math_think.jinja'}",
+                 f"data.source={data}", "data.heldout_source=null",
+                 f"data.cache_dir={tmp_path / 'cache'}", "train.prompts_per_step=4",
+                 "train.mini_batch_size=2", *overrides])
+    return code, capsys.readouterr().out
+
+
+def test_dry_run_of_the_7b_recipe_on_a_config_only_directory(setup, tmp_path, capsys):
+    model, tokenizer, data = setup
+    started = time.perf_counter()
+    code, out = dry_run(capsys, model, tokenizer, data, tmp_path)
+    seconds = time.perf_counter() - started
+    print(f"dry run of the 7B recipe: {seconds:.1f} s")  # measured: see the report
+    assert seconds < 120  # generous: the machine is shared; it takes seconds unloaded
+    assert code == 0, out
+    assert "no problems found" in out
+    assert f"model: 7.616 B parameters ({PARAMETERS:,}), 28 layers, hidden 3584" in out
+    # the recipe's template: Qwen2.5-Math's default system prompt (the rows have none), and a
+    # generation prompt that opens the reasoning with <think>
+    assert ("    <|im_start|>system\n    Please reason step by step, and put your final answer "
+            "within \\boxed{}.<|im_end|>\n    <|im_start|>user\n    q 0 0 0 0 0 0 0<|im_end|>\n"
+            "    <|im_start|>assistant\n    <think>\n" in out)
+    assert "0 </think> \\boxed{0}<|endoftext|>" in out.split("first trace (")[1]
+    assert "20 rows, 20 prompts kept, 0 skipped" in out  # 1024 / 8192 tokens fit them all
+    # ZeRO-3 over 8 GPUs in bf16: 2 + 2 + 12 bytes per parameter, all divided by 8
+    for name, bytes_per_parameter in (("weights", 2), ("gradients", 2),
+                                      ("optimizer states", 12)):
+        assert f"{name:<24} {PARAMETERS * bytes_per_parameter / 8 / GIB:8.2f} GiB" in out
+    layer_gathered = 2 * LAYER * 2  # one layer whole, one prefetched, bf16
+    assert f"{'gathered layer (ZeRO-3)':<24} {layer_gathered / GIB:8.2f} GiB" in out
+    assert "sampling: 5 steps per epoch of 4 prompts (seed 47); run length 500 steps" in out
+
+
+def test_settings_that_cannot_work_are_problems(setup, tmp_path, capsys):
+    model, _, data = setup
+    bare = tmp_path / "bare-tokenizer"
+    bpe_tokenizer([json.dumps(r) for r in math_rows()], pad=False).save_pretrained(bare)
+    code, out = dry_run(capsys, model, bare, data, tmp_path, "model.chat_template=null",
+                        "model.max_position_embeddings=null", "train.token_budget=8000")
+    assert code == 2
+    assert "note: the tokenizer has no pad token: the run pads with its EOS token" in out
+    assert "PROBLEM: model.chat_template: the tokenizer has no chat template" in out
+    assert ("PROBLEM: model.max_position_embeddings: the model's window (4096 tokens) is "
+            "shorter than data.max_prompt_length + data.max_response_length (9216)") in out
+
+    _, tokenizer, _ = setup
+    code, out = dry_run(capsys, model, tokenizer, data, tmp_path, "train.token_budget=8000")
+    assert code == 2
+    assert "PROBLEM: train.token_budget: 8000 tokens per micro-batch, but the longest sequence" in out
+    code, out = dry_run(capsys, model, tokenizer, data, tmp_path, "--world-size=1")
+    assert "PROBLEM: train.zero_stage: the estimate" in out  # 16 bytes x 7.6 B on one GPU
+
+
+def test_memory_estimate_by_hand():
+    shape = ModelShape(parameters=1000, layers=2, hidden=4, intermediate=8, kv_dim=2, vocab=10,
+                       largest_layer=100)
+    per_token_layer = (7 * 4 + 2 * 2 + 4 * 8) * 2 * 2  # values x 2 bytes x (forward + backward)
+    stage0 = estimate_memory(shape, 0, 4, True, token_budget=16, gradient_checkpointing=True,
+                             head_budget_bytes=64)
+    assert stage0 == {"weights": 2000, "gradients": 2000, "optimizer states": 12000,
+                      "gathered layer (ZeRO-3)": 0,
+                      "activations": 16 * 4 * 2 * 2 + 16 * per_token_layer,
+                      "fused loss head": 16 * 4 * (2 + 4) + 64,
+                      "total": 16000 + 16 * 4 * 2 * 2 + 16 * per_token_layer + 16 * 4 * 6 + 64}
+    stage2 = estimate_memory(shape, 2, 4, True, 16, True, 64)
+    assert (stage2["weights"], stage2["gradients"], stage2["optimizer states"]) == (2000, 500, 3000)
+    stage3 = estimate_memory(shape, 3, 4, False, 16, False, 64)  # fp32: 4 + 4 + 8 bytes
+    assert (stage3["weights"], stage3["gradients"], stage3["optimizer states"]) == (1000, 1000, 2000)
+    assert stage3["gathered layer (ZeRO-3)"] == 2 * 100 * 4
+    assert stage3["activations"] == 2 * 16 * (7 * 4 + 2 * 2 + 4 * 8) * 4 * 2  # every layer
+
+
+def test_dry_run_of_the_toy_config(capsys):
+    code = main(["train", "--config", str(ROOT / "configs" / "demo_luffy.yaml"), "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    from luffy_fast.toy.task import ToyTask
+    from luffy_fast.train_config import load_config
+
+    _, policy = ToyTask(load_config(ROOT / "configs" / "demo_luffy.yaml")).components()
+    count = sum(p.numel() for p in policy.parameters())
+    assert f"({count:,}), 4 layers, hidden 128" in out

@@ -1,0 +1,167 @@
+"""`luffy-fast eval` end to end: two evaluation files (the official layout with a system prompt,
+and a problem/answer benchmark layout), n = 4 samples per problem from a scripted generator,
+scored by math-verify; the printed table, results.json and generations.jsonl against values
+worked by hand. Then the real transformers engine on a tiny model, and the input errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from luffy_fast import eval_cli
+from luffy_fast.cli import main
+from luffy_fast.rollout.base import Completion, RolloutEngine
+from luffy_fast.toy.model import TinyQwen2Config, build_policy
+
+pytest.importorskip("math_verify")
+WORDS = ["<pad>", "<eos>", "</think>", "q", "so", "sys"] + [str(d) for d in range(10)]
+WORDS += [f"\\boxed{{{d}}}" for d in range(10)]
+
+
+def math_tokenizer() -> PreTrainedTokenizerFast:
+    core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>",
+                                        eos_token="<eos>", clean_up_tokenization_spaces=False)
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
+                               "{% if add_generation_prompt %}so {% endif %}")
+    return tokenizer
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    tokenizer = math_tokenizer()
+    policy = build_policy(tokenizer, TinyQwen2Config(hidden_size=32, intermediate_size=64,
+                                                     num_hidden_layers=2, num_attention_heads=2,
+                                                     num_key_value_heads=1), seed=0)
+    directory = tmp_path / "model"
+    policy.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture
+def eval_files(tmp_path):
+    # official layout: the system prompt "sys sys" must not reach the model
+    official = write_jsonl(tmp_path / "official.jsonl", [
+        {"prompt": [{"role": "system", "content": "sys sys"}, {"role": "user", "content": f"q {d}"}],
+         "reward_model": {"ground_truth": str(d)}, "data_source": "aime", "extra": 1}
+        for d in (1, 2)])
+    # a benchmark layout: problem / answer, the data source is the file's name
+    benchmark = write_jsonl(tmp_path / "math500.jsonl", [
+        {"problem": f"q {d}", "answer": str(d)} for d in (3, 4)])
+    return official, benchmark
+
+
+# Per problem (its digit d), the 4 scripted responses: "ok" = "</think> \boxed{d}" (correct),
+# "bad" = "</think> \boxed{0}" (wrong), "open" = "\boxed{d}" without </think> (format: 0).
+SCRIPT = {1: ["ok", "bad", "bad", "open"],   # aime: 1 of 4
+          2: ["ok", "ok", "ok", "bad"],      # aime: 3 of 4
+          3: ["ok", "ok", "ok", "ok"],       # math500: 4 of 4
+          4: ["open", "bad", "bad", "bad"]}  # math500: 0 of 4
+
+
+class ScriptedEngine(RolloutEngine):
+    def __init__(self, tokenizer):
+        self.tokenizer, self.prompts = tokenizer, []
+
+    def generate(self, prompts, n, params):
+        completions = []
+        for ids in prompts:
+            text = self.tokenizer.decode(ids)
+            self.prompts.append(text)
+            digit = int(text.split()[1])  # "q d so"
+            responses = {"ok": f"</think> \\boxed{{{digit}}}", "bad": "</think> \\boxed{0}",
+                         "open": f"\\boxed{{{digit}}}"}
+            token_ids = [self.tokenizer(responses[kind] + " <eos>").input_ids
+                         for kind in SCRIPT[digit][:n]]
+            completions.append([Completion(ids, [0.0] * len(ids)) for ids in token_ids])
+        return completions
+
+    def sync_weights(self, named_tensors):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_eval_two_sources_n4_by_hand(tmp_path, model_dir, eval_files, monkeypatch, capsys):
+    engines = []
+
+    def scripted(name, model, tokenizer, args, max_model_len):
+        assert name == "hf"
+        engines.append(ScriptedEngine(tokenizer))
+        return engines[-1]
+
+    monkeypatch.setattr(eval_cli, "build_engine", scripted)
+    out = tmp_path / "out"
+    assert main(["eval", "--model", str(model_dir), "--data", *eval_files, "--n", "4",
+                 "--temperature", "0.6", "--max-new-tokens", "8", "--engine", "hf",
+                 "--output", str(out), "--reward-workers", "0"]) == 0
+    # the official prompt handling: system prompt removed, the model's chat template applied
+    assert engines[0].prompts == ["q 1 so", "q 2 so", "q 3 so", "q 4 so"]
+    results = json.loads((out / "results.json").read_text())
+    aime, math500 = results["sources"]["aime"], results["sources"]["math500"]
+    # avg@4: aime (1/4 + 3/4) / 2 = 0.5; math500 (4/4 + 0/4) / 2 = 0.5
+    assert aime["avg@4"] == pytest.approx(0.5) and math500["avg@4"] == pytest.approx(0.5)
+    # pass@1 = avg@4; pass@2 = 1 - C(4-c, 2)/C(4, 2): c=1: 1 - 3/6 = 0.5; c=3: 1 - 0/6 = 1;
+    # aime (0.5 + 1) / 2 = 0.75; math500 c=4: 1, c=0: 0 -> 0.5
+    assert aime["pass@2"] == pytest.approx(0.75) and math500["pass@2"] == pytest.approx(0.5)
+    # pass@4: aime both problems solved once -> 1; math500 one of two -> 0.5
+    assert aime["pass@4"] == pytest.approx(1.0) and math500["pass@4"] == pytest.approx(0.5)
+    # macro: avg@4 (0.5 + 0.5) / 2 = 0.5; pass@4 (1 + 0.5) / 2 = 0.75
+    assert results["macro"]["avg@4"] == pytest.approx(0.5)
+    assert results["macro"]["pass@4"] == pytest.approx(0.75)
+    assert results["settings"]["n"] == 4 and results["settings"]["temperature"] == 0.6
+    lines = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(lines) == 16
+    assert [r["reward"] for r in lines if r["data_source"] == "aime"] == [1, 0, 0, 0, 1, 1, 1, 0]
+    table = capsys.readouterr().out
+    assert "aime" in table and "math500" in table
+    macro_row = next(line for line in table.splitlines() if line.startswith("macro average"))
+    assert macro_row.split()[-2:] == ["50.0", "75.0"]  # avg@4, pass@4 in percent
+
+
+def test_eval_with_the_transformers_engine(tmp_path, model_dir, eval_files):
+    """A real tiny model samples; the written summary is the records' own avg@2."""
+    out = tmp_path / "out"
+    assert main(["eval", "--model", str(model_dir), "--data", eval_files[1], "--n", "2",
+                 "--max-new-tokens", "4", "--engine", "hf", "--output", str(out),
+                 "--reward-workers", "0"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    lines = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and results["settings"]["engine"] == "hf"
+    per_problem = [sum(r["reward"] for r in lines if r["problem"] == p) / 2 for p in (0, 1)]
+    assert results["sources"]["math500"]["avg@2"] == pytest.approx(sum(per_problem) / 2)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_model", "--model"), ("no_data", "--data: no such file"), ("bad_n", "--n"),
+    ("bad_row", "bad.jsonl:1"),
+])
+def test_bad_input_is_reported_before_the_model_loads(tmp_path, model_dir, eval_files, case,
+                                                      message, monkeypatch, capsys):
+    def never(*args):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(eval_cli, "build_engine", never)
+    model, data, n = str(model_dir), list(eval_files), "2"
+    if case == "no_model":
+        model = str(tmp_path / "missing")
+    elif case == "no_data":
+        data = [str(tmp_path / "missing.jsonl")]
+    elif case == "bad_n":
+        n = "0"
+    else:
+        data = [write_jsonl(tmp_path / "bad.jsonl", [{"text": "q 1", "answer": "1"}])]
+    assert main(["eval", "--model", model, "--data", *data, "--n", n]) == 2
+    assert message in capsys.readouterr().err

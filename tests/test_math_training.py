@@ -1,0 +1,178 @@
+"""`luffy-fast train` on official-layout data (Parquet and JSONL) with a tiny model directory
+whose tokenizer has a chat template; the epoch order across `--resume`; and the clear errors a
+user's model directory or data can cause, raised before any weight is read."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from math_helpers import (
+    SKIPPED_ROWS,
+    math_rows,
+    math_tokenizer,
+    tiny_model_dir,
+    train_yaml,
+    write_jsonl,
+    write_parquet,
+)
+
+from luffy_fast.cli import main
+from luffy_fast.data_files import DataError
+from luffy_fast.errors import ConfigError
+from luffy_fast.metrics import read_metrics
+from luffy_fast.train_config import load_config
+from luffy_fast.trainer import LuffyTrainer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("model"))
+
+
+@pytest.mark.parametrize("writer, name", [(write_parquet, "train.parquet"),
+                                          (write_jsonl, "train.jsonl")])
+def test_train_runs_three_steps(tmp_path, model_dir, writer, name, capsys):
+    data = writer(tmp_path / name, math_rows())
+    config = train_yaml(tmp_path / "run.yaml", model_dir, data, tmp_path / "out")
+    assert main(["train", "--config", str(config)]) == 0
+    assert "16 prompts kept, 4 skipped (prompt too long), 4 traces truncated" \
+        in capsys.readouterr().err  # the start-up line
+    metrics = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for m in metrics:
+        assert m["data/skipped_prompts"] == 4 and m["data/truncated_traces"] == 4
+        assert m["data/prompts"] == 16 and m["data/epoch"] == 0  # 16 // 4 = 4 steps per epoch
+        assert m["loss"] == m["loss"] and m["micro_batches"] >= 1  # finite
+    latest = (tmp_path / "out" / "checkpoints" / "latest").read_text().strip()
+    import json
+
+    state = json.loads((tmp_path / "out" / "checkpoints" / latest / "trainer_state.json")
+                       .read_text())
+    assert state["sampler"] == {"epoch": 0, "batch": 3, "seed": 5, "size": 16, "batch_size": 4}
+
+
+def _recording(trainer: LuffyTrainer, seen: list, crash_at: int | None = None):
+    real = trainer.training_step
+
+    def step(index):
+        if index == crash_at:
+            raise KeyboardInterrupt("killed")
+        seen.append([s.where for s in trainer.prompt_batch(index)])
+        return real(index)
+
+    trainer.training_step = step
+
+
+def test_the_epoch_order_survives_resume(tmp_path, model_dir):
+    data = write_jsonl(tmp_path / "train.jsonl", math_rows())
+    overrides = ["train.steps=6", "output.save_every=2", "rollout.n_on=1"]
+
+    straight_seen: list = []
+    config = load_config(train_yaml(tmp_path / "a.yaml", model_dir, data, tmp_path / "a"),
+                         overrides)
+    straight = LuffyTrainer(config)
+    _recording(straight, straight_seen)
+    straight.train()
+
+    crashed_seen: list = []
+    config = load_config(train_yaml(tmp_path / "b.yaml", model_dir, data, tmp_path / "b"),
+                         overrides)
+    crashed = LuffyTrainer(config)
+    _recording(crashed, crashed_seen, crash_at=4)  # after the step-4 checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        crashed.train()
+    resumed = LuffyTrainer(load_config(tmp_path / "b.yaml", overrides))
+    _recording(resumed, crashed_seen)
+    resumed.train(resume=True)
+
+    assert crashed_seen == straight_seen and len(straight_seen) == 6
+    # epoch 0 (steps 1-4) visits every kept prompt once; step 5 starts a new permutation
+    kept = {f"{data}:{i + 1}" for i in range(20) if i not in SKIPPED_ROWS}
+    epoch0 = [w for batch in straight_seen[:4] for w in batch]
+    assert sorted(epoch0) == sorted(kept)
+    assert set(straight_seen[4] + straight_seen[5]) <= kept
+    metrics = read_metrics(tmp_path / "b" / "metrics.jsonl")
+    assert [m["data/epoch"] for m in metrics] == [0, 0, 0, 0, 1, 1]
+
+
+# --------------------------------------------------------------------------- clear errors
+
+def _never_load(monkeypatch):
+    import luffy_fast.tasks as tasks
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the policy was loaded before the error")
+
+    monkeypatch.setattr(tasks, "load_policy", refuse)
+
+
+def _config(tmp_path, model, data, *overrides):
+    return load_config(train_yaml(tmp_path / "run.yaml", model, data, tmp_path / "out"),
+                       list(overrides))
+
+
+def test_token_budget_below_the_longest_sequence_fails_at_start_up(tmp_path, model_dir,
+                                                                  monkeypatch):
+    data = write_jsonl(tmp_path / "train.jsonl", math_rows())
+    _never_load(monkeypatch)
+    # longest: a 3-token prompt + a response of up to 8 tokens = 11
+    with pytest.raises(ConfigError, match=r"train.token_budget: 10 tokens per micro-batch, but the "
+                                          r"longest sequence is 11 tokens .*at least 11"):
+        LuffyTrainer(_config(tmp_path, model_dir, data, "train.token_budget=10"))
+    config = train_yaml(tmp_path / "cli.yaml", model_dir, data, tmp_path / "out")
+    assert main(["train", "--config", str(config), "train.token_budget=10"]) == 2
+
+
+def test_prompts_without_a_trace_are_named(tmp_path, model_dir, monkeypatch):
+    rows = math_rows()
+    for i in (2, 4):
+        del rows[i]["target"]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    _never_load(monkeypatch)
+    with pytest.raises(ConfigError, match=rf"data.source: 2 of 16 training prompts have no "
+                                          rf"off-policy trace, but rollout.n_off=1 needs one "
+                                          rf"each: {data}:3, {data}:5 "):
+        LuffyTrainer(_config(tmp_path, model_dir, data))
+
+
+def test_model_directory_errors(tmp_path, model_dir, monkeypatch):
+    data = write_jsonl(tmp_path / "train.jsonl", math_rows())
+    _never_load(monkeypatch)
+    with pytest.raises(ConfigError, match="model.path: no such directory '/nowhere/Qwen'"):
+        LuffyTrainer(_config(tmp_path, "/nowhere/Qwen", data))
+    with pytest.raises(ConfigError, match="model.attn_implementation: 'flash_attention_2' needs "
+                                          "the flash-attn package"):
+        LuffyTrainer(_config(tmp_path, model_dir, data,
+                             "model.attn_implementation=flash_attention_2"))
+    bare = tiny_model_dir(tmp_path / "bare", math_tokenizer(chat_template=None))
+    with pytest.raises(DataError, match="model.chat_template: the tokenizer has no chat template"):
+        LuffyTrainer(_config(tmp_path, bare, data))
+    with pytest.raises(ConfigError, match="model.chat_template: no such file"):
+        LuffyTrainer(_config(tmp_path, bare, data, "model.chat_template=/nowhere.jinja"))
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}sys {{ m['content'] }} {% endfor %}")
+    task_config = _config(tmp_path, bare, data, f"model.chat_template={tmp_path / 't.jinja'}")
+    monkeypatch.undo()
+    trainer = LuffyTrainer(task_config)  # the template file replaces the missing one
+    assert trainer.tokenizer.decode(trainer.train_samples[0].prompt_ids) == "sys q 1"
+
+
+def test_a_tokenizer_without_pad_pads_with_eos(tmp_path, caplog):
+    model = tiny_model_dir(tmp_path / "model", math_tokenizer(pad=False))
+    data = write_jsonl(tmp_path / "train.jsonl", math_rows())
+    with caplog.at_level(logging.WARNING, logger="luffy_fast"):
+        trainer = LuffyTrainer(_config(tmp_path, model, data))
+    assert trainer.tokenizer.pad_token_id == trainer.tokenizer.eos_token_id == 1
+    assert "no pad token: padding with its EOS token '<eos>'" in caplog.text
+
+
+def test_model_overrides_apply_at_load(tmp_path, model_dir):
+    from luffy_fast.model_loading import load_policy, rope_theta
+
+    config = load_config(None, [f"model.path={model_dir}", "model.rope_theta=40000",
+                                "model.max_position_embeddings=96"])
+    policy = load_policy(config.model, torch.float32)
+    assert rope_theta(policy.config) == 40000 and policy.config.max_position_embeddings == 96
+    plain = load_policy(load_config(None, [f"model.path={model_dir}"]).model, torch.float32)
+    assert rope_theta(plain.config) == 10000.0 and plain.config.max_position_embeddings == 128

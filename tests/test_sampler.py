@@ -1,0 +1,56 @@
+"""Epoch-wise shuffling without replacement: the official loader's order, and a position that
+a checkpoint can check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import BatchSampler, RandomSampler
+
+from luffy_fast.errors import ConfigError
+from luffy_fast.sampler import EpochSampler, data_metrics, prompt_sampler
+from luffy_fast.train_config import load_config
+
+
+def test_each_epoch_is_a_permutation_and_the_tail_is_dropped():
+    sampler = EpochSampler(size=10, batch_size=3, seed=47)
+    assert sampler.batches_per_epoch == 3  # 10 // 3: one prompt per epoch left out
+    for epoch in range(3):
+        drawn = [i for step in range(3 * epoch, 3 * epoch + 3) for i in sampler.batch(step)]
+        assert len(drawn) == len(set(drawn)) == 9 and set(drawn) <= set(range(10))
+    assert sampler.batch(0) != sampler.batch(3)  # a fresh order each epoch
+
+
+def test_the_order_is_the_official_loaders():
+    """verl's loader: RandomSampler over a generator seeded once, batches with drop_last."""
+    generator = torch.Generator().manual_seed(47)
+    official = BatchSampler(RandomSampler(range(23), generator=generator), 5, drop_last=True)
+    expected = [batch for _ in range(3) for batch in official]  # three epochs
+    sampler = EpochSampler(size=23, batch_size=5, seed=47)
+    assert [sampler.batch(step) for step in range(12)] == expected
+    # a resumed sampler (a new object) draws the same batch for the same step
+    assert EpochSampler(23, 5, 47).batch(9) == expected[9]
+
+
+def test_the_state_names_the_position_and_refuses_changed_data():
+    sampler = EpochSampler(size=20, batch_size=4, seed=3)
+    state = sampler.state_dict(7)
+    assert state == {"epoch": 1, "batch": 2, "seed": 3, "size": 20, "batch_size": 4}
+    sampler.check_state(state, 7)
+    with pytest.raises(ConfigError, match="the data, train.prompts_per_step or train.seed changed"):
+        EpochSampler(size=19, batch_size=4, seed=3).check_state(state, 7)
+    with pytest.raises(ConfigError, match="position 1:2 is not step 6's"):
+        sampler.check_state(state, 6)
+    with pytest.raises(ConfigError, match="train.prompts_per_step: 8 prompts per step but only 5"):
+        EpochSampler(size=5, batch_size=8, seed=0)
+
+
+def test_epochs_set_the_run_length():
+    config = load_config(None, ["train.epochs=3", "train.prompts_per_step=4",
+                                "train.mini_batch_size=2"])
+    sampler = prompt_sampler(18, config)  # 18 // 4 = 4 steps per epoch
+    assert config.train.steps == 12
+    assert data_metrics(None, sampler, 11) == {"data/epoch": 2}
+    assert load_config(None).train.epochs is None
+    with pytest.raises(ConfigError, match="train.epochs: must be an integer >= 1"):
+        load_config(None, ["train.epochs=0"])

@@ -1,0 +1,151 @@
+"""In-training validation (the eval command's code) and the best checkpoint; rewards scored
+through the trainer's reward pool."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helpers import tiny_config
+from luffy_fast.data import Sample
+from luffy_fast.errors import ConfigError
+from luffy_fast.reward_pool import RewardPool
+from luffy_fast.rollout.base import Completion, RolloutEngine
+from luffy_fast.toy.task import ToyTask
+from luffy_fast.train_config import load_config
+from luffy_fast.validation import Validation
+
+# prompt token -> the rewards its 4 samples get (token 1 decodes to "right", 0 to "wrong")
+SCRIPTS = {10: [1, 0, 0, 0], 11: [1, 1, 1, 0], 12: [1, 1, 1, 1], 13: [0, 0, 0, 0]}
+
+
+class ScriptedEngine(RolloutEngine):
+    def generate(self, prompts, n, params):
+        return [[Completion([t], [0.0]) for t in SCRIPTS[p[0]][:n]] for p in prompts]
+
+    def sync_weights(self, named_tensors):
+        pass
+
+    def close(self):
+        pass
+
+
+def exact_match(response: str, sample: Sample) -> float:
+    return float(response == sample.ground_truth)
+
+
+def validation(tmp_path, **eval_options) -> Validation:
+    samples = [Sample([10 + i], "right", data_source=source)
+               for i, source in enumerate(["aime", "aime", "amc", "amc"])]
+    config = load_config(None, [f"eval.{key}={value}" for key, value in eval_options.items()])
+    return Validation(samples, config, pool=RewardPool(exact_match, workers=0),
+                      checkpoint_root=tmp_path)
+
+
+def test_validation_metrics_by_hand(tmp_path):
+    batches = []
+
+    def entropy(batch):  # the policy's entropy at each response token: 0.25 per token here
+        batches.append(batch)
+        return torch.full((sum(len(r) for r in batch.response_ids),), 0.25)
+
+    metrics = validation(tmp_path, n=4).run(
+        ScriptedEngine(), lambda ids: "right" if ids == [1] else "wrong", entropy)
+    assert len(batches[0]) == 16 and batches[0].group_ids.tolist() == sorted([0, 1, 2, 3] * 4)
+    assert metrics["heldout_entropy"] == 0.25
+    # avg@4: aime (1/4 + 3/4) / 2 = 0.5, amc (4/4 + 0/4) / 2 = 0.5; macro 0.5
+    assert metrics["val/aime/avg@4"] == pytest.approx(0.5)
+    assert metrics["val/amc/avg@4"] == pytest.approx(0.5)
+    # pass@2 = 1 - C(4-c, 2) / C(4, 2): aime (0.5 + 1) / 2 = 0.75, amc (1 + 0) / 2 = 0.5
+    assert metrics["val/aime/pass@2"] == pytest.approx(0.75)
+    assert metrics["val/macro/pass@2"] == pytest.approx(0.625)
+    assert metrics["val/macro/pass@4"] == pytest.approx((1.0 + 0.5) / 2)
+    assert metrics["heldout_accuracy"] == pytest.approx(8 / 16)  # correct samples of all 16
+    assert metrics["val_reward/timeouts"] == 0.0
+
+
+def test_the_best_checkpoint_is_kept_by_the_chosen_metric(tmp_path):
+    saved = []
+
+    def save(engine, tokenizer, step, config_dict, zero_stage):  # CheckpointManager.save
+        saved.append(step)
+        return tmp_path / "best" / f"step-{step:06d}"
+
+    check = validation(tmp_path, n=1, best_metric="val/macro/avg@1")
+    check.start(resuming=False)
+    check.best.save = save
+    name = "val/macro/avg@1"
+    for step, value in enumerate([0.5, 0.25, 0.75, 0.75, 0.6], start=1):
+        check.keep_best({name: value, "val/aime/avg@1": 0.0}, step, None, None)
+    assert saved == [1, 3]  # 0.5 at step 1, then 0.75 at step 3 (a tie does not replace it)
+    info = json.loads((tmp_path / "best" / "best.json").read_text())
+    assert (info["metric"], info["value"], info["step"]) == (name, 0.75, 3)
+    resumed = validation(tmp_path, n=1, best_metric=name)
+    resumed.start(resuming=True)
+    assert resumed.best_value == 0.75
+    with pytest.raises(ConfigError, match="eval.best_metric.*val/aime/avg@1"):
+        validation(tmp_path, n=1, best_metric="val/gsm8k/avg@1").keep_best(
+            {"val/aime/avg@1": 1.0}, 1, None, None)
+
+
+def test_training_validates_and_keeps_the_best_checkpoint(tmp_path):
+    from luffy_fast.metrics import read_metrics
+    from luffy_fast.trainer import LuffyTrainer
+
+    name = "val/macro/avg@2"
+    trainer = LuffyTrainer(tiny_config(tmp_path, "train.steps=3", "eval.every=1", "eval.n=2",
+                                       "eval.temperature=1.0", f"eval.best_metric={name}",
+                                       "output.save_every=1", "output.keep_checkpoints=1",
+                                       "optim.lr=1e-2"))
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    for row in rows:
+        # one source, binary rewards: the accuracy over all samples is the macro avg@2
+        assert row["heldout_accuracy"] == pytest.approx(row["val/toy_reverse/avg@2"])
+        assert row[name] == pytest.approx(row["val/toy_reverse/avg@2"])
+        assert row["val/macro/pass@2"] >= row[name]
+    assert all(r["reward/timeouts"] == 0 and r["reward/errors"] == 0 for r in rows[1:])
+    values = [r[name] for r in rows[1:]]  # step 0 (the initial weights) is not a candidate
+    best_step = 1 + values.index(max(values))
+    info = json.loads((tmp_path / "checkpoints" / "best" / "best.json").read_text())
+    assert (info["value"], info["step"]) == (pytest.approx(max(values)), best_step)
+    best = tmp_path / "checkpoints" / "best" / (tmp_path / "checkpoints" / "best" / "latest"
+                                                ).read_text().strip()
+    assert best.name == f"step-{best_step:06d}" and (best / "hf" / "config.json").is_file()
+    # the regular checkpoints are pruned to one; the best one stays
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step-*")] == ["step-000003"]
+
+
+class FailingReward:
+    """Raises on every response: each is counted as an error and scores 0."""
+
+    def __call__(self, response: str, sample: Sample) -> float:
+        raise RuntimeError("the verifier broke")
+
+
+class FailingRewardTask(ToyTask):
+    reward_workers = 1
+
+    def reward_function(self):
+        return FailingReward()
+
+
+def test_reward_errors_in_worker_processes_score_zero_and_the_run_goes_on(tmp_path):
+    from luffy_fast.trainer import LuffyTrainer
+
+    config = tiny_config(tmp_path, "train.steps=1", "eval.every=0", "output.save_every=0")
+    trainer = LuffyTrainer(config, task=FailingRewardTask(config))
+    try:
+        metrics = trainer.train()[0]
+    finally:
+        trainer.close()
+    assert trainer.rewards._workers == []  # closed
+    # 4 prompts x (3 rollouts + 1 trace), every one an error scored 0
+    assert metrics["reward/errors"] == 16 and metrics["reward/timeouts"] == 0
+    assert metrics["reward_on_policy"] == 0.0 and metrics["reward_off_policy"] == 0.0
