@@ -139,6 +139,16 @@ class CheckpointManager:
              f"checkpoint; resuming from the newest complete one, {complete[-1].name}")
         return complete[-1]
 
+    def resume_point(self, resume: bool) -> Optional[Path]:
+        """Start-up: stale files removed; with `resume`, the checkpoint to continue from
+        (`latest`); without it, or with no checkpoint yet, None and the old checkpoints are
+        cleared (a fresh start replaces an old run's)."""
+        self.remove_stale_files()
+        latest = self.latest() if resume else None
+        if latest is None:
+            self.clear()
+        return latest
+
     def clear(self) -> None:
         """Delete every checkpoint and the pointer (a fresh start replaces the old run)."""
         if self.rank == 0:

@@ -136,6 +136,16 @@ def read_metrics(path: str | Path) -> list[dict]:
     return rows
 
 
+def progress_display(output, lead: bool, start_step: int, total: int, name: str):
+    """(tqdm bar, ProgressLog) for rank 0 (`lead`): the bar on a terminal when
+    output.progress_bar is on, else plain lines every output.log_every steps."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(start_step, total), initial=start_step, total=total, desc=name,
+               disable=not (lead and ProgressLog.bar_wanted(output.progress_bar)))
+    return bar, ProgressLog(output.log_every if lead and bar.disable else 0, total, start_step)
+
+
 class ProgressLog:
     """Plain progress lines every `every` steps and at the last (0: never), where no progress
     bar is shown: stderr is not a terminal (cluster logs) or output.progress_bar is off."""

@@ -77,6 +77,25 @@ class NonFiniteGuard:
         self.max_consecutive = max_consecutive
         self.consecutive = 0
         self.total = 0
+        self.unreported = 0
+
+    def backward(self, engine, loss: Tensor) -> float:
+        """engine.backward(loss), its gradient made non-finite when it is; returns its value."""
+        value = float(loss.detach())
+        engine.backward(poison_if_nonfinite(loss, value))
+        return value
+
+    def optimizer_step(self, engine, step: int) -> float:
+        """engine.step(), recorded; returns the gradient norm (NaN when not finite)."""
+        norm, applied = optimizer_step(engine)
+        self.unreported += not applied
+        self.record(applied, step)
+        return math.nan if norm is None else norm
+
+    def metrics(self) -> dict:
+        """Skipped optimizer steps since the last call: `nonfinite/skipped_steps`."""
+        skipped, self.unreported = self.unreported, 0
+        return {"nonfinite/skipped_steps": skipped}
 
     def record(self, applied: bool, step: int) -> None:
         if applied:

@@ -30,7 +30,7 @@ from luffy_fast.advantages import group_advantages
 from luffy_fast.checkpoint import CheckpointManager, ensure_writable_dir
 from luffy_fast.data import Sample
 from luffy_fast.distributed import all_reduce_sum, build_engine, init_distributed, training_device
-from luffy_fast.metrics import MeanMinMax, MetricsLogger, PhaseTimer, ProgressLog, peak_memory_mb
+from luffy_fast.metrics import MeanMinMax, MetricsLogger, PhaseTimer, peak_memory_mb, progress_display
 from luffy_fast.micro_batches import (
     loss_denominator,
     mini_batch_indices,
@@ -38,7 +38,7 @@ from luffy_fast.micro_batches import (
     plan_micro_batches,
     sequences_with_gradient,
 )
-from luffy_fast.nonfinite import NonFiniteGuard, optimizer_step, poison_if_nonfinite
+from luffy_fast.nonfinite import NonFiniteGuard
 from luffy_fast.policy import PolicyWithFusedLoss, sequence_logprobs
 from luffy_fast.reward_pool import task_reward_pool
 from luffy_fast.rollout.base import Completion, RolloutEngine, SamplingParams
@@ -81,7 +81,6 @@ class LuffyTrainer:
         self.rollout = rollout_engine or build_rollout_engine(
             config, policy, self.tokenizer, self.device, self.output_dir)
         backend = None if config.train.loss_backend == "auto" else config.train.loss_backend
-        # the op's own non-finite check off: the update skips such steps (nonfinite.py)
         module = PolicyWithFusedLoss(policy, config.loss.replace(check_finite=False), backend)
         self.engine, self.scheduler = build_engine(module, config, bf16)
         self.nonfinite = NonFiniteGuard(config.train.max_nonfinite_steps)
@@ -179,20 +178,16 @@ class LuffyTrainer:
         if num_minis > 1 or config.algorithm.ppo_epochs > 1:
             old_logprobs = self.compute_logprobs(batch, range(len(batch)))[0]
         steps = MeanMinMax(minimum=("ratio_min",), maximum=("ratio_max",))
-        skipped = 0
         for _ in range(config.algorithm.ppo_epochs):
             for mini in range(num_minis):
                 indices = mini_batch_indices(batch, mini, groups_per_mini)
                 learning_rate = self.scheduler.get_last_lr()[0]
                 result = self.accumulate_gradients(batch, indices, old_logprobs, token_weights)
                 # a non-finite loss or gradient norm: no update (docs/robustness.md)
-                grad_norm, applied = optimizer_step(self.engine)
-                self.nonfinite.record(applied, self.step + 1)
-                skipped += not applied
+                result["grad_norm"] = self.nonfinite.optimizer_step(self.engine, self.step + 1)
                 result["learning_rate"] = learning_rate
-                result["grad_norm"] = float("nan") if grad_norm is None else grad_norm
                 steps.add(result)
-        return {**steps.result(), "nonfinite/skipped_steps": skipped}
+        return {**steps.result(), **self.nonfinite.metrics()}
 
     def accumulate_gradients(self, batch: RolloutBatch, indices: Sequence[int],
                              old_logprobs: Optional[list[Tensor]],
@@ -223,9 +218,7 @@ class LuffyTrainer:
                                                      token_weights)
             loss, stats = self.engine(micro.to(self.device))
             scaled = loss * (stats["denominator"].to(loss.dtype) / max(denominator, 1e-30))
-            value = float(scaled.detach())
-            self.engine.backward(poison_if_nonfinite(scaled, value))
-            loss_total += value
+            loss_total += self.nonfinite.backward(self.engine, scaled)
             stats_over_tokens.add({name: stats[name] for name in LOSS_STATS if name in stats},
                                   weight=float(micro.loss_mask.sum()))  # token-weighted means
         result = {"loss": loss_total, "micro_batches": len(plan), **stats_over_tokens.result()}
@@ -262,18 +255,13 @@ class LuffyTrainer:
         Every rank trains on its share of each step's prompts; rank 0 logs its metrics, shows
         the progress bar and publishes checkpoints.
         """
-        from tqdm.auto import tqdm
-
         config = self.config
-        self.checkpoints.remove_stale_files()
-        latest = self.checkpoints.latest() if resume else None
+        latest = self.checkpoints.resume_point(resume)
         start_step = 0
         if latest is not None:
             start_step = self.checkpoints.load(self.engine, latest)
             self.sampler.check_checkpoint(latest, start_step)  # same data, same order
             self.sync_rollout_weights()
-        else:
-            self.checkpoints.clear()  # a fresh start replaces an old run's checkpoints
         self.validation.start(resuming=latest is not None)
         lead = self.rank == 0
         logger = None
@@ -281,11 +269,8 @@ class LuffyTrainer:
             (self.output_dir / "config.yaml").write_text(config.to_yaml())
             logger = MetricsLogger(self.output_dir, config.output.tensorboard, resume_step=start_step)
         history = []
-        bar = tqdm(range(start_step, config.train.steps), initial=start_step, total=config.train.steps,
-                   disable=not (lead and ProgressLog.bar_wanted(config.output.progress_bar)),
-                   desc=self.output_dir.name)
-        progress = ProgressLog(config.output.log_every if lead and bar.disable else 0,
-                               config.train.steps, start_step)
+        bar, progress = progress_display(config.output, lead, start_step, config.train.steps,
+                                         self.output_dir.name)
         try:
             if start_step == 0 and config.eval.every:
                 evaluation = {"step": 0, **self.evaluate()}

@@ -89,8 +89,6 @@ def test_a_run_stopped_by_nonfinite_steps_exits_1_with_the_reason(tmp_path, caps
     from luffy_fast import nonfinite
 
     monkeypatch.setattr(nonfinite, "poison_if_nonfinite", lambda loss, value: loss * float("nan"))
-    monkeypatch.setattr("luffy_fast.trainer.poison_if_nonfinite",
-                        lambda loss, value: loss * float("nan"))
     with pytest.warns(RuntimeWarning):
         assert main(["train", "--config", config]) == 1
     error = capsys.readouterr().err
