@@ -1,4 +1,4 @@
-"""Command line: `luffy-fast train|demo` (also `python -m luffy_fast ...`)."""
+"""Command line: `luffy-fast train|eval|demo` (also `python -m luffy_fast ...`)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--world-size", type=int, default=None,
                        help="--dry-run: GPUs of the planned run (default: $WORLD_SIZE or 1)")
     train.add_argument("overrides", nargs="*", metavar="dotted.key=value")
+
+    from luffy_fast.eval_cli import add_eval_parser
+
+    add_eval_parser(commands)  # luffy-fast eval (luffy_fast/eval_cli.py)
 
     demo = commands.add_parser("demo", help="LUFFY vs on-policy GRPO on the embedded toy task",
                                description="Train LUFFY and on-policy GRPO on digit reversal with "
@@ -88,6 +92,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             finally:
                 trainer.close()
             print(f"done: metrics and checkpoints in {config.output.dir}")
+        elif args.command == "eval":
+            from luffy_fast.eval_cli import run_eval
+
+            return run_eval(args)
         else:
             from luffy_fast.toy.demo import format_summary, run_demo
 

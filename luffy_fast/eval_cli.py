@@ -8,6 +8,8 @@ Prompts as the official evaluation builds them: the system prompt removed, the m
 template applied. Generation with vLLM when it is installed and a GPU is present (or
 `--engine vllm`), transformers `generate` otherwise. Every input is checked before the model
 loads; the table is printed, `results.json` and `generations.jsonl` written to `--output`.
+The files are read by luffy_fast/eval_data.py (the official layout, or problem/question with
+answer/solution).
 """
 
 from __future__ import annotations
@@ -15,31 +17,12 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
-from luffy_fast.data_files import (
-    DataError,
-    data_files,
-    ground_truth_text,
-    prompt_messages,
-    read_rows,
-)
 from luffy_fast.errors import ConfigError
-from luffy_fast.evaluation import (
-    EvalProblem,
-    format_table,
-    generate_and_score,
-    summarize,
-    write_results,
-)
+from luffy_fast.evaluation import format_table, generate_and_score, summarize, write_results
 from luffy_fast.rollout.base import RolloutEngine, SamplingParams
-
-# Benchmark layouts beside the official one (prompt + reward_model.ground_truth): the first
-# question and answer columns found, in this order.
-QUESTION_KEYS = ("problem", "question", "prompt")
-ANSWER_KEYS = ("answer", "ground_truth", "solution")
 
 
 def add_eval_parser(commands) -> None:
@@ -67,65 +50,6 @@ def add_eval_parser(commands) -> None:
                         help="scoring processes (default: one per CPU core; 0: in-process)")
     parser.add_argument("--reward-timeout", type=float, default=10.0,
                         help="seconds per answer before it scores 0")
-
-
-def _pick(values: dict, chosen: Optional[str], candidates: tuple[str, ...]) -> Optional[str]:
-    if chosen is not None:
-        return chosen if chosen in values else None
-    return next((key for key in candidates if key in values), None)
-
-
-def _rows(path: str | Path):
-    """(file name without suffix, row) of every row of the file or folder `path`."""
-    for file in data_files(path, key="--data"):
-        for row in read_rows(file, key="--data"):
-            yield file.stem, row
-
-
-def eval_rows(path: str | Path, question_key: Optional[str] = None,
-              answer_key: Optional[str] = None) -> list[tuple[list[dict], str, str]]:
-    """(chat messages without the system prompt, ground truth, data source) of every row."""
-    problems = []
-    for stem, row in _rows(path):
-        values, where = row.values, row.where
-        official = "reward_model" in values and question_key is None and answer_key is None
-        if official and isinstance(values["reward_model"], dict):
-            question, answer = values.get("prompt"), values["reward_model"].get("ground_truth")
-            question_name, answer_name = "prompt", "reward_model.ground_truth"
-        else:
-            question_name = _pick(values, question_key, QUESTION_KEYS)
-            answer_name = _pick(values, answer_key, ANSWER_KEYS)
-            question = values.get(question_name) if question_name else None
-            answer = values.get(answer_name) if answer_name else None
-        if question is None or answer is None:
-            if question is None:
-                missing = question_key or "/".join(QUESTION_KEYS)
-            else:
-                missing = answer_key or "/".join(ANSWER_KEYS)
-            found = ", ".join(sorted(map(str, values))) or "none"
-            raise DataError(f"{where}: no {missing!r} field (columns found: {found}); name the "
-                            "columns with --question-key / --answer-key")
-        messages = [m for m in prompt_messages(question, f"{where} {question_name}")
-                    if m["role"] != "system"]  # the official evaluation drops the system prompt
-        source = values.get("data_source") or stem
-        problems.append((messages, ground_truth_text(answer, f"{where} {answer_name}"),
-                         str(source)))
-    return problems
-
-
-def load_eval_problems(paths, tokenizer, question_key: Optional[str] = None,
-                       answer_key: Optional[str] = None) -> list[EvalProblem]:
-    """Every file's problems, rendered with the tokenizer's chat template and tokenized."""
-    from luffy_fast.data import Sample, render_prompt
-
-    problems = []
-    for path in paths:
-        for messages, truth, source in eval_rows(path, question_key, answer_key):
-            ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False).input_ids
-            problems.append(EvalProblem(ids, truth, source,
-                                        Sample(prompt_ids=ids, ground_truth=truth,
-                                               data_source=source)))
-    return problems
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -181,6 +105,7 @@ def build_engine(name: str, model_dir: str, tokenizer, args: argparse.Namespace,
 
 def run_eval(args: argparse.Namespace) -> int:
     from luffy_fast.data import load_tokenizer
+    from luffy_fast.eval_data import load_eval_problems
     from luffy_fast.reward_pool import RewardPool
     from luffy_fast.rewards import MathVerifyReward
 
@@ -188,9 +113,8 @@ def run_eval(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    problems = load_eval_problems(args.data, tokenizer, args.question_key, args.answer_key)
-    if not problems:
-        raise ConfigError(f"--data: no problems in {' '.join(args.data)}")
+    problems = [problem for path in args.data for problem in load_eval_problems(
+        path, tokenizer, question_key=args.question_key, answer_key=args.answer_key)]
     name = engine_name(args.engine)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed)
