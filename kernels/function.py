@@ -135,6 +135,13 @@ class _FilterCount:
         self.threshold = threshold
         self.skipped = torch.zeros((), dtype=torch.float32, device=device)
         self.total = 0
+        self._weight_mean: Optional[Tensor] = None
+
+    def weight_mean(self, weight: Tensor) -> Tensor:
+        """The fp32 mean weight row (for the skipped blocks' share of d(hidden)), once per call."""
+        if self._weight_mean is None:
+            self._weight_mean = weight.mean(dim=0, dtype=torch.float32)
+        return self._weight_mean
 
     def add(self, keep: Tensor) -> None:
         self.skipped += (keep == 0).sum()
@@ -151,7 +158,8 @@ def _add_gradients(tokens: _ActiveTokens, hidden: Tensor, weight: Tensor, bias: 
     (with the gradient filter: only the blocks that pass it, kernels/backward_filtered.py)."""
     if grad_filter is not None:
         keep = filtered_gradients(hidden, weight, bias, tokens, temperature, grad_filter.threshold,
-                                  out, grads, logits=logits, logit_rows=logit_rows)
+                                  out, grads, logits=logits, logit_rows=logit_rows,
+                                  weight_mean=grad_filter.weight_mean(weight))
         grad_filter.add(keep)
         return
     grad_logits(hidden, weight, bias, tokens.rows, tokens.targets, tokens.lse, tokens.logprobs,

@@ -48,8 +48,9 @@ class LuffyLossConfig:
     grad_filter: opt-in gradient filter of the triton backend (None: off, the exact gradient).
         Blocks of dL/dz (a tile of tokens x a tile of the vocabulary) whose every entry is below
         grad_filter x its token's gradient scale (|g_t| + |c_t|) / temperature are skipped, with
-        their share of the gradient GEMMs; roughly, blocks whose probabilities are all below
-        grad_filter. Saves time when the logits are peaked (a trained LM's); 1e-5 .. 1e-4 is a
+        their share of the gradient GEMMs (d(hidden) gets their total, known exactly since each
+        row of dL/dz sums to zero, along the mean weight row); roughly, blocks whose probabilities
+        are all below grad_filter. Saves time when the logits are peaked (a trained LM's); 1e-5 .. 1e-4 is a
         typical range, 0 skips nothing. stats["grad_filter_skipped_fraction"] reports the share of
         blocks skipped (with the recompute strategy it is filled when the backward runs). The
         torch backend rejects it; the reference backend ignores it (it is the exact oracle).
