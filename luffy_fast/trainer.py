@@ -77,7 +77,8 @@ class LuffyTrainer:
             policy.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         self.rank, self.world_size = init_distributed(self.device.type, config)
-        # before DeepSpeed partitions the policy: the engine starts from a full copy
+        # before DeepSpeed partitions the policy: the hf engine shares it below ZeRO-3 and
+        # copies it at ZeRO-3 (rollout/hf.py); vLLM starts from a saved copy
         self.rollout = rollout_engine or build_rollout_engine(
             config, policy, self.tokenizer, self.device, self.output_dir)
         backend = None if config.train.loss_backend == "auto" else config.train.loss_backend
@@ -157,7 +158,8 @@ class LuffyTrainer:
                            ) -> tuple[TokenWeights, dict]:
         """Gap between the engine's and the trainer's log-probs of the sampled tokens, and the
         truncated importance weights when rollout.tis_cap is set (rollout/correction.py).
-        Skipped for the hf engine without a cap: it samples from an exact copy of the weights."""
+        Skipped for the hf engine without a cap: it samples from the training weights (ZeRO-3:
+        an exact copy of them)."""
         cap = self.config.rollout.tis_cap
         if not completions or (cap is None and self.config.rollout.engine == "hf"):
             return None, {}

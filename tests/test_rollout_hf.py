@@ -74,3 +74,34 @@ def test_sync_weights_copies_tensors_and_rejects_unknown_names(engine):
         engine.sync_weights([("nope", torch.zeros(1))])
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingParams(0)
+
+
+def test_shared_module_is_left_as_the_trainer_set_it():
+    """shares_weights: the module is not frozen, its mode comes back, and the sync is a no-op
+    that does not even iterate its argument (a ZeRO gather would be wasted)."""
+    tokenizer = build_tokenizer(3)
+    policy = build_policy(tokenizer, SHAPE, seed=2).train()
+    shared = HFGenerateEngine(policy, tokenizer.pad_token_id, tokenizer.eos_token_id,
+                              shares_weights=True)
+    copied = HFGenerateEngine(build_policy(tokenizer, SHAPE, seed=2), tokenizer.pad_token_id,
+                              tokenizer.eos_token_id)
+    params = SamplingParams(8, temperature=0.9, seed=3)
+    got = shared.generate([[2, 3, 12], [4, 12]], n=3, params=params)
+    want = copied.generate([[2, 3, 12], [4, 12]], n=3, params=params)
+    assert [[c.token_ids for c in g] for g in got] == [[c.token_ids for c in g] for g in want]
+    assert [[c.logprobs for c in g] for g in got] == [[c.logprobs for c in g] for g in want]
+    assert policy.training and all(p.requires_grad for p in policy.parameters())
+
+    def never_iterated():
+        raise AssertionError("sync_weights iterated the weights")
+        yield
+
+    shared.sync_weights(never_iterated())
+    # an update to the module is what the next call samples from
+    with torch.no_grad():
+        for param in policy.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    copied.sync_weights(policy.named_parameters())
+    got = shared.generate([[2, 3, 12]], n=4, params=params)
+    want = copied.generate([[2, 3, 12]], n=4, params=params)
+    assert [c.logprobs for c in got[0]] == [c.logprobs for c in want[0]]

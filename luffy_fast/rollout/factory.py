@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from pathlib import Path
 
@@ -14,21 +13,22 @@ from luffy_fast.rollout.base import RolloutEngine
 
 def build_rollout_engine(config, policy: nn.Module, tokenizer, device: torch.device,
                          work_dir: str | Path) -> RolloutEngine:
-    """The engine that `config.rollout.engine` names, holding a copy of `policy`'s weights.
+    """The engine that `config.rollout.engine` names, over `policy`'s weights.
 
-    config: a LuffyTrainConfig. Call it before DeepSpeed partitions the policy (ZeRO-3): the
-    vLLM engine starts from the policy saved with save_pretrained under `work_dir`, and after
+    config: a LuffyTrainConfig. Call it before DeepSpeed partitions the policy (ZeRO-3): the hf
+    engine shares the policy module below ZeRO-3 and copies it at ZeRO-3; the vLLM engine
+    starts from the policy saved with save_pretrained under `work_dir`, and after
     torch.distributed is initialized, so that an in-process vLLM joins the trainer's ranks
     instead of creating its own.
     """
     rollout = config.rollout
-    if rollout.engine == "hf":
-        from luffy_fast.rollout.hf import HFGenerateEngine
+    if rollout.engine == "hf":  # the policy itself below ZeRO-3, else a copy (rollout/hf.py)
+        from luffy_fast.distributed import training_device
+        from luffy_fast.rollout.hf import trainer_hf_engine
 
-        return HFGenerateEngine(copy.deepcopy(policy).to(device),
-                                pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=tokenizer.eos_token_id,
-                                max_batch_size=rollout.max_batch_size)
+        return trainer_hf_engine(policy, tokenizer, device, config.train.zero_stage,
+                                 bf16=training_device(config, device)[1],
+                                 max_batch_size=rollout.max_batch_size)
     if rollout.engine == "vllm":
         from luffy_fast.rollout.vllm import VLLMRolloutEngine
 
@@ -39,7 +39,9 @@ def build_rollout_engine(config, policy: nn.Module, tokenizer, device: torch.dev
                 + config.data.max_response_length)
         model_dir = Path(work_dir) / "rollout_model"
         model_dir.mkdir(parents=True, exist_ok=True)
-        policy.save_pretrained(model_dir)
+        policy.save_pretrained(model_dir)  # transformers writes on rank 0 only
         tokenizer.save_pretrained(model_dir)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # the other ranks' engines read rank 0's files
         return VLLMRolloutEngine(model_dir, options, seed=config.train.seed, device=device)
     raise ValueError(f"rollout.engine: unknown engine {rollout.engine!r} (choose hf or vllm)")
