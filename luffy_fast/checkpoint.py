@@ -52,9 +52,12 @@ class CheckpointManager:
         and temporary files of dead processes."""
         if self.rank != 0:
             return
-        for staging in self.root.glob(".staging-*"):
-            shutil.rmtree(staging, ignore_errors=True)
-        remove_stale_temporaries(self.root)
+        folders = [self.root, *(p for p in self.root.glob("*") if p.is_dir()  # e.g. best/
+                                and not p.name.startswith(("step-", ".staging-")))]
+        for folder in folders:
+            for staging in folder.glob(".staging-*"):
+                shutil.rmtree(staging, ignore_errors=True)
+            remove_stale_temporaries(folder)
         remove_stale_temporaries(self.root.parent)  # the run folder: metrics, write probes
 
     def save(self, engine, tokenizer, step: int, config: dict, zero_stage: int,

@@ -270,7 +270,9 @@ def test_stale_staging_and_temporary_files_are_cleaned_at_start_up(tmp_path):
     first.train()
     root = tmp_path / "checkpoints"
     (root / ".staging-step-000002" / "deepspeed").mkdir(parents=True)
-    stale = [root / f".latest.tmp-{DEAD_PID}", tmp_path / f".write-probe-{DEAD_PID}"]
+    (root / "best" / ".staging-step-000001").mkdir(parents=True)  # the best checkpoint's
+    stale = [root / f".latest.tmp-{DEAD_PID}", tmp_path / f".write-probe-{DEAD_PID}",
+             root / "best" / f".best.json.tmp-{DEAD_PID}"]
     live = root / f".notes.tmp-{os.getpid()}"  # a live writer's file is left alone
     for path in [*stale, live]:
         path.write_text("x")
@@ -278,6 +280,7 @@ def test_stale_staging_and_temporary_files_are_cleaned_at_start_up(tmp_path):
     resumed.train(resume=True)
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
     assert not (root / ".staging-step-000002").exists()
+    assert not (root / "best" / ".staging-step-000001").exists()
     assert not any(p.exists() for p in stale) and live.exists()
 
 
