@@ -149,6 +149,8 @@ class CheckpointManager:
         self.remove_stale_files()
         latest = self.latest() if resume else None
         if latest is None:
+            if resume and self.rank == 0:
+                warn(f"{self.root}: no checkpoint to resume from; starting from step 0")
             self.clear()
         return latest
 

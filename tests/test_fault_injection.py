@@ -79,6 +79,12 @@ def test_broken_latest_without_any_checkpoint_is_an_error(tmp_path):
         manager.latest()
 
 
+def test_resume_without_any_checkpoint_says_it_starts_over(tmp_path):
+    manager = fake_checkpoints(tmp_path, [])
+    with pytest.warns(RuntimeWarning, match="no checkpoint to resume from; starting from step 0"):
+        assert manager.resume_point(resume=True) is None
+
+
 def test_resume_with_a_broken_latest_and_a_torn_line_continues_the_run(tmp_path):
     """End to end: the run's own metrics up to the checkpoint are kept, not truncated."""
     first = trainer(tmp_path, "train.steps=2", "output.save_every=1", "output.keep_checkpoints=2")
