@@ -17,6 +17,7 @@ from typing import Optional
 from luffy_fast.data import render_prompt
 from luffy_fast.data_files import (
     DataError,
+    Record,
     Row,
     ground_truth_text,
     prompt_messages,
@@ -80,6 +81,13 @@ def eval_record(row: Row, question_key: Optional[str] = None, answer_key: Option
     if remove_system:
         messages = [m for m in messages if m["role"] != "system"]
     return messages, truth, str(source)
+
+
+def heldout_record(row: Row) -> Record:
+    """A held-out problem for the in-training validation, in either layout; its prompt is the
+    training prompt's (system prompt kept, as the official run validates)."""
+    messages, truth, source = eval_record(row, remove_system=False)
+    return Record(messages, [], truth, source, row.where)
 
 
 def load_eval_problems(path: str | Path, tokenizer, *, question_key: Optional[str] = None,

@@ -98,7 +98,12 @@ class MathTask(Task):
         source = self.config.data.heldout_source
         if not source:
             return []
-        samples, _ = self._load(source, tokenizer, "data.heldout_source")
+        from luffy_fast.eval_data import heldout_record
+
+        data = self.config.data
+        limits = DataLimits(data.max_prompt_length, data.max_response_length)
+        samples, _ = load_samples(source, tokenizer, limits, record=heldout_record,
+                                  key="data.heldout_source")  # official or benchmark layout
         return samples[:self.config.eval.num_problems]
 
     def reward(self, response: str, sample: Sample) -> float:
@@ -106,7 +111,6 @@ class MathTask(Task):
 
     def reward_function(self) -> RewardFunction:
         return self._reward  # pickles without the task's data
-
 
 
 def load_task(config: LuffyTrainConfig) -> Task:

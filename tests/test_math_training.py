@@ -176,3 +176,20 @@ def test_model_overrides_apply_at_load(tmp_path, model_dir):
     assert rope_theta(policy.config) == 40000 and policy.config.max_position_embeddings == 96
     plain = load_policy(load_config(None, [f"model.path={model_dir}"]).model, torch.float32)
     assert rope_theta(plain.config) == 10000.0 and plain.config.max_position_embeddings == 128
+
+
+def test_heldout_problems_in_a_benchmark_layout(tmp_path, model_dir):
+    from luffy_fast.tasks import MathTask
+
+    data = write_jsonl(tmp_path / "train.jsonl", math_rows())
+    heldout = write_jsonl(tmp_path / "math500.jsonl", [
+        {"problem": "q 4", "solution": "so \\boxed{4}"},
+        {"prompt": [{"role": "system", "content": "sys"}, {"role": "user", "content": "q 2"}],
+         "reward_model": {"ground_truth": "2"}, "data_source": "official"}])
+    config = _config(tmp_path, model_dir, data, f"data.heldout_source={heldout}")
+    tokenizer = math_tokenizer()
+    first, second = MathTask(config).heldout_samples(tokenizer)
+    assert tokenizer.decode(first.prompt_ids) == "q 4 so"
+    assert (first.ground_truth, first.data_source) == ("4", "math500")
+    # the training prompt's handling: the system prompt is kept, as the official validation
+    assert tokenizer.decode(second.prompt_ids) == "sys q 2 so" and second.ground_truth == "2"
