@@ -31,7 +31,7 @@ def test_flags_are_accepted_after_the_overrides():
 
 
 def test_an_existing_run_folder_needs_resume_or_overwrite(tmp_path, capsys):
-    config, out = config_file(tmp_path, "train.steps=2")
+    config, out = config_file(tmp_path, "train.steps=2", "output.tensorboard=true")
     assert main(["train", "--config", config]) == 0
     first = read_metrics(out / "metrics.jsonl")
     capsys.readouterr()
@@ -50,6 +50,7 @@ def test_an_existing_run_folder_needs_resume_or_overwrite(tmp_path, capsys):
     assert main(["train", "--config", config, "train.steps=1", "--overwrite"]) == 0
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-000001"]
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1  # old ones gone
     again = read_metrics(out / "metrics.jsonl")[0]
     assert again["loss"] == first[0]["loss"]  # the same seeded first step, from scratch
 
