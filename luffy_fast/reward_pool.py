@@ -41,8 +41,10 @@ class ScoreReport:
     messages: list[str] = field(default_factory=list)  # the first few problems, one line each
 
     def metrics(self, prefix: str = "reward") -> dict:
+        """<prefix>/timeouts and /errors; the scoring's wall-clock seconds as time/<prefix>_pool
+        (in the timings' namespace, docs/design.md §Rewards)."""
         return {f"{prefix}/timeouts": float(self.timeouts), f"{prefix}/errors": float(self.errors),
-                f"{prefix}/seconds": self.seconds}
+                f"time/{prefix}_pool": self.seconds}
 
 
 def default_workers() -> int:
