@@ -46,6 +46,8 @@ def add_eval_parser(commands) -> None:
     parser.add_argument("--answer-key", default=None, help="the answer column, if unusual")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64, help="hf engine: sequences per call")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="vllm engine: GPUs the model is split over")
     parser.add_argument("--reward-workers", type=int, default=None,
                         help="scoring processes (default: one per CPU core; 0: in-process)")
     parser.add_argument("--reward-timeout", type=float, default=10.0,
@@ -67,6 +69,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1] "
                           f"(got {args.temperature}, {args.top_p})")
+    if args.tensor_parallel_size < 1:
+        raise ConfigError(f"--tensor-parallel-size: must be at least 1 "
+                          f"(got {args.tensor_parallel_size})")
     if args.reward_workers is not None and args.reward_workers < 0:
         raise ConfigError(f"--reward-workers: must be >= 0 (got {args.reward_workers})")
     if not args.reward_timeout > 0:
@@ -91,6 +96,7 @@ def build_engine(name: str, model_dir: str, tokenizer, args: argparse.Namespace,
         from luffy_fast.rollout.vllm_config import VLLMConfig
 
         options = VLLMConfig(max_model_len=max_model_len, sleep_level=0,
+                             tensor_parallel_size=args.tensor_parallel_size,
                              gpu_memory_utilization=0.9 if device.type == "cuda" else None)
         return VLLMRolloutEngine(model_dir, options, seed=args.seed, device=device)
     from transformers import AutoModelForCausalLM
