@@ -96,7 +96,7 @@ class Validation:
             known = ", ".join(sorted(k for k in metrics if k.startswith("val/")))
             raise ConfigError(f"eval.best_metric: {name!r} is not among this run's validation "
                               f"metrics ({known})")
-        value = float(metrics[name])
+        value = self._rank_zero(float(metrics[name]))
         if self.best_value is not None and value <= self.best_value:
             return False
         self.best_value = value
@@ -107,3 +107,14 @@ class Validation:
             write_atomic(self.best.root / "best.json", json.dumps(
                 {"metric": name, "value": value, "step": step, "checkpoint": path.name}) + "\n")
         return True
+
+    def _rank_zero(self, value: float) -> float:
+        """Rank 0's value on every rank (the one it logs): ranks sampling with their own seeds
+        must still agree on whether to save, a collective operation."""
+        if self.best.world_size == 1:
+            return value
+        nccl = torch.distributed.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        tensor = torch.tensor([value], dtype=torch.float64, device=device)
+        torch.distributed.broadcast(tensor, src=0)
+        return float(tensor)

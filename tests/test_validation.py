@@ -149,3 +149,32 @@ def test_reward_errors_in_worker_processes_score_zero_and_the_run_goes_on(tmp_pa
     # 4 prompts x (3 rollouts + 1 trace), every one an error scored 0
     assert metrics["reward/errors"] == 16 and metrics["reward/timeouts"] == 0
     assert metrics["reward_on_policy"] == 0.0 and metrics["reward_off_policy"] == 0.0
+
+
+def _keep_best_on_rank(rank: int, init_file: str, root: str, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        config = load_config(None, ["eval.best_metric=val/macro/avg@1"])
+        check = Validation([Sample([10], "right", data_source="aime")], config,
+                           RewardPool(exact_match, workers=0), root, rank=rank, world_size=2)
+        saves = []
+        check.best.save = lambda *args: saves.append(args[2]) or check.best.root / "step"
+        # each rank sampled its own value; rank 0's decides for both (0.5, 0.4, 0.6 logged)
+        for step, values in enumerate([(0.5, 0.1), (0.4, 0.9), (0.6, 0.2)], start=1):
+            check.keep_best({"val/macro/avg@1": values[rank]}, step, None, None)
+        results[rank] = (saves, check.best_value)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ranks_agree_on_the_best_checkpoint(tmp_path):
+    """Saving is collective: every rank decides on rank 0's value, whatever it sampled."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_keep_best_on_rank, args=(str(tmp_path / "init"), str(tmp_path / "ckpt"), results),
+             nprocs=2)
+    assert results[0] == results[1] == ([1, 3], 0.6)
