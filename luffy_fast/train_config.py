@@ -70,14 +70,14 @@ class ModelConfig:
 class DataConfig:
     """Prompts, answers and off-policy traces, from a task (luffy_fast.tasks).
 
-    task: "toy" (the demo's digit reversal, generated on the fly), "math" (an OpenR1-Math JSONL
-        file at `source`, scored by math-verify) or a user's "package.module:Class"; None picks
-        "toy" when source is "toy", else "math".
+    task: "toy" (the demo's digit reversal, generated on the fly), "math" (the official layout
+        at `source`: Parquet, JSONL or a folder of shards; math-verify) or a user's
+        "package.module:Class"; None picks "toy" when source is "toy", else "math".
     """
 
     task: Optional[str] = None
     source: str = "toy"
-    heldout_source: Optional[str] = None  # JSONL of held-out problems (toy: generated)
+    heldout_source: Optional[str] = None  # held-out problems, any eval layout (toy: generated)
     num_digits: int = 5  # toy task: length of the digit string to reverse
     heldout_fraction: float = 0.1  # toy task: share of all problems reserved for held-out
     max_prompt_length: int = 1024  # longer prompts are skipped (counted)
