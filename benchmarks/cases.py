@@ -5,7 +5,9 @@ group is the off-policy trace, as in LUFFY's 7 + 1 groups). Scenarios:
 - dense: every group has mixed rewards, so every token carries a gradient; the LUFFY reference
   config (shaping, no clipping, `constant` normalizer, entropy bonus 0.001);
 - rlvr: half of the groups have equal rewards (zero advantage) and there is no entropy term, as in
-  typical RLVR batches; an implementation that skips inactive tokens should pay off here.
+  typical RLVR batches; an implementation that skips inactive tokens should pay off here;
+- peaked: the dense batch with logits like a trained LM's (`peaked_hidden_weight`), where the
+  gradient filter (LuffyLossConfig.grad_filter) can skip the softmax's negligible tail.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import torch
 
 from luffy_fast import LuffyLossConfig
 
-SCENARIOS = ("dense", "rlvr")
+SCENARIOS = ("dense", "rlvr", "peaked")
+# The gradient filter threshold the benchmarks and the GPU parity check use.
+GRAD_FILTER = 3e-5
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -47,7 +51,7 @@ class Case:
         return f"{self.scenario}-T{self.T}-H{self.H}-V{self.V}-{self.dtype}"
 
     def config(self) -> LuffyLossConfig:
-        entropy = 0.001 if self.scenario == "dense" else 0.0
+        entropy = 0.0 if self.scenario == "rlvr" else 0.001
         return LuffyLossConfig.luffy(max_len=self.seq_len, entropy_coef=entropy)
 
     def to_dict(self) -> dict:
@@ -97,14 +101,46 @@ def group_rewards(case: Case) -> torch.Tensor:
     return torch.stack(rows)  # [n_groups, group_size]
 
 
+def peaked_hidden_weight(T: int, H: int, V: int, gen: torch.Generator, device: str,
+                         margin: float = 20.0, spread: float = 2.0, unsure_fraction: float = 0.2,
+                         zipf_slope: float = 1.5):
+    """fp32 hidden [T, H], weight [V, H] and targets [T] whose logits look like a trained LM's.
+
+    Vocabulary ids run from common to rare (as BPE vocabularies roughly do): targets are drawn
+    with Zipf frequencies, and logit dimension 0 carries a log-frequency bias
+    -zipf_slope * log(1 + v / 64). The other dimensions: unit weight rows, and each hidden state
+    is `margin` x its target's row plus noise of std `spread` on every logit; a fraction of the
+    tokens is unsure between the target and another candidate (both at margin / sqrt(2)).
+    """
+    ranks = torch.arange(V, device=device, dtype=torch.float32)
+    zipf = 1.0 / (ranks + 10.0)
+    targets = torch.multinomial(zipf, T, replacement=True, generator=gen)
+    weight = torch.randn(V, H, device=device, generator=gen)
+    weight /= weight.norm(dim=1, keepdim=True)
+    hidden = margin * weight[targets]
+    unsure = torch.rand(T, device=device, generator=gen) < unsure_fraction
+    other = weight[torch.multinomial(zipf, T, replacement=True, generator=gen)]
+    hidden = torch.where(unsure[:, None], (hidden + margin * other) / 2**0.5, hidden)
+    hidden += spread * torch.randn(T, H, device=device, generator=gen)
+    # A hidden coordinate of size `margin` carries the frequency bias, so weight rows keep their
+    # unit scale (a large weight coordinate would dominate d(hidden)).
+    weight[:, 0] = -zipf_slope / margin * torch.log1p(ranks / 64.0)
+    hidden[:, 0] = margin
+    return hidden, weight, targets
+
+
 def make_inputs(case: Case, device: str, seed: int = 0) -> Inputs:
     """Deterministic random inputs for `case` on `device` (generated there: fast on a GPU)."""
     dtype = DTYPES[case.dtype]
     gen = torch.Generator(device=device).manual_seed(seed)
-    hidden = torch.randn(case.T, case.H, device=device, generator=gen).to(dtype)
-    # Weights scaled so that logits have unit variance, like a trained LM head's order of magnitude.
-    weight = (torch.randn(case.V, case.H, device=device, generator=gen) / case.H**0.5).to(dtype)
-    targets = torch.randint(0, case.V, (case.T,), device=device, generator=gen)
+    if case.scenario == "peaked":
+        hidden, weight, targets = peaked_hidden_weight(case.T, case.H, case.V, gen, device)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    else:
+        hidden = torch.randn(case.T, case.H, device=device, generator=gen).to(dtype)
+        # Weights scaled so that logits have unit variance, like a trained LM head's magnitude.
+        weight = (torch.randn(case.V, case.H, device=device, generator=gen) / case.H**0.5).to(dtype)
+        targets = torch.randint(0, case.V, (case.T,), device=device, generator=gen)
 
     rewards = group_rewards(case)
     seq_advantages = (rewards - rewards.mean(dim=1, keepdim=True)).reshape(-1)  # no std division
@@ -122,6 +158,19 @@ def make_inputs(case: Case, device: str, seed: int = 0) -> Inputs:
         seq_ids=seq_ids.to(device),
         config=case.config(),
     )
+
+
+# The scenarios an implementation runs (the rest: dense and rlvr only). The peaked case is there
+# for the gradient filter: the floor and the exact triton backend beside it.
+RUNS_ON = {"gemm_floor": SCENARIOS, "triton": SCENARIOS, "triton_filter": ("peaked",),
+           "gemm_logits": ("dense",), "token_logprobs": ("dense",)}
+CUDA_IMPLS = ["gemm_floor", "gemm_logits", "naive", "liger", "torch", "triton", "triton_256mb",
+              "triton_filter", "token_logprobs"]
+
+
+def runs_on(impl: str, case: Case) -> bool:
+    """Whether `impl` is measured on `case`'s scenario at all (RUNS_ON)."""
+    return case.scenario in RUNS_ON.get(impl, ("dense", "rlvr"))
 
 
 @dataclass
@@ -142,6 +191,8 @@ class Plan:
 
     def too_large(self, impl: str, case: Case, kind: str) -> Optional[str]:
         """Why `impl` is not run at `case` in this plan (None: it is)."""
+        if not runs_on(impl, case):
+            return f"{impl} is not run on the {case.scenario} scenario in this plan"
         limits = self.max_tokens_speed if kind == "time" else self.max_tokens_memory
         limit = limits.get(impl)
         if limit is not None and case.T > limit:
@@ -155,33 +206,37 @@ def _int_env(name: str) -> Optional[int]:
 
 
 def make_plan(device: str, dry_run: bool = False) -> Plan:
-    """The CPU plan (fp32, one shape) or the CUDA plan (bf16, four shapes); dry-run shrinks it."""
+    """The CPU plan (fp32, one shape) or the CUDA plan (bf16, three shapes and the peaked case);
+    dry-run shrinks it."""
     cuda = device.startswith("cuda")
     if dry_run:
         # The CUDA plan's structure at toy sizes, on whatever device is present.
-        impls = ["gemm_floor", "naive", "liger", "torch", "triton", "triton_lowmem"]
         # (Small enough for the Triton interpreter when there is no GPU.)
         main = [Case(s, T, H, V) for (H, V) in [(32, 500), (48, 512)] for T in (128, 256)
-                for s in SCENARIOS]
+                for s in ("dense", "rlvr")] + [Case("peaked", 128, 32, 500)]
         memory = [c for c in main if c.scenario == "dense" or c is main[1]]
         sweep = [Case("dense", T, 32, 500) for T in (128, 256, 512)]
-        return Plan(device, "dry-run", impls, main, memory, sweep, rounds=1, warmup_rounds=1,
-                    max_tokens_speed={"torch": 128}, max_tokens_memory={"torch": 256})
+        return Plan(device, "dry-run", list(CUDA_IMPLS), main, memory, sweep, rounds=1,
+                    warmup_rounds=1, max_tokens_speed={"torch": 128, "token_logprobs": 128,
+                                                       "gemm_logits": 128},
+                    max_tokens_memory={"torch": 256})
     if cuda:
-        impls = ["gemm_floor", "naive", "liger", "torch", "triton", "triton_lowmem"]
-        shapes = [(8192, 4096, 151936), (8192, 3584, 152064), (32768, 4096, 151936),
-                  (32768, 3584, 152064)]
-        main = [Case(s, T, H, V, "bfloat16") for (T, H, V) in shapes for s in SCENARIOS]
+        # (32768, 3584, 152064) was dropped in round 2 to make room for the new rows.
+        shapes = [(8192, 4096, 151936), (8192, 3584, 152064), (32768, 4096, 151936)]
+        main = [Case(s, T, H, V, "bfloat16") for (T, H, V) in shapes for s in ("dense", "rlvr")]
+        main.append(Case("peaked", *shapes[0], "bfloat16"))
         # Extra memory hardly depends on the scenario: both only at the first shape.
         memory = [c for c in main if c.scenario == "dense" or c is main[1]]
         sweep = [Case("dense", T, 4096, 151936, "bfloat16")
                  for T in (4096, 8192, 16384, 32768, 65536, 131072)]
         rounds = _int_env("LUFFY_BENCH_ROUNDS") or 3
         # The torch backend is the CPU path; on a GPU its small chunks make it slow at large T.
-        return Plan(device, "cuda", impls, main, memory, sweep, rounds=rounds, warmup_rounds=1,
-                    max_tokens_speed={"torch": 8192}, max_tokens_memory={"torch": 32768})
+        return Plan(device, "cuda", list(CUDA_IMPLS), main, memory, sweep, rounds=rounds,
+                    warmup_rounds=1,
+                    max_tokens_speed={"torch": 8192, "token_logprobs": 8192, "gemm_logits": 8192},
+                    max_tokens_memory={"torch": 32768})
     impls = ["naive", "liger", "torch", "triton"]
-    main = [Case(s, 4096, 512, 32768) for s in SCENARIOS]
+    main = [Case(s, 4096, 512, 32768) for s in ("dense", "rlvr")]
     # Smaller H and V keep the sweep to about a minute and a half on 2 cores; what grows with T
     # (naive's [T, V] tensors) still dominates.
     sweep = [Case("dense", T, 64, 8192) for T in (1024, 4096, 16384, 65536)]

@@ -170,7 +170,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     import torch
 
-    from .cases import make_plan
+    from .cases import make_plan, runs_on
 
     config = metafunc.config
     device = config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -179,12 +179,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         # Rounds interleave the implementations (naive, liger, torch, naive, ...): on a shared
         # machine a change in load then hits all of them alike instead of one of them.
         params = [(case, k, impl) for case in plan.main_cases for k in range(plan.rounds)
-                  for impl in plan.impls]
+                  for impl in plan.impls if runs_on(impl, case)]
         metafunc.parametrize(("speed_case", "speed_round", "speed_impl"), params,
                              ids=[f"{case.id}-round{k}-{impl}" for case, k, impl in params])
     if "memory_impl" in names:
         # Ours first, Liger (slowest, compiled on CUDA) last: a run cut short keeps what matters.
-        order = ["triton", "triton_lowmem", "torch", "naive", "liger"]
+        order = ["triton", "triton_256mb", "torch", "naive", "liger"]
         metafunc.parametrize("memory_impl", [impl for impl in order if impl in plan.impls])
 
 

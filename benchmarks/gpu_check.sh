@@ -8,7 +8,12 @@
 # Budget: every stage runs under `timeout`, sized from one overall budget (GPU_CHECK_BUDGET_S,
 # default 465 s), so the whole script ends in under 8 minutes even when a stage hangs; each stage
 # keeps what it measured so far, and each implementation fails on its own (one test each).
-# Expected on an H100: about 7 minutes (parity ~2, speed ~2.5, memory + scaling sweep ~2.5).
+# Expected on an H100: about 7.5 minutes (parity ~3 with issue 13's precision rows, speed ~2.5,
+# memory + scaling sweep ~2). The closing table prints each of issue 13's targets beside its
+# measured ratio: dense <= 1.05x the GEMMs (default budget) and <= 1.10x at 256 MiB, the gradient
+# filter <= 0.90x on peaked logits at <= 1e-3 gradient error, RLVR <= 0.80x, token_logprobs
+# <= 1.1x one GEMM, torch backend <= 1.5x naive, fp32 gradients <= 2e-5 vs float64 at
+# H = 4096, V = 151936, memory flat in T to 128k.
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -60,8 +65,9 @@ PARITY="not run"
 if [[ "$TAG" != cuda ]]; then
   PARITY="skipped: no GPU"
 elif [[ -f benchmarks/gpu_parity.py ]]; then
-  # 22 of --quick's cases took 126 s on an H100 (2026-11-27), compiles included.
-  limit=$(stage_limit 170 300)
+  # 22 of --quick's cases took 126 s on an H100 (2026-11-27), compiles included; the precision
+  # rows (fp32 at the LM-head shape, the gradient filter) add about a minute (estimate).
+  limit=$(stage_limit 200 250)
   log "parity (timeout ${limit}s)"
   timeout -k 5 "$limit" $PY benchmarks/gpu_parity.py --quick 2>&1 | tee "$OUT_DIR/parity.log"
   rc=${PIPESTATUS[0]}
@@ -74,12 +80,12 @@ log "parity: $PARITY"
 # (c) Benchmarks: speed first (floor, naive, liger, torch, triton per case), then memory + sweep.
 PYTEST=($PY -m pytest -p no:cacheprovider -q -rs --benchmark "${DRY[@]}" --bench-out "$OUT_DIR")
 if $PY -c "import pytest_timeout" 2>/dev/null; then PYTEST+=(--timeout 150); fi
-limit=$(stage_limit 170 160)
+limit=$(stage_limit 150 110)
 log "speed (timeout ${limit}s)"
 timeout -k 10 "$limit" "${PYTEST[@]}" benchmarks/test_agreement.py benchmarks/test_speed.py \
   >"$OUT_DIR/speed.log" 2>&1
 log "speed: exit $? (log: speed.log)"; tail -n 3 "$OUT_DIR/speed.log"
-limit=$(stage_limit 150 15)
+limit=$(stage_limit 120 10)
 log "memory + scaling sweep (timeout ${limit}s)"
 timeout -k 10 "$limit" "${PYTEST[@]}" --bench-append benchmarks/test_memory.py \
   >"$OUT_DIR/memory.log" 2>&1

@@ -2,7 +2,10 @@
 
 fp32 inputs against the fp32 reference; bf16 inputs against the float64 reference on the same
 (bf16-rounded) values: <= 1e-2 relative on gradients, <= 1e-3 on the loss. Fresh random inputs
-for every case. Writes gpu_parity.json under $OUT (or ./gpu_results) and prints a table.
+for every case. Then issue 13's precision targets against float64: fp32 gradients at the LM-head
+shape (H = 4096, V = 151936: <= 2e-5) and the gradient filter on peaked logits (<= 1e-3 at
+benchmarks.cases.GRAD_FILTER), rows tagged "target" for benchmarks/targets.py.
+Writes gpu_parity.json under $OUT (or ./gpu_results) and prints a table.
 Run: python benchmarks/gpu_parity.py [--quick]
 """
 
@@ -12,17 +15,20 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from luffy_fast import LuffyLossConfig, fused_luffy_loss, token_logprobs
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+from benchmarks.cases import GRAD_FILTER, peaked_hidden_weight  # noqa: E402
+from luffy_fast import LuffyLossConfig, fused_luffy_loss, token_logprobs  # noqa: E402
 
 LIMITS = {torch.float32: {"loss": 1e-5, "grad": 1e-5}, torch.bfloat16: {"loss": 1e-3, "grad": 1e-2}}
 
 
-def make_batch(T, H, V, dtype, seed, zero_adv_fraction=0.3):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    dev = "cuda"
+def make_batch(T, H, V, dtype, seed, zero_adv_fraction=0.3, dev="cuda"):
+    gen = torch.Generator(device=dev).manual_seed(seed)
     num_seqs = max(1, T // 512)
     seq_ids = torch.randint(0, num_seqs, (T,), generator=gen, device=dev).sort().values
     seq_adv = torch.randn(num_seqs, generator=gen, device=dev)
@@ -51,8 +57,9 @@ def run(batch, backend, config, dtype=None):
                                    batch["loss_mask"], batch["off_policy_mask"], old_logprobs=old,
                                    config=config, seq_ids=batch["seq_ids"], backend=backend)
     loss.backward()
-    torch.cuda.synchronize()
-    return loss.detach(), hidden.grad, weight.grad
+    if hidden.is_cuda:
+        torch.cuda.synchronize()
+    return loss.detach(), hidden.grad, weight.grad, stats
 
 
 def rel(a, b):
@@ -60,6 +67,50 @@ def rel(a, b):
     if not torch.isfinite(a).all():
         return float("nan")
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def target_rows(seed: int, T: int = 1000, H: int = 4096, V: int = 151936, peaked_T: int = 2048,
+                dev: str = "cuda") -> list[dict]:
+    """fp32 gradients at the LM-head shape against float64, for both strategies; the gradient
+    filter's error and skipped share on peaked logits (fp32, and bf16 at the bf16 limit)."""
+    budgets = {"kept": 1e6, "recompute": 100 * V * 6 / 2**20}
+    rows = []
+
+    def add(row: dict, limit: float) -> None:
+        row["ok"] = max(row["d_hidden"], row["d_weight"]) <= limit
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    for k in range(3):
+        batch = make_batch(T, H, V, torch.float32, seed + k, dev=dev)
+        for budget_name, budget in budgets.items():
+            config = LuffyLossConfig.luffy(max_len=4096, memory_budget_mb=budget)
+            ref = run(batch, "reference", config, dtype=torch.float64)
+            got = run(batch, "triton", config)
+            add({"target": "fp32_lm_head", "T": T, "H": H, "V": V, "budget": budget_name,
+                 "d_hidden": rel(got[1], ref[1]), "d_weight": rel(got[2], ref[2])}, 2e-5)
+        del ref, got, batch
+        torch.cuda.empty_cache()
+
+    T = peaked_T
+    batch = make_batch(T, H, V, torch.float32, seed + 10, dev=dev)
+    gen = torch.Generator(device=dev).manual_seed(seed + 11)
+    batch["hidden"], batch["weight"], batch["targets"] = peaked_hidden_weight(T, H, V, gen, dev)
+    for budget_name, budget in budgets.items():
+        config = LuffyLossConfig.luffy(max_len=4096, memory_budget_mb=budget)
+        ref = run(batch, "reference", config, dtype=torch.float64)
+        for dtype, threshold in ((torch.float32, GRAD_FILTER), (torch.float32, GRAD_FILTER / 10),
+                                 (torch.bfloat16, GRAD_FILTER)):
+            got = run(batch, "triton", config.replace(grad_filter=threshold), dtype=dtype)
+            tag = "grad_filter" if dtype == torch.float32 and threshold == GRAD_FILTER else None
+            add({"target": tag, "T": T, "H": H, "V": V, "budget": budget_name, "grad_filter": threshold,
+                 "dtype": str(dtype).split(".")[-1], "d_hidden": rel(got[1], ref[1]),
+                 "d_weight": rel(got[2], ref[2]),
+                 "skipped": float(got[3]["grad_filter_skipped_fraction"])},
+                1e-3 if dtype == torch.float32 else LIMITS[dtype]["grad"])
+        del ref, got
+        torch.cuda.empty_cache()
+    return rows
 
 
 def main() -> int:
@@ -125,6 +176,14 @@ def main() -> int:
                         print(json.dumps(rows[-1]), flush=True)
                     torch.cuda.empty_cache()
 
+    try:
+        target = target_rows(seed + 1000)
+    except Exception as error:  # keep the rest of the report
+        target = [{"target": "error", "error": repr(error)[:500], "ok": False}]
+        print(json.dumps(target[0]), flush=True)
+    failures += sum(not r["ok"] for r in target)
+    rows += target
+
     # The no-grad log-prob op.
     batch = make_batch(3001, 1536, 50257, torch.bfloat16, seed + 99)
     lp, ent = token_logprobs(batch["hidden"], batch["weight"], batch["targets"], with_entropy=True,
@@ -143,7 +202,16 @@ def main() -> int:
     print(f"{'shape':<22}{'config':<14}{'budget':<10}{'dtype':<10}{'backend':<8}"
           f"{'loss':>10}{'d_hidden':>10}{'d_weight':>10}  ok")
     for r in rows:
-        if "op" in r:
+        if "target" in r:
+            if "error" in r:
+                print(f"precision targets: ERROR {r['error'][:80]}")
+                continue
+            extra = (f" filter {r['grad_filter']:g} {r['dtype']} skipped {r['skipped']:.3f}"
+                     if "grad_filter" in r else "")
+            print(f"{r['T']}x{r['H']}x{r['V']:<8} {str(r['target']):<14}{r['budget']:<10}vs float64: "
+                  f"d_hidden {r['d_hidden']:.2e} d_weight {r['d_weight']:.2e}{extra}  "
+                  f"{'ok' if r['ok'] else 'FAIL'}")
+        elif "op" in r:
             print(f"token_logprobs bf16: logprobs {r['logprobs']:.2e} entropy {r['entropy']:.2e} "
                   f"{'ok' if r['ok'] else 'FAIL'}")
         elif "error" in r:

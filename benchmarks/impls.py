@@ -4,7 +4,9 @@
   random [T, V] gradient G): the time no fused loss can beat (CUDA plan only).
 - naive: materialized logits + float32 log_softmax + autograd (benchmarks/naive.py).
 - liger: Liger-Kernel's LigerFusedLinearGRPOLoss (benchmarks/liger_baseline.py).
-- torch / triton: luffy_fast.fused_luffy_loss with that backend.
+- torch / triton: luffy_fast.fused_luffy_loss with that backend; triton_256mb and triton_lowmem
+  at a 256 / 128 MiB memory budget; triton_filter with the gradient filter (cases.GRAD_FILTER).
+- gemm_logits / token_logprobs: one bare h W^T, and luffy_fast.token_logprobs (no grad, triton).
 """
 
 from __future__ import annotations
@@ -16,20 +18,24 @@ from typing import Optional
 
 import torch
 
-from luffy_fast import fused_luffy_loss
+from luffy_fast import fused_luffy_loss, token_logprobs
 
-from .cases import Case, Inputs, make_inputs
+from .cases import GRAD_FILTER, Case, Inputs, make_inputs
 from .liger_baseline import liger_grpo_loss, liger_import_error
 from .naive import naive_luffy_loss
 
-# The triton backend under a small memory budget: its recompute strategy (logits never written).
-LOW_MEMORY_BUDGET_MB = 128
+# The triton backend under small memory budgets: 256 MiB (issue 13's target; kept logits in
+# ~290-token chunks at V = 152k) and 128 MiB (its recompute strategy: logits never written).
+TRITON_VARIANTS = {"triton_256mb": {"memory_budget_mb": 256}, "triton_lowmem": {"memory_budget_mb": 128},
+                   "triton_filter": {"grad_filter": GRAD_FILTER}}
+LUFFY_IMPLS = ("torch", "triton", "reference", *TRITON_VARIANTS)
+NO_GRAD_IMPLS = ("gemm_floor", "gemm_logits", "token_logprobs")
 
 
 def _luffy(inputs: Inputs, backend: str) -> torch.Tensor:
     config = inputs.config
-    if backend == "triton_lowmem":
-        backend, config = "triton", config.replace(memory_budget_mb=LOW_MEMORY_BUDGET_MB)
+    if backend in TRITON_VARIANTS:
+        backend, config = "triton", config.replace(**TRITON_VARIANTS[backend])
     loss, _stats = fused_luffy_loss(inputs.hidden, inputs.weight, inputs.targets, inputs.advantages,
                                     inputs.loss_mask, inputs.off_policy_mask, config=config,
                                     seq_ids=inputs.seq_ids, backend=backend)
@@ -43,7 +49,7 @@ def loss_fn(impl: str) -> Callable[[Inputs], torch.Tensor]:
                                           x.off_policy_mask, x.seq_ids, x.config)
     if impl == "liger":
         return liger_grpo_loss
-    if impl in ("torch", "triton", "triton_lowmem", "reference"):
+    if impl in LUFFY_IMPLS:
         return lambda x: _luffy(x, impl)
     raise ValueError(f"unknown implementation {impl!r}")
 
@@ -66,9 +72,15 @@ class GemmFloor:
 
 
 def make_step(impl: str, inputs: Inputs) -> Callable[[], Optional[torch.Tensor]]:
-    """A closure running one forward + backward (gradients reset first); returns the loss."""
+    """A closure running one forward + backward (gradients reset first); returns the loss.
+    gemm_logits and token_logprobs are forward only (no grad)."""
     if impl == "gemm_floor":
         return GemmFloor(inputs)
+    h, w = inputs.hidden.detach(), inputs.weight.detach()
+    if impl == "gemm_logits":
+        return lambda: h @ w.T
+    if impl == "token_logprobs":
+        return lambda: token_logprobs(h, w, inputs.targets, backend="triton")[0]
     compute = loss_fn(impl)
 
     def step() -> torch.Tensor:
@@ -101,7 +113,7 @@ def skip_reason(impl: str, device: str, dry_run: bool = False) -> Optional[str]:
     cuda = device.startswith("cuda")
     if impl == "liger":
         return liger_import_error()
-    if impl in ("triton", "triton_lowmem"):
+    if impl == "triton" or impl in TRITON_VARIANTS or impl == "token_logprobs":
         if not cuda and not dry_run:
             return "triton backend: CUDA only (on the CPU it runs in the slow Triton interpreter)"
         if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
@@ -109,6 +121,6 @@ def skip_reason(impl: str, device: str, dry_run: bool = False) -> Optional[str]:
         return _backend_error(impl, device)
     if impl == "torch":
         return _backend_error("torch", device)
-    if impl == "gemm_floor" and not cuda and not dry_run:
+    if impl in ("gemm_floor", "gemm_logits") and not cuda and not dry_run:
         return "the GEMM floor is measured in the CUDA plan"
     return None

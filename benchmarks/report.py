@@ -15,17 +15,22 @@ import math
 from pathlib import Path
 from typing import Optional
 
-IMPL_ORDER = ["gemm_floor", "naive", "liger", "torch", "triton", "triton_lowmem"]
+from .targets import load_parity, targets
+
+IMPL_ORDER = ["gemm_floor", "gemm_logits", "naive", "liger", "torch", "triton", "triton_256mb",
+              "triton_lowmem", "triton_filter", "token_logprobs"]
 LABELS = {
     "gemm_floor": "bare LM-head GEMMs (floor)",
+    "gemm_logits": "one bare GEMM (h·Wᵀ, no grad)",
     "naive": "naive (materialized logits)",
     "liger": "Liger FusedLinearGRPOLoss",
     "torch": "luffy_fast torch backend",
     "triton": "luffy_fast triton backend",
+    "triton_256mb": "luffy_fast triton backend, 256 MiB budget",
     "triton_lowmem": "luffy_fast triton backend, 128 MiB budget (recompute)",
+    "triton_filter": "luffy_fast triton backend, gradient filter",
+    "token_logprobs": "luffy_fast token_logprobs (triton, no grad)",
 }
-OURS = {"cpu": "torch", "dry-run": "triton", "cuda": "triton"}  # dry-run mirrors the CUDA plan
-FLAT_LIMIT, FLAT_FROM = 1.25, 4096  # "flat in T": extra memory grows at most 1.25 × from T=4096 on
 
 
 class Recorder:
@@ -86,7 +91,7 @@ def _table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
 
 # ---- summary -----------------------------------------------------------------------------------
 
-def summarize(meta: dict, records: list[dict]) -> dict:
+def summarize(meta: dict, records: list[dict], parity: Optional[dict] = None) -> dict:
     """Per case: each implementation's time and memory, with ratios; then targets and the sweep."""
     cases: dict[str, dict] = {}
     sweep: dict[str, dict] = {}
@@ -125,9 +130,10 @@ def summarize(meta: dict, records: list[dict]) -> dict:
             kinds["ratios"] = {"time_vs_naive": time_ratio(impl, "naive"),
                                "liger_speedup": time_ratio("liger", impl),
                                "time_vs_floor": time_ratio(impl, "gemm_floor"),
+                               "time_vs_one_gemm": time_ratio(impl, "gemm_logits"),
                                "memory_vs_naive": _ratio(ok(impl, "memory", "extra_bytes"), naive_m)}
     summary = {"meta": meta, "cases": cases, "sweep": sweep}
-    summary["targets"] = targets(summary)
+    summary["targets"] = targets(summary, parity)
     return summary
 
 
@@ -144,44 +150,6 @@ def combine_rounds(rounds: list[dict]) -> dict:
     seconds = sorted(r["seconds"] for r in timed)
     return {"status": "ok", "median_s": _median(seconds), "min_s": seconds[0], "max_s": seconds[-1],
             "rounds": len(seconds), "by_round": {str(r.get("round")): r["seconds"] for r in timed}}
-
-
-def targets(summary: dict) -> list[dict]:
-    """The performance targets of docs/design.md, each with the measured ratio (None: not measured)."""
-    tag = summary["meta"].get("tag", "cpu")
-    ours = OURS.get(tag, "torch")
-    out = []
-
-    def check(name: str, value: Optional[float], limit: float, at_most: bool, where: str) -> None:
-        met = None if value is None else (value <= limit if at_most else value >= limit)
-        out.append({"target": name, "where": where, "measured": value, "limit": limit, "met": met})
-
-    for entry in summary["cases"].values():
-        case = entry["case"]
-        ratios = entry["impls"].get(ours, {}).get("ratios", {})
-        where = f"{case['scenario']} T={case['T']} H={case['H']} V={case['V']}"
-        if case["scenario"] == "rlvr":
-            check(f"{ours} time ≤ 0.75 × naive (rlvr)", ratios.get("time_vs_naive"), 0.75, True, where)
-            continue
-        if tag in ("cuda", "dry-run"):
-            check("triton time ≤ 1.3 × bare GEMMs", ratios.get("time_vs_floor"), 1.3, True, where)
-            check("triton ≥ 3 × faster than Liger", ratios.get("liger_speedup"), 3.0, False, where)
-            check("triton time ≤ 1.0 × naive", ratios.get("time_vs_naive"), 1.0, True, where)
-            check("triton extra memory ≤ 0.02 × naive", ratios.get("memory_vs_naive"), 0.02, True, where)
-        else:
-            check(f"{ours} time ≤ 1.0 × naive", ratios.get("time_vs_naive"), 1.0, True, where)
-            check(f"{ours} extra memory ≤ 0.08 × naive", ratios.get("memory_vs_naive"), 0.08, True, where)
-            check(f"{ours} ≥ 1.25 × faster than Liger", ratios.get("liger_speedup"), 1.25, False, where)
-
-    # Flat in T: extra memory at the largest swept T over that at T = 4096 (docs/design.md's range starts
-    # there; below it a chunked implementation's buffers are not full yet).
-    points = sorted((e["case"]["T"], e["impls"][ours]["extra_bytes"]) for e in summary["sweep"].values()
-                    if e["impls"].get(ours, {}).get("status") == "ok" and e["case"]["T"] >= FLAT_FROM)
-    if len(points) >= 2:
-        (t0, m0), (t1, m1) = points[0], points[-1]
-        check(f"{ours} extra memory flat in T (growth ≤ {FLAT_LIMIT} ×)", _ratio(m1, m0), FLAT_LIMIT, True,
-              f"sweep T={t0}…{t1}")
-    return out
 
 
 def markdown(summary: dict, plot_name: Optional[str] = None) -> str:
@@ -316,7 +284,7 @@ def plot_sweep(summary: dict, path: Path) -> bool:
 def write(out_dir: Path, tag: str) -> dict:
     """Writes <tag>.json, <tag>.md and the plot from the run's records; returns the summary."""
     meta, records = load(out_dir, tag)
-    summary = summarize(meta, records)
+    summary = summarize(meta, records, load_parity(out_dir))
     plot = out_dir / f"scaling-{tag}.png"
     has_plot = plot_sweep(summary, plot)
     summary["markdown"] = markdown(summary, plot.name if has_plot else None)
