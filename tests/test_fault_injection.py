@@ -337,3 +337,20 @@ def test_plain_progress_lines_every_n_steps():
     assert [line.split(" |")[0] for line in lines] == ["step 2/5", "step 4/5", "step 5/5"]
     assert "loss 0.25" in lines[0] and "grad_norm None" in lines[0]
     assert not ProgressLog.bar_wanted(True)  # pytest's stderr is not a terminal
+
+
+def test_every_row_of_the_robustness_table_names_tests_that_exist():
+    """docs/robustness.md: each row names its tests; each name is a test in the three files."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    rows = [line for line in (root / "docs" / "robustness.md").read_text().splitlines()
+            if re.match(r"\| (\d+|E) \|", line)]
+    defined = set()
+    for name in ("test_fault_injection.py", "test_cli_errors.py", "test_op_nonfinite.py"):
+        defined |= set(re.findall(r"^def (test_\w+)", (root / "tests" / name).read_text(), re.M))
+    assert len(rows) >= 20
+    for row in rows:
+        named = re.findall(r"`(test_\w+)`", row.rsplit("|", 2)[-2])
+        assert named and set(named) <= defined, row
