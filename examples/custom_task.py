@@ -16,6 +16,10 @@ from luffy_fast.toy.model import TinyQwen2Config, build_policy, build_tokenizer
 
 
 class CopyDigits(Task):
+    # Rewards are scored in worker processes under reward.timeout by default; a cheap, trusted
+    # reward like this one runs in-process instead (no process start-up).
+    reward_workers = 0
+
     def components(self):  # (tokenizer, policy), used when model.path is "toy"
         tokenizer = build_tokenizer(num_digits=3)
         shape = TinyQwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
