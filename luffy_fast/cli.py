@@ -51,10 +51,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
-    """The arguments; flags may come after the dotted overrides (`... optim.lr=1e-6 --resume`):
-    argparse stops the overrides at the first flag, so later `key=value` words are added back."""
+    """The arguments; flags may come anywhere, also after the dotted overrides (`... optim.lr=1e-6
+    --resume`): argparse stops the overrides at the first flag, so later `key=value` words are
+    added back."""
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    for flag in ("--resume", "--overwrite"):  # also before the command: `--resume train ...`
+        if flag in extra and getattr(args, flag[2:], None) is False:
+            setattr(args, flag[2:], True)
+            extra = [word for word in extra if word != flag]
     stray = [word for word in extra if "=" not in word or word.startswith("-")]
     if stray or (extra and not hasattr(args, "overrides")):
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")

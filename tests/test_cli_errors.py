@@ -25,6 +25,8 @@ def test_flags_are_accepted_after_the_overrides():
                        "train.steps=5", "--overwrite"])
     assert args.resume and args.overwrite
     assert args.overrides == ["optim.lr=1e-3", "train.steps=5"]
+    args = cli._parse(["--resume", "train", "--config", "c.yaml", "optim.lr=1e-3"])
+    assert args.resume and not args.overwrite and args.overrides == ["optim.lr=1e-3"]
     with pytest.raises(SystemExit) as exit_info:
         cli._parse(["train", "--config", "c.yaml", "a=1", "--bogus"])
     assert exit_info.value.code == 2
