@@ -19,6 +19,9 @@ Three kernels per chunk of active tokens, on one fixed block grid (`filter_tiles
    program per (vocabulary tile, H tile), reducing over the kept token tiles only; a vocabulary
    tile with nothing kept leaves its rows of d(weight) untouched.
 
+The GEMM kernels loop over compacted lists of kept tiles (`_kept_lists`), not over the map with a
+branch per tile, so that their loads can be pipelined.
+
 Why not one kernel with atomics: per (token tile, vocabulary tile) program, fp32 atomic adds of a
 [BLOCK_V, H] slice of d(weight) and a [BLOCK_T, H] slice of d(hidden) make (T / BLOCK_T) V H +
 (V / BLOCK_V) T H read-modify-writes: about 320 GB at T = 8192, H = 4096, V = 151936 with
@@ -40,11 +43,12 @@ from .utils import INTERPRET, LOGIT_FLAGS, dot_precision, logit_tile
 
 
 def filter_tiles() -> dict:
-    """The filter's block grid (BLOCK_T x BLOCK_V) and the GEMM kernels' H tile; tiny under the
-    interpreter. Fixed rather than autotuned: all three kernels must agree on the blocks."""
+    """The filter's block grid (BLOCK_T x BLOCK_V), the H step of the logit recompute (BLOCK_H)
+    and the GEMM kernels' output tile width (BLOCK_OUT); tiny under the interpreter. Fixed rather
+    than autotuned: all three kernels must agree on the blocks. (GPU sizes are untuned guesses.)"""
     if INTERPRET:
-        return {"BLOCK_T": 16, "BLOCK_V": 32, "BLOCK_H": 16}
-    return {"BLOCK_T": 64, "BLOCK_V": 128, "BLOCK_H": 64}
+        return {"BLOCK_T": 16, "BLOCK_V": 32, "BLOCK_H": 16, "BLOCK_OUT": 16, "num_warps": 4}
+    return {"BLOCK_T": 64, "BLOCK_V": 128, "BLOCK_H": 64, "BLOCK_OUT": 128, "num_warps": 8}
 
 
 @triton.heuristics({**LOGIT_FLAGS, "WITH_ENTROPY": lambda args: args["entropy_weight_ptr"] is not None})
@@ -90,34 +94,34 @@ def _filtered_grad_logits_kernel(
 
 @triton.jit
 def _sparse_grad_hidden_kernel(
-    grad_logits_ptr, keep_ptr, weight_ptr, weight_mean_ptr, rows_ptr, grad_hidden_ptr,
-    C, V, HD, stride_weight, stride_grad_hidden, num_v_tiles,
+    grad_logits_ptr, kept_v_ptr, num_kept_v_ptr, weight_ptr, weight_mean_ptr, rows_ptr,
+    grad_hidden_ptr, C, V, HD, stride_weight, stride_grad_hidden, num_v_tiles,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_OUT: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    pid_h = tl.program_id(1)
+    # H tiles vary fastest: programs running together share one token tile's dL/dz rows (in L2).
+    pid_h = tl.program_id(0)
+    pid_t = tl.program_id(1)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_h = pid_h * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
     t_mask = offs_t < C
     h_mask = offs_h < HD
-    acc = tl.zeros((BLOCK_T, BLOCK_H), tl.float32)
+    acc = tl.zeros((BLOCK_T, BLOCK_OUT), tl.float32)
     kept_sum = tl.zeros((BLOCK_T,), tl.float32)  # sum of the kept entries of each dL/dz row
-    kept = 0
-    for j in range(0, num_v_tiles):
-        if tl.load(keep_ptr + pid_t * num_v_tiles + j) != 0:
-            kept += 1
-            offs_v = j * BLOCK_V + tl.arange(0, BLOCK_V)
-            v_mask = offs_v < V
-            dz = tl.load(grad_logits_ptr + offs_t[:, None].to(tl.int64) * V + offs_v[None, :],
-                         mask=t_mask[:, None] & v_mask[None, :], other=0.0)
-            w = tl.load(weight_ptr + offs_v[:, None].to(tl.int64) * stride_weight + offs_h[None, :],
-                        mask=v_mask[:, None] & h_mask[None, :], other=0.0)
-            acc = tl.dot(dz, w, acc, input_precision=DOT_PRECISION)
-            kept_sum += tl.sum(dz.to(tl.float32), axis=1)
-    if kept < num_v_tiles:  # the skipped entries (summing to -kept_sum) with the mean weight row
-        weight_mean = tl.load(weight_mean_ptr + offs_h, mask=h_mask, other=0.0)
-        acc -= kept_sum[:, None] * weight_mean[None, :]
+    num_kept = tl.load(num_kept_v_ptr + pid_t)
+    for k in range(0, num_kept):  # the kept vocabulary tiles of this token tile, in order
+        offs_v = tl.load(kept_v_ptr + pid_t * num_v_tiles + k) * BLOCK_V + tl.arange(0, BLOCK_V)
+        v_mask = offs_v < V
+        dz = tl.load(grad_logits_ptr + offs_t[:, None].to(tl.int64) * V + offs_v[None, :],
+                     mask=t_mask[:, None] & v_mask[None, :], other=0.0)
+        w = tl.load(weight_ptr + offs_v[:, None].to(tl.int64) * stride_weight + offs_h[None, :],
+                    mask=v_mask[:, None] & h_mask[None, :], other=0.0)
+        acc = tl.dot(dz, w, acc, input_precision=DOT_PRECISION)
+        kept_sum += tl.sum(dz.to(tl.float32), axis=1)
+    # The skipped entries of each row sum to -kept_sum: that mass goes with the mean weight row.
+    kept_sum = tl.where(num_kept < num_v_tiles, kept_sum, 0.0)
+    weight_mean = tl.load(weight_mean_ptr + offs_h, mask=h_mask, other=0.0)
+    acc -= kept_sum[:, None] * weight_mean[None, :]
     rows = tl.load(rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
     out = grad_hidden_ptr + rows[:, None] * stride_grad_hidden + offs_h[None, :]
     tl.store(out, acc.to(grad_hidden_ptr.dtype.element_ty), mask=t_mask[:, None] & h_mask[None, :])
@@ -127,24 +131,25 @@ def _sparse_grad_hidden_kernel(
                     "NEED_BIAS": lambda args: args["grad_bias_ptr"] is not None})
 @triton.jit
 def _sparse_grad_weight_kernel(
-    grad_logits_ptr, keep_ptr, hidden_ptr, rows_ptr, grad_weight_ptr, grad_bias_ptr,
-    C, V, HD, stride_hidden, stride_grad_weight, num_t_tiles, num_v_tiles,
+    grad_logits_ptr, kept_t_ptr, num_kept_t_ptr, hidden_ptr, rows_ptr, grad_weight_ptr,
+    grad_bias_ptr, C, V, HD, stride_hidden, stride_grad_weight, num_t_tiles,
     NEED_WEIGHT: tl.constexpr, NEED_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_OUT: tl.constexpr,
 ):
-    pid_v = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    v_mask = offs_v < V
-    h_mask = offs_h < HD
-    acc = tl.zeros((BLOCK_V, BLOCK_H), tl.float32)
-    bias_acc = tl.zeros((BLOCK_V,), tl.float32)
-    kept = 0
-    for i in range(0, num_t_tiles):
-        if tl.load(keep_ptr + i * num_v_tiles + pid_v) != 0:
-            kept += 1
-            offs_t = i * BLOCK_T + tl.arange(0, BLOCK_T)
+    # H tiles vary fastest: programs running together share one vocabulary tile's dL/dz columns;
+    # the chunk's hidden rows stay in L2.
+    pid_h = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    num_kept = tl.load(num_kept_t_ptr + pid_v)
+    if num_kept > 0:  # a vocabulary tile with nothing kept leaves d(weight) untouched
+        offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        offs_h = pid_h * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+        v_mask = offs_v < V
+        h_mask = offs_h < HD
+        acc = tl.zeros((BLOCK_V, BLOCK_OUT), tl.float32)
+        bias_acc = tl.zeros((BLOCK_V,), tl.float32)
+        for k in range(0, num_kept):  # the kept token tiles of this vocabulary tile, in order
+            offs_t = tl.load(kept_t_ptr + pid_v * num_t_tiles + k) * BLOCK_T + tl.arange(0, BLOCK_T)
             t_mask = offs_t < C
             dz = tl.load(grad_logits_ptr + offs_t[:, None].to(tl.int64) * V + offs_v[None, :],
                          mask=t_mask[:, None] & v_mask[None, :], other=0.0)
@@ -155,7 +160,6 @@ def _sparse_grad_weight_kernel(
                 acc = tl.dot(tl.trans(dz), h, acc, input_precision=DOT_PRECISION)
             if NEED_BIAS:
                 bias_acc += tl.sum(dz.to(tl.float32), axis=0)
-    if kept > 0:
         if NEED_WEIGHT:
             out = grad_weight_ptr + offs_v[:, None].to(tl.int64) * stride_grad_weight + offs_h[None, :]
             mask = v_mask[:, None] & h_mask[None, :]
@@ -165,6 +169,12 @@ def _sparse_grad_weight_kernel(
             if pid_h == 0:
                 total_bias = tl.load(grad_bias_ptr + offs_v, mask=v_mask, other=0.0) + bias_acc
                 tl.store(grad_bias_ptr + offs_v, total_bias, mask=v_mask)
+
+
+def _kept_lists(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of the block map: the kept columns first, in increasing order, and their count."""
+    order = torch.sort(keep, dim=1, descending=True, stable=True).indices.to(torch.int32)
+    return order.contiguous(), keep.sum(dim=1, dtype=torch.int32)
 
 
 def filtered_gradients(hidden, weight, bias, tokens, temperature: float, threshold: float,
@@ -184,19 +194,23 @@ def filtered_gradients(hidden, weight, bias, tokens, temperature: float, thresho
         tokens.lse, tokens.logprobs, tokens.coef, tokens.entropy_weight, tokens.row_max,
         tokens.expected_shift, out, keep,
         C, V, HD, hidden.stride(0), weight.stride(0),
-        logits.stride(0) if logits is not None else 0, 1.0 / temperature, float(threshold), **tiles)
+        logits.stride(0) if logits is not None else 0, 1.0 / temperature, float(threshold),
+        BLOCK_T=tiles["BLOCK_T"], BLOCK_V=tiles["BLOCK_V"], BLOCK_H=tiles["BLOCK_H"],
+        num_warps=tiles["num_warps"])
     grad_hidden, grad_weight, grad_bias = grads
     precision = dot_precision(out.dtype)
+    gemm_tiles = {"BLOCK_T": tiles["BLOCK_T"], "BLOCK_V": tiles["BLOCK_V"], "BLOCK_OUT": tiles["BLOCK_OUT"],
+                  "num_warps": tiles["num_warps"]}
+    num_h = triton.cdiv(HD, tiles["BLOCK_OUT"])
     if grad_hidden is not None:
-        grid = (num_t, triton.cdiv(HD, tiles["BLOCK_H"]))
-        _sparse_grad_hidden_kernel[grid](out, keep, weight, weight_mean, tokens.rows, grad_hidden,
-                                         C, V, HD,
-                                         weight.stride(0), grad_hidden.stride(0), num_v,
-                                         DOT_PRECISION=precision, **tiles)
+        kept_v, num_kept_v = _kept_lists(keep)
+        _sparse_grad_hidden_kernel[(num_h, num_t)](
+            out, kept_v, num_kept_v, weight, weight_mean, tokens.rows, grad_hidden, C, V, HD,
+            weight.stride(0), grad_hidden.stride(0), num_v, DOT_PRECISION=precision, **gemm_tiles)
     if grad_weight is not None or grad_bias is not None:
-        grid = (num_v, triton.cdiv(HD, tiles["BLOCK_H"]) if grad_weight is not None else 1)
-        _sparse_grad_weight_kernel[grid](
-            out, keep, hidden, tokens.rows, grad_weight, grad_bias, C, V, HD, hidden.stride(0),
-            grad_weight.stride(0) if grad_weight is not None else 0, num_t, num_v,
-            DOT_PRECISION=precision, **tiles)
+        kept_t, num_kept_t = _kept_lists(keep.T)
+        _sparse_grad_weight_kernel[(num_h if grad_weight is not None else 1, num_v)](
+            out, kept_t, num_kept_t, hidden, tokens.rows, grad_weight, grad_bias, C, V, HD,
+            hidden.stride(0), grad_weight.stride(0) if grad_weight is not None else 0, num_t,
+            DOT_PRECISION=precision, **gemm_tiles)
     return keep

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import TOLERANCE, assert_close, random_batch, rel_err, run_loss
-from luffy_fast import LuffyLossConfig, token_logprobs
+from luffy_fast import LuffyLossConfig, fused_luffy_loss, token_logprobs
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
@@ -93,6 +93,30 @@ def test_skipped_share_of_d_hidden_follows_the_mean_weight_row():
         assert float(stats[SKIP_KEY]) > 0.02
         errors.append(rel_err(grads["hidden"], expected["hidden"]))
     assert errors[1] <= 1.5 * errors[0] + 1e-6, errors
+
+
+@pytest.mark.parametrize("wanted", [("hidden", "bias"), ("weight",)])
+def test_zero_threshold_with_some_gradients_wanted(wanted):
+    # A frozen LM head with a trained bias, or frozen hidden states: the kernels' optional outputs.
+    batch = random_batch(40, 12, 70, seed=2, with_bias=True)
+    config = LuffyLossConfig(entropy_coef=0.1)
+    results = []
+    for backend, dtype in (("reference", torch.float64), ("triton", torch.float32)):
+        tensors = {name: batch[name].to(dtype).requires_grad_(name in wanted)
+                   for name in ("hidden", "weight", "bias")}
+        loss, _ = fused_luffy_loss(
+            tensors["hidden"], tensors["weight"], batch["targets"], batch["advantages"],
+            batch["loss_mask"], batch["off_policy_mask"], old_logprobs=batch["old_logprobs"],
+            config=config if backend == "reference" else config.replace(grad_filter=0.0),
+            seq_ids=batch["seq_ids"], bias=tensors["bias"], backend=backend)
+        loss.backward()
+        results.append(tensors)
+    expected, actual = results
+    for name in ("hidden", "weight", "bias"):
+        if name in wanted:
+            assert_close(actual[name].grad, expected[name].grad.float(), 1e-5, f"d({name})", atol=1e-8)
+        else:
+            assert actual[name].grad is None
 
 
 def test_filter_off_reports_nothing_and_skips_nothing():
