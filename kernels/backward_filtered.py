@@ -42,13 +42,19 @@ from .backward import grad_logit_tile
 from .utils import INTERPRET, LOGIT_FLAGS, dot_precision, logit_tile
 
 
-def filter_tiles() -> dict:
+def filter_tiles(dtype: torch.dtype) -> dict:
     """The filter's block grid (BLOCK_T x BLOCK_V), the H step of the logit recompute (BLOCK_H)
     and the GEMM kernels' output tile width (BLOCK_OUT); tiny under the interpreter. Fixed rather
-    than autotuned: all three kernels must agree on the blocks. (GPU sizes are untuned guesses.)"""
+    than autotuned: all three kernels must agree on the blocks. GPU sizes are untuned guesses,
+    narrower and with fewer stages for fp32 so that the tiles fit in shared memory."""
     if INTERPRET:
-        return {"BLOCK_T": 16, "BLOCK_V": 32, "BLOCK_H": 16, "BLOCK_OUT": 16, "num_warps": 4}
-    return {"BLOCK_T": 64, "BLOCK_V": 128, "BLOCK_H": 64, "BLOCK_OUT": 128, "num_warps": 8}
+        return {"BLOCK_T": 16, "BLOCK_V": 32, "BLOCK_H": 16, "BLOCK_OUT": 16, "num_warps": 4,
+                "num_stages": 1}
+    if dtype == torch.float32:
+        return {"BLOCK_T": 64, "BLOCK_V": 128, "BLOCK_H": 32, "BLOCK_OUT": 64, "num_warps": 8,
+                "num_stages": 2}
+    return {"BLOCK_T": 64, "BLOCK_V": 128, "BLOCK_H": 64, "BLOCK_OUT": 128, "num_warps": 8,
+            "num_stages": 3}
 
 
 @triton.heuristics({**LOGIT_FLAGS, "WITH_ENTROPY": lambda args: args["entropy_weight_ptr"] is not None})
@@ -186,7 +192,7 @@ def filtered_gradients(hidden, weight, bias, tokens, temperature: float, thresho
 
     Returns the block map [C / BLOCK_T, V / BLOCK_V] (int8, 1 = kept)."""
     C, V, HD = out.shape[0], weight.shape[0], weight.shape[1]
-    tiles = filter_tiles()
+    tiles = filter_tiles(out.dtype)
     num_t, num_v = triton.cdiv(C, tiles["BLOCK_T"]), triton.cdiv(V, tiles["BLOCK_V"])
     keep = torch.empty((num_t, num_v), dtype=torch.int8, device=hidden.device)
     _filtered_grad_logits_kernel[(num_t, num_v)](
@@ -196,11 +202,11 @@ def filtered_gradients(hidden, weight, bias, tokens, temperature: float, thresho
         C, V, HD, hidden.stride(0), weight.stride(0),
         logits.stride(0) if logits is not None else 0, 1.0 / temperature, float(threshold),
         BLOCK_T=tiles["BLOCK_T"], BLOCK_V=tiles["BLOCK_V"], BLOCK_H=tiles["BLOCK_H"],
-        num_warps=tiles["num_warps"])
+        num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
     grad_hidden, grad_weight, grad_bias = grads
     precision = dot_precision(out.dtype)
-    gemm_tiles = {"BLOCK_T": tiles["BLOCK_T"], "BLOCK_V": tiles["BLOCK_V"], "BLOCK_OUT": tiles["BLOCK_OUT"],
-                  "num_warps": tiles["num_warps"]}
+    gemm_tiles = {key: tiles[key] for key in ("BLOCK_T", "BLOCK_V", "BLOCK_OUT", "num_warps",
+                                              "num_stages")}
     num_h = triton.cdiv(HD, tiles["BLOCK_OUT"])
     if grad_hidden is not None:
         kept_v, num_kept_v = _kept_lists(keep)
