@@ -107,8 +107,10 @@ def test_cache_is_emptied_before_every_wake(make_engine):
 def test_level_2_needs_every_parameter_and_level_1_does_not(make_engine):
     engine, _ = make_engine()
     engine.sleep()
+    params = vllm_engine.SamplingParams(max_new_tokens=2)
     with pytest.raises(RuntimeError, match="slept at level 2"):
-        engine.generate([[1, 2]], n=1, params=vllm_engine.SamplingParams(max_new_tokens=2))
+        engine.generate([[1, 2]], n=1, params=params)
+    assert engine.generate([], n=1, params=params) == []  # nothing to generate: no error
     with pytest.raises(RuntimeError, match="1 engine parameters unloaded"):
         engine.sync_weights(weights({"model.norm.weight"}))
     engine.sync_weights(weights())  # results arrive as lists: merged all the same

@@ -129,12 +129,12 @@ class VLLMRolloutEngine(RolloutEngine):
         """With an engine shared by several training ranks, every rank of it calls this
         together (each with its own prompts) and gets its own prompts' completions."""
         check_generate_args(prompts, n)
-        self._ensure_awake()
-        from vllm import SamplingParams as VLLMSamplingParams
-
         everyone, mine = gather_engine_prompts(self.layout, prompts)
         if not everyone:
             return []
+        self._ensure_awake()
+        from vllm import SamplingParams as VLLMSamplingParams
+
         dp_rank = self.layout.data_parallel_rank
         requests = [{"prompt_token_ids": list(p)} for p in everyone]
         settings = [VLLMSamplingParams(
