@@ -82,3 +82,37 @@ def test_pathological_math_hits_the_timeout_and_scores_zero():
         report = pool.score(items)
     assert report.rewards == [0.0, 1.0]
     assert report.timeouts == 1
+
+
+def test_the_trainer_scores_while_the_rollout_correction_runs(tmp_path):
+    """The step submits its responses, runs the correction's log-prob pass, then waits."""
+    from helpers import tiny_config
+    from luffy_fast.trainer import LuffyTrainer
+
+    trainer = LuffyTrainer(tiny_config(tmp_path, "train.steps=1", "eval.every=0",
+                                       "output.save_every=0", "rollout.tis_cap=2.0"))
+    events, submit, correction = [], trainer.rewards.submit, trainer.rollout_correction
+
+    def recording_submit(items):
+        events.append(("submit", len(items)))
+        pending = submit(items)
+        result = pending.result
+
+        def recording_result():
+            events.append(("result",))
+            return result()
+
+        pending.result = recording_result
+        return pending
+
+    def recording_correction(*args):
+        events.append(("correction",))
+        return correction(*args)
+
+    trainer.rewards.submit, trainer.rollout_correction = recording_submit, recording_correction
+    try:
+        metrics = trainer.training_step(0)
+    finally:
+        trainer.close()
+    assert events == [("submit", 16), ("correction",), ("result",)]  # 4 prompts x (3 + 1)
+    assert metrics["reward/timeouts"] == 0.0 and metrics["reward/errors"] == 0.0
