@@ -58,9 +58,10 @@ def plan(config: LuffyLossConfig, device: torch.device, num_tokens: int, vocab_s
 
 
 @cache
-def _mm_has_out_dtype(device_type: str) -> bool:
+def _mm_has_out_dtype(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether torch.mm takes out_dtype=float32 for `dtype` operands here (CUDA, recent torch)."""
     try:
-        a = torch.ones(2, 2, dtype=torch.bfloat16, device=device_type)
+        a = torch.ones(2, 2, dtype=dtype, device=device_type)
         return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
     except (TypeError, RuntimeError, NotImplementedError):
         return False
@@ -70,7 +71,7 @@ def raw_logits(hidden_rows: Tensor, weight: Tensor) -> Tensor:
     """h W^T in fp32 through a GEMM (bf16/fp16 operands accumulate and write in fp32)."""
     if hidden_rows.dtype == torch.float32:
         return hidden_rows @ weight.T
-    if _mm_has_out_dtype(hidden_rows.device.type):
+    if _mm_has_out_dtype(hidden_rows.device.type, hidden_rows.dtype):
         return torch.mm(hidden_rows, weight.T, out_dtype=torch.float32)
     return (hidden_rows @ weight.T).float()  # fallback: bf16-rounded logits
 

@@ -41,9 +41,10 @@ def gemm_dtype(hidden: Tensor, compute_dtype: torch.dtype) -> torch.dtype:
 
 
 @cache
-def _mm_has_out_dtype(device_type: str) -> bool:
+def _mm_has_out_dtype(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether torch.mm takes out_dtype=float32 for `dtype` operands here (CUDA, recent torch)."""
     try:
-        a = torch.ones(2, 2, dtype=torch.bfloat16, device=device_type)
+        a = torch.ones(2, 2, dtype=dtype, device=device_type)
         return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
     except (TypeError, RuntimeError, NotImplementedError):
         return False
@@ -64,7 +65,7 @@ class _ChunkedLogits:
     def __call__(self, hidden_rows: Tensor) -> Tensor:
         hidden_rows = hidden_rows.detach().to(self.operand_dtype)
         if self.operand_dtype != self.dtype:
-            if _mm_has_out_dtype(hidden_rows.device.type):
+            if _mm_has_out_dtype(hidden_rows.device.type, hidden_rows.dtype):
                 logits = torch.mm(hidden_rows, self.weight.T, out_dtype=self.dtype)
             else:
                 logits = (hidden_rows @ self.weight.T).to(self.dtype)  # bf16-rounded logits
