@@ -16,7 +16,6 @@ luffy_fast.loss_math.token_terms on [N] vectors: the same definition as the othe
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from functools import cache
 from typing import Optional
 
 import torch
@@ -24,6 +23,7 @@ from torch import Tensor
 
 from luffy_fast.autograd import attach_gradients, bias_slot, wants_grad
 from luffy_fast.config import LuffyLossConfig
+from luffy_fast.gemm import fp32_logits
 from luffy_fast.inputs import LossInputs
 from luffy_fast.loss_math import TokenTerms, entropy_from_moments
 
@@ -55,25 +55,6 @@ def plan(config: LuffyLossConfig, device: torch.device, num_tokens: int, vocab_s
     if num_tokens > 0 and kept_rows >= min(num_tokens, MIN_KEPT_ROWS.get(device.type, 16)):
         return "kept", min(kept_rows, num_tokens)
     return "recompute", max(16, min(num_tokens, budget // (vocab_size * element_size)))
-
-
-@cache
-def _mm_has_out_dtype(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether torch.mm takes out_dtype=float32 for `dtype` operands here (CUDA, recent torch)."""
-    try:
-        a = torch.ones(2, 2, dtype=dtype, device=device_type)
-        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
-    except (TypeError, RuntimeError, NotImplementedError):
-        return False
-
-
-def raw_logits(hidden_rows: Tensor, weight: Tensor) -> Tensor:
-    """h W^T in fp32 through a GEMM (bf16/fp16 operands accumulate and write in fp32)."""
-    if hidden_rows.dtype == torch.float32:
-        return hidden_rows @ weight.T
-    if _mm_has_out_dtype(hidden_rows.device.type, hidden_rows.dtype):
-        return torch.mm(hidden_rows, weight.T, out_dtype=torch.float32)
-    return (hidden_rows @ weight.T).float()  # fallback: bf16-rounded logits
 
 
 def _token_terms(inputs: LossInputs, part: slice, lse: Tensor, logprobs: Tensor, row_max: Tensor,
@@ -186,7 +167,7 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
     for start in range(0, N, chunk):
         part = slice(start, min(start + chunk, N))
         rows, targets = inputs.rows[part], inputs.targets[part]
-        logits = raw_logits(hidden[rows], weight)
+        logits = fp32_logits(hidden[rows], weight)
         lse, logprobs, row_max, expected_shift = logsumexp_forward(
             hidden, weight, bias, rows, targets, config.temperature, config.entropy_coef > 0,
             logits=logits)
@@ -309,7 +290,7 @@ def triton_token_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     else:
         outs = [logsumexp_forward(hidden, weight, bias, rows[start:start + chunk],
                                   targets[start:start + chunk], config.temperature, with_entropy,
-                                  logits=raw_logits(hidden[start:start + chunk], weight))
+                                  logits=fp32_logits(hidden[start:start + chunk], weight))
                 for start in range(0, T, chunk)]
         lse, logprobs, row_max, expected_shift = (
             None if values[0] is None else torch.cat(values) for values in zip(*outs))

@@ -8,7 +8,6 @@ scales those stored gradients, so nothing is recomputed.
 
 from __future__ import annotations
 
-from functools import cache
 from typing import Optional
 
 import torch
@@ -16,6 +15,7 @@ from torch import Tensor
 
 from .autograd import attach_gradients, wants_grad
 from .config import LuffyLossConfig
+from .gemm import fp32_logits
 from .inputs import LossInputs
 from .loss_math import TokenTerms, entropy_from_moments
 
@@ -40,16 +40,6 @@ def gemm_dtype(hidden: Tensor, compute_dtype: torch.dtype) -> torch.dtype:
     return compute_dtype
 
 
-@cache
-def _mm_has_out_dtype(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether torch.mm takes out_dtype=float32 for `dtype` operands here (CUDA, recent torch)."""
-    try:
-        a = torch.ones(2, 2, dtype=dtype, device=device_type)
-        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
-    except (TypeError, RuntimeError, NotImplementedError):
-        return False
-
-
 class _ChunkedLogits:
     """Computes fp32 (or fp64) logits for a chunk of rows. Weights in a low-precision GEMM dtype
     are used as they are (fp32 output); otherwise they are upcast once to the compute dtype."""
@@ -65,10 +55,7 @@ class _ChunkedLogits:
     def __call__(self, hidden_rows: Tensor) -> Tensor:
         hidden_rows = hidden_rows.detach().to(self.operand_dtype)
         if self.operand_dtype != self.dtype:
-            if _mm_has_out_dtype(hidden_rows.device.type, hidden_rows.dtype):
-                logits = torch.mm(hidden_rows, self.weight.T, out_dtype=self.dtype)
-            else:
-                logits = (hidden_rows @ self.weight.T).to(self.dtype)  # bf16-rounded logits
+            logits = fp32_logits(hidden_rows, self.weight)  # self.dtype is fp32 here
             if self.bias is not None:
                 logits += self.bias
         elif self.bias is None:

@@ -14,7 +14,7 @@ MAX_CLASS_LINES = 250
 
 # Modules of the op that are shared by every backend: they import no backend and not ops.py.
 SHARED_OP_MODULES = ("luffy_fast.inputs", "luffy_fast.autograd", "luffy_fast.loss_math",
-                     "luffy_fast.config")
+                     "luffy_fast.gemm", "luffy_fast.config")
 BACKENDS = ("luffy_fast.reference", "luffy_fast.chunked", "luffy_fast.kernels")
 
 
