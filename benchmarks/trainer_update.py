@@ -206,19 +206,13 @@ BOXED = [f"\\boxed{{{d}}}" for d in range(10)]
 def build_tokenizer(vocab_size: int):
     """A word-level tokenizer with exactly `vocab_size` tokens, so that every id a random policy
     samples decodes: the words of the generated data, then fillers w<i>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from luffy_fast.toy.model import word_level_tokenizer
 
     words = SPECIAL + DIGITS + BOXED
     words += [f"w{i}" for i in range(vocab_size - len(words))]
-    core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<pad>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>",
-                                        eos_token="<eos>", clean_up_tokenization_spaces=False)
-    tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
-                               "{% if add_generation_prompt %}so {% endif %}")
-    return tokenizer
+    return word_level_tokenizer(words, pad="<pad>", eos="<eos>", unk="<pad>",
+                                chat_template=("{% for m in messages %}{{ m['content'] }} {% endfor %}"
+                                               "{% if add_generation_prompt %}so {% endif %}"))
 
 
 def qwen2_config(plan: Plan, tokenizer=None, max_positions: int | None = None):

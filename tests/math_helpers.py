@@ -14,10 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
-
-from luffy_fast.toy.model import TinyQwen2Config, build_policy
+from luffy_fast.toy.model import TinyQwen2Config, build_policy, word_level_tokenizer
 
 TEMPLATE = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
             "{% if add_generation_prompt %}so {% endif %}")
@@ -28,16 +25,8 @@ LONG_TRACE_ROWS = (3, 7, 11, 15, 19)
 
 
 def math_tokenizer(chat_template: str | None = TEMPLATE, pad: bool = True):
-    core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(WORDS)},
-                                      unk_token="<pad>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>",
-                                        unk_token="<pad>", clean_up_tokenization_spaces=False,
-                                        **({"pad_token": "<pad>"} if pad else {}))
-    if chat_template is not None:
-        tokenizer.chat_template = chat_template
-    return tokenizer
+    return word_level_tokenizer(WORDS, pad="<pad>" if pad else None, eos="<eos>", unk="<pad>",
+                                chat_template=chat_template)
 
 
 def tiny_model_dir(directory: Path, tokenizer=None) -> Path:

@@ -9,6 +9,11 @@ import sys
 import textwrap
 
 import pytest
+
+from luffy_fast.data import DataLimits, load_samples, percentiles
+from luffy_fast.data_cache import load_cached_samples
+from luffy_fast.data_files import DataError
+from luffy_fast.errors import ConfigError
 from math_helpers import (
     LONG_TRACE_ROWS,
     SKIPPED_ROWS,
@@ -17,11 +22,6 @@ from math_helpers import (
     write_jsonl,
     write_parquet,
 )
-
-from luffy_fast.data import DataLimits, load_samples, percentiles
-from luffy_fast.data_cache import load_cached_samples
-from luffy_fast.data_files import DataError
-from luffy_fast.errors import ConfigError
 
 LIMITS = DataLimits(max_prompt_length=8, max_response_length=8)
 

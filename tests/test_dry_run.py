@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-from math_helpers import math_rows, write_parquet
 
 from luffy_fast.cli import main
 from luffy_fast.dry_run import ModelShape, estimate_memory
+from math_helpers import math_rows, write_parquet
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "luffy_qwen2.5_math_7b.yaml"

@@ -8,30 +8,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from luffy_fast import eval_cli
 from luffy_fast.cli import main
 from luffy_fast.rollout.base import Completion, RolloutEngine
 from luffy_fast.toy.model import TinyQwen2Config, build_policy
+from math_helpers import math_tokenizer
 
 pytest.importorskip("math_verify")
-WORDS = ["<pad>", "<eos>", "</think>", "q", "so", "sys"] + [str(d) for d in range(10)]
-WORDS += [f"\\boxed{{{d}}}" for d in range(10)]
-
-
-def math_tokenizer() -> PreTrainedTokenizerFast:
-    core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>",
-                                        eos_token="<eos>", clean_up_tokenization_spaces=False)
-    tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
-                               "{% if add_generation_prompt %}so {% endif %}")
-    return tokenizer
-
-
 @pytest.fixture
 def model_dir(tmp_path):
     tokenizer = math_tokenizer()

@@ -8,6 +8,13 @@ import logging
 
 import pytest
 import torch
+
+from luffy_fast.cli import main
+from luffy_fast.data_files import DataError
+from luffy_fast.errors import ConfigError
+from luffy_fast.metrics import read_metrics
+from luffy_fast.train_config import load_config
+from luffy_fast.trainer import LuffyTrainer
 from math_helpers import (
     SKIPPED_ROWS,
     math_rows,
@@ -17,13 +24,6 @@ from math_helpers import (
     write_jsonl,
     write_parquet,
 )
-
-from luffy_fast.cli import main
-from luffy_fast.data_files import DataError
-from luffy_fast.errors import ConfigError
-from luffy_fast.metrics import read_metrics
-from luffy_fast.train_config import load_config
-from luffy_fast.trainer import LuffyTrainer
 
 
 @pytest.fixture(scope="module")

@@ -6,25 +6,11 @@ from __future__ import annotations
 import json
 
 import yaml
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from luffy_fast.cli import main
 from luffy_fast.metrics import read_metrics
 from luffy_fast.toy.model import TinyQwen2Config, build_policy
-
-
-def math_tokenizer() -> PreTrainedTokenizerFast:
-    words = ["<pad>", "<eos>", "</think>", "q", "so"] + [str(d) for d in range(10)]
-    words += [f"\\boxed{{{d}}}" for d in range(10)]
-    core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<pad>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>",
-                                        eos_token="<eos>", clean_up_tokenization_spaces=False)
-    tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
-                               "{% if add_generation_prompt %}so {% endif %}")
-    return tokenizer
+from math_helpers import math_tokenizer
 
 
 def test_train_command_on_a_model_directory_and_jsonl(tmp_path):
@@ -75,4 +61,5 @@ def test_saved_generic_tokenizers_load_as_saved(tmp_path):
     tokenizer.save_pretrained(tmp_path)
     loaded = load_tokenizer(tmp_path)
     text = "3 </think> \\boxed{3}"
-    assert loaded(text).input_ids == tokenizer(text).input_ids == [8, 2, 18]
+    # math_helpers.WORDS: "</think>" is id 2, digits start at 6, \\boxed{d} at 16
+    assert loaded(text).input_ids == tokenizer(text).input_ids == [9, 2, 19]

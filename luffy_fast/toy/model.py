@@ -18,13 +18,23 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 from luffy_fast.toy.problems import EOS, PAD, vocabulary
 
 
-def build_tokenizer(num_digits: int) -> PreTrainedTokenizerFast:
-    vocab = {token: i for i, token in enumerate(vocabulary(num_digits))}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD))
+def word_level_tokenizer(words, pad: str | None = PAD, eos: str = EOS, unk: str = PAD,
+                         chat_template: str | None = None) -> PreTrainedTokenizerFast:
+    """A tokenizer with one token per whitespace-separated word of `words` (ids in order),
+    built locally; decoding joins tokens with spaces. `pad=None` leaves it without a pad token."""
+    core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token=unk))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins tokens with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, eos_token=EOS,
-                                   unk_token=PAD, clean_up_tokenization_spaces=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=eos, unk_token=unk,
+                                        clean_up_tokenization_spaces=False,
+                                        **({"pad_token": pad} if pad is not None else {}))
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def build_tokenizer(num_digits: int) -> PreTrainedTokenizerFast:
+    return word_level_tokenizer(vocabulary(num_digits))
 
 
 @dataclass(frozen=True)
