@@ -47,6 +47,29 @@ def grad_logit_tile(logits, offs_t, t_mask, offs_v, targets_ptr, lse_ptr, logpro
     return grad * inv_temperature
 
 
+@triton.jit
+def dz_tile(hidden_ptr, weight_ptr, bias_ptr, rows_ptr, logit_rows_ptr, logits_ptr, targets_ptr,
+            lse_ptr, logprob_ptr, coef_ptr, entropy_weight_ptr, row_max_ptr, expected_shift_ptr,
+            offs_t, t_mask, offs_v, v_mask, HD, stride_hidden, stride_weight, stride_logits,
+            inv_temperature, HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+            FROM_LOGITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+            BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The fp32 dL/dz tile of the chunk's tokens `offs_t` x vocabulary `offs_v`: logits
+    recomputed from hidden and weight tiles (or read from the forward's GEMM output, row
+    logit_rows[i] for token i), then `grad_logit_tile`."""
+    rows = tl.load(rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
+    logit_rows = rows  # unused unless the logits are read from a buffer
+    if FROM_LOGITS:
+        logit_rows = tl.load(logit_rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
+    logits = logit_tile(hidden_ptr, weight_ptr, bias_ptr, logits_ptr, rows, logit_rows, offs_v,
+                        t_mask, v_mask, HD, stride_hidden, stride_weight, stride_logits,
+                        inv_temperature, HAS_BIAS, FROM_LOGITS, DOT_PRECISION,
+                        BLOCK_T, BLOCK_V, BLOCK_H)
+    return grad_logit_tile(logits, offs_t, t_mask, offs_v, targets_ptr, lse_ptr, logprob_ptr,
+                           coef_ptr, entropy_weight_ptr, row_max_ptr, expected_shift_ptr,
+                           inv_temperature, WITH_ENTROPY)
+
+
 @triton.heuristics({**LOGIT_FLAGS, "WITH_ENTROPY": lambda args: args["entropy_weight_ptr"] is not None})
 @triton.autotune(configs=tile_configs(), key=["V_BUCKET", "H_BUCKET", "FROM_LOGITS"])
 @triton.jit
@@ -66,18 +89,11 @@ def _grad_logits_kernel(
     t_mask = offs_t < C
     v_mask = offs_v < V
 
-    rows = tl.load(rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
-    logit_rows = rows  # unused unless the logits are read from a buffer
-    if FROM_LOGITS:
-        logit_rows = tl.load(logit_rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
-    logits = logit_tile(hidden_ptr, weight_ptr, bias_ptr, logits_ptr, rows, logit_rows, offs_v,
-                        t_mask, v_mask, HD, stride_hidden, stride_weight, stride_logits,
-                        inv_temperature, HAS_BIAS, FROM_LOGITS, DOT_PRECISION,
-                        BLOCK_T, BLOCK_V, BLOCK_H)
-
-    grad = grad_logit_tile(logits, offs_t, t_mask, offs_v, targets_ptr, lse_ptr, logprob_ptr, coef_ptr,
-                           entropy_weight_ptr, row_max_ptr, expected_shift_ptr, inv_temperature,
-                           WITH_ENTROPY)
+    grad = dz_tile(hidden_ptr, weight_ptr, bias_ptr, rows_ptr, logit_rows_ptr, logits_ptr, targets_ptr,
+                   lse_ptr, logprob_ptr, coef_ptr, entropy_weight_ptr, row_max_ptr, expected_shift_ptr,
+                   offs_t, t_mask, offs_v, v_mask, HD, stride_hidden, stride_weight, stride_logits,
+                   inv_temperature, HAS_BIAS, WITH_ENTROPY, FROM_LOGITS, DOT_PRECISION,
+                   BLOCK_T, BLOCK_V, BLOCK_H)
     out = grad_logits_ptr + offs_t[:, None].to(tl.int64) * V + offs_v[None, :]
     tl.store(out, grad.to(grad_logits_ptr.dtype.element_ty), mask=t_mask[:, None] & v_mask[None, :])
 

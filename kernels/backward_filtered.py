@@ -4,7 +4,7 @@ negligible are skipped, in the GEMMs too.
 Three kernels per chunk of active tokens, on one fixed block grid (`filter_tiles`):
 
 1. `_filtered_grad_logits_kernel` forms each [BLOCK_T, BLOCK_V] dL/dz tile as the dense backward
-   does (`grad_logit_tile`, logits recomputed or read from the forward's GEMM) and keeps it only
+   does (`dz_tile`, logits recomputed or read from the forward's GEMM) and keeps it only
    if some entry reaches grad_filter x its token's gradient scale s_t = (|g_t| + |c_t|) / tau
    (|dL/dz_tv| <= s_t (p_v + p_v |z_v - E_p[z]|), so the test is about a probability below the
    threshold). Kept tiles are written to the [C, V] buffer and flagged in a [C/BT, V/BV] map;
@@ -38,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .backward import grad_logit_tile
-from .utils import INTERPRET, LOGIT_FLAGS, dot_precision, logit_tile
+from .backward import dz_tile
+from .utils import INTERPRET, LOGIT_FLAGS, dot_precision
 
 
 def filter_tiles(dtype: torch.dtype) -> dict:
@@ -74,17 +74,11 @@ def _filtered_grad_logits_kernel(
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     t_mask = offs_t < C
     v_mask = offs_v < V
-    rows = tl.load(rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
-    logit_rows = rows
-    if FROM_LOGITS:
-        logit_rows = tl.load(logit_rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
-    logits = logit_tile(hidden_ptr, weight_ptr, bias_ptr, logits_ptr, rows, logit_rows, offs_v,
-                        t_mask, v_mask, HD, stride_hidden, stride_weight, stride_logits,
-                        inv_temperature, HAS_BIAS, FROM_LOGITS, DOT_PRECISION,
-                        BLOCK_T, BLOCK_V, BLOCK_H)
-    grad = grad_logit_tile(logits, offs_t, t_mask, offs_v, targets_ptr, lse_ptr, logprob_ptr, coef_ptr,
-                           entropy_weight_ptr, row_max_ptr, expected_shift_ptr, inv_temperature,
-                           WITH_ENTROPY)
+    grad = dz_tile(hidden_ptr, weight_ptr, bias_ptr, rows_ptr, logit_rows_ptr, logits_ptr, targets_ptr,
+                   lse_ptr, logprob_ptr, coef_ptr, entropy_weight_ptr, row_max_ptr, expected_shift_ptr,
+                   offs_t, t_mask, offs_v, v_mask, HD, stride_hidden, stride_weight, stride_logits,
+                   inv_temperature, HAS_BIAS, WITH_ENTROPY, FROM_LOGITS, DOT_PRECISION,
+                   BLOCK_T, BLOCK_V, BLOCK_H)
 
     scale = tl.abs(tl.load(coef_ptr + offs_t, mask=t_mask, other=0.0))
     if WITH_ENTROPY:
