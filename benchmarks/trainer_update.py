@@ -38,7 +38,6 @@ import json
 import math
 import os
 import random
-import socket
 import statistics
 import sys
 import time
@@ -535,18 +534,9 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 def init_single_process(device: torch.device) -> None:
     """A world of one process for DeepSpeed (nccl on CUDA, gloo on the CPU)."""
-    import deepspeed
+    from luffy_fast.distributed import join_process_group
 
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return
-    if "RANK" not in os.environ:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                               verbose=False)
+    join_process_group(device.type)
 
 
 def synthetic_micro_batch(plan: Plan, rows: int, length: int, seed: int, device: torch.device):

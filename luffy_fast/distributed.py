@@ -20,20 +20,38 @@ from luffy_fast.errors import ConfigError
 from luffy_fast.train_config import LuffyTrainConfig
 
 
-def init_distributed(device_type: str, config: LuffyTrainConfig) -> tuple[int, int]:
-    """Join (or start) the process group; returns (rank, world size). One process without a
-    launcher gets a world of size one; the `deepspeed` launcher's environment is used as is."""
+def join_process_group(device_type: str, attempts: int = 5) -> None:
+    """Join the launcher's process group (nccl on CUDA, gloo elsewhere), or start a world of one
+    process on a free local port. A port found free can be taken by another process before the
+    store binds it (busy machines, parallel tests): a world of one then retries on a new port."""
     import deepspeed
 
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        if "RANK" not in os.environ:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
+    launched = "RANK" in os.environ
+    for attempt in range(1 if launched else attempts):
+        if not launched:
             with socket.socket() as probe:
                 probe.bind(("127.0.0.1", 0))
                 port = probe.getsockname()[1]
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo",
-                                   verbose=False)
+        try:
+            deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo",
+                                       verbose=False)
+            return
+        except RuntimeError as error:  # torch's DistNetworkError is a RuntimeError
+            in_use = "EADDRINUSE" in str(error) or "address already in use" in str(error)
+            if launched or not in_use or attempt == attempts - 1:
+                raise
+            for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+                os.environ.pop(name, None)
+
+
+def init_distributed(device_type: str, config: LuffyTrainConfig) -> tuple[int, int]:
+    """Join (or start) the process group; returns (rank, world size). One process without a
+    launcher gets a world of size one; the `deepspeed` launcher's environment is used as is."""
+    join_process_group(device_type)
     rank, world_size = rank_and_world()
     if config.train.mini_batch_size % world_size:
         raise ConfigError(f"train.mini_batch_size: {config.train.mini_batch_size} prompts do not "

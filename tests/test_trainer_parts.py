@@ -4,6 +4,7 @@ loaded by name (the example's user task trained for real), and the rollout engin
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,33 @@ def test_engine_metrics_are_collected_after_the_sync(tmp_path):
     assert all(0 < row["rollout_entropy"] for row in history)
     assert all(row[f"time/{phase}"] >= 0 for row in history
                for phase in ("generate", "score", "update", "sync"))
+
+
+def test_a_world_of_one_retries_when_its_port_is_taken(monkeypatch):
+    """The free port found by the probe can be taken before the store binds it: retry on a new
+    one; a launcher's own settings are never rewritten."""
+    import deepspeed
+
+    from luffy_fast.distributed import join_process_group
+
+    ports, calls = [], []
+
+    def fake_init(dist_backend, verbose):
+        calls.append(dist_backend)
+        ports.append(os.environ["MASTER_PORT"])
+        if len(calls) < 3:
+            raise RuntimeError("The server socket has failed to listen: EADDRINUSE")
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(deepspeed, "init_distributed", fake_init)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    join_process_group("cpu")
+    assert calls == ["gloo"] * 3 and os.environ["WORLD_SIZE"] == "1"
+
+    calls.clear()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    with pytest.raises(RuntimeError, match="EADDRINUSE"):
+        join_process_group("cpu")  # launched: the launcher's port is not ours to change
+    assert calls == ["gloo"] and os.environ["MASTER_PORT"] == "29500"
