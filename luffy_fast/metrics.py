@@ -143,15 +143,16 @@ def progress_display(output, lead: bool, start_step: int, total: int, name: str)
 
     bar = tqdm(range(start_step, total), initial=start_step, total=total, desc=name,
                disable=not (lead and ProgressLog.bar_wanted(output.progress_bar)))
-    return bar, ProgressLog(output.log_every if lead and bar.disable else 0, total, start_step)
+    return bar, ProgressLog(output.log_every if lead and bar.disable else 0, total, start_step,
+                            name=name)
 
 
 class ProgressLog:
     """Plain progress lines every `every` steps and at the last (0: never), where no progress
     bar is shown: stderr is not a terminal (cluster logs) or output.progress_bar is off."""
 
-    def __init__(self, every: int, total: int, start_step: int, stream=None) -> None:
-        self.every, self.total, self.stream = every, total, stream
+    def __init__(self, every: int, total: int, start_step: int, stream=None, name: str = "") -> None:
+        self.every, self.total, self.stream, self.name = every, total, stream, name
         self.since, self.last_step = time.perf_counter(), start_step
 
     @staticmethod
@@ -165,7 +166,8 @@ class ProgressLog:
         now = time.perf_counter()
         seconds = (now - self.since) / max(step - self.last_step, 1)
         self.since, self.last_step = now, step
-        print(progress_line(step, self.total, metrics, seconds), file=self.stream or sys.stdout,
+        line = progress_line(step, self.total, metrics, seconds)
+        print(f"{self.name}: {line}" if self.name else line, file=self.stream or sys.stdout,
               flush=True)
 
 

@@ -337,6 +337,9 @@ def test_plain_progress_lines_every_n_steps():
     assert [line.split(" |")[0] for line in lines] == ["step 2/5", "step 4/5", "step 5/5"]
     assert "loss 0.25" in lines[0] and "grad_norm None" in lines[0]
     assert not ProgressLog.bar_wanted(True)  # pytest's stderr is not a terminal
+    named = io.StringIO()
+    ProgressLog(every=1, total=1, start_step=0, stream=named, name="luffy").step(1, {"loss": 1.0})
+    assert named.getvalue().startswith("luffy: step 1/1 | loss 1")
 
 
 def test_every_row_of_the_robustness_table_names_tests_that_exist():
