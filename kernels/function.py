@@ -264,7 +264,7 @@ def triton_loss(inputs: LossInputs) -> tuple[Tensor, dict]:
     return loss, stats
 
 
-def _logprob_chunk(config: LuffyLossConfig, device: torch.device, num_tokens: int,
+def logprob_chunk(config: LuffyLossConfig, device: torch.device, num_tokens: int,
                    vocab_size: int) -> int:
     """Rows per chunk of fp32 logits that token_logprobs keeps, or 0 for the tile products."""
     rows = config.memory_budget_bytes(device) // (vocab_size * 4)
@@ -283,7 +283,7 @@ def triton_token_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     hidden, weight = hidden.contiguous(), weight.contiguous()
     T = hidden.shape[0]
     rows = torch.arange(T, device=hidden.device)
-    chunk = _logprob_chunk(config, hidden.device, T, weight.shape[0])
+    chunk = logprob_chunk(config, hidden.device, T, weight.shape[0])
     if chunk == 0:
         lse, logprobs, row_max, expected_shift = logsumexp_forward(
             hidden, weight, bias, rows, targets, config.temperature, with_entropy)

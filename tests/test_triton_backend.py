@@ -89,12 +89,12 @@ def test_triton_token_logprobs(with_entropy):
 # MiB: all 40 tokens' logits kept (one GEMM), ~20-token chunks of them, or tile products.
 @pytest.mark.parametrize("budget", [KEEP, 0.003, RECOMPUTE])
 def test_triton_token_logprobs_strategies(budget):
-    from luffy_fast.kernels.function import _logprob_chunk, triton_token_logprobs
+    from luffy_fast.kernels.function import logprob_chunk, triton_token_logprobs
 
     batch = random_batch(40, 12, 37, with_bias=True)
     hidden, weight, bias, targets = batch["hidden"], batch["weight"], batch["bias"], batch["targets"]
     config = LuffyLossConfig(temperature=0.8, memory_budget_mb=budget)
-    chunk = _logprob_chunk(config, hidden.device, 40, 37)
+    chunk = logprob_chunk(config, hidden.device, 40, 37)
     assert chunk == {KEEP: 40, 0.003: 21, RECOMPUTE: 0}[budget]
     expected = token_logprobs(hidden.double(), weight.double(), targets, temperature=0.8,
                               bias=bias.double(), with_entropy=True, backend="reference")
