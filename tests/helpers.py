@@ -3,6 +3,8 @@ comparison of a backend with the float64 reference."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 from hypothesis import HealthCheck
 from hypothesis import strategies as st
@@ -188,3 +190,16 @@ def tiny_config(output_dir, *overrides):
     from luffy_fast.train_config import load_config
 
     return load_config(None, [*TINY, f"output.dir={output_dir}", *overrides])
+
+
+# The trainer sets these when it starts a world of one process in the test process (DeepSpeed
+# needs them there afterwards); a subprocess that inherited them would take itself for a launched
+# rank and bind this process's store port.
+PROCESS_GROUP_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def subprocess_env(**extra: str) -> dict:
+    """os.environ for a child process that starts its own process group, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in PROCESS_GROUP_VARIABLES}
+    env.update(extra)
+    return env

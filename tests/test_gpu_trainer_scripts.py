@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import subprocess_env
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) leaves the root out
     sys.path.insert(0, str(ROOT))
@@ -120,7 +122,7 @@ def test_dry_run_of_the_whole_gpu_trainer_check(tmp_path):
     """The shell script end to end at toy sizes (about 100 s on two cores): every stage runs and
     writes numbers that hold up."""
     out, work = tmp_path / "out", tmp_path / "work"
-    env = dict(os.environ, BENCH_DRY_RUN="1", PYTHON=sys.executable, OUT=str(out),
+    env = subprocess_env(BENCH_DRY_RUN="1", PYTHON=sys.executable, OUT=str(out),
                TRAINER_CHECK_WORK=str(work), GPU_CHECK_BUDGET_S="900")
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_trainer_check.sh")], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=1200)
@@ -175,7 +177,7 @@ def test_dry_run_of_the_whole_gpu_trainer_check(tmp_path):
 def test_out_of_memory_ends_the_sizes_and_the_probes(tmp_path):
     """A step that runs out of memory (simulated from 256 tokens on) skips the larger sizes,
     the probes run on a rebuilt engine, and the longest sequence is the last probe that fit."""
-    env = dict(os.environ, BENCH_DRY_RUN="1", BENCH_FAKE_OOM_AT="256",
+    env = subprocess_env(BENCH_DRY_RUN="1", BENCH_FAKE_OOM_AT="256",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-m", "benchmarks.trainer_update", "update", "--impl",
                            "naive", "--work", str(tmp_path)], env=env, cwd=tmp_path,
