@@ -50,13 +50,18 @@ def grad_logit_tile(logits, offs_t, t_mask, offs_v, targets_ptr, lse_ptr, logpro
 @triton.jit
 def dz_tile(hidden_ptr, weight_ptr, bias_ptr, rows_ptr, logit_rows_ptr, logits_ptr, targets_ptr,
             lse_ptr, logprob_ptr, coef_ptr, entropy_weight_ptr, row_max_ptr, expected_shift_ptr,
-            offs_t, t_mask, offs_v, v_mask, HD, stride_hidden, stride_weight, stride_logits,
-            inv_temperature, HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+            C, V, HD, stride_hidden, stride_weight, stride_logits, inv_temperature,
+            HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
             FROM_LOGITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
             BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """The fp32 dL/dz tile of the chunk's tokens `offs_t` x vocabulary `offs_v`: logits
-    recomputed from hidden and weight tiles (or read from the forward's GEMM output, row
-    logit_rows[i] for token i), then `grad_logit_tile`."""
+    """This program's fp32 dL/dz tile (token tile program_id(0) of the C-token chunk x vocabulary
+    tile program_id(1)): logits recomputed from hidden and weight tiles (or read from the
+    forward's GEMM output, row logit_rows[i] for token i), then `grad_logit_tile`. Returns the
+    tile with its token and vocabulary offsets and masks."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    t_mask = offs_t < C
+    v_mask = offs_v < V
     rows = tl.load(rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
     logit_rows = rows  # unused unless the logits are read from a buffer
     if FROM_LOGITS:
@@ -65,9 +70,10 @@ def dz_tile(hidden_ptr, weight_ptr, bias_ptr, rows_ptr, logit_rows_ptr, logits_p
                         t_mask, v_mask, HD, stride_hidden, stride_weight, stride_logits,
                         inv_temperature, HAS_BIAS, FROM_LOGITS, DOT_PRECISION,
                         BLOCK_T, BLOCK_V, BLOCK_H)
-    return grad_logit_tile(logits, offs_t, t_mask, offs_v, targets_ptr, lse_ptr, logprob_ptr,
+    grad = grad_logit_tile(logits, offs_t, t_mask, offs_v, targets_ptr, lse_ptr, logprob_ptr,
                            coef_ptr, entropy_weight_ptr, row_max_ptr, expected_shift_ptr,
                            inv_temperature, WITH_ENTROPY)
+    return grad, offs_t, t_mask, offs_v, v_mask
 
 
 @triton.heuristics({**LOGIT_FLAGS, "WITH_ENTROPY": lambda args: args["entropy_weight_ptr"] is not None})
@@ -82,18 +88,11 @@ def _grad_logits_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    t_mask = offs_t < C
-    v_mask = offs_v < V
-
-    grad = dz_tile(hidden_ptr, weight_ptr, bias_ptr, rows_ptr, logit_rows_ptr, logits_ptr, targets_ptr,
-                   lse_ptr, logprob_ptr, coef_ptr, entropy_weight_ptr, row_max_ptr, expected_shift_ptr,
-                   offs_t, t_mask, offs_v, v_mask, HD, stride_hidden, stride_weight, stride_logits,
-                   inv_temperature, HAS_BIAS, WITH_ENTROPY, FROM_LOGITS, DOT_PRECISION,
-                   BLOCK_T, BLOCK_V, BLOCK_H)
+    grad, offs_t, t_mask, offs_v, v_mask = dz_tile(
+        hidden_ptr, weight_ptr, bias_ptr, rows_ptr, logit_rows_ptr, logits_ptr, targets_ptr, lse_ptr,
+        logprob_ptr, coef_ptr, entropy_weight_ptr, row_max_ptr, expected_shift_ptr, C, V, HD,
+        stride_hidden, stride_weight, stride_logits, inv_temperature, HAS_BIAS, WITH_ENTROPY,
+        FROM_LOGITS, DOT_PRECISION, BLOCK_T, BLOCK_V, BLOCK_H)
     out = grad_logits_ptr + offs_t[:, None].to(tl.int64) * V + offs_v[None, :]
     tl.store(out, grad.to(grad_logits_ptr.dtype.element_ty), mask=t_mask[:, None] & v_mask[None, :])
 

@@ -68,17 +68,11 @@ def _filtered_grad_logits_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    t_mask = offs_t < C
-    v_mask = offs_v < V
-    grad = dz_tile(hidden_ptr, weight_ptr, bias_ptr, rows_ptr, logit_rows_ptr, logits_ptr, targets_ptr,
-                   lse_ptr, logprob_ptr, coef_ptr, entropy_weight_ptr, row_max_ptr, expected_shift_ptr,
-                   offs_t, t_mask, offs_v, v_mask, HD, stride_hidden, stride_weight, stride_logits,
-                   inv_temperature, HAS_BIAS, WITH_ENTROPY, FROM_LOGITS, DOT_PRECISION,
-                   BLOCK_T, BLOCK_V, BLOCK_H)
+    grad, offs_t, t_mask, offs_v, v_mask = dz_tile(
+        hidden_ptr, weight_ptr, bias_ptr, rows_ptr, logit_rows_ptr, logits_ptr, targets_ptr, lse_ptr,
+        logprob_ptr, coef_ptr, entropy_weight_ptr, row_max_ptr, expected_shift_ptr, C, V, HD,
+        stride_hidden, stride_weight, stride_logits, inv_temperature, HAS_BIAS, WITH_ENTROPY,
+        FROM_LOGITS, DOT_PRECISION, BLOCK_T, BLOCK_V, BLOCK_H)
 
     scale = tl.abs(tl.load(coef_ptr + offs_t, mask=t_mask, other=0.0))
     if WITH_ENTROPY:
@@ -86,7 +80,7 @@ def _filtered_grad_logits_kernel(
     mask = t_mask[:, None] & v_mask[None, :]
     large = (tl.abs(grad) >= (threshold * inv_temperature) * scale[:, None]) & mask
     keep = tl.max(tl.max(large.to(tl.int32), axis=1), axis=0)
-    tl.store(keep_ptr + pid_t * tl.num_programs(1) + pid_v, keep.to(tl.int8))
+    tl.store(keep_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), keep.to(tl.int8))
     if keep != 0:
         out = grad_logits_ptr + offs_t[:, None].to(tl.int64) * V + offs_v[None, :]
         tl.store(out, grad.to(grad_logits_ptr.dtype.element_ty), mask=mask)
