@@ -35,7 +35,13 @@ CONTINUATIONS = [[6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17]]
 
 
 def report(tag: str, **values) -> None:
-    print(f"{tag} {json.dumps(values)}", flush=True)
+    """One `TAG <json>` line in a single write: the launcher's two ranks share one stdout pipe,
+    and a print through a part-full buffer can be split around the other rank's line (seen in
+    CI); one write of under PIPE_BUF (4 KiB) bytes to a pipe is atomic."""
+    line = f"{tag} {json.dumps(values)}\n".encode()
+    assert len(line) < 4096, f"{tag} line of {len(line)} bytes would not be written atomically"
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), line)
 
 
 def engine_children() -> list[dict]:
