@@ -165,14 +165,16 @@ class RewardPool:
         while len(self._workers) < self.num_workers:
             self._workers.append(_Worker(self._context, self.reward_fn))
 
-    def submit(self, items: Sequence[tuple[str, Any]]) -> PendingScores:
-        """Start scoring `items` ((response text, sample) pairs); returns at once."""
+    def submit(self, items: Sequence[tuple[str, Any]],
+               timeout: Optional[float] = None) -> PendingScores:
+        """Start scoring `items` ((response text, sample) pairs); returns at once. `timeout`
+        (seconds per item) overrides the pool's for this batch."""
         items = list(items)
         box: dict = {}
 
         def run() -> None:
             try:
-                box["report"] = self._score(items)
+                box["report"] = self._score(items, timeout or self.timeout)
             except BaseException as error:  # surfaced by result()
                 box["error"] = error
 
@@ -180,10 +182,11 @@ class RewardPool:
         thread.start()
         return PendingScores(thread, box)
 
-    def score(self, items: Sequence[tuple[str, Any]]) -> ScoreReport:
-        return self.submit(items).result()
+    def score(self, items: Sequence[tuple[str, Any]],
+              timeout: Optional[float] = None) -> ScoreReport:
+        return self.submit(items, timeout).result()
 
-    def _score(self, items: list) -> ScoreReport:
+    def _score(self, items: list, timeout: float) -> ScoreReport:
         start = time.monotonic()
         report = ScoreReport(rewards=[0.0] * len(items))
         with self._lock:
@@ -191,7 +194,7 @@ class RewardPool:
                 for index, (response, sample) in enumerate(items):
                     report.rewards[index] = float(self.reward_fn(response, sample))
             elif items:
-                self._score_in_workers(items, report)
+                self._score_in_workers(items, report, timeout)
         report.seconds = time.monotonic() - start
         return report
 
@@ -200,7 +203,7 @@ class RewardPool:
             report.messages.append(text)
             log.warning("reward: %s", text)
 
-    def _score_in_workers(self, items: list, report: ScoreReport) -> None:
+    def _score_in_workers(self, items: list, report: ScoreReport, timeout: float) -> None:
         self._ensure_workers()
         waiting = list(range(len(items)))[::-1]  # popped from the end: in order
         busy: dict[Connection, _Worker] = {}
@@ -209,7 +212,7 @@ class RewardPool:
             if waiting:
                 index = waiting.pop()
                 response, sample = items[index]
-                worker.give(index, response, sample, self.timeout)
+                worker.give(index, response, sample, timeout)
                 busy[worker.connection] = worker
 
         for worker in self._workers:
@@ -239,7 +242,7 @@ class RewardPool:
                 if worker.deadline <= now and connection not in ready:
                     busy.pop(connection)
                     report.timeouts += 1
-                    self._note(report, f"item {worker.item}: no score within {self.timeout:g} s "
+                    self._note(report, f"item {worker.item}: no score within {timeout:g} s "
                                        "(scored 0)")
                     feed(self._replace(worker))
 

@@ -69,16 +69,18 @@ def test_bad_settings_name_the_argument():
 
 
 def test_pathological_math_hits_the_timeout_and_scores_zero():
-    """math-verify needs ~5 s on a power tower (its own internal timeout); the pool's 1 s timeout
-    scores it 0 and the correct answer beside it still scores 1."""
+    """math-verify needs ~5 s on a power tower (its own internal timeout); the pool's 2.5 s
+    timeout scores it 0 and the correct answer beside it still scores 1 (in ~0.05 s when warm)."""
     pytest.importorskip("math_verify")
     from luffy_fast.data import Sample
     from luffy_fast.rewards import MathVerifyReward
 
     sample = Sample(prompt_ids=[1], ground_truth="3")
     items = [("so </think> \\boxed{9^{9^{9^{9}}}}", sample), ("so </think> \\boxed{3}", sample)]
-    with RewardPool(MathVerifyReward(), workers=2, timeout=1.0) as pool:
-        pool.score([("</think> \\boxed{3}", sample)])  # warm: workers import math-verify
+    with RewardPool(MathVerifyReward(), workers=2, timeout=2.5) as pool:
+        # warm both workers (the first parse builds math-verify's grammar: slow on a busy
+        # machine), under a timeout of its own
+        assert pool.score([("</think> \\boxed{3}", sample)] * 2, timeout=300).rewards == [1.0, 1.0]
         report = pool.score(items)
     assert report.rewards == [0.0, 1.0]
     assert report.timeouts == 1
