@@ -61,10 +61,8 @@ def task_reward_pool(task: Any, workers: Optional[int] = None, timeout: float = 
                      ) -> RewardPool:
     """The pool for a task (luffy_fast.tasks.Task): `workers` when given, else the task's
     `reward_workers` hint (None: one per core), running its `reward_function()`."""
-    if workers is None:
-        workers = getattr(task, "reward_workers", None)
-    reward_fn = task.reward_function() if hasattr(task, "reward_function") else task.reward
-    return RewardPool(reward_fn, workers=workers, timeout=timeout)
+    return RewardPool(task.reward_function(), timeout=timeout,
+                      workers=task.reward_workers if workers is None else workers)
 
 
 def _worker(connection: Connection, reward_fn: Callable) -> None:
