@@ -22,8 +22,7 @@ from typing import Optional
 import torch
 
 from luffy_fast.distributed import gathered_parameters
-from luffy_fast.run_files import (  # noqa: F401  (ensure_writable_dir: imported from here too)
-    ensure_writable_dir,
+from luffy_fast.run_files import (
     naming_full_disk,
     remove_stale_temporaries,
     warn,
@@ -73,11 +72,14 @@ class CheckpointManager:
         self._barrier()
         policy = engine.module.policy
         with gathered_parameters(policy.parameters(), zero_stage):
-            state = {name: tensor.detach().cpu().clone()
-                     for name, tensor in policy.state_dict().items()}
-        bad = [name for name, tensor in state.items()
-               if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
-        if bad:  # every rank sees the same gathered weights, so all raise together
+            gathered = policy.state_dict()
+            # checked on the device by every rank (the same gathered weights: all raise together);
+            # only rank 0, which writes the export, copies them to the host
+            bad = [name for name, tensor in gathered.items()
+                   if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+            state = ({name: tensor.detach().cpu().clone() for name, tensor in gathered.items()}
+                     if self.rank == 0 and not bad else None)
+        if bad:
             raise NonFiniteWeightsError(f"step {step}: the weights hold non-finite values "
                                         f"({', '.join(bad[:3])}...); checkpoint not published")
         try:

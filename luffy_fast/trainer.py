@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from luffy_fast.advantages import group_advantages
-from luffy_fast.checkpoint import CheckpointManager, ensure_writable_dir
+from luffy_fast.checkpoint import CheckpointManager
 from luffy_fast.data import Sample
 from luffy_fast.distributed import all_reduce_sum, build_engine, init_distributed, training_device
 from luffy_fast.metrics import MeanMinMax, MetricsLogger, PhaseTimer, peak_memory_mb, progress_display
@@ -46,6 +46,7 @@ from luffy_fast.rollout.correction import behaviour_logprobs, rollout_correction
 from luffy_fast.rollout.factory import build_rollout_engine
 from luffy_fast.rollout.weights import gathered_named_parameters
 from luffy_fast.rollout_batch import RolloutBatch, assemble_groups, reward_items, rollout_metrics
+from luffy_fast.run_files import ensure_writable_dir
 from luffy_fast.sampler import data_metrics, prompt_sampler
 from luffy_fast.tasks import Task, check_samples, load_task, prepare_components
 from luffy_fast.train_config import LuffyTrainConfig

@@ -20,7 +20,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from luffy_fast.checkpoint import CheckpointManager, write_atomic
+from luffy_fast.checkpoint import CheckpointManager
 from luffy_fast.errors import ConfigError
 from luffy_fast.evaluation import (
     problems_from_samples,
@@ -31,6 +31,7 @@ from luffy_fast.evaluation import (
 from luffy_fast.reward_pool import RewardPool
 from luffy_fast.rollout.base import RolloutEngine, SamplingParams
 from luffy_fast.rollout_batch import RolloutBatch, assemble_groups
+from luffy_fast.run_files import write_atomic
 
 
 class Validation:

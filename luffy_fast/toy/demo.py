@@ -88,8 +88,8 @@ def plot_runs(histories: dict[str, list[dict]], path: str | Path) -> Path:
 def run_demo(output_dir: str | Path = "runs/demo", runs: Sequence[str] = DEFAULT_RUNS,
              overrides: Sequence[str] = (), resume: bool = False) -> dict:
     """Train every run in turn, then write summary.json and the plot; returns the summary."""
-    from luffy_fast.checkpoint import ensure_writable_dir
     from luffy_fast.metrics import read_metrics
+    from luffy_fast.run_files import ensure_writable_dir
     from luffy_fast.trainer import LuffyTrainer
 
     output_dir = ensure_writable_dir(output_dir, key="demo output directory")
