@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 
 THINK_OPEN = "<think>\n"
 GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
-TRACE_OVERFLOW = ("truncate", "drop")
 TOKENIZE_CHUNK = 1024  # texts per batched tokenizer call
 
 

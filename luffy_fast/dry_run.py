@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from typing import TextIO
 
+import torch
+
 from luffy_fast.data import percentiles
 from luffy_fast.errors import ConfigError
 
@@ -125,7 +127,7 @@ def dry_run(config, world_size: int = 1, out: TextIO | None = None) -> int:
     if policy is not None:
         shape = model_shape(policy)
         bf16 = config.model.precision != "fp32"
-        budget = config.loss.memory_budget_mb * 2**20 if config.loss.memory_budget_mb else GIB
+        budget = config.loss.memory_budget_bytes(torch.device("cuda"))  # the GPUs' budget
         memory = estimate_memory(shape, config.train.zero_stage, world_size, bf16,
                                  config.train.token_budget, config.model.gradient_checkpointing,
                                  budget)

@@ -92,19 +92,14 @@ def heldout_record(row: Row) -> Record:
 
 def load_eval_problems(path: str | Path, tokenizer, *, question_key: Optional[str] = None,
                        answer_key: Optional[str] = None, data_source: Optional[str] = None,
-                       max_prompt_length: Optional[int] = None,
                        key: str = "--data") -> list[EvalProblem]:
     """The evaluation problems of a file or folder, rendered with the model's chat template
     (system prompt removed). data_source: the label in the results (default: the row's
-    `data_source`, else the file name); a prompt over max_prompt_length is an error (an
-    evaluation never skips a problem silently)."""
+    `data_source`, else the file name). No problem is ever skipped."""
     problems = []
     for row in read_rows(path, key):
         messages, truth, source = eval_record(row, question_key, answer_key, data_source)
         ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False).input_ids
-        if max_prompt_length is not None and len(ids) > max_prompt_length:
-            raise DataError(f"{row.where}: the prompt has {len(ids)} tokens, more than "
-                            f"max_prompt_length={max_prompt_length}")
         problems.append(EvalProblem(prompt_ids=ids, ground_truth=truth, data_source=source))
     if not problems:
         raise DataError(f"{key}: no problems in {str(path)!r}")

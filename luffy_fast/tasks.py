@@ -154,11 +154,6 @@ def prepare_components(task: Task, config: LuffyTrainConfig) -> tuple[object, Ca
     return load_model_tokenizer(config.model), lambda: load_policy(config.model, torch.float32)
 
 
-def load_components(task: Task, config: LuffyTrainConfig) -> tuple:
-    """The task's tokenizer and policy (model.path "toy"), or those of the model.path directory."""
-    tokenizer, policy = prepare_components(task, config)
-    return tokenizer, policy()
-
 
 def check_samples(samples: Sequence[Sample], config: LuffyTrainConfig) -> None:
     """Enough training prompts for a step, each with the traces the groups need, and every
