@@ -21,6 +21,9 @@ import triton.language as tl
 
 from .utils import LOGIT_FLAGS, expm1, logit_tile, shape_bucket, tile_configs
 
+# The dL/dz kernels' flags: the logit tile's, and whether the entropy term is on.
+GRAD_FLAGS = {**LOGIT_FLAGS, "WITH_ENTROPY": lambda args: args["entropy_weight_ptr"] is not None}
+
 
 @triton.jit
 def grad_logit_tile(logits, offs_t, t_mask, offs_v, targets_ptr, lse_ptr, logprob_ptr, coef_ptr,
@@ -76,7 +79,7 @@ def dz_tile(hidden_ptr, weight_ptr, bias_ptr, rows_ptr, logit_rows_ptr, logits_p
     return grad, offs_t, t_mask, offs_v, v_mask
 
 
-@triton.heuristics({**LOGIT_FLAGS, "WITH_ENTROPY": lambda args: args["entropy_weight_ptr"] is not None})
+@triton.heuristics(GRAD_FLAGS)
 @triton.autotune(configs=tile_configs(), key=["V_BUCKET", "H_BUCKET", "FROM_LOGITS"])
 @triton.jit
 def _grad_logits_kernel(

@@ -38,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .backward import dz_tile
-from .utils import INTERPRET, LOGIT_FLAGS, dot_precision
+from .backward import GRAD_FLAGS, dz_tile
+from .utils import INTERPRET, dot_precision
 
 
 def filter_tiles(dtype: torch.dtype) -> dict:
@@ -57,7 +57,7 @@ def filter_tiles(dtype: torch.dtype) -> dict:
             "num_stages": 3}
 
 
-@triton.heuristics({**LOGIT_FLAGS, "WITH_ENTROPY": lambda args: args["entropy_weight_ptr"] is not None})
+@triton.heuristics(GRAD_FLAGS)
 @triton.jit
 def _filtered_grad_logits_kernel(
     hidden_ptr, weight_ptr, bias_ptr, rows_ptr, logit_rows_ptr, logits_ptr, targets_ptr,

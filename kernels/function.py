@@ -50,11 +50,21 @@ def _check_device(tensor: Tensor) -> None:
 def plan(config: LuffyLossConfig, device: torch.device, num_tokens: int, vocab_size: int,
          element_size: int) -> tuple[str, int]:
     """("kept", rows per chunk) or ("recompute", rows per backward chunk) for this budget."""
+    kept_rows = _kept_rows(config, device, num_tokens, vocab_size, 4 + element_size)
+    if kept_rows:
+        return "kept", kept_rows
     budget = config.memory_budget_bytes(device)
-    kept_rows = budget // (vocab_size * (4 + element_size))
-    if num_tokens > 0 and kept_rows >= min(num_tokens, MIN_KEPT_ROWS.get(device.type, 16)):
-        return "kept", min(kept_rows, num_tokens)
     return "recompute", max(16, min(num_tokens, budget // (vocab_size * element_size)))
+
+
+def _kept_rows(config: LuffyLossConfig, device: torch.device, num_tokens: int, vocab_size: int,
+               bytes_per_entry: int) -> int:
+    """Rows of a kept chunk ([rows, V] at `bytes_per_entry` each) that fit the budget, or 0 when
+    fewer than MIN_KEPT_ROWS (or all the tokens) fit: thinner GEMMs do not pay for keeping."""
+    rows = config.memory_budget_bytes(device) // (vocab_size * bytes_per_entry)
+    if num_tokens > 0 and rows >= min(num_tokens, MIN_KEPT_ROWS.get(device.type, 16)):
+        return min(rows, num_tokens)
+    return 0
 
 
 def _token_terms(inputs: LossInputs, part: slice, lse: Tensor, logprobs: Tensor, row_max: Tensor,
@@ -141,7 +151,8 @@ def _add_gradients(tokens: _ActiveTokens, hidden: Tensor, weight: Tensor, bias: 
     if grad_filter is not None:
         keep = filtered_gradients(hidden, weight, bias, tokens, temperature, grad_filter.threshold,
                                   out, grads, logits=logits, logit_rows=logit_rows,
-                                  weight_mean=grad_filter.weight_mean(weight))
+                                  weight_mean=(grad_filter.weight_mean(weight)
+                                               if grads[0] is not None else None))
         grad_filter.add(keep)
         return
     grad_logits(hidden, weight, bias, tokens.rows, tokens.targets, tokens.lse, tokens.logprobs,
@@ -267,10 +278,7 @@ def triton_loss(inputs: LossInputs) -> tuple[Tensor, dict]:
 def logprob_chunk(config: LuffyLossConfig, device: torch.device, num_tokens: int,
                    vocab_size: int) -> int:
     """Rows per chunk of fp32 logits that token_logprobs keeps, or 0 for the tile products."""
-    rows = config.memory_budget_bytes(device) // (vocab_size * 4)
-    if num_tokens > 0 and rows >= min(num_tokens, MIN_KEPT_ROWS.get(device.type, 16)):
-        return min(rows, num_tokens)
-    return 0
+    return _kept_rows(config, device, num_tokens, vocab_size, 4)
 
 
 @torch.no_grad()
