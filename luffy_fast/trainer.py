@@ -121,7 +121,10 @@ class LuffyTrainer:
             pending = self.rewards.submit(reward_items(batch, samples, self.decode))
         with timer.phase("update"):
             self.rollout.sleep()  # engines that can free device memory for the update
-            token_weights, correction = self.rollout_correction(batch, completions)
+            # several optimizer steps: old log-probs in one no-grad pass, reused by the correction
+            old = (self.compute_logprobs(batch, range(len(batch)))[0]
+                   if config.optimizer_steps_per_rollout() > 1 else None)
+            token_weights, correction = self.rollout_correction(batch, completions, old)
         with timer.phase("score"):
             scores = pending.result()
             batch.rewards = torch.tensor(scores.rewards, dtype=torch.float32)
@@ -130,7 +133,7 @@ class LuffyTrainer:
                                                 use_std=config.algorithm.advantage_std)
         # 6. the mixed-policy loss over all response tokens, and the optimizer steps
         with timer.phase("update"):
-            update = self.update_policy(batch, token_weights)
+            update = self.update_policy(batch, token_weights, old)
         # 7. the new weights to the rollout engine
         with timer.phase("sync"):
             self.sync_rollout_weights()
@@ -155,30 +158,29 @@ class LuffyTrainer:
         return self.rollout.generate([s.prompt_ids for s in samples], n=rollout.n_on,
                                      params=params)
 
-    def rollout_correction(self, batch: RolloutBatch, completions: Sequence[Sequence[Completion]]
-                           ) -> tuple[TokenWeights, dict]:
-        """Gap between the engine's and the trainer's log-probs of the sampled tokens, and the
-        truncated importance weights when rollout.tis_cap is set (rollout/correction.py).
-        Skipped for the hf engine without a cap: it samples from the training weights (ZeRO-3:
-        an exact copy of them)."""
+    def rollout_correction(self, batch: RolloutBatch, completions: Sequence[Sequence[Completion]],
+                           current: Optional[list[Tensor]] = None) -> tuple[TokenWeights, dict]:
+        """Gap between the engine's and the trainer's log-probs (`current`, if already computed)
+        of the sampled tokens, and the truncated importance weights when rollout.tis_cap is set
+        (rollout/correction.py). Skipped for the hf engine without a cap (the training weights)."""
         cap = self.config.rollout.tis_cap
         if not completions or (cap is None and self.config.rollout.engine == "hf"):
             return None, {}
         behaviour = behaviour_logprobs(batch.off_policy.tolist(), batch.group_ids.tolist(),
                                        completions)
         sampled = [i for i, values in enumerate(behaviour) if values is not None]
-        current, _ = self.compute_logprobs(batch, sampled)
+        current = self.compute_logprobs(batch, sampled)[0] if current is None else current
         trainer = [current[i] if values is not None else None for i, values in enumerate(behaviour)]
         return rollout_correction(behaviour, trainer, cap)
 
-    def update_policy(self, batch: RolloutBatch, token_weights: TokenWeights = None) -> dict:
-        """Optimizer steps over the rollout batch's mini-batches, each split into micro-batches;
+    def update_policy(self, batch: RolloutBatch, token_weights: TokenWeights = None,
+                      old_logprobs: Optional[list[Tensor]] = None) -> dict:
+        """Optimizer steps over the mini-batches (old log-probs computed if needed and not given);
         the metrics are means over the optimizer steps, the ratio's extremes over all of them."""
         config = self.config
         groups_per_mini = config.train.mini_batch_size // self.world_size  # this rank's share
         num_minis = config.train.prompts_per_step // config.train.mini_batch_size
-        old_logprobs = None
-        if num_minis > 1 or config.algorithm.ppo_epochs > 1:
+        if old_logprobs is None and config.optimizer_steps_per_rollout() > 1:
             old_logprobs = self.compute_logprobs(batch, range(len(batch)))[0]
         steps = MeanMinMax(minimum=("ratio_min",), maximum=("ratio_max",))
         for _ in range(config.algorithm.ppo_epochs):
@@ -195,11 +197,9 @@ class LuffyTrainer:
     def accumulate_gradients(self, batch: RolloutBatch, indices: Sequence[int],
                              old_logprobs: Optional[list[Tensor]],
                              token_weights: TokenWeights = None) -> dict:
-        """Forward and backward over a mini-batch's token-budget micro-batches.
-
-        Each micro-batch's normalized loss is rescaled by its denominator over the mini-batch's
-        (docs/algorithm.md §Normalizers), so the summed gradient does not depend on the split.
-        """
+        """Forward and backward over a mini-batch's token-budget micro-batches; each one's loss
+        is rescaled by its denominator over the mini-batch's (docs/algorithm.md §Normalizers),
+        so the summed gradient does not depend on the split."""
         config = self.config
         denominator = loss_denominator(batch, indices, config.loss)
         if self.world_size > 1:
