@@ -203,3 +203,36 @@ def subprocess_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in PROCESS_GROUP_VARIABLES}
     env.update(extra)
     return env
+
+
+def policy_gradients(trainer, batch, old_logprobs=None) -> dict[str, torch.Tensor]:
+    """The policy's gradient from one accumulate_gradients over the whole rollout batch."""
+    trainer.engine.zero_grad()
+    trainer.accumulate_gradients(batch, list(range(len(batch))), old_logprobs)
+    grads = {name: p.grad.detach().clone() for name, p in
+             trainer.engine.module.policy.named_parameters() if p.grad is not None}
+    trainer.engine.zero_grad()
+    return grads
+
+
+def assert_same_gradients(a: dict, b: dict, rtol: float) -> None:
+    assert a.keys() == b.keys() and a
+    for name in a:
+        scale = a[name].abs().max().clamp_min(1e-12)
+        error = (a[name] - b[name]).abs().max() / scale
+        assert error <= rtol, f"{name}: relative difference {error:.2e}"
+
+
+def rollout_batch(trainer, step: int = 0):
+    """A real mixed batch from the trainer's own rollout engine, with advantages."""
+    from luffy_fast.rollout import SamplingParams
+    from luffy_fast.rollout_batch import assemble_groups, score_responses
+
+    samples = trainer.prompt_batch(step)
+    completions = trainer.rollout.generate([s.prompt_ids for s in samples], n=3,
+                                           params=SamplingParams(24, seed=11))
+    batch = assemble_groups(samples, completions, n_off=1)
+    batch.rewards = score_responses(batch, samples, trainer.task.reward, trainer.decode)
+    # varied advantages so every sequence carries gradient (rewards are all 0 or 1 here)
+    batch.advantages = torch.linspace(-1.0, 1.0, len(batch))
+    return batch

@@ -311,7 +311,7 @@ def test_restart_from_step_zero_does_not_duplicate_tensorboard_points(tmp_path):
 def test_grad_norm_at_every_zero_stage_equals_the_gradients_norm(tmp_path):
     """The norm logged at ZeRO-0, 1, 2 and 3 is the 2-norm of the accumulated gradient of the
     same batch (the oracle: taken from the parameters' .grad at ZeRO-0, before the step)."""
-    from test_trainer import rollout_batch
+    from helpers import rollout_batch
 
     norms, expected = {}, None
     for zero_stage in (0, 1, 2, 3):

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from helpers import cast_batch, compare_backends, random_batch, run_loss, tiny_config
+from helpers import cast_batch, compare_backends, policy_gradients, random_batch, run_loss, tiny_config
 from luffy_fast import LuffyLossConfig
 from luffy_fast.micro_batches import loss_denominator, plan_micro_batches
 
@@ -133,15 +133,6 @@ def test_backends_agree_with_the_reference(backend, config):
 
 # --------------------------------------------------------------------------- with the trainer
 
-def _gradients(trainer, batch) -> dict:
-    trainer.engine.zero_grad()
-    trainer.accumulate_gradients(batch, list(range(len(batch))), None)
-    grads = {name: p.grad.detach().clone() for name, p in
-             trainer.engine.module.policy.named_parameters() if p.grad is not None}
-    trainer.engine.zero_grad()
-    return grads
-
-
 def test_trainer_sums_micro_batches_to_the_official_gradient(tmp_path):
     """Without entropy, the official scale is S x the `constant` normalizer's (S sequences in the
     mini-batch) whatever the split; the trainer's rescaling leaves its micro-batch sums as they
@@ -160,14 +151,14 @@ def test_trainer_sums_micro_batches_to_the_official_gradient(tmp_path):
     config = trainer.config.loss
     assert loss_denominator(batch, range(len(batch)), config) == config.max_len
     lengths = [batch.sequence_length(i) for i in range(len(batch))]
-    official_whole = _gradients(trainer, batch)
+    official_whole = policy_gradients(trainer, batch)
     budget = next(b for b in range(max(lengths), 4096)
                   if len(plan_micro_batches(lengths, b, padded=True)) == 4)
     trainer.config.train.token_budget = budget
-    official_split = _gradients(trainer, batch)
+    official_split = policy_gradients(trainer, batch)
     trainer.config.loss = config.replace(normalizer="constant")
     trainer.engine.module.loss_head.loss_config = trainer.config.loss
-    constant = _gradients(trainer, batch)
+    constant = policy_gradients(trainer, batch)
     for name, value in constant.items():
         scale = value.abs().max().clamp_min(1e-12)
         for other in (official_whole, official_split):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from helpers import tiny_config
+from helpers import assert_same_gradients, policy_gradients, rollout_batch, tiny_config
 from luffy_fast import LuffyLossConfig, group_advantages
 from luffy_fast.data import Sample
 from luffy_fast.distributed import gathered_parameters
@@ -19,7 +19,7 @@ from luffy_fast.micro_batches import (
     sequences_with_gradient,
 )
 from luffy_fast.rollout import Completion
-from luffy_fast.rollout_batch import assemble_groups, score_responses
+from luffy_fast.rollout_batch import assemble_groups
 from luffy_fast.trainer import LuffyTrainer
 
 IGNORE_INDEX = LuffyLossConfig().ignore_index
@@ -29,35 +29,6 @@ def tiny_trainer(tmp_path, *overrides) -> LuffyTrainer:
     return LuffyTrainer(tiny_config(tmp_path, *overrides))
 
 
-def rollout_batch(trainer: LuffyTrainer, step: int = 0):
-    """A real mixed batch from the trainer's own rollout engine, with advantages."""
-    from luffy_fast.rollout import SamplingParams
-
-    samples = trainer.prompt_batch(step)
-    completions = trainer.rollout.generate([s.prompt_ids for s in samples], n=3,
-                                           params=SamplingParams(24, seed=11))
-    batch = assemble_groups(samples, completions, n_off=1)
-    batch.rewards = score_responses(batch, samples, trainer.task.reward, trainer.decode)
-    # varied advantages so every sequence carries gradient (rewards are all 0 or 1 here)
-    batch.advantages = torch.linspace(-1.0, 1.0, len(batch))
-    return batch
-
-
-def policy_gradients(trainer: LuffyTrainer, batch, old_logprobs=None) -> dict[str, torch.Tensor]:
-    trainer.engine.zero_grad()
-    trainer.accumulate_gradients(batch, list(range(len(batch))), old_logprobs)
-    grads = {name: p.grad.detach().clone() for name, p in
-             trainer.engine.module.policy.named_parameters() if p.grad is not None}
-    trainer.engine.zero_grad()
-    return grads
-
-
-def assert_same_gradients(a: dict, b: dict, rtol: float) -> None:
-    assert a.keys() == b.keys() and a
-    for name in a:
-        scale = a[name].abs().max().clamp_min(1e-12)
-        error = (a[name] - b[name]).abs().max() / scale
-        assert error <= rtol, f"{name}: relative difference {error:.2e}"
 
 
 # --------------------------------------------------------------------------- group assembly
