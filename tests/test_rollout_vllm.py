@@ -4,7 +4,6 @@ tens of seconds). Tensor parallelism and Ctrl-C: tests/test_rollout_vllm_tensor_
 
 
 import pytest
-import torch
 
 from luffy_fast.rollout.base import SamplingParams
 from luffy_fast.rollout.vllm import VLLMRolloutEngine, VLLMStartupError
@@ -13,6 +12,7 @@ from luffy_fast.rollout.weights import gathered_named_parameters
 from luffy_fast.toy.model import TinyQwen2Config, build_policy, build_tokenizer, save_pretrained_pair
 from luffy_fast.toy.problems import sample_problems
 from luffy_fast.toy.task import toy_samples
+from vllm_helpers import adamw_step, max_gap, trainer_logprobs
 
 pytest.importorskip("vllm")  # luffy_fast.rollout.vllm imports it only when an engine starts
 pytestmark = pytest.mark.slow
@@ -33,35 +33,15 @@ def setup(request, tmp_path_factory):
     engine.close()
 
 
-def trainer_logprobs(policy, prompt, continuation, temperature=1.0):
-    """The trainer's (transformers) log-prob of each continuation token, fp32."""
-    ids = torch.tensor([list(prompt) + list(continuation)])
-    with torch.no_grad():
-        logits = policy(ids).logits[0, len(prompt) - 1:-1].float() / temperature
-    return logits.log_softmax(-1).gather(-1, torch.tensor(continuation)[:, None])[:, 0]
-
-
-def max_gap(engine_values, trainer_values):
-    return max(float((torch.tensor(e) - t).abs().max()) for e, t in zip(engine_values, trainer_values))
-
-
 def test_weight_sync_after_a_real_optimizer_step(setup):
     variant, policy, engine, samples = setup
     prompts = [s.prompt_ids for s in samples[:4]]
     continuations = [s.traces[0] for s in samples[:4]]  # fixed continuations: teacher traces
 
     # a real update: one AdamW step on the traces (LUFFY's off-policy signal)
-    before = {name: p.detach().clone() for name, p in policy.named_parameters()}
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=0.05, weight_decay=0.0)
-    for prompt, trace in zip(prompts, continuations):
-        ids = torch.tensor([prompt + trace])
-        labels = ids.clone()
-        labels[0, :len(prompt)] = -100
-        (policy(ids, labels=labels).loss / len(prompts)).backward()
-    optimizer.step()
-    optimizer.zero_grad()
-    changed = {name for name, p in policy.named_parameters() if not torch.equal(p, before[name])}
-    assert changed == set(before)  # every kind of layer: embedding, q/k/v (+bias), o, MLP, norms
+    changed = adamw_step(policy, prompts, continuations)
+    # every kind of layer: embedding, q/k/v (+bias), o, MLP, norms
+    assert changed == {name for name, _ in policy.named_parameters()}
     kinds = {name.split(".")[-2] for name in changed}
     assert {"embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
             "down_proj", "input_layernorm", "post_attention_layernorm"} <= kinds

@@ -29,6 +29,7 @@ from luffy_fast.rollout.vllm import VLLMRolloutEngine
 from luffy_fast.rollout.vllm_config import VLLMConfig
 from luffy_fast.rollout.weights import gathered_named_parameters
 from luffy_fast.toy.model import TinyQwen2Config, build_policy, build_tokenizer, save_pretrained_pair
+from vllm_helpers import adamw_step, max_gap, trainer_logprobs
 
 PROMPTS = [[2, 3, 4, 5], [2, 7, 8], [3, 9, 10, 11, 12]]
 CONTINUATIONS = [[6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17]]
@@ -63,35 +64,10 @@ def policy_and_directory(directory: str):
     return policy, save_pretrained_pair(policy, tokenizer, directory)
 
 
-def trainer_logprobs(policy, prompt, continuation, temperature=1.0) -> torch.Tensor:
-    ids = torch.tensor([list(prompt) + list(continuation)])
-    with torch.no_grad():
-        logits = policy(ids).logits[0, len(prompt) - 1:-1].float() / temperature
-    return logits.log_softmax(-1).gather(-1, torch.tensor(continuation)[:, None])[:, 0]
-
-
-def max_gap(engine_values, trainer_values) -> float:
-    return max(float((torch.tensor(e) - t).abs().max())
-               for e, t in zip(engine_values, trainer_values))
-
-
-def optimizer_step(policy) -> int:
-    """One AdamW step on the fixed continuations; returns how many parameters changed."""
-    before = [p.detach().clone() for p in policy.parameters()]
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=0.05, weight_decay=0.0)
-    for prompt, continuation in zip(PROMPTS, CONTINUATIONS):
-        ids = torch.tensor([prompt + continuation])
-        labels = ids.clone()
-        labels[0, :len(prompt)] = -100
-        (policy(ids, labels=labels).loss / len(PROMPTS)).backward()
-    optimizer.step()
-    return sum(not torch.equal(p, b) for p, b in zip(policy.parameters(), before))
-
-
 def sync_check(engine, policy) -> dict:
     """Log-prob gaps to transformers before and after syncing a real optimizer step, and of
     sampled tokens (temperature 0.7) after it."""
-    changed = optimizer_step(policy)
+    changed = len(adamw_step(policy, PROMPTS, CONTINUATIONS))
     expected = [trainer_logprobs(policy, p, c) for p, c in zip(PROMPTS, CONTINUATIONS)]
     before = max_gap(engine.score(PROMPTS, CONTINUATIONS), expected)
     engine.sync_weights(gathered_named_parameters(policy))
