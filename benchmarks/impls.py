@@ -29,7 +29,6 @@ from .naive import naive_luffy_loss
 TRITON_VARIANTS = {"triton_256mb": {"memory_budget_mb": 256}, "triton_lowmem": {"memory_budget_mb": 128},
                    "triton_filter": {"grad_filter": GRAD_FILTER}}
 LUFFY_IMPLS = ("torch", "triton", "reference", *TRITON_VARIANTS)
-NO_GRAD_IMPLS = ("gemm_floor", "gemm_logits", "token_logprobs")
 
 
 def _luffy(inputs: Inputs, backend: str) -> torch.Tensor:

@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from luffy_fast.distributed import rank_and_world
 from luffy_fast.rollout.vllm_config import VLLMConfig
 
 # imported by vLLM inside each worker (luffy_fast.rollout.vllm_worker)
@@ -66,9 +67,7 @@ class EngineLayout:
 
 
 def engine_layout(config: VLLMConfig) -> EngineLayout:
-    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
-    world = torch.distributed.get_world_size() if initialized else 1
-    rank = torch.distributed.get_rank() if initialized else 0
+    rank, world = rank_and_world()
     tp = config.tensor_parallel_size
     if world > 1 and world % tp:
         raise VLLMStartupError(
