@@ -3,6 +3,7 @@ comparison of a backend with the float64 reference."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -235,4 +236,21 @@ def rollout_batch(trainer, step: int = 0):
     batch.rewards = score_responses(batch, samples, trainer.task.reward, trainer.decode)
     # varied advantages so every sequence carries gradient (rewards are all 0 or 1 here)
     batch.advantages = torch.linspace(-1.0, 1.0, len(batch))
+    return batch
+
+
+def peaked_batch(T: int, H: int, V: int, margin: float, seed: int = 0, unsure_fraction=0.2) -> dict:
+    """Logits like a trained LM's: each hidden state points at its target's (unit) weight row,
+    z_y = margin, the rest of the vocabulary spread around 0 with std margin / sqrt(H); a fifth of
+    the tokens are unsure between the target and another candidate (both at margin / sqrt(2))."""
+    batch = random_batch(T, H, V, seed=seed, mask_fraction=1.0, off_fraction=0.3)
+    gen = torch.Generator().manual_seed(seed + 1)
+    weight = torch.randn(V, H, generator=gen, dtype=torch.float64)
+    weight /= weight.norm(dim=1, keepdim=True)
+    targets = torch.randint(0, V, (T,), generator=gen)
+    hidden = margin * weight[targets]
+    unsure = torch.rand(T, generator=gen) < unsure_fraction
+    other = weight[torch.randint(0, V, (T,), generator=gen)]
+    hidden[unsure] = margin * (weight[targets[unsure]] + other[unsure]) / math.sqrt(2)
+    batch.update(hidden=hidden.float(), weight=weight.float(), targets=targets)
     return batch

@@ -4,13 +4,12 @@ interpreter in float32: exact with a zero threshold, within 1e-3 of the float64 
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
 import torch
 
-from helpers import TOLERANCE, assert_close, random_batch, rel_err, run_loss
+from helpers import TOLERANCE, assert_close, peaked_batch, random_batch, rel_err, run_loss
 from luffy_fast import LuffyLossConfig, fused_luffy_loss, token_logprobs
 
 pytestmark = pytest.mark.skipif(
@@ -24,23 +23,6 @@ SKIP_KEY = "grad_filter_skipped_fraction"
 
 def as_float64(batch: dict) -> dict:
     return {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
-
-
-def peaked_batch(T: int, H: int, V: int, margin: float, seed: int = 0, unsure_fraction=0.2) -> dict:
-    """Logits like a trained LM's: each hidden state points at its target's (unit) weight row,
-    z_y = margin, the rest of the vocabulary spread around 0 with std margin / sqrt(H); a fifth of
-    the tokens are unsure between the target and another candidate (both at margin / sqrt(2))."""
-    batch = random_batch(T, H, V, seed=seed, mask_fraction=1.0, off_fraction=0.3)
-    gen = torch.Generator().manual_seed(seed + 1)
-    weight = torch.randn(V, H, generator=gen, dtype=torch.float64)
-    weight /= weight.norm(dim=1, keepdim=True)
-    targets = torch.randint(0, V, (T,), generator=gen)
-    hidden = margin * weight[targets]
-    unsure = torch.rand(T, generator=gen) < unsure_fraction
-    other = weight[torch.randint(0, V, (T,), generator=gen)]
-    hidden[unsure] = margin * (weight[targets[unsure]] + other[unsure]) / math.sqrt(2)
-    batch.update(hidden=hidden.float(), weight=weight.float(), targets=targets)
-    return batch
 
 
 @pytest.mark.parametrize("budget", [KEEP, RECOMPUTE])
