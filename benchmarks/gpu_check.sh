@@ -6,8 +6,9 @@
 #   BENCH_DRY_RUN=1 bash benchmarks/gpu_check.sh      # the same steps at toy sizes, on any machine
 #
 # Budget: every stage runs under `timeout`, sized from one overall budget (GPU_CHECK_BUDGET_S,
-# default 465 s), so the whole script ends in under 8 minutes even when a stage hangs; each stage
-# keeps what it measured so far, and each implementation fails on its own (one test each).
+# default 465 s; benchmarks/stages.sh), so the whole script ends in under 8 minutes even when a
+# stage hangs; each stage keeps what it measured so far, and each implementation fails on its own
+# (one test each). GPU_CHECK_STAGES picks stages (default "parity speed memory").
 # Expected on an H100: about 7.5 minutes (parity ~3 with issue 13's precision rows, speed ~2.5,
 # memory + scaling sweep ~2). The closing table prints each of issue 13's targets beside its
 # measured ratio: dense <= 1.05x the GEMMs (default budget) and <= 1.10x at 256 MiB, the gradient
@@ -26,12 +27,12 @@ export PYTHONUNBUFFERED=1
 export LUFFY_BENCH_ROUNDS=${LUFFY_BENCH_ROUNDS:-2}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-log() { echo "[gpu_check +$(( $(date +%s) - START ))s] $*"; }
-# Seconds a stage may take: at most $1, and never past the budget minus $2 s kept for later stages.
-stage_limit() {
-  local left=$(( BUDGET - ($(date +%s) - START) - $2 ))
-  (( left < $1 )) && echo $(( left > 5 ? left : 5 )) || echo "$1"
-}
+STAGE_TAG=gpu_check
+STAGE_ORDER="parity speed memory"
+STAGE_CAPS="parity:200 speed:150 memory:120"
+STAGES=${GPU_CHECK_STAGES:-$STAGE_ORDER}
+# shellcheck source=benchmarks/stages.sh
+source "$ROOT/benchmarks/stages.sh"
 
 DRY=()
 if [[ "${BENCH_DRY_RUN:-0}" == 1 ]]; then
@@ -44,11 +45,14 @@ log "device tag: $TAG; results in $OUT_DIR"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
   | tee "$OUT_DIR/gpu.txt"
 
-# (b) Wheels carried in .whl/ (liger-kernel: pure Python; torch and triton are already there).
-if compgen -G ".whl/*.whl" >/dev/null; then
-  if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
+# (b) Liger-Kernel (pure Python; torch and triton are already there), carried in .whl/ or in
+# .device-wheels/ (scripts/collect_device_wheels.sh).
+LIGER_WHEELS=$(ls .whl/*.whl 2>/dev/null || ls .device-wheels/liger_kernel-*.whl 2>/dev/null)
+if [[ -n $LIGER_WHEELS ]]; then
+  # shellcheck disable=SC2086
+  if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $LIGER_WHEELS; then
     export PYTHONPATH="$PYTHONPATH:/tmp/site"
-    log "installed carried wheels: $(ls .whl | tr '\n' ' ')"
+    log "installed carried wheels: $(basename -a $LIGER_WHEELS | tr '\n' ' ')"
   else
     log "installing the carried wheels failed: Liger will be skipped"
   fi
@@ -60,36 +64,27 @@ if ! $PY -c "import luffy_fast.kernels" 2>/dev/null; then
     && log "installed luffy-fast (editable)" || log "editable install failed: see install.log"
 fi
 
-# (a) Parity: the Triton backend against the reference, compiled for CUDA (the lead's script).
+# (a) Parity: the Triton backend against the reference, compiled for CUDA (benchmarks/gpu_parity.py).
+# 22 of --quick's cases took 126 s on an H100 (2026-11-27), compiles included; the precision rows
+# (fp32 at the LM-head shape, the gradient filter) add about a minute (estimate).
 PARITY="not run"
 if [[ "$TAG" != cuda ]]; then
   PARITY="skipped: no GPU"
-elif [[ -f benchmarks/gpu_parity.py ]]; then
-  # 22 of --quick's cases took 126 s on an H100 (2026-11-27), compiles included; the precision
-  # rows (fp32 at the LM-head shape, the gradient filter) add about a minute (estimate).
-  limit=$(stage_limit 200 250)
-  log "parity (timeout ${limit}s)"
-  timeout -k 5 "$limit" $PY benchmarks/gpu_parity.py --quick 2>&1 | tee "$OUT_DIR/parity.log"
-  rc=${PIPESTATUS[0]}
-  case $rc in 0) PARITY="passed" ;; 124|137) PARITY="TIMED OUT after ${limit}s" ;; *) PARITY="FAILED (exit $rc)" ;; esac
-else
-  PARITY="skipped: benchmarks/gpu_parity.py not present"
+elif stage_selected parity; then
+  run_stage parity bash -c "$PY benchmarks/gpu_parity.py --quick 2>&1 | tee '$OUT_DIR/parity.log'; exit \${PIPESTATUS[0]}"
+  PARITY=${STATUS[-1]#*: }
 fi
 log "parity: $PARITY"
 
 # (c) Benchmarks: speed first (floor, naive, liger, torch, triton per case), then memory + sweep.
 PYTEST=($PY -m pytest -p no:cacheprovider -q -rs --benchmark "${DRY[@]}" --bench-out "$OUT_DIR")
 if $PY -c "import pytest_timeout" 2>/dev/null; then PYTEST+=(--timeout 150); fi
-limit=$(stage_limit 150 110)
-log "speed (timeout ${limit}s)"
-timeout -k 10 "$limit" "${PYTEST[@]}" benchmarks/test_agreement.py benchmarks/test_speed.py \
-  >"$OUT_DIR/speed.log" 2>&1
-log "speed: exit $? (log: speed.log)"; tail -n 3 "$OUT_DIR/speed.log"
-limit=$(stage_limit 120 10)
-log "memory + scaling sweep (timeout ${limit}s)"
-timeout -k 10 "$limit" "${PYTEST[@]}" --bench-append benchmarks/test_memory.py \
-  >"$OUT_DIR/memory.log" 2>&1
-log "memory: exit $? (log: memory.log)"; tail -n 3 "$OUT_DIR/memory.log"
+STAGE_OUTPUT=$OUT_DIR/speed.log run_stage speed "${PYTEST[@]}" benchmarks/test_agreement.py benchmarks/test_speed.py
+tail -n 3 "$OUT_DIR/speed.log" 2>/dev/null
+# --bench-append only after a speed stage that ran (it adds to that stage's results file)
+APPEND=(); stage_selected speed && APPEND=(--bench-append)
+STAGE_OUTPUT=$OUT_DIR/memory.log run_stage memory "${PYTEST[@]}" "${APPEND[@]}" benchmarks/test_memory.py
+tail -n 3 "$OUT_DIR/memory.log" 2>/dev/null
 
 # (d) Everything is under $OUT_DIR: <tag>.json, <tag>.md, scaling-<tag>.png, logs. Table last.
 log "done; parity: $PARITY"

@@ -16,8 +16,10 @@
 #   BENCH_DRY_RUN=1 bash benchmarks/gpu_trainer_check.sh  # the same stages at toy sizes on a CPU
 #
 # Budget: every stage runs under `timeout`, sized from one overall budget (GPU_CHECK_BUDGET_S,
-# default 465 s) minus what the later stages need, so the script ends in under 8 minutes even when
-# a stage hangs; stages append their measurements as they go, so a stage cut short keeps them.
+# default 465 s) minus what the later stages need (benchmarks/stages.sh), so the script ends in
+# under 8 minutes even when a stage hangs; stages append their measurements as they go, so a stage
+# cut short keeps them. TRAINER_CHECK_STAGES picks stages (default all; the update stages need
+# prepare's model).
 # Knobs: BENCH_MAX_SEQ (longest probe, default 131072), LIGER_COMPILED (default 1 on CUDA),
 # DEVICE_WHEELS (default .device-wheels, "none" in a dry run: skips installing), TRAINER_CHECK_WORK (working
 # folder, default /tmp/luffy-trainer-check: the model and a checkpoint, ~30 GB at full size).
@@ -41,26 +43,13 @@ export TOKENIZERS_PARALLELISM=false
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 [[ "${BENCH_DRY_RUN:-0}" == 1 ]] && export BENCH_DRY_RUN=1 || export DS_ACCELERATOR=cuda
 
-log() { echo "[trainer_check +$(( $(date +%s) - START ))s] $*"; }
-# Seconds a stage may take: at most $1, and never past the budget minus $2 s kept for later stages.
-stage_limit() {
-  local left=$(( BUDGET - ($(date +%s) - START) - $2 ))
-  (( left < $1 )) && echo $(( left > 5 ? left : 5 )) || echo "$1"
-}
-STATUS=()
-# run_stage NAME CAP RESERVE COMMAND...: the command from $WORK (so that the luffy_fast installed
-# in $SITE, not the source folder, is imported) under its timeout; records how it ended.
-run_stage() {
-  local name=$1 limit rc
-  limit=$(stage_limit "$2" "$3")
-  shift 3
-  log "$name (timeout ${limit}s)"
-  (cd "$WORK" && timeout -k 10 "$limit" "$@")
-  rc=$?
-  case $rc in 0) STATUS+=("$name: ok") ;; 124|137) STATUS+=("$name: TIMED OUT after ${limit}s") ;;
-    *) STATUS+=("$name: exit $rc") ;; esac
-  log "$name: ${STATUS[-1]#*: }"
-}
+STAGE_TAG=trainer_check
+STAGE_ORDER="prepare train check-train grad-parity update-fused update-naive update-liger"
+STAGE_CAPS="prepare:90 train:180 check-train:30 grad-parity:90 update-fused:120 update-naive:90 update-liger:120"
+STAGES=${TRAINER_CHECK_STAGES:-$STAGE_ORDER}
+STAGE_DIR=$WORK  # stages run from $WORK, so the luffy_fast installed in $SITE is the one imported
+# shellcheck source=benchmarks/stages.sh
+source "$ROOT/benchmarks/stages.sh"
 
 main() {
   log "results in $OUT_DIR, working folder $WORK, dry run: ${BENCH_DRY_RUN:-0}"
@@ -104,16 +93,16 @@ EOF
 
   local bench=($PY -m benchmarks.trainer_update)
   # a. The train command, then its metrics; the gradient on one micro-batch, fused vs reference.
-  run_stage prepare 90 320 "${bench[@]}" prepare --work "$WORK"
-  run_stage train 180 220 $PY -m luffy_fast train --config "$WORK/train.yaml"
-  run_stage check-train 30 200 "${bench[@]}" check-train --work "$WORK"
+  run_stage prepare "${bench[@]}" prepare --work "$WORK"
+  run_stage train $PY -m luffy_fast train --config "$WORK/train.yaml"
+  run_stage check-train "${bench[@]}" check-train --work "$WORK"
   [[ -f $WORK/train_run/metrics.jsonl ]] && cp "$WORK/train_run/metrics.jsonl" "$OUT_DIR/train_metrics.jsonl"
   rm -rf "$WORK/train_run/checkpoints"  # ~20 GB at full size; the metrics are what is kept
-  run_stage grad-parity 90 170 "${bench[@]}" grad-parity --work "$WORK"
+  run_stage grad-parity "${bench[@]}" grad-parity --work "$WORK"
   # b. The update alone, one process per loss head.
-  run_stage update-fused 120 105 "${bench[@]}" update --impl fused --work "$WORK"
-  run_stage update-naive 90 60 "${bench[@]}" update --impl naive --work "$WORK"
-  run_stage update-liger 120 12 "${bench[@]}" update --impl liger --work "$WORK"
+  run_stage update-fused "${bench[@]}" update --impl fused --work "$WORK"
+  run_stage update-naive "${bench[@]}" update --impl naive --work "$WORK"
+  run_stage update-liger "${bench[@]}" update --impl liger --work "$WORK"
   # c. One JSON and the table, last.
   log "stages: $(printf '%s; ' "${STATUS[@]}")"
   log "total $(( $(date +%s) - START )) s; files in $OUT_DIR"

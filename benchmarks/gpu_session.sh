@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One device call for both GPU checks: the trainer (benchmarks/gpu_trainer_check.sh, issue 12), then
+# the fused op (benchmarks/gpu_check.sh, issue 13), each under its own budget. The device returns at
+# most 8 files, so every result file is packed into $OUT/gpu_results.tgz; the two short tables are
+# also copied beside it and printed last.
+#
+#   bash scripts/collect_device_wheels.sh     # here, once (.device-wheels/, carried with the call)
+#   run(carry=[".device-wheels"], command="bash benchmarks/gpu_session.sh", timeout_s=560)
+#
+# Knobs: TRAINER_BUDGET_S (default 250) and KERNEL_BUDGET_S (default 250) for the two scripts;
+# TRAINER_CHECK_STAGES and GPU_CHECK_STAGES pick their stages; SESSION_PARTS="trainer kernels"
+# (either may be left out). Unpack here: tar -xzf gpu_results.tgz.
+set -u
+cd "$(dirname "$0")/.."
+FINAL=${OUT:-$PWD/gpu_results}
+RESULTS=/tmp/gpu_session
+rm -rf "$RESULTS" && mkdir -p "$RESULTS/trainer" "$RESULTS/kernels" "$FINAL"
+PARTS=${SESSION_PARTS:-trainer kernels}
+START=$(date +%s)
+
+pack() {
+  tar -czf "$FINAL/gpu_results.tgz" -C "$RESULTS" . 2>/dev/null
+  cp "$RESULTS/trainer/trainer_check.txt" "$FINAL/trainer_table.txt" 2>/dev/null
+  cp "$RESULTS/kernels/summary.txt" "$FINAL/kernel_table.txt" 2>/dev/null
+  true
+}
+trap pack EXIT
+
+nvidia-smi 2>&1 | head -15 | tee "$RESULTS/nvidia-smi.txt"
+if [[ " $PARTS " == *" trainer "* ]]; then
+  OUT=$RESULTS/trainer GPU_CHECK_BUDGET_S=${TRAINER_BUDGET_S:-250} bash benchmarks/gpu_trainer_check.sh
+fi
+if [[ " $PARTS " == *" kernels "* ]]; then
+  OUT=$RESULTS/kernels GPU_CHECK_BUDGET_S=${KERNEL_BUDGET_S:-250} bash benchmarks/gpu_check.sh \
+    2>&1 | tee "$RESULTS/kernels/gpu_check.log"
+fi
+echo "gpu_session: $(( $(date +%s) - START )) s in all; results packed into gpu_results.tgz"
