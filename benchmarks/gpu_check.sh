@@ -8,7 +8,9 @@
 # Budget: every stage runs under `timeout`, sized from one overall budget (GPU_CHECK_BUDGET_S,
 # default 465 s; benchmarks/stages.sh), so the whole script ends in under 8 minutes even when a
 # stage hangs; each stage keeps what it measured so far, and each implementation fails on its own
-# (one test each). GPU_CHECK_STAGES picks stages (default "parity speed memory").
+# (one test each). GPU_CHECK_STAGES picks stages (default "parity speed memory"); GPU_PARITY_ARGS
+# (default --quick), GPU_CHECK_CAPS ("name:seconds ..."), GPU_CHECK_SPEED_TESTS, GPU_CHECK_PYTEST_ARGS and BENCH_TEST_TIMEOUT (per test,
+# default 150 s) narrow a run.
 # Expected on an H100: about 7.5 minutes (parity ~3 with issue 13's precision rows, speed ~2.5,
 # memory + scaling sweep ~2). The closing table prints each of issue 13's targets beside its
 # measured ratio: dense <= 1.05x the GEMMs (default budget) and <= 1.10x at 256 MiB, the gradient
@@ -29,7 +31,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 STAGE_TAG=gpu_check
 STAGE_ORDER="parity speed memory"
-STAGE_CAPS="parity:200 speed:150 memory:120"
+STAGE_CAPS=${GPU_CHECK_CAPS:-"parity:200 speed:150 memory:120"}
 STAGES=${GPU_CHECK_STAGES:-$STAGE_ORDER}
 # shellcheck source=benchmarks/stages.sh
 source "$ROOT/benchmarks/stages.sh"
@@ -71,15 +73,17 @@ PARITY="not run"
 if [[ "$TAG" != cuda ]]; then
   PARITY="skipped: no GPU"
 elif stage_selected parity; then
-  run_stage parity bash -c "$PY benchmarks/gpu_parity.py --quick 2>&1 | tee '$OUT_DIR/parity.log'; exit \${PIPESTATUS[0]}"
+  run_stage parity bash -c "$PY benchmarks/gpu_parity.py ${GPU_PARITY_ARGS:---quick} 2>&1 | tee '$OUT_DIR/parity.log'; exit \${PIPESTATUS[0]}"
   PARITY=${STATUS[-1]#*: }
 fi
 log "parity: $PARITY"
 
 # (c) Benchmarks: speed first (floor, naive, liger, torch, triton per case), then memory + sweep.
 PYTEST=($PY -m pytest -p no:cacheprovider -q -rs --benchmark "${DRY[@]}" --bench-out "$OUT_DIR")
-if $PY -c "import pytest_timeout" 2>/dev/null; then PYTEST+=(--timeout 150); fi
-STAGE_OUTPUT=$OUT_DIR/speed.log run_stage speed "${PYTEST[@]}" benchmarks/test_agreement.py benchmarks/test_speed.py
+if $PY -c "import pytest_timeout" 2>/dev/null; then PYTEST+=(--timeout "${BENCH_TEST_TIMEOUT:-150}"); fi
+# GPU_CHECK_PYTEST_ARGS: extra pytest arguments, shell-quoted, e.g. "-v -k 'T8192-H4096 and not liger'"
+eval "PYTEST+=(${GPU_CHECK_PYTEST_ARGS:-})"
+STAGE_OUTPUT=$OUT_DIR/speed.log run_stage speed "${PYTEST[@]}" ${GPU_CHECK_SPEED_TESTS:-benchmarks/test_agreement.py benchmarks/test_speed.py}
 tail -n 3 "$OUT_DIR/speed.log" 2>/dev/null
 # --bench-append only after a speed stage that ran (it adds to that stage's results file)
 APPEND=(); stage_selected speed && APPEND=(--bench-append)

@@ -6,11 +6,14 @@ for every case. Then issue 13's precision targets against float64: fp32 gradient
 shape (H = 4096, V = 151936: <= 2e-5) and the gradient filter on peaked logits (<= 1e-3 at
 benchmarks.cases.GRAD_FILTER), rows tagged "target" for benchmarks/targets.py.
 Writes gpu_parity.json under $OUT (or ./gpu_results) and prints a table.
-Run: python benchmarks/gpu_parity.py [--quick]
+Run: python benchmarks/gpu_parity.py [--quick] [--targets-only]
+Every row carries the seconds since the start; PARITY_TRACE_S=N prints every thread's Python stack
+every N seconds (faulthandler), so a run that stalls says where.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import sys
@@ -24,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from benchmarks.cases import GRAD_FILTER, peaked_hidden_weight  # noqa: E402
 from luffy_fast import LuffyLossConfig, fused_luffy_loss, token_logprobs  # noqa: E402
 
+START = time.perf_counter()
 LIMITS = {torch.float32: {"loss": 1e-5, "grad": 1e-5}, torch.bfloat16: {"loss": 1e-3, "grad": 1e-2}}
 
 
@@ -78,36 +82,35 @@ def target_rows(seed: int, T: int = 1000, H: int = 4096, V: int = 151936, peaked
 
     def add(row: dict, limit: float) -> None:
         row["ok"] = max(row["d_hidden"], row["d_weight"]) <= limit
+        row["s"] = round(time.perf_counter() - START, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    for k in range(3):
-        batch = make_batch(T, H, V, torch.float32, seed + k, dev=dev)
-        for budget_name, budget in budgets.items():
-            config = LuffyLossConfig.luffy(max_len=4096, memory_budget_mb=budget)
+    # The kept strategy's rows first, then the recompute strategy's (a run cut short keeps whole
+    # strategies).
+    peaked = make_batch(peaked_T, H, V, torch.float32, seed + 10, dev=dev)
+    gen = torch.Generator(device=dev).manual_seed(seed + 11)
+    peaked["hidden"], peaked["weight"], peaked["targets"] = peaked_hidden_weight(peaked_T, H, V, gen, dev)
+    # bf16 is compared with the float64 oracle on the same bf16-rounded inputs.
+    rounded = dict(peaked, hidden=peaked["hidden"].bfloat16().float(),
+                   weight=peaked["weight"].bfloat16().float())
+    for budget_name, budget in budgets.items():
+        config = LuffyLossConfig.luffy(max_len=4096, memory_budget_mb=budget)
+        for k in range(int(os.environ.get("PARITY_SEEDS", "3"))):
+            batch = make_batch(T, H, V, torch.float32, seed + k, dev=dev)
             ref = run(batch, "reference", config, dtype=torch.float64)
             got = run(batch, "triton", config)
             add({"target": "fp32_lm_head", "T": T, "H": H, "V": V, "budget": budget_name,
                  "d_hidden": rel(got[1], ref[1]), "d_weight": rel(got[2], ref[2])}, 2e-5)
-        del ref, got, batch
-        torch.cuda.empty_cache()
-
-    T = peaked_T
-    batch = make_batch(T, H, V, torch.float32, seed + 10, dev=dev)
-    gen = torch.Generator(device=dev).manual_seed(seed + 11)
-    batch["hidden"], batch["weight"], batch["targets"] = peaked_hidden_weight(T, H, V, gen, dev)
-    # bf16 is compared with the float64 oracle on the same bf16-rounded inputs.
-    rounded = dict(batch, hidden=batch["hidden"].bfloat16().float(),
-                   weight=batch["weight"].bfloat16().float())
-    for budget_name, budget in budgets.items():
-        config = LuffyLossConfig.luffy(max_len=4096, memory_budget_mb=budget)
-        for dtype, inputs, thresholds in ((torch.float32, batch, (GRAD_FILTER, GRAD_FILTER / 10)),
+            del ref, got, batch
+            torch.cuda.empty_cache()
+        for dtype, inputs, thresholds in ((torch.float32, peaked, (GRAD_FILTER, GRAD_FILTER / 10)),
                                           (torch.bfloat16, rounded, (GRAD_FILTER,))):
             ref = run(inputs, "reference", config, dtype=torch.float64)
             for threshold in thresholds:
                 got = run(inputs, "triton", config.replace(grad_filter=threshold), dtype=dtype)
                 tag = "grad_filter" if dtype == torch.float32 and threshold == GRAD_FILTER else None
-                add({"target": tag, "T": T, "H": H, "V": V, "budget": budget_name,
+                add({"target": tag, "T": peaked_T, "H": H, "V": V, "budget": budget_name,
                      "grad_filter": threshold, "dtype": str(dtype).split(".")[-1],
                      "d_hidden": rel(got[1], ref[1]), "d_weight": rel(got[2], ref[2]),
                      "skipped": float(got[3]["grad_filter_skipped_fraction"])},
@@ -120,6 +123,9 @@ def target_rows(seed: int, T: int = 1000, H: int = 4096, V: int = 151936, peaked
 
 def main() -> int:
     quick = "--quick" in sys.argv
+    targets_only = "--targets-only" in sys.argv
+    if os.environ.get("PARITY_TRACE_S"):
+        faulthandler.dump_traceback_later(int(os.environ["PARITY_TRACE_S"]), repeat=True)
     out_dir = os.environ.get("OUT") or "gpu_results"
     os.makedirs(out_dir, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -128,8 +134,8 @@ def main() -> int:
         "grpo_old_lp": LuffyLossConfig.grpo(),
         "entropy_temp": LuffyLossConfig(entropy_coef=0.01, temperature=0.7, normalizer="seq_mean_token_mean"),
     }
-    shapes = [(1000, 1000, 5003), (4097, 2048, 32011)]
-    if not quick:
+    shapes = [] if targets_only else [(1000, 1000, 5003), (4097, 2048, 32011)]
+    if not quick and not targets_only:
         shapes.append((8192, 4096, 151936))
     rows, failures = [], 0
     seed = int(time.time())
@@ -171,7 +177,7 @@ def main() -> int:
                             failures += not ok
                             rows.append({"T": T, "H": H, "V": V, "config": name, "budget": budget_name,
                                          "dtype": str(dtype).split(".")[-1], "backend": backend,
-                                         **errs, "ok": ok})
+                                         **errs, "ok": ok, "s": round(time.perf_counter() - START, 1)})
                             print(json.dumps(rows[-1]), flush=True)
                         del ref
                     except Exception as error:  # keep going: one failure must not hide the rest

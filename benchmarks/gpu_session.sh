@@ -9,7 +9,7 @@
 #
 # Knobs: TRAINER_BUDGET_S (default 250) and KERNEL_BUDGET_S (default 250) for the two scripts;
 # TRAINER_CHECK_STAGES and GPU_CHECK_STAGES pick their stages; SESSION_PARTS="trainer kernels"
-# (either may be left out). Unpack here: tar -xzf gpu_results.tgz.
+# (either may be left out, and they run in the order given). Unpack here: tar -xzf gpu_results.tgz.
 set -u
 cd "$(dirname "$0")/.."
 FINAL=${OUT:-$PWD/gpu_results}
@@ -27,11 +27,12 @@ pack() {
 trap pack EXIT
 
 nvidia-smi 2>&1 | head -15 | tee "$RESULTS/nvidia-smi.txt"
-if [[ " $PARTS " == *" trainer "* ]]; then
-  OUT=$RESULTS/trainer GPU_CHECK_BUDGET_S=${TRAINER_BUDGET_S:-250} bash benchmarks/gpu_trainer_check.sh
-fi
-if [[ " $PARTS " == *" kernels "* ]]; then
-  OUT=$RESULTS/kernels GPU_CHECK_BUDGET_S=${KERNEL_BUDGET_S:-250} bash benchmarks/gpu_check.sh \
-    2>&1 | tee "$RESULTS/kernels/gpu_check.log"
-fi
+for part in $PARTS; do  # in the order given
+  case $part in
+    trainer) OUT=$RESULTS/trainer GPU_CHECK_BUDGET_S=${TRAINER_BUDGET_S:-250} bash benchmarks/gpu_trainer_check.sh ;;
+    kernels) OUT=$RESULTS/kernels GPU_CHECK_BUDGET_S=${KERNEL_BUDGET_S:-250} bash benchmarks/gpu_check.sh \
+               2>&1 | tee "$RESULTS/kernels/gpu_check.log" ;;
+    *) echo "gpu_session: unknown part $part (trainer, kernels)" ;;
+  esac
+done
 echo "gpu_session: $(( $(date +%s) - START )) s in all; results packed into gpu_results.tgz"

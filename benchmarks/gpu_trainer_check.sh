@@ -19,7 +19,7 @@
 # default 465 s) minus what the later stages need (benchmarks/stages.sh), so the script ends in
 # under 8 minutes even when a stage hangs; stages append their measurements as they go, so a stage
 # cut short keeps them. TRAINER_CHECK_STAGES picks stages (default all; the update stages need
-# prepare's model).
+# prepare's model) and TRAINER_CHECK_CAPS overrides the caps ("name:seconds ...").
 # Knobs: BENCH_MAX_SEQ (longest probe, default 131072), LIGER_COMPILED (default 1 on CUDA),
 # DEVICE_WHEELS (default .device-wheels, "none" in a dry run: skips installing), TRAINER_CHECK_WORK (working
 # folder, default /tmp/luffy-trainer-check: the model and a checkpoint, ~30 GB at full size).
@@ -45,7 +45,7 @@ export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:Tr
 
 STAGE_TAG=trainer_check
 STAGE_ORDER="prepare train check-train grad-parity update-fused update-naive update-liger"
-STAGE_CAPS="prepare:90 train:180 check-train:30 grad-parity:90 update-fused:120 update-naive:90 update-liger:120"
+STAGE_CAPS=${TRAINER_CHECK_CAPS:-"prepare:90 train:180 check-train:30 grad-parity:90 update-fused:120 update-naive:90 update-liger:120"}
 STAGES=${TRAINER_CHECK_STAGES:-$STAGE_ORDER}
 STAGE_DIR=$WORK  # stages run from $WORK, so the luffy_fast installed in $SITE is the one imported
 # shellcheck source=benchmarks/stages.sh
