@@ -601,15 +601,46 @@ def build_engine(plan: Plan, impl: str, device: torch.device):
 # Tests only: a micro-batch of at least this many tokens fails as if out of memory (after its
 # forward), so the out-of-memory path (sizes skipped, engine rebuilt, probes ended) runs on a CPU.
 FAKE_OOM_TOKENS = int(os.environ.get("BENCH_FAKE_OOM_AT", "0") or 0)
+# Tests only: the first step at exactly this many tokens raises another error once (the retry on
+# a fresh engine then runs).
+FAKE_ERROR_TOKENS = int(os.environ.get("BENCH_FAKE_ERROR_ONCE_AT", "0") or 0)
+_faked_errors: set[int] = set()
 
 
 def update_step(engine, micro) -> float:
     loss, _stats = engine(micro)
     if FAKE_OOM_TOKENS and micro.num_tokens >= FAKE_OOM_TOKENS:
         raise torch.cuda.OutOfMemoryError(f"simulated (BENCH_FAKE_OOM_AT={FAKE_OOM_TOKENS})")
+    if micro.num_tokens == FAKE_ERROR_TOKENS and FAKE_ERROR_TOKENS not in _faked_errors:
+        _faked_errors.add(FAKE_ERROR_TOKENS)
+        raise RuntimeError(f"simulated (BENCH_FAKE_ERROR_ONCE_AT={FAKE_ERROR_TOKENS})")
     engine.backward(loss)
     engine.step()
     return float(loss.detach())
+
+
+def time_size(engine, micro, memory: Memory, plan: Plan, tokens: int,
+              allocated_after: list[tuple[int, int]]) -> dict:
+    """One warm-up step, then plan.timed_steps timed steps on `micro`: tokens/s and peak memory;
+    appends the allocated bytes after every timed step to `allocated_after`."""
+    warm = time.perf_counter()
+    update_step(engine, micro)  # warm-up: optimizer state, kernel compiles, autotuning
+    warm = time.perf_counter() - warm
+    times, losses = [], []
+    for _ in range(plan.timed_steps):
+        before = memory.start_peak()
+        began = time.perf_counter()
+        losses.append(update_step(engine, micro))
+        if micro.targets.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - began)
+        peak = memory.peak()
+        allocated_after.append((tokens, memory.allocated()))
+    median = statistics.median(times)
+    return {"tokens_per_second": tokens / median, "median_seconds": median,
+            "seconds": [round(t, 4) for t in times], "warmup_seconds": round(warm, 3),
+            "peak_mb": peak / MIB, "step_extra_mb": (peak - before) / MIB,
+            "loss_finite": all(math.isfinite(v) for v in losses)}
 
 
 def run_update(plan: Plan, impl: str, work: Path) -> None:
@@ -639,40 +670,36 @@ def run_update(plan: Plan, impl: str, work: Path) -> None:
             emit(work, stage, {"kind": "throughput", "impl": impl, "tokens": tokens, "rows": rows,
                                "status": "skipped", "note": f"{failed} tokens already failed"})
             continue
-        micro = synthetic_micro_batch(plan, rows, plan.row_length, seed=size_index, device=device)
-        try:
-            warm = time.perf_counter()
-            update_step(engine, micro)  # warm-up: optimizer state, kernel compiles, autotuning
-            warm = time.perf_counter() - warm
-            times, losses = [], []
-            for _ in range(plan.timed_steps):
-                before = memory.start_peak()
-                began = time.perf_counter()
-                losses.append(update_step(engine, micro))
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - began)
-                peak = memory.peak()
-                allocated_after.append((tokens, memory.allocated()))
-        except Exception as error:
-            failed = tokens
-            emit(work, stage, {"kind": "throughput", "impl": impl, "tokens": tokens, "rows": rows,
-                               "status": "oom" if is_out_of_memory(error) else "error",
-                               "error": f"{type(error).__name__}: {error}"[:300]})
-            if not is_out_of_memory(error):
+        for attempt in (0, 1):
+            micro = synthetic_micro_batch(plan, rows, plan.row_length, seed=size_index, device=device)
+            try:
+                row = time_size(engine, micro, memory, plan, tokens, allocated_after)
+                emit(work, stage, {"kind": "throughput", "impl": impl, "tokens": tokens,
+                                   "rows": rows, "row_length": plan.row_length, "status": "ok",
+                                   **({"attempt": attempt} if attempt else {}), **row})
+                break
+            except Exception as error:
+                out_of_memory = is_out_of_memory(error)
+                emit(work, stage, {"kind": "throughput", "impl": impl, "tokens": tokens,
+                                   "rows": rows, "status": "oom" if out_of_memory else "error",
+                                   "attempt": attempt,
+                                   "error": f"{type(error).__name__}: {error}"[:300]})
+                if out_of_memory or attempt == 1:
+                    failed = tokens
+                    break
                 traceback.print_exc()
-            continue
-        finally:
-            del micro
-            memory.free()
-        median = statistics.median(times)
-        emit(work, stage, {"kind": "throughput", "impl": impl, "tokens": tokens, "rows": rows,
-                           "row_length": plan.row_length, "status": "ok",
-                           "tokens_per_second": tokens / median, "median_seconds": median,
-                           "seconds": [round(t, 4) for t in times],
-                           "warmup_seconds": round(warm, 3),
-                           "peak_mb": peak / MIB, "step_extra_mb": (peak - before) / MIB,
-                           "loss_finite": all(math.isfinite(v) for v in losses)})
+                # Anything but memory gets one retry on a fresh engine: Liger's compiled loss
+                # failed in torch.compile when the micro-batch's row count changed (torch 2.11,
+                # InternalTorchDynamoError, on an H200 on 2026-11-27), while a fresh engine ran
+                # every size.
+                del engine
+                memory.free()
+                torch._dynamo.reset()
+                engine, _ = build_engine(plan, impl, device)
+                allocated_after.clear()  # the growth check then covers the fresh engine only
+            finally:
+                del micro
+                memory.free()
     if allocated_after:
         after = [a for _, a in allocated_after]
         same_size = max((max(a for t, a in allocated_after if t == size)

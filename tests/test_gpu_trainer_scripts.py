@@ -193,3 +193,23 @@ def test_out_of_memory_ends_the_sizes_and_the_probes(tmp_path):
     assert longest["longest"] == 128 and longest["limit_reached"]
     growth = next(r for r in rows if r["kind"] == "growth")
     assert len(growth["allocated_after_step_mb"]) == tu.DRY.timed_steps  # the 64-token size only
+
+
+def test_an_error_other_than_memory_is_retried_once_on_a_fresh_engine(tmp_path):
+    """A step that fails for another reason (as Liger's torch.compile did when the row count
+    changed) is retried on a fresh engine, and its size is then measured; the growth check covers
+    the fresh engine only."""
+    env = subprocess_env(BENCH_DRY_RUN="1", BENCH_FAKE_ERROR_ONCE_AT="256",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.trainer_update", "update", "--impl",
+                           "naive", "--work", str(tmp_path)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    rows = [r for r in tu.read_rows(tmp_path, "update-naive") if r["kind"] == "throughput"]
+    assert [(r["tokens"], r["status"], r.get("attempt", 0)) for r in rows] == [
+        (64, "ok", 0), (256, "error", 0), (256, "ok", 1), (512, "ok", 0)]
+    assert "simulated" in rows[1]["error"]
+    summary = tu.summarize(tu.DRY, tmp_path)
+    assert summary["impls"]["naive"]["throughput"]["256"]["status"] == "ok"
+    growth = next(r for r in tu.read_rows(tmp_path, "update-naive") if r["kind"] == "growth")
+    assert len(growth["allocated_after_step_mb"]) == 2 * tu.DRY.timed_steps  # 256 and 512 only
