@@ -49,7 +49,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 
 @dataclass
 class Sample:
-    """One prompt: what the policy sees, what the verifier checks, and the traces."""
+    """One prompt: what the policy sees, what the verifier checks, and the traces (none for an
+    evaluation problem, luffy_fast/eval_data.py)."""
 
     prompt_ids: list[int]
     ground_truth: str

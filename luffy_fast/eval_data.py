@@ -2,8 +2,9 @@
 
 A row in the official layout (`prompt` + `reward_model.ground_truth`) or in a benchmark's
 (`problem` or `question`, with `answer` or `solution`; MATH-500, AIME, AMC, Minerva and
-OlympiadBench ship this way) becomes an `EvalProblem`; other names are mapped with
-`question_key` / `answer_key`. Prompts follow the official evaluation
+OlympiadBench ship this way) becomes a `Record` and then a `Sample` without traces, the record
+and sample types of the training data (luffy_fast/data_files.py, luffy_fast/data.py); other
+names are mapped with `question_key` / `answer_key`. Prompts follow the official evaluation
 (docs/algorithm.md §The reference run's settings): the system prompt is removed and the
 model's own chat template is applied. A `solution` without a separate answer is graded against
 its last `\\boxed{...}`.
@@ -14,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from luffy_fast.data import render_prompt
+from luffy_fast.data import Sample, render_prompt
 from luffy_fast.data_files import (
     DataError,
     Record,
@@ -24,7 +25,6 @@ from luffy_fast.data_files import (
     read_rows,
     training_record,
 )
-from luffy_fast.evaluation import EvalProblem
 
 QUESTION_KEYS = ("problem", "question")
 ANSWER_KEYS = ("answer", "solution")
@@ -62,8 +62,8 @@ def _pick(row: Row, key: Optional[str], candidates: tuple[str, ...], what: str) 
 
 
 def eval_record(row: Row, question_key: Optional[str] = None, answer_key: Optional[str] = None,
-                data_source: Optional[str] = None, remove_system: bool = True):
-    """(messages, ground truth, data source) of one evaluation row, in either layout."""
+                data_source: Optional[str] = None, remove_system: bool = True) -> Record:
+    """One evaluation row, in either layout, as a record without traces."""
     values = row.values
     source = data_source or values.get("data_source") or row.file.stem
     if question_key is None and answer_key is None and "prompt" in values \
@@ -80,27 +80,27 @@ def eval_record(row: Row, question_key: Optional[str] = None, answer_key: Option
         truth = ground_truth_text(truth, f"{row.where} {answer}")
     if remove_system:
         messages = [m for m in messages if m["role"] != "system"]
-    return messages, truth, str(source)
+    return Record(messages, [], truth, str(source), row.where)
 
 
 def heldout_record(row: Row) -> Record:
     """A held-out problem for the in-training validation, in either layout; its prompt is the
     training prompt's (system prompt kept, as the official run validates)."""
-    messages, truth, source = eval_record(row, remove_system=False)
-    return Record(messages, [], truth, source, row.where)
+    return eval_record(row, remove_system=False)
 
 
 def load_eval_problems(path: str | Path, tokenizer, *, question_key: Optional[str] = None,
                        answer_key: Optional[str] = None, data_source: Optional[str] = None,
-                       key: str = "--data") -> list[EvalProblem]:
+                       key: str = "--data") -> list[Sample]:
     """The evaluation problems of a file or folder, rendered with the model's chat template
     (system prompt removed). data_source: the label in the results (default: the row's
     `data_source`, else the file name). No problem is ever skipped."""
     problems = []
     for row in read_rows(path, key):
-        messages, truth, source = eval_record(row, question_key, answer_key, data_source)
-        ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False).input_ids
-        problems.append(EvalProblem(prompt_ids=ids, ground_truth=truth, data_source=source))
+        record = eval_record(row, question_key, answer_key, data_source)
+        ids = tokenizer(render_prompt(tokenizer, record.messages),
+                        add_special_tokens=False).input_ids
+        problems.append(Sample(ids, record.ground_truth, [], record.data_source, record.where))
     if not problems:
         raise DataError(f"{key}: no problems in {str(path)!r}")
     return problems

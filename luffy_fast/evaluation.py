@@ -6,7 +6,8 @@ a RewardPool (luffy_fast/reward_pool.py). pass@k is the unbiased estimator
 1 - C(n - c, k) / C(n, k) over n samples with c correct (Chen et al., 2021, "Evaluating Large
 Language Models Trained on Code"); avg@n is the mean reward over the n samples, as the LUFFY
 paper reports AIME and AMC (avg@32). The macro average weighs every data source equally, as the
-paper's "avg" column does.
+paper's "avg" column does. A problem is a training `Sample` (luffy_fast/data.py) without traces;
+the reward receives it beside the response, as in training.
 """
 
 from __future__ import annotations
@@ -18,17 +19,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from luffy_fast.data import Sample
 from luffy_fast.rollout.base import Completion, RolloutEngine, SamplingParams
 
-
-@dataclass
-class EvalProblem:
-    """One evaluation problem: the rendered prompt's token ids, the answer, where it is from."""
-
-    prompt_ids: list[int]
-    ground_truth: str
-    data_source: str
-    sample: Any = None  # what the reward function receives beside the response (default: self)
+HELDOUT_SOURCE = "heldout"  # the label of a problem without a data source
 
 
 @dataclass
@@ -101,26 +95,28 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def generate_and_score(engine: RolloutEngine, problems: Sequence[EvalProblem], n: int,
+def generate_and_score(engine: RolloutEngine, problems: Sequence[Sample], n: int,
                        params: SamplingParams, decode: Callable[[list[int]], str],
                        score: Callable[[list[tuple[str, Any]]], list[float]]) -> list[EvalRecord]:
-    """n samples per problem from `engine`, each scored by `score` ((response, sample) pairs ->
+    """n samples per problem from `engine`, each scored by `score` ((response, problem) pairs ->
     rewards, e.g. `lambda items: pool.score(items).rewards`)."""
     completions = engine.generate([p.prompt_ids for p in problems], n=n, params=params)
     return score_completions(problems, completions, decode, score)
 
 
-def score_completions(problems: Sequence[EvalProblem], completions: Sequence[Sequence[Completion]],
+def score_completions(problems: Sequence[Sample], completions: Sequence[Sequence[Completion]],
                       decode: Callable[[list[int]], str],
                       score: Callable[[list[tuple[str, Any]]], list[float]]) -> list[EvalRecord]:
-    """The records of generated completions (one list per problem), scored by `score`."""
+    """The records of generated completions (one list per problem), scored by `score`; a
+    problem without a data source is counted under HELDOUT_SOURCE."""
     records, items = [], []
     for index, (problem, group) in enumerate(zip(problems, completions)):
+        source = problem.data_source or HELDOUT_SOURCE
         for k, completion in enumerate(group):
             response = decode(completion.token_ids)
-            items.append((response, problem.sample if problem.sample is not None else problem))
-            records.append(EvalRecord(problem.data_source, index, k, problem.ground_truth,
-                                      response, 0.0, completion.finished))
+            items.append((response, problem))
+            records.append(EvalRecord(source, index, k, problem.ground_truth, response, 0.0,
+                                      completion.finished))
     for record, reward in zip(records, score(items)):
         record.reward = float(reward)
     return records
@@ -140,12 +136,10 @@ def write_results(directory: str | Path, summary: dict, records: Sequence[EvalRe
     return results, generations
 
 
-def problems_from_samples(samples: Sequence[Any], default_source: str = "heldout"
-                          ) -> list[EvalProblem]:
-    """Evaluation problems from tokenized samples (luffy_fast.data.Sample); each sample is what
-    its reward receives."""
-    return [EvalProblem(list(s.prompt_ids), s.ground_truth, s.data_source or default_source, s)
-            for s in samples]
+def problems_from_samples(samples: Sequence[Sample]) -> list[Sample]:
+    """The evaluation problems of tokenized samples: the samples themselves (kept for
+    luffy_fast/validation.py, which can use its samples directly)."""
+    return list(samples)
 
 
 def validation_metrics(summary: dict, prefix: str = "val") -> dict:

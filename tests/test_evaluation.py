@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from luffy_fast.data import Sample
 from luffy_fast.evaluation import (
-    EvalProblem,
     format_table,
     generate_and_score,
     pass_at_k,
@@ -39,7 +39,7 @@ class ScriptedEngine(RolloutEngine):
 
 def problems():
     sources = ["aime", "aime", "amc", "amc"]
-    return [EvalProblem([10 + i], "right", source) for i, source in enumerate(sources)]
+    return [Sample([10 + i], "right", data_source=source) for i, source in enumerate(sources)]
 
 
 def score(items):
@@ -89,3 +89,21 @@ def test_a_problem_with_missing_samples_is_an_error():
                                  params=SamplingParams(max_new_tokens=4), decode=str, score=score)
     with pytest.raises(ValueError, match="expected 8"):
         summarize(records, n=8)
+
+
+def test_a_problem_is_the_sample_its_reward_receives_and_unlabelled_ones_count_as_heldout():
+    labelled, unlabelled = Sample([10], "right", data_source="aime"), Sample([12], "right")
+    received = []
+
+    def record_items(items):
+        received.extend(problem for _, problem in items)
+        return score(items)
+
+    records = generate_and_score(ScriptedEngine(), [labelled, unlabelled], n=2,
+                                 params=SamplingParams(max_new_tokens=4),
+                                 decode=lambda ids: "right" if ids == [1] else "wrong",
+                                 score=record_items)
+    assert all(a is b for a, b in zip(received, [labelled] * 2 + [unlabelled] * 2))
+    assert [(r.data_source, r.problem, r.reward) for r in records] == [
+        ("aime", 0, 1.0), ("aime", 0, 0.0), ("heldout", 1, 1.0), ("heldout", 1, 1.0)]
+    assert unlabelled.data_source == ""  # the label is the record's, the sample is unchanged
