@@ -98,7 +98,8 @@ class DataReport:
         return asdict(self)
 
 
-def _tokenize(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+def tokenize_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """The token ids of `texts` (no special tokens added), TOKENIZE_CHUNK texts per call."""
     ids: list[list[int]] = []
     for start in range(0, len(texts), TOKENIZE_CHUNK):
         ids.extend(tokenizer(list(texts[start:start + TOKENIZE_CHUNK]),
@@ -121,7 +122,7 @@ def tokenize_records(records: Sequence[Record], tokenizer, limits: DataLimits,
         raise DataError("model: the tokenizer has no EOS token (traces end with EOS)")
     report = DataReport(source=source, rows=len(records))
     texts = [render_prompt(tokenizer, r.messages) for r in records]
-    prompts = _tokenize(tokenizer, texts)
+    prompts = tokenize_texts(tokenizer, texts)
     kept = [len(ids) <= limits.max_prompt_length for ids in prompts]
     trace_texts, owners = [], []
     for i, (record, text) in enumerate(zip(records, texts)):
@@ -132,7 +133,7 @@ def tokenize_records(records: Sequence[Record], tokenizer, limits: DataLimits,
             trace_texts.append(trace)
             owners.append(i)
     traces_of: list[list[list[int]]] = [[] for _ in records]
-    for owner, ids in zip(owners, _tokenize(tokenizer, trace_texts)):
+    for owner, ids in zip(owners, tokenize_texts(tokenizer, trace_texts)):
         ids = ids + [tokenizer.eos_token_id]
         report.trace_lengths.append(len(ids))
         if len(ids) > limits.max_response_length:

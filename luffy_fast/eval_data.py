@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from luffy_fast.data import Sample, render_prompt
+from luffy_fast.data import Sample, render_prompt, tokenize_texts
 from luffy_fast.data_files import (
     DataError,
     Record,
@@ -94,13 +94,13 @@ def load_eval_problems(path: str | Path, tokenizer, *, question_key: Optional[st
                        key: str = "--data") -> list[Sample]:
     """The evaluation problems of a file or folder, rendered with the model's chat template
     (system prompt removed). data_source: the label in the results (default: the row's
-    `data_source`, else the file name). No problem is ever skipped."""
-    problems = []
+    `data_source`, else the file name). No problem is ever skipped. The prompts are tokenized
+    in batches, as the training data are (luffy_fast.data.tokenize_texts)."""
+    records, texts = [], []
     for row in read_rows(path, key):
-        record = eval_record(row, question_key, answer_key, data_source)
-        ids = tokenizer(render_prompt(tokenizer, record.messages),
-                        add_special_tokens=False).input_ids
-        problems.append(Sample(ids, record.ground_truth, [], record.data_source, record.where))
-    if not problems:
+        records.append(eval_record(row, question_key, answer_key, data_source))
+        texts.append(render_prompt(tokenizer, records[-1].messages))
+    if not records:
         raise DataError(f"{key}: no problems in {str(path)!r}")
-    return problems
+    return [Sample(ids, r.ground_truth, [], r.data_source, r.where)
+            for r, ids in zip(records, tokenize_texts(tokenizer, texts))]

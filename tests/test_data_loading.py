@@ -242,3 +242,37 @@ def test_eval_problems_in_the_official_and_benchmark_layouts(tmp_path, tokenizer
     [mapped] = load_eval_problems(custom, tokenizer, question_key="input", answer_key="target")
     assert mapped.prompt_ids == ids(tokenizer, "q 7 so") and mapped.ground_truth == "7"
     assert last_boxed("a \\boxed{x^{2}} b") == "x^{2}" and last_boxed("none") is None
+
+
+class CallLog:
+    """A tokenizer that records what each call tokenizes (a text or a batch of texts)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, []
+
+    def __call__(self, text, **kwargs):
+        self.calls.append(text)
+        return self.tokenizer(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_eval_prompts_are_tokenized_in_batches_as_row_by_row(tmp_path, tokenizer, monkeypatch):
+    from luffy_fast import data
+    from luffy_fast.eval_data import load_eval_problems
+
+    questions = ["q 1", "q 2 3", "q 4 5 6", "sys q", "q 7 8 9 0"]
+    path = write_jsonl(tmp_path / "amc.jsonl", [{"problem": q, "answer": str(i)}
+                                                for i, q in enumerate(questions)])
+    monkeypatch.setattr(data, "TOKENIZE_CHUNK", 2)  # 5 prompts: batches of 2, 2 and 1
+    logged = CallLog(tokenizer)
+    problems = load_eval_problems(path, logged)
+    texts = [f"{q} so " for q in questions]  # the template: each message, then "so "
+    assert logged.calls == [texts[0:2], texts[2:4], texts[4:]]
+    row_by_row = [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
+    # the word ids (tests/math_helpers.py WORDS): q 3, so 4, sys 5, digit d at 6 + d
+    assert row_by_row[1] == [3, 8, 9, 4] and row_by_row[3] == [5, 3, 4]
+    assert [p.prompt_ids for p in problems] == row_by_row
+    assert [(p.ground_truth, p.data_source, p.traces, p.where) for p in problems] == [
+        (str(i), "amc", [], f"{path}:{i + 1}") for i in range(5)]
