@@ -1,11 +1,11 @@
 # Stage timing shared by the GPU scripts (sourced, not run). A script sets
 #   STAGE_TAG   its log prefix             STAGE_ORDER  its stage names, in order
-#   STAGE_CAPS  "name:seconds ..."         STAGES       the names to run (default: all), space or comma separated
+#   STAGE_CAPS  "name:seconds ..."         STAGES       the names to run (default: all; spaces or commas)
 #   BUDGET      seconds for all of them    START        $(date +%s) at its start
-# and calls `run_stage NAME COMMAND...`. A stage may take its cap, but it always leaves every later
-# selected stage its share of the budget (its cap, scaled down when the selected caps add up to more
-# than the budget), so one hang cannot eat the time of the stages after it, and a stage that ends
-# early hands its time on. STATUS collects "name: ok | TIMED OUT after Ns | exit N | skipped".
+# and calls `run_stage NAME COMMAND...`. A stage may take its cap while the budget holds the caps of
+# every stage still to run; otherwise each gets its cap's share of the time left. So one hang
+# cannot eat the time of the stages after it, and a stage that ends early hands its time on.
+# STATUS collects "name: ok | TIMED OUT after Ns | exit N | skipped".
 
 STATUS=()
 
@@ -19,20 +19,18 @@ stage_cap() {
   echo 60
 }
 
-# Seconds stage $1 may take now.
+# Seconds stage $1 may take now: its cap, or, when the time left is less than the caps of this
+# and the later selected stages add up to, its cap's share of the time left.
 stage_limit() {
-  local name=$1 total=0 later=0 seen=0 stage cap
+  local name=$1 remaining=0 seen=0 stage cap
   for stage in $STAGE_ORDER; do
-    stage_selected "$stage" || continue
-    cap=$(stage_cap "$stage")
-    total=$(( total + cap ))
-    (( seen )) && later=$(( later + cap ))
     [[ $stage == "$name" ]] && seen=1
+    (( seen )) && stage_selected "$stage" && remaining=$(( remaining + $(stage_cap "$stage") ))
   done
-  (( total > BUDGET )) && later=$(( later * BUDGET / total ))
-  local left=$(( BUDGET - ($(date +%s) - START) - later ))
+  local left=$(( BUDGET - ($(date +%s) - START) ))
   cap=$(stage_cap "$name")
-  (( left < cap )) && echo $(( left > 5 ? left : 5 )) || echo "$cap"
+  (( remaining > left )) && cap=$(( cap * left / remaining ))
+  echo $(( cap > 5 ? cap : 5 ))
 }
 
 # run_stage NAME COMMAND...: the command under its stage's timeout (from $STAGE_DIR when set; its

@@ -213,3 +213,19 @@ def test_an_error_other_than_memory_is_retried_once_on_a_fresh_engine(tmp_path):
     assert summary["impls"]["naive"]["throughput"]["256"]["status"] == "ok"
     growth = next(r for r in tu.read_rows(tmp_path, "update-naive") if r["kind"] == "growth")
     assert len(growth["allocated_after_step_mb"]) == 2 * tu.DRY.timed_steps  # 256 and 512 only
+
+
+def test_stage_limits_share_the_time_left_in_proportion_to_the_caps():
+    """benchmarks/stages.sh: a stage gets its cap while the budget holds the caps still to run,
+    else its cap's share of the time left; unselected stages take no share."""
+    script = (f"source {ROOT / 'benchmarks' / 'stages.sh'}; "
+              'STAGE_ORDER="a b c"; STAGE_CAPS="a:90 b:180 c:30"; START=$(date +%s); '
+              "BUDGET=150; stage_limit a; stage_limit b; stage_limit c; "
+              'STAGES="b,c"; stage_limit b; BUDGET=1000; STAGES=; stage_limit a')
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    got = [int(v) for v in out.stdout.split()]
+    # 90*150/300, 180*150/210, the whole cap (30 <= 150), 180*150/210, the whole cap; a second
+    # passing between START and a call takes at most one second's share off.
+    want = [45, 128, 30, 128, 90]
+    assert all(w - 1 <= g <= w for g, w in zip(got, want)) and len(got) == len(want), got
