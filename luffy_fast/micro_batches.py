@@ -8,7 +8,7 @@ denominator over the mini-batch's, so the gradient does not depend on the split
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
@@ -138,6 +138,18 @@ def pack_micro_batch(batch: RolloutBatch, indices: Sequence[int],
         loss_mask=targets_flat != ignore_index, off_policy_mask=torch.cat(off_policy),
         seq_ids=torch.cat(seq_ids), old_logprobs=torch.cat(old) if old_logprobs is not None else None,
         sequence_indices=list(indices), lengths=[len(p) for p in positions])
+
+
+def micro_batches(batch: RolloutBatch, indices: Iterable[int], token_budget: int,
+                  padded: bool = False, old_logprobs: Optional[Sequence[Tensor]] = None,
+                  ignore_index: int = LuffyLossConfig.ignore_index) -> Iterator[MicroBatch]:
+    """The sequences at `indices` split by `plan_micro_batches` and each part packed by
+    `pack_micro_batch`, one micro-batch at a time; each names its sequences (positions in
+    the rollout batch) in `sequence_indices`."""
+    indices = list(indices)
+    plan = plan_micro_batches([batch.sequence_length(i) for i in indices], token_budget, padded)
+    for part in plan:
+        yield pack_micro_batch(batch, [indices[i] for i in part], old_logprobs, ignore_index)
 
 
 def loss_denominator(batch: RolloutBatch, indices: Sequence[int], config: LuffyLossConfig) -> float:

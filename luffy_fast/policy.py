@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from luffy_fast.config import LuffyLossConfig
-from luffy_fast.micro_batches import MicroBatch, pack_micro_batch, plan_micro_batches
+from luffy_fast.micro_batches import MicroBatch, micro_batches
 from luffy_fast.ops import fused_luffy_loss, token_logprobs
 from luffy_fast.rollout_batch import RolloutBatch
 
@@ -107,15 +107,12 @@ def sequence_logprobs(module: nn.Module, batch: RolloutBatch, indices: Iterable[
     `module` (a PolicyWithFusedLoss, or a DeepSpeed engine around one; `packed` its
     attention layout), one no-grad pass per token-budget micro-batch; other sequences get
     empty tensors."""
-    indices = list(indices)
     logprobs: list[Tensor] = [torch.empty(0)] * len(batch)
     entropies: list[Tensor] = [torch.empty(0)] * len(batch)
-    plan = plan_micro_batches([batch.sequence_length(i) for i in indices], token_budget,
-                              padded=not packed)
     was_training = module.training
     module.eval()
-    for part in plan:
-        micro = pack_micro_batch(batch, [indices[i] for i in part], ignore_index=ignore_index)
+    for micro in micro_batches(batch, indices, token_budget, padded=not packed,
+                               ignore_index=ignore_index):
         values, entropy = module(micro.to(device), logprobs_only=True, with_entropy=with_entropy)
         values = values.float().cpu()
         entropy = entropy.float().cpu() if entropy is not None else None

@@ -33,9 +33,8 @@ from luffy_fast.distributed import all_reduce_sum, build_engine, init_distribute
 from luffy_fast.metrics import MeanMinMax, MetricsLogger, PhaseTimer, peak_memory_mb, progress_display
 from luffy_fast.micro_batches import (
     loss_denominator,
+    micro_batches,
     mini_batch_indices,
-    pack_micro_batch,
-    plan_micro_batches,
     sequences_with_gradient,
 )
 from luffy_fast.nonfinite import NonFiniteGuard
@@ -207,14 +206,13 @@ class LuffyTrainer:
             # times the world size, so the update equals one process on the whole mini-batch
             denominator = all_reduce_sum(denominator, self.device) / self.world_size
         indices = sequences_with_gradient(batch, indices, config.loss)
-        plan = plan_micro_batches([batch.sequence_length(i) for i in indices],
-                                  config.train.token_budget, padded=not self.engine.module.packed)
         stats_over_tokens = MeanMinMax(minimum=("ratio_min",), maximum=("ratio_max",))
-        loss_total = 0.0
+        loss_total, count = 0.0, 0
         self.engine.train()
-        for part in plan:
-            micro = pack_micro_batch(batch, [indices[i] for i in part], old_logprobs,
-                                     config.loss.ignore_index)
+        for micro in micro_batches(batch, indices, config.train.token_budget,
+                                   not self.engine.module.packed, old_logprobs,
+                                   config.loss.ignore_index):
+            count += 1
             if token_weights is not None:  # TIS: A' = w * A on sampled tokens
                 micro.advantages = weight_advantages(micro.advantages, micro.loss_mask,
                                                      micro.seq_ids, micro.sequence_indices,
@@ -224,7 +222,7 @@ class LuffyTrainer:
             loss_total += self.nonfinite.backward(self.engine, scaled)
             stats_over_tokens.add({name: stats[name] for name in LOSS_STATS if name in stats},
                                   weight=float(micro.loss_mask.sum()))  # token-weighted means
-        result = {"loss": loss_total, "micro_batches": len(plan), **stats_over_tokens.result()}
+        result = {"loss": loss_total, "micro_batches": count, **stats_over_tokens.result()}
         if "entropy_mean" in result:
             result["entropy"] = result.pop("entropy_mean")
         return result

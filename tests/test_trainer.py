@@ -14,12 +14,13 @@ from luffy_fast.distributed import gathered_parameters
 from luffy_fast.metrics import read_metrics
 from luffy_fast.micro_batches import (
     loss_denominator,
+    micro_batches,
     pack_micro_batch,
     plan_micro_batches,
     sequences_with_gradient,
 )
 from luffy_fast.rollout import Completion
-from luffy_fast.rollout_batch import assemble_groups
+from luffy_fast.rollout_batch import RolloutBatch, assemble_groups
 from luffy_fast.trainer import LuffyTrainer
 
 IGNORE_INDEX = LuffyLossConfig().ignore_index
@@ -33,12 +34,16 @@ def tiny_trainer(tmp_path, *overrides) -> LuffyTrainer:
 
 # --------------------------------------------------------------------------- group assembly
 
-def test_hand_made_batch_groups_masks_and_advantages():
+def hand_made_batch() -> RolloutBatch:
     samples = [Sample(prompt_ids=[5, 6], ground_truth="x", traces=[[7, 8, 1]]),
                Sample(prompt_ids=[9], ground_truth="y", traces=[[3, 1], [4, 4, 1]])]
     completions = [[Completion([2, 1], [-0.5, -0.1]), Completion([3, 3, 3], [-1.0] * 3, False)],
                    [Completion([4, 1], [-0.2, -0.3]), Completion([5, 1], [-0.4, -0.6])]]
-    batch = assemble_groups(samples, completions, n_off=2)
+    return assemble_groups(samples, completions, n_off=2)
+
+
+def test_hand_made_batch_groups_masks_and_advantages():
+    batch = hand_made_batch()
     # group 0: two rollouts, then its single trace twice; group 1: two rollouts, both traces
     assert batch.response_ids == [[2, 1], [3, 3, 3], [7, 8, 1], [7, 8, 1],
                                   [4, 1], [5, 1], [3, 1], [4, 4, 1]]
@@ -88,6 +93,35 @@ def test_micro_batch_plan_respects_the_token_budget():
     assert all(len(b) * max(lengths[i] for i in b) <= 16 for b in padded)
     with pytest.raises(ValueError, match="token_budget"):
         plan_micro_batches([20], token_budget=12)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_micro_batches_are_the_plan_packed_part_by_part(padded):
+    batch = hand_made_batch()
+    batch.advantages = torch.linspace(-1.0, 1.0, len(batch))
+    old = [torch.arange(len(r), dtype=torch.float32) - i for i, r in enumerate(batch.response_ids)]
+    # sequence lengths (prompt + response - 1) of batch sequences 7, 0, 2, 5, 4: 3, 3, 4, 2, 2
+    indices = [7, 0, 2, 5, 4]
+    budget = 8 if padded else 6
+    micros = list(micro_batches(batch, iter(indices), budget, padded, old, IGNORE_INDEX))
+    # first-fit decreasing: packed {4, 2} {3, 3} {2}; padded (rows x longest) {4, 3} {3, 2} {2}
+    expected = [[2, 5], [7, 0], [4]] if not padded else [[7, 2], [0, 5], [4]]
+    assert [m.sequence_indices for m in micros] == expected
+    assert [m.num_tokens for m in micros] == ([6, 6, 2] if not padded else [7, 5, 2])
+    # the same micro-batches, field for field, as plan_micro_batches then pack_micro_batch
+    plan = plan_micro_batches([batch.sequence_length(i) for i in indices], budget, padded)
+    assert len(micros) == len(plan)
+    for micro, part in zip(micros, plan):
+        packed = pack_micro_batch(batch, [indices[i] for i in part], old, IGNORE_INDEX)
+        assert micro.sequence_indices == packed.sequence_indices
+        assert micro.lengths == packed.lengths
+        for name, value in vars(packed).items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(getattr(micro, name), value, rtol=0, atol=0)
+    # without old log-probs, as the no-grad log-prob pass packs them
+    assert all(m.old_logprobs is None for m in micro_batches(batch, indices, budget, padded))
+    with pytest.raises(ValueError, match="token_budget"):
+        next(micro_batches(batch, indices, 3, padded))
 
 
 # --------------------------------------------------------------------------- the update
