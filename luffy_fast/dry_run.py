@@ -98,7 +98,7 @@ def dry_run(config, world_size: int = 1, out: TextIO | None = None) -> int:
     say = lambda line="": print(line, file=out or sys.stdout)  # noqa: E731
     say(f"dry run: model {config.model.path}, data {config.data.source} "
         f"(task {config.data.task_name}), {world_size} GPU(s), ZeRO-{config.train.zero_stage}")
-    task, tokenizer, notes = tokenizer_for(config, problems)
+    task, tokenizer, policy, notes = tokenizer_for(config, problems)
     for note in notes:
         say(f"note: {note}")
     notes_shown = list(notes)
@@ -121,7 +121,8 @@ def dry_run(config, world_size: int = 1, out: TextIO | None = None) -> int:
         if samples[0].traces:
             say(f"first trace ({len(samples[0].traces[0])} tokens):")
             say(_show(tokenizer.decode(samples[0].traces[0], skip_special_tokens=False)))
-    policy = meta_model(task, config, tokenizer, problems, notes) if task is not None else None
+    if task is not None and config.model.path != "toy":
+        policy = meta_model(config, tokenizer, problems, notes)
     for note in notes[len(notes_shown):]:
         say(f"note: {note}")
     if policy is not None:
@@ -165,25 +166,27 @@ def checked(call, problems: list[str]):
 
 
 def tokenizer_for(config, problems: list[str]):
-    """(task, tokenizer, notes): the tokenizer the run would use, overrides applied."""
+    """(task, tokenizer, policy, notes): the tokenizer the run would use, overrides applied.
+    The policy is the toy task's own, built once with its tokenizer; None for a model
+    directory, whose policy `meta_model` builds after the data are checked."""
     from luffy_fast.tasks import load_task
 
     notes: list[str] = []
     task = checked(lambda: load_task(config), problems)
     if task is None:
-        return None, None, notes
+        return None, None, None, notes
     if config.model.path == "toy":
-        components = checked(lambda: task.components(), problems)
-        return task, components[0] if components else None, notes
+        tokenizer, policy = checked(lambda: task.components(), problems) or (None, None)
+        return task, tokenizer, policy, notes
     from luffy_fast.data import load_tokenizer
     from luffy_fast.model_loading import prepare_tokenizer, tokenizer_directory
 
     raw = checked(lambda: load_tokenizer(tokenizer_directory(config.model)), problems)
     if raw is None:
-        return task, None, notes
+        return task, None, None, notes
     if raw.pad_token_id is None:
         notes.append("the tokenizer has no pad token: the run pads with its EOS token")
-    return task, checked(lambda: prepare_tokenizer(raw, config.model), problems), notes
+    return task, checked(lambda: prepare_tokenizer(raw, config.model), problems), None, notes
 
 
 def training_data(task, tokenizer, config, problems: list[str]) -> list:
@@ -196,11 +199,9 @@ def training_data(task, tokenizer, config, problems: list[str]) -> list:
     return samples or []
 
 
-def meta_model(task, config, tokenizer, problems: list[str], notes: list[str]):
-    """The policy with meta tensors (no memory, no weights read), its window checked."""
-    if config.model.path == "toy":
-        components = checked(lambda: task.components(), problems)
-        return components[1] if components else None
+def meta_model(config, tokenizer, problems: list[str], notes: list[str]):
+    """The model directory's policy with meta tensors (no memory, no weights read), its window
+    checked."""
     from luffy_fast.model_loading import check_attention, meta_policy
 
     try:

@@ -149,3 +149,22 @@ def test_dry_run_of_the_toy_config(capsys):
     _, policy = ToyTask(load_config(ROOT / "configs" / "demo_luffy.yaml")).components()
     count = sum(p.numel() for p in policy.parameters())
     assert f"({count:,}), 4 layers, hidden 128" in out
+
+
+def test_the_toy_dry_run_builds_the_toy_components_once(capsys, monkeypatch):
+    from luffy_fast.toy.task import ToyTask
+
+    built, components = [], ToyTask.components
+
+    def counted(self):
+        built.append(components(self))
+        return built[-1]
+
+    monkeypatch.setattr(ToyTask, "components", counted)
+    code = main(["train", "--config", str(ROOT / "configs" / "demo_luffy.yaml"), "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert len(built) == 1  # the tokenizer and the policy reported come from one call
+    (_, policy), = built
+    count = sum(p.numel() for p in policy.parameters())
+    assert f"({count:,}), 4 layers, hidden 128, vocab {policy.config.vocab_size}" in out
