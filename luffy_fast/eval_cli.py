@@ -112,13 +112,12 @@ def build_engine(name: str, model_dir: str, tokenizer, args: argparse.Namespace,
 def run_eval(args: argparse.Namespace) -> int:
     from luffy_fast.data import load_tokenizer
     from luffy_fast.eval_data import load_eval_problems
+    from luffy_fast.model_loading import pad_with_eos
     from luffy_fast.reward_pool import RewardPool
     from luffy_fast.rewards import MathVerifyReward
 
     check_arguments(args)
-    tokenizer = load_tokenizer(args.model)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = pad_with_eos(load_tokenizer(args.model))
     problems = [problem for path in args.data for problem in load_eval_problems(
         path, tokenizer, question_key=args.question_key, answer_key=args.answer_key)]
     name = engine_name(args.engine)

@@ -61,6 +61,11 @@ def prepare_tokenizer(tokenizer, model):
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"model.path: the tokenizer of {model.tokenizer_path or model.path!r} "
                           f"has no EOS token (responses and traces end with it)")
+    return pad_with_eos(tokenizer)
+
+
+def pad_with_eos(tokenizer):
+    """A tokenizer without a pad token pads with its EOS token (logged); `luffy-fast eval` too."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
         logger.warning("the tokenizer has no pad token: padding with its EOS token %r",

@@ -149,3 +149,24 @@ def test_bad_input_is_reported_before_the_model_loads(tmp_path, model_dir, eval_
         data = [write_jsonl(tmp_path / "bad.jsonl", [{"text": "q 1", "answer": "1"}])]
     assert main(["eval", "--model", model, "--data", *data, "--n", n]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_tokenizer_without_pad_pads_with_eos(tmp_path, eval_files, monkeypatch, caplog):
+    """The training run's fallback (luffy_fast.model_loading.pad_with_eos): pad = EOS, logged."""
+    from math_helpers import tiny_model_dir
+
+    model = tiny_model_dir(tmp_path / "bare", math_tokenizer(pad=False))
+    engines = []
+
+    def scripted(name, model, tokenizer, args, max_model_len):
+        engines.append(ScriptedEngine(tokenizer))
+        return engines[-1]
+
+    monkeypatch.setattr(eval_cli, "build_engine", scripted)
+    with caplog.at_level("WARNING", logger="luffy_fast"):
+        assert main(["eval", "--model", str(model), "--data", eval_files[1], "--n", "1",
+                     "--reward-workers", "0"]) == 0
+    tokenizer = engines[0].tokenizer
+    assert (tokenizer.pad_token, tokenizer.pad_token_id, tokenizer.eos_token_id) == ("<eos>", 1, 1)
+    assert "no pad token: padding with its EOS token '<eos>'" in caplog.text
+    assert engines[0].prompts == ["q 3 so", "q 4 so"]
