@@ -25,6 +25,7 @@ from luffy_fast.distributed import gathered_parameters
 from luffy_fast.run_files import (
     naming_full_disk,
     remove_stale_temporaries,
+    start_fresh,
     warn,
     write_atomic,
 )
@@ -39,7 +40,8 @@ class NoCheckpointError(RuntimeError):
 
 
 class CheckpointManager:
-    """The checkpoints under `root`; rank 0 writes the files, every rank its DeepSpeed shard."""
+    """The checkpoints under `root` (a run folder's `checkpoints/`, or its `checkpoints/best/`);
+    rank 0 writes the files, every rank its DeepSpeed shard."""
 
     def __init__(self, root: Path, keep: int, rank: int = 0, world_size: int = 1) -> None:
         self.root = Path(root)
@@ -146,23 +148,16 @@ class CheckpointManager:
 
     def resume_point(self, resume: bool) -> Optional[Path]:
         """Start-up: stale files removed; with `resume`, the checkpoint to continue from
-        (`latest`); without it, or with no checkpoint yet, None and the old checkpoints are
-        cleared (a fresh start replaces an old run's)."""
+        (`latest`); without it, or with no checkpoint yet, None and the run folder (this root's
+        parent) prepared for a fresh start by run_files.start_fresh: a fresh start replaces an
+        old run's checkpoints, best checkpoint, metrics and TensorBoard."""
         self.remove_stale_files()
         latest = self.latest() if resume else None
         if latest is None:
             if resume and self.rank == 0:
                 warn(f"{self.root}: no checkpoint to resume from; starting from step 0")
-            self.clear()
+            start_fresh(self.root.parent, self.rank, self.world_size)
         return latest
-
-    def clear(self) -> None:
-        """Delete every checkpoint and the pointer (a fresh start replaces the old run)."""
-        if self.rank == 0:
-            for path in self.root.glob("step-*"):
-                shutil.rmtree(path, ignore_errors=True)
-            (self.root / "latest").unlink(missing_ok=True)
-        self._barrier()
 
     @staticmethod
     def load(engine, path: Path) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Optional
@@ -85,12 +86,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             config = load_config(args.config, args.overrides)
             if args.dry_run:
-                import os
-
                 from luffy_fast.dry_run import dry_run
 
                 return dry_run(config, args.world_size or int(os.environ.get("WORLD_SIZE", 1)))
-            check_run_dir(config.output.dir, args.resume, args.overwrite)  # before any loading
+            # before any loading; a launched rank's number from the launcher (no process group yet)
+            check_run_dir(config.output.dir, args.resume, args.overwrite,
+                          rank=int(os.environ.get("RANK", 0)))
             trainer = LuffyTrainer(config)
             try:
                 trainer.train(resume=args.resume)

@@ -11,7 +11,6 @@ import contextlib
 import json
 import math
 import resource
-import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -80,7 +79,8 @@ class MetricsLogger:
     """Per-step metrics to metrics.jsonl and TensorBoard.
 
     resume_step > 0 keeps the lines up to that step (a crashed run may have logged past its
-    checkpoint) and TensorBoard purges the later points; 0 starts both afresh.
+    checkpoint) and TensorBoard purges the later points; 0 starts both in a folder that
+    run_files.start_fresh has cleared of an old run's (the trainer's start does).
     """
 
     def __init__(self, directory: Path, tensorboard: bool, resume_step: int = 0) -> None:
@@ -88,9 +88,6 @@ class MetricsLogger:
         if resume_step and self.path.exists():  # drop what a crashed run logged past the checkpoint
             kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= resume_step]
             write_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
-        elif not resume_step:
-            self.path.unlink(missing_ok=True)
-            shutil.rmtree(directory / "tensorboard", ignore_errors=True)  # no duplicate points
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import torch
+
 from luffy_fast.errors import ConfigError
 
 RUN_FILES = ("metrics.jsonl", "tensorboard", "checkpoints", "config.yaml")
@@ -143,27 +145,37 @@ def holds_a_run(folder: Path) -> list[str]:
     return found
 
 
-def check_run_dir(folder: str | Path, resume: bool, overwrite: bool) -> None:
+def check_run_dir(folder: str | Path, resume: bool, overwrite: bool, rank: int = 0) -> None:
     """Refuse to start a fresh run over a previous one unless `--overwrite` says so; with it,
-    clear the previous run's files (metrics, TensorBoard, checkpoints, config)."""
+    start_fresh clears the previous run's files. This runs before the process group exists: in
+    a multi-rank launch only rank 0 looks and clears with --overwrite, the other ranks leave the
+    folder alone (none of them writes a run file before rank 0 has joined the process group)."""
     folder = Path(folder)
+    if resume or (overwrite and rank != 0):
+        return
     found = holds_a_run(folder)
-    if not found or resume:
+    if not found:
         return
     if not overwrite:
         raise ConfigError(f"output.dir: {str(folder)!r} already holds a run ({', '.join(found)}); "
                           f"pass --resume to continue it or --overwrite to replace it")
-    clear_run(folder)
+    start_fresh(folder, rank)
 
 
-def clear_run(folder: Path) -> None:
-    """Delete a previous run's files in `folder`; other files there are left alone."""
-    for name in RUN_FILES:
-        item = Path(folder) / name
-        if item.is_dir():
-            shutil.rmtree(item)
-        elif item.exists():
-            item.unlink()
+def start_fresh(folder: str | Path, rank: int = 0, world_size: int = 1) -> None:
+    """Prepare the run folder for a fresh start (`--overwrite`, or a run from step 0): rank 0
+    deletes a previous run's files (RUN_FILES: metrics, TensorBoard, every checkpoint with
+    checkpoints/best/, config); other files there are left alone. The other ranks delete nothing
+    and, in a process group of `world_size` > 1, wait at its barrier until rank 0 is done."""
+    if rank == 0:
+        for name in RUN_FILES:
+            item = Path(folder) / name
+            if item.is_dir():
+                shutil.rmtree(item)
+            elif item.exists():
+                item.unlink()
+    if world_size > 1:
+        torch.distributed.barrier()
 
 
 def warn(message: str) -> None:

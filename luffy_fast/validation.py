@@ -12,7 +12,6 @@ which metric, value and step (docs/design.md §Evaluation).
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -75,17 +74,13 @@ class Validation:
         return metrics
 
     def start(self, resuming: bool) -> None:
-        """A resumed run continues from the best value saved; a fresh one drops an old run's."""
+        """A resumed run continues from the best value saved; a fresh one from none (its start
+        cleared an old run's best/ with the rest: CheckpointManager.resume_point)."""
         info = self.best.root / "best.json"
         if resuming and info.is_file():
             saved = json.loads(info.read_text())
             if saved.get("metric") == self.best_metric:
                 self.best_value = float(saved["value"])
-        elif not resuming:
-            if self.best.rank == 0:
-                shutil.rmtree(self.best.root, ignore_errors=True)
-            if self.best.world_size > 1:
-                torch.distributed.barrier()
 
     def keep_best(self, metrics: dict, step: int, engine, tokenizer) -> bool:
         """Save `engine`'s checkpoint under best/ when `metrics` improve on the best value of

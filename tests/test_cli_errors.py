@@ -57,6 +57,31 @@ def test_an_existing_run_folder_needs_resume_or_overwrite(tmp_path, capsys):
     assert again["loss"] == first[0]["loss"]  # the same seeded first step, from scratch
 
 
+def test_overwrite_in_a_launched_run_clears_on_rank_zero_only(tmp_path, monkeypatch):
+    """Every rank runs the command: the launcher's RANK decides who deletes the old run."""
+    config, out = config_file(tmp_path)
+    (out / "checkpoints" / "step-000001").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    trained = []
+
+    class Trainer:  # stands in for LuffyTrainer: records what the folder held at its start
+        def __init__(self, config):
+            trained.append(sorted(p.name for p in out.iterdir()))
+
+        def train(self, resume):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr("luffy_fast.trainer.LuffyTrainer", Trainer)
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "--config", config, "--overwrite"]) == 0
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", "--config", config, "--overwrite"]) == 0
+    assert trained == [["checkpoints", "metrics.jsonl"], []]
+
+
 def test_user_errors_exit_2_without_a_traceback(tmp_path, capsys):
     config, _ = config_file(tmp_path)
     assert main(["train", "--config", config, "optim.lrr=1"]) == 2

@@ -19,7 +19,7 @@ from helpers import tiny_config
 from luffy_fast.checkpoint import CheckpointManager
 from luffy_fast.metrics import MetricsLogger, ProgressLog, read_metrics
 from luffy_fast.nonfinite import NonFiniteTrainingError, optimizer_step
-from luffy_fast.run_files import DiskFullError, ensure_writable_dir, write_atomic
+from luffy_fast.run_files import DiskFullError, ensure_writable_dir, start_fresh, write_atomic
 from luffy_fast.trainer import LuffyTrainer
 
 DEAD_PID = 2**22 + 12345  # above Linux's pid_max: never a live process
@@ -80,7 +80,7 @@ def test_broken_latest_without_any_checkpoint_is_an_error(tmp_path):
 
 
 def test_resume_without_any_checkpoint_says_it_starts_over(tmp_path):
-    manager = fake_checkpoints(tmp_path, [])
+    manager = fake_checkpoints(tmp_path / "checkpoints", [])  # a fresh start clears tmp_path
     with pytest.warns(RuntimeWarning, match="no checkpoint to resume from; starting from step 0"):
         assert manager.resume_point(resume=True) is None
 
@@ -296,6 +296,7 @@ def test_restart_from_step_zero_does_not_duplicate_tensorboard_points(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     for steps in (3, 2):  # a first run, then a fresh start over it
+        start_fresh(tmp_path)  # as the trainer's start does (CheckpointManager.resume_point)
         logger = MetricsLogger(tmp_path, tensorboard=True)
         for step in range(1, steps + 1):
             logger.log({"step": step, "loss": float(step)})
