@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib
 import json
 import math
 import os
@@ -51,6 +50,11 @@ import torch
 # chosen before luffy_fast.kernels is imported (tests/conftest.py does the same).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from luffy_fast.distributed import deepspeed_config  # noqa: E402
+from luffy_fast.micro_batches import pack_micro_batch  # noqa: E402
+from luffy_fast.policy import PolicyWithFusedLoss  # noqa: E402
+from luffy_fast.rollout_batch import assemble_groups  # noqa: E402
 
 IMPLS = ("fused", "naive", "liger")
 KIB, MIB, GIB = 2**10, 2**20, 2**30
@@ -142,35 +146,6 @@ def dtype_of(plan: Plan) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- package names
-
-def _find(name: str, *modules: str):
-    """`name` from the first of `modules` that has it: the refactor (issue 9) moves the trainer's
-    pieces from luffy_fast.trainer into their own modules."""
-    for module in modules:
-        try:
-            found = getattr(importlib.import_module(module), name, None)
-        except ImportError:
-            continue
-        if found is not None:
-            return found
-    raise ImportError(f"{name} is in none of {modules}")
-
-
-def trainer_api() -> dict:
-    return {
-        "PolicyWithFusedLoss": _find("PolicyWithFusedLoss", "luffy_fast.policy", "luffy_fast.trainer"),
-        "pack_micro_batch": _find("pack_micro_batch", "luffy_fast.micro_batches",
-                                  "luffy_fast.trainer"),
-        "assemble_groups": _find("assemble_groups", "luffy_fast.rollout_batch",
-                                 "luffy_fast.trainer"),
-        "deepspeed_config": _find("deepspeed_config", "luffy_fast.distributed",
-                                  "luffy_fast.trainer"),
-    }
-
-
-def api_sources() -> dict:
-    return {name: f"{value.__module__}.{value.__name__}" for name, value in trainer_api().items()}
-
 
 # --------------------------------------------------------------------------- results files
 
@@ -302,7 +277,7 @@ def prepare(plan: Plan, work: Path) -> dict:
     (work / "train.yaml").write_text(yaml.safe_dump(train_config(plan, work), sort_keys=False))
     summary = {"plan": plan.label, "parameters": parameters, "vocab_size": plan.vocab_size,
                "tokenizer_size": len(tokenizer), "rows": len(rows), "dtype_saved": plan.dtype,
-               "seconds": round(time.perf_counter() - start, 2), "api": api_sources()}
+               "seconds": round(time.perf_counter() - start, 2)}
     emit(work, "prepare", summary)
     return summary
 
@@ -350,7 +325,6 @@ def parity_micro_batch(plan: Plan, work: Path, tokenizer, device: torch.device):
     from luffy_fast.data import load_jsonl_samples
     from luffy_fast.rollout import Completion
 
-    api = trainer_api()
     samples = load_jsonl_samples(work / "train.jsonl", tokenizer,
                                  plan.prompt_words + 8, plan.max_response_length)
     samples = samples[:plan.parity_groups]
@@ -359,9 +333,9 @@ def parity_micro_batch(plan: Plan, work: Path, tokenizer, device: torch.device):
                                              generator=generator).tolist(),
                                [0.0] * plan.parity_response, False)
                     for _ in range(plan.n_on)] for _ in samples]
-    batch = api["assemble_groups"](samples, completions, n_off=1)
+    batch = assemble_groups(samples, completions, n_off=1)
     batch.advantages = torch.linspace(-1.0, 1.0, len(batch)) + 0.05  # none exactly zero
-    micro = api["pack_micro_batch"](batch, list(range(len(batch))))
+    micro = pack_micro_batch(batch, list(range(len(batch))))
     return micro.to(device), len(batch)
 
 
@@ -379,7 +353,7 @@ def grad_parity(plan: Plan, work: Path) -> dict:
                                                  attn_implementation="sdpa").to(device)
     micro, sequences = parity_micro_batch(plan, work, tokenizer, device)
     config = LuffyLossConfig.luffy(max_len=plan.parity_response, entropy_coef=0.001)
-    module = trainer_api()["PolicyWithFusedLoss"](model, config, "reference")
+    module = PolicyWithFusedLoss(model, config, "reference")
     backends = ("reference", "torch", "triton")
     reference: dict[str, torch.Tensor] = {}
     results = {}
@@ -545,7 +519,6 @@ def synthetic_micro_batch(plan: Plan, rows: int, length: int, seed: int, device:
     from luffy_fast.data import Sample
     from luffy_fast.rollout import Completion
 
-    api = trainer_api()
     generator = torch.Generator().manual_seed(seed)
 
     def tokens(n: int) -> list[int]:
@@ -560,9 +533,9 @@ def synthetic_micro_batch(plan: Plan, rows: int, length: int, seed: int, device:
     for _ in range(groups):
         samples.append(Sample(tokens(plan.prompt_length), "0", [tokens(response)]))
         completions.append([Completion(tokens(response), [0.0] * response, False)])
-    batch = api["assemble_groups"](samples, completions, n_off=1 if rows > 1 else 0)
+    batch = assemble_groups(samples, completions, n_off=1 if rows > 1 else 0)
     batch.advantages = torch.tensor([1.0 if i % 2 == 0 else -1.0 for i in range(len(batch))])
-    micro = api["pack_micro_batch"](batch, list(range(len(batch))))
+    micro = pack_micro_batch(batch, list(range(len(batch))))
     assert micro.num_tokens == rows * length, (micro.num_tokens, rows, length)
     return micro.to(device)
 
@@ -575,13 +548,12 @@ def build_engine(plan: Plan, impl: str, device: torch.device):
     from luffy_fast import LuffyLossConfig
     from luffy_fast.train_config import config_from_dict
 
-    api = trainer_api()
     init_single_process(device)
     model = build_model(plan, device, seed=0, max_positions=max(32768, 2 * plan.max_length))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     loss_config = LuffyLossConfig.luffy(max_len=plan.max_length)
-    module = api["PolicyWithFusedLoss"](model, loss_config)
+    module = PolicyWithFusedLoss(model, loss_config)
     head_note = "PolicyWithFusedLoss, backend auto"
     if impl == "naive":
         module.loss_head = NaiveHead(model.get_output_embeddings(), loss_config)
@@ -594,7 +566,7 @@ def build_engine(plan: Plan, impl: str, device: torch.device):
     config = config_from_dict({"train": {"zero_stage": 2}, "optim": {"lr": 1e-6}})
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-6, weight_decay=0.01)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
-                                           config=api["deepspeed_config"](config, bf16))
+                                           config=deepspeed_config(config, bf16))
     return engine, head_note
 
 
