@@ -174,15 +174,21 @@ def test_dry_run_of_the_whole_gpu_trainer_check(tmp_path):
     assert log.strip().splitlines()[-1] == table[-1]
 
 
+def run_naive_update(work, **fault) -> None:
+    """The naive update stage at toy size in its own process, with a simulated fault
+    (BENCH_FAKE_OOM_AT or BENCH_FAKE_ERROR_ONCE_AT)."""
+    env = subprocess_env(BENCH_DRY_RUN="1", **fault,
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.trainer_update", "update", "--impl",
+                           "naive", "--work", str(work)], env=env, cwd=work,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+
 def test_out_of_memory_ends_the_sizes_and_the_probes(tmp_path):
     """A step that runs out of memory (simulated from 256 tokens on) skips the larger sizes,
     the probes run on a rebuilt engine, and the longest sequence is the last probe that fit."""
-    env = subprocess_env(BENCH_DRY_RUN="1", BENCH_FAKE_OOM_AT="256",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.trainer_update", "update", "--impl",
-                           "naive", "--work", str(tmp_path)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    run_naive_update(tmp_path, BENCH_FAKE_OOM_AT="256")
     rows = tu.read_rows(tmp_path, "update-naive")
     status = {r["tokens"]: r["status"] for r in rows if r["kind"] == "throughput"}
     assert status == {64: "ok", 256: "oom", 512: "skipped"}
@@ -199,12 +205,7 @@ def test_an_error_other_than_memory_is_retried_once_on_a_fresh_engine(tmp_path):
     """A step that fails for another reason (as Liger's torch.compile did when the row count
     changed) is retried on a fresh engine, and its size is then measured; the growth check covers
     the fresh engine only."""
-    env = subprocess_env(BENCH_DRY_RUN="1", BENCH_FAKE_ERROR_ONCE_AT="256",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.trainer_update", "update", "--impl",
-                           "naive", "--work", str(tmp_path)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    run_naive_update(tmp_path, BENCH_FAKE_ERROR_ONCE_AT="256")
     rows = [r for r in tu.read_rows(tmp_path, "update-naive") if r["kind"] == "throughput"]
     assert [(r["tokens"], r["status"], r.get("attempt", 0)) for r in rows] == [
         (64, "ok", 0), (256, "error", 0), (256, "ok", 1), (512, "ok", 0)]
