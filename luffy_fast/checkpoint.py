@@ -3,7 +3,9 @@
 A checkpoint is written to a staging folder, renamed into place, and only then is the `latest`
 pointer replaced (write + rename), so a crash mid-save never corrupts `latest`
 (docs/design.md §The trainer). Each `step-N/` holds the DeepSpeed state (`deepspeed/`), a
-transformers export (`hf/`, model and tokenizer) and `trainer_state.json`.
+transformers export (`hf/`, model and tokenizer) and `trainer_state.json`. A second save of a
+state already published (the best and the regular checkpoint of one step) hard-links the first
+one's files instead of serializing the model again.
 
 Faults (docs/robustness.md): weights with a non-finite value are never published; a full disk
 raises DiskFullError naming the folder and leaves no staging folder; start-up removes stale
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import weakref
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +26,7 @@ import torch
 
 from luffy_fast.distributed import gathered_parameters
 from luffy_fast.run_files import (
+    link_tree,
     naming_full_disk,
     remove_stale_temporaries,
     start_fresh,
@@ -37,6 +41,28 @@ class NonFiniteWeightsError(RuntimeError):
 
 class NoCheckpointError(RuntimeError):
     """`--resume` found a `latest` pointer but no complete checkpoint to resume from."""
+
+
+# The folder each engine's state was last published to by this process, under the state's mark:
+# the step and DeepSpeed's counters of optimizer steps taken and skipped, which every update
+# moves. A save of the same mark shares that folder's files (CheckpointManager.save); loading a
+# checkpoint restores the counters with other weights, so it forgets the engine.
+_PUBLISHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _published_copy(engine, step: int) -> tuple[Optional[tuple], Optional[Path]]:
+    """(`engine`'s state mark at `step`, the complete folder it was already published to or
+    None). Engines without DeepSpeed's counters get no mark and are always written in full. The
+    answer is the same on every rank: the same saves, and the folder was published before the
+    barrier that ended its save."""
+    counters = getattr(engine, "global_steps", None), getattr(engine, "skipped_steps", None)
+    if None in counters:
+        return None, None
+    mark = (step, *counters)
+    mark_seen, folder = _PUBLISHED.get(engine, (None, None))
+    if mark_seen == mark and (folder / "trainer_state.json").is_file():
+        return mark, folder
+    return mark, None
 
 
 class CheckpointManager:
@@ -64,7 +90,10 @@ class CheckpointManager:
     def save(self, engine, tokenizer, step: int, config: dict, zero_stage: int,
              extra_state: Optional[dict] = None) -> Path:
         """DeepSpeed state + transformers export + trainer state of `engine` (its module holds
-        the transformers model as `.policy`), published atomically as `step-N`."""
+        the transformers model as `.policy`), published atomically as `step-N`. A state this
+        process has already published (the best and the regular checkpoint of one step) is not
+        serialized again: the new folder hard-links the first one's files (copies where links
+        fail), so either stays whole when the other is pruned."""
         root = self.root
         root.mkdir(parents=True, exist_ok=True)
         final = root / f"step-{step:06d}"
@@ -72,6 +101,38 @@ class CheckpointManager:
         if self.rank == 0 and staging.exists():
             shutil.rmtree(staging)
         self._barrier()
+        mark, shared = _published_copy(engine, step)
+        state = self._host_weights(engine, step, zero_stage) if shared is None else None
+
+        def write() -> None:
+            if shared is None:
+                self._write(engine, tokenizer, state, staging)
+            elif self.rank == 0:  # every rank's DeepSpeed shard is among the files linked
+                link_tree(shared, staging, skip=("trainer_state.json",))
+            if self.rank == 0:
+                (staging / "trainer_state.json").write_text(json.dumps(
+                    {"step": step, "config": config, **(extra_state or {})}, indent=1))
+
+        try:
+            naming_full_disk(staging, f"checkpoint step {step}", write)
+        except BaseException:
+            if self.rank == 0:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if self.rank == 0:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            write_atomic(root / "latest", final.name + "\n")
+            self.prune(keep=final.name)
+        self._barrier()
+        if mark is not None:
+            _PUBLISHED[engine] = (mark, final)
+        return final
+
+    def _host_weights(self, engine, step: int, zero_stage: int) -> Optional[dict]:
+        """The policy's weights on the host for rank 0's export (None on the other ranks), or
+        NonFiniteWeightsError when one holds NaN or inf."""
         policy = engine.module.policy
         with gathered_parameters(policy.parameters(), zero_stage):
             gathered = policy.state_dict()
@@ -84,31 +145,13 @@ class CheckpointManager:
         if bad:
             raise NonFiniteWeightsError(f"step {step}: the weights hold non-finite values "
                                         f"({', '.join(bad[:3])}...); checkpoint not published")
-        try:
-            naming_full_disk(staging, f"checkpoint step {step}",
-                             lambda: self._write(engine, tokenizer, state, staging, step,
-                                                 config, extra_state))
-        except BaseException:
-            if self.rank == 0:
-                shutil.rmtree(staging, ignore_errors=True)
-            raise
-        if self.rank == 0:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging, final)
-            write_atomic(root / "latest", final.name + "\n")
-            self.prune(keep=final.name)
-        self._barrier()
-        return final
+        return state
 
-    def _write(self, engine, tokenizer, state: dict, staging: Path, step: int,
-               config: dict, extra_state: Optional[dict] = None) -> None:
+    def _write(self, engine, tokenizer, state: Optional[dict], staging: Path) -> None:
         engine.save_checkpoint(str(staging), tag="deepspeed", save_latest=False)
         if self.rank == 0:
             engine.module.policy.save_pretrained(staging / "hf", state_dict=state)
             tokenizer.save_pretrained(staging / "hf")
-            (staging / "trainer_state.json").write_text(json.dumps(
-                {"step": step, "config": config, **(extra_state or {})}, indent=1))
 
     def prune(self, keep: str) -> None:
         """Delete all but the newest `self.keep` checkpoints (never the one named `keep`)."""
@@ -162,6 +205,7 @@ class CheckpointManager:
     @staticmethod
     def load(engine, path: Path) -> int:
         """Restore the DeepSpeed state (weights, optimizer, LR schedule); returns the step."""
+        _PUBLISHED.pop(engine, None)  # its state is now the loaded one, the counters restored
         load_path, _ = engine.load_checkpoint(str(path), tag="deepspeed")
         if load_path is None:
             raise RuntimeError(f"could not load the DeepSpeed state from {path}")

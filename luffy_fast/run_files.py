@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TypeVar
 
@@ -108,6 +108,25 @@ def ensure_writable_dir(path: str | Path, key: str = "output.dir") -> Path:
         except OSError:
             pass
     return path
+
+
+def link_tree(source: Path, target: Path, skip: Collection[str] = ()) -> None:
+    """`source`'s files again under `target` as hard links: the same data on disk, kept while
+    either name is left; a file whose link fails (another file system, or one without hard
+    links) is copied. `skip`: names in `source` itself left out."""
+    for path in sorted(Path(source).rglob("*")):
+        relative = path.relative_to(source)
+        if relative.parts[0] in skip:
+            continue
+        destination = Path(target) / relative
+        if path.is_dir():
+            destination.mkdir(parents=True, exist_ok=True)
+            continue
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, destination)
+        except OSError:
+            shutil.copy2(path, destination)
 
 
 def _process_alive(pid: int) -> bool:

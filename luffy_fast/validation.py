@@ -6,7 +6,8 @@ pass@k per data source and their macro average in the metrics (val/<source>/avg@
 val/macro/avg@n). With `eval.best_metric` set, the checkpoint with the best value of that metric
 so far (higher is better) is kept under checkpoints/best/: written and published atomically
 like the regular ones (best/latest names it), never pruned by them, with best/best.json saying
-which metric, value and step (docs/design.md §Evaluation).
+which metric, value and step (docs/design.md §Evaluation). The best and the regular checkpoint
+of one step are serialized once and share their files as hard links (CheckpointManager.save).
 """
 
 from __future__ import annotations

@@ -1,13 +1,17 @@
 """The run folder's fresh start (run_files.start_fresh): one function clears an old run, on rank 0
-only; the other ranks delete nothing and wait for it (docs/robustness.md)."""
+only; the other ranks delete nothing and wait for it (docs/robustness.md). Checkpoint files shared
+by hard links (run_files.link_tree), copied where links fail."""
 
 from __future__ import annotations
+
+import errno
+import os
 
 import pytest
 import torch
 
 from luffy_fast.checkpoint import CheckpointManager
-from luffy_fast.run_files import check_run_dir, start_fresh
+from luffy_fast.run_files import check_run_dir, link_tree, start_fresh
 
 OLD_RUN = ("metrics.jsonl", "config.yaml", "tensorboard/events.out.tfevents.1",
            "checkpoints/latest", "checkpoints/step-000002/trainer_state.json",
@@ -66,3 +70,32 @@ def test_overwrite_clears_on_rank_zero_only_and_a_kept_run_is_refused_everywhere
     assert len(left(tmp_path)) == len(OLD_RUN) + 2
     check_run_dir(tmp_path, resume=False, overwrite=True, rank=0)
     assert left(tmp_path) == ["notes.txt", "rollout_model/config.json"]
+
+
+def checkpoint_folder(folder) -> dict[str, bytes]:
+    files = {"trainer_state.json": b"{}", "hf/model.safetensors": b"weights",
+             "deepspeed/mp_rank_00_model_states.pt": b"state"}
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    return files
+
+
+def test_link_tree_shares_the_files_and_a_failed_link_copies(tmp_path, monkeypatch):
+    files = checkpoint_folder(tmp_path / "a")
+    link_tree(tmp_path / "a", tmp_path / "b", skip=("trainer_state.json",))
+    assert left(tmp_path / "b") == ["deepspeed/mp_rank_00_model_states.pt", "hf/model.safetensors"]
+    for name in left(tmp_path / "b"):
+        linked, original = (tmp_path / "b" / name).stat(), (tmp_path / "a" / name).stat()
+        assert linked.st_ino == original.st_ino and linked.st_nlink == 2
+
+    def cross_device(source, target):
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(os, "link", cross_device)  # e.g. another file system
+    link_tree(tmp_path / "a", tmp_path / "c")
+    for name, data in files.items():
+        copied = tmp_path / "c" / name
+        assert copied.read_bytes() == data
+        assert copied.stat().st_ino != (tmp_path / "a" / name).stat().st_ino
+    assert (tmp_path / "a" / "hf/model.safetensors").stat().st_nlink == 2  # a and b only

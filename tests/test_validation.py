@@ -4,6 +4,7 @@ through the trainer's reward pool."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,6 +121,64 @@ def test_training_validates_and_keeps_the_best_checkpoint(tmp_path):
     assert best.name == f"step-{best_step:06d}" and (best / "hf" / "config.json").is_file()
     # the regular checkpoints are pruned to one; the best one stays
     assert [p.name for p in (tmp_path / "checkpoints").glob("step-*")] == ["step-000003"]
+
+
+def test_the_best_checkpoint_shares_its_steps_files_and_outlives_their_rotation(tmp_path):
+    """Step 1 is the best: its best and regular checkpoints are one serialization, hard-linked;
+    the regular one is pruned at step 2 (keep 1) and the best still loads step 1's weights."""
+    from safetensors.torch import load_file
+
+    from luffy_fast.trainer import LuffyTrainer
+
+    name = "val/macro/avg@2"
+    trainer = LuffyTrainer(tiny_config(tmp_path, "train.steps=3", "eval.every=1",
+                                       f"eval.best_metric={name}", "output.save_every=1",
+                                       "output.keep_checkpoints=1", "optim.lr=1e-2"))
+    values = iter([0.0, 0.5, 0.25, 0.1])  # steps 0 (not a candidate), 1 (the best), 2, 3
+    trainer.evaluate = lambda: {name: next(values)}
+    serialized, at_step_1 = [], {}
+    save_checkpoint, save = trainer.engine.save_checkpoint, trainer.checkpoints.save
+    trainer.engine.save_checkpoint = lambda path, **kw: serialized.append(path) or save_checkpoint(
+        path, **kw)
+
+    def regular_save(engine, tokenizer, step, *args):
+        folder = save(engine, tokenizer, step, *args)
+        if step == 1:
+            best = tmp_path / "checkpoints" / "best" / folder.name
+            files = sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+            at_step_1.update(
+                files=files, best_files=sorted(p.relative_to(best) for p in best.rglob("*")
+                                               if p.is_file()),
+                shared=[(folder / f).stat().st_ino == (best / f).stat().st_ino
+                        and (folder / f).stat().st_nlink == 2 for f in files],
+                sampler="sampler" in json.loads((folder / "trainer_state.json").read_text()),
+                weights={n: t.detach().clone()
+                         for n, t in engine.module.policy.state_dict().items()})
+        return folder
+
+    trainer.checkpoints.save = regular_save
+    try:
+        trainer.train()
+        # one serialization per state: the best of step 1, the regular ones of steps 2 and 3
+        assert [Path(p).name for p in serialized] == [".staging-step-000001",
+                                                     ".staging-step-000002",
+                                                     ".staging-step-000003"]
+        assert at_step_1["files"] == at_step_1["best_files"]
+        assert Path("trainer_state.json") in at_step_1["files"] and at_step_1["sampler"]
+        # every file but the trainer state (the regular one adds the sampler's) is one inode
+        assert at_step_1["shared"] == [f.name != "trainer_state.json" for f in at_step_1["files"]]
+        best = tmp_path / "checkpoints" / "best" / "step-000001"
+        assert [p.name for p in (tmp_path / "checkpoints").glob("step-*")] == ["step-000003"]
+        assert all(p.stat().st_nlink == 1 for p in best.rglob("*") if p.is_file())
+        trained = trainer.engine.module.policy.state_dict()
+        assert any(not torch.equal(trained[k], t) for k, t in at_step_1["weights"].items())
+        assert trainer.checkpoints.load(trainer.engine, best) == 1
+        for key, tensor in trainer.engine.module.policy.state_dict().items():
+            assert torch.equal(tensor, at_step_1["weights"][key]), key
+        export = load_file(best / "hf" / "model.safetensors")
+        assert export and all(torch.equal(t, at_step_1["weights"][n]) for n, t in export.items())
+    finally:
+        trainer.close()
 
 
 class FailingReward:
