@@ -165,6 +165,36 @@ def _filter_count(config: LuffyLossConfig, device: torch.device) -> Optional[_Fi
     return None if config.grad_filter is None else _FilterCount(config.grad_filter, device)
 
 
+class _PendingGradients:
+    """dL/dz rows of active tokens gathered across kept chunks in one buffer, multiplied into the
+    gradients when it is full (and at the end). In a chunk where only some tokens carry a
+    gradient (an RLVR batch: zero-advantage groups), the two gradient GEMMs then run on fuller
+    row blocks, and d(weight) [V, H] is read and written once per buffer instead of once per
+    chunk. A dense batch fills the buffer in every chunk: the same work as before."""
+
+    def __init__(self, buffer: Tensor, hidden: Tensor, weight: Tensor, grads):
+        self.buffer, self.hidden, self.weight, self.grads = buffer, hidden, weight, grads
+        self.rows: list[Tensor] = []
+        self.filled = 0
+
+    def slot(self, count: int) -> Tensor:
+        """Buffer rows for the next `count` tokens (flushing first when they do not fit)."""
+        if self.filled + count > self.buffer.shape[0]:
+            self.flush()
+        return self.buffer[self.filled: self.filled + count]
+
+    def add(self, rows: Tensor) -> None:
+        self.rows.append(rows)
+        self.filled += rows.numel()
+
+    def flush(self) -> None:
+        if self.filled:
+            rows = torch.cat(self.rows)
+            accumulate_gradients(self.buffer[: self.filled], self.hidden[rows], self.weight, rows,
+                                 *self.grads)
+        self.rows, self.filled = [], 0
+
+
 @torch.no_grad()
 def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                       chunk: int, needs: tuple[bool, bool, bool]):
@@ -175,6 +205,7 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
     groups, loss = [], torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_buffer = torch.empty((min(chunk, N), weight.shape[0]), dtype=hidden.dtype, device=hidden.device)
     grad_filter = _filter_count(config, hidden.device)
+    pending = _PendingGradients(grad_buffer, hidden, weight, grads)
     for start in range(0, N, chunk):
         part = slice(start, min(start + chunk, N))
         rows, targets = inputs.rows[part], inputs.targets[part]
@@ -186,10 +217,19 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
         groups.append(terms)
         loss += terms.loss
         tokens, position = _ActiveTokens.select(terms, rows, targets, lse, row_max, expected_shift)
-        if len(tokens):
+        if not len(tokens):
+            continue
+        if grad_filter is not None:  # its block-sparse GEMMs run per chunk
             _add_gradients(tokens, hidden, weight, bias, config.temperature,
                            grad_buffer[: len(tokens)], grads, logits=logits, logit_rows=position,
                            grad_filter=grad_filter)
+            continue
+        grad_logits(hidden, weight, bias, tokens.rows, tokens.targets, tokens.lse, tokens.logprobs,
+                    tokens.coef, tokens.entropy_weight, tokens.row_max, tokens.expected_shift,
+                    config.temperature, pending.slot(len(tokens)), logits=logits,
+                    logit_rows=position)
+        pending.add(tokens.rows)
+    pending.flush()
     stats = inputs.summarize(TokenTerms.cat(groups))
     if grad_filter is not None:
         stats["grad_filter_skipped_fraction"] = grad_filter.fraction()

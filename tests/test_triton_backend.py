@@ -112,3 +112,30 @@ def test_triton_rejects_float64_with_a_clear_error():
     batch = random_batch(5, 4, 6, dtype=torch.float64)
     with pytest.raises(ValueError, match="float64"):
         run_loss(batch, "triton", LuffyLossConfig())
+
+
+def test_kept_chunks_with_few_active_tokens_share_the_gradient_gemms(monkeypatch):
+    """Kept logits in 16-token chunks where every other 8-token sequence has zero advantage (no
+    entropy term): the active rows of two chunks fill one dL/dz buffer, so the gradient GEMMs run
+    twice instead of four times, and the gradients still match the float64 reference."""
+    import luffy_fast.kernels.function as function
+
+    batch = random_batch(64, 12, 50, seed=3, mask_fraction=1.0, num_seqs=8)
+    batch["seq_ids"] = torch.arange(64) // 8
+    seq_adv = torch.tensor([0.7, 0.0, -0.4, 0.0, 1.1, 0.0, -0.9, 0.0])
+    batch["advantages"] = seq_adv[batch["seq_ids"]]
+    # 16 rows of fp32 logits + fp32 dL/dz at V = 50: 16 * 50 * 8 bytes
+    config = LuffyLossConfig.luffy(max_len=8).replace(entropy_coef=0.0,
+                                                       memory_budget_mb=16 * 50 * 8 / 2**20)
+    assert function.plan(config, torch.device("cpu"), 64, 50, 4) == ("kept", 16)
+    calls = []
+    original = function.accumulate_gradients
+
+    def counted(grad_logits_chunk, *args):
+        calls.append(grad_logits_chunk.shape[0])
+        return original(grad_logits_chunk, *args)
+
+    monkeypatch.setattr(function, "accumulate_gradients", counted)
+    compare_backends(batch, config, torch.float32, "triton")
+    # 8 active rows per chunk: chunks 1+2 fill the 16-row buffer, chunks 3+4 the next one.
+    assert calls == [16, 16]
