@@ -43,6 +43,12 @@ class NoCheckpointError(RuntimeError):
     """`--resume` found a `latest` pointer but no complete checkpoint to resume from."""
 
 
+def read_trainer_state(checkpoint: Path) -> dict:
+    """A checkpoint folder's trainer_state.json: its step, the run's config and the sampler's
+    position (read once on resume, for the sampler check before the DeepSpeed load and for load)."""
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+
+
 # The folder each engine's state was last published to by this process, under the state's mark:
 # the step and DeepSpeed's counters of optimizer steps taken and skipped, which every update
 # moves. A save of the same mark shares that folder's files (CheckpointManager.save); loading a
@@ -203,13 +209,15 @@ class CheckpointManager:
         return latest
 
     @staticmethod
-    def load(engine, path: Path) -> int:
-        """Restore the DeepSpeed state (weights, optimizer, LR schedule); returns the step."""
+    def load(engine, path: Path, trainer_state: Optional[dict] = None) -> int:
+        """Restore the DeepSpeed state (weights, optimizer, LR schedule); returns the step, from
+        `trainer_state` (the folder's, already read) or else from the folder."""
+        trainer_state = read_trainer_state(path) if trainer_state is None else trainer_state
         _PUBLISHED.pop(engine, None)  # its state is now the loaded one, the counters restored
         load_path, _ = engine.load_checkpoint(str(path), tag="deepspeed")
         if load_path is None:
             raise RuntimeError(f"could not load the DeepSpeed state from {path}")
-        return int(json.loads((path / "trainer_state.json").read_text())["step"])
+        return int(trainer_state["step"])
 
     def _barrier(self) -> None:
         if self.world_size > 1:

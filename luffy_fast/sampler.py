@@ -11,11 +11,11 @@ every checkpoint and checked on `--resume`, which continues the same order.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from luffy_fast.checkpoint import read_trainer_state
 from luffy_fast.errors import ConfigError
 
 
@@ -75,12 +75,18 @@ class EpochSampler:
             raise ConfigError(f"data.source: the checkpoint's sampler position "
                               f"{state.get('epoch')}:{state.get('batch')} is not step {step}'s")
 
-    def check_checkpoint(self, checkpoint: Path, step: int) -> None:
-        """check_state against a checkpoint folder's trainer_state.json (older checkpoints,
-        saved without a sampler state, are trusted)."""
-        saved = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("sampler")
+    def check_trainer_state(self, trainer_state: dict) -> None:
+        """check_state against a checkpoint's trainer state (checkpoint.read_trainer_state) at
+        its step; cheap, so a resume can run it before the DeepSpeed load. Older checkpoints,
+        saved without a sampler state, are trusted."""
+        saved = trainer_state.get("sampler")
         if saved is not None:
-            self.check_state(saved, step)
+            self.check_state(saved, int(trainer_state["step"]))
+
+    def check_checkpoint(self, checkpoint: Path, step: int) -> None:
+        """check_trainer_state on a checkpoint folder, read again, at `step` (the trainer's
+        resume until it hands over the state it read once)."""
+        self.check_trainer_state({**read_trainer_state(checkpoint), "step": step})
 
 
 def prompt_sampler(num_prompts: int, config) -> EpochSampler:

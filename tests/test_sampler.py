@@ -3,10 +3,14 @@ a checkpoint can check."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils.data import BatchSampler, RandomSampler
 
+from luffy_fast.checkpoint import CheckpointManager, read_trainer_state
 from luffy_fast.errors import ConfigError
 from luffy_fast.sampler import EpochSampler, data_metrics, prompt_sampler
 from luffy_fast.train_config import load_config
@@ -54,3 +58,30 @@ def test_epochs_set_the_run_length():
     assert load_config(None).train.epochs is None
     with pytest.raises(ConfigError, match="train.epochs: must be an integer >= 1"):
         load_config(None, ["train.epochs=0"])
+
+
+def test_a_resume_reads_the_trainer_state_once_and_checks_the_sampler_before_the_load(
+        tmp_path, monkeypatch):
+    folder = tmp_path / "step-000007"
+    folder.mkdir()
+    sampler = EpochSampler(size=20, batch_size=4, seed=3)
+    (folder / "trainer_state.json").write_text(json.dumps(
+        {"step": 7, "config": {}, "sampler": sampler.state_dict(7)}))
+    reads, loads = [], []
+    real_read_text = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *args, **kwargs: reads.append(
+        self.name) or real_read_text(self, *args, **kwargs))
+
+    class Engine:  # DeepSpeed's load_checkpoint, recorded
+        def load_checkpoint(self, path, tag):
+            loads.append((path, tag))
+            return path, {}
+
+    saved = read_trainer_state(folder)
+    sampler.check_trainer_state(saved)  # the same data, the same position: no error
+    with pytest.raises(ConfigError, match="the data, train.prompts_per_step or train.seed changed"):
+        EpochSampler(size=19, batch_size=4, seed=3).check_trainer_state(saved)
+    assert loads == []  # refused before the DeepSpeed state is read
+    assert CheckpointManager.load(Engine(), folder, saved) == 7
+    assert reads == ["trainer_state.json"] and loads == [(str(folder), "deepspeed")]
+    EpochSampler(size=19, batch_size=4, seed=3).check_trainer_state({"step": 7})  # no sampler
