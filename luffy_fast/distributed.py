@@ -65,13 +65,6 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def leave_process_group() -> None:
-    """Destroy the default process group at the end of a `luffy-fast train` process (NCCL warns
-    of leaked resources at exit otherwise: seen on an H200)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 def training_device(config: LuffyTrainConfig,
                     device: Optional[torch.device] = None) -> tuple[torch.device, bool]:
     """This rank's device (its LOCAL_RANK's GPU, else the CPU) and whether it trains in bf16."""

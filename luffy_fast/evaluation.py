@@ -136,12 +136,6 @@ def write_results(directory: str | Path, summary: dict, records: Sequence[EvalRe
     return results, generations
 
 
-def problems_from_samples(samples: Sequence[Sample]) -> list[Sample]:
-    """The evaluation problems of tokenized samples: the samples themselves (kept for
-    luffy_fast/validation.py, which can use its samples directly)."""
-    return list(samples)
-
-
 def validation_metrics(summary: dict, prefix: str = "val") -> dict:
     """Flat metric names for the trainer's log: val/<source>/avg@n ..., val/macro/avg@n ..."""
     flat = {}

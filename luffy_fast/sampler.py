@@ -11,11 +11,8 @@ every checkpoint and checked on `--resume`, which continues the same order.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from luffy_fast.checkpoint import read_trainer_state
 from luffy_fast.errors import ConfigError
 
 
@@ -82,11 +79,6 @@ class EpochSampler:
         saved = trainer_state.get("sampler")
         if saved is not None:
             self.check_state(saved, int(trainer_state["step"]))
-
-    def check_checkpoint(self, checkpoint: Path, step: int) -> None:
-        """check_trainer_state on a checkpoint folder, read again, at `step` (the trainer's
-        resume until it hands over the state it read once)."""
-        self.check_trainer_state({**read_trainer_state(checkpoint), "step": step})
 
 
 def prompt_sampler(num_prompts: int, config) -> EpochSampler:

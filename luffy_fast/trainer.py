@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from luffy_fast.advantages import group_advantages
-from luffy_fast.checkpoint import CheckpointManager
+from luffy_fast.checkpoint import CheckpointManager, read_trainer_state
 from luffy_fast.data import Sample
 from luffy_fast.distributed import all_reduce_sum, build_engine, init_distributed, training_device
 from luffy_fast.metrics import MeanMinMax, MetricsLogger, PhaseTimer, peak_memory_mb, progress_display
@@ -260,8 +260,9 @@ class LuffyTrainer:
         latest = self.checkpoints.resume_point(resume)
         start_step = 0
         if latest is not None:
-            start_step = self.checkpoints.load(self.engine, latest)
-            self.sampler.check_checkpoint(latest, start_step)  # same data, same order
+            saved = read_trainer_state(latest)  # read once
+            self.sampler.check_trainer_state(saved)  # same data, same order: before the load
+            start_step = self.checkpoints.load(self.engine, latest, saved)
             self.sync_rollout_weights()
         self.validation.start(resuming=latest is not None)
         lead = self.rank == 0

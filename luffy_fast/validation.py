@@ -23,7 +23,6 @@ from torch import Tensor
 from luffy_fast.checkpoint import CheckpointManager
 from luffy_fast.errors import ConfigError
 from luffy_fast.evaluation import (
-    problems_from_samples,
     score_completions,
     summarize,
     validation_metrics,
@@ -41,7 +40,7 @@ class Validation:
                  rank: int = 0, world_size: int = 1) -> None:
         """config: the run's LuffyTrainConfig (its `eval` section, the response limit, the seed)."""
         self.config, evaluation = config, config.eval
-        self.samples, self.problems = list(samples), problems_from_samples(samples)
+        self.problems = list(samples)  # evaluation problems are the samples themselves
         self.n, self.best_metric = evaluation.n, evaluation.best_metric
         self.params = SamplingParams(max_new_tokens=config.data.max_response_length,
                                      temperature=evaluation.temperature,
@@ -70,7 +69,7 @@ class Validation:
         metrics["heldout_accuracy"] = sum(r.reward >= 1.0 for r in records) / len(records)
         metrics.update(reports[-1].metrics("val_reward"))
         if token_entropy is not None:
-            entropy = token_entropy(assemble_groups(self.samples, completions, n_off=0))
+            entropy = token_entropy(assemble_groups(self.problems, completions, n_off=0))
             metrics["heldout_entropy"] = float(entropy.mean()) if entropy.numel() else 0.0
         return metrics
 
