@@ -33,18 +33,14 @@ rm -rf "$WORK/results" "$WORK/model"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-log() { echo "[vllm_check +$(( $(date +%s) - START ))s] $*"; }
-STATUS=()
-run_stage() {  # run_stage NAME ARGS...: one process under the stage timeout
-  local name=$1 rc
-  shift
-  log "$name (timeout ${LIMIT}s)"
-  timeout -k 20 "$LIMIT" $PY -m benchmarks.vllm_check "$@" --work "$WORK"
-  rc=$?
-  case $rc in 0) STATUS+=("$name: ok") ;; 124|137) STATUS+=("$name: TIMED OUT after ${LIMIT}s") ;;
-    *) STATUS+=("$name: exit $rc") ;; esac
-  log "${STATUS[-1]}"
-}
+# Stage timing (benchmarks/stages.sh): each stage may take VLLM_CHECK_STAGE_S; no overall budget.
+STAGE_TAG=vllm_check
+STAGE_ORDER="prepare level2 level1 restart"
+STAGE_CAPS="prepare:$LIMIT level2:$LIMIT level1:$LIMIT restart:$LIMIT"
+STAGES=${VLLM_CHECK_STAGES:-$STAGE_ORDER}
+BUDGET=$(( 4 * LIMIT ))
+# shellcheck source=benchmarks/stages.sh
+source "$ROOT/benchmarks/stages.sh"
 
 main() {
   log "results in $OUT_DIR, working folder $WORK, dry run: ${BENCH_DRY_RUN:-0}"
@@ -52,10 +48,11 @@ main() {
     --format=csv,noheader
   $PY -c "import vllm, torch; print('  vllm', vllm.__version__, 'torch', torch.__version__)" \
     || { log "vLLM is not importable: pip install -e '.[vllm]'"; return 1; }
-  run_stage prepare prepare
-  run_stage level2 cycle --level 2
-  run_stage level1 cycle --level 1
-  run_stage restart restart
+  local check=($PY -m benchmarks.vllm_check)
+  run_stage prepare "${check[@]}" prepare --work "$WORK"
+  run_stage level2 "${check[@]}" cycle --level 2 --work "$WORK"
+  run_stage level1 "${check[@]}" cycle --level 1 --work "$WORK"
+  run_stage restart "${check[@]}" restart --work "$WORK"
   log "stages: $(printf '%s; ' "${STATUS[@]}")"
   timeout 60 $PY -m benchmarks.vllm_check report --work "$WORK" --out "$OUT_DIR"
 }
