@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from luffy_fast.distributed import gathered_parameters
+from luffy_fast.distributed import gathered_parameters, rank_zero_value
 from luffy_fast.run_files import (
     link_tree,
     naming_full_disk,
@@ -58,9 +58,9 @@ _PUBLISHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _published_copy(engine, step: int) -> tuple[Optional[tuple], Optional[Path]]:
     """(`engine`'s state mark at `step`, the complete folder it was already published to or
-    None). Engines without DeepSpeed's counters get no mark and are always written in full. The
-    answer is the same on every rank: the same saves, and the folder was published before the
-    barrier that ended its save."""
+    None). Engines without DeepSpeed's counters get no mark and are always written in full.
+    The mark assumes that only optimizer steps (and CheckpointManager.load, which forgets the
+    engine) change the weights, as in the trainer."""
     counters = getattr(engine, "global_steps", None), getattr(engine, "skipped_steps", None)
     if None in counters:
         return None, None
@@ -108,10 +108,12 @@ class CheckpointManager:
             shutil.rmtree(staging)
         self._barrier()
         mark, shared = _published_copy(engine, step)
-        state = self._host_weights(engine, step, zero_stage) if shared is None else None
+        # rank 0's view decides: the choice skips collectives (the gather, DeepSpeed's save)
+        linked = rank_zero_value(shared is not None, self.world_size)
+        state = None if linked else self._host_weights(engine, step, zero_stage)
 
         def write() -> None:
-            if shared is None:
+            if not linked:
                 self._write(engine, tokenizer, state, staging)
             elif self.rank == 0:  # every rank's DeepSpeed shard is among the files linked
                 link_tree(shared, staging, skip=("trainer_state.json",))

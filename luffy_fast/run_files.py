@@ -17,8 +17,6 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TypeVar
 
-import torch
-
 from luffy_fast.errors import ConfigError
 
 RUN_FILES = ("metrics.jsonl", "tensorboard", "checkpoints", "config.yaml")
@@ -185,16 +183,25 @@ def start_fresh(folder: str | Path, rank: int = 0, world_size: int = 1) -> None:
     """Prepare the run folder for a fresh start (`--overwrite`, or a run from step 0): rank 0
     deletes a previous run's files (RUN_FILES: metrics, TensorBoard, every checkpoint with
     checkpoints/best/, config); other files there are left alone. The other ranks delete nothing
-    and, in a process group of `world_size` > 1, wait at its barrier until rank 0 is done."""
+    and, in a process group of `world_size` > 1, wait for rank 0's outcome: a failure to delete
+    raises on every rank."""
+    failure = None
     if rank == 0:
-        for name in RUN_FILES:
-            item = Path(folder) / name
-            if item.is_dir():
-                shutil.rmtree(item)
-            elif item.exists():
-                item.unlink()
+        try:
+            for name in RUN_FILES:
+                item = Path(folder) / name
+                if item.is_dir():
+                    shutil.rmtree(item)
+                elif item.exists():
+                    item.unlink()
+        except OSError as error:  # every rank raises it, none waits for rank 0 in vain
+            failure = f"output.dir: could not clear the previous run's files: {error}"
     if world_size > 1:
-        torch.distributed.barrier()
+        from luffy_fast.distributed import rank_zero_value
+
+        failure = rank_zero_value(failure, world_size)  # also the barrier
+    if failure:
+        raise OSError(failure)
 
 
 def warn(message: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 
 import pytest
 import torch
@@ -28,11 +29,26 @@ def left(folder) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
+class Waits(list):
+    """The ranks' waits for rank 0 (barriers and broadcasts); a broadcast hands on `rank_zero`
+    (rank 0's value) when it is set, else the caller's own."""
+
+    rank_zero = None
+
+
 @pytest.fixture
-def barriers(monkeypatch) -> list[int]:
-    """torch.distributed.barrier recorded instead of run (no process group in these tests)."""
-    calls: list[int] = []
+def barriers(monkeypatch) -> Waits:
+    """torch.distributed's barrier and broadcast_object_list recorded instead of run (no process
+    group in these tests)."""
+    calls = Waits()
+
+    def broadcast(holder, src=0, **kwargs):
+        calls.append(1)
+        if calls.rank_zero is not None:
+            holder[0] = calls.rank_zero
+
     monkeypatch.setattr(torch.distributed, "barrier", lambda *args, **kwargs: calls.append(1))
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", broadcast)
     return calls
 
 
@@ -46,6 +62,26 @@ def test_rank_zero_clears_an_old_run_and_the_other_ranks_wait(tmp_path, barriers
     assert len(barriers) == 2
     start_fresh(tmp_path)  # a world of one: nothing to wait for, nothing left to clear
     assert len(barriers) == 2 and left(tmp_path) == ["notes.txt", "rollout_model/config.json"]
+
+
+def test_a_failure_to_clear_raises_on_every_rank(tmp_path, barriers, monkeypatch):
+    """Rank 0 cannot delete the old run: it raises, and so does every other rank, from rank 0's
+    answer, instead of waiting for a rank 0 that is gone."""
+    old_run(tmp_path)
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(shutil, "rmtree", refuse)
+    with pytest.raises(OSError, match="output.dir: could not clear .*Permission denied") as raised:
+        start_fresh(tmp_path, rank=0, world_size=2)
+    barriers.rank_zero = str(raised.value)
+    before = left(tmp_path)  # what rank 0 managed to delete is gone (metrics.jsonl, a file)
+    assert "metrics.jsonl" not in before and "config.yaml" in before
+    with pytest.raises(OSError, match="output.dir: could not clear .*Permission denied"):
+        start_fresh(tmp_path, rank=1, world_size=2)
+    assert len(barriers) == 2  # each rank reached rank 0's answer once
+    assert left(tmp_path) == before  # rank 1 deleted nothing
 
 
 def test_a_fresh_start_of_the_trainer_clears_through_start_fresh_on_rank_zero(tmp_path, barriers):
