@@ -656,22 +656,24 @@ def run_update(plan: Plan, impl: str, work: Path) -> None:
                                    "rows": rows, "status": "oom" if out_of_memory else "error",
                                    "attempt": attempt,
                                    "error": f"{type(error).__name__}: {error}"[:300]})
+                if not out_of_memory:
+                    traceback.print_exc()
                 if out_of_memory or attempt == 1:
                     failed = tokens
                     break
-                traceback.print_exc()
-                # Anything but memory gets one retry on a fresh engine: Liger's compiled loss
-                # failed in torch.compile when the micro-batch's row count changed (torch 2.11,
-                # InternalTorchDynamoError, on an H200 on 2026-11-27), while a fresh engine ran
-                # every size.
-                del engine
-                memory.free()
-                torch._dynamo.reset()
-                engine, _ = build_engine(plan, impl, device)
-                allocated_after.clear()  # the growth check then covers the fresh engine only
             finally:
                 del micro
-                memory.free()
+            # Anything but memory gets one retry on a fresh engine: Liger's compiled loss failed
+            # in torch.compile when the micro-batch's row count changed (torch 2.11,
+            # InternalTorchDynamoError, on an H200 on 2026-11-27), while a fresh engine ran every
+            # size. Here, outside the except block, the error's frames no longer hold the old
+            # engine, so it is freed before the new one is built.
+            del engine
+            memory.free()
+            torch._dynamo.reset()
+            engine, _ = build_engine(plan, impl, device)
+            allocated_after.clear()  # the growth check then covers the fresh engine only
+        memory.free()
     if allocated_after:
         after = [a for _, a in allocated_after]
         same_size = max((max(a for t, a in allocated_after if t == size)

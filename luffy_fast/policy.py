@@ -111,15 +111,18 @@ def sequence_logprobs(module: nn.Module, batch: RolloutBatch, indices: Iterable[
     entropies: list[Tensor] = [torch.empty(0)] * len(batch)
     was_training = module.training
     module.eval()
-    for micro in micro_batches(batch, indices, token_budget, padded=not packed,
-                               ignore_index=ignore_index):
-        values, entropy = module(micro.to(device), logprobs_only=True, with_entropy=with_entropy)
-        values = values.float().cpu()
-        entropy = entropy.float().cpu() if entropy is not None else None
-        for index in micro.sequence_indices:
-            rows = micro.loss_mask & (micro.seq_ids == index)
-            logprobs[index] = values[rows]
-            if entropy is not None:
-                entropies[index] = entropy[rows]
-    module.train(was_training)
+    try:
+        for micro in micro_batches(batch, indices, token_budget, padded=not packed,
+                                   ignore_index=ignore_index):
+            values, entropy = module(micro.to(device), logprobs_only=True,
+                                     with_entropy=with_entropy)
+            values = values.float().cpu()
+            entropy = entropy.float().cpu() if entropy is not None else None
+            for index in micro.sequence_indices:
+                rows = micro.loss_mask & (micro.seq_ids == index)
+                logprobs[index] = values[rows]
+                if entropy is not None:
+                    entropies[index] = entropy[rows]
+    finally:  # also when a sequence is over the token budget
+        module.train(was_training)
     return logprobs, entropies
