@@ -24,10 +24,11 @@ from typing import Optional
 
 import torch
 
-from luffy_fast.distributed import gathered_parameters, rank_zero_value
+from luffy_fast.distributed import gathered_parameters
 from luffy_fast.run_files import (
     link_tree,
     naming_full_disk,
+    rank_zero_value,
     remove_stale_temporaries,
     start_fresh,
     warn,

@@ -65,17 +65,6 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def rank_zero_value(value, world_size: int):
-    """Rank 0's `value` on every rank (a broadcast; `value` as is in a world of one). For a choice
-    that gates collectives or files, where each rank's own view (of a shared file system, say)
-    could differ."""
-    if world_size <= 1:
-        return value
-    holder = [value]
-    torch.distributed.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
 def training_device(config: LuffyTrainConfig,
                     device: Optional[torch.device] = None) -> tuple[torch.device, bool]:
     """This rank's device (its LOCAL_RANK's GPU, else the CPU) and whether it trains in bf16."""

@@ -17,6 +17,8 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TypeVar
 
+import torch
+
 from luffy_fast.errors import ConfigError
 
 RUN_FILES = ("metrics.jsonl", "tensorboard", "checkpoints", "config.yaml")
@@ -179,6 +181,17 @@ def check_run_dir(folder: str | Path, resume: bool, overwrite: bool, rank: int =
     start_fresh(folder, rank)
 
 
+def rank_zero_value(value, world_size: int):
+    """Rank 0's `value` on every rank (a broadcast; `value` as is in a world of one). For a choice
+    that gates collectives or files, where each rank's own view (of a shared file system, say)
+    could differ."""
+    if world_size <= 1:
+        return value
+    holder = [value]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def start_fresh(folder: str | Path, rank: int = 0, world_size: int = 1) -> None:
     """Prepare the run folder for a fresh start (`--overwrite`, or a run from step 0): rank 0
     deletes a previous run's files (RUN_FILES: metrics, TensorBoard, every checkpoint with
@@ -197,8 +210,6 @@ def start_fresh(folder: str | Path, rank: int = 0, world_size: int = 1) -> None:
         except OSError as error:  # every rank raises it, none waits for rank 0 in vain
             failure = f"output.dir: could not clear the previous run's files: {error}"
     if world_size > 1:
-        from luffy_fast.distributed import rank_zero_value
-
         failure = rank_zero_value(failure, world_size)  # also the barrier
     if failure:
         raise OSError(failure)
