@@ -143,34 +143,13 @@ class _FilterCount:
         return self.skipped / max(self.total, 1)
 
 
-def _add_gradients(tokens: _ActiveTokens, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                   temperature: float, out: Tensor, grads, logits: Optional[Tensor] = None,
-                   logit_rows: Optional[Tensor] = None, grad_filter: Optional[_FilterCount] = None):
-    """dL/dz of `tokens` into `out` [len(tokens), V], then its share of the three gradients
-    (with the gradient filter: only the blocks that pass it, kernels/backward_filtered.py)."""
-    if grad_filter is not None:
-        keep = filtered_gradients(hidden, weight, bias, tokens, temperature, grad_filter.threshold,
-                                  out, grads, logits=logits, logit_rows=logit_rows,
-                                  weight_mean=(grad_filter.weight_mean(weight)
-                                               if grads[0] is not None else None))
-        grad_filter.add(keep)
-        return
-    grad_logits(hidden, weight, bias, tokens.rows, tokens.targets, tokens.lse, tokens.logprobs,
-                tokens.coef, tokens.entropy_weight, tokens.row_max, tokens.expected_shift,
-                temperature, out, logits=logits, logit_rows=logit_rows)
-    accumulate_gradients(out, hidden[tokens.rows], weight, tokens.rows, *grads)
-
-
-def _filter_count(config: LuffyLossConfig, device: torch.device) -> Optional[_FilterCount]:
-    return None if config.grad_filter is None else _FilterCount(config.grad_filter, device)
-
-
 class _PendingGradients:
-    """dL/dz rows of active tokens gathered across kept chunks in one buffer, multiplied into the
-    gradients when it is full (and at the end). In a chunk where only some tokens carry a
-    gradient (an RLVR batch: zero-advantage groups), the two gradient GEMMs then run on fuller
-    row blocks, and d(weight) [V, H] is read and written once per buffer instead of once per
-    chunk. A dense batch fills the buffer in every chunk: the same work as before."""
+    """dL/dz rows of active tokens gathered across chunks in one buffer, multiplied into the
+    gradients (of `hidden` and `weight`) when it is full and at the end. In a kept chunk where
+    only some tokens carry a gradient (an RLVR batch: zero-advantage groups), the two gradient
+    GEMMs then run on fuller row blocks, and d(weight) [V, H] is read and written once per
+    buffer instead of once per chunk. A dense kept chunk, or a recompute chunk (active tokens
+    only), fills the buffer by itself."""
 
     def __init__(self, buffer: Tensor, hidden: Tensor, weight: Tensor, grads):
         self.buffer, self.hidden, self.weight, self.grads = buffer, hidden, weight, grads
@@ -195,6 +174,30 @@ class _PendingGradients:
         self.rows, self.filled = [], 0
 
 
+def _add_gradients(tokens: _ActiveTokens, pending: _PendingGradients, bias: Optional[Tensor],
+                   temperature: float, logits: Optional[Tensor] = None,
+                   logit_rows: Optional[Tensor] = None, grad_filter: Optional[_FilterCount] = None):
+    """dL/dz of `tokens` into `pending`'s buffer, and its share of the three gradients: when the
+    buffer is full (_PendingGradients), or, with the gradient filter, right away for the blocks
+    that pass it (kernels/backward_filtered.py: its block-sparse GEMMs run per call)."""
+    out, hidden, weight = pending.slot(len(tokens)), pending.hidden, pending.weight
+    if grad_filter is not None:
+        keep = filtered_gradients(hidden, weight, bias, tokens, temperature, grad_filter.threshold,
+                                  out, pending.grads, logits=logits, logit_rows=logit_rows,
+                                  weight_mean=(grad_filter.weight_mean(weight)
+                                               if pending.grads[0] is not None else None))
+        grad_filter.add(keep)
+        return
+    grad_logits(hidden, weight, bias, tokens.rows, tokens.targets, tokens.lse, tokens.logprobs,
+                tokens.coef, tokens.entropy_weight, tokens.row_max, tokens.expected_shift,
+                temperature, out, logits=logits, logit_rows=logit_rows)
+    pending.add(tokens.rows)
+
+
+def _filter_count(config: LuffyLossConfig, device: torch.device) -> Optional[_FilterCount]:
+    return None if config.grad_filter is None else _FilterCount(config.grad_filter, device)
+
+
 @torch.no_grad()
 def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                       chunk: int, needs: tuple[bool, bool, bool]):
@@ -204,8 +207,8 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
     N = inputs.rows.numel()
     groups, loss = [], torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_buffer = torch.empty((min(chunk, N), weight.shape[0]), dtype=hidden.dtype, device=hidden.device)
-    grad_filter = _filter_count(config, hidden.device)
     pending = _PendingGradients(grad_buffer, hidden, weight, grads)
+    grad_filter = _filter_count(config, hidden.device)
     for start in range(0, N, chunk):
         part = slice(start, min(start + chunk, N))
         rows, targets = inputs.rows[part], inputs.targets[part]
@@ -217,18 +220,9 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
         groups.append(terms)
         loss += terms.loss
         tokens, position = _ActiveTokens.select(terms, rows, targets, lse, row_max, expected_shift)
-        if not len(tokens):
-            continue
-        if grad_filter is not None:  # its block-sparse GEMMs run per chunk
-            _add_gradients(tokens, hidden, weight, bias, config.temperature,
-                           grad_buffer[: len(tokens)], grads, logits=logits, logit_rows=position,
-                           grad_filter=grad_filter)
-            continue
-        grad_logits(hidden, weight, bias, tokens.rows, tokens.targets, tokens.lse, tokens.logprobs,
-                    tokens.coef, tokens.entropy_weight, tokens.row_max, tokens.expected_shift,
-                    config.temperature, pending.slot(len(tokens)), logits=logits,
-                    logit_rows=position)
-        pending.add(tokens.rows)
+        if len(tokens):
+            _add_gradients(tokens, pending, bias, config.temperature, logits=logits,
+                           logit_rows=position, grad_filter=grad_filter)
     pending.flush()
     stats = inputs.summarize(TokenTerms.cat(groups))
     if grad_filter is not None:
@@ -287,10 +281,11 @@ class _RecomputeBackward(torch.autograd.Function):
         tokens, chunk = state.tokens.scaled(grad_loss), state.chunk
         buffer = torch.empty((min(chunk, len(tokens)), weight.shape[0]), dtype=hidden.dtype,
                              device=hidden.device)
+        pending = _PendingGradients(buffer, hidden_c, weight_c, grads)  # one chunk fills it
         for start in range(0, len(tokens), chunk):
-            part = tokens[start:start + chunk]
-            _add_gradients(part, hidden_c, weight_c, bias if has_bias else None, state.temperature,
-                           buffer[: len(part)], grads, grad_filter=state.grad_filter)
+            _add_gradients(tokens[start:start + chunk], pending, bias if has_bias else None,
+                           state.temperature, grad_filter=state.grad_filter)
+        pending.flush()
         if state.grad_filter is not None:
             state.skipped_fraction.copy_(state.grad_filter.fraction())
         grad_hidden, grad_weight, grad_bias = grads
