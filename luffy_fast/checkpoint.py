@@ -107,9 +107,9 @@ class CheckpointManager:
         staging = root / f".staging-step-{step:06d}"
         if self.rank == 0 and staging.exists():
             shutil.rmtree(staging)
-        self._barrier()
         mark, shared = _published_copy(engine, step)
-        # rank 0's view decides: the choice skips collectives (the gather, DeepSpeed's save)
+        # rank 0's view decides: the choice skips collectives (the gather, DeepSpeed's save); its
+        # broadcast is also the barrier after rank 0 removed an old staging folder
         linked = rank_zero_value(shared is not None, self.world_size)
         state = None if linked else self._host_weights(engine, step, zero_stage)
 
