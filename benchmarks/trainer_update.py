@@ -145,8 +145,6 @@ def dtype_of(plan: Plan) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[plan.dtype]
 
 
-# --------------------------------------------------------------------------- package names
-
 # --------------------------------------------------------------------------- results files
 
 def results_dir(work: Path) -> Path:
