@@ -3,9 +3,9 @@
 A checkpoint is written to a staging folder, renamed into place, and only then is the `latest`
 pointer replaced (write + rename), so a crash mid-save never corrupts `latest`
 (docs/design.md §The trainer). Each `step-N/` holds the DeepSpeed state (`deepspeed/`), a
-transformers export (`hf/`, model and tokenizer) and `trainer_state.json`. A second save of a
-state already published (the best and the regular checkpoint of one step) hard-links the first
-one's files instead of serializing the model again.
+transformers export (`hf/`, model and tokenizer) and `trainer_state.json`. The regular
+checkpoint of a step whose state was just saved as the best hard-links the best one's files
+instead of serializing the model again.
 
 Faults (docs/robustness.md): weights with a non-finite value are never published; a full disk
 raises DiskFullError naming the folder and leaves no staging folder; start-up removes stale
@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import weakref
 from pathlib import Path
 from typing import Optional
 
@@ -28,7 +27,6 @@ from luffy_fast.distributed import gathered_parameters
 from luffy_fast.run_files import (
     link_tree,
     naming_full_disk,
-    rank_zero_value,
     remove_stale_temporaries,
     start_fresh,
     warn,
@@ -48,28 +46,6 @@ def read_trainer_state(checkpoint: Path) -> dict:
     """A checkpoint folder's trainer_state.json: its step, the run's config and the sampler's
     position (read once on resume, for the sampler check before the DeepSpeed load and for load)."""
     return json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-
-
-# The folder each engine's state was last published to by this process, under the state's mark:
-# the step and DeepSpeed's counters of optimizer steps taken and skipped, which every update
-# moves. A save of the same mark shares that folder's files (CheckpointManager.save); loading a
-# checkpoint restores the counters with other weights, so it forgets the engine.
-_PUBLISHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _published_copy(engine, step: int) -> tuple[Optional[tuple], Optional[Path]]:
-    """(`engine`'s state mark at `step`, the complete folder it was already published to or
-    None). Engines without DeepSpeed's counters get no mark and are always written in full.
-    The mark assumes that only optimizer steps (and CheckpointManager.load, which forgets the
-    engine) change the weights, as in the trainer."""
-    counters = getattr(engine, "global_steps", None), getattr(engine, "skipped_steps", None)
-    if None in counters:
-        return None, None
-    mark = (step, *counters)
-    mark_seen, folder = _PUBLISHED.get(engine, (None, None))
-    if mark_seen == mark and (folder / "trainer_state.json").is_file():
-        return mark, folder
-    return mark, None
 
 
 class CheckpointManager:
@@ -95,29 +71,28 @@ class CheckpointManager:
         remove_stale_temporaries(self.root.parent)  # the run folder: metrics, write probes
 
     def save(self, engine, tokenizer, step: int, config: dict, zero_stage: int,
-             extra_state: Optional[dict] = None) -> Path:
+             extra_state: Optional[dict] = None, link_from: Optional[Path] = None) -> Path:
         """DeepSpeed state + transformers export + trainer state of `engine` (its module holds
-        the transformers model as `.policy`), published atomically as `step-N`. A state this
-        process has already published (the best and the regular checkpoint of one step) is not
-        serialized again: the new folder hard-links the first one's files (copies where links
-        fail), so either stays whole when the other is pruned."""
+        the transformers model as `.policy`), published atomically as `step-N`. `link_from`: a
+        checkpoint of this very state (the best one of this step, Validation.keep_best), whose
+        files the new folder hard-links (copies where links fail) instead of serializing the
+        model again, so either stays whole when the other is pruned; every rank passes the
+        same."""
         root = self.root
         root.mkdir(parents=True, exist_ok=True)
         final = root / f"step-{step:06d}"
         staging = root / f".staging-step-{step:06d}"
         if self.rank == 0 and staging.exists():
             shutil.rmtree(staging)
-        mark, shared = _published_copy(engine, step)
-        # rank 0's view decides: the choice skips collectives (the gather, DeepSpeed's save); its
-        # broadcast is also the barrier after rank 0 removed an old staging folder
-        linked = rank_zero_value(shared is not None, self.world_size)
-        state = None if linked else self._host_weights(engine, step, zero_stage)
+        self._barrier()
+        # the weights were gathered and checked for the linked checkpoint's save
+        state = self._host_weights(engine, step, zero_stage) if link_from is None else None
 
         def write() -> None:
-            if not linked:
+            if link_from is None:
                 self._write(engine, tokenizer, state, staging)
             elif self.rank == 0:  # every rank's DeepSpeed shard is among the files linked
-                link_tree(shared, staging, skip=("trainer_state.json",))
+                link_tree(link_from, staging, skip=("trainer_state.json",))
             if self.rank == 0:
                 (staging / "trainer_state.json").write_text(json.dumps(
                     {"step": step, "config": config, **(extra_state or {})}, indent=1))
@@ -135,8 +110,6 @@ class CheckpointManager:
             write_atomic(root / "latest", final.name + "\n")
             self.prune(keep=final.name)
         self._barrier()
-        if mark is not None:
-            _PUBLISHED[engine] = (mark, final)
         return final
 
     def _host_weights(self, engine, step: int, zero_stage: int) -> Optional[dict]:
@@ -216,7 +189,6 @@ class CheckpointManager:
         """Restore the DeepSpeed state (weights, optimizer, LR schedule); returns the step, from
         `trainer_state` (the folder's, already read) or else from the folder."""
         trainer_state = read_trainer_state(path) if trainer_state is None else trainer_state
-        _PUBLISHED.pop(engine, None)  # its state is now the loaded one, the counters restored
         load_path, _ = engine.load_checkpoint(str(path), tag="deepspeed")
         if load_path is None:
             raise RuntimeError(f"could not load the DeepSpeed state from {path}")

@@ -281,10 +281,10 @@ class LuffyTrainer:
             for step in bar:
                 metrics = {"step": step + 1, **self.training_step(step)}
                 self.step = step + 1
-                last = self.step == config.train.steps
+                last, best = self.step == config.train.steps, None
                 if config.eval.every and (self.step % config.eval.every == 0 or last):
                     metrics.update(self.evaluate())
-                    self.validation.keep_best(metrics, self.step, self.engine, self.tokenizer)
+                    best = self.validation.keep_best(metrics, self.step, self.engine, self.tokenizer)
                 if logger:
                     logger.log(metrics)
                 history.append(metrics)
@@ -295,7 +295,8 @@ class LuffyTrainer:
                         or last:
                     self.checkpoints.save(self.engine, self.tokenizer, self.step,
                                           config.to_dict(), config.train.zero_stage,
-                                          {"sampler": self.sampler.state_dict(self.step)})
+                                          {"sampler": self.sampler.state_dict(self.step)},
+                                          link_from=best)
         finally:
             bar.close()
             if logger:

@@ -6,8 +6,8 @@ pass@k per data source and their macro average in the metrics (val/<source>/avg@
 val/macro/avg@n). With `eval.best_metric` set, the checkpoint with the best value of that metric
 so far (higher is better) is kept under checkpoints/best/: written and published atomically
 like the regular ones (best/latest names it), never pruned by them, with best/best.json saying
-which metric, value and step (docs/design.md §Evaluation). The best and the regular checkpoint
-of one step are serialized once and share their files as hard links (CheckpointManager.save).
+which metric, value and step (docs/design.md §Evaluation). The regular checkpoint of the step
+just kept as the best hard-links its files (CheckpointManager.save's `link_from`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from torch import Tensor
 
 from luffy_fast.checkpoint import CheckpointManager
@@ -30,7 +29,7 @@ from luffy_fast.evaluation import (
 from luffy_fast.reward_pool import RewardPool
 from luffy_fast.rollout.base import RolloutEngine, SamplingParams
 from luffy_fast.rollout_batch import RolloutBatch, assemble_groups
-from luffy_fast.run_files import write_atomic
+from luffy_fast.run_files import rank_zero_value, write_atomic
 
 
 class Validation:
@@ -82,19 +81,21 @@ class Validation:
             if saved.get("metric") == self.best_metric:
                 self.best_value = float(saved["value"])
 
-    def keep_best(self, metrics: dict, step: int, engine, tokenizer) -> bool:
+    def keep_best(self, metrics: dict, step: int, engine, tokenizer) -> Optional[Path]:
         """Save `engine`'s checkpoint under best/ when `metrics` improve on the best value of
-        `best_metric`; returns whether it did."""
+        `best_metric`; returns its folder (the same on every rank), or None when it did not."""
         name = self.best_metric
         if name is None or not self.problems:
-            return False
+            return None
         if name not in metrics:
             known = ", ".join(sorted(k for k in metrics if k.startswith("val/")))
             raise ConfigError(f"eval.best_metric: {name!r} is not among this run's validation "
                               f"metrics ({known})")
-        value = self._rank_zero(float(metrics[name]))
+        # rank 0's value (the one it logs): ranks sampling with their own seeds must still agree
+        # on whether to save, a collective operation
+        value = rank_zero_value(float(metrics[name]), self.best.world_size)
         if self.best_value is not None and value <= self.best_value:
-            return False
+            return None
         self.best_value = value
         path = self.best.save(engine, tokenizer, step, self.config.to_dict(),
                               self.config.train.zero_stage)
@@ -102,15 +103,4 @@ class Validation:
             self.best.root.mkdir(parents=True, exist_ok=True)
             write_atomic(self.best.root / "best.json", json.dumps(
                 {"metric": name, "value": value, "step": step, "checkpoint": path.name}) + "\n")
-        return True
-
-    def _rank_zero(self, value: float) -> float:
-        """Rank 0's value on every rank (the one it logs): ranks sampling with their own seeds
-        must still agree on whether to save, a collective operation."""
-        if self.best.world_size == 1:
-            return value
-        nccl = torch.distributed.get_backend() == "nccl"
-        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-        tensor = torch.tensor([value], dtype=torch.float64, device=device)
-        torch.distributed.broadcast(tensor, src=0)
-        return float(tensor)
+        return path

@@ -141,8 +141,8 @@ def test_the_best_checkpoint_shares_its_steps_files_and_outlives_their_rotation(
     trainer.engine.save_checkpoint = lambda path, **kw: serialized.append(path) or save_checkpoint(
         path, **kw)
 
-    def regular_save(engine, tokenizer, step, *args):
-        folder = save(engine, tokenizer, step, *args)
+    def regular_save(engine, tokenizer, step, *args, **kwargs):
+        folder = save(engine, tokenizer, step, *args, **kwargs)
         if step == 1:
             best = tmp_path / "checkpoints" / "best" / folder.name
             files = sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
