@@ -133,11 +133,13 @@ class HFGenerateEngine(RolloutEngine):
             do_sample=not greedy, max_new_tokens=params.max_new_tokens, use_cache=True,
             pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
             output_scores=True, return_dict_in_generate=True, **sampling)
-        new_tokens = out.sequences[:, width:].cpu()
-        # scores are the processed logits actually sampled from (temperature, top-p applied)
-        logprobs = torch.stack(out.scores, dim=1).float().log_softmax(-1).cpu()
-        token_logprobs = logprobs.gather(-1, new_tokens[..., None]).squeeze(-1)
-        entropy = -(logprobs.exp() * logprobs.clamp_min(-1e30)).sum(-1)  # [B, new tokens]
+        new_tokens = out.sequences[:, width:]
+        # scores are the processed logits actually sampled from (temperature, top-p applied);
+        # reduced to [B, new tokens] where they are, so only those two come to the host
+        logprobs = torch.stack(out.scores, dim=1).float().log_softmax(-1)
+        token_logprobs = logprobs.gather(-1, new_tokens[..., None]).squeeze(-1).cpu()
+        entropy = -(logprobs.exp() * logprobs.clamp_min(-1e30)).sum(-1).cpu()
+        new_tokens = new_tokens.cpu()
         result = []
         for row, (tokens, lps) in enumerate(zip(new_tokens.tolist(), token_logprobs.tolist())):
             finished = self.eos_token_id in tokens
