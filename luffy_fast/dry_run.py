@@ -20,6 +20,7 @@ import torch
 
 from luffy_fast.data import percentiles
 from luffy_fast.errors import ConfigError
+from luffy_fast.sampler import prompt_sampler
 
 GIB = 2**30
 SHOWN_CHARS = 600  # of the first prompt and trace
@@ -111,11 +112,13 @@ def dry_run(config, world_size: int = 1, out: TextIO | None = None) -> int:
         say(f"data: {len(samples)} training prompts; prompt lengths "
             f"{percentiles([len(s.prompt_ids) for s in samples])}; trace lengths "
             f"{percentiles([len(t) for s in samples for t in s.traces])}")
-        steps_per_epoch = len(samples) // config.train.prompts_per_step
-        say(f"sampling: {steps_per_epoch} steps per epoch of {config.train.prompts_per_step} "
-            f"prompts (seed {config.train.seed}); run length "
-            + (f"{config.train.epochs} epochs = {config.train.epochs * steps_per_epoch} steps"
-               if config.train.epochs else f"{config.train.steps} steps"))
+        # (too few prompts for a step is already a problem: check_samples reports it)
+        sampler = checked(lambda: prompt_sampler(len(samples), config), [])  # sets steps
+        if sampler is not None:
+            say(f"sampling: {sampler.batches_per_epoch} steps per epoch of "
+                f"{config.train.prompts_per_step} prompts (seed {config.train.seed}); run length "
+                + (f"{config.train.epochs} epochs = {config.train.steps} steps"
+                   if config.train.epochs else f"{config.train.steps} steps"))
         say("first prompt, as the policy sees it:")
         say(_show(tokenizer.decode(samples[0].prompt_ids, skip_special_tokens=False)))
         if samples[0].traces:
@@ -145,10 +148,11 @@ def dry_run(config, world_size: int = 1, out: TextIO | None = None) -> int:
                             f"(--world-size), a higher ZeRO stage or a smaller token budget")
         say(f"  (a naive head would also hold fp32 logits: "
             f"{config.train.token_budget * shape.vocab * 4 / GIB:.1f} GiB per micro-batch)")
-        if config.rollout.engine == "vllm":
-            share = config.rollout.vllm.gpu_memory_utilization or 0.5
-            say(f"rollout: vLLM takes up to {share:.0%} of each GPU while generating and sleeps "
-                f"(level {config.rollout.vllm.sleep_level or 1}) during the update")
+        if config.rollout.engine == "vllm":  # on the GPUs
+            vllm, share = config.rollout.vllm, config.rollout.vllm.device_memory_utilization(False)
+            level = vllm.device_sleep_level(on_cpu=False)
+            say(f"rollout: vLLM takes up to {share:.0%} of each GPU while generating and "
+                + (f"sleeps (level {level}) during the update" if level else "never sleeps"))
     for problem in problems:
         say(f"PROBLEM: {problem}")
     say(f"dry run done in {time.perf_counter() - started:.1f} s: "

@@ -85,8 +85,7 @@ class VLLMRolloutEngine(RolloutEngine):
         self.model_path = Path(model_path)
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.on_cpu = self.device.type == "cpu"
-        self.sleep_level = (0 if self.on_cpu else 2) if config.sleep_level is None \
-            else config.sleep_level
+        self.sleep_level = config.device_sleep_level(self.on_cpu)
         if self.on_cpu and self.sleep_level:
             raise VLLMStartupError("rollout.vllm.sleep_level: vLLM has no sleep mode on CPU; "
                                    "use 0")

@@ -44,6 +44,16 @@ class VLLMConfig:
     sync_bucket_mb: float = 256.0
     enable_prefix_caching: bool = True
 
+    def device_sleep_level(self, on_cpu: bool) -> int:
+        """sleep_level, with None resolved for the device (2 on CUDA, 0 on CPU)."""
+        return (0 if on_cpu else 2) if self.sleep_level is None else self.sleep_level
+
+    def device_memory_utilization(self, on_cpu: bool) -> float:
+        """gpu_memory_utilization, with None resolved for the device (0.5 on CUDA, 0.1 on CPU)."""
+        if self.gpu_memory_utilization is None:
+            return 0.1 if on_cpu else 0.5
+        return self.gpu_memory_utilization
+
     def validate(self, prefix: str = "rollout.vllm") -> None:
         def fail(name: str, rule: str, value) -> None:
             raise ConfigError(f"{prefix}.{name}: {rule} (got {value!r})")

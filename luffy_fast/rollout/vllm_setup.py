@@ -104,9 +104,7 @@ def engine_kwargs(config: VLLMConfig, model_path: Path, seed: int, on_cpu: bool,
     dtype = config.dtype
     if dtype == "auto":
         dtype = "float32" if on_cpu else "bfloat16"
-    utilization = config.gpu_memory_utilization
-    if utilization is None:
-        utilization = 0.1 if on_cpu else 0.5
+    utilization = config.device_memory_utilization(on_cpu)
     kwargs = dict(
         model=str(model_path), dtype=dtype,
         seed=seed + layout.data_parallel_rank,  # unseeded requests differ across DP ranks
