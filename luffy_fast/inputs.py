@@ -65,26 +65,34 @@ def _check_tensor(name: str, value, shape, device, dtypes, dtype_words: str) -> 
         raise input_error(name, f"has dtype {value.dtype}, expected {dtype_words}")
 
 
+def _check_hidden_weight(hidden, weight, bias, weight_dtypes, dtype_words: str) -> None:
+    """The checks both ops make of `hidden` [T, H] or [B, L, H], `weight` [V, H] (one of
+    `weight_dtypes`) and `bias` [V], all on hidden's device."""
+    if not isinstance(hidden, Tensor):
+        raise input_error("hidden", f"must be a torch.Tensor, got {type(hidden).__name__}")
+    if hidden.dim() not in (2, 3):
+        raise input_error("hidden", f"must be [T, H] or [B, L, H], got shape {tuple(hidden.shape)}")
+    if hidden.device.type == "meta":  # no data: the result would be uninitialized memory
+        raise input_error("hidden", "is on the meta device (it holds no values)")
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise input_error("hidden", f"has dtype {hidden.dtype}, expected bf16, fp16, fp32 or fp64")
+    H = hidden.shape[-1]
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != H:
+        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise input_error("weight", f"must be [V, H] with H = {H} (hidden's last dim), got {shape}")
+    _check_tensor("weight", weight, weight.shape, hidden.device, weight_dtypes, dtype_words)
+    if bias is not None:
+        _check_tensor("bias", bias, (weight.shape[0],), hidden.device, weight_dtypes, dtype_words)
+
+
 def prepare_inputs(hidden, weight, targets, advantages, loss_mask, off_policy_mask,
                    old_logprobs, config, seq_ids, bias) -> LossInputs:
     """Check every input (raising ValueError naming it) and flatten to the loss tokens."""
     if not isinstance(config, LuffyLossConfig):
         raise input_error("config", f"must be a LuffyLossConfig, got {type(config).__name__}")
     config.validate()
-    if not isinstance(hidden, Tensor):
-        raise input_error("hidden", f"must be a torch.Tensor, got {type(hidden).__name__}")
-    if hidden.dim() not in (2, 3):
-        raise input_error("hidden", f"must be [T, H] or [B, L, H], got shape {tuple(hidden.shape)}")
-    if hidden.dtype not in FLOAT_DTYPES:
-        raise input_error("hidden", f"has dtype {hidden.dtype}, expected bf16, fp16, fp32 or fp64")
-    device, token_shape, H = hidden.device, hidden.shape[:-1], hidden.shape[-1]
-    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != H:
-        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
-        raise input_error("weight", f"must be [V, H] with H = {H} (hidden's last dim), got {shape}")
-    V = weight.shape[0]
-    _check_tensor("weight", weight, weight.shape, device, (hidden.dtype,), f"{hidden.dtype} like `hidden`")
-    if bias is not None:
-        _check_tensor("bias", bias, (V,), device, (hidden.dtype,), f"{hidden.dtype} like `hidden`")
+    _check_hidden_weight(hidden, weight, bias, (hidden.dtype,), f"{hidden.dtype} like `hidden`")
+    device, token_shape, H, V = hidden.device, hidden.shape[:-1], hidden.shape[-1], weight.shape[0]
     floats = FLOAT_DTYPES
     _check_tensor("targets", targets, token_shape, device, (torch.int64,), "torch.int64")
     _check_tensor("advantages", advantages, token_shape, device, floats, "a float dtype")
@@ -138,18 +146,7 @@ def prepare_inputs(hidden, weight, targets, advantages, loss_mask, off_policy_ma
 def prepare_token_inputs(hidden, weight, targets, bias=None) -> tuple[Tensor, Tensor, Tensor]:
     """token_logprobs' checks: flattened hidden [T, H], targets with out-of-range ids (e.g. -100
     padding) replaced by 0, and the mask of the valid ones."""
-    if not isinstance(hidden, Tensor) or hidden.dim() not in (2, 3):
-        raise input_error("hidden", "must be a [T, H] or [B, L, H] tensor")
-    if hidden.device.type == "meta":  # no data: the result would be uninitialized memory
-        raise input_error("hidden", "is on the meta device (it holds no values)")
-    if hidden.dtype not in FLOAT_DTYPES:
-        raise input_error("hidden", f"has dtype {hidden.dtype}, expected bf16, fp16, fp32 or fp64")
-    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise input_error("weight", "must be [V, H] with H equal to hidden's last dim")
-    _check_tensor("weight", weight, weight.shape, hidden.device, FLOAT_DTYPES, "a float dtype")
-    if bias is not None:
-        _check_tensor("bias", bias, (weight.shape[0],), hidden.device, FLOAT_DTYPES,
-                      "a float dtype")
+    _check_hidden_weight(hidden, weight, bias, FLOAT_DTYPES, "a float dtype")
     _check_tensor("targets", targets, hidden.shape[:-1], hidden.device, (torch.int64,), "torch.int64")
     flat_targets = targets.reshape(-1)
     valid = (flat_targets >= 0) & (flat_targets < weight.shape[0])

@@ -146,3 +146,16 @@ def test_token_logprobs_refuses_meta_tensors(name):
     with pytest.raises(ValueError, match=rf"`{name}` .*meta"):
         token_logprobs(tensors["hidden"], tensors["weight"], torch.tensor([0, 1, 2, 3]),
                        bias=tensors["bias"])
+
+
+@pytest.mark.parametrize("name", ["weight", "hidden"])
+def test_the_loss_refuses_meta_tensors_before_any_work(name):
+    """The loss op makes the same checks of hidden/weight/bias as token_logprobs
+    (inputs._check_hidden_weight): a meta tensor is a ValueError naming it."""
+    T = 4
+    tensors = {"hidden": torch.randn(T, 3), "weight": torch.randn(5, 3)}
+    tensors[name] = torch.empty_like(tensors[name], device="meta")
+    with pytest.raises(ValueError, match=rf"`{name}` .*meta"):
+        fused_luffy_loss(tensors["hidden"], tensors["weight"], torch.tensor([0, 1, 2, 3]),
+                         torch.ones(T), torch.ones(T, dtype=torch.bool),
+                         torch.zeros(T, dtype=torch.bool))
