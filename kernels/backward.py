@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import LOGIT_FLAGS, expm1, logit_tile, shape_bucket, tile_configs
+from .utils import INTERPRET, LOGIT_FLAGS, expm1, logit_tile, shape_bucket, tile_configs
 
 # The dL/dz kernels' flags: the logit tile's, and whether the entropy term is on.
 GRAD_FLAGS = {**LOGIT_FLAGS, "WITH_ENTROPY": lambda args: args["entropy_weight_ptr"] is not None}
@@ -118,6 +118,76 @@ def grad_logits(hidden, weight, bias, rows, targets, lse, logprobs, coef, entrop
         logits.stride(0) if logits is not None else 0, 1.0 / temperature,
         shape_bucket(V), shape_bucket(HD))
     return out
+
+
+@triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None,
+                    "WITH_ENTROPY": lambda args: args["entropy_weight_ptr"] is not None})
+@triton.jit
+def _grad_logits_in_place_kernel(
+    logits_ptr, grad_logits_ptr, bias_ptr, targets_ptr, lse_ptr, logprob_ptr, coef_ptr,
+    entropy_weight_ptr, row_max_ptr, expected_shift_ptr,
+    C, V, stride_logits, stride_grad, inv_temperature,
+    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    # One program owns BLOCK_T whole rows and walks them left to right. dL/dz of columns
+    # [v0, v0 + BLOCK_V) lands in bytes that hold logits of columns < v0 + BLOCK_V (the same
+    # columns for fp32, the first half of the row for 16-bit dL/dz), so every write falls on
+    # logits this program has read already; the barrier orders the other warps' reads of this
+    # tile before any write over them.
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = offs_t < C
+    coef = tl.load(coef_ptr + offs_t, mask=t_mask, other=0.0)
+    active = coef != 0
+    if WITH_ENTROPY:
+        active = active | (tl.load(entropy_weight_ptr + offs_t, mask=t_mask, other=0.0) != 0)
+    rows = offs_t.to(tl.int64)
+    for v0 in range(0, V, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mask = t_mask[:, None] & (offs_v < V)[None, :]
+        logits = tl.load(logits_ptr + rows[:, None] * stride_logits + offs_v[None, :], mask=mask,
+                         other=0.0)
+        if HAS_BIAS:
+            logits += tl.load(bias_ptr + offs_v, mask=offs_v < V, other=0.0).to(tl.float32)[None, :]
+        grad = grad_logit_tile(logits * inv_temperature, offs_t, t_mask, offs_v, targets_ptr,
+                               lse_ptr, logprob_ptr, coef_ptr, entropy_weight_ptr, row_max_ptr,
+                               expected_shift_ptr, inv_temperature, WITH_ENTROPY)
+        # an inactive token (clipped, or no weight) contributes exact zeros, whatever its logits
+        grad = tl.where(active[:, None], grad, 0.0)
+        tl.debug_barrier()
+        tl.store(grad_logits_ptr + rows[:, None] * stride_grad + offs_v[None, :],
+                 grad.to(grad_logits_ptr.dtype.element_ty), mask=mask)
+
+
+def _in_place_tiles(num_rows: int) -> tuple[int, int]:
+    """(BLOCK_T, BLOCK_V) for the in-place kernel: rows per program few enough that the programs
+    fill the GPU twice over, ~8k entries per tile."""
+    if INTERPRET or not torch.cuda.is_available():
+        return 4, 32
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    block_t = 16
+    while block_t > 1 and triton.cdiv(num_rows, block_t) < 2 * sms:
+        block_t //= 2
+    return block_t, max(512, 8192 // block_t)
+
+
+def grad_logits_in_place(logits, bias, targets, lse, logprobs, coef, entropy_weight, row_max,
+                         expected_shift, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    """dL/dz of a chunk's C tokens written over their fp32 logits [C, V] (raw h W^T, contiguous),
+    as a [C, V] tensor in `dtype` that shares their memory: fp32 in place of each logit, 16-bit in
+    the first half of each logits row (row stride 2V, which cuBLAS takes as is). One buffer of
+    4 bytes per entry instead of fp32 logits plus a separate dL/dz. Tokens with a zero `coef` and
+    entropy weight get zero rows. `logits` is overwritten."""
+    C, V = logits.shape
+    grad = logits if dtype == torch.float32 else logits.view(dtype)[:, :V]
+    if C == 0:
+        return grad
+    block_t, block_v = _in_place_tiles(C)
+    _grad_logits_in_place_kernel[(triton.cdiv(C, block_t),)](
+        logits, grad, bias, targets, lse, logprobs, coef, entropy_weight, row_max, expected_shift,
+        C, V, logits.stride(0), grad.stride(0), 1.0 / temperature,
+        BLOCK_T=block_t, BLOCK_V=block_v, num_warps=8 if block_t * block_v >= 8192 else 4)
+    return grad
 
 
 def accumulate_gradients(grad_logits_chunk, hidden_rows, weight, rows, grad_hidden, grad_weight,

@@ -2,10 +2,11 @@
 
 Two strategies, chosen from the memory budget (LuffyLossConfig.memory_budget_mb):
 
-- kept logits (the budget holds a useful chunk of fp32 logits plus its dL/dz): per chunk of loss
-  tokens one GEMM writes the raw logits, the forward kernel reads them for logsumexp and
-  log-probs, and the gradient is formed from the same logits right away: 6 T H V FLOPs, no
-  recompute. The backward only scales the stored gradients.
+- kept logits (the budget holds a useful chunk of fp32 logits): per chunk of loss tokens one
+  GEMM writes the raw logits, the forward kernel reads them for logsumexp and log-probs, and
+  dL/dz is written over the same logits right away: 6 T H V FLOPs, no recompute. Tokens that
+  cannot carry a gradient (zero-advantage groups) are ordered last and get the forward only.
+  The backward only scales the stored gradients.
 - recompute (small budgets): the forward kernel multiplies tiles in SRAM and never writes logits;
   the backward recomputes logit tiles for the active tokens only: 8 T H V FLOPs.
 
@@ -27,7 +28,7 @@ from luffy_fast.gemm import fp32_logits
 from luffy_fast.inputs import LossInputs
 from luffy_fast.loss_math import TokenTerms, entropy_from_moments
 
-from .backward import accumulate_gradients, grad_logits
+from .backward import accumulate_gradients, grad_logits, grad_logits_in_place
 from .backward_filtered import filtered_gradients
 from .forward import logsumexp_forward
 from .utils import INTERPRET
@@ -49,8 +50,12 @@ def _check_device(tensor: Tensor) -> None:
 
 def plan(config: LuffyLossConfig, device: torch.device, num_tokens: int, vocab_size: int,
          element_size: int) -> tuple[str, int]:
-    """("kept", rows per chunk) or ("recompute", rows per backward chunk) for this budget."""
-    kept_rows = _kept_rows(config, device, num_tokens, vocab_size, 4 + element_size)
+    """("kept", rows per chunk) or ("recompute", rows per backward chunk) for this budget.
+
+    A kept chunk is its fp32 logits, with dL/dz written over them; the gradient filter writes
+    dL/dz to a buffer of its own (`element_size` bytes per entry more)."""
+    kept_bytes = 4 if config.grad_filter is None else 4 + element_size
+    kept_rows = _kept_rows(config, device, num_tokens, vocab_size, kept_bytes)
     if kept_rows:
         return "kept", kept_rows
     budget = config.memory_budget_bytes(device)
@@ -198,33 +203,58 @@ def _filter_count(config: LuffyLossConfig, device: torch.device) -> Optional[_Fi
     return None if config.grad_filter is None else _FilterCount(config.grad_filter, device)
 
 
+def _kept_chunks(num_tokens: int, num_maybe_active: int, chunk: int):
+    """Slices of the gradient-first token order, at most `chunk` long, none straddling the first
+    `num_maybe_active` tokens (the gradient chunks) and the rest (forward-only chunks)."""
+    for begin, end in ((0, num_maybe_active), (num_maybe_active, num_tokens)):
+        for start in range(begin, end, chunk):
+            yield slice(start, min(start + chunk, end)), begin == 0
+
+
 @torch.no_grad()
 def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                       chunk: int, needs: tuple[bool, bool, bool]):
-    """Loss, stats and gradients in one sweep over chunks of logits written by a GEMM (N > 0)."""
+    """Loss, stats and gradients in one sweep over chunks of logits written by a GEMM (N > 0).
+
+    The tokens go gradient-first (LossInputs.gradient_first): a chunk of tokens that may carry a
+    gradient gets dL/dz written over its own logits (grad_logits_in_place: 4 bytes per entry, no
+    host sync) and its two gradient GEMMs; a chunk of the others (zero-advantage groups) only its
+    forward. With the gradient filter, or should a forward-only token turn out active (a
+    non-finite log-prob), the active tokens' dL/dz goes through a separate buffer instead."""
     config = inputs.config
     grads = _zero_gradients(hidden, weight, needs)
-    N = inputs.rows.numel()
+    order, num_maybe_active = inputs.gradient_first()
     groups, loss = [], torch.zeros((), dtype=torch.float32, device=hidden.device)
-    grad_buffer = torch.empty((min(chunk, N), weight.shape[0]), dtype=hidden.dtype, device=hidden.device)
-    pending = _PendingGradients(grad_buffer, hidden, weight, grads)
     grad_filter = _filter_count(config, hidden.device)
-    for start in range(0, N, chunk):
-        part = slice(start, min(start + chunk, N))
-        rows, targets = inputs.rows[part], inputs.targets[part]
-        logits = fp32_logits(hidden[rows], weight)
+    pending: Optional[_PendingGradients] = None
+    for part, may_carry_gradient in _kept_chunks(order.numel(), num_maybe_active, chunk):
+        positions = order[part]
+        rows, targets = inputs.rows[positions], inputs.targets[positions]
+        hidden_rows = hidden[rows]
+        logits = fp32_logits(hidden_rows, weight)
         lse, logprobs, row_max, expected_shift = logsumexp_forward(
             hidden, weight, bias, rows, targets, config.temperature, config.entropy_coef > 0,
             logits=logits)
-        terms = _token_terms(inputs, part, lse, logprobs, row_max, expected_shift)
+        terms = _token_terms(inputs, positions, lse, logprobs, row_max, expected_shift)
         groups.append(terms)
         loss += terms.loss
+        if may_carry_gradient and grad_filter is None:
+            grad = grad_logits_in_place(logits, bias, targets, lse, terms.logprobs, terms.coef,
+                                        terms.entropy_weight, row_max, expected_shift,
+                                        config.temperature, hidden.dtype)
+            accumulate_gradients(grad, hidden_rows, weight, rows, *grads)
+            continue
         tokens, position = _ActiveTokens.select(terms, rows, targets, lse, row_max, expected_shift)
         if len(tokens):
+            if pending is None:
+                buffer = torch.empty((min(chunk, order.numel()), weight.shape[0]),
+                                     dtype=hidden.dtype, device=hidden.device)
+                pending = _PendingGradients(buffer, hidden, weight, grads)
             _add_gradients(tokens, pending, bias, config.temperature, logits=logits,
                            logit_rows=position, grad_filter=grad_filter)
-    pending.flush()
-    stats = inputs.summarize(TokenTerms.cat(groups))
+    if pending is not None:
+        pending.flush()
+    stats = inputs.summarize(TokenTerms.cat(groups), order)
     if grad_filter is not None:
         stats["grad_filter_skipped_fraction"] = grad_filter.fraction()
     return loss, stats, grads

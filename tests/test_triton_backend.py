@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs CUDA or TRITON_INTERPRET=1 (tests/conftest.py sets it)")
 
 # MiB: logits kept (one chunk), kept in chunks of ~50 tokens, recomputed in 16-token chunks.
-KEEP, KEEP_CHUNKED, RECOMPUTE = 64.0, 0.05, 0.002
+KEEP, KEEP_CHUNKED, RECOMPUTE = 64.0, 0.025, 0.002
 
 
 def small_case():
@@ -69,9 +69,9 @@ def test_budget_selects_the_strategy():
     strategy, rows = plan(config(memory_budget_mb=KEEP_CHUNKED), cpu, 100, 130, 4)
     assert strategy == "kept" and 16 <= rows < 100
     assert plan(config(memory_budget_mb=RECOMPUTE), cpu, 100, 130, 4) == ("recompute", 16)
-    # An H100-sized problem under the default budget keeps ~1100-token chunks of logits.
+    # An H100-sized problem under the default budget keeps ~1770-token chunks of logits.
     strategy, rows = plan(config(), torch.device("cuda"), 8192, 151936, 2)
-    assert strategy == "kept" and 1000 < rows < 1300
+    assert strategy == "kept" and 1700 < rows < 1800  # 1 GiB of fp32 logits
 
 
 @pytest.mark.parametrize("with_entropy", [False, True])
@@ -114,28 +114,64 @@ def test_triton_rejects_float64_with_a_clear_error():
         run_loss(batch, "triton", LuffyLossConfig())
 
 
-def test_kept_chunks_with_few_active_tokens_share_the_gradient_gemms(monkeypatch):
+def test_kept_chunks_put_zero_advantage_groups_last(monkeypatch):
     """Kept logits in 16-token chunks where every other 8-token sequence has zero advantage (no
-    entropy term): the active rows of two chunks fill one dL/dz buffer, so the gradient GEMMs run
-    twice instead of four times, and the gradients still match the float64 reference."""
+    entropy term): the 32 tokens that carry a gradient come first and fill two chunks, which make
+    the only two calls of the gradient GEMMs (16 rows each); the other two chunks are forward
+    only. The gradients still match the float64 reference."""
     import luffy_fast.kernels.function as function
 
     batch = random_batch(64, 12, 50, seed=3, mask_fraction=1.0, num_seqs=8)
     batch["seq_ids"] = torch.arange(64) // 8
     seq_adv = torch.tensor([0.7, 0.0, -0.4, 0.0, 1.1, 0.0, -0.9, 0.0])
     batch["advantages"] = seq_adv[batch["seq_ids"]]
-    # 16 rows of fp32 logits + fp32 dL/dz at V = 50: 16 * 50 * 8 bytes
+    # 16 rows of fp32 logits at V = 50 (dL/dz is written over them): 16 * 50 * 4 bytes
     config = LuffyLossConfig.luffy(max_len=8).replace(entropy_coef=0.0,
-                                                       memory_budget_mb=16 * 50 * 8 / 2**20)
+                                                       memory_budget_mb=16 * 50 * 4 / 2**20)
     assert function.plan(config, torch.device("cpu"), 64, 50, 4) == ("kept", 16)
     calls = []
     original = function.accumulate_gradients
 
-    def counted(grad_logits_chunk, *args):
-        calls.append(grad_logits_chunk.shape[0])
-        return original(grad_logits_chunk, *args)
+    def counted(grad_logits_chunk, hidden_rows, weight, rows, *grads):
+        calls.append(sorted(set((rows // 8 % 2).tolist())))  # sequence parity of the rows
+        return original(grad_logits_chunk, hidden_rows, weight, rows, *grads)
 
     monkeypatch.setattr(function, "accumulate_gradients", counted)
     compare_backends(batch, config, torch.float32, "triton")
-    # 8 active rows per chunk: chunks 1+2 fill the 16-row buffer, chunks 3+4 the next one.
-    assert calls == [16, 16]
+    assert calls == [[0], [0]]  # two calls, each on rows of the advantaged (even) sequences only
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_grad_logits_in_place_matches_the_separate_buffer_kernel(dtype, with_entropy):
+    """dL/dz written over the fp32 logits (bf16 into the first half of each row) equals the
+    kernel that writes a separate buffer, entry for entry; tokens with no weight get zero rows even
+    when their logits are not finite."""
+    from luffy_fast.kernels.backward import grad_logits, grad_logits_in_place
+
+    C, V, H = 19, 77, 8
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(C, V, generator=generator) * 3
+    bias = torch.randn(V, generator=generator)
+    z = (logits + bias) / 0.7
+    lse = torch.logsumexp(z, dim=1)
+    targets = torch.randint(0, V, (C,), generator=generator)
+    logprobs = z.gather(1, targets[:, None]).squeeze(1) - lse
+    coef = torch.randn(C, generator=generator)
+    coef[[2, 11]] = 0.0
+    entropy_weight = row_max = expected_shift = None
+    if with_entropy:
+        entropy_weight = torch.rand(C, generator=generator)
+        entropy_weight[[2, 11]] = 0.0
+        row_max = z.max(dim=1).values
+        expected_shift = (z.softmax(dim=1) * (z - row_max[:, None])).sum(dim=1)
+    logits[11, 5] = float("nan")  # an inactive token's row
+    args = (targets, lse, logprobs, coef, entropy_weight, row_max, expected_shift)
+    expected = torch.empty(C, V, dtype=dtype)
+    grad_logits(torch.zeros(1, H, dtype=dtype), torch.zeros(V, H, dtype=dtype), bias,
+                torch.arange(C), *args, 0.7, expected, logits=logits, logit_rows=torch.arange(C))
+    expected[[2, 11]] = 0
+    got = grad_logits_in_place(logits.clone(), bias, *args, 0.7, dtype)
+    assert got.dtype == dtype and got.shape == (C, V)
+    assert torch.equal(got, expected)
+    assert float(expected.float().abs().sum()) > 0
