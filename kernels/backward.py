@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import INTERPRET, LOGIT_FLAGS, expm1, logit_tile, shape_bucket, tile_configs
+from .utils import AUTOTUNE, INTERPRET, LOGIT_FLAGS, expm1, logit_tile, shape_bucket
 
 # The dL/dz kernels' flags: the logit tile's, and whether the entropy term is on.
 GRAD_FLAGS = {**LOGIT_FLAGS, "WITH_ENTROPY": lambda args: args["entropy_weight_ptr"] is not None}
@@ -80,7 +80,7 @@ def dz_tile(hidden_ptr, weight_ptr, bias_ptr, rows_ptr, logit_rows_ptr, logits_p
 
 
 @triton.heuristics(GRAD_FLAGS)
-@triton.autotune(configs=tile_configs(), key=["V_BUCKET", "H_BUCKET", "FROM_LOGITS"])
+@triton.autotune(**AUTOTUNE)
 @triton.jit
 def _grad_logits_kernel(
     hidden_ptr, weight_ptr, bias_ptr, rows_ptr, logit_rows_ptr, logits_ptr, targets_ptr,

@@ -16,11 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import LOGIT_FLAGS, logit_tile, num_vocab_splits, shape_bucket, tile_configs
+from .utils import AUTOTUNE, LOGIT_FLAGS, logit_tile, num_vocab_splits, shape_bucket
 
 
 @triton.heuristics({**LOGIT_FLAGS, "WITH_ENTROPY": lambda args: args["sum_pz_ptr"] is not None})
-@triton.autotune(configs=tile_configs(), key=["V_BUCKET", "H_BUCKET", "FROM_LOGITS"])
+@triton.autotune(**AUTOTUNE)
 @triton.jit
 def _forward_kernel(
     hidden_ptr, weight_ptr, bias_ptr, rows_ptr, targets_ptr, logits_ptr,

@@ -33,6 +33,30 @@ def tile_configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_T": 64, "BLOCK_V": 128, "BLOCK_H": 32}, num_warps=4, num_stages=3)]
 
 
+def stream_configs() -> list[triton.Config]:
+    """Tile shapes for the kernels' other mode, reading logits a GEMM wrote: no products, a
+    memory-bound pass, so narrow row blocks and many programs in flight (BLOCK_H is unused)."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_T": 16, "BLOCK_V": 32, "BLOCK_H": 16}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_T": 16, "BLOCK_V": 512, "BLOCK_H": 16}, num_warps=4),
+        triton.Config({"BLOCK_T": 8, "BLOCK_V": 1024, "BLOCK_H": 16}, num_warps=4),
+        triton.Config({"BLOCK_T": 32, "BLOCK_V": 256, "BLOCK_H": 16}, num_warps=4),
+        triton.Config({"BLOCK_T": 16, "BLOCK_V": 1024, "BLOCK_H": 16}, num_warps=8),
+    ]
+
+
+_TILES, _STREAMS = tile_configs(), stream_configs()
+# Autotune arguments of the kernels that either multiply logit tiles or read them from a buffer
+# (`FROM_LOGITS`): each mode is tuned over its own configs only.
+AUTOTUNE = {
+    "configs": _TILES + _STREAMS,
+    "key": ["V_BUCKET", "H_BUCKET", "FROM_LOGITS"],
+    "prune_configs_by": {"early_config_prune": lambda configs, named_args, **_: (
+        _STREAMS if named_args["logits_ptr"] is not None else _TILES)},
+}
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get full-precision products (Triton would default to tf32)."""
     return "ieee" if dtype == torch.float32 else "tf32"
