@@ -28,9 +28,10 @@ from luffy_fast.gemm import fp32_logits
 from luffy_fast.inputs import LossInputs
 from luffy_fast.loss_math import TokenTerms, entropy_from_moments
 
-from .backward import accumulate_gradients, grad_logits, grad_logits_in_place
+from .backward import grad_logits, grad_logits_in_place
 from .backward_filtered import filtered_gradients
 from .forward import logsumexp_forward
+from .gradients import FilterCount, KeptGradients, PendingGradients, zero_gradients
 from .utils import INTERPRET
 
 # Below this many rows per chunk, GEMMs get too thin to pay for keeping logits (the d(weight)
@@ -116,74 +117,11 @@ class _ActiveTokens:
         return replace(self, coef=self.coef * factor, entropy_weight=entropy_weight)
 
 
-def _zero_gradients(hidden: Tensor, weight: Tensor, needs: tuple[bool, bool, bool]):
-    """Accumulators: d(hidden) and d(weight) in their own dtypes (GEMMs accumulate in fp32 within
-    a chunk), d(bias) in fp32."""
-    need_hidden, need_weight, need_bias = needs
-    return (torch.zeros_like(hidden) if need_hidden else None,
-            torch.zeros_like(weight) if need_weight else None,
-            torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None)
-
-
-class _FilterCount:
-    """Blocks of dL/dz the gradient filter skipped, out of all it tested (no host sync)."""
-
-    def __init__(self, threshold: float, device: torch.device):
-        self.threshold = threshold
-        self.skipped = torch.zeros((), dtype=torch.float32, device=device)
-        self.total = 0
-        self._weight_mean: Optional[Tensor] = None
-
-    def weight_mean(self, weight: Tensor) -> Tensor:
-        """The fp32 mean weight row (for the skipped blocks' share of d(hidden)), once per call."""
-        if self._weight_mean is None:
-            self._weight_mean = weight.mean(dim=0, dtype=torch.float32)
-        return self._weight_mean
-
-    def add(self, keep: Tensor) -> None:
-        self.skipped += (keep == 0).sum()
-        self.total += keep.numel()
-
-    def fraction(self) -> Tensor:
-        return self.skipped / max(self.total, 1)
-
-
-class _PendingGradients:
-    """dL/dz rows of active tokens gathered across chunks in one buffer, multiplied into the
-    gradients (of `hidden` and `weight`) when it is full and at the end. In a kept chunk where
-    only some tokens carry a gradient (an RLVR batch: zero-advantage groups), the two gradient
-    GEMMs then run on fuller row blocks, and d(weight) [V, H] is read and written once per
-    buffer instead of once per chunk. A dense kept chunk, or a recompute chunk (active tokens
-    only), fills the buffer by itself."""
-
-    def __init__(self, buffer: Tensor, hidden: Tensor, weight: Tensor, grads):
-        self.buffer, self.hidden, self.weight, self.grads = buffer, hidden, weight, grads
-        self.rows: list[Tensor] = []
-        self.filled = 0
-
-    def slot(self, count: int) -> Tensor:
-        """Buffer rows for the next `count` tokens (flushing first when they do not fit)."""
-        if self.filled + count > self.buffer.shape[0]:
-            self.flush()
-        return self.buffer[self.filled: self.filled + count]
-
-    def add(self, rows: Tensor) -> None:
-        self.rows.append(rows)
-        self.filled += rows.numel()
-
-    def flush(self) -> None:
-        if self.filled:
-            rows = torch.cat(self.rows)
-            accumulate_gradients(self.buffer[: self.filled], self.hidden[rows], self.weight, rows,
-                                 *self.grads)
-        self.rows, self.filled = [], 0
-
-
-def _add_gradients(tokens: _ActiveTokens, pending: _PendingGradients, bias: Optional[Tensor],
+def _add_gradients(tokens: _ActiveTokens, pending: PendingGradients, bias: Optional[Tensor],
                    temperature: float, logits: Optional[Tensor] = None,
-                   logit_rows: Optional[Tensor] = None, grad_filter: Optional[_FilterCount] = None):
+                   logit_rows: Optional[Tensor] = None, grad_filter: Optional[FilterCount] = None):
     """dL/dz of `tokens` into `pending`'s buffer, and its share of the three gradients: when the
-    buffer is full (_PendingGradients), or, with the gradient filter, right away for the blocks
+    buffer is full (PendingGradients), or, with the gradient filter, right away for the blocks
     that pass it (kernels/backward_filtered.py: its block-sparse GEMMs run per call)."""
     out, hidden, weight = pending.slot(len(tokens)), pending.hidden, pending.weight
     if grad_filter is not None:
@@ -199,16 +137,19 @@ def _add_gradients(tokens: _ActiveTokens, pending: _PendingGradients, bias: Opti
     pending.add(tokens.rows)
 
 
-def _filter_count(config: LuffyLossConfig, device: torch.device) -> Optional[_FilterCount]:
-    return None if config.grad_filter is None else _FilterCount(config.grad_filter, device)
+def _filter_count(config: LuffyLossConfig, device: torch.device) -> Optional[FilterCount]:
+    return None if config.grad_filter is None else FilterCount(config.grad_filter, device)
 
 
 def _kept_chunks(num_tokens: int, num_maybe_active: int, chunk: int):
-    """Slices of the gradient-first token order, at most `chunk` long, none straddling the first
-    `num_maybe_active` tokens (the gradient chunks) and the rest (forward-only chunks)."""
-    for begin, end in ((0, num_maybe_active), (num_maybe_active, num_tokens)):
-        for start in range(begin, end, chunk):
-            yield slice(start, min(start + chunk, end)), begin == 0
+    """(slice, gradient chunk?, last gradient chunk?) over the token order of
+    LossInputs.gradient_last: slices at most `chunk` long, none straddling the forward-only tokens
+    and the last `num_maybe_active` (the gradient chunks)."""
+    first_gradient = num_tokens - num_maybe_active
+    for start in range(0, first_gradient, chunk):
+        yield slice(start, min(start + chunk, first_gradient)), False, False
+    for start in range(first_gradient, num_tokens, chunk):
+        yield slice(start, min(start + chunk, num_tokens)), True, start + chunk >= num_tokens
 
 
 @torch.no_grad()
@@ -216,18 +157,19 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
                       chunk: int, needs: tuple[bool, bool, bool]):
     """Loss, stats and gradients in one sweep over chunks of logits written by a GEMM (N > 0).
 
-    The tokens go gradient-first (LossInputs.gradient_first): a chunk of tokens that may carry a
-    gradient gets dL/dz written over its own logits (grad_logits_in_place: 4 bytes per entry, no
-    host sync) and its two gradient GEMMs; a chunk of the others (zero-advantage groups) only its
-    forward. With the gradient filter, or should a forward-only token turn out active (a
-    non-finite log-prob), the active tokens' dL/dz goes through a separate buffer instead."""
+    Tokens that cannot carry a gradient (zero-advantage groups) come first and get the forward
+    only (LossInputs.gradient_last). A chunk of the others gets dL/dz written over its own logits
+    (grad_logits_in_place: 4 bytes per entry, no host sync) and its gradient GEMMs (KeptGradients,
+    which keeps the last chunk's d(weight) GEMM for the backward). With the gradient filter, or
+    should a forward-only token turn out active (a non-finite log-prob), the active tokens' dL/dz
+    goes through a buffer of its own (PendingGradients) instead."""
     config = inputs.config
-    grads = _zero_gradients(hidden, weight, needs)
-    order, num_maybe_active = inputs.gradient_first()
+    gradients = KeptGradients(hidden, weight, needs)
+    order, num_maybe_active = inputs.gradient_last()
     groups, loss = [], torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_filter = _filter_count(config, hidden.device)
-    pending: Optional[_PendingGradients] = None
-    for part, may_carry_gradient in _kept_chunks(order.numel(), num_maybe_active, chunk):
+    pending: Optional[PendingGradients] = None
+    for part, gradient_chunk, last in _kept_chunks(order.numel(), num_maybe_active, chunk):
         positions = order[part]
         rows, targets = inputs.rows[positions], inputs.targets[positions]
         hidden_rows = hidden[rows]
@@ -238,18 +180,21 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
         terms = _token_terms(inputs, positions, lse, logprobs, row_max, expected_shift)
         groups.append(terms)
         loss += terms.loss
-        if may_carry_gradient and grad_filter is None:
+        if gradient_chunk and grad_filter is None:
+            if pending is not None:  # stray tokens of the forward-only chunks: done, buffer freed
+                pending.flush()
+                pending = None
             grad = grad_logits_in_place(logits, bias, targets, lse, terms.logprobs, terms.coef,
                                         terms.entropy_weight, row_max, expected_shift,
                                         config.temperature, hidden.dtype)
-            accumulate_gradients(grad, hidden_rows, weight, rows, *grads)
+            gradients.add_chunk(grad, hidden_rows, rows, last)
             continue
         tokens, position = _ActiveTokens.select(terms, rows, targets, lse, row_max, expected_shift)
         if len(tokens):
             if pending is None:
                 buffer = torch.empty((min(chunk, order.numel()), weight.shape[0]),
                                      dtype=hidden.dtype, device=hidden.device)
-                pending = _PendingGradients(buffer, hidden, weight, grads)
+                pending = PendingGradients(buffer, hidden, weight, gradients.accumulators())
             _add_gradients(tokens, pending, bias, config.temperature, logits=logits,
                            logit_rows=position, grad_filter=grad_filter)
     if pending is not None:
@@ -257,7 +202,7 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
     stats = inputs.summarize(TokenTerms.cat(groups), order)
     if grad_filter is not None:
         stats["grad_filter_skipped_fraction"] = grad_filter.fraction()
-    return loss, stats, grads
+    return loss, stats, gradients
 
 
 @dataclass
@@ -267,7 +212,7 @@ class _BackwardState:
     tokens: _ActiveTokens
     temperature: float
     chunk: int
-    grad_filter: Optional[_FilterCount]
+    grad_filter: Optional[FilterCount]
     skipped_fraction: Optional[Tensor]  # the stats entry, filled in when the backward runs
 
 
@@ -307,11 +252,11 @@ class _RecomputeBackward(torch.autograd.Function):
         has_bias = bias.numel() > 0
         needs = (ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[3] and has_bias)
         hidden_c, weight_c = hidden.detach().contiguous(), weight.detach().contiguous()
-        grads = _zero_gradients(hidden_c, weight_c, needs)
+        grads = zero_gradients(hidden_c, weight_c, needs)
         tokens, chunk = state.tokens.scaled(grad_loss), state.chunk
         buffer = torch.empty((min(chunk, len(tokens)), weight.shape[0]), dtype=hidden.dtype,
                              device=hidden.device)
-        pending = _PendingGradients(buffer, hidden_c, weight_c, grads)  # one chunk fills it
+        pending = PendingGradients(buffer, hidden_c, weight_c, grads)  # one chunk fills it
         for start in range(0, len(tokens), chunk):
             _add_gradients(tokens[start:start + chunk], pending, bias if has_bias else None,
                            state.temperature, grad_filter=state.grad_filter)

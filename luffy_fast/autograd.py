@@ -13,22 +13,33 @@ from torch import Tensor
 from .inputs import LossInputs
 
 
+class StoredGradients:
+    """(d(hidden), d(weight), d(bias)) formed in the forward for a unit upstream gradient."""
+
+    def __init__(self, grads):
+        self.grads = grads
+
+    def scaled(self, grad_loss: Tensor):
+        # In place: no second copy of d(weight) [V, H].
+        return tuple(None if g is None else g.mul_(grad_loss) for g in self.grads)
+
+
 class AttachGradients(torch.autograd.Function):
-    """Returns `loss` as is; its backward hands out gradients computed in the forward, scaled."""
+    """Returns `loss` as is; its backward hands out gradients computed in the forward, scaled by
+    the upstream gradient (`gradients.scaled`) and cast to the inputs' dtypes."""
 
     @staticmethod
-    def forward(ctx, loss, hidden, weight, bias, grads):
-        ctx.grads = grads
+    def forward(ctx, loss, hidden, weight, bias, gradients):
+        ctx.gradients = gradients
         ctx.dtypes = (hidden.dtype, weight.dtype, weight.dtype)
         return loss.clone()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        # Scale in place where the dtype already matches: no second copy of d(weight) [V, H].
-        grads = tuple(None if g is None else g.mul_(grad_loss) if g.dtype == dtype
-                      else (g * grad_loss).to(dtype) for g, dtype in zip(ctx.grads, ctx.dtypes))
-        ctx.grads = None
-        return (None, *grads, None)
+        grads = ctx.gradients.scaled(grad_loss)
+        ctx.gradients = None
+        return (None, *(None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)),
+                None)
 
 
 def bias_slot(inputs: LossInputs) -> Tensor:
@@ -39,8 +50,10 @@ def bias_slot(inputs: LossInputs) -> Tensor:
 
 
 def attach_gradients(loss: Tensor, inputs: LossInputs, grads) -> Tensor:
-    """`loss`, with (d(hidden), d(weight), d(bias)) as the gradients of a unit upstream gradient."""
-    return AttachGradients.apply(loss, inputs.hidden, inputs.weight, bias_slot(inputs), grads)
+    """`loss`, with `grads` as its gradients: (d(hidden), d(weight), d(bias)) of a unit upstream
+    gradient, or an object whose `scaled(grad_loss)` returns them for the real one."""
+    gradients = grads if hasattr(grads, "scaled") else StoredGradients(grads)
+    return AttachGradients.apply(loss, inputs.hidden, inputs.weight, bias_slot(inputs), gradients)
 
 
 def wants_grad(inputs: LossInputs) -> tuple[bool, bool, bool]:

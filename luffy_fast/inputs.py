@@ -41,15 +41,14 @@ class LossInputs:
                            self.norm.weights[part], self.config, entropy,
                            self.norm.entropy_weights[part])
 
-    def gradient_first(self) -> tuple[Tensor, int]:
-        """Positions of the loss tokens with those that may carry a gradient first (a non-zero
-        normalizer weight times advantage, or an entropy weight), and how many those are. Known
-        before any log-prob: tokens of zero-advantage groups need only the forward."""
+    def gradient_last(self) -> tuple[Tensor, int]:
+        """Positions of the loss tokens with those that may carry a gradient (a non-zero
+        normalizer weight times advantage, or an entropy weight) last, and how many those are.
+        Known before any log-prob: tokens of zero-advantage groups need only the forward."""
         maybe = self.norm.weights * self.advantages != 0
         if self.config.entropy_coef > 0:
             maybe |= self.norm.entropy_weights != 0
-        order = torch.argsort(~maybe, stable=True)
-        return order, int(maybe.sum())
+        return torch.argsort(maybe.to(torch.uint8), stable=True), int(maybe.sum())
 
     def summarize(self, terms: TokenTerms, order: Optional[Tensor] = None) -> dict:
         """The op's statistics from the terms of every loss token, listed in `order` when given

@@ -13,8 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import SETTINGS, assert_close, compare_backends, loss_case, random_batch, run_loss
-from luffy_fast import LuffyLossConfig, token_logprobs
+from helpers import SETTINGS, assert_close, cast_batch, compare_backends, loss_case, random_batch, run_loss
+from luffy_fast import LuffyLossConfig, fused_luffy_loss, token_logprobs
 from luffy_fast.ops import default_backend
 
 pytestmark = pytest.mark.skipif(
@@ -108,18 +108,45 @@ def test_default_backend_by_device():
     assert default_backend(torch.device("cuda", 0)) == "triton"
 
 
+def _scaled_gradients(batch: dict, backend: str, config) -> list:
+    """Gradients left in .grad by two losses backpropagated with upstream gradients -2.5 and 0.5."""
+    leaves = [batch[name].detach().clone().requires_grad_(True) for name in ("hidden", "weight", "bias")]
+    for scale in (-2.5, 0.5):
+        loss, _ = fused_luffy_loss(leaves[0], leaves[1], batch["targets"], batch["advantages"],
+                                   batch["loss_mask"], batch["off_policy_mask"],
+                                   old_logprobs=batch["old_logprobs"], config=config,
+                                   seq_ids=batch["seq_ids"], bias=leaves[2], backend=backend)
+        (loss * scale).backward()
+    return [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("budget", [KEEP, 16 * 77 * 4 / 2**20, RECOMPUTE])  # kept in 16-row chunks
+def test_upstream_gradient_scales_the_stored_gradients(backend, budget):
+    """The kept strategy applies the upstream gradient inside its last d(weight) GEMM (beta =
+    alpha = g), the others scale in place: either way .grad after two scaled backward passes
+    matches the float64 reference, for each of d(hidden), d(weight) and d(bias)."""
+    batch = random_batch(67, 21, 77, seed=7, with_bias=True, zero_adv_fraction=0.4, num_seqs=6)
+    config = LuffyLossConfig.luffy(max_len=80).replace(memory_budget_mb=budget)
+    expected = _scaled_gradients(cast_batch(batch, torch.float64), "reference", config)
+    got = _scaled_gradients(batch, backend, config)
+    for name, actual, oracle in zip(("hidden", "weight", "bias"), got, expected):
+        assert_close(actual, oracle.float(), 1e-5, f"d({name})", atol=1e-8)
+
+
 def test_triton_rejects_float64_with_a_clear_error():
     batch = random_batch(5, 4, 6, dtype=torch.float64)
     with pytest.raises(ValueError, match="float64"):
         run_loss(batch, "triton", LuffyLossConfig())
 
 
-def test_kept_chunks_put_zero_advantage_groups_last(monkeypatch):
+def test_kept_chunks_put_zero_advantage_groups_first(monkeypatch):
     """Kept logits in 16-token chunks where every other 8-token sequence has zero advantage (no
-    entropy term): the 32 tokens that carry a gradient come first and fill two chunks, which make
-    the only two calls of the gradient GEMMs (16 rows each); the other two chunks are forward
-    only. The gradients still match the float64 reference."""
+    entropy term): the two chunks of those come first and get the forward only; the 32 tokens that
+    carry a gradient fill the last two chunks, the only ones with gradient GEMMs, the very last held
+    for the backward. The gradients still match the float64 reference."""
     import luffy_fast.kernels.function as function
+    from luffy_fast.kernels.gradients import KeptGradients
 
     batch = random_batch(64, 12, 50, seed=3, mask_fraction=1.0, num_seqs=8)
     batch["seq_ids"] = torch.arange(64) // 8
@@ -130,15 +157,15 @@ def test_kept_chunks_put_zero_advantage_groups_last(monkeypatch):
                                                        memory_budget_mb=16 * 50 * 4 / 2**20)
     assert function.plan(config, torch.device("cpu"), 64, 50, 4) == ("kept", 16)
     calls = []
-    original = function.accumulate_gradients
+    original = KeptGradients.add_chunk
 
-    def counted(grad_logits_chunk, hidden_rows, weight, rows, *grads):
-        calls.append(sorted(set((rows // 8 % 2).tolist())))  # sequence parity of the rows
-        return original(grad_logits_chunk, hidden_rows, weight, rows, *grads)
+    def counted(self, grad, hidden_rows, rows, last):
+        calls.append((sorted(set((rows // 8 % 2).tolist())), last))  # sequence parity of the rows
+        return original(self, grad, hidden_rows, rows, last)
 
-    monkeypatch.setattr(function, "accumulate_gradients", counted)
+    monkeypatch.setattr(KeptGradients, "add_chunk", counted)
     compare_backends(batch, config, torch.float32, "triton")
-    assert calls == [[0], [0]]  # two calls, each on rows of the advantaged (even) sequences only
+    assert calls == [([0], False), ([0], True)]  # rows of the advantaged (even) sequences only
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

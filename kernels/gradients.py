@@ -1,0 +1,148 @@
+"""Where the triton backend's gradients add up across chunks of tokens.
+
+`zero_gradients` are the plain accumulators (the recompute backward, the gradient filter);
+`PendingGradients` gathers dL/dz rows of several chunks before their GEMMs; `KeptGradients`
+runs the kept strategy's GEMMs with two passes over d(weight) left out; `FilterCount` counts the
+gradient filter's skipped blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backward import accumulate_gradients
+
+
+def zero_gradients(hidden: Tensor, weight: Tensor, needs: tuple[bool, bool, bool]):
+    """Accumulators: d(hidden) and d(weight) in their own dtypes (GEMMs accumulate in fp32 within
+    a chunk), d(bias) in fp32."""
+    need_hidden, need_weight, need_bias = needs
+    return (torch.zeros_like(hidden) if need_hidden else None,
+            torch.zeros_like(weight) if need_weight else None,
+            torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None)
+
+
+class FilterCount:
+    """Blocks of dL/dz the gradient filter skipped, out of all it tested (no host sync)."""
+
+    def __init__(self, threshold: float, device: torch.device):
+        self.threshold = threshold
+        self.skipped = torch.zeros((), dtype=torch.float32, device=device)
+        self.total = 0
+        self._weight_mean: Optional[Tensor] = None
+
+    def weight_mean(self, weight: Tensor) -> Tensor:
+        """The fp32 mean weight row (for the skipped blocks' share of d(hidden)), once per call."""
+        if self._weight_mean is None:
+            self._weight_mean = weight.mean(dim=0, dtype=torch.float32)
+        return self._weight_mean
+
+    def add(self, keep: Tensor) -> None:
+        self.skipped += (keep == 0).sum()
+        self.total += keep.numel()
+
+    def fraction(self) -> Tensor:
+        return self.skipped / max(self.total, 1)
+
+
+class PendingGradients:
+    """dL/dz rows of active tokens gathered in one buffer, possibly across chunks, multiplied into
+    the gradients `grads` (plain accumulators) when it is full and at the end: the recompute
+    backward's chunks, and the kept strategy's stray active tokens in a forward-only chunk."""
+
+    def __init__(self, buffer: Tensor, hidden: Tensor, weight: Tensor, grads):
+        self.buffer, self.hidden, self.weight, self.grads = buffer, hidden, weight, grads
+        self.rows: list[Tensor] = []
+        self.filled = 0
+
+    def slot(self, count: int) -> Tensor:
+        """Buffer rows for the next `count` tokens (flushing first when they do not fit)."""
+        if self.filled + count > self.buffer.shape[0]:
+            self.flush()
+        return self.buffer[self.filled: self.filled + count]
+
+    def add(self, rows: Tensor) -> None:
+        self.rows.append(rows)
+        self.filled += rows.numel()
+
+    def flush(self) -> None:
+        if self.filled:
+            rows = torch.cat(self.rows)
+            accumulate_gradients(self.buffer[: self.filled], self.hidden[rows], self.weight, rows,
+                                 *self.grads)
+        self.rows, self.filled = [], 0
+
+
+class KeptGradients:
+    """d(hidden), d(weight) and d(bias) of the kept strategy's gradient chunks, for a unit upstream
+    gradient until `scaled` (AttachGradients' backward) applies the real one.
+
+    Each chunk's d(hidden) rows are one GEMM (dz W) and d(bias) a column sum. d(weight) [V, H] is
+    the big one, and two passes over it are left out: the first chunk's GEMM writes it (beta = 0)
+    instead of adding to a zero-filled buffer, and the last chunk's GEMM waits for the backward,
+    where the upstream gradient g scales the sum inside the same GEMM (beta = alpha = g) instead
+    of in a pass of its own. The last chunk's dz (its logits buffer, within the budget) lives
+    until then; the chunks come in the order that makes it the last buffer allocated."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, needs: tuple[bool, bool, bool]):
+        need_hidden, need_weight, need_bias = needs
+        self.weight = weight
+        self.grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        self.grad_weight = torch.empty_like(weight) if need_weight else None
+        self.grad_bias = (torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+                          if need_bias else None)
+        self.weight_written = False
+        self.held: Optional[tuple[Tensor, Tensor]] = None  # the last chunk's (dz, hidden rows)
+
+    def add_chunk(self, grad: Tensor, hidden_rows: Tensor, rows: Tensor, last: bool) -> None:
+        """A chunk's dz [C, V] for tokens at `rows` of hidden (`hidden_rows` = hidden[rows])."""
+        if self.grad_hidden is not None:
+            self.grad_hidden.index_copy_(0, rows, (grad @ self.weight).to(self.grad_hidden.dtype))
+        if self.grad_bias is not None:
+            self.grad_bias += grad.sum(dim=0, dtype=torch.float32)
+        if self.grad_weight is not None:
+            if last:
+                self.held = (grad, hidden_rows)
+            else:
+                self._weight_gemm(grad, hidden_rows, 1.0)
+
+    def _weight_gemm(self, grad: Tensor, hidden_rows: Tensor, scale: float) -> None:
+        """d(weight) = scale (d(weight) + dz^T h), d(weight) taken as zero before the first."""
+        beta = scale if self.weight_written else 0.0
+        if self.grad_weight.dtype == grad.dtype:
+            self.grad_weight.addmm_(grad.T, hidden_rows, beta=beta, alpha=scale)
+        else:
+            product = (grad.T @ hidden_rows) * scale
+            if self.weight_written:
+                self.grad_weight.mul_(scale).add_(product.to(self.grad_weight.dtype))
+            else:
+                self.grad_weight.copy_(product)
+        self.weight_written = True
+
+    def accumulators(self) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        """The three sums so far as plain accumulators (d(weight) written), for code that adds to
+        them (the gradient filter's kernels, PendingGradients). No chunk may be held."""
+        assert self.held is None, "a held chunk's GEMM must come last"
+        if self.grad_weight is not None and not self.weight_written:
+            self.grad_weight.zero_()
+            self.weight_written = True
+        return self.grad_hidden, self.grad_weight, self.grad_bias
+
+    def scaled(self, grad_loss: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        """The gradients for upstream gradient `grad_loss` (a scalar; one host sync)."""
+        scale = float(grad_loss)
+        if self.held is not None:
+            self._weight_gemm(*self.held, scale)
+            self.held = None
+        elif self.grad_weight is not None:
+            if self.weight_written:
+                self.grad_weight.mul_(scale)
+            else:
+                self.grad_weight.zero_()
+        for grad in (self.grad_hidden, self.grad_bias):
+            if grad is not None:
+                grad.mul_(scale)
+        return self.grad_hidden, self.grad_weight, self.grad_bias
