@@ -8,8 +8,10 @@
 # Budget: every stage runs under `timeout`, sized from one overall budget (GPU_CHECK_BUDGET_S,
 # default 465 s; benchmarks/stages.sh), so the whole script ends in under 8 minutes even when a
 # stage hangs; each stage keeps what it measured so far, and each implementation fails on its own
-# (one test each). GPU_CHECK_STAGES picks stages (default "parity speed memory"); GPU_PARITY_ARGS
-# (default --quick), GPU_CHECK_CAPS ("name:seconds ..."), GPU_CHECK_SPEED_TESTS, GPU_CHECK_PYTEST_ARGS and BENCH_TEST_TIMEOUT (per test,
+# (one test each). GPU_CHECK_STAGES picks stages (default "parity speed memory"; "profile" on request:
+# benchmarks/profile_op.py); GPU_PARITY_ARGS
+# (default --quick), GPU_CHECK_CAPS ("name:seconds ..."), GPU_CHECK_SPEED_TESTS, GPU_CHECK_PYTEST_ARGS,
+# GPU_CHECK_MEMORY_PYTEST_ARGS and BENCH_TEST_TIMEOUT (per test,
 # default 150 s) narrow a run.
 # Expected on an H100: about 7.5 minutes (parity ~3 with issue 13's precision rows, speed ~2.5,
 # memory + scaling sweep ~2). The closing table prints each of issue 13's targets beside its
@@ -30,9 +32,11 @@ export LUFFY_BENCH_ROUNDS=${LUFFY_BENCH_ROUNDS:-2}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 STAGE_TAG=gpu_check
-STAGE_ORDER="parity speed memory"
-STAGE_CAPS=${GPU_CHECK_CAPS:-"parity:200 speed:150 memory:120"}
-STAGES=${GPU_CHECK_STAGES:-$STAGE_ORDER}
+STAGE_ORDER="parity speed memory profile"
+STAGE_CAPS=${GPU_CHECK_CAPS:-"parity:200 speed:150 memory:120 profile:60"}
+# The default stages; "profile" (benchmarks/profile_op.py: where the op's time goes) runs when named.
+DEFAULT_STAGES="parity speed memory"
+STAGES=${GPU_CHECK_STAGES:-$DEFAULT_STAGES}
 # shellcheck source=benchmarks/stages.sh
 source "$ROOT/benchmarks/stages.sh"
 
@@ -87,10 +91,22 @@ STAGE_OUTPUT=$OUT_DIR/speed.log run_stage speed "${PYTEST[@]}" ${GPU_CHECK_SPEED
 tail -n 3 "$OUT_DIR/speed.log" 2>/dev/null
 # --bench-append only after a speed stage that ran (it adds to that stage's results file)
 APPEND=(); stage_selected speed && APPEND=(--bench-append)
+# GPU_CHECK_MEMORY_PYTEST_ARGS, when set, replaces GPU_CHECK_PYTEST_ARGS for the memory stage
+# (its test ids are the implementations: e.g. "-k 'triton or naive'").
+if [[ -n ${GPU_CHECK_MEMORY_PYTEST_ARGS+set} ]]; then
+  PYTEST=($PY -m pytest -p no:cacheprovider -q -rs --benchmark "${DRY[@]}" --bench-out "$OUT_DIR")
+  if $PY -c "import pytest_timeout" 2>/dev/null; then PYTEST+=(--timeout "${BENCH_TEST_TIMEOUT:-150}"); fi
+  eval "PYTEST+=(${GPU_CHECK_MEMORY_PYTEST_ARGS})"
+fi
 STAGE_OUTPUT=$OUT_DIR/memory.log run_stage memory "${PYTEST[@]}" "${APPEND[@]}" benchmarks/test_memory.py
 tail -n 3 "$OUT_DIR/memory.log" 2>/dev/null
 
-# (d) Everything is under $OUT_DIR: <tag>.json, <tag>.md, scaling-<tag>.png, logs. Table last.
+# (d) Where the time goes: torch.profiler over one step per case (only when selected).
+if [[ "$TAG" == cuda ]] && stage_selected profile; then
+  STAGE_OUTPUT=$OUT_DIR/profile.log run_stage profile $PY -m benchmarks.profile_op
+fi
+
+# (e) Everything is under $OUT_DIR: <tag>.json, <tag>.md, scaling-<tag>.png, logs. Table last.
 log "done; parity: $PARITY"
 timeout 60 $PY -m benchmarks.report "$OUT_DIR" --tag "$TAG" --short 2>&1 | tee "$OUT_DIR/summary.txt"
 echo "parity: $PARITY | total $(( $(date +%s) - START )) s | files in $OUT_DIR"

@@ -25,7 +25,7 @@ from .liger_baseline import liger_grpo_loss, liger_import_error
 from .naive import naive_luffy_loss
 
 # The triton backend under small memory budgets: 256 MiB (issue 13's target; kept logits in
-# ~290-token chunks at V = 152k) and 128 MiB (its recompute strategy: logits never written).
+# ~440-token chunks at V = 152k) and 128 MiB (its recompute strategy: logits never written).
 TRITON_VARIANTS = {"triton_256mb": {"memory_budget_mb": 256}, "triton_lowmem": {"memory_budget_mb": 128},
                    "triton_filter": {"grad_filter": GRAD_FILTER}}
 LUFFY_IMPLS = ("torch", "triton", "reference", *TRITON_VARIANTS)

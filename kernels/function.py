@@ -143,13 +143,15 @@ def _filter_count(config: LuffyLossConfig, device: torch.device) -> Optional[Fil
 
 def _kept_chunks(num_tokens: int, num_maybe_active: int, chunk: int):
     """(slice, gradient chunk?, last gradient chunk?) over the token order of
-    LossInputs.gradient_last: slices at most `chunk` long, none straddling the forward-only tokens
-    and the last `num_maybe_active` (the gradient chunks)."""
+    LossInputs.gradient_last: slices of nearly equal length, at most `chunk`, none straddling the
+    forward-only tokens and the last `num_maybe_active` (the gradient chunks)."""
     first_gradient = num_tokens - num_maybe_active
-    for start in range(0, first_gradient, chunk):
-        yield slice(start, min(start + chunk, first_gradient)), False, False
-    for start in range(first_gradient, num_tokens, chunk):
-        yield slice(start, min(start + chunk, num_tokens)), True, start + chunk >= num_tokens
+    for begin, end, gradient in ((0, first_gradient, False), (first_gradient, num_tokens, True)):
+        # equal chunks rather than full ones and a thin remainder: the GEMMs like fat operands
+        count = -(-(end - begin) // chunk)
+        for k in range(count):
+            start, stop = begin + (end - begin) * k // count, begin + (end - begin) * (k + 1) // count
+            yield slice(start, stop), gradient, gradient and k == count - 1
 
 
 @torch.no_grad()
@@ -188,15 +190,18 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
                                         terms.entropy_weight, row_max, expected_shift,
                                         config.temperature, hidden.dtype)
             gradients.add_chunk(grad, hidden_rows, rows, last)
-            continue
-        tokens, position = _ActiveTokens.select(terms, rows, targets, lse, row_max, expected_shift)
-        if len(tokens):
-            if pending is None:
-                buffer = torch.empty((min(chunk, order.numel()), weight.shape[0]),
-                                     dtype=hidden.dtype, device=hidden.device)
-                pending = PendingGradients(buffer, hidden, weight, gradients.accumulators())
-            _add_gradients(tokens, pending, bias, config.temperature, logits=logits,
-                           logit_rows=position, grad_filter=grad_filter)
+            del grad
+        else:
+            tokens, position = _ActiveTokens.select(terms, rows, targets, lse, row_max,
+                                                    expected_shift)
+            if len(tokens):
+                if pending is None:
+                    buffer = torch.empty((min(chunk, order.numel()), weight.shape[0]),
+                                         dtype=hidden.dtype, device=hidden.device)
+                    pending = PendingGradients(buffer, hidden, weight, gradients.accumulators())
+                _add_gradients(tokens, pending, bias, config.temperature, logits=logits,
+                               logit_rows=position, grad_filter=grad_filter)
+        del logits  # before the next chunk's GEMM allocates its own: one chunk in memory at a time
     if pending is not None:
         pending.flush()
     stats = inputs.summarize(TokenTerms.cat(groups), order)

@@ -202,3 +202,26 @@ def test_grad_logits_in_place_matches_the_separate_buffer_kernel(dtype, with_ent
     assert got.dtype == dtype and got.shape == (C, V)
     assert torch.equal(got, expected)
     assert float(expected.float().abs().sum()) > 0
+
+
+def test_kept_pass_holds_one_chunk_of_logits_at_a_time(monkeypatch):
+    """The budget is one chunk of fp32 logits: when a chunk's GEMM allocates its logits, no earlier
+    chunk's may still be alive (dL/dz views of them included), so memory stays within it."""
+    import weakref
+
+    import luffy_fast.kernels.function as function
+
+    batch = random_batch(64, 12, 50, seed=4, mask_fraction=1.0, num_seqs=8, zero_adv_fraction=0.4)
+    config = LuffyLossConfig.luffy(max_len=16).replace(memory_budget_mb=16 * 50 * 4 / 2**20)
+    alive_at_allocation, earlier = [], []
+    original = function.fp32_logits
+
+    def tracked(hidden_rows, weight):
+        alive_at_allocation.append(sum(ref() is not None for ref in earlier))
+        logits = original(hidden_rows, weight)
+        earlier.append(weakref.ref(logits))
+        return logits
+
+    monkeypatch.setattr(function, "fp32_logits", tracked)
+    run_loss(batch, "triton", config)
+    assert len(alive_at_allocation) == 4 and alive_at_allocation == [0, 0, 0, 0]

@@ -1,0 +1,78 @@
+"""Where the fused op's time goes on a GPU: torch.profiler over one forward + backward.
+
+For each (scenario, implementation) pair: the wall time of one step (median of 3, CUDA events),
+the CUDA time the profiler saw, and the kernels that took the most of it. The gap between the
+two is time the GPU sat idle (host-side work, synchronizations). Writes profile.txt under $OUT.
+
+    python -m benchmarks.profile_op [--shape T,H,V] [--runs dense:triton,rlvr:triton,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from .cases import Case, make_inputs
+from .impls import make_step
+
+DEFAULT_RUNS = "dense:triton,dense:triton_256mb,rlvr:triton,peaked:triton,peaked:triton_filter"
+
+
+def wall_ms(step, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(begin.elapsed_time(end))
+    return statistics.median(times)
+
+
+def profile_one(scenario: str, impl: str, T: int, H: int, V: int, top: int = 12) -> str:
+    inputs = make_inputs(Case(scenario, T, H, V, "bfloat16"), "cuda")
+    step = make_step(impl, inputs)
+    step(), step()  # compile, autotune, warm the allocator
+    torch.cuda.synchronize()
+    wall = wall_ms(step)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total_us = sum(e.self_device_time_total for e in events)
+    lines = [f"== {scenario} {impl} T={T} H={H} V={V} bf16: wall {wall:.1f} ms, "
+             f"CUDA {total_us / 1e3:.1f} ms (idle {wall - total_us / 1e3:.1f} ms)"]
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
+        lines.append(f"  {e.self_device_time_total / 1e3:8.2f} ms  {e.count:5d}x  {e.key[:90]}")
+    del inputs, step
+    torch.cuda.empty_cache()
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="8192,4096,151936", help="T,H,V")
+    parser.add_argument("--runs", default=DEFAULT_RUNS, help="scenario:implementation,...")
+    args = parser.parse_args()
+    T, H, V = (int(x) for x in args.shape.split(","))
+    out = Path(os.environ.get("OUT") or "gpu_results")
+    out.mkdir(parents=True, exist_ok=True)
+    for run in args.runs.split(","):
+        scenario, impl = run.split(":")
+        try:
+            text = profile_one(scenario, impl, T, H, V)
+        except Exception as error:  # one failure must not hide the others
+            text = f"== {scenario} {impl}: ERROR {error!r}"[:500]
+        print(text, flush=True)
+        with open(out / "profile.txt", "a") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
