@@ -4,7 +4,7 @@ For each (scenario, implementation) pair: the wall time of one step (median of 3
 the CUDA time the profiler saw, and the kernels that took the most of it. The gap between the
 two is time the GPU sat idle (host-side work, synchronizations). Writes profile.txt under $OUT.
 
-    python -m benchmarks.profile_op [--shape T,H,V] [--runs dense:triton,rlvr:triton,...]
+    python -m benchmarks.profile_op [--shape T,H,V] [--runs dense:triton,rlvr:triton,...] [--trace]
 """
 
 from __future__ import annotations
@@ -35,21 +35,30 @@ def wall_ms(step, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def profile_one(scenario: str, impl: str, T: int, H: int, V: int, top: int = 12) -> str:
+def profile_one(scenario: str, impl: str, T: int, H: int, V: int, top: int = 12,
+                trace: Path | None = None) -> str:
     inputs = make_inputs(Case(scenario, T, H, V, "bfloat16"), "cuda")
     step = make_step(impl, inputs)
     step(), step()  # compile, autotune, warm the allocator
     torch.cuda.synchronize()
     wall = wall_ms(step)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if trace else [])
+    with profile(activities=activities) as prof:
         step()
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    averages = prof.key_averages()
+    events = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
     total_us = sum(e.self_device_time_total for e in events)
     lines = [f"== {scenario} {impl} T={T} H={H} V={V} bf16: wall {wall:.1f} ms, "
              f"CUDA {total_us / 1e3:.1f} ms (idle {wall - total_us / 1e3:.1f} ms)"]
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
         lines.append(f"  {e.self_device_time_total / 1e3:8.2f} ms  {e.count:5d}x  {e.key[:90]}")
+    if trace:  # the host side too: what the CPU did while the GPU waited
+        prof.export_chrome_trace(str(trace))
+        host = [e for e in averages if e.device_type == torch.autograd.DeviceType.CPU]
+        lines.append("  host, by self CPU time:")
+        for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:top + 8]:
+            lines.append(f"  {e.self_cpu_time_total / 1e3:8.2f} ms  {e.count:5d}x  {e.key[:90]}")
     del inputs, step
     torch.cuda.empty_cache()
     return "\n".join(lines)
@@ -59,6 +68,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="8192,4096,151936", help="T,H,V")
     parser.add_argument("--runs", default=DEFAULT_RUNS, help="scenario:implementation,...")
+    parser.add_argument("--trace", action="store_true",
+                        help="also profile the host and write trace-<scenario>-<impl>.json")
     args = parser.parse_args()
     T, H, V = (int(x) for x in args.shape.split(","))
     out = Path(os.environ.get("OUT") or "gpu_results")
@@ -66,7 +77,8 @@ def main() -> None:
     for run in args.runs.split(","):
         scenario, impl = run.split(":")
         try:
-            text = profile_one(scenario, impl, T, H, V)
+            trace = out / f"trace-{scenario}-{impl}.json" if args.trace else None
+            text = profile_one(scenario, impl, T, H, V, trace=trace)
         except Exception as error:  # one failure must not hide the others
             text = f"== {scenario} {impl}: ERROR {error!r}"[:500]
         print(text, flush=True)
