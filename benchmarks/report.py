@@ -75,7 +75,10 @@ def fmt_bytes(n: Optional[float]) -> str:
 
 
 def fmt_ratio(x: Optional[float], digits: int = 2) -> str:
-    return "–" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+    if x is None or not math.isfinite(x):
+        return "–"
+    # small values (errors such as 1.1e-05) in scientific notation, not as 0.00
+    return f"{x:.1e}" if x != 0 and abs(x) < 10 ** -digits else f"{x:.{digits}f}"
 
 
 def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:

@@ -120,13 +120,26 @@ def grad_logits(hidden, weight, bias, rows, targets, lse, logprobs, coef, entrop
     return out
 
 
+def _in_place_configs() -> list[triton.Config]:
+    """Rows per program and tile width for the in-place pass (memory-bound; whole rows per
+    program, so few rows per program for enough programs in flight)."""
+    if INTERPRET or not torch.cuda.is_available():
+        return [triton.Config({"BLOCK_T": 4, "BLOCK_V": 32}, num_warps=4)]
+    return [triton.Config({"BLOCK_T": t, "BLOCK_V": v}, num_warps=w)
+            for t, v, w in ((2, 4096, 8), (2, 2048, 4), (4, 2048, 8), (4, 1024, 4), (8, 1024, 8),
+                            (16, 512, 8))]
+
+
 @triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None,
                     "WITH_ENTROPY": lambda args: args["entropy_weight_ptr"] is not None})
+# Timing a config overwrites the logits: the autotuner puts them back between configs.
+@triton.autotune(configs=_in_place_configs(), key=["C_BUCKET", "V_BUCKET"],
+                 restore_value=["logits_ptr"])
 @triton.jit
 def _grad_logits_in_place_kernel(
     logits_ptr, grad_logits_ptr, bias_ptr, targets_ptr, lse_ptr, logprob_ptr, coef_ptr,
     entropy_weight_ptr, row_max_ptr, expected_shift_ptr,
-    C, V, stride_logits, stride_grad, inv_temperature,
+    C, V, stride_logits, stride_grad, inv_temperature, C_BUCKET, V_BUCKET,
     HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -159,18 +172,6 @@ def _grad_logits_in_place_kernel(
                  grad.to(grad_logits_ptr.dtype.element_ty), mask=mask)
 
 
-def _in_place_tiles(num_rows: int) -> tuple[int, int]:
-    """(BLOCK_T, BLOCK_V) for the in-place kernel: rows per program few enough that the programs
-    fill the GPU twice over, ~8k entries per tile."""
-    if INTERPRET or not torch.cuda.is_available():
-        return 4, 32
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    block_t = 16
-    while block_t > 1 and triton.cdiv(num_rows, block_t) < 2 * sms:
-        block_t //= 2
-    return block_t, max(512, 8192 // block_t)
-
-
 def grad_logits_in_place(logits, bias, targets, lse, logprobs, coef, entropy_weight, row_max,
                          expected_shift, temperature: float, dtype: torch.dtype) -> torch.Tensor:
     """dL/dz of a chunk's C tokens written over their fp32 logits [C, V] (raw h W^T, contiguous),
@@ -182,11 +183,10 @@ def grad_logits_in_place(logits, bias, targets, lse, logprobs, coef, entropy_wei
     grad = logits if dtype == torch.float32 else logits.view(dtype)[:, :V]
     if C == 0:
         return grad
-    block_t, block_v = _in_place_tiles(C)
-    _grad_logits_in_place_kernel[(triton.cdiv(C, block_t),)](
+    grid = lambda meta: (triton.cdiv(C, meta["BLOCK_T"]),)  # noqa: E731
+    _grad_logits_in_place_kernel[grid](
         logits, grad, bias, targets, lse, logprobs, coef, entropy_weight, row_max, expected_shift,
-        C, V, logits.stride(0), grad.stride(0), 1.0 / temperature,
-        BLOCK_T=block_t, BLOCK_V=block_v, num_warps=8 if block_t * block_v >= 8192 else 4)
+        C, V, logits.stride(0), grad.stride(0), 1.0 / temperature, shape_bucket(C), shape_bucket(V))
     return grad
 
 

@@ -50,24 +50,26 @@ def _check_device(tensor: Tensor) -> None:
 
 
 def plan(config: LuffyLossConfig, device: torch.device, num_tokens: int, vocab_size: int,
-         element_size: int) -> tuple[str, int]:
+         element_size: int, hidden_size: int = 0) -> tuple[str, int]:
     """("kept", rows per chunk) or ("recompute", rows per backward chunk) for this budget.
 
-    A kept chunk is its fp32 logits, with dL/dz written over them; the gradient filter writes
-    dL/dz to a buffer of its own (`element_size` bytes per entry more)."""
+    A kept row is its fp32 logits, with dL/dz written over them, plus two [H] rows beside them (the
+    gathered hidden state and its d(hidden) product); the gradient filter writes dL/dz to a buffer
+    of its own (`element_size` bytes per entry more)."""
     kept_bytes = 4 if config.grad_filter is None else 4 + element_size
-    kept_rows = _kept_rows(config, device, num_tokens, vocab_size, kept_bytes)
+    kept_rows = _kept_rows(config, device, num_tokens,
+                           vocab_size * kept_bytes + 2 * hidden_size * element_size)
     if kept_rows:
         return "kept", kept_rows
     budget = config.memory_budget_bytes(device)
     return "recompute", max(16, min(num_tokens, budget // (vocab_size * element_size)))
 
 
-def _kept_rows(config: LuffyLossConfig, device: torch.device, num_tokens: int, vocab_size: int,
-               bytes_per_entry: int) -> int:
-    """Rows of a kept chunk ([rows, V] at `bytes_per_entry` each) that fit the budget, or 0 when
-    fewer than MIN_KEPT_ROWS (or all the tokens) fit: thinner GEMMs do not pay for keeping."""
-    rows = config.memory_budget_bytes(device) // (vocab_size * bytes_per_entry)
+def _kept_rows(config: LuffyLossConfig, device: torch.device, num_tokens: int,
+               bytes_per_row: int) -> int:
+    """Rows of a kept chunk (`bytes_per_row` each) that fit the budget, or 0 when fewer than
+    MIN_KEPT_ROWS (or all the tokens) fit: thinner GEMMs do not pay for keeping."""
+    rows = config.memory_budget_bytes(device) // bytes_per_row
     if num_tokens > 0 and rows >= min(num_tokens, MIN_KEPT_ROWS.get(device.type, 16)):
         return min(rows, num_tokens)
     return 0
@@ -280,7 +282,7 @@ def triton_loss(inputs: LossInputs) -> tuple[Tensor, dict]:
     bias = None if inputs.bias is None else inputs.bias.detach().contiguous()
     needs = wants_grad(inputs)
     strategy, chunk = plan(inputs.config, hidden.device, inputs.rows.numel(), weight.shape[0],
-                           hidden.element_size())
+                           hidden.element_size(), weight.shape[1])
     if strategy == "kept" and any(needs):
         loss, stats, grads = _kept_logits_pass(inputs, hidden, weight, bias, chunk, needs)
         return attach_gradients(loss, inputs, grads), stats
@@ -293,7 +295,7 @@ def triton_loss(inputs: LossInputs) -> tuple[Tensor, dict]:
 def logprob_chunk(config: LuffyLossConfig, device: torch.device, num_tokens: int,
                    vocab_size: int) -> int:
     """Rows per chunk of fp32 logits that token_logprobs keeps, or 0 for the tile products."""
-    return _kept_rows(config, device, num_tokens, vocab_size, 4)
+    return _kept_rows(config, device, num_tokens, vocab_size * 4)
 
 
 @torch.no_grad()

@@ -43,6 +43,8 @@ def stream_configs() -> list[triton.Config]:
         triton.Config({"BLOCK_T": 8, "BLOCK_V": 1024, "BLOCK_H": 16}, num_warps=4),
         triton.Config({"BLOCK_T": 32, "BLOCK_V": 256, "BLOCK_H": 16}, num_warps=4),
         triton.Config({"BLOCK_T": 16, "BLOCK_V": 1024, "BLOCK_H": 16}, num_warps=8),
+        triton.Config({"BLOCK_T": 4, "BLOCK_V": 2048, "BLOCK_H": 16}, num_warps=8),
+        triton.Config({"BLOCK_T": 8, "BLOCK_V": 2048, "BLOCK_H": 16}, num_warps=8),
     ]
 
 

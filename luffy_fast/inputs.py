@@ -118,22 +118,26 @@ def prepare_inputs(hidden, weight, targets, advantages, loss_mask, off_policy_ma
     targets = targets.reshape(T)
     ignored = targets == config.ignore_index
     out_of_range = ~ignored & ((targets < 0) | (targets >= V))
-    if bool(out_of_range.any()):
-        bad = targets[out_of_range][0].item()
-        raise input_error("targets", f"holds id {bad} outside [0, {V}) (vocabulary size from `weight`) "
-                               f"that is not ignore_index={config.ignore_index}")
-    mask = loss_mask.reshape(T).to(compute_dtype)
-    if not bool(torch.isfinite(mask).all()) or bool((mask < 0).any()):
-        raise input_error("loss_mask", "must be finite and non-negative")
-    mask = torch.where(ignored, torch.zeros_like(mask), mask)
+    raw_mask = loss_mask.reshape(T).to(compute_dtype)
+    mask = torch.where(ignored, torch.zeros_like(raw_mask), raw_mask)
     in_loss = mask != 0
     advantages = advantages.reshape(T)
-    if not bool(torch.isfinite(advantages[in_loss]).all()):
-        raise input_error("advantages", "holds non-finite values at loss tokens")
+    old_logprobs = None if old_logprobs is None else old_logprobs.reshape(T)
+    # Every value check in one host sync: (argument, what is wrong, where it is wrong).
+    checks = [("targets", None, out_of_range),
+              ("loss_mask", "must be finite and non-negative", ~torch.isfinite(raw_mask) | (raw_mask < 0)),
+              ("advantages", "holds non-finite values at loss tokens", in_loss & ~torch.isfinite(advantages))]
     if old_logprobs is not None:
-        old_logprobs = old_logprobs.reshape(T)
-        if not bool(torch.isfinite(old_logprobs[in_loss]).all()):
-            raise input_error("old_logprobs", "holds non-finite values at loss tokens")
+        checks.append(("old_logprobs", "holds non-finite values at loss tokens",
+                       in_loss & ~torch.isfinite(old_logprobs)))
+    failed = torch.stack([bad.any() for _, _, bad in checks]).tolist()
+    for (name, why, bad), is_bad in zip(checks, failed):
+        if is_bad and name == "targets":
+            value = targets[bad][0].item()
+            why = (f"holds id {value} outside [0, {V}) (vocabulary size from `weight`) that is not "
+                   f"ignore_index={config.ignore_index}")
+        if is_bad:
+            raise input_error(name, why)
 
     if hidden.dim() == 3 and seq_ids is None:
         B, L = token_shape

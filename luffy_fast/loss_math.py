@@ -190,8 +190,8 @@ def normalization(loss_mask: Tensor, seq_ids: Tensor, config: LuffyLossConfig) -
     `loss_mask` is a float weight per token (0 outside the loss); `seq_ids` a sequence id per token.
     Only sequences with at least one loss token count. An empty batch gets all-zero weights.
     """
-    _, seq_index = torch.unique(seq_ids, return_inverse=True)
-    num_slots = int(seq_index.max().item()) + 1 if seq_index.numel() else 0
+    sequences, seq_index = torch.unique(seq_ids, return_inverse=True)
+    num_slots = sequences.numel()
     per_seq_mask = torch.zeros(num_slots, dtype=loss_mask.dtype, device=loss_mask.device)
     per_seq_mask.index_add_(0, seq_index, loss_mask)
     num_sequences = (per_seq_mask != 0).sum().to(loss_mask.dtype)
@@ -230,12 +230,14 @@ def summarize(terms: TokenTerms, loss_mask: Tensor, off_policy_mask: Tensor,
         if terms.entropy is not None:
             stats["entropy_mean"] = (terms.entropy.float() * weight).sum() / total
         # Ratio statistics over on-policy loss tokens; 1.0 (old == current) when there are none.
+        # Masked reductions, not ratio[on]: no host sync in the middle of the op.
         ratio = terms.ratio.float()
-        if bool(on.any()):
-            stats["ratio_min"] = ratio[on].min()
-            stats["ratio_mean"] = ratio[on].mean()
-            stats["ratio_max"] = ratio[on].max()
-        else:
-            one = torch.ones((), device=ratio.device)
-            stats["ratio_min"], stats["ratio_mean"], stats["ratio_max"] = one, one.clone(), one.clone()
+        any_on, one = on.any(), torch.ones((), device=ratio.device)
+        inf = torch.tensor(float("inf"), device=ratio.device)
+        ratio_min = torch.where(on, ratio, inf).min() if ratio.numel() else inf
+        ratio_max = torch.where(on, ratio, -inf).max() if ratio.numel() else -inf
+        ratio_mean = (ratio * on).sum() / on.sum().clamp_min(1)
+        stats["ratio_min"] = torch.where(any_on, ratio_min, one)
+        stats["ratio_mean"] = torch.where(any_on, ratio_mean, one)
+        stats["ratio_max"] = torch.where(any_on, ratio_max, one)
         return {k: v.detach() for k, v in stats.items()}

@@ -69,8 +69,8 @@ def test_budget_selects_the_strategy():
     strategy, rows = plan(config(memory_budget_mb=KEEP_CHUNKED), cpu, 100, 130, 4)
     assert strategy == "kept" and 16 <= rows < 100
     assert plan(config(memory_budget_mb=RECOMPUTE), cpu, 100, 130, 4) == ("recompute", 16)
-    # An H100-sized problem under the default budget keeps ~1770-token chunks of logits.
-    strategy, rows = plan(config(), torch.device("cuda"), 8192, 151936, 2)
+    # An H100-sized problem under the default budget keeps ~1720-token chunks of logits.
+    strategy, rows = plan(config(), torch.device("cuda"), 8192, 151936, 2, 4096)
     assert strategy == "kept" and 1700 < rows < 1800  # 1 GiB of fp32 logits
 
 
@@ -121,7 +121,7 @@ def _scaled_gradients(batch: dict, backend: str, config) -> list:
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("budget", [KEEP, 16 * 77 * 4 / 2**20, RECOMPUTE])  # kept in 16-row chunks
+@pytest.mark.parametrize("budget", [KEEP, 16 * (77 * 4 + 2 * 21 * 4) / 2**20, RECOMPUTE])  # 16-row chunks
 def test_upstream_gradient_scales_the_stored_gradients(backend, budget):
     """The kept strategy applies the upstream gradient inside its last d(weight) GEMM (beta =
     alpha = g), the others scale in place: either way .grad after two scaled backward passes
@@ -152,10 +152,10 @@ def test_kept_chunks_put_zero_advantage_groups_first(monkeypatch):
     batch["seq_ids"] = torch.arange(64) // 8
     seq_adv = torch.tensor([0.7, 0.0, -0.4, 0.0, 1.1, 0.0, -0.9, 0.0])
     batch["advantages"] = seq_adv[batch["seq_ids"]]
-    # 16 rows of fp32 logits at V = 50 (dL/dz is written over them): 16 * 50 * 4 bytes
+    # 16 rows of fp32 logits at V = 50 (dL/dz is written over them) and two hidden rows (H = 12)
     config = LuffyLossConfig.luffy(max_len=8).replace(entropy_coef=0.0,
-                                                       memory_budget_mb=16 * 50 * 4 / 2**20)
-    assert function.plan(config, torch.device("cpu"), 64, 50, 4) == ("kept", 16)
+                                                       memory_budget_mb=16 * (50 * 4 + 2 * 12 * 4) / 2**20)
+    assert function.plan(config, torch.device("cpu"), 64, 50, 4, 12) == ("kept", 16)
     calls = []
     original = KeptGradients.add_chunk
 
@@ -212,7 +212,7 @@ def test_kept_pass_holds_one_chunk_of_logits_at_a_time(monkeypatch):
     import luffy_fast.kernels.function as function
 
     batch = random_batch(64, 12, 50, seed=4, mask_fraction=1.0, num_seqs=8, zero_adv_fraction=0.4)
-    config = LuffyLossConfig.luffy(max_len=16).replace(memory_budget_mb=16 * 50 * 4 / 2**20)
+    config = LuffyLossConfig.luffy(max_len=16).replace(memory_budget_mb=16 * (50 * 4 + 2 * 12 * 4) / 2**20)
     alive_at_allocation, earlier = [], []
     original = function.fp32_logits
 
