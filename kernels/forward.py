@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import AUTOTUNE, LOGIT_FLAGS, logit_tile, num_vocab_splits, shape_bucket
+from .utils import AUTOTUNE, INTERPRET, LOGIT_FLAGS, logit_tile, num_vocab_splits, shape_bucket
 
 
 @triton.heuristics({**LOGIT_FLAGS, "WITH_ENTROPY": lambda args: args["sum_pz_ptr"] is not None})
@@ -83,25 +83,67 @@ def _forward_kernel(
         tl.store(sum_pz_ptr + out, run_sum_pz, mask=t_mask)
 
 
+@triton.heuristics({"WITH_ENTROPY": lambda args: args["sum_pz_ptr"] is not None})
+@triton.jit
+def _merge_splits_kernel(
+    max_ptr, other_ptr, sum_all_ptr, sum_pz_ptr, target_logit_ptr,
+    lse_ptr, logprob_ptr, top_ptr, expected_shift_ptr, N, S,
+    WITH_ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Per token, the S splits' partials (rescaled to the largest max) into logsumexp, log pi,
+    max and E_p[z] - max. One launch instead of a dozen small torch ops per chunk."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    top = tl.full((BLOCK,), float("-inf"), tl.float32)
+    for s in range(S):
+        top = tl.maximum(top, tl.load(max_ptr + s * N + offs, mask=mask, other=float("-inf")))
+    others = tl.zeros((BLOCK,), tl.float32)
+    target_logit = tl.zeros((BLOCK,), tl.float32)
+    total_all = tl.zeros((BLOCK,), tl.float32)
+    total_pz = tl.zeros((BLOCK,), tl.float32)
+    for s in range(S):
+        split_max = tl.load(max_ptr + s * N + offs, mask=mask, other=float("-inf"))
+        scale = tl.exp(split_max - top)  # an empty split has max -inf: scale 0
+        others += tl.load(other_ptr + s * N + offs, mask=mask, other=0.0) * scale
+        target_logit += tl.load(target_logit_ptr + s * N + offs, mask=mask, other=0.0)
+        if WITH_ENTROPY:
+            sum_all = tl.load(sum_all_ptr + s * N + offs, mask=mask, other=0.0)
+            moved = tl.where(sum_all > 0, (split_max - top) * sum_all, 0.0)
+            total_pz += (tl.load(sum_pz_ptr + s * N + offs, mask=mask, other=0.0) + moved) * scale
+            total_all += sum_all * scale
+    target_shift = target_logit - top
+    target_exp = tl.exp(target_shift)
+    total = others + target_exp
+    # log pi = -log1p(others / exp(z_y - max)), log1p as log(u) x / (u - 1) with u = 1 + x
+    # (exact to rounding for small x, where log(1 + x) would lose it)
+    ratio = others / target_exp
+    u = 1.0 + ratio
+    log1p = tl.where(u == 1.0, ratio, tl.log(u) * ratio / (u - 1.0))
+    logprob = tl.where(target_shift > -20, -log1p, target_shift - tl.log(total))
+    tl.store(lse_ptr + offs, top + tl.log(total), mask=mask)
+    tl.store(logprob_ptr + offs, logprob, mask=mask)
+    tl.store(top_ptr + offs, top, mask=mask)
+    if WITH_ENTROPY:
+        tl.store(expected_shift_ptr + offs, total_pz / total_all, mask=mask)
+
+
 def merge_splits(run_max, run_other, run_sum_all, run_sum_pz, target_logit):
     """Combine per-split partials [S, N] into per-token logsumexp, log pi, max and E_p[z] - max.
 
     `run_other` sums exp(z - max) over the non-target entries, so that
     log pi = -log1p(others / exp(z_y)) keeps full relative precision as pi -> 1 (where
-    z_y - logsumexp would cancel). With entropy, `run_sum_pz` holds sum exp(z - max) (z - max).
+    z_y - logsumexp would cancel). With entropy, `run_sum_pz` holds sum exp(z - max) (z - max);
+    otherwise the last output is None.
     """
-    top = run_max.max(dim=0).values
-    scale = torch.exp(run_max - top)  # an empty split has max -inf: scale 0
-    others = (run_other * scale).sum(dim=0)
-    target_shift = target_logit.sum(dim=0) - top
-    target_exp = target_shift.exp()
-    total = others + target_exp
-    lse = top + total.log()
-    logprobs = torch.where(target_shift > -20, -torch.log1p(others / target_exp), target_shift - total.log())
-    expected_shift = None
-    if run_sum_pz is not None:
-        moved = torch.where(run_sum_all > 0, (run_max - top) * run_sum_all, torch.zeros_like(run_sum_all))
-        expected_shift = ((run_sum_pz + moved) * scale).sum(dim=0) / (run_sum_all * scale).sum(dim=0)
+    S, N = run_max.shape
+    out = lambda: torch.empty(N, dtype=torch.float32, device=run_max.device)  # noqa: E731
+    lse, logprobs, top = out(), out(), out()
+    expected_shift = out() if run_sum_pz is not None else None
+    if N > 0:
+        block = 128 if INTERPRET else 256
+        _merge_splits_kernel[(triton.cdiv(N, block),)](
+            run_max, run_other, run_sum_all, run_sum_pz, target_logit,
+            lse, logprobs, top, expected_shift, N, S, BLOCK=block)
     return lse, logprobs, top, expected_shift
 
 

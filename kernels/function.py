@@ -5,8 +5,9 @@ Two strategies, chosen from the memory budget (LuffyLossConfig.memory_budget_mb)
 - kept logits (the budget holds a useful chunk of fp32 logits): per chunk of loss tokens one
   GEMM writes the raw logits, the forward kernel reads them for logsumexp and log-probs, and
   dL/dz is written over the same logits right away: 6 T H V FLOPs, no recompute. Tokens that
-  cannot carry a gradient (zero-advantage groups) are ordered last and get the forward only.
-  The backward only scales the stored gradients.
+  cannot carry a gradient (zero-advantage groups) are ordered first and get the forward only.
+  The backward runs the last chunk's d(weight) GEMM with the upstream gradient in its scalars
+  and scales the rest (kernels/gradients.py: KeptGradients).
 - recompute (small budgets): the forward kernel multiplies tiles in SRAM and never writes logits;
   the backward recomputes logit tiles for the active tokens only: 8 T H V FLOPs.
 
@@ -170,18 +171,20 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
     config = inputs.config
     gradients = KeptGradients(hidden, weight, needs)
     order, num_maybe_active = inputs.gradient_last()
+    N = order.numel()
+    if 0 < num_maybe_active < N:  # otherwise the order is the identity
+        inputs = inputs.reordered(order)
     groups, loss = [], torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_filter = _filter_count(config, hidden.device)
     pending: Optional[PendingGradients] = None
-    for part, gradient_chunk, last in _kept_chunks(order.numel(), num_maybe_active, chunk):
-        positions = order[part]
-        rows, targets = inputs.rows[positions], inputs.targets[positions]
+    for part, gradient_chunk, last in _kept_chunks(N, num_maybe_active, chunk):
+        rows, targets = inputs.rows[part], inputs.targets[part]
         hidden_rows = hidden[rows]
         logits = fp32_logits(hidden_rows, weight)
         lse, logprobs, row_max, expected_shift = logsumexp_forward(
             hidden, weight, bias, rows, targets, config.temperature, config.entropy_coef > 0,
             logits=logits)
-        terms = _token_terms(inputs, positions, lse, logprobs, row_max, expected_shift)
+        terms = _token_terms(inputs, part, lse, logprobs, row_max, expected_shift)
         groups.append(terms)
         loss += terms.loss
         if gradient_chunk and grad_filter is None:
@@ -198,7 +201,7 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
                                                     expected_shift)
             if len(tokens):
                 if pending is None:
-                    buffer = torch.empty((min(chunk, order.numel()), weight.shape[0]),
+                    buffer = torch.empty((min(chunk, N), weight.shape[0]),
                                          dtype=hidden.dtype, device=hidden.device)
                     pending = PendingGradients(buffer, hidden, weight, gradients.accumulators())
                 _add_gradients(tokens, pending, bias, config.temperature, logits=logits,
@@ -206,7 +209,7 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
         del logits  # before the next chunk's GEMM allocates its own: one chunk in memory at a time
     if pending is not None:
         pending.flush()
-    stats = inputs.summarize(TokenTerms.cat(groups), order)
+    stats = inputs.summarize(TokenTerms.cat(groups))
     if grad_filter is not None:
         stats["grad_filter_skipped_fraction"] = grad_filter.fraction()
     return loss, stats, gradients

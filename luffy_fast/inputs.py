@@ -5,7 +5,7 @@ Shared by the public op and every backend; imports only the config and the loss 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -49,6 +49,17 @@ class LossInputs:
         if self.config.entropy_coef > 0:
             maybe |= self.norm.entropy_weights != 0
         return torch.argsort(maybe.to(torch.uint8), stable=True), int(maybe.sum())
+
+    def reordered(self, order: Tensor) -> LossInputs:
+        """The same loss tokens listed in `order` (a permutation): the per-token tensors are
+        permuted once, so that runs of tokens in that order are slices (views) of them."""
+        norm = replace(self.norm, weights=self.norm.weights[order],
+                       entropy_weights=self.norm.entropy_weights[order])
+        return replace(self, rows=self.rows[order], targets=self.targets[order],
+                       advantages=self.advantages[order], loss_mask=self.loss_mask[order],
+                       off_policy_mask=self.off_policy_mask[order],
+                       old_logprobs=None if self.old_logprobs is None else self.old_logprobs[order],
+                       norm=norm)
 
     def summarize(self, terms: TokenTerms, order: Optional[Tensor] = None) -> dict:
         """The op's statistics from the terms of every loss token, listed in `order` when given
