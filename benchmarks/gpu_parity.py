@@ -7,7 +7,8 @@ shape (H = 4096, V = 151936: <= 2e-5) and the gradient filter on peaked logits (
 benchmarks.cases.GRAD_FILTER), rows tagged "target" for benchmarks/targets.py.
 Writes gpu_parity.json under $OUT (or ./gpu_results) and prints a table.
 Run: python benchmarks/gpu_parity.py [--quick] [--targets-only]
-PARITY_BUDGETS (comma list of kept, kept_300, recompute) narrows the option cases' budgets.
+PARITY_BUDGETS (comma list of kept, kept_300, recompute) narrows the option cases' budgets;
+PARITY_TARGETS=0 leaves out the precision-target rows.
 Every row carries the seconds since the start; PARITY_TRACE_S=N prints every thread's Python stack
 every N seconds (faulthandler), so a run that stalls says where.
 """
@@ -191,7 +192,7 @@ def main() -> int:
                     torch.cuda.empty_cache()
 
     try:
-        target = target_rows(seed + 1000)
+        target = target_rows(seed + 1000) if os.environ.get("PARITY_TARGETS", "1") != "0" else []
     except Exception as error:  # keep the rest of the report
         target = [{"target": "error", "error": repr(error)[:500], "ok": False}]
         print(json.dumps(target[0]), flush=True)
