@@ -38,6 +38,10 @@ from .utils import INTERPRET
 # Below this many rows per chunk, GEMMs get too thin to pay for keeping logits (the d(weight)
 # update re-reads and re-writes the whole [V, H] gradient once per chunk).
 MIN_KEPT_ROWS = {"cuda": 256, "cpu": 16}
+# Bytes per loss token that the loss's kept pass holds whatever its chunks (the reordered inputs,
+# every token's terms, their concatenation and statistics; ~200 measured on an H200), left out of
+# the budget before the chunks get theirs, so that the budget holds at any T.
+PER_TOKEN_BYTES = 256
 
 
 def _check_device(tensor: Tensor) -> None:
@@ -59,7 +63,7 @@ def plan(config: LuffyLossConfig, device: torch.device, num_tokens: int, vocab_s
     of its own (`element_size` bytes per entry more)."""
     kept_bytes = 4 if config.grad_filter is None else 4 + element_size
     kept_rows = _kept_rows(config, device, num_tokens,
-                           vocab_size * kept_bytes + 2 * hidden_size * element_size)
+                           vocab_size * kept_bytes + 2 * hidden_size * element_size, PER_TOKEN_BYTES)
     if kept_rows:
         return "kept", kept_rows
     budget = config.memory_budget_bytes(device)
@@ -67,10 +71,11 @@ def plan(config: LuffyLossConfig, device: torch.device, num_tokens: int, vocab_s
 
 
 def _kept_rows(config: LuffyLossConfig, device: torch.device, num_tokens: int,
-               bytes_per_row: int) -> int:
-    """Rows of a kept chunk (`bytes_per_row` each) that fit the budget, or 0 when fewer than
-    MIN_KEPT_ROWS (or all the tokens) fit: thinner GEMMs do not pay for keeping."""
-    rows = config.memory_budget_bytes(device) // bytes_per_row
+               bytes_per_row: int, bytes_per_token: int = 0) -> int:
+    """Rows of a kept chunk (`bytes_per_row` each) that fit the budget beside `bytes_per_token`
+    for every token, or 0 when fewer than MIN_KEPT_ROWS (or all the tokens) fit: thinner GEMMs
+    do not pay for keeping."""
+    rows = max(0, config.memory_budget_bytes(device) - num_tokens * bytes_per_token) // bytes_per_row
     if num_tokens > 0 and rows >= min(num_tokens, MIN_KEPT_ROWS.get(device.type, 16)):
         return min(rows, num_tokens)
     return 0

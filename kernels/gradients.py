@@ -85,7 +85,9 @@ class KeptGradients:
     instead of adding to a zero-filled buffer, and the last chunk's GEMM waits for the backward,
     where the upstream gradient g scales the sum inside the same GEMM (beta = alpha = g) instead
     of in a pass of its own. The last chunk's dz (its logits buffer, within the budget) lives
-    until then; the chunks come in the order that makes it the last buffer allocated."""
+    until then, so memory beyond the op's return: the loss is meant to be backpropagated before
+    the next one is computed (as trainers do per micro-batch). The chunks come in the order that
+    makes it the last buffer allocated."""
 
     def __init__(self, hidden: Tensor, weight: Tensor, needs: tuple[bool, bool, bool]):
         need_hidden, need_weight, need_bias = needs
@@ -135,8 +137,11 @@ class KeptGradients:
         """The gradients for upstream gradient `grad_loss` (a scalar; one host sync)."""
         scale = float(grad_loss)
         if self.held is not None:
-            self._weight_gemm(*self.held, scale)
+            # beta = 0 would drop a non-finite sum where autograd's 0 x NaN keeps it: scale after
+            self._weight_gemm(*self.held, scale if scale != 0 else 1.0)
             self.held = None
+            if scale == 0:
+                self.grad_weight.mul_(scale)
         elif self.grad_weight is not None:
             if self.weight_written:
                 self.grad_weight.mul_(scale)

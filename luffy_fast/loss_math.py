@@ -236,7 +236,7 @@ def summarize(terms: TokenTerms, loss_mask: Tensor, off_policy_mask: Tensor,
         inf = torch.tensor(float("inf"), device=ratio.device)
         ratio_min = torch.where(on, ratio, inf).min() if ratio.numel() else inf
         ratio_max = torch.where(on, ratio, -inf).max() if ratio.numel() else -inf
-        ratio_mean = (ratio * on).sum() / on.sum().clamp_min(1)
+        ratio_mean = torch.where(on, ratio, 0.0).sum() / on.sum().clamp_min(1)
         stats["ratio_min"] = torch.where(any_on, ratio_min, one)
         stats["ratio_mean"] = torch.where(any_on, ratio_mean, one)
         stats["ratio_max"] = torch.where(any_on, ratio_max, one)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from helpers import SETTINGS, assert_close, cast_batch, compare_backends, loss_case, random_batch, run_loss
 from luffy_fast import LuffyLossConfig, fused_luffy_loss, token_logprobs
+from luffy_fast.kernels.function import PER_TOKEN_BYTES
 from luffy_fast.ops import default_backend
 
 pytestmark = pytest.mark.skipif(
@@ -22,7 +23,13 @@ pytestmark = pytest.mark.skipif(
     reason="needs CUDA or TRITON_INTERPRET=1 (tests/conftest.py sets it)")
 
 # MiB: logits kept (one chunk), kept in chunks of ~50 tokens, recomputed in 16-token chunks.
-KEEP, KEEP_CHUNKED, RECOMPUTE = 64.0, 0.025, 0.002
+KEEP, KEEP_CHUNKED, RECOMPUTE = 64.0, 0.05, 0.002
+
+
+def kept_budget_mb(rows: int, V: int, H: int, tokens: int) -> float:
+    """A budget (MiB) that keeps fp32 chunks of `rows` rows at vocabulary V and hidden size H, for
+    `tokens` loss tokens (kernels/function.py: plan, PER_TOKEN_BYTES)."""
+    return (rows * (V * 4 + 2 * H * 4) + tokens * PER_TOKEN_BYTES) / 2**20
 
 
 def small_case():
@@ -109,9 +116,9 @@ def test_default_backend_by_device():
 
 
 def _scaled_gradients(batch: dict, backend: str, config) -> list:
-    """Gradients left in .grad by two losses backpropagated with upstream gradients -2.5 and 0.5."""
+    """Gradients left in .grad by three losses backpropagated with upstream gradients 0, -2.5, 0.5."""
     leaves = [batch[name].detach().clone().requires_grad_(True) for name in ("hidden", "weight", "bias")]
-    for scale in (-2.5, 0.5):
+    for scale in (0.0, -2.5, 0.5):
         loss, _ = fused_luffy_loss(leaves[0], leaves[1], batch["targets"], batch["advantages"],
                                    batch["loss_mask"], batch["off_policy_mask"],
                                    old_logprobs=batch["old_logprobs"], config=config,
@@ -121,7 +128,7 @@ def _scaled_gradients(batch: dict, backend: str, config) -> list:
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("budget", [KEEP, 16 * (77 * 4 + 2 * 21 * 4) / 2**20, RECOMPUTE])  # 16-row chunks
+@pytest.mark.parametrize("budget", [KEEP, kept_budget_mb(16, 77, 21, 67), RECOMPUTE])
 def test_upstream_gradient_scales_the_stored_gradients(backend, budget):
     """The kept strategy applies the upstream gradient inside its last d(weight) GEMM (beta =
     alpha = g), the others scale in place: either way .grad after two scaled backward passes
@@ -132,6 +139,13 @@ def test_upstream_gradient_scales_the_stored_gradients(backend, budget):
     got = _scaled_gradients(batch, backend, config)
     for name, actual, oracle in zip(("hidden", "weight", "bias"), got, expected):
         assert_close(actual, oracle.float(), 1e-5, f"d({name})", atol=1e-8)
+
+
+def test_triton_token_logprobs_names_a_weight_of_another_dtype():
+    """Mixed dtypes reached a GEMM that failed without naming an input (review)."""
+    batch = random_batch(5, 4, 6)
+    with pytest.raises(ValueError, match="`weight`.*bfloat16"):
+        token_logprobs(batch["hidden"], batch["weight"].bfloat16(), batch["targets"], backend="triton")
 
 
 def test_triton_rejects_float64_with_a_clear_error():
@@ -152,9 +166,10 @@ def test_kept_chunks_put_zero_advantage_groups_first(monkeypatch):
     batch["seq_ids"] = torch.arange(64) // 8
     seq_adv = torch.tensor([0.7, 0.0, -0.4, 0.0, 1.1, 0.0, -0.9, 0.0])
     batch["advantages"] = seq_adv[batch["seq_ids"]]
-    # 16 rows of fp32 logits at V = 50 (dL/dz is written over them) and two hidden rows (H = 12)
+    # 16 rows of fp32 logits at V = 50 (dL/dz is written over them) and two hidden rows (H = 12),
+    # beside the per-token state of the 64 tokens
     config = LuffyLossConfig.luffy(max_len=8).replace(entropy_coef=0.0,
-                                                       memory_budget_mb=16 * (50 * 4 + 2 * 12 * 4) / 2**20)
+                                                       memory_budget_mb=kept_budget_mb(16, 50, 12, 64))
     assert function.plan(config, torch.device("cpu"), 64, 50, 4, 12) == ("kept", 16)
     calls = []
     original = KeptGradients.add_chunk
@@ -212,7 +227,7 @@ def test_kept_pass_holds_one_chunk_of_logits_at_a_time(monkeypatch):
     import luffy_fast.kernels.function as function
 
     batch = random_batch(64, 12, 50, seed=4, mask_fraction=1.0, num_seqs=8, zero_adv_fraction=0.4)
-    config = LuffyLossConfig.luffy(max_len=16).replace(memory_budget_mb=16 * (50 * 4 + 2 * 12 * 4) / 2**20)
+    config = LuffyLossConfig.luffy(max_len=16).replace(memory_budget_mb=kept_budget_mb(16, 50, 12, 64))
     alive_at_allocation, earlier = [], []
     original = function.fp32_logits
 
