@@ -130,8 +130,7 @@ def _in_place_configs() -> list[triton.Config]:
                             (16, 512, 8))]
 
 
-@triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None,
-                    "WITH_ENTROPY": lambda args: args["entropy_weight_ptr"] is not None})
+@triton.heuristics({name: GRAD_FLAGS[name] for name in ("HAS_BIAS", "WITH_ENTROPY")})
 # Timing a config overwrites the logits: the autotuner puts them back between configs.
 @triton.autotune(configs=_in_place_configs(), key=["C_BUCKET", "V_BUCKET"],
                  restore_value=["logits_ptr"])
@@ -191,14 +190,13 @@ def grad_logits_in_place(logits, bias, targets, lse, logprobs, coef, entropy_wei
 
 
 def accumulate_gradients(grad_logits_chunk, hidden_rows, weight, rows, grad_hidden, grad_weight,
-                         grad_bias) -> None:
-    """d(hidden)[rows] = dz @ W; d(weight) += dz^T @ h; d(bias) += sum of dz (GEMMs, fp32 accumulate)."""
+                         grad_bias, weight_beta: float = 1.0, weight_scale: float = 1.0) -> None:
+    """d(hidden)[rows] = dz @ W; d(weight) = weight_beta d(weight) + weight_scale dz^T @ h (the
+    old d(weight) is not read when weight_beta is 0); d(bias) += sum of dz (GEMMs, fp32
+    accumulate). dz, hidden and weight share one dtype (the op's inputs are checked for it)."""
     if grad_hidden is not None:
         grad_hidden.index_copy_(0, rows, (grad_logits_chunk @ weight).to(grad_hidden.dtype))
     if grad_weight is not None:
-        if grad_weight.dtype == grad_logits_chunk.dtype:
-            grad_weight.addmm_(grad_logits_chunk.T, hidden_rows)
-        else:
-            grad_weight += (grad_logits_chunk.T @ hidden_rows).to(grad_weight.dtype)
+        grad_weight.addmm_(grad_logits_chunk.T, hidden_rows, beta=weight_beta, alpha=weight_scale)
     if grad_bias is not None:
         grad_bias += grad_logits_chunk.sum(dim=0, dtype=torch.float32)

@@ -101,27 +101,18 @@ class KeptGradients:
 
     def add_chunk(self, grad: Tensor, hidden_rows: Tensor, rows: Tensor, last: bool) -> None:
         """A chunk's dz [C, V] for tokens at `rows` of hidden (`hidden_rows` = hidden[rows])."""
-        if self.grad_hidden is not None:
-            self.grad_hidden.index_copy_(0, rows, (grad @ self.weight).to(self.grad_hidden.dtype))
-        if self.grad_bias is not None:
-            self.grad_bias += grad.sum(dim=0, dtype=torch.float32)
-        if self.grad_weight is not None:
-            if last:
-                self.held = (grad, hidden_rows)
-            else:
-                self._weight_gemm(grad, hidden_rows, 1.0)
+        weight_now = None if last else self.grad_weight
+        accumulate_gradients(grad, hidden_rows, self.weight, rows, self.grad_hidden, weight_now,
+                             self.grad_bias, weight_beta=1.0 if self.weight_written else 0.0)
+        if weight_now is not None:
+            self.weight_written = True
+        elif self.grad_weight is not None:
+            self.held = (grad, hidden_rows)
 
     def _weight_gemm(self, grad: Tensor, hidden_rows: Tensor, scale: float) -> None:
         """d(weight) = scale (d(weight) + dz^T h), d(weight) taken as zero before the first."""
-        beta = scale if self.weight_written else 0.0
-        if self.grad_weight.dtype == grad.dtype:
-            self.grad_weight.addmm_(grad.T, hidden_rows, beta=beta, alpha=scale)
-        else:
-            product = (grad.T @ hidden_rows) * scale
-            if self.weight_written:
-                self.grad_weight.mul_(scale).add_(product.to(self.grad_weight.dtype))
-            else:
-                self.grad_weight.copy_(product)
+        accumulate_gradients(grad, hidden_rows, self.weight, None, None, self.grad_weight, None,
+                             weight_beta=scale if self.weight_written else 0.0, weight_scale=scale)
         self.weight_written = True
 
     def accumulators(self) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
