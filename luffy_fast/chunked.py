@@ -100,12 +100,12 @@ def _softmax_parts(logits: Tensor, targets: Tensor, with_entropy: bool, with_pro
 def _chunks(inputs: LossInputs, step: int) -> tuple[Optional[Tensor], list, int]:
     """The order of the loss tokens, chunk boundaries in it, and how many may contribute.
 
-    Tokens with zero advantage and no entropy term can never contribute a gradient: they go
-    last, in chunks of their own, which only need log-probs for the stats.
+    Tokens that can never contribute a gradient (LossInputs.may_carry_gradient: zero advantage
+    and no entropy term) go last, in chunks of their own, which only need log-probs for the stats.
     """
     N = inputs.rows.numel()
-    may_contribute = inputs.advantages != 0
-    if inputs.config.entropy_coef > 0 or bool(may_contribute.all()):
+    may_contribute = inputs.may_carry_gradient()
+    if bool(may_contribute.all()):
         order, num_contributing = None, N
     else:
         order = torch.cat([may_contribute.nonzero().squeeze(1), (~may_contribute).nonzero().squeeze(1)])

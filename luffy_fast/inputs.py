@@ -41,13 +41,19 @@ class LossInputs:
                            self.norm.weights[part], self.config, entropy,
                            self.norm.entropy_weights[part])
 
-    def gradient_last(self) -> tuple[Tensor, int]:
-        """Positions of the loss tokens with those that may carry a gradient (a non-zero
-        normalizer weight times advantage, or an entropy weight) last, and how many those are.
-        Known before any log-prob: tokens of zero-advantage groups need only the forward."""
+    def may_carry_gradient(self) -> Tensor:
+        """[N] bool: the loss tokens that may carry a gradient (a non-zero normalizer weight times
+        advantage, or an entropy weight). Known before any log-prob: tokens of zero-advantage
+        groups need only the forward, and their loss term is 0."""
         maybe = self.norm.weights * self.advantages != 0
         if self.config.entropy_coef > 0:
             maybe |= self.norm.entropy_weights != 0
+        return maybe
+
+    def gradient_last(self) -> tuple[Tensor, int]:
+        """Positions of the loss tokens with those that may carry a gradient last (stable), and
+        how many those are."""
+        maybe = self.may_carry_gradient()
         return torch.argsort(maybe.to(torch.uint8), stable=True), int(maybe.sum())
 
     def reordered(self, order: Tensor) -> LossInputs:
