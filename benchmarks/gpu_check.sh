@@ -83,10 +83,10 @@ fi
 log "parity: $PARITY"
 
 # (c) Benchmarks: speed first (floor, naive, liger, torch, triton per case), then memory + sweep.
-PYTEST=($PY -m pytest -p no:cacheprovider -q -rs --benchmark "${DRY[@]}" --bench-out "$OUT_DIR")
-if $PY -c "import pytest_timeout" 2>/dev/null; then PYTEST+=(--timeout "${BENCH_TEST_TIMEOUT:-150}"); fi
+BASE=($PY -m pytest -p no:cacheprovider -q -rs --benchmark "${DRY[@]}" --bench-out "$OUT_DIR")
+if $PY -c "import pytest_timeout" 2>/dev/null; then BASE+=(--timeout "${BENCH_TEST_TIMEOUT:-150}"); fi
 # GPU_CHECK_PYTEST_ARGS: extra pytest arguments, shell-quoted, e.g. "-v -k 'T8192-H4096 and not liger'"
-eval "PYTEST+=(${GPU_CHECK_PYTEST_ARGS:-})"
+eval "PYTEST=(\"\${BASE[@]}\" ${GPU_CHECK_PYTEST_ARGS:-})"
 STAGE_OUTPUT=$OUT_DIR/speed.log run_stage speed "${PYTEST[@]}" ${GPU_CHECK_SPEED_TESTS:-benchmarks/test_agreement.py benchmarks/test_speed.py}
 tail -n 3 "$OUT_DIR/speed.log" 2>/dev/null
 # --bench-append only after a speed stage that ran (it adds to that stage's results file)
@@ -94,9 +94,7 @@ APPEND=(); stage_selected speed && APPEND=(--bench-append)
 # GPU_CHECK_MEMORY_PYTEST_ARGS, when set, replaces GPU_CHECK_PYTEST_ARGS for the memory stage
 # (its test ids are the implementations: e.g. "-k 'triton or naive'").
 if [[ -n ${GPU_CHECK_MEMORY_PYTEST_ARGS+set} ]]; then
-  PYTEST=($PY -m pytest -p no:cacheprovider -q -rs --benchmark "${DRY[@]}" --bench-out "$OUT_DIR")
-  if $PY -c "import pytest_timeout" 2>/dev/null; then PYTEST+=(--timeout "${BENCH_TEST_TIMEOUT:-150}"); fi
-  eval "PYTEST+=(${GPU_CHECK_MEMORY_PYTEST_ARGS})"
+  eval "PYTEST=(\"\${BASE[@]}\" ${GPU_CHECK_MEMORY_PYTEST_ARGS})"
 fi
 STAGE_OUTPUT=$OUT_DIR/memory.log run_stage memory "${PYTEST[@]}" "${APPEND[@]}" benchmarks/test_memory.py
 tail -n 3 "$OUT_DIR/memory.log" 2>/dev/null
