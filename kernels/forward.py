@@ -127,8 +127,9 @@ def _merge_splits_kernel(
         tl.store(expected_shift_ptr + offs, total_pz / total_all, mask=mask)
 
 
-def merge_splits(run_max, run_other, run_sum_all, run_sum_pz, target_logit):
-    """Combine per-split partials [S, N] into per-token logsumexp, log pi, max and E_p[z] - max.
+def merge_splits(run_max, run_other, run_sum_all, run_sum_pz, target_logit, out=None):
+    """Combine per-split partials [S, N] into per-token logsumexp, log pi, max and E_p[z] - max
+    (written into `out`, four [N] fp32 tensors or None for the last, when given).
 
     `run_other` sums exp(z - max) over the non-target entries, so that
     log pi = -log1p(others / exp(z_y)) keeps full relative precision as pi -> 1 (where
@@ -136,9 +137,10 @@ def merge_splits(run_max, run_other, run_sum_all, run_sum_pz, target_logit):
     otherwise the last output is None.
     """
     S, N = run_max.shape
-    out = lambda: torch.empty(N, dtype=torch.float32, device=run_max.device)  # noqa: E731
-    lse, logprobs, top = out(), out(), out()
-    expected_shift = out() if run_sum_pz is not None else None
+    if out is None:
+        new = lambda: torch.empty(N, dtype=torch.float32, device=run_max.device)  # noqa: E731
+        out = (new(), new(), new(), new() if run_sum_pz is not None else None)
+    lse, logprobs, top, expected_shift = out
     if N > 0:
         block = 128 if INTERPRET else 256
         _merge_splits_kernel[(triton.cdiv(N, block),)](
@@ -148,8 +150,9 @@ def merge_splits(run_max, run_other, run_sum_all, run_sum_pz, target_logit):
 
 
 def logsumexp_forward(hidden, weight, bias, rows, targets, temperature: float, with_entropy: bool,
-                      logits: Optional[torch.Tensor] = None):
-    """Per-token logsumexp, log-prob of the target, max logit and E_p[z] - max, in fp32.
+                      logits: Optional[torch.Tensor] = None, out=None):
+    """Per-token logsumexp, log-prob of the target, max logit and E_p[z] - max, in fp32 (written
+    into `out`, as merge_splits takes it, when given).
 
     The last is None without entropy; the entropy is lse - max - (E_p[z] - max).
 
@@ -171,4 +174,4 @@ def logsumexp_forward(hidden, weight, bias, rows, targets, temperature: float, w
             N, V, HD, hidden.stride(0), weight.stride(0),
             logits.stride(0) if logits is not None else 0, 1.0 / temperature,
             shape_bucket(V), shape_bucket(HD))
-    return merge_splits(run_max, run_sum, run_sum_all, run_sum_pz, target_logit)
+    return merge_splits(run_max, run_sum, run_sum_all, run_sum_pz, target_logit, out)

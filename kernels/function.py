@@ -12,7 +12,8 @@ Two strategies, chosen from the memory budget (LuffyLossConfig.memory_budget_mb)
   the backward recomputes logit tiles for the active tokens only: 8 T H V FLOPs.
 
 The per-token epilogue (ratio, shaping, clipping, normalizer, gradient coefficient, entropy) is
-luffy_fast.loss_math.token_terms on [N] vectors: the same definition as the other backends.
+one kernel launch per chunk (kernels/epilogue.py), held to luffy_fast.loss_math.token_terms, the
+definition the other backends use, by tests/test_epilogue.py.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from luffy_fast.autograd import attach_gradients, bias_slot, wants_grad
 from luffy_fast.config import LuffyLossConfig
 from luffy_fast.gemm import fp32_logits
 from luffy_fast.inputs import LossInputs
-from luffy_fast.loss_math import TokenTerms, entropy_from_moments
+from luffy_fast.loss_math import entropy_from_moments
 
 from .backward import grad_logits, grad_logits_in_place
 from .backward_filtered import filtered_gradients
+from .epilogue import TokenBuffers, token_terms_into
 from .forward import logsumexp_forward
 from .gradients import FilterCount, KeptGradients, PendingGradients, zero_gradients
 from .utils import INTERPRET
@@ -81,13 +83,6 @@ def _kept_rows(config: LuffyLossConfig, device: torch.device, num_tokens: int,
     return 0
 
 
-def _token_terms(inputs: LossInputs, part: slice, lse: Tensor, logprobs: Tensor, row_max: Tensor,
-                 expected_shift: Optional[Tensor]) -> TokenTerms:
-    """The epilogue of the loss tokens `part`, from the forward kernel's outputs."""
-    entropy = None if expected_shift is None else entropy_from_moments(lse, row_max, expected_shift)
-    return inputs.token_terms(part, logprobs, entropy)
-
-
 @dataclass
 class _ActiveTokens:
     """The gradient kernel's per-token inputs, for the tokens with something to contribute."""
@@ -102,14 +97,14 @@ class _ActiveTokens:
     expected_shift: Optional[Tensor]  # E_p[z] - max
 
     @classmethod
-    def select(cls, terms: TokenTerms, rows: Tensor, targets: Tensor, lse: Tensor, row_max: Tensor,
-               expected_shift: Optional[Tensor]) -> tuple[_ActiveTokens, Tensor]:
-        """The active tokens of `terms` (compacted), and their positions among the group."""
+    def select(cls, terms: TokenBuffers, rows: Tensor, targets: Tensor) -> tuple[_ActiveTokens, Tensor]:
+        """The active tokens among `terms` (compacted), and their positions among them."""
         position = terms.active.nonzero().squeeze(1)
         pick = lambda t: None if t is None else t[position].contiguous()  # noqa: E731
-        tokens = cls(pick(rows), pick(targets), pick(lse), pick(terms.logprobs), pick(terms.coef),
-                     pick(terms.entropy_weight), pick(row_max if expected_shift is not None else None),
-                     pick(expected_shift))
+        row_max = terms.row_max if terms.expected_shift is not None else None
+        tokens = cls(pick(rows), pick(targets), pick(terms.lse), pick(terms.logprobs),
+                     pick(terms.coef), pick(terms.entropy_weight), pick(row_max),
+                     pick(terms.expected_shift))
         return tokens, position
 
     def __len__(self) -> int:
@@ -169,41 +164,37 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
 
     Tokens that cannot carry a gradient (zero-advantage groups) come first and get the forward
     only (LossInputs.gradient_last). A chunk of the others gets dL/dz written over its own logits
-    (grad_logits_in_place: 4 bytes per entry, no host sync) and its gradient GEMMs (KeptGradients,
-    which keeps the last chunk's d(weight) GEMM for the backward). With the gradient filter, or
-    should a forward-only token turn out active (a non-finite log-prob), the active tokens' dL/dz
-    goes through a buffer of its own (PendingGradients) instead."""
+    (grad_logits_in_place: 4 bytes per entry) and its gradient GEMMs (KeptGradients, which keeps
+    the last chunk's d(weight) GEMM for the backward). Per chunk: a gather, the GEMM, the forward
+    and epilogue kernels, dL/dz and the gradient GEMMs, no host sync. With the gradient filter the
+    active tokens' dL/dz goes through a buffer of its own (PendingGradients) instead."""
     config = inputs.config
     gradients = KeptGradients(hidden, weight, needs)
     order, num_maybe_active = inputs.gradient_last()
     N = order.numel()
     if 0 < num_maybe_active < N:  # otherwise the order is the identity
         inputs = inputs.reordered(order)
-    groups, loss = [], torch.zeros((), dtype=torch.float32, device=hidden.device)
+    buffers = TokenBuffers.empty(inputs)
     grad_filter = _filter_count(config, hidden.device)
     pending: Optional[PendingGradients] = None
     for part, gradient_chunk, last in _kept_chunks(N, num_maybe_active, chunk):
+        if gradient_chunk and part.start == N - num_maybe_active:  # the forward-only ones are done
+            _stray_gradients(inputs, buffers, part.start, hidden, weight, bias, chunk, gradients)
         rows, targets = inputs.rows[part], inputs.targets[part]
         hidden_rows = hidden[rows]
         logits = fp32_logits(hidden_rows, weight)
-        lse, logprobs, row_max, expected_shift = logsumexp_forward(
-            hidden, weight, bias, rows, targets, config.temperature, config.entropy_coef > 0,
-            logits=logits)
-        terms = _token_terms(inputs, part, lse, logprobs, row_max, expected_shift)
-        groups.append(terms)
-        loss += terms.loss
+        logsumexp_forward(hidden, weight, bias, rows, targets, config.temperature,
+                          config.entropy_coef > 0, logits=logits, out=buffers.moments(part))
+        token_terms_into(inputs, part, buffers)
+        terms = buffers[part]
         if gradient_chunk and grad_filter is None:
-            if pending is not None:  # stray tokens of the forward-only chunks: done, buffer freed
-                pending.flush()
-                pending = None
-            grad = grad_logits_in_place(logits, bias, targets, lse, terms.logprobs, terms.coef,
-                                        terms.entropy_weight, row_max, expected_shift,
+            grad = grad_logits_in_place(logits, bias, targets, terms.lse, terms.logprobs, terms.coef,
+                                        terms.entropy_weight, terms.row_max, terms.expected_shift,
                                         config.temperature, hidden.dtype)
             gradients.add_chunk(grad, hidden_rows, rows, last)
             del grad
-        else:
-            tokens, position = _ActiveTokens.select(terms, rows, targets, lse, row_max,
-                                                    expected_shift)
+        elif gradient_chunk:
+            tokens, position = _ActiveTokens.select(terms, rows, targets)
             if len(tokens):
                 if pending is None:
                     buffer = torch.empty((min(chunk, N), weight.shape[0]),
@@ -212,12 +203,33 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
                 _add_gradients(tokens, pending, bias, config.temperature, logits=logits,
                                logit_rows=position, grad_filter=grad_filter)
         del logits  # before the next chunk's GEMM allocates its own: one chunk in memory at a time
+    if num_maybe_active == 0:
+        _stray_gradients(inputs, buffers, N, hidden, weight, bias, chunk, gradients)
     if pending is not None:
         pending.flush()
-    stats = inputs.summarize(TokenTerms.cat(groups))
+    terms = buffers.terms()
+    stats = inputs.summarize(terms)
     if grad_filter is not None:
         stats["grad_filter_skipped_fraction"] = grad_filter.fraction()
-    return loss, stats, gradients
+    return terms.loss, stats, gradients
+
+
+def _stray_gradients(inputs: LossInputs, buffers: TokenBuffers, count: int, hidden: Tensor,
+                     weight: Tensor, bias: Optional[Tensor], chunk: int,
+                     gradients: KeptGradients) -> None:
+    """The gradient of any of the first `count` tokens (the forward-only chunks') that turned out
+    active after all: a non-finite log-prob gives NaN where the weight times advantage was 0,
+    which the exact gradient carries (as autograd's 0 x NaN). Rare, so one host sync for all of
+    them, and their logits, long gone, recomputed in tiles."""
+    if count == 0 or not bool(buffers.active[:count].any()):
+        return
+    tokens, _ = _ActiveTokens.select(buffers[:count], inputs.rows[:count], inputs.targets[:count])
+    buffer = torch.empty((min(chunk, len(tokens)), weight.shape[0]), dtype=hidden.dtype,
+                         device=hidden.device)
+    pending = PendingGradients(buffer, hidden, weight, gradients.accumulators())
+    for start in range(0, len(tokens), chunk):
+        _add_gradients(tokens[start:start + chunk], pending, bias, inputs.config.temperature)
+    pending.flush()
 
 
 @dataclass
@@ -235,14 +247,14 @@ class _BackwardState:
 def _recompute_forward(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                        chunk: int, needs_grad: bool):
     config = inputs.config
-    lse, logprobs, row_max, expected_shift = logsumexp_forward(
-        hidden, weight, bias, inputs.rows, inputs.targets, config.temperature,
-        config.entropy_coef > 0)
-    terms = _token_terms(inputs, slice(None), lse, logprobs, row_max, expected_shift)
+    buffers = TokenBuffers.empty(inputs)
+    logsumexp_forward(hidden, weight, bias, inputs.rows, inputs.targets, config.temperature,
+                      config.entropy_coef > 0, out=buffers.moments(slice(None)))
+    token_terms_into(inputs, slice(None), buffers)
+    terms = buffers.terms()
     state, stats = None, inputs.summarize(terms)
     if needs_grad:  # only the active tokens go to the backward
-        tokens, _ = _ActiveTokens.select(terms, inputs.rows, inputs.targets, lse, row_max,
-                                         expected_shift)
+        tokens, _ = _ActiveTokens.select(buffers, inputs.rows, inputs.targets)
         grad_filter = _filter_count(config, hidden.device)
         skipped = None if grad_filter is None else grad_filter.fraction()
         state = _BackwardState(tokens, config.temperature, chunk, grad_filter, skipped)
