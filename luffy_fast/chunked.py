@@ -173,11 +173,15 @@ def _sweep(inputs: LossInputs, need_hidden: bool, need_weight: bool, need_bias: 
                                                             with_probs=not forward_only)
         terms = inputs.token_terms(part, lp, entropy)
         groups.append(terms)
-        if forward_only:
-            continue
-        loss += terms.loss
+        loss += terms.loss  # forward-only tokens add 0, or NaN for a non-finite log-prob
         if not any_grad:
             continue
+        if forward_only:
+            if not bool(terms.active.any()):
+                continue
+            # rare: a non-finite log-prob, whose NaN the exact gradient carries (as autograd's
+            # 0 x NaN in the reference); its probabilities were left out above
+            probs, _, _, expected_shift = _softmax_parts(logits, targets, with_entropy)
 
         # Tokens with nothing to contribute (clipped, zero advantage, no entropy) are skipped.
         per_token = (probs, logits, targets, terms.logprobs, terms.coef, terms.entropy_weight,

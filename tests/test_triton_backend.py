@@ -184,13 +184,14 @@ def test_kept_chunks_put_zero_advantage_groups_first(monkeypatch):
     assert calls == [([0], False), ([0], True)]  # rows of the advantaged (even) sequences only
 
 
-@pytest.mark.parametrize("budget", ["kept", RECOMPUTE])
-def test_a_forward_only_token_with_a_nan_logprob_carries_it_as_the_reference_does(budget):
+@pytest.mark.parametrize("backend, budget", [("triton", "kept"), ("triton", RECOMPUTE),
+                                             ("torch", None)])
+def test_a_forward_only_token_with_a_nan_logprob_carries_it_as_the_reference_does(backend, budget):
     """With check_finite off, a token of a zero-advantage sequence whose logits overflow has a NaN
     log-prob: the reference's loss and d(weight) are NaN, and so is that token's d(hidden) row
-    (autograd's 0 x NaN). The kept pass, which gives such tokens the forward only, finds it after
-    its forward-only chunks and computes its gradient anyway (kernels/function.py:
-    _stray_gradients); every other d(hidden) row matches."""
+    (autograd's 0 x NaN). The kept pass and the torch backend, which give such tokens the forward
+    only, find it and compute its gradient anyway (kernels/function.py: _stray_gradients); every
+    other d(hidden) row matches. (The torch backend's loss was finite here before.)"""
     batch = random_batch(64, 12, 50, seed=3, mask_fraction=1.0, num_seqs=8)
     batch["seq_ids"] = torch.arange(64) // 8
     batch["advantages"] = torch.tensor([0.7, 0.0, -0.4, 0.0, 1.1, 0.0, -0.9, 0.0])[batch["seq_ids"]]
@@ -199,7 +200,7 @@ def test_a_forward_only_token_with_a_nan_logprob_carries_it_as_the_reference_doe
     config = LuffyLossConfig.luffy(max_len=8).replace(entropy_coef=0.0, check_finite=False,
                                                        memory_budget_mb=budget)
     expected_loss, _, expected = run_loss(batch, "reference", config)
-    loss, _, got = run_loss(batch, "triton", config)
+    loss, _, got = run_loss(batch, backend, config)
     assert math.isnan(float(expected_loss)) and math.isnan(float(loss))
     assert bool(torch.isnan(expected["weight"]).all()) and bool(torch.isnan(got["weight"]).all())
     nan_rows = torch.isnan(got["hidden"]).any(dim=1)
