@@ -9,7 +9,7 @@
 # default 465 s; benchmarks/stages.sh), so the whole script ends in under 8 minutes even when a
 # stage hangs; each stage keeps what it measured so far, and each implementation fails on its own
 # (one test each). GPU_CHECK_STAGES picks stages (default "parity speed memory"; "profile" on request:
-# benchmarks/profile_op.py); GPU_PARITY_ARGS
+# benchmarks/profile_op.py, with GPU_PROFILE_ARGS, e.g. "--runs rows"); GPU_PARITY_ARGS
 # (default --quick), GPU_CHECK_CAPS ("name:seconds ..."), GPU_CHECK_SPEED_TESTS, GPU_CHECK_PYTEST_ARGS,
 # GPU_CHECK_MEMORY_PYTEST_ARGS and BENCH_TEST_TIMEOUT (per test,
 # default 150 s) narrow a run.
@@ -101,7 +101,8 @@ tail -n 3 "$OUT_DIR/memory.log" 2>/dev/null
 
 # (d) Where the time goes: torch.profiler over one step per case (only when selected).
 if [[ "$TAG" == cuda ]] && stage_selected profile; then
-  STAGE_OUTPUT=$OUT_DIR/profile.log run_stage profile $PY -m benchmarks.profile_op
+  # shellcheck disable=SC2086
+  STAGE_OUTPUT=$OUT_DIR/profile.log run_stage profile $PY -m benchmarks.profile_op ${GPU_PROFILE_ARGS:-}
 fi
 
 # (e) Everything is under $OUT_DIR: <tag>.json, <tag>.md, scaling-<tag>.png, logs. Table last.

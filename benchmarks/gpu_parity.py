@@ -54,6 +54,12 @@ def make_batch(T, H, V, dtype, seed, zero_adv_fraction=0.3, dev="cuda"):
 
 
 def run(batch, backend, config, dtype=None):
+    if backend == "triton+rows":  # the opt-in whole-row forward (kernels/forward_rows.py)
+        os.environ["LUFFY_FAST_ROW_FORWARD"] = "1"
+        try:
+            return run(batch, "triton", config, dtype)
+        finally:
+            del os.environ["LUFFY_FAST_ROW_FORWARD"]
     hidden = batch["hidden"].detach().clone()
     weight = batch["weight"].detach().clone()
     if dtype is not None:
@@ -169,8 +175,12 @@ def main() -> int:
                     oracle_dtype = torch.float32 if dtype == torch.float32 or big else torch.float64
                     try:
                         ref = run(batch, "reference", config, dtype=oracle_dtype)
-                        for backend in ("triton", "torch"):
+                        for backend in ("triton", "triton+rows", "torch"):
                             if backend == "torch" and budget_name != "recompute":
+                                continue
+                            # the row forward reads kept logits; bf16 only, for the stage's time
+                            if backend == "triton+rows" and (budget_name == "recompute"
+                                                             or dtype != torch.bfloat16):
                                 continue
                             got = run(batch, backend, config)
                             errs = {"loss": rel(got[0], ref[0]), "d_hidden": rel(got[1], ref[1]),

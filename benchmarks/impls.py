@@ -7,6 +7,7 @@
 - torch / triton: luffy_fast.fused_luffy_loss with that backend; triton_256mb and triton_lowmem
   at a 256 / 128 MiB memory budget; triton_filter with the gradient filter (cases.GRAD_FILTER).
 - gemm_logits / token_logprobs: one bare h W^T, and luffy_fast.token_logprobs (no grad, triton).
+- any of these with "+<switch>" (SWITCHES): the same with an opt-in kernel switched on.
 """
 
 from __future__ import annotations
@@ -29,6 +30,34 @@ from .naive import naive_luffy_loss
 TRITON_VARIANTS = {"triton_256mb": {"memory_budget_mb": 256}, "triton_lowmem": {"memory_budget_mb": 128},
                    "triton_filter": {"grad_filter": GRAD_FILTER}}
 LUFFY_IMPLS = ("torch", "triton", "reference", *TRITON_VARIANTS)
+# Opt-in kernel switches, which the kernels read from the environment at each call, named as a
+# suffix of any implementation: "triton+rows" is "triton" with LUFFY_FAST_ROW_FORWARD=1
+# (kernels/forward_rows.py), "token_logprobs+rows" likewise.
+SWITCHES = {"rows": {"LUFFY_FAST_ROW_FORWARD": "1"}}
+
+
+def split_switches(impl: str) -> tuple[str, dict[str, str]]:
+    """The implementation without its switches, and the environment they set."""
+    base, *names = impl.split("+")
+    unknown = [name for name in names if name not in SWITCHES]
+    if unknown:
+        raise ValueError(f"unknown switch {unknown[0]!r} in {impl!r} (known: {sorted(SWITCHES)})")
+    return base, {key: value for name in names for key, value in SWITCHES[name].items()}
+
+
+def _switched(step: Callable, env: dict[str, str]) -> Callable:
+    def run():
+        saved = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)
+        try:
+            return step()
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+    return run
 
 
 def _luffy(inputs: Inputs, backend: str) -> torch.Tensor:
@@ -73,6 +102,9 @@ class GemmFloor:
 def make_step(impl: str, inputs: Inputs) -> Callable[[], Optional[torch.Tensor]]:
     """A closure running one forward + backward (gradients reset first); returns the loss.
     gemm_logits and token_logprobs are forward only (no grad)."""
+    base, env = split_switches(impl)
+    if env:
+        return _switched(make_step(base, inputs), env)
     if impl == "gemm_floor":
         return GemmFloor(inputs)
     h, w = inputs.hidden.detach(), inputs.weight.detach()
@@ -109,6 +141,7 @@ def _backend_error(backend: str, device: str) -> Optional[str]:
 
 def skip_reason(impl: str, device: str, dry_run: bool = False) -> Optional[str]:
     """Why `impl` cannot be benchmarked on `device` (None: it can)."""
+    impl, _ = split_switches(impl)
     cuda = device.startswith("cuda")
     if impl == "liger":
         return liger_import_error()

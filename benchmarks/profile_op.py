@@ -5,6 +5,7 @@ the CUDA time the profiler saw, and the kernels that took the most of it. The ga
 two is time the GPU sat idle (host-side work, synchronizations). Writes profile.txt under $OUT.
 
     python -m benchmarks.profile_op [--shape T,H,V] [--runs dense:triton,rlvr:triton,...] [--trace]
+    python -m benchmarks.profile_op --runs rows    # the opt-in whole-row forward against the default
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ from .cases import Case, make_inputs
 from .impls import make_step
 
 DEFAULT_RUNS = "dense:triton,dense:triton_256mb,rlvr:triton,peaked:triton,peaked:triton_filter"
+# The opt-in whole-row forward (kernels/forward_rows.py) beside the default, in one process:
+# `--runs rows` (benchmarks/impls.py: SWITCHES).
+ROW_FORWARD_RUNS = ("dense:gemm_logits,dense:token_logprobs,dense:token_logprobs+rows,dense:triton,"
+                    "dense:triton+rows,dense:triton_256mb,dense:triton_256mb+rows,rlvr:triton,"
+                    "rlvr:triton+rows")
 
 
 def wall_ms(step, repeats: int = 3) -> float:
@@ -67,14 +73,16 @@ def profile_one(scenario: str, impl: str, T: int, H: int, V: int, top: int = 12,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="8192,4096,151936", help="T,H,V")
-    parser.add_argument("--runs", default=DEFAULT_RUNS, help="scenario:implementation,...")
+    parser.add_argument("--runs", default=DEFAULT_RUNS,
+                        help="scenario:implementation,... or 'rows' (ROW_FORWARD_RUNS)")
     parser.add_argument("--trace", action="store_true",
                         help="also profile the host and write trace-<scenario>-<impl>.json")
     args = parser.parse_args()
     T, H, V = (int(x) for x in args.shape.split(","))
     out = Path(os.environ.get("OUT") or "gpu_results")
     out.mkdir(parents=True, exist_ok=True)
-    for run in args.runs.split(","):
+    runs = ROW_FORWARD_RUNS if args.runs == "rows" else args.runs
+    for run in runs.split(","):
         scenario, impl = run.split(":")
         try:
             trace = out / f"trace-{scenario}-{impl}.json" if args.trace else None

@@ -34,6 +34,7 @@ from .backward import grad_logits, grad_logits_in_place
 from .backward_filtered import filtered_gradients
 from .epilogue import TokenBuffers, token_terms_into
 from .forward import logsumexp_forward
+from .forward_rows import row_forward, row_forward_enabled
 from .gradients import FilterCount, KeptGradients, PendingGradients, zero_gradients
 from .utils import INTERPRET
 
@@ -183,8 +184,8 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
         rows, targets = inputs.rows[part], inputs.targets[part]
         hidden_rows = hidden[rows]
         logits = fp32_logits(hidden_rows, weight)
-        logsumexp_forward(hidden, weight, bias, rows, targets, config.temperature,
-                          config.entropy_coef > 0, logits=logits, out=buffers.moments(part))
+        _kept_forward(hidden, weight, bias, rows, targets, config.temperature,
+                      config.entropy_coef > 0, logits, buffers.moments(part))
         token_terms_into(inputs, part, buffers)
         terms = buffers[part]
         if gradient_chunk and grad_filter is None:
@@ -212,6 +213,16 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
     if grad_filter is not None:
         stats["grad_filter_skipped_fraction"] = grad_filter.fraction()
     return terms.loss, stats, gradients
+
+
+def _kept_forward(hidden, weight, bias, rows, targets, temperature: float, with_entropy: bool,
+                  logits: Tensor, out=None):
+    """The forward statistics of a chunk from its kept logits: the split kernel, or the whole-row
+    one when LUFFY_FAST_ROW_FORWARD=1 (kernels/forward_rows.py)."""
+    if row_forward_enabled():
+        return row_forward(logits, bias, targets, temperature, with_entropy, out)
+    return logsumexp_forward(hidden, weight, bias, rows, targets, temperature, with_entropy,
+                             logits=logits, out=out)
 
 
 def _stray_gradients(inputs: LossInputs, buffers: TokenBuffers, count: int, hidden: Tensor,
@@ -333,9 +344,9 @@ def triton_token_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
         lse, logprobs, row_max, expected_shift = logsumexp_forward(
             hidden, weight, bias, rows, targets, config.temperature, with_entropy)
     else:
-        outs = [logsumexp_forward(hidden, weight, bias, rows[start:start + chunk],
-                                  targets[start:start + chunk], config.temperature, with_entropy,
-                                  logits=fp32_logits(hidden[start:start + chunk], weight))
+        outs = [_kept_forward(hidden, weight, bias, rows[start:start + chunk],
+                              targets[start:start + chunk], config.temperature, with_entropy,
+                              fp32_logits(hidden[start:start + chunk], weight))
                 for start in range(0, T, chunk)]
         lse, logprobs, row_max, expected_shift = (
             None if values[0] is None else torch.cat(values) for values in zip(*outs))

@@ -1,0 +1,104 @@
+"""The opt-in whole-row forward over kept logits (kernels/forward_rows.py) against float64 and
+against the split kernel it may replace, and the op with it switched on against the reference.
+Float32 on the interpreter."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from helpers import compare_backends, random_batch
+from luffy_fast import LuffyLossConfig, token_logprobs
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs CUDA or TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+
+
+def _oracle(logits: torch.Tensor, bias, targets, temperature: float):
+    """float64 logsumexp, log pi, max and E_p[z] - max."""
+    z = logits.double()
+    if bias is not None:
+        z = z + bias.double()
+    z = z / temperature
+    lse = torch.logsumexp(z, dim=1)
+    top = z.max(dim=1).values
+    p = torch.softmax(z, dim=1)
+    shifted = torch.where(p > 0, z - top[:, None], torch.zeros_like(z))
+    return lse, z.gather(1, targets[:, None]).squeeze(1) - lse, top, (p * shifted).sum(dim=1)
+
+
+def _logits(C: int, V: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows from flat to very peaked (target margins up to ~40 nats), targets on and off the max."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(C, V, generator=generator) * torch.linspace(0.1, 6.0, C)[:, None]
+    targets = torch.randint(0, V, (C,), generator=generator)
+    peaked = torch.arange(C) % 3 == 0
+    logits[peaked, targets[peaked]] += torch.linspace(5.0, 40.0, int(peaked.sum()))
+    return logits, targets
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+@pytest.mark.parametrize("with_bias, temperature", [(False, 1.0), (True, 0.7)])
+def test_row_forward_matches_float64_and_the_split_kernel(with_entropy, with_bias, temperature):
+    from luffy_fast.kernels.forward import logsumexp_forward
+    from luffy_fast.kernels.forward_rows import row_forward
+
+    C, V, H = 13, 77, 4  # neither a multiple of the interpreter's 2 x 32 tiles
+    logits, targets = _logits(C, V, seed=5)
+    bias = torch.randn(V, generator=torch.Generator().manual_seed(6)) if with_bias else None
+    got = row_forward(logits, bias, targets, temperature, with_entropy)
+    split = logsumexp_forward(torch.zeros(C, H), torch.zeros(V, H), bias, torch.arange(C), targets,
+                              temperature, with_entropy, logits=logits)
+    expected = _oracle(logits, bias, targets, temperature)
+    names = ("logsumexp", "log pi", "max", "E_p[z] - max")
+    for name, value, other, oracle in zip(names, got, split, expected):
+        if not with_entropy and name == "E_p[z] - max":
+            assert value is None and other is None
+            continue
+        # relative to each value (log pi spans -1e-9 to -50): no worse than the split kernel
+        error = float(((value.double() - oracle).abs() / oracle.abs().clamp_min(1e-30)).max())
+        split_error = float(((other.double() - oracle).abs() / oracle.abs().clamp_min(1e-30)).max())
+        assert error <= max(2e-6, 2 * split_error), (name, error, split_error)
+    assert float(expected[1].max()) > -1e-6  # a near-certain target is among the rows
+
+
+def test_row_forward_ignores_impossible_entries():
+    """A -inf logit (a banned token, through the bias) takes no probability and leaves the entropy
+    finite."""
+    from luffy_fast.kernels.forward_rows import row_forward
+
+    logits, targets = _logits(6, 50, seed=2)
+    bias = torch.zeros(50)
+    bias[[3, 31, 49]] = float("-inf")
+    banned = (targets == 3) | (targets == 31) | (targets == 49)
+    targets[banned] = 4
+    got = row_forward(logits, bias, targets, 1.0, True)
+    expected = _oracle(logits, bias, targets, 1.0)
+    for value, oracle in zip(got, expected):
+        assert bool(torch.isfinite(value).all())
+        torch.testing.assert_close(value.double(), oracle, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("budget", [64.0, 0.05])  # one chunk; ~50-token chunks
+@pytest.mark.parametrize("config", [LuffyLossConfig.luffy(max_len=64),
+                                    LuffyLossConfig.grpo(entropy_coef=0.01, temperature=0.6)],
+                         ids=["luffy", "grpo_entropy"])
+def test_the_op_with_the_row_forward_matches_the_reference(monkeypatch, config, budget):
+    monkeypatch.setenv("LUFFY_FAST_ROW_FORWARD", "1")
+    batch = random_batch(150, 16, 90, seed=4, with_bias=True, zero_adv_fraction=0.3, num_seqs=6)
+    compare_backends(batch, config.replace(memory_budget_mb=budget), torch.float32, "triton")
+
+
+def test_token_logprobs_with_the_row_forward_matches_the_reference(monkeypatch):
+    monkeypatch.setenv("LUFFY_FAST_ROW_FORWARD", "1")
+    batch = random_batch(40, 8, 70, seed=9)
+    expected, expected_entropy = token_logprobs(batch["hidden"].double(), batch["weight"].double(),
+                                                batch["targets"], with_entropy=True,
+                                                backend="reference")
+    got, entropy = token_logprobs(batch["hidden"], batch["weight"], batch["targets"],
+                                  with_entropy=True, backend="triton")
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(entropy.double(), expected_entropy, rtol=1e-5, atol=1e-6)
