@@ -37,8 +37,9 @@ def _configs() -> list[triton.Config]:
     if INTERPRET or not torch.cuda.is_available():
         return [triton.Config({"BLOCK_T": 2, "BLOCK_V": 32}, num_warps=4)]
     return [triton.Config({"BLOCK_T": t, "BLOCK_V": v}, num_warps=w)
-            for t, v, w in ((1, 4096, 8), (2, 2048, 8), (1, 2048, 4), (2, 1024, 4), (4, 1024, 8),
-                            (4, 512, 4))]
+            # a few accumulators per element: smaller tiles let more programs hide the latency
+            for t, v, w in ((1, 4096, 8), (1, 2048, 8), (1, 2048, 4), (1, 1024, 4), (2, 1024, 4),
+                            (2, 2048, 8), (4, 512, 4))]
 
 
 @triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None,
