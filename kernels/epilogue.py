@@ -26,16 +26,16 @@ from luffy_fast.loss_math import MAX_LOG_RATIO, TokenTerms
 
 from .utils import INTERPRET
 
-# torch.maximum, torch.clamp and friends propagate NaN; Triton's min/max do only when asked.
-NAN = tl.PropagateNan.ALL
-
 
 @triton.jit
 def _ppo_clip(ratio, advantages, low, high, dual_clip, HAS_DUAL: tl.constexpr):
-    """(loss, clipped) of PPO clipping, with the dual clip when HAS_DUAL (loss_math._ppo_clip)."""
+    """(loss, clipped) of PPO clipping, with the dual clip when HAS_DUAL (loss_math._ppo_clip).
+    torch.maximum and torch.clamp propagate NaN; Triton's min and max do only when asked (and a
+    jit function reads no plain module global, so the flag is spelled out each time)."""
     unclipped = -ratio * advantages
-    bounded = tl.minimum(tl.maximum(ratio, low, propagate_nan=NAN), high, propagate_nan=NAN)
-    loss = tl.maximum(unclipped, -bounded * advantages, propagate_nan=NAN)
+    bounded = tl.maximum(ratio, low, propagate_nan=tl.PropagateNan.ALL)
+    bounded = tl.minimum(bounded, high, propagate_nan=tl.PropagateNan.ALL)
+    loss = tl.maximum(unclipped, -bounded * advantages, propagate_nan=tl.PropagateNan.ALL)
     clipped = ((advantages > 0) & (ratio > high)) | ((advantages < 0) & (ratio < low))
     if HAS_DUAL:
         capped = (advantages < 0) & (ratio > dual_clip)
@@ -66,7 +66,7 @@ def _token_terms_kernel(
     log_ratio = logprob - logprob  # 0, or NaN for a non-finite log-prob (as loss_math's)
     if HAS_OLD:
         log_ratio = logprob - tl.load(old_ptr + offs, mask=mask, other=0.0)
-    ratio_on = tl.exp(tl.minimum(log_ratio, max_log_ratio, propagate_nan=NAN))
+    ratio_on = tl.exp(tl.minimum(log_ratio, max_log_ratio, propagate_nan=tl.PropagateNan.ALL))
     if CLIP_ON:
         loss_on, clipped_on = _ppo_clip(ratio_on, advantages, low, high, dual_clip, HAS_DUAL)
     else:
@@ -85,7 +85,7 @@ def _token_terms_kernel(
 
     loss = tl.where(off_policy, loss_off, loss_on)
     clipped = tl.where(off_policy, clipped_off, clipped_on)
-    dratio = tl.where(off_policy, dratio_off, tl.where(log_ratio <= max_log_ratio, ratio_on, 0.0))
+    dratio = tl.where(off_policy, dratio_off, tl.where(log_ratio > max_log_ratio, 0.0, ratio_on))
     coef = weight * tl.where(clipped, 0.0, -advantages * dratio)
     token_loss = weight * loss
     active = coef != 0

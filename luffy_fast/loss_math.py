@@ -90,8 +90,9 @@ def _policy(logprobs, old_logprobs, advantages, off_policy_mask, config, with_gr
         dratio_off = config.gamma * prob / (prob + config.gamma) ** 2
     else:
         dratio_off = prob
-    # the clamp passes no gradient above MAX_LOG_RATIO (as autograd of the clamped ratio)
-    dratio_on = torch.where(log_ratio <= MAX_LOG_RATIO, ratio_on, torch.zeros_like(ratio_on))
+    # the clamp passes no gradient above MAX_LOG_RATIO (as autograd of the clamped ratio); a NaN
+    # log-ratio keeps its NaN, as autograd's does
+    dratio_on = torch.where(log_ratio > MAX_LOG_RATIO, torch.zeros_like(ratio_on), ratio_on)
     dratio = torch.where(off_policy_mask, dratio_off, dratio_on)
     grad_coef = torch.where(clipped, torch.zeros_like(dratio), -advantages * dratio)
     return PolicyTerms(loss, grad_coef, ratio, clipped)

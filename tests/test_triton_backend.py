@@ -184,18 +184,23 @@ def test_kept_chunks_put_zero_advantage_groups_first(monkeypatch):
     assert calls == [([0], False), ([0], True)]  # rows of the advantaged (even) sequences only
 
 
+@pytest.mark.parametrize("off_policy", [True, False])
 @pytest.mark.parametrize("backend, budget", [("triton", "kept"), ("triton", RECOMPUTE),
                                              ("torch", None)])
-def test_a_forward_only_token_with_a_nan_logprob_carries_it_as_the_reference_does(backend, budget):
+def test_a_forward_only_token_with_a_nan_logprob_carries_it_as_the_reference_does(backend, budget,
+                                                                                 off_policy):
     """With check_finite off, a token of a zero-advantage sequence whose logits overflow has a NaN
     log-prob: the reference's loss and d(weight) are NaN, and so is that token's d(hidden) row
     (autograd's 0 x NaN). The kept pass and the torch backend, which give such tokens the forward
     only, find it and compute its gradient anyway (kernels/function.py: _stray_gradients); every
-    other d(hidden) row matches. (The torch backend's loss was finite here before.)"""
+    other d(hidden) row matches, whether the token is off-policy or on-policy (whose closed-form
+    coefficient dropped the NaN of its log-ratio before: loss_math._policy). (The torch backend's
+    loss was finite here before.)"""
     batch = random_batch(64, 12, 50, seed=3, mask_fraction=1.0, num_seqs=8)
     batch["seq_ids"] = torch.arange(64) // 8
     batch["advantages"] = torch.tensor([0.7, 0.0, -0.4, 0.0, 1.1, 0.0, -0.9, 0.0])[batch["seq_ids"]]
     batch["hidden"][9] = 3e38  # finite, in sequence 1 (zero advantage); its logits overflow
+    batch["off_policy_mask"][9] = off_policy
     budget = kept_budget_mb(16, 50, 12, 64) if budget == "kept" else budget
     config = LuffyLossConfig.luffy(max_len=8).replace(entropy_coef=0.0, check_finite=False,
                                                        memory_budget_mb=budget)
