@@ -1,0 +1,210 @@
+"""Compile every Triton kernel of luffy_fast.kernels for a CUDA target, on a machine without a GPU.
+
+The tests run the kernels under Triton's interpreter, which executes them as Python: it accepts
+code that the compiler rejects (a jit function reading a plain module global, a type the
+language lacks), so such a kernel would first fail on a GPU. This script compiles each kernel
+to a cubin for sm_90 (Hopper, the project's GPUs) through Triton's own compiler and ptxas, no
+driver needed. Arguments are inferred from parameter names (`*_ptr` a pointer of the dtype the
+call sites pass, the rest scalars), and the kernel's heuristics and autotune configs (the GPU's:
+CUDA is reported present while the kernels are imported) supply its constexprs.
+
+Per kernel: every combination of its optional inputs (absent ones are None, as the call sites
+pass them) in bf16 and fp32 with its first config, and every config with all inputs present.
+
+    python tests/cuda_compile.py [--arch 90] [--kernel NAME]   # TRITON_INTERPRET must be unset
+
+Prints one line per failure and exits non-zero when any kernel fails (tests/test_cuda_compile.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("cuda_compile.py: unset TRITON_INTERPRET (the interpreter has no compiler to check)")
+# The kernels pick their GPU tile configs when CUDA is there (Hopper's when the capability is 9):
+# report a Hopper GPU while they are imported, so that those configs are the ones compiled.
+torch.cuda.is_available = lambda: True
+torch.cuda.get_device_capability = lambda *args, **kwargs: (9, 0)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.autotuner import Autotuner, Heuristics  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from luffy_fast.kernels import backward, backward_filtered, epilogue, forward, forward_rows  # noqa: E402
+
+# Optional inputs that come and go together at the call sites (None when absent).
+GROUPS = {
+    "bias": ("bias_ptr",),
+    "logits": ("logits_ptr", "logit_rows_ptr"),
+    "entropy": ("entropy_weight_ptr", "row_max_ptr", "expected_shift_ptr", "sum_all_ptr",
+                "sum_pz_ptr", "entropy_ptr"),
+    "old": ("old_ptr",),
+    "grad_weight": ("grad_weight_ptr",),
+    "grad_bias": ("grad_bias_ptr",),
+}
+# Inputs that are optional elsewhere but always passed to these kernels.
+REQUIRED = {"_grad_logits_in_place_kernel": {"logits_ptr"}, "_row_forward_kernel": {"logits_ptr"}}
+# Pointer dtypes by name; "input" is the op's input dtype (bf16 or fp32); the rest are fp32.
+POINTERS = {
+    "input": ("hidden_ptr", "weight_ptr", "bias_ptr", "grad_logits_ptr", "grad_hidden_ptr",
+              "grad_weight_ptr"),
+    torch.int64: ("rows_ptr", "targets_ptr", "logit_rows_ptr"),
+    torch.int32: ("kept_v_ptr", "num_kept_v_ptr", "kept_t_ptr", "num_kept_t_ptr"),
+    torch.int8: ("keep_ptr",),
+    torch.uint8: ("off_policy_ptr", "clipped_ptr", "active_ptr"),
+}
+FLOAT_SCALARS = {"inv_temperature", "threshold", "gamma", "low", "high", "dual_clip",
+                 "max_log_ratio"}
+TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int64: "i64",
+              torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8"}
+# Constexprs the call sites pass themselves (not from heuristics or configs), each a list of
+# value sets to compile.
+CALL_CONSTEXPRS = {
+    "_merge_splits_kernel": [{"BLOCK": 256}],
+    "_token_terms_kernel": [{"SHAPING": flag, "CLIP_ON": flag, "CLIP_OFF": flag, "HAS_DUAL": flag,
+                             "BLOCK": 1024} for flag in (True, False)],
+    "_filtered_grad_logits_kernel": "filter_tiles",
+    "_sparse_grad_hidden_kernel": "filter_tiles",
+    "_sparse_grad_weight_kernel": "filter_tiles",
+}
+KERNELS = [forward._forward_kernel, forward._merge_splits_kernel, forward_rows._row_forward_kernel,
+           backward._grad_logits_kernel, backward._grad_logits_in_place_kernel,
+           backward_filtered._filtered_grad_logits_kernel,
+           backward_filtered._sparse_grad_hidden_kernel,
+           backward_filtered._sparse_grad_weight_kernel, epilogue._token_terms_kernel]
+
+
+def unwrap(kernel):
+    """The JITFunction under a kernel's decorators, its heuristics and its autotune configs."""
+    heuristics, tuner = {}, None
+    while not isinstance(kernel, JITFunction):
+        if isinstance(kernel, Heuristics):
+            heuristics.update(kernel.values)
+        elif isinstance(kernel, Autotuner):
+            tuner = kernel
+        kernel = kernel.fn
+    return kernel, heuristics, tuner
+
+
+def pointer_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    for kind, names in POINTERS.items():
+        if name in names:
+            return dtype if kind == "input" else kind
+    return torch.float32
+
+
+def call_constexprs(jit: JITFunction, heuristics: dict, dtype: torch.dtype) -> list[dict]:
+    spec = CALL_CONSTEXPRS.get(jit.__name__, [{}])
+    if spec == "filter_tiles":
+        tiles = backward_filtered.filter_tiles(dtype)
+        values = {k: v for k, v in tiles.items() if k in jit.arg_names}
+        if "DOT_PRECISION" in jit.arg_names and "DOT_PRECISION" not in heuristics:
+            values["DOT_PRECISION"] = "ieee" if dtype == torch.float32 else "tf32"
+        options = {"num_warps": tiles["num_warps"], "num_stages": tiles["num_stages"]}
+        return [{**values, "__options__": options}]
+    return spec
+
+
+def compile_one(jit, heuristics, config, fixed: dict, present: set, dtype, target) -> None:
+    args = {}
+    for name in jit.arg_names:
+        if name.endswith("_ptr"):
+            optional = (any(name in names for names in GROUPS.values())
+                        and name not in REQUIRED.get(jit.__name__, set()))
+            args[name] = torch.empty(1, dtype=pointer_dtype(name, dtype)) if (
+                not optional or name in present) else None
+        elif name in FLOAT_SCALARS:
+            args[name] = 0.5
+        else:
+            args[name] = 3
+    constexprs = {key: value for key, value in fixed.items() if key != "__options__"}
+    options = dict(fixed.get("__options__", {}))
+    if config is not None:
+        constexprs.update(config.kwargs)
+        options.update(num_warps=config.num_warps, num_stages=config.num_stages)
+    for name, rule in heuristics.items():
+        constexprs[name] = rule({**args, **constexprs})
+    signature = {}
+    for index, name in enumerate(jit.arg_names):
+        value = args[name]
+        if name in constexprs or index in jit.constexprs:
+            signature[name] = "constexpr"
+            constexprs.setdefault(name, value)
+        elif value is None:
+            signature[name], constexprs[name] = "constexpr", None
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + TYPE_NAMES[value.dtype]
+        else:
+            signature[name] = "fp32" if isinstance(value, float) else "i32"
+    triton.compile(ASTSource(fn=jit, signature=signature, constexprs=constexprs), target=target,
+                   options=options)
+
+
+def cases(kernel):
+    """(label, jit, heuristics, config, call constexprs, present inputs, dtype) to compile."""
+    jit, heuristics, tuner = unwrap(kernel)
+    required = REQUIRED.get(jit.__name__, set())
+    groups = [group for group, names in GROUPS.items()
+              if any(n in jit.arg_names and n not in required for n in names)]
+    present_all = {n for group in groups for n in GROUPS[group]}
+    for dtype in (torch.bfloat16, torch.float32):
+        configs = [None] if tuner is None else list(tuner.configs)
+        for fixed in call_constexprs(jit, heuristics, dtype):
+            # every combination of optional inputs with the first config that applies to it
+            for chosen in itertools.product((False, True), repeat=len(groups)):
+                present = {n for group, on in zip(groups, chosen) if on for n in GROUPS[group]}
+                usable = _pruned(tuner, jit, configs, present, dtype)
+                yield (f"{jit.__name__} {dtype} inputs={sorted(g for g, on in zip(groups, chosen) if on)}",
+                       jit, heuristics, usable[0], fixed, present, dtype)
+            # every config with all of them
+            for config in _pruned(tuner, jit, configs, present_all, dtype)[1:]:
+                yield (f"{jit.__name__} {dtype} config={config}", jit, heuristics, config, fixed,
+                       present_all, dtype)
+
+
+def _pruned(tuner, jit, configs, present: set, dtype) -> list:
+    prune = None if tuner is None else getattr(tuner, "early_config_prune", None)
+    if prune is None:
+        return configs
+    named = {name: (torch.empty(1) if name in present else None) if name.endswith("_ptr") else 1
+             for name in jit.arg_names}
+    return prune(configs, named)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--kernel", default=None, help="only the kernels whose name contains this")
+    args = parser.parse_args()
+    target = GPUTarget("cuda", args.arch, 32)
+    failures = total = 0
+    start = time.perf_counter()
+    for kernel in KERNELS:
+        for label, jit, heuristics, config, fixed, present, dtype in cases(kernel):
+            if args.kernel and args.kernel not in jit.__name__:
+                continue
+            total += 1
+            try:
+                compile_one(jit, heuristics, config, fixed, present, dtype, target)
+            except Exception as error:  # report them all
+                failures += 1
+                first = str(error).strip().splitlines()[-1:] or [""]
+                print(f"FAILED {label}: {type(error).__name__}: {first[0][:300]}", flush=True)
+    print(f"{total - failures}/{total} kernel variants compiled for sm_{args.arch} in "
+          f"{time.perf_counter() - start:.0f} s")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
