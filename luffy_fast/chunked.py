@@ -169,8 +169,10 @@ def _sweep(inputs: LossInputs, need_hidden: bool, need_weight: bool, need_bias: 
         hidden_rows = hidden[rows]
         logits = logits_of(hidden_rows)
         forward_only = start >= num_contributing  # log-probs for the stats; the loss term is 0
-        probs, lp, entropy, expected_shift = _softmax_parts(logits, targets, with_entropy,
-                                                            with_probs=not forward_only)
+        # forward-only tokens need only their log-probs, and their entropies for the stats (a
+        # token whose entropy weight underflowed to 0 is forward-only with the entropy term on)
+        probs, lp, entropy, expected_shift = _softmax_parts(
+            logits, targets, with_entropy, with_probs=not forward_only or with_entropy)
         terms = inputs.token_terms(part, lp, entropy)
         groups.append(terms)
         loss += terms.loss  # forward-only tokens add 0, or NaN for a non-finite log-prob

@@ -13,11 +13,12 @@ import torch
 
 from luffy_fast import LuffyLossConfig
 from luffy_fast.inputs import LossInputs
-from luffy_fast.loss_math import MAX_LOG_RATIO, normalization
+from luffy_fast.loss_math import MAX_LOG_RATIO, normalization, policy_terms
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="needs CUDA or TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+# CPU tensors throughout: the interpreter's numerics (a GPU's are checked by gpu_parity.py, its
+# compile by test_cuda_compile.py).
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="runs the kernel on the interpreter (TRITON_INTERPRET=1)")
 
 N = 300
 CHUNKS = (slice(0, 7), slice(7, 160), slice(160, N))  # odd lengths and offsets
@@ -87,6 +88,17 @@ def test_epilogue_kernel_matches_the_loss_math(config, with_old):
                                    atol=1e-37, equal_nan=True, msg=name)
     for name in ("clipped", "active"):
         assert torch.equal(getattr(got, name), getattr(expected, name)), name
+    # each token's share of the loss: w_t L_t - w_t c_ent H_t, from the policy terms
+    policy = policy_terms(moments["logprobs"], inputs.old_logprobs, inputs.advantages,
+                          inputs.off_policy_mask, config)
+    policy_part = inputs.norm.weights * policy.loss
+    entropy_part = 0.0 if entropy is None else expected.entropy_weight * entropy
+    token_loss = policy_part - entropy_part
+    # the two parts may cancel: the error is relative to their size, not to the difference
+    allowed = 2e-6 * (policy_part.abs() + torch.as_tensor(entropy_part).abs()) + 1e-37
+    same_nan = torch.isnan(buffers.token_loss) == torch.isnan(token_loss)
+    close = (buffers.token_loss - token_loss).abs() <= allowed
+    assert bool((same_nan & (close | torch.isnan(token_loss))).all()), "token_loss"
     # the corner cases are present: a NaN log-prob makes the loss NaN in both
     assert math.isnan(float(got.loss)) == math.isnan(float(expected.loss))
     finite = torch.isfinite(moments["logprobs"])

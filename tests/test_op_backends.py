@@ -67,6 +67,17 @@ def test_float_loss_mask_weights_tokens():
         assert_close(loss_half, loss, 1e-6, "scale-invariant token mean")
 
 
+def test_a_token_whose_entropy_weight_underflows_keeps_its_entropy():
+    """loss_mask 1e-45 on one token, token normalizer: its weights underflow to 0, so the torch
+    backend gives it a forward-only chunk even with the entropy term on; that chunk still has the
+    entropies the statistics need (it had none, and the op failed joining the chunks)."""
+    batch = random_batch(64, 12, 50, seed=3, mask_fraction=1.0, num_seqs=8)
+    batch["loss_mask"] = torch.ones(64)
+    batch["loss_mask"][5] = 1e-45
+    config = LuffyLossConfig.luffy(max_len=8).replace(entropy_coef=0.01, normalizer="token")
+    compare_backends(batch, config, torch.float32, "torch")
+
+
 @pytest.mark.parametrize("with_entropy", [False, True])
 def test_token_logprobs_backends_agree(with_entropy):
     batch = random_batch(50, 8, 37, with_bias=True)
