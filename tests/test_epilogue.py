@@ -51,6 +51,19 @@ def make_inputs(config: LuffyLossConfig, with_old: bool, seed: int) -> tuple[Los
     return inputs, moments
 
 
+def run_epilogue(inputs: LossInputs, moments: dict):
+    """The kernel over CHUNKS, given the forward's moments: every token's TokenBuffers."""
+    from luffy_fast.kernels.epilogue import TokenBuffers, token_terms_into
+
+    buffers = TokenBuffers.empty(inputs)
+    for name in ("lse", "logprobs", "row_max", "expected_shift"):
+        if getattr(buffers, name) is not None:
+            getattr(buffers, name).copy_(moments[name])
+    for part in CHUNKS:
+        token_terms_into(inputs, part, buffers)
+    return buffers
+
+
 CONFIGS = [
     LuffyLossConfig(shaping=shaping, clip_on_policy=clip_on, clip_off_policy=clip_off,
                     dual_clip=dual, entropy_coef=entropy, gamma=gamma, clip_low=0.2, clip_high=0.28,
@@ -65,15 +78,8 @@ CONFIGS = [
 @pytest.mark.parametrize("with_old", [True, False])
 @pytest.mark.parametrize("config", CONFIGS, ids=range(len(CONFIGS)))
 def test_epilogue_kernel_matches_the_loss_math(config, with_old):
-    from luffy_fast.kernels.epilogue import TokenBuffers, token_terms_into
-
     inputs, moments = make_inputs(config, with_old, seed=len(str(config)))
-    buffers = TokenBuffers.empty(inputs)
-    for name in ("lse", "logprobs", "row_max", "expected_shift"):
-        if getattr(buffers, name) is not None:
-            getattr(buffers, name).copy_(moments[name])
-    for part in CHUNKS:
-        token_terms_into(inputs, part, buffers)
+    buffers = run_epilogue(inputs, moments)
     got = buffers.terms()
 
     entropy = None
@@ -111,16 +117,9 @@ def test_epilogue_kernel_matches_the_loss_math(config, with_old):
 @pytest.mark.parametrize("config", CONFIGS[:6], ids=range(6))
 def test_epilogue_loss_is_the_sum_of_the_chunks(config):
     """Without NaN tokens the loss is the float64 sum to fp32 rounding."""
-    from luffy_fast.kernels.epilogue import TokenBuffers, token_terms_into
-
     inputs, moments = make_inputs(config, True, seed=7)
     moments["logprobs"][3] = -1.0  # no NaN here
-    buffers = TokenBuffers.empty(inputs)
-    for name in ("lse", "logprobs", "row_max", "expected_shift"):
-        if getattr(buffers, name) is not None:
-            getattr(buffers, name).copy_(moments[name])
-    for part in CHUNKS:
-        token_terms_into(inputs, part, buffers)
+    buffers = run_epilogue(inputs, moments)
     entropy = None
     if config.entropy_coef > 0:
         entropy = ((moments["lse"] - moments["row_max"]) - moments["expected_shift"]).double()
