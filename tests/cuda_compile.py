@@ -9,7 +9,10 @@ call sites pass, the rest scalars), and the kernel's heuristics and autotune con
 CUDA is reported present while the kernels are imported) supply its constexprs.
 
 Per kernel: every combination of its optional inputs (absent ones are None, as the call sites
-pass them) in bf16 and fp32 with its first config, and every config with all inputs present.
+pass them) in bf16 and fp32 with the first config that applies, and then every config (each
+combination of inputs that changes which configs apply). A launch on a GPU compiles a variant
+per alignment: pointers 16-byte aligned and integers divisible by 16 get `tt.divisibility`
+(vectorized loads); the combinations compile without those marks, the configs with them.
 
     python tests/cuda_compile.py [--arch 90] [--kernel NAME]   # TRITON_INTERPRET must be unset
 
@@ -31,8 +34,9 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("cuda_compile.py: unset TRITON_INTERPRET (the interpreter has no compiler to check)")
 # The kernels pick their GPU tile configs when CUDA is there (Hopper's when the capability is 9):
 # report a Hopper GPU while they are imported, so that those configs are the ones compiled.
+ARCH = int(sys.argv[sys.argv.index("--arch") + 1]) if "--arch" in sys.argv else 90
 torch.cuda.is_available = lambda: True
-torch.cuda.get_device_capability = lambda *args, **kwargs: (9, 0)
+torch.cuda.get_device_capability = lambda *args, **kwargs: divmod(ARCH, 10)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import triton  # noqa: E402
@@ -41,7 +45,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.autotuner import Autotuner, Heuristics  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from luffy_fast.kernels import backward, backward_filtered, epilogue, forward, forward_rows  # noqa: E402
+import luffy_fast.kernels  # noqa: E402
+from luffy_fast.kernels import backward_filtered  # noqa: E402
 
 # Optional inputs that come and go together at the call sites (None when absent).
 GROUPS = {
@@ -72,17 +77,30 @@ TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int64: "i64",
 # value sets to compile.
 CALL_CONSTEXPRS = {
     "_merge_splits_kernel": [{"BLOCK": 256}],
-    "_token_terms_kernel": [{"SHAPING": flag, "CLIP_ON": flag, "CLIP_OFF": flag, "HAS_DUAL": flag,
-                             "BLOCK": 1024} for flag in (True, False)],
+    # all on, all off, LuffyLossConfig's defaults, and LuffyLossConfig.luffy()'s
+    "_token_terms_kernel": [{"SHAPING": a, "CLIP_ON": b, "CLIP_OFF": c, "HAS_DUAL": d, "BLOCK": 1024}
+                            for a, b, c, d in ((True,) * 4, (False,) * 4,
+                                               (True, True, False, False),
+                                               (True, False, False, False))],
     "_filtered_grad_logits_kernel": "filter_tiles",
     "_sparse_grad_hidden_kernel": "filter_tiles",
     "_sparse_grad_weight_kernel": "filter_tiles",
 }
-KERNELS = [forward._forward_kernel, forward._merge_splits_kernel, forward_rows._row_forward_kernel,
-           backward._grad_logits_kernel, backward._grad_logits_in_place_kernel,
-           backward_filtered._filtered_grad_logits_kernel,
-           backward_filtered._sparse_grad_hidden_kernel,
-           backward_filtered._sparse_grad_weight_kernel, epilogue._token_terms_kernel]
+
+
+def discover_kernels() -> list:
+    """Every `*_kernel` Triton function in the modules of luffy_fast.kernels (the jit helpers
+    they call are compiled inside them)."""
+    import importlib
+    import pkgutil
+
+    found = []
+    for info in pkgutil.iter_modules(luffy_fast.kernels.__path__):
+        module = importlib.import_module(f"luffy_fast.kernels.{info.name}")
+        for name, value in vars(module).items():
+            if name.endswith("_kernel") and isinstance(value, (JITFunction, Autotuner, Heuristics)):
+                found.append(value)
+    return found
 
 
 def unwrap(kernel):
@@ -97,7 +115,14 @@ def unwrap(kernel):
     return kernel, heuristics, tuner
 
 
-def pointer_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+# Names that mean something else in one kernel: the epilogue's `weight_ptr` is the normalizer's
+# fp32 per-token weights, not the LM head.
+OVERRIDES = {"_token_terms_kernel": {"weight_ptr": torch.float32}}
+
+
+def pointer_dtype(kernel: str, name: str, dtype: torch.dtype) -> torch.dtype:
+    if name in OVERRIDES.get(kernel, {}):
+        return OVERRIDES[kernel][name]
     for kind, names in POINTERS.items():
         if name in names:
             return dtype if kind == "input" else kind
@@ -116,18 +141,19 @@ def call_constexprs(jit: JITFunction, heuristics: dict, dtype: torch.dtype) -> l
     return spec
 
 
-def compile_one(jit, heuristics, config, fixed: dict, present: set, dtype, target) -> None:
+def compile_one(jit, heuristics, config, fixed: dict, present: set, dtype, target,
+                aligned: bool = False) -> None:
     args = {}
     for name in jit.arg_names:
         if name.endswith("_ptr"):
             optional = (any(name in names for names in GROUPS.values())
                         and name not in REQUIRED.get(jit.__name__, set()))
-            args[name] = torch.empty(1, dtype=pointer_dtype(name, dtype)) if (
+            args[name] = torch.empty(1, dtype=pointer_dtype(jit.__name__, name, dtype)) if (
                 not optional or name in present) else None
         elif name in FLOAT_SCALARS:
             args[name] = 0.5
         else:
-            args[name] = 3
+            args[name] = 16 if aligned else 3  # sizes, strides, buckets
     constexprs = {key: value for key, value in fixed.items() if key != "__options__"}
     options = dict(fixed.get("__options__", {}))
     if config is not None:
@@ -135,7 +161,7 @@ def compile_one(jit, heuristics, config, fixed: dict, present: set, dtype, targe
         options.update(num_warps=config.num_warps, num_stages=config.num_stages)
     for name, rule in heuristics.items():
         constexprs[name] = rule({**args, **constexprs})
-    signature = {}
+    signature, attrs = {}, {}
     for index, name in enumerate(jit.arg_names):
         value = args[name]
         if name in constexprs or index in jit.constexprs:
@@ -147,12 +173,14 @@ def compile_one(jit, heuristics, config, fixed: dict, present: set, dtype, targe
             signature[name] = "*" + TYPE_NAMES[value.dtype]
         else:
             signature[name] = "fp32" if isinstance(value, float) else "i32"
-    triton.compile(ASTSource(fn=jit, signature=signature, constexprs=constexprs), target=target,
-                   options=options)
+        if aligned and signature[name] != "constexpr" and signature[name] != "fp32":
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    triton.compile(ASTSource(fn=jit, signature=signature, constexprs=constexprs, attrs=attrs),
+                   target=target, options=options)
 
 
 def cases(kernel):
-    """(label, jit, heuristics, config, call constexprs, present inputs, dtype) to compile."""
+    """(label, jit, heuristics, config, call constexprs, present inputs, dtype, aligned)."""
     jit, heuristics, tuner = unwrap(kernel)
     required = REQUIRED.get(jit.__name__, set())
     groups = [group for group, names in GROUPS.items()
@@ -166,11 +194,15 @@ def cases(kernel):
                 present = {n for group, on in zip(groups, chosen) if on for n in GROUPS[group]}
                 usable = _pruned(tuner, jit, configs, present, dtype)
                 yield (f"{jit.__name__} {dtype} inputs={sorted(g for g, on in zip(groups, chosen) if on)}",
-                       jit, heuristics, usable[0], fixed, present, dtype)
-            # every config with all of them
-            for config in _pruned(tuner, jit, configs, present_all, dtype)[1:]:
-                yield (f"{jit.__name__} {dtype} config={config}", jit, heuristics, config, fixed,
-                       present_all, dtype)
+                       jit, heuristics, usable[0], fixed, present, dtype, False)
+            # every config, aligned, with all of them (and without the logits, whose presence
+            # picks which configs apply: tile products or a read of kept logits)
+            for present in (present_all, present_all - set(GROUPS["logits"])):
+                for config in _pruned(tuner, jit, configs, present, dtype):
+                    yield (f"{jit.__name__} {dtype} aligned config={config}", jit, heuristics,
+                           config, fixed, present, dtype, True)
+                if not present_all & set(GROUPS["logits"]):
+                    break
 
 
 def _pruned(tuner, jit, configs, present: set, dtype) -> list:
@@ -190,13 +222,15 @@ def main() -> int:
     target = GPUTarget("cuda", args.arch, 32)
     failures = total = 0
     start = time.perf_counter()
-    for kernel in KERNELS:
-        for label, jit, heuristics, config, fixed, present, dtype in cases(kernel):
+    kernels = discover_kernels()
+    print(f"{len(kernels)} kernels: {', '.join(sorted(unwrap(k)[0].__name__ for k in kernels))}")
+    for kernel in kernels:
+        for label, jit, heuristics, config, fixed, present, dtype, aligned in cases(kernel):
             if args.kernel and args.kernel not in jit.__name__:
                 continue
             total += 1
             try:
-                compile_one(jit, heuristics, config, fixed, present, dtype, target)
+                compile_one(jit, heuristics, config, fixed, present, dtype, target, aligned)
             except Exception as error:  # report them all
                 failures += 1
                 first = str(error).strip().splitlines()[-1:] or [""]
