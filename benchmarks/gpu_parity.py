@@ -55,11 +55,15 @@ def make_batch(T, H, V, dtype, seed, zero_adv_fraction=0.3, dev="cuda"):
 
 def run(batch, backend, config, dtype=None):
     if backend == "triton+rows":  # the opt-in whole-row forward (kernels/forward_rows.py)
+        saved = os.environ.get("LUFFY_FAST_ROW_FORWARD")
         os.environ["LUFFY_FAST_ROW_FORWARD"] = "1"
         try:
             return run(batch, "triton", config, dtype)
         finally:
-            del os.environ["LUFFY_FAST_ROW_FORWARD"]
+            if saved is None:
+                del os.environ["LUFFY_FAST_ROW_FORWARD"]
+            else:
+                os.environ["LUFFY_FAST_ROW_FORWARD"] = saved
     hidden = batch["hidden"].detach().clone()
     weight = batch["weight"].detach().clone()
     if dtype is not None:
@@ -173,8 +177,9 @@ def main() -> int:
                     # float64 oracle for bf16, but fp32 at the largest shape (fp64 logits would not fit).
                     big = T * V > 5e8
                     oracle_dtype = torch.float32 if dtype == torch.float32 or big else torch.float64
+                    backend = "reference"  # named in the row of an error
                     try:
-                        ref = run(batch, "reference", config, dtype=oracle_dtype)
+                        ref = run(batch, backend, config, dtype=oracle_dtype)
                         for backend in ("triton", "triton+rows", "torch"):
                             if backend == "torch" and budget_name != "recompute":
                                 continue
@@ -197,7 +202,8 @@ def main() -> int:
                     except Exception as error:  # keep going: one failure must not hide the rest
                         failures += 1
                         rows.append({"T": T, "H": H, "V": V, "config": name, "budget": budget_name,
-                                     "dtype": str(dtype), "error": repr(error)[:500], "ok": False})
+                                     "dtype": str(dtype), "backend": backend,
+                                     "error": repr(error)[:500], "ok": False})
                         print(json.dumps(rows[-1]), flush=True)
                     torch.cuda.empty_cache()
 
@@ -224,7 +230,7 @@ def main() -> int:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                    "rows": rows, "failures": failures}, f, indent=1)
     print(f"\nGPU parity on {torch.cuda.get_device_name()} (max relative errors)")
-    print(f"{'shape':<22}{'config':<14}{'budget':<10}{'dtype':<10}{'backend':<8}"
+    print(f"{'shape':<22}{'config':<14}{'budget':<10}{'dtype':<10}{'backend':<12}"
           f"{'loss':>10}{'d_hidden':>10}{'d_weight':>10}  ok")
     for r in rows:
         if "target" in r:
@@ -243,7 +249,7 @@ def main() -> int:
             print(f"{r['T']}x{r['H']}x{r['V']:<8} {r['config']:<14}{r['budget']:<10}ERROR {r['error'][:80]}")
         else:
             print(f"{r['T']}x{r['H']}x{r['V']:<8} {r['config']:<14}{r['budget']:<10}{r['dtype']:<10}"
-                  f"{r['backend']:<8}{r['loss']:>10.2e}{r['d_hidden']:>10.2e}{r['d_weight']:>10.2e}  "
+                  f"{r['backend']:<12}{r['loss']:>10.2e}{r['d_hidden']:>10.2e}{r['d_weight']:>10.2e}  "
                   f"{'ok' if r['ok'] else 'FAIL'}")
     print(f"parity failures: {failures}")
     return 1 if failures else 0

@@ -72,6 +72,10 @@ def _luffy(inputs: Inputs, backend: str) -> torch.Tensor:
 
 def loss_fn(impl: str) -> Callable[[Inputs], torch.Tensor]:
     """The scalar-loss function of a loss implementation (not gemm_floor)."""
+    base, env = split_switches(impl)
+    if env:
+        compute = loss_fn(base)
+        return lambda x: _switched(lambda: compute(x), env)()
     if impl == "naive":
         return lambda x: naive_luffy_loss(x.hidden, x.weight, x.targets, x.advantages, x.loss_mask,
                                           x.off_policy_mask, x.seq_ids, x.config)
@@ -141,18 +145,18 @@ def _backend_error(backend: str, device: str) -> Optional[str]:
 
 def skip_reason(impl: str, device: str, dry_run: bool = False) -> Optional[str]:
     """Why `impl` cannot be benchmarked on `device` (None: it can)."""
-    impl, _ = split_switches(impl)
+    base, _ = split_switches(impl)
     cuda = device.startswith("cuda")
-    if impl == "liger":
+    if base == "liger":
         return liger_import_error()
-    if impl == "triton" or impl in TRITON_VARIANTS or impl == "token_logprobs":
+    if base == "triton" or base in TRITON_VARIANTS or base == "token_logprobs":
         if not cuda and not dry_run:
             return "triton backend: CUDA only (on the CPU it runs in the slow Triton interpreter)"
         if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
             return "triton backend on the CPU needs TRITON_INTERPRET=1 set before Python starts"
+        return _backend_error(impl, device)  # with its switches: their path is probed too
+    if base == "torch":
         return _backend_error(impl, device)
-    if impl == "torch":
-        return _backend_error("torch", device)
-    if impl in ("gemm_floor", "gemm_logits") and not cuda and not dry_run:
+    if base in ("gemm_floor", "gemm_logits") and not cuda and not dry_run:
         return "the GEMM floor is measured in the CUDA plan"
     return None

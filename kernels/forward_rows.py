@@ -12,9 +12,12 @@ exp(z - m) (z - m)), a new logit z with d = z - m updates them with one exponent
 a new max (d > 0) rescales the sums by e and starts them at 1 (or 0 for the target) and 0; else
 the sums add e (and e d). The row's slots merge at the end as the splits do in forward.py, and the
 outputs are those of logsumexp_forward: logsumexp, log pi (through log1p of the non-target sum,
-exact as pi -> 1), the max and E_p[z] - max.
+exact as pi -> 1), the max and E_p[z] - max. One difference: a -inf logit (a banned token) takes
+no probability here and leaves E_p[z] finite, where the split kernel's is NaN.
 
-Opt-in while its speed on a GPU is unmeasured: LUFFY_FAST_ROW_FORWARD=1 (read at each call).
+Opt-in while its speed on a GPU is unmeasured: LUFFY_FAST_ROW_FORWARD=1 (read at each call). With
+no vocabulary split, a chunk needs a couple of rows per streaming multiprocessor to fill the GPU;
+smaller chunks keep the split kernel.
 """
 
 from __future__ import annotations
@@ -28,8 +31,14 @@ import triton.language as tl
 from .utils import INTERPRET, shape_bucket
 
 
-def row_forward_enabled() -> bool:
-    return os.environ.get("LUFFY_FAST_ROW_FORWARD", "0") == "1"
+def row_forward_enabled(num_rows: int) -> bool:
+    """LUFFY_FAST_ROW_FORWARD=1, and a chunk of `num_rows` rows fills the GPU (two per SM)."""
+    if os.environ.get("LUFFY_FAST_ROW_FORWARD", "0") != "1":
+        return False
+    if INTERPRET or not torch.cuda.is_available():
+        return True
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return num_rows >= 2 * sms
 
 
 def _configs() -> list[triton.Config]:
@@ -64,7 +73,7 @@ def _row_forward_kernel(
         offs_v = v0 + tl.arange(0, BLOCK_V)
         valid = t_mask[:, None] & (offs_v < V)[None, :]
         z = tl.load(logits_ptr + rows[:, None] * stride_logits + offs_v[None, :], mask=valid,
-                    other=0.0)
+                    other=0.0).to(tl.float32)
         if HAS_BIAS:
             z += tl.load(bias_ptr + offs_v, mask=offs_v < V, other=0.0).to(tl.float32)[None, :]
         z = z * inv_temperature
@@ -84,7 +93,8 @@ def _row_forward_kernel(
     top = tl.max(m, axis=1)
     scale = tl.exp(m - top[:, None])  # a slot that saw nothing has m = -inf: scale 0
     others = tl.sum(s * scale, axis=1)
-    target_raw = tl.load(logits_ptr + rows * stride_logits + targets, mask=t_mask, other=0.0)
+    target_raw = tl.load(logits_ptr + rows * stride_logits + targets, mask=t_mask,
+                         other=0.0).to(tl.float32)
     if HAS_BIAS:
         target_raw += tl.load(bias_ptr + targets, mask=t_mask, other=0.0).to(tl.float32)
     target_shift = target_raw * inv_temperature - top

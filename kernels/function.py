@@ -219,7 +219,7 @@ def _kept_forward(hidden, weight, bias, rows, targets, temperature: float, with_
                   logits: Tensor, out=None):
     """The forward statistics of a chunk from its kept logits: the split kernel, or the whole-row
     one when LUFFY_FAST_ROW_FORWARD=1 (kernels/forward_rows.py)."""
-    if row_forward_enabled():
+    if row_forward_enabled(logits.shape[0]):
         return row_forward(logits, bias, targets, temperature, with_entropy, out)
     return logsumexp_forward(hidden, weight, bias, rows, targets, temperature, with_entropy,
                              logits=logits, out=out)
