@@ -174,8 +174,9 @@ def _kept_lists(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def filtered_gradients(hidden, weight, bias, tokens, temperature: float, threshold: float,
                        out: torch.Tensor, grads, logits=None, logit_rows=None,
                        weight_mean: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """dL/dz of `tokens` (an _ActiveTokens chunk of C tokens) into `out` [C, V] for the blocks that
-    pass the filter, then their share of d(hidden), d(weight) and d(bias) (`grads`, accumulated).
+    """dL/dz of `tokens` (C tokens: kernels/gradients.py, ActiveTokens) into `out` [C, V] for the
+    blocks that pass the filter, then their share of d(hidden), d(weight) and d(bias) (`grads`,
+    accumulated).
     `weight_mean` [H] (fp32 mean of the weight rows) is needed for d(hidden).
 
     Returns the block map [C / BLOCK_T, V / BLOCK_V] (int8, 1 = kept)."""

@@ -18,7 +18,7 @@ definition the other backends use, by tests/test_epilogue.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -30,12 +30,18 @@ from luffy_fast.gemm import fp32_logits
 from luffy_fast.inputs import LossInputs
 from luffy_fast.loss_math import entropy_from_moments
 
-from .backward import grad_logits, grad_logits_in_place
-from .backward_filtered import filtered_gradients
+from .backward import grad_logits_in_place
 from .epilogue import TokenBuffers, token_terms_into
 from .forward import logsumexp_forward
 from .forward_rows import row_forward, row_forward_enabled
-from .gradients import FilterCount, KeptGradients, PendingGradients, zero_gradients
+from .gradients import (
+    ActiveTokens,
+    FilterCount,
+    KeptGradients,
+    PendingGradients,
+    add_gradients,
+    zero_gradients,
+)
 from .utils import INTERPRET
 
 # Below this many rows per chunk, GEMMs get too thin to pay for keeping logits (the d(weight)
@@ -82,63 +88,6 @@ def _kept_rows(config: LuffyLossConfig, device: torch.device, num_tokens: int,
     if num_tokens > 0 and rows >= min(num_tokens, MIN_KEPT_ROWS.get(device.type, 16)):
         return min(rows, num_tokens)
     return 0
-
-
-@dataclass
-class _ActiveTokens:
-    """The gradient kernel's per-token inputs, for the tokens with something to contribute."""
-
-    rows: Tensor  # rows of hidden
-    targets: Tensor
-    lse: Tensor
-    logprobs: Tensor
-    coef: Tensor  # dL/d log pi with the normalizer
-    entropy_weight: Optional[Tensor]
-    row_max: Optional[Tensor]
-    expected_shift: Optional[Tensor]  # E_p[z] - max
-
-    @classmethod
-    def select(cls, terms: TokenBuffers, rows: Tensor, targets: Tensor) -> tuple[_ActiveTokens, Tensor]:
-        """The active tokens among `terms` (compacted), and their positions among them."""
-        position = terms.active.nonzero().squeeze(1)
-        pick = lambda t: None if t is None else t[position].contiguous()  # noqa: E731
-        row_max = terms.row_max if terms.expected_shift is not None else None
-        tokens = cls(pick(rows), pick(targets), pick(terms.lse), pick(terms.logprobs),
-                     pick(terms.coef), pick(terms.entropy_weight), pick(row_max),
-                     pick(terms.expected_shift))
-        return tokens, position
-
-    def __len__(self) -> int:
-        return self.rows.numel()
-
-    def __getitem__(self, part: slice) -> _ActiveTokens:
-        return _ActiveTokens(*(None if getattr(self, f.name) is None else getattr(self, f.name)[part]
-                               for f in fields(self)))
-
-    def scaled(self, factor: Tensor) -> _ActiveTokens:
-        """The loss is linear in coef and entropy_weight: an upstream gradient scales both."""
-        entropy_weight = None if self.entropy_weight is None else self.entropy_weight * factor
-        return replace(self, coef=self.coef * factor, entropy_weight=entropy_weight)
-
-
-def _add_gradients(tokens: _ActiveTokens, pending: PendingGradients, bias: Optional[Tensor],
-                   temperature: float, logits: Optional[Tensor] = None,
-                   logit_rows: Optional[Tensor] = None, grad_filter: Optional[FilterCount] = None):
-    """dL/dz of `tokens` into `pending`'s buffer, and its share of the three gradients: when the
-    buffer is full (PendingGradients), or, with the gradient filter, right away for the blocks
-    that pass it (kernels/backward_filtered.py: its block-sparse GEMMs run per call)."""
-    out, hidden, weight = pending.slot(len(tokens)), pending.hidden, pending.weight
-    if grad_filter is not None:
-        keep = filtered_gradients(hidden, weight, bias, tokens, temperature, grad_filter.threshold,
-                                  out, pending.grads, logits=logits, logit_rows=logit_rows,
-                                  weight_mean=(grad_filter.weight_mean(weight)
-                                               if pending.grads[0] is not None else None))
-        grad_filter.add(keep)
-        return
-    grad_logits(hidden, weight, bias, tokens.rows, tokens.targets, tokens.lse, tokens.logprobs,
-                tokens.coef, tokens.entropy_weight, tokens.row_max, tokens.expected_shift,
-                temperature, out, logits=logits, logit_rows=logit_rows)
-    pending.add(tokens.rows)
 
 
 def _filter_count(config: LuffyLossConfig, device: torch.device) -> Optional[FilterCount]:
@@ -195,13 +144,13 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
             gradients.add_chunk(grad, hidden_rows, rows, last)
             del grad
         elif gradient_chunk:
-            tokens, position = _ActiveTokens.select(terms, rows, targets)
+            tokens, position = ActiveTokens.select(terms, rows, targets)
             if len(tokens):
                 if pending is None:
                     buffer = torch.empty((min(chunk, N), weight.shape[0]),
                                          dtype=hidden.dtype, device=hidden.device)
                     pending = PendingGradients(buffer, hidden, weight, gradients.accumulators())
-                _add_gradients(tokens, pending, bias, config.temperature, logits=logits,
+                add_gradients(tokens, pending, bias, config.temperature, logits=logits,
                                logit_rows=position, grad_filter=grad_filter)
         del logits  # before the next chunk's GEMM allocates its own: one chunk in memory at a time
     if num_maybe_active == 0:
@@ -234,12 +183,12 @@ def _stray_gradients(inputs: LossInputs, buffers: TokenBuffers, count: int, hidd
     them, and their logits, long gone, recomputed in tiles."""
     if count == 0 or not bool(buffers.active[:count].any()):
         return
-    tokens, _ = _ActiveTokens.select(buffers[:count], inputs.rows[:count], inputs.targets[:count])
+    tokens, _ = ActiveTokens.select(buffers[:count], inputs.rows[:count], inputs.targets[:count])
     buffer = torch.empty((min(chunk, len(tokens)), weight.shape[0]), dtype=hidden.dtype,
                          device=hidden.device)
     pending = PendingGradients(buffer, hidden, weight, gradients.accumulators())
     for start in range(0, len(tokens), chunk):
-        _add_gradients(tokens[start:start + chunk], pending, bias, inputs.config.temperature)
+        add_gradients(tokens[start:start + chunk], pending, bias, inputs.config.temperature)
     pending.flush()
 
 
@@ -247,7 +196,7 @@ def _stray_gradients(inputs: LossInputs, buffers: TokenBuffers, count: int, hidd
 class _BackwardState:
     """What the recompute backward needs."""
 
-    tokens: _ActiveTokens
+    tokens: ActiveTokens
     temperature: float
     chunk: int
     grad_filter: Optional[FilterCount]
@@ -265,7 +214,7 @@ def _recompute_forward(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias:
     terms = buffers.terms()
     state, stats = None, inputs.summarize(terms)
     if needs_grad:  # only the active tokens go to the backward
-        tokens, _ = _ActiveTokens.select(buffers, inputs.rows, inputs.targets)
+        tokens, _ = ActiveTokens.select(buffers, inputs.rows, inputs.targets)
         grad_filter = _filter_count(config, hidden.device)
         skipped = None if grad_filter is None else grad_filter.fraction()
         state = _BackwardState(tokens, config.temperature, chunk, grad_filter, skipped)
@@ -296,7 +245,7 @@ class _RecomputeBackward(torch.autograd.Function):
                              device=hidden.device)
         pending = PendingGradients(buffer, hidden_c, weight_c, grads)  # one chunk fills it
         for start in range(0, len(tokens), chunk):
-            _add_gradients(tokens[start:start + chunk], pending, bias if has_bias else None,
+            add_gradients(tokens[start:start + chunk], pending, bias if has_bias else None,
                            state.temperature, grad_filter=state.grad_filter)
         pending.flush()
         if state.grad_filter is not None:

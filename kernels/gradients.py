@@ -1,5 +1,6 @@
 """Where the triton backend's gradients add up across chunks of tokens.
 
+`ActiveTokens` are the dL/dz kernels' per-token inputs and `add_gradients` their launch;
 `zero_gradients` are the plain accumulators (the recompute backward, the gradient filter);
 `PendingGradients` gathers dL/dz rows of several chunks before their GEMMs; `KeptGradients`
 runs the kept strategy's GEMMs with two passes over d(weight) left out; `FilterCount` counts the
@@ -8,12 +9,14 @@ gradient filter's skipped blocks.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .backward import accumulate_gradients
+from .backward import accumulate_gradients, grad_logits
+from .backward_filtered import filtered_gradients
 
 
 def zero_gradients(hidden: Tensor, weight: Tensor, needs: tuple[bool, bool, bool]):
@@ -142,3 +145,61 @@ class KeptGradients:
             if grad is not None:
                 grad.mul_(scale)
         return self.grad_hidden, self.grad_weight, self.grad_bias
+
+
+@dataclass
+class ActiveTokens:
+    """The gradient kernel's per-token inputs, for the tokens with something to contribute."""
+
+    rows: Tensor  # rows of hidden
+    targets: Tensor
+    lse: Tensor
+    logprobs: Tensor
+    coef: Tensor  # dL/d log pi with the normalizer
+    entropy_weight: Optional[Tensor]
+    row_max: Optional[Tensor]
+    expected_shift: Optional[Tensor]  # E_p[z] - max
+
+    @classmethod
+    def select(cls, terms, rows: Tensor, targets: Tensor) -> tuple[ActiveTokens, Tensor]:
+        """The active tokens among `terms` (TokenBuffers of a chunk: compacted), and their
+        positions among them."""
+        position = terms.active.nonzero().squeeze(1)
+        pick = lambda t: None if t is None else t[position].contiguous()  # noqa: E731
+        row_max = terms.row_max if terms.expected_shift is not None else None
+        tokens = cls(pick(rows), pick(targets), pick(terms.lse), pick(terms.logprobs),
+                     pick(terms.coef), pick(terms.entropy_weight), pick(row_max),
+                     pick(terms.expected_shift))
+        return tokens, position
+
+    def __len__(self) -> int:
+        return self.rows.numel()
+
+    def __getitem__(self, part: slice) -> ActiveTokens:
+        return ActiveTokens(*(None if getattr(self, f.name) is None else getattr(self, f.name)[part]
+                              for f in fields(self)))
+
+    def scaled(self, factor: Tensor) -> ActiveTokens:
+        """The loss is linear in coef and entropy_weight: an upstream gradient scales both."""
+        entropy_weight = None if self.entropy_weight is None else self.entropy_weight * factor
+        return replace(self, coef=self.coef * factor, entropy_weight=entropy_weight)
+
+
+def add_gradients(tokens: ActiveTokens, pending: PendingGradients, bias: Optional[Tensor],
+                  temperature: float, logits: Optional[Tensor] = None,
+                  logit_rows: Optional[Tensor] = None, grad_filter: Optional[FilterCount] = None):
+    """dL/dz of `tokens` into `pending`'s buffer, and its share of the three gradients: when the
+    buffer is full (PendingGradients), or, with the gradient filter, right away for the blocks
+    that pass it (kernels/backward_filtered.py: its block-sparse GEMMs run per call)."""
+    out, hidden, weight = pending.slot(len(tokens)), pending.hidden, pending.weight
+    if grad_filter is not None:
+        keep = filtered_gradients(hidden, weight, bias, tokens, temperature, grad_filter.threshold,
+                                  out, pending.grads, logits=logits, logit_rows=logit_rows,
+                                  weight_mean=(grad_filter.weight_mean(weight)
+                                               if pending.grads[0] is not None else None))
+        grad_filter.add(keep)
+        return
+    grad_logits(hidden, weight, bias, tokens.rows, tokens.targets, tokens.lse, tokens.logprobs,
+                tokens.coef, tokens.entropy_weight, tokens.row_max, tokens.expected_shift,
+                temperature, out, logits=logits, logit_rows=logit_rows)
+    pending.add(tokens.rows)
