@@ -151,7 +151,7 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
                                          dtype=hidden.dtype, device=hidden.device)
                     pending = PendingGradients(buffer, hidden, weight, gradients.accumulators())
                 add_gradients(tokens, pending, bias, config.temperature, logits=logits,
-                               logit_rows=position, grad_filter=grad_filter)
+                              logit_rows=position, grad_filter=grad_filter)
         del logits  # before the next chunk's GEMM allocates its own: one chunk in memory at a time
     if num_maybe_active == 0:
         _stray_gradients(inputs, buffers, N, hidden, weight, bias, chunk, gradients)
@@ -246,7 +246,7 @@ class _RecomputeBackward(torch.autograd.Function):
         pending = PendingGradients(buffer, hidden_c, weight_c, grads)  # one chunk fills it
         for start in range(0, len(tokens), chunk):
             add_gradients(tokens[start:start + chunk], pending, bias if has_bias else None,
-                           state.temperature, grad_filter=state.grad_filter)
+                          state.temperature, grad_filter=state.grad_filter)
         pending.flush()
         if state.grad_filter is not None:
             state.skipped_fraction.copy_(state.grad_filter.fraction())
