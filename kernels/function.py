@@ -40,6 +40,7 @@ from .gradients import (
     KeptGradients,
     PendingGradients,
     add_gradients,
+    recomputed_gradients,
     zero_gradients,
 )
 from .utils import INTERPRET
@@ -184,12 +185,8 @@ def _stray_gradients(inputs: LossInputs, buffers: TokenBuffers, count: int, hidd
     if count == 0 or not bool(buffers.active[:count].any()):
         return
     tokens, _ = ActiveTokens.select(buffers[:count], inputs.rows[:count], inputs.targets[:count])
-    buffer = torch.empty((min(chunk, len(tokens)), weight.shape[0]), dtype=hidden.dtype,
-                         device=hidden.device)
-    pending = PendingGradients(buffer, hidden, weight, gradients.accumulators())
-    for start in range(0, len(tokens), chunk):
-        add_gradients(tokens[start:start + chunk], pending, bias, inputs.config.temperature)
-    pending.flush()
+    recomputed_gradients(tokens, hidden, weight, bias, inputs.config.temperature, chunk,
+                         gradients.accumulators())
 
 
 @dataclass
@@ -240,14 +237,9 @@ class _RecomputeBackward(torch.autograd.Function):
         needs = (ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[3] and has_bias)
         hidden_c, weight_c = hidden.detach().contiguous(), weight.detach().contiguous()
         grads = zero_gradients(hidden_c, weight_c, needs)
-        tokens, chunk = state.tokens.scaled(grad_loss), state.chunk
-        buffer = torch.empty((min(chunk, len(tokens)), weight.shape[0]), dtype=hidden.dtype,
-                             device=hidden.device)
-        pending = PendingGradients(buffer, hidden_c, weight_c, grads)  # one chunk fills it
-        for start in range(0, len(tokens), chunk):
-            add_gradients(tokens[start:start + chunk], pending, bias if has_bias else None,
-                          state.temperature, grad_filter=state.grad_filter)
-        pending.flush()
+        recomputed_gradients(state.tokens.scaled(grad_loss), hidden_c, weight_c,
+                             bias if has_bias else None, state.temperature, state.chunk, grads,
+                             state.grad_filter)
         if state.grad_filter is not None:
             state.skipped_fraction.copy_(state.grad_filter.fraction())
         grad_hidden, grad_weight, grad_bias = grads

@@ -2,7 +2,8 @@
 
 `ActiveTokens` are the dL/dz kernels' per-token inputs and `add_gradients` their launch;
 `zero_gradients` are the plain accumulators (the recompute backward, the gradient filter);
-`PendingGradients` gathers dL/dz rows of several chunks before their GEMMs; `KeptGradients`
+`PendingGradients` gathers dL/dz rows of several chunks before their GEMMs, and
+`recomputed_gradients` feeds it from recomputed logits; `KeptGradients`
 runs the kept strategy's GEMMs with two passes over d(weight) left out; `FilterCount` counts the
 gradient filter's skipped blocks.
 """
@@ -53,8 +54,8 @@ class FilterCount:
 
 class PendingGradients:
     """dL/dz rows of active tokens gathered in one buffer, possibly across chunks, multiplied into
-    the gradients `grads` (plain accumulators) when it is full and at the end: the recompute
-    backward's chunks, and the kept strategy's stray active tokens in a forward-only chunk."""
+    the gradients `grads` (plain accumulators) when it is full and at the end: the chunks of
+    `recomputed_gradients`, and the kept pass's chunks under the gradient filter."""
 
     def __init__(self, buffer: Tensor, hidden: Tensor, weight: Tensor, grads):
         self.buffer, self.hidden, self.weight, self.grads = buffer, hidden, weight, grads
@@ -203,3 +204,18 @@ def add_gradients(tokens: ActiveTokens, pending: PendingGradients, bias: Optiona
                 tokens.coef, tokens.entropy_weight, tokens.row_max, tokens.expected_shift,
                 temperature, out, logits=logits, logit_rows=logit_rows)
     pending.add(tokens.rows)
+
+
+def recomputed_gradients(tokens: ActiveTokens, hidden: Tensor, weight: Tensor,
+                         bias: Optional[Tensor], temperature: float, chunk: int, grads,
+                         grad_filter: Optional[FilterCount] = None) -> None:
+    """dL/dz of `tokens` from logit tiles recomputed from hidden and weight, `chunk` tokens at a
+    time through one buffer, added into `grads` (plain accumulators): the recompute backward,
+    and the kept pass's stray tokens whose logits are gone."""
+    buffer = torch.empty((min(chunk, len(tokens)), weight.shape[0]), dtype=hidden.dtype,
+                         device=hidden.device)
+    pending = PendingGradients(buffer, hidden, weight, grads)  # one chunk fills it
+    for start in range(0, len(tokens), chunk):
+        add_gradients(tokens[start:start + chunk], pending, bias, temperature,
+                      grad_filter=grad_filter)
+    pending.flush()
