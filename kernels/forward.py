@@ -16,7 +16,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import AUTOTUNE, INTERPRET, LOGIT_FLAGS, logit_tile, num_vocab_splits, shape_bucket
+from .utils import (
+    AUTOTUNE,
+    INTERPRET,
+    LOGIT_FLAGS,
+    logit_tile,
+    lse_and_logprob,
+    num_vocab_splits,
+    shape_bucket,
+)
 
 
 @triton.heuristics({**LOGIT_FLAGS, "WITH_ENTROPY": lambda args: args["sum_pz_ptr"] is not None})
@@ -111,20 +119,19 @@ def _merge_splits_kernel(
             moved = tl.where(sum_all > 0, (split_max - top) * sum_all, 0.0)
             total_pz += (tl.load(sum_pz_ptr + s * N + offs, mask=mask, other=0.0) + moved) * scale
             total_all += sum_all * scale
-    target_shift = target_logit - top
-    target_exp = tl.exp(target_shift)
-    total = others + target_exp
-    # log pi = -log1p(others / exp(z_y - max)), log1p as log(u) x / (u - 1) with u = 1 + x
-    # (exact to rounding for small x, where log(1 + x) would lose it)
-    ratio = others / target_exp
-    u = 1.0 + ratio
-    log1p = tl.where(u == 1.0, ratio, tl.log(u) * ratio / (u - 1.0))
-    logprob = tl.where(target_shift > -20, -log1p, target_shift - tl.log(total))
-    tl.store(lse_ptr + offs, top + tl.log(total), mask=mask)
+    lse, logprob = lse_and_logprob(top, others, target_logit - top)
+    tl.store(lse_ptr + offs, lse, mask=mask)
     tl.store(logprob_ptr + offs, logprob, mask=mask)
     tl.store(top_ptr + offs, top, mask=mask)
     if WITH_ENTROPY:
         tl.store(expected_shift_ptr + offs, total_pz / total_all, mask=mask)
+
+
+def moment_outputs(n: int, device: torch.device, with_entropy: bool):
+    """Empty [n] fp32 outputs of the forward: logsumexp, log pi, max, E_p[z] - max (None without
+    entropy)."""
+    new = lambda: torch.empty(n, dtype=torch.float32, device=device)  # noqa: E731
+    return new(), new(), new(), new() if with_entropy else None
 
 
 def merge_splits(run_max, run_other, run_sum_all, run_sum_pz, target_logit, out=None):
@@ -137,10 +144,8 @@ def merge_splits(run_max, run_other, run_sum_all, run_sum_pz, target_logit, out=
     otherwise the last output is None.
     """
     S, N = run_max.shape
-    if out is None:
-        new = lambda: torch.empty(N, dtype=torch.float32, device=run_max.device)  # noqa: E731
-        out = (new(), new(), new(), new() if run_sum_pz is not None else None)
-    lse, logprobs, top, expected_shift = out
+    lse, logprobs, top, expected_shift = out or moment_outputs(N, run_max.device,
+                                                               run_sum_pz is not None)
     if N > 0:
         block = 128 if INTERPRET else 256
         _merge_splits_kernel[(triton.cdiv(N, block),)](

@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import INTERPRET, shape_bucket
+from .forward import moment_outputs
+from .utils import INTERPRET, lse_and_logprob, shape_bucket
 
 
 def row_forward_enabled(num_rows: int) -> bool:
@@ -97,16 +98,9 @@ def _row_forward_kernel(
                          other=0.0).to(tl.float32)
     if HAS_BIAS:
         target_raw += tl.load(bias_ptr + targets, mask=t_mask, other=0.0).to(tl.float32)
-    target_shift = target_raw * inv_temperature - top
-    target_exp = tl.exp(target_shift)
-    total = others + target_exp
-    # log pi = -log1p(others / exp(z_y - max)), log1p as log(u) x / (u - 1) with u = 1 + x
-    ratio = others / target_exp
-    u = 1.0 + ratio
-    log1p = tl.where(u == 1.0, ratio, tl.log(u) * ratio / (u - 1.0))
-    tl.store(lse_ptr + offs_t, top + tl.log(total), mask=t_mask)
-    tl.store(logprob_ptr + offs_t, tl.where(target_shift > -20, -log1p, target_shift - tl.log(total)),
-             mask=t_mask)
+    lse, logprob = lse_and_logprob(top, others, target_raw * inv_temperature - top)
+    tl.store(lse_ptr + offs_t, lse, mask=t_mask)
+    tl.store(logprob_ptr + offs_t, logprob, mask=t_mask)
     tl.store(top_ptr + offs_t, top, mask=t_mask)
     if WITH_ENTROPY:
         shift = tl.where(s_all > 0, (m - top[:, None]) * s_all, 0.0)
@@ -120,10 +114,7 @@ def row_forward(logits: torch.Tensor, bias, targets: torch.Tensor, temperature: 
     whose raw logits h W^T are the rows of `logits` [C, V] (fp32, row i for token i), written into
     `out` when given (four [C] fp32 tensors, the last None without entropy)."""
     C, V = logits.shape
-    if out is None:
-        new = lambda: torch.empty(C, dtype=torch.float32, device=logits.device)  # noqa: E731
-        out = (new(), new(), new(), new() if with_entropy else None)
-    lse, logprobs, top, expected_shift = out
+    lse, logprobs, top, expected_shift = out or moment_outputs(C, logits.device, with_entropy)
     if C > 0:
         grid = lambda meta: (triton.cdiv(C, meta["BLOCK_T"]),)  # noqa: E731
         _row_forward_kernel[grid](

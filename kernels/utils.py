@@ -123,3 +123,17 @@ def expm1(x):
     """exp(x) - 1 without cancellation near 0 (a degree-6 Taylor polynomial for |x| < 0.1)."""
     taylor = x * (1.0 + x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (1.0 / 720))))))
     return tl.where(tl.abs(x) < 0.1, taylor, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def lse_and_logprob(top, others, target_shift):
+    """logsumexp and log pi of tokens from their max logit `top`, the sum of exp(z - top) over
+    the non-target entries and z_y - top. log pi = -log1p(others / exp(z_y - top)) keeps full
+    relative precision as pi -> 1 (where z_y - logsumexp would cancel); log1p as log(u) x / (u - 1)
+    with u = 1 + x (exact to rounding for small x, where log(1 + x) would lose it)."""
+    target_exp = tl.exp(target_shift)
+    log_total = tl.log(others + target_exp)
+    ratio = others / target_exp
+    u = 1.0 + ratio
+    log1p = tl.where(u == 1.0, ratio, tl.log(u) * ratio / (u - 1.0))
+    return top + log_total, tl.where(target_shift > -20, -log1p, target_shift - log_total)
