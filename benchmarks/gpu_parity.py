@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from benchmarks.cases import GRAD_FILTER, peaked_hidden_weight  # noqa: E402
+from benchmarks.impls import split_switches, switched  # noqa: E402
 from luffy_fast import LuffyLossConfig, fused_luffy_loss, token_logprobs  # noqa: E402
 
 START = time.perf_counter()
@@ -54,16 +55,9 @@ def make_batch(T, H, V, dtype, seed, zero_adv_fraction=0.3, dev="cuda"):
 
 
 def run(batch, backend, config, dtype=None):
-    if backend == "triton+rows":  # the opt-in whole-row forward (kernels/forward_rows.py)
-        saved = os.environ.get("LUFFY_FAST_ROW_FORWARD")
-        os.environ["LUFFY_FAST_ROW_FORWARD"] = "1"
-        try:
-            return run(batch, "triton", config, dtype)
-        finally:
-            if saved is None:
-                del os.environ["LUFFY_FAST_ROW_FORWARD"]
-            else:
-                os.environ["LUFFY_FAST_ROW_FORWARD"] = saved
+    base, env = split_switches(backend)  # "triton+rows": the opt-in whole-row forward
+    if env:
+        return switched(lambda: run(batch, base, config, dtype), env)()
     hidden = batch["hidden"].detach().clone()
     weight = batch["weight"].detach().clone()
     if dtype is not None:

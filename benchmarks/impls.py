@@ -45,7 +45,8 @@ def split_switches(impl: str) -> tuple[str, dict[str, str]]:
     return base, {key: value for name in names for key, value in SWITCHES[name].items()}
 
 
-def _switched(step: Callable, env: dict[str, str]) -> Callable:
+def switched(step: Callable, env: dict[str, str]) -> Callable:
+    """`step` run with the environment `env` set, and the previous values put back after."""
     def run():
         saved = {key: os.environ.get(key) for key in env}
         os.environ.update(env)
@@ -75,7 +76,7 @@ def loss_fn(impl: str) -> Callable[[Inputs], torch.Tensor]:
     base, env = split_switches(impl)
     if env:
         compute = loss_fn(base)
-        return lambda x: _switched(lambda: compute(x), env)()
+        return lambda x: switched(lambda: compute(x), env)()
     if impl == "naive":
         return lambda x: naive_luffy_loss(x.hidden, x.weight, x.targets, x.advantages, x.loss_mask,
                                           x.off_policy_mask, x.seq_ids, x.config)
@@ -108,7 +109,7 @@ def make_step(impl: str, inputs: Inputs) -> Callable[[], Optional[torch.Tensor]]
     gemm_logits and token_logprobs are forward only (no grad)."""
     base, env = split_switches(impl)
     if env:
-        return _switched(make_step(base, inputs), env)
+        return switched(make_step(base, inputs), env)
     if impl == "gemm_floor":
         return GemmFloor(inputs)
     h, w = inputs.hidden.detach(), inputs.weight.detach()
