@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .forward import moment_outputs
-from .utils import INTERPRET, lse_and_logprob, shape_bucket
+from .utils import INTERPRET, lse_and_logprob, num_sms, shape_bucket
 
 
 def row_forward_enabled(num_rows: int) -> bool:
@@ -38,8 +38,7 @@ def row_forward_enabled(num_rows: int) -> bool:
         return False
     if INTERPRET or not torch.cuda.is_available():
         return True
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    return num_rows >= 2 * sms
+    return num_rows >= 2 * num_sms()
 
 
 def _configs() -> list[triton.Config]:

@@ -78,13 +78,18 @@ def shape_bucket(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def num_sms() -> int:
+    """Streaming multiprocessors of the current CUDA device."""
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
 def num_vocab_splits(num_tokens: int, vocab_size: int) -> int:
     """Vocabulary splits for the forward grid, so that small token counts still fill the GPU."""
     if INTERPRET or not torch.cuda.is_available():
         return max(1, min(3, triton.cdiv(vocab_size, 64)))
     # About 4k vocabulary entries per split keeps each program's loop long and its partials few;
     # more splits when there are too few token tiles to fill the GPU.
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    sms = num_sms()
     token_tiles = triton.cdiv(max(num_tokens, 1), 128)
     splits = max(triton.cdiv(vocab_size, 4096), triton.cdiv(2 * sms, token_tiles))
     return max(1, min(splits, triton.cdiv(vocab_size, 512)))
