@@ -32,8 +32,9 @@ TRITON_VARIANTS = {"triton_256mb": {"memory_budget_mb": 256}, "triton_lowmem": {
 LUFFY_IMPLS = ("torch", "triton", "reference", *TRITON_VARIANTS)
 # Opt-in kernel switches, which the kernels read from the environment at each call, named as a
 # suffix of any implementation: "triton+rows" is "triton" with LUFFY_FAST_ROW_FORWARD=1
-# (kernels/forward_rows.py), "token_logprobs+rows" likewise.
-SWITCHES = {"rows": {"LUFFY_FAST_ROW_FORWARD": "1"}}
+# (kernels/forward_rows.py), "token_logprobs+rows" likewise; "+half" keeps 16-bit logits
+# (luffy_fast.gemm.half_logits); "triton+rows+half" both.
+SWITCHES = {"rows": {"LUFFY_FAST_ROW_FORWARD": "1"}, "half": {"LUFFY_FAST_HALF_LOGITS": "1"}}
 
 
 def split_switches(impl: str) -> tuple[str, dict[str, str]]:

@@ -1,11 +1,12 @@
 """Where the fused op's time goes on a GPU: torch.profiler over one forward + backward.
 
-For each (scenario, implementation) pair: the wall time of one step (median of 3, CUDA events),
+For each (scenario, implementation) pair: the wall time of one step (median of 5, CUDA events),
 the CUDA time the profiler saw, and the kernels that took the most of it. The gap between the
 two is time the GPU sat idle (host-side work, synchronizations). Writes profile.txt under $OUT.
 
     python -m benchmarks.profile_op [--shape T,H,V] [--runs dense:triton,rlvr:triton,...] [--trace]
     python -m benchmarks.profile_op --runs rows    # the opt-in whole-row forward against the default
+    python -m benchmarks.profile_op --runs switches   # both opt-in switches (rows, half) and the default
 """
 
 from __future__ import annotations
@@ -27,9 +28,18 @@ DEFAULT_RUNS = "dense:triton,dense:triton_256mb,rlvr:triton,peaked:triton,peaked
 ROW_FORWARD_RUNS = ("dense:gemm_logits,dense:token_logprobs,dense:token_logprobs+rows,dense:triton,"
                     "dense:triton+rows,dense:triton_256mb,dense:triton_256mb+rows,rlvr:triton,"
                     "rlvr:triton+rows")
+# Both opt-in switches (the row forward, 16-bit kept logits: benchmarks/impls.py SWITCHES) beside
+# the default, at the default budget, at 256 MiB and on the RLVR batch: `--runs switches`.
+SWITCH_RUNS = ",".join(
+    ["dense:gemm_floor", "dense:gemm_logits", "dense:token_logprobs", "dense:token_logprobs+half",
+     "dense:token_logprobs+rows+half"]
+    + [f"{scenario}:{impl}{switch}" for scenario, impl in
+       (("dense", "triton"), ("dense", "triton_256mb"), ("rlvr", "triton"))
+       for switch in ("", "+rows", "+half", "+rows+half")])
+PRESETS = {"rows": ROW_FORWARD_RUNS, "switches": SWITCH_RUNS}
 
 
-def wall_ms(step, repeats: int = 3) -> float:
+def wall_ms(step, repeats: int = 5) -> float:
     times = []
     for _ in range(repeats):
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -74,14 +84,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="8192,4096,151936", help="T,H,V")
     parser.add_argument("--runs", default=DEFAULT_RUNS,
-                        help="scenario:implementation,... or 'rows' (ROW_FORWARD_RUNS)")
+                        help="scenario:implementation,... or a preset: 'rows' (ROW_FORWARD_RUNS), "
+                             "'switches' (SWITCH_RUNS)")
     parser.add_argument("--trace", action="store_true",
                         help="also profile the host and write trace-<scenario>-<impl>.json")
     args = parser.parse_args()
     T, H, V = (int(x) for x in args.shape.split(","))
     out = Path(os.environ.get("OUT") or "gpu_results")
     out.mkdir(parents=True, exist_ok=True)
-    runs = ROW_FORWARD_RUNS if args.runs == "rows" else args.runs
+    runs = PRESETS.get(args.runs, args.runs)
     for run in runs.split(","):
         scenario, impl = run.split(":")
         try:

@@ -144,7 +144,8 @@ def _grad_logits_in_place_kernel(
 ):
     # One program owns BLOCK_T whole rows and walks them left to right. dL/dz of columns
     # [v0, v0 + BLOCK_V) lands in bytes that hold logits of columns < v0 + BLOCK_V (the same
-    # columns for fp32, the first half of the row for 16-bit dL/dz), so every write falls on
+    # columns when both have one dtype, the first half of the row for 16-bit dL/dz over fp32
+    # logits), so every write falls on
     # logits this program has read already; the barrier orders the other warps' reads of this
     # tile before any write over them.
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -158,7 +159,7 @@ def _grad_logits_in_place_kernel(
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask = t_mask[:, None] & (offs_v < V)[None, :]
         logits = tl.load(logits_ptr + rows[:, None] * stride_logits + offs_v[None, :], mask=mask,
-                         other=0.0)
+                         other=0.0).to(tl.float32)
         if HAS_BIAS:
             logits += tl.load(bias_ptr + offs_v, mask=offs_v < V, other=0.0).to(tl.float32)[None, :]
         grad = grad_logit_tile(logits * inv_temperature, offs_t, t_mask, offs_v, targets_ptr,
@@ -173,13 +174,14 @@ def _grad_logits_in_place_kernel(
 
 def grad_logits_in_place(logits, bias, targets, lse, logprobs, coef, entropy_weight, row_max,
                          expected_shift, temperature: float, dtype: torch.dtype) -> torch.Tensor:
-    """dL/dz of a chunk's C tokens written over their fp32 logits [C, V] (raw h W^T, contiguous),
-    as a [C, V] tensor in `dtype` that shares their memory: fp32 in place of each logit, 16-bit in
-    the first half of each logits row (row stride 2V, which cuBLAS takes as is). One buffer of
-    4 bytes per entry instead of fp32 logits plus a separate dL/dz. Tokens with a zero `coef` and
-    entropy weight get zero rows. `logits` is overwritten."""
+    """dL/dz of a chunk's C tokens written over their logits [C, V] (raw h W^T, contiguous; fp32,
+    or `dtype` itself with luffy_fast.gemm.half_logits), as a [C, V] tensor in `dtype` that shares
+    their memory: in place of each logit when the dtypes match, else 16-bit in the first half of
+    each fp32 logits row (row stride 2V, which cuBLAS takes as is). One buffer instead of logits
+    plus a separate dL/dz. Tokens with a zero `coef` and entropy weight get zero rows. `logits` is
+    overwritten."""
     C, V = logits.shape
-    grad = logits if dtype == torch.float32 else logits.view(dtype)[:, :V]
+    grad = logits if dtype == logits.dtype else logits.view(dtype)[:, :V]
     if C == 0:
         return grad
     grid = lambda meta: (triton.cdiv(C, meta["BLOCK_T"]),)  # noqa: E731

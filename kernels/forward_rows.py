@@ -110,8 +110,8 @@ def _row_forward_kernel(
 def row_forward(logits: torch.Tensor, bias, targets: torch.Tensor, temperature: float,
                 with_entropy: bool, out=None):
     """logsumexp_forward's outputs (logsumexp, log pi, max, E_p[z] - max or None) for the C tokens
-    whose raw logits h W^T are the rows of `logits` [C, V] (fp32, row i for token i), written into
-    `out` when given (four [C] fp32 tensors, the last None without entropy)."""
+    whose raw logits h W^T are the rows of `logits` [C, V] (fp32 or 16-bit, row i for token i),
+    written into `out` when given (four [C] fp32 tensors, the last None without entropy)."""
     C, V = logits.shape
     lse, logprobs, top, expected_shift = out or moment_outputs(C, logits.device, with_entropy)
     if C > 0:

@@ -2,12 +2,13 @@
 
 Two strategies, chosen from the memory budget (LuffyLossConfig.memory_budget_mb):
 
-- kept logits (the budget holds a useful chunk of fp32 logits): per chunk of loss tokens one
-  GEMM writes the raw logits, the forward kernel reads them for logsumexp and log-probs, and
-  dL/dz is written over the same logits right away: 6 T H V FLOPs, no recompute. Tokens that
-  cannot carry a gradient (zero-advantage groups) are ordered first and get the forward only.
-  The backward runs the last chunk's d(weight) GEMM with the upstream gradient in its scalars
-  and scales the rest (kernels/gradients.py: KeptGradients).
+- kept logits (the budget holds a useful chunk of fp32 logits, or 16-bit ones opt-in:
+  luffy_fast.gemm.half_logits): per chunk of loss tokens one GEMM writes the raw logits, the
+  forward kernel reads them for logsumexp and log-probs, and dL/dz is written over the same
+  logits right away: 6 T H V FLOPs, no recompute. Tokens that cannot carry a gradient
+  (zero-advantage groups) are ordered first and get the forward only. The backward runs the
+  last chunk's d(weight) GEMM with the upstream gradient in its scalars and scales the rest
+  (kernels/gradients.py: KeptGradients).
 - recompute (small budgets): the forward kernel multiplies tiles in SRAM and never writes logits;
   the backward recomputes logit tiles for the active tokens only: 8 T H V FLOPs.
 
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from luffy_fast.autograd import attach_gradients, bias_slot, wants_grad
 from luffy_fast.config import LuffyLossConfig
-from luffy_fast.gemm import fp32_logits
+from luffy_fast.gemm import half_logits, kept_logits
 from luffy_fast.inputs import LossInputs
 from luffy_fast.loss_math import entropy_from_moments
 
@@ -65,13 +66,14 @@ def _check_device(tensor: Tensor) -> None:
 
 
 def plan(config: LuffyLossConfig, device: torch.device, num_tokens: int, vocab_size: int,
-         element_size: int, hidden_size: int = 0) -> tuple[str, int]:
+         element_size: int, hidden_size: int = 0, logit_size: int = 4) -> tuple[str, int]:
     """("kept", rows per chunk) or ("recompute", rows per backward chunk) for this budget.
 
-    A kept row is its fp32 logits, with dL/dz written over them, plus two [H] rows beside them (the
+    A kept row is its logits (`logit_size` bytes each: fp32, or 16-bit with
+    luffy_fast.gemm.half_logits), with dL/dz written over them, plus two [H] rows beside them (the
     gathered hidden state and its d(hidden) product); the gradient filter writes dL/dz to a buffer
     of its own (`element_size` bytes per entry more)."""
-    kept_bytes = 4 if config.grad_filter is None else 4 + element_size
+    kept_bytes = logit_size if config.grad_filter is None else logit_size + element_size
     kept_rows = _kept_rows(config, device, num_tokens,
                            vocab_size * kept_bytes + 2 * hidden_size * element_size, PER_TOKEN_BYTES)
     if kept_rows:
@@ -133,7 +135,7 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
             _stray_gradients(inputs, buffers, part.start, hidden, weight, bias, chunk, gradients)
         rows, targets = inputs.rows[part], inputs.targets[part]
         hidden_rows = hidden[rows]
-        logits = fp32_logits(hidden_rows, weight)
+        logits = kept_logits(hidden_rows, weight)
         _kept_forward(hidden, weight, bias, rows, targets, config.temperature,
                       config.entropy_coef > 0, logits, buffers.moments(part))
         token_terms_into(inputs, part, buffers)
@@ -254,7 +256,7 @@ def triton_loss(inputs: LossInputs) -> tuple[Tensor, dict]:
     bias = None if inputs.bias is None else inputs.bias.detach().contiguous()
     needs = wants_grad(inputs)
     strategy, chunk = plan(inputs.config, hidden.device, inputs.rows.numel(), weight.shape[0],
-                           hidden.element_size(), weight.shape[1])
+                           hidden.element_size(), weight.shape[1], _logit_size(hidden.dtype))
     if strategy == "kept" and any(needs):
         loss, stats, grads = _kept_logits_pass(inputs, hidden, weight, bias, chunk, needs)
         return attach_gradients(loss, inputs, grads), stats
@@ -264,30 +266,36 @@ def triton_loss(inputs: LossInputs) -> tuple[Tensor, dict]:
     return loss, stats
 
 
+def _logit_size(dtype: torch.dtype) -> int:
+    """Bytes per kept logit for `dtype` inputs (luffy_fast.gemm.kept_logits)."""
+    return 2 if half_logits(dtype) else 4
+
+
 def logprob_chunk(config: LuffyLossConfig, device: torch.device, num_tokens: int,
-                   vocab_size: int) -> int:
-    """Rows per chunk of fp32 logits that token_logprobs keeps, or 0 for the tile products."""
-    return _kept_rows(config, device, num_tokens, vocab_size * 4)
+                  vocab_size: int, logit_size: int = 4) -> int:
+    """Rows per chunk of kept logits that token_logprobs keeps, or 0 for the tile products."""
+    return _kept_rows(config, device, num_tokens, vocab_size * logit_size)
 
 
 @torch.no_grad()
 def triton_token_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                           config: LuffyLossConfig, with_entropy: bool):
-    """Per-token log-probs (and entropy). When the budget holds a useful chunk of fp32 logits, one
-    GEMM per chunk writes them and the forward kernel reads them (one bare GEMM plus a read);
-    otherwise the forward kernel multiplies hidden and weight tiles itself."""
+    """Per-token log-probs (and entropy). When the budget holds a useful chunk of logits (fp32, or
+    16-bit with luffy_fast.gemm.half_logits), one GEMM per chunk writes them and the forward
+    kernel reads them (one bare GEMM plus a read); otherwise the forward kernel multiplies hidden
+    and weight tiles itself."""
     _check_device(hidden)
     hidden, weight = hidden.contiguous(), weight.contiguous()
     T = hidden.shape[0]
     rows = torch.arange(T, device=hidden.device)
-    chunk = logprob_chunk(config, hidden.device, T, weight.shape[0])
+    chunk = logprob_chunk(config, hidden.device, T, weight.shape[0], _logit_size(hidden.dtype))
     if chunk == 0:
         lse, logprobs, row_max, expected_shift = logsumexp_forward(
             hidden, weight, bias, rows, targets, config.temperature, with_entropy)
     else:
         outs = [_kept_forward(hidden, weight, bias, rows[start:start + chunk],
                               targets[start:start + chunk], config.temperature, with_entropy,
-                              fp32_logits(hidden[start:start + chunk], weight))
+                              kept_logits(hidden[start:start + chunk], weight))
                 for start in range(0, T, chunk)]
         lse, logprobs, row_max, expected_shift = (
             None if values[0] is None else torch.cat(values) for values in zip(*outs))

@@ -10,7 +10,8 @@ CUDA is reported present while the kernels are imported) supply its constexprs.
 
 Per kernel: every combination of its optional inputs (absent ones are None, as the call sites
 pass them) in bf16 and fp32 with the first config that applies, and then every config (each
-combination of inputs that changes which configs apply). A launch on a GPU compiles a variant
+combination of inputs that changes which configs apply); the kernels that read kept logits also
+with 16-bit logits (luffy_fast.gemm.half_logits). A launch on a GPU compiles a variant
 per alignment: pointers 16-byte aligned and integers divisible by 16 get `tt.divisibility`
 (vectorized loads); the combinations compile without those marks, the configs with them.
 
@@ -120,7 +121,10 @@ def unwrap(kernel):
 OVERRIDES = {"_token_terms_kernel": {"weight_ptr": torch.float32}}
 
 
-def pointer_dtype(kernel: str, name: str, dtype: torch.dtype) -> torch.dtype:
+def pointer_dtype(kernel: str, name: str, dtype: torch.dtype,
+                  logits_dtype: torch.dtype = torch.float32) -> torch.dtype:
+    if name == "logits_ptr":
+        return logits_dtype
     if name in OVERRIDES.get(kernel, {}):
         return OVERRIDES[kernel][name]
     for kind, names in POINTERS.items():
@@ -142,13 +146,14 @@ def call_constexprs(jit: JITFunction, heuristics: dict, dtype: torch.dtype) -> l
 
 
 def compile_one(jit, heuristics, config, fixed: dict, present: set, dtype, target,
-                aligned: bool = False) -> None:
+                aligned: bool = False, logits_dtype: torch.dtype = torch.float32) -> None:
     args = {}
     for name in jit.arg_names:
         if name.endswith("_ptr"):
             optional = (any(name in names for names in GROUPS.values())
                         and name not in REQUIRED.get(jit.__name__, set()))
-            args[name] = torch.empty(1, dtype=pointer_dtype(jit.__name__, name, dtype)) if (
+            args[name] = torch.empty(1, dtype=pointer_dtype(jit.__name__, name, dtype,
+                                                            logits_dtype)) if (
                 not optional or name in present) else None
         elif name in FLOAT_SCALARS:
             args[name] = 0.5
@@ -180,7 +185,8 @@ def compile_one(jit, heuristics, config, fixed: dict, present: set, dtype, targe
 
 
 def cases(kernel):
-    """(label, jit, heuristics, config, call constexprs, present inputs, dtype, aligned)."""
+    """(label, jit, heuristics, config, call constexprs, present inputs, dtype, aligned,
+    logits dtype)."""
     jit, heuristics, tuner = unwrap(kernel)
     required = REQUIRED.get(jit.__name__, set())
     groups = [group for group, names in GROUPS.items()
@@ -194,15 +200,22 @@ def cases(kernel):
                 present = {n for group, on in zip(groups, chosen) if on for n in GROUPS[group]}
                 usable = _pruned(tuner, jit, configs, present, dtype)
                 yield (f"{jit.__name__} {dtype} inputs={sorted(g for g, on in zip(groups, chosen) if on)}",
-                       jit, heuristics, usable[0], fixed, present, dtype, False)
+                       jit, heuristics, usable[0], fixed, present, dtype, False, torch.float32)
             # every config, aligned, with all of them (and without the logits, whose presence
             # picks which configs apply: tile products or a read of kept logits)
             for present in (present_all, present_all - set(GROUPS["logits"])):
                 for config in _pruned(tuner, jit, configs, present, dtype):
                     yield (f"{jit.__name__} {dtype} aligned config={config}", jit, heuristics,
-                           config, fixed, present, dtype, True)
+                           config, fixed, present, dtype, True, torch.float32)
                 if not present_all & set(GROUPS["logits"]):
                     break
+            # 16-bit kept logits (bf16 inputs only): with every input, unaligned and per config
+            if dtype == torch.bfloat16 and "logits_ptr" in jit.arg_names:
+                usable = _pruned(tuner, jit, configs, present_all | required, dtype)
+                for config, aligned in [(usable[0], False)] + [(c, True) for c in usable]:
+                    yield (f"{jit.__name__} bf16 logits aligned={aligned} config={config}", jit,
+                           heuristics, config, fixed, present_all | required, dtype, aligned,
+                           torch.bfloat16)
 
 
 def _pruned(tuner, jit, configs, present: set, dtype) -> list:
@@ -225,12 +238,12 @@ def main() -> int:
     kernels = discover_kernels()
     print(f"{len(kernels)} kernels: {', '.join(sorted(unwrap(k)[0].__name__ for k in kernels))}")
     for kernel in kernels:
-        for label, jit, heuristics, config, fixed, present, dtype, aligned in cases(kernel):
+        for label, jit, heuristics, config, fixed, present, dtype, aligned, logits in cases(kernel):
             if args.kernel and args.kernel not in jit.__name__:
                 continue
             total += 1
             try:
-                compile_one(jit, heuristics, config, fixed, present, dtype, target, aligned)
+                compile_one(jit, heuristics, config, fixed, present, dtype, target, aligned, logits)
             except Exception as error:  # report them all
                 failures += 1
                 first = str(error).strip().splitlines()[-1:] or [""]

@@ -260,7 +260,7 @@ def test_kept_pass_holds_one_chunk_of_logits_at_a_time(monkeypatch):
     batch = random_batch(64, 12, 50, seed=4, mask_fraction=1.0, num_seqs=8, zero_adv_fraction=0.4)
     config = LuffyLossConfig.luffy(max_len=16).replace(memory_budget_mb=kept_budget_mb(16, 50, 12, 64))
     alive_at_allocation, earlier = [], []
-    original = function.fp32_logits
+    original = function.kept_logits
 
     def tracked(hidden_rows, weight):
         alive_at_allocation.append(sum(ref() is not None for ref in earlier))
@@ -268,7 +268,7 @@ def test_kept_pass_holds_one_chunk_of_logits_at_a_time(monkeypatch):
         earlier.append(weakref.ref(logits))
         return logits
 
-    monkeypatch.setattr(function, "fp32_logits", tracked)
+    monkeypatch.setattr(function, "kept_logits", tracked)
     run_loss(batch, "triton", config)
     assert len(alive_at_allocation) == 4 and alive_at_allocation == [0, 0, 0, 0]
 
