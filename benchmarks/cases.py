@@ -171,9 +171,31 @@ CUDA_IMPLS = ["gemm_floor", "gemm_logits", "naive", "liger", "torch", "triton", 
               "triton_filter", "token_logprobs"]
 
 
+# Implementations with opt-in switches to measure beside the plan's own, comma-separated
+# (benchmarks/impls.py: SWITCHES), e.g. LUFFY_BENCH_EXTRA_IMPLS=triton+half,triton_256mb+half.
+EXTRA_IMPLS = "LUFFY_BENCH_EXTRA_IMPLS"
+
+
+def _base(impl: str) -> str:
+    """The implementation without its switches ("triton+half" -> "triton")."""
+    return impl.split("+")[0]
+
+
+def extra_impls() -> list[str]:
+    from .impls import split_switches
+
+    names = [name.strip() for name in os.environ.get(EXTRA_IMPLS, "").split(",") if name.strip()]
+    for name in names:
+        base, env = split_switches(name)  # an unknown switch raises here, naming it
+        if not env or base not in CUDA_IMPLS:
+            raise ValueError(f"{EXTRA_IMPLS}: {name!r} is not one of the plan's implementations "
+                             f"({', '.join(CUDA_IMPLS)}) with a switch")
+    return names
+
+
 def runs_on(impl: str, case: Case) -> bool:
     """Whether `impl` is measured on `case`'s scenario at all (RUNS_ON)."""
-    return case.scenario in RUNS_ON.get(impl, ("dense", "rlvr"))
+    return case.scenario in RUNS_ON.get(_base(impl), ("dense", "rlvr"))
 
 
 @dataclass
@@ -197,7 +219,7 @@ class Plan:
         if not runs_on(impl, case):
             return f"{impl} is not run on the {case.scenario} scenario in this plan"
         limits = self.max_tokens_speed if kind == "time" else self.max_tokens_memory
-        limit = limits.get(impl)
+        limit = limits.get(_base(impl))
         if limit is not None and case.T > limit:
             return f"{impl} is run up to T={limit} in this plan (keeps the run short)"
         return None
@@ -219,7 +241,7 @@ def make_plan(device: str, dry_run: bool = False) -> Plan:
                 for s in ("dense", "rlvr")] + [Case("peaked", 128, 32, 500)]
         memory = [c for c in main if c.scenario == "dense" or c is main[1]]
         sweep = [Case("dense", T, 32, 500) for T in (128, 256, 512)]
-        return Plan(device, "dry-run", list(CUDA_IMPLS), main, memory, sweep, rounds=1,
+        return Plan(device, "dry-run", CUDA_IMPLS + extra_impls(), main, memory, sweep, rounds=1,
                     warmup_rounds=1, max_tokens_speed={"torch": 128, "token_logprobs": 128,
                                                        "gemm_logits": 128},
                     max_tokens_memory={"torch": 256})
@@ -234,7 +256,7 @@ def make_plan(device: str, dry_run: bool = False) -> Plan:
                  for T in (4096, 8192, 16384, 32768, 65536, 131072)]
         rounds = _int_env("LUFFY_BENCH_ROUNDS") or 3
         # The torch backend is the CPU path; on a GPU its small chunks make it slow at large T.
-        return Plan(device, "cuda", list(CUDA_IMPLS), main, memory, sweep, rounds=rounds,
+        return Plan(device, "cuda", CUDA_IMPLS + extra_impls(), main, memory, sweep, rounds=rounds,
                     warmup_rounds=1,
                     max_tokens_speed={"torch": 8192, "token_logprobs": 8192, "gemm_logits": 8192},
                     max_tokens_memory={"torch": 32768})

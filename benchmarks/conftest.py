@@ -185,6 +185,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "memory_impl" in names:
         # Ours first, Liger (slowest, compiled on CUDA) last: a run cut short keeps what matters.
         order = ["triton", "triton_256mb", "torch", "naive", "liger"]
+        # LUFFY_BENCH_EXTRA_IMPLS: those of the above with switches, after ours
+        switched = [impl for impl in plan.impls if "+" in impl and impl.split("+")[0] in order]
+        order[2:2] = switched
         metafunc.parametrize("memory_impl", [impl for impl in order if impl in plan.impls])
 
 

@@ -19,6 +19,14 @@ from .targets import load_parity, targets
 
 IMPL_ORDER = ["gemm_floor", "gemm_logits", "naive", "liger", "torch", "triton", "triton_256mb",
               "triton_lowmem", "triton_filter", "token_logprobs"]
+
+
+def impl_rank(impl: str) -> tuple[int, str]:
+    """Sort key: IMPL_ORDER, an implementation with switches ("triton+half") after its base."""
+    base = impl.split("+")[0]
+    return (IMPL_ORDER.index(base) if base in IMPL_ORDER else len(IMPL_ORDER), impl)
+
+
 LABELS = {
     "gemm_floor": "bare LM-head GEMMs (floor)",
     "gemm_logits": "one bare GEMM (h·Wᵀ, no grad)",
@@ -174,7 +182,7 @@ def markdown(summary: dict, plot_name: Optional[str] = None) -> str:
         header += ["× GEMM floor"] if show_floor else []
         header += ["extra peak memory", "× naive memory"]
         rows = []
-        for impl in sorted(entry["impls"], key=IMPL_ORDER.index):
+        for impl in sorted(entry["impls"], key=impl_rank):
             kinds = entry["impls"][impl]
             t, m, ratios = kinds.get("time"), kinds.get("memory"), kinds.get("ratios", {})
             t_text = fmt_time(t.get("median_s")) if t and t["status"] == "ok" else \
@@ -203,7 +211,7 @@ def markdown(summary: dict, plot_name: Optional[str] = None) -> str:
     if summary["sweep"]:
         entries = sorted(summary["sweep"].values(), key=lambda e: e["case"]["T"])
         c0 = entries[0]["case"]
-        impls = sorted({i for e in entries for i in e["impls"]}, key=IMPL_ORDER.index)
+        impls = sorted({i for e in entries for i in e["impls"]}, key=impl_rank)
         lines += [f"**Peak extra memory vs T** ({c0['scenario']}, H={c0['H']} V={c0['V']} "
                   f"{c0['dtype']})", ""]
         rows, notes = [], {}
@@ -233,7 +241,7 @@ def short_table(summary: dict) -> str:
     rows = []
     for entry in summary["cases"].values():
         c = entry["case"]
-        for impl in sorted(entry["impls"], key=IMPL_ORDER.index):
+        for impl in sorted(entry["impls"], key=impl_rank):
             kinds = entry["impls"][impl]
             t, m, r = kinds.get("time") or {}, kinds.get("memory") or {}, kinds.get("ratios", {})
             rows.append([f"{c['scenario']} T={c['T']} H={c['H']}", impl,
@@ -268,7 +276,7 @@ def plot_sweep(summary: dict, path: Path) -> bool:
 
     c0 = next(iter(summary["sweep"].values()))["case"]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for impl in sorted(series, key=IMPL_ORDER.index):
+    for impl in sorted(series, key=impl_rank):
         points = sorted(series[impl])
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=LABELS.get(impl, impl))
     ax.set_xscale("log", base=2)
