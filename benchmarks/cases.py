@@ -182,12 +182,12 @@ def _base(impl: str) -> str:
 
 
 def extra_impls() -> list[str]:
-    from .impls import split_switches
+    from .impls import variant
 
     names = [name.strip() for name in os.environ.get(EXTRA_IMPLS, "").split(",") if name.strip()]
     for name in names:
-        base, env = split_switches(name)  # an unknown switch raises here, naming it
-        if not env or base not in CUDA_IMPLS:
+        v = variant(name)  # an unknown switch raises here, naming it
+        if not (v.env or v.config) or v.base not in CUDA_IMPLS:
             raise ValueError(f"{EXTRA_IMPLS}: {name!r} is not one of the plan's implementations "
                              f"({', '.join(CUDA_IMPLS)}) with a switch")
     return names

@@ -7,13 +7,14 @@
 - torch / triton: luffy_fast.fused_luffy_loss with that backend; triton_256mb and triton_lowmem
   at a 256 / 128 MiB memory budget; triton_filter with the gradient filter (cases.GRAD_FILTER).
 - gemm_logits / token_logprobs: one bare h W^T, and luffy_fast.token_logprobs (no grad, triton).
-- any of these with "+<switch>" (SWITCHES): the same with an opt-in kernel switched on.
+- any of these with "+<switch>" (SWITCHES): the same with an opt-in switched on.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Optional
 
@@ -30,24 +31,36 @@ from .naive import naive_luffy_loss
 TRITON_VARIANTS = {"triton_256mb": {"memory_budget_mb": 256}, "triton_lowmem": {"memory_budget_mb": 128},
                    "triton_filter": {"grad_filter": GRAD_FILTER}}
 LUFFY_IMPLS = ("torch", "triton", "reference", *TRITON_VARIANTS)
-# Opt-in kernel switches, which the kernels read from the environment at each call, named as a
-# suffix of any implementation: "triton+rows" is "triton" with LUFFY_FAST_ROW_FORWARD=1
-# (kernels/forward_rows.py), "token_logprobs+rows" likewise; "+half" keeps 16-bit logits
-# (luffy_fast.gemm.half_logits); "triton+rows+half" both.
-SWITCHES = {"rows": {"LUFFY_FAST_ROW_FORWARD": "1"}, "half": {"LUFFY_FAST_HALF_LOGITS": "1"}}
+# Opt-in switches, named as a suffix of any implementation: "triton+rows" is "triton" with
+# LUFFY_FAST_ROW_FORWARD=1 (kernels/forward_rows.py, read from the environment at each call);
+# "+half" sets LuffyLossConfig.logits_dtype = "input" (16-bit kept logits); "triton+rows+half" both.
+SWITCHES = {"rows": {"env": {"LUFFY_FAST_ROW_FORWARD": "1"}},
+            "half": {"config": {"logits_dtype": "input"}}}
 
 
-def split_switches(impl: str) -> tuple[str, dict[str, str]]:
-    """The implementation without its switches, and the environment they set."""
+@dataclass(frozen=True)
+class Variant:
+    """An implementation name split into its base and what its switches set."""
+
+    base: str
+    env: dict = field(default_factory=dict)  # environment variables
+    config: dict = field(default_factory=dict)  # LuffyLossConfig fields
+
+
+def variant(impl: str) -> Variant:
     base, *names = impl.split("+")
     unknown = [name for name in names if name not in SWITCHES]
     if unknown:
         raise ValueError(f"unknown switch {unknown[0]!r} in {impl!r} (known: {sorted(SWITCHES)})")
-    return base, {key: value for name in names for key, value in SWITCHES[name].items()}
+    return Variant(base, {k: v for n in names for k, v in SWITCHES[n].get("env", {}).items()},
+                   {k: v for n in names for k, v in SWITCHES[n].get("config", {}).items()})
 
 
 def switched(step: Callable, env: dict[str, str]) -> Callable:
     """`step` run with the environment `env` set, and the previous values put back after."""
+    if not env:
+        return step
+
     def run():
         saved = {key: os.environ.get(key) for key in env}
         os.environ.update(env)
@@ -62,8 +75,8 @@ def switched(step: Callable, env: dict[str, str]) -> Callable:
     return run
 
 
-def _luffy(inputs: Inputs, backend: str) -> torch.Tensor:
-    config = inputs.config
+def _luffy(inputs: Inputs, backend: str, overrides: dict) -> torch.Tensor:
+    config = inputs.config.replace(**overrides)
     if backend in TRITON_VARIANTS:
         backend, config = "triton", config.replace(**TRITON_VARIANTS[backend])
     loss, _stats = fused_luffy_loss(inputs.hidden, inputs.weight, inputs.targets, inputs.advantages,
@@ -74,17 +87,21 @@ def _luffy(inputs: Inputs, backend: str) -> torch.Tensor:
 
 def loss_fn(impl: str) -> Callable[[Inputs], torch.Tensor]:
     """The scalar-loss function of a loss implementation (not gemm_floor)."""
-    base, env = split_switches(impl)
-    if env:
-        compute = loss_fn(base)
-        return lambda x: switched(lambda: compute(x), env)()
+    v = variant(impl)
+    compute = _loss_fn(v.base, v.config)
+    return (lambda x: switched(lambda: compute(x), v.env)()) if v.env else compute
+
+
+def _loss_fn(impl: str, overrides: dict) -> Callable[[Inputs], torch.Tensor]:
+    if overrides and impl not in LUFFY_IMPLS:
+        raise ValueError(f"{impl!r} takes no LuffyLossConfig switch (got {overrides})")
     if impl == "naive":
         return lambda x: naive_luffy_loss(x.hidden, x.weight, x.targets, x.advantages, x.loss_mask,
                                           x.off_policy_mask, x.seq_ids, x.config)
     if impl == "liger":
         return liger_grpo_loss
     if impl in LUFFY_IMPLS:
-        return lambda x: _luffy(x, impl)
+        return lambda x: _luffy(x, impl, overrides)
     raise ValueError(f"unknown implementation {impl!r}")
 
 
@@ -108,17 +125,21 @@ class GemmFloor:
 def make_step(impl: str, inputs: Inputs) -> Callable[[], Optional[torch.Tensor]]:
     """A closure running one forward + backward (gradients reset first); returns the loss.
     gemm_logits and token_logprobs are forward only (no grad)."""
-    base, env = split_switches(impl)
-    if env:
-        return switched(make_step(base, inputs), env)
-    if impl == "gemm_floor":
+    v = variant(impl)
+    return switched(_base_step(v, inputs), v.env)
+
+
+def _base_step(v: Variant, inputs: Inputs) -> Callable[[], Optional[torch.Tensor]]:
+    if v.base in ("gemm_floor", "gemm_logits") and v.config:
+        raise ValueError(f"{v.base!r} takes no LuffyLossConfig switch (got {v.config})")
+    if v.base == "gemm_floor":
         return GemmFloor(inputs)
     h, w = inputs.hidden.detach(), inputs.weight.detach()
-    if impl == "gemm_logits":
+    if v.base == "gemm_logits":
         return lambda: h @ w.T
-    if impl == "token_logprobs":
-        return lambda: token_logprobs(h, w, inputs.targets, backend="triton")[0]
-    compute = loss_fn(impl)
+    if v.base == "token_logprobs":
+        return lambda: token_logprobs(h, w, inputs.targets, backend="triton", **v.config)[0]
+    compute = _loss_fn(v.base, v.config)
 
     def step() -> torch.Tensor:
         inputs.zero_grads()
@@ -147,7 +168,7 @@ def _backend_error(backend: str, device: str) -> Optional[str]:
 
 def skip_reason(impl: str, device: str, dry_run: bool = False) -> Optional[str]:
     """Why `impl` cannot be benchmarked on `device` (None: it can)."""
-    base, _ = split_switches(impl)
+    base = variant(impl).base
     cuda = device.startswith("cuda")
     if base == "liger":
         return liger_import_error()

@@ -2,8 +2,8 @@
 
 Two strategies, chosen from the memory budget (LuffyLossConfig.memory_budget_mb):
 
-- kept logits (the budget holds a useful chunk of fp32 logits, or 16-bit ones opt-in:
-  luffy_fast.gemm.half_logits): per chunk of loss tokens one GEMM writes the raw logits, the
+- kept logits (the budget holds a useful chunk of fp32 logits, or 16-bit ones with
+  LuffyLossConfig.logits_dtype = "input"): per chunk of loss tokens one GEMM writes the raw logits, the
   forward kernel reads them for logsumexp and log-probs, and dL/dz is written over the same
   logits right away: 6 T H V FLOPs, no recompute. Tokens that cannot carry a gradient
   (zero-advantage groups) are ordered first and get the forward only. The backward runs the
@@ -70,7 +70,7 @@ def plan(config: LuffyLossConfig, device: torch.device, num_tokens: int, vocab_s
     """("kept", rows per chunk) or ("recompute", rows per backward chunk) for this budget.
 
     A kept row is its logits (`logit_size` bytes each: fp32, or 16-bit with
-    luffy_fast.gemm.half_logits), with dL/dz written over them, plus two [H] rows beside them (the
+    LuffyLossConfig.logits_dtype = "input"), with dL/dz written over them, plus two [H] rows beside them (the
     gathered hidden state and its d(hidden) product); the gradient filter writes dL/dz to a buffer
     of its own (`element_size` bytes per entry more)."""
     kept_bytes = logit_size if config.grad_filter is None else logit_size + element_size
@@ -122,6 +122,7 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
     and epilogue kernels, dL/dz and the gradient GEMMs, no host sync. With the gradient filter the
     active tokens' dL/dz goes through a buffer of its own (PendingGradients) instead."""
     config = inputs.config
+    half = half_logits(hidden.dtype, config.logits_dtype)
     gradients = KeptGradients(hidden, weight, needs)
     order, num_maybe_active = inputs.gradient_last()
     N = order.numel()
@@ -135,7 +136,7 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
             _stray_gradients(inputs, buffers, part.start, hidden, weight, bias, chunk, gradients)
         rows, targets = inputs.rows[part], inputs.targets[part]
         hidden_rows = hidden[rows]
-        logits = kept_logits(hidden_rows, weight)
+        logits = kept_logits(hidden_rows, weight, half)
         _kept_forward(hidden, weight, bias, rows, targets, config.temperature,
                       config.entropy_coef > 0, logits, buffers.moments(part))
         token_terms_into(inputs, part, buffers)
@@ -256,7 +257,8 @@ def triton_loss(inputs: LossInputs) -> tuple[Tensor, dict]:
     bias = None if inputs.bias is None else inputs.bias.detach().contiguous()
     needs = wants_grad(inputs)
     strategy, chunk = plan(inputs.config, hidden.device, inputs.rows.numel(), weight.shape[0],
-                           hidden.element_size(), weight.shape[1], _logit_size(hidden.dtype))
+                           hidden.element_size(), weight.shape[1],
+                           _logit_size(hidden.dtype, inputs.config))
     if strategy == "kept" and any(needs):
         loss, stats, grads = _kept_logits_pass(inputs, hidden, weight, bias, chunk, needs)
         return attach_gradients(loss, inputs, grads), stats
@@ -266,9 +268,9 @@ def triton_loss(inputs: LossInputs) -> tuple[Tensor, dict]:
     return loss, stats
 
 
-def _logit_size(dtype: torch.dtype) -> int:
+def _logit_size(dtype: torch.dtype, config: LuffyLossConfig) -> int:
     """Bytes per kept logit for `dtype` inputs (luffy_fast.gemm.kept_logits)."""
-    return 2 if half_logits(dtype) else 4
+    return 2 if half_logits(dtype, config.logits_dtype) else 4
 
 
 def logprob_chunk(config: LuffyLossConfig, device: torch.device, num_tokens: int,
@@ -281,21 +283,23 @@ def logprob_chunk(config: LuffyLossConfig, device: torch.device, num_tokens: int
 def triton_token_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                           config: LuffyLossConfig, with_entropy: bool):
     """Per-token log-probs (and entropy). When the budget holds a useful chunk of logits (fp32, or
-    16-bit with luffy_fast.gemm.half_logits), one GEMM per chunk writes them and the forward
+    16-bit with LuffyLossConfig.logits_dtype = "input"), one GEMM per chunk writes them and the forward
     kernel reads them (one bare GEMM plus a read); otherwise the forward kernel multiplies hidden
     and weight tiles itself."""
     _check_device(hidden)
     hidden, weight = hidden.contiguous(), weight.contiguous()
     T = hidden.shape[0]
     rows = torch.arange(T, device=hidden.device)
-    chunk = logprob_chunk(config, hidden.device, T, weight.shape[0], _logit_size(hidden.dtype))
+    chunk = logprob_chunk(config, hidden.device, T, weight.shape[0],
+                          _logit_size(hidden.dtype, config))
+    half = half_logits(hidden.dtype, config.logits_dtype)
     if chunk == 0:
         lse, logprobs, row_max, expected_shift = logsumexp_forward(
             hidden, weight, bias, rows, targets, config.temperature, with_entropy)
     else:
         outs = [_kept_forward(hidden, weight, bias, rows[start:start + chunk],
                               targets[start:start + chunk], config.temperature, with_entropy,
-                              kept_logits(hidden[start:start + chunk], weight))
+                              kept_logits(hidden[start:start + chunk], weight, half))
                 for start in range(0, T, chunk)]
         lse, logprobs, row_max, expected_shift = (
             None if values[0] is None else torch.cat(values) for values in zip(*outs))

@@ -1,9 +1,8 @@
 """The logits GEMM shared by the fused backends: fp32 logits from fp32 or bf16/fp16 operands, or,
-opt-in for the triton backend's kept logits, 16-bit ones."""
+for the triton backend's kept logits with LuffyLossConfig.logits_dtype = "input", 16-bit ones."""
 
 from __future__ import annotations
 
-import os
 from functools import cache
 
 import torch
@@ -30,22 +29,15 @@ def fp32_logits(hidden_rows: Tensor, weight: Tensor) -> Tensor:
     return (hidden_rows @ weight.T).float()  # fallback: bf16-rounded logits
 
 
-# Opt-in, being measured (benchmarks: the "+half" switch): the triton backend keeps 16-bit logits.
-HALF_LOGITS = "LUFFY_FAST_HALF_LOGITS"
+
+def half_logits(dtype: torch.dtype, logits_dtype: str) -> bool:
+    """Whether the triton backend keeps its chunks of logits in `dtype` itself rather than fp32:
+    16-bit inputs with LuffyLossConfig.logits_dtype = "input" (half the bytes, twice the tokens
+    per chunk at a budget; the logits rounded to 16 bits before the logsumexp)."""
+    return logits_dtype == "input" and dtype in (torch.bfloat16, torch.float16)
 
 
-def half_logits(dtype: torch.dtype) -> bool:
-    """Whether the triton backend keeps its chunks of logits in `dtype` itself (bf16/fp16 inputs
-    with LUFFY_FAST_HALF_LOGITS=1) rather than fp32: half the bytes for the GEMM to write and the
-    kernels to read, and twice the tokens per chunk at a memory budget (the d(weight) GEMM re-reads
-    and re-writes [V, H] once per chunk). The logits are then rounded to 16 bits before the
-    logsumexp, as a model's LM head in bf16 writes them for the naive loss and the official code;
-    accumulation stays fp32."""
-    return dtype in (torch.bfloat16, torch.float16) and os.environ.get(HALF_LOGITS, "0") == "1"
-
-
-def kept_logits(hidden_rows: Tensor, weight: Tensor) -> Tensor:
-    """h W^T for the triton backend's kept chunks: 16-bit where `half_logits`, else fp32."""
-    if half_logits(hidden_rows.dtype):
-        return hidden_rows @ weight.T
-    return fp32_logits(hidden_rows, weight)
+def kept_logits(hidden_rows: Tensor, weight: Tensor, half: bool) -> Tensor:
+    """h W^T for the triton backend's kept chunks: in the operands' 16-bit dtype when `half`
+    (`half_logits`), else fp32."""
+    return hidden_rows @ weight.T if half else fp32_logits(hidden_rows, weight)

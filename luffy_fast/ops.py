@@ -88,13 +88,15 @@ _HOW_TO_SKIP = "; the loss would not be finite (LuffyLossConfig.check_finite=Fal
 @torch.no_grad()
 def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float = 1.0,
                    bias: Optional[Tensor] = None, with_entropy: bool = False,
-                   backend: Optional[str] = None) -> tuple[Tensor, Optional[Tensor]]:
+                   backend: Optional[str] = None,
+                   logits_dtype: str = "float32") -> tuple[Tensor, Optional[Tensor]]:
     """Per-token log pi(target) (and entropy) from hidden + weight, without grad, in one pass.
 
     For old-log-prob and evaluation passes. Returns float32 tensors of the token shape; positions
-    whose target is out of range (e.g. -100 padding) get log-prob 0.
+    whose target is out of range (e.g. -100 padding) get log-prob 0. `logits_dtype`: as
+    LuffyLossConfig.logits_dtype (the triton backend's kept logits; "input": 16-bit).
     """
-    config = LuffyLossConfig(temperature=temperature)
+    config = LuffyLossConfig(temperature=temperature, logits_dtype=logits_dtype)
     _, logprobs_of = _backend(backend, hidden.device)
     if (backend or default_backend(hidden.device)) == "triton" and weight.dtype != hidden.dtype:
         raise input_error("weight", f"is {weight.dtype} but `hidden` is {hidden.dtype}; the triton "

@@ -51,7 +51,8 @@ class FusedLossHead(nn.Module):
             targets = micro.targets.clamp_min(0)
             return token_logprobs(hidden, self.weight, targets,
                                   temperature=self.loss_config.temperature, bias=self.bias,
-                                  with_entropy=with_entropy, backend=self.backend)
+                                  with_entropy=with_entropy, backend=self.backend,
+                                  logits_dtype=self.loss_config.logits_dtype)
         return fused_luffy_loss(
             hidden, self.weight, micro.targets, micro.advantages.to(hidden.dtype),
             micro.loss_mask, micro.off_policy_mask, old_logprobs=micro.old_logprobs,

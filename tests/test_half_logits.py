@@ -1,10 +1,10 @@
-"""The opt-in 16-bit kept logits of the triton backend (LUFFY_FAST_HALF_LOGITS=1,
-luffy_fast.gemm.half_logits): the budget's chunks hold twice the tokens, and the kernels read
-16-bit logits and write dL/dz over them in place.
+"""16-bit kept logits in the triton backend (LuffyLossConfig.logits_dtype = "input"): the
+budget's chunks hold twice the tokens, and the kernels read 16-bit logits and write dL/dz over
+them in place.
 
 bf16 inputs on the interpreter: the kept strategy multiplies no tiles in Triton (the GEMMs are
 torch's), so the interpreter's bf16 tl.dot is never used. Where the inputs make every logit a
-bf16 number, 16-bit logits lose nothing, and the switch must not change a single result: any
+bf16 number, 16-bit logits lose nothing, and the option must not change a single result: any
 indexing, stride or in-place ordering slip shows as a difference.
 """
 
@@ -16,11 +16,12 @@ import pytest
 import torch
 
 from helpers import assert_close, random_batch, run_loss
-from luffy_fast import LuffyLossConfig
-from luffy_fast.gemm import HALF_LOGITS, half_logits
+from luffy_fast import LuffyLossConfig, token_logprobs
+from luffy_fast.gemm import half_logits
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="runs the kernels on the interpreter (TRITON_INTERPRET=1)")
+HALF = {"logits_dtype": "input"}
 
 
 def _representable_batch(T: int, H: int, V: int, seed: int, **options) -> dict:
@@ -38,7 +39,21 @@ def _representable_batch(T: int, H: int, V: int, seed: int, **options) -> dict:
     return batch
 
 
-def test_the_switch_halves_the_bytes_per_kept_row(monkeypatch):
+def _budget_mb(rows: int, batch: dict, logit_size: int) -> float:
+    """A budget that keeps chunks of `rows` rows with `logit_size`-byte logits (function.plan)."""
+    from luffy_fast.kernels.function import PER_TOKEN_BYTES
+
+    V, H = batch["weight"].shape
+    per_row = V * logit_size + 2 * H * batch["hidden"].element_size()
+    tokens = int(batch["loss_mask"].sum())
+    return (rows * per_row + tokens * PER_TOKEN_BYTES + per_row // 2) / 2**20
+
+
+def _float64(batch: dict) -> dict:
+    return {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+
+
+def test_the_option_halves_the_bytes_per_kept_row():
     from luffy_fast.kernels.function import _logit_size, plan
 
     config, cuda = LuffyLossConfig(), torch.device("cuda")
@@ -49,30 +64,16 @@ def test_the_switch_halves_the_bytes_per_kept_row(monkeypatch):
     small = config.replace(memory_budget_mb=256)
     assert 400 < plan(small, cuda, 8192, 151936, 2, 4096)[1] < 450
     assert 800 < plan(small, cuda, 8192, 151936, 2, 4096, logit_size=2)[1] < 860
-    monkeypatch.delenv(HALF_LOGITS, raising=False)
-    assert not half_logits(torch.bfloat16) and _logit_size(torch.bfloat16) == 4
-    monkeypatch.setenv(HALF_LOGITS, "1")
-    assert half_logits(torch.bfloat16) and half_logits(torch.float16)
-    assert not half_logits(torch.float32) and _logit_size(torch.float32) == 4  # fp32 stays fp32
-    assert _logit_size(torch.bfloat16) == 2
+    half = config.replace(**HALF)
+    assert not half_logits(torch.bfloat16, "float32") and _logit_size(torch.bfloat16, config) == 4
+    assert half_logits(torch.bfloat16, "input") and half_logits(torch.float16, "input")
+    assert _logit_size(torch.bfloat16, half) == 2
+    assert not half_logits(torch.float32, "input") and _logit_size(torch.float32, half) == 4
 
 
-def _with_switch(monkeypatch, on: bool, compute):
-    if on:
-        monkeypatch.setenv(HALF_LOGITS, "1")
-    else:
-        monkeypatch.delenv(HALF_LOGITS, raising=False)
-    return compute()
-
-
-def _budget_mb(rows: int, batch: dict, logit_size: int) -> float:
-    """A budget that keeps chunks of `rows` rows with `logit_size`-byte logits (function.plan)."""
-    from luffy_fast.kernels.function import PER_TOKEN_BYTES
-
-    V, H = batch["weight"].shape
-    per_row = V * logit_size + 2 * H * batch["hidden"].element_size()
-    tokens = int(batch["loss_mask"].sum())
-    return (rows * per_row + tokens * PER_TOKEN_BYTES + per_row // 2) / 2**20
+def test_a_bad_logits_dtype_is_named():
+    with pytest.raises(ValueError, match="logits_dtype"):
+        LuffyLossConfig(logits_dtype="bfloat16")
 
 
 @pytest.mark.parametrize("row_forward", [False, True])
@@ -92,14 +93,13 @@ def test_16_bit_logits_change_nothing_when_the_logits_are_bf16_numbers(monkeypat
     batch = _representable_batch(150, 12, 150, seed=3, with_bias=True, zero_adv_fraction=0.3,
                                  num_seqs=6)
     fp32_config = config.replace(memory_budget_mb=_budget_mb(rows, batch, 4))
-    half_config = config.replace(memory_budget_mb=_budget_mb(rows, batch, 2))
+    half_config = config.replace(memory_budget_mb=_budget_mb(rows, batch, 2), **HALF)
     tokens = int(batch["loss_mask"].sum())
     for budget_config, size in ((fp32_config, 4), (half_config, 2)):
         assert plan(budget_config, torch.device("cpu"), tokens, 150, 2, 12,
                     logit_size=size) == ("kept", min(rows, tokens))
-    fp32 = _with_switch(monkeypatch, False, lambda: run_loss(batch, "triton", fp32_config))
-    half = _with_switch(monkeypatch, True, lambda: run_loss(batch, "triton", half_config))
-    (loss, stats, grads), (half_loss, half_stats, half_grads) = fp32, half
+    loss, stats, grads = run_loss(batch, "triton", fp32_config)
+    half_loss, half_stats, half_grads = run_loss(batch, "triton", half_config)
     assert torch.equal(half_loss, loss)
     assert half_stats.keys() == stats.keys()
     for key, value in stats.items():
@@ -108,49 +108,76 @@ def test_16_bit_logits_change_nothing_when_the_logits_are_bf16_numbers(monkeypat
         assert half_grads[name].dtype == torch.bfloat16
         torch.testing.assert_close(half_grads[name], grad, rtol=0, atol=0, msg=name)
     # and both are the loss: against the float64 reference on the same (exact) logits
-    expected_loss, _, expected = run_loss(
-        {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}, "reference",
-        fp32_config)
+    expected_loss, _, expected = run_loss(_float64(batch), "reference", fp32_config)
     assert_close(half_loss, expected_loss, 1e-5, "loss", atol=1e-7)
     for name, grad in half_grads.items():
         assert_close(grad, expected[name], 1e-2, f"d({name})")
 
 
-def test_16_bit_logits_on_random_inputs_stay_within_bf16_error(monkeypatch):
+def test_16_bit_logits_on_random_inputs_stay_within_bf16_error():
     """Logits that bf16 rounds: the op still matches float64 to bf16's error, as the naive loss on
     a bf16 model's logits does."""
-    monkeypatch.setenv(HALF_LOGITS, "1")
     from luffy_fast.kernels.function import plan
 
     batch = random_batch(120, 16, 200, torch.bfloat16, seed=8, zero_adv_fraction=0.25)
-    config = LuffyLossConfig.luffy(max_len=64, memory_budget_mb=_budget_mb(40, batch, 2))
+    config = LuffyLossConfig.luffy(max_len=64, memory_budget_mb=_budget_mb(40, batch, 2), **HALF)
     assert plan(config, torch.device("cpu"), int(batch["loss_mask"].sum()), 200, 2, 16,
                 logit_size=2) == ("kept", 40)
     loss, _, grads = run_loss(batch, "triton", config)
-    expected_loss, _, expected = run_loss(
-        {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}, "reference",
-        config)
+    expected_loss, _, expected = run_loss(_float64(batch), "reference", config)
     assert_close(loss, expected_loss, 1e-2, "loss", atol=1e-4)
     for name, grad in grads.items():
         assert_close(grad, expected[name], 2e-2, f"d({name})")
 
 
+def test_the_torch_backend_keeps_fp32_logits():
+    batch = random_batch(60, 8, 50, torch.bfloat16, seed=2)
+    config = LuffyLossConfig.luffy(max_len=32)
+    loss, _, grads = run_loss(batch, "torch", config)
+    half_loss, _, half_grads = run_loss(batch, "torch", config.replace(**HALF))
+    assert torch.equal(half_loss, loss)
+    for name, grad in grads.items():
+        assert torch.equal(half_grads[name], grad), name
+
+
 @pytest.mark.parametrize("row_forward", [False, True])
 def test_token_logprobs_with_16_bit_logits(monkeypatch, row_forward):
-    if row_forward:
-        monkeypatch.setenv("LUFFY_FAST_ROW_FORWARD", "1")
     from luffy_fast.kernels.function import logprob_chunk, triton_token_logprobs
 
+    if row_forward:
+        monkeypatch.setenv("LUFFY_FAST_ROW_FORWARD", "1")
     batch = _representable_batch(45, 10, 70, seed=5)
     config = LuffyLossConfig(memory_budget_mb=0.0054)  # chunks of 20 tokens (fp32), 40 (bf16)
     assert logprob_chunk(config, torch.device("cpu"), 45, 70) == 20
     assert logprob_chunk(config, torch.device("cpu"), 45, 70, logit_size=2) == 40
-
-    def logprobs():
-        return triton_token_logprobs(batch["hidden"], batch["weight"], None, batch["targets"],
-                                     config, with_entropy=True)
-
-    fp32 = _with_switch(monkeypatch, False, logprobs)
-    half = _with_switch(monkeypatch, True, logprobs)
+    args = (batch["hidden"], batch["weight"], None, batch["targets"])
+    fp32 = triton_token_logprobs(*args, config, with_entropy=True)
+    half = triton_token_logprobs(*args, config.replace(**HALF), with_entropy=True)
     for name, got, expected in zip(("logprobs", "entropy"), half, fp32):
         torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=name)
+    # the public op takes the option too
+    public = token_logprobs(batch["hidden"], batch["weight"], batch["targets"], with_entropy=True,
+                            backend="triton", logits_dtype="input")
+    torch.testing.assert_close(public[0], fp32[0], rtol=0, atol=0)
+
+
+def test_the_loss_head_computes_old_logprobs_with_the_loss_logits_dtype(monkeypatch):
+    """The trainer's old log-probs (FusedLossHead, logprobs_only) use the loss's logits dtype, so
+    that on-policy ratios start at 1 up to the same rounding."""
+    import luffy_fast.policy as policy
+
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return torch.zeros(1), None
+
+    monkeypatch.setattr(policy, "token_logprobs", spy)
+    head = policy.FusedLossHead(torch.nn.Linear(4, 9, bias=False),
+                                LuffyLossConfig(logits_dtype="input"), backend="triton")
+
+    class Micro:
+        targets = torch.zeros(3, dtype=torch.long)
+
+    head(torch.zeros(3, 4), Micro(), logprobs_only=True)
+    assert seen["logits_dtype"] == "input"

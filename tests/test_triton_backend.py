@@ -262,9 +262,9 @@ def test_kept_pass_holds_one_chunk_of_logits_at_a_time(monkeypatch):
     alive_at_allocation, earlier = [], []
     original = function.kept_logits
 
-    def tracked(hidden_rows, weight):
+    def tracked(hidden_rows, weight, half):
         alive_at_allocation.append(sum(ref() is not None for ref in earlier))
-        logits = original(hidden_rows, weight)
+        logits = original(hidden_rows, weight, half)
         earlier.append(weakref.ref(logits))
         return logits
 
