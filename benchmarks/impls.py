@@ -36,6 +36,8 @@ LUFFY_IMPLS = ("torch", "triton", "reference", *TRITON_VARIANTS)
 # "+half" sets LuffyLossConfig.logits_dtype = "input" (16-bit kept logits); "triton+rows+half" both.
 SWITCHES = {"rows": {"env": {"LUFFY_FAST_ROW_FORWARD": "1"}},
             "half": {"config": {"logits_dtype": "input"}}}
+# The implementations whose LuffyLossConfig the config switches change (the triton backend's).
+CONFIG_SWITCHABLE = ("triton", *TRITON_VARIANTS, "token_logprobs")
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,12 @@ def variant(impl: str) -> Variant:
     unknown = [name for name in names if name not in SWITCHES]
     if unknown:
         raise ValueError(f"unknown switch {unknown[0]!r} in {impl!r} (known: {sorted(SWITCHES)})")
-    return Variant(base, {k: v for n in names for k, v in SWITCHES[n].get("env", {}).items()},
-                   {k: v for n in names for k, v in SWITCHES[n].get("config", {}).items()})
+    found = Variant(base, {k: v for n in names for k, v in SWITCHES[n].get("env", {}).items()},
+                    {k: v for n in names for k, v in SWITCHES[n].get("config", {}).items()})
+    if found.config and base not in CONFIG_SWITCHABLE:  # the other backends ignore those fields
+        raise ValueError(f"{impl!r}: {base!r} takes no LuffyLossConfig switch (those apply to "
+                         f"{', '.join(CONFIG_SWITCHABLE)})")
+    return found
 
 
 def switched(step: Callable, env: dict[str, str]) -> Callable:
@@ -93,8 +99,6 @@ def loss_fn(impl: str) -> Callable[[Inputs], torch.Tensor]:
 
 
 def _loss_fn(impl: str, overrides: dict) -> Callable[[Inputs], torch.Tensor]:
-    if overrides and impl not in LUFFY_IMPLS:
-        raise ValueError(f"{impl!r} takes no LuffyLossConfig switch (got {overrides})")
     if impl == "naive":
         return lambda x: naive_luffy_loss(x.hidden, x.weight, x.targets, x.advantages, x.loss_mask,
                                           x.off_policy_mask, x.seq_ids, x.config)
@@ -130,8 +134,6 @@ def make_step(impl: str, inputs: Inputs) -> Callable[[], Optional[torch.Tensor]]
 
 
 def _base_step(v: Variant, inputs: Inputs) -> Callable[[], Optional[torch.Tensor]]:
-    if v.base in ("gemm_floor", "gemm_logits") and v.config:
-        raise ValueError(f"{v.base!r} takes no LuffyLossConfig switch (got {v.config})")
     if v.base == "gemm_floor":
         return GemmFloor(inputs)
     h, w = inputs.hidden.detach(), inputs.weight.detach()

@@ -145,9 +145,8 @@ def _grad_logits_in_place_kernel(
     # One program owns BLOCK_T whole rows and walks them left to right. dL/dz of columns
     # [v0, v0 + BLOCK_V) lands in bytes that hold logits of columns < v0 + BLOCK_V (the same
     # columns when both have one dtype, the first half of the row for 16-bit dL/dz over fp32
-    # logits), so every write falls on
-    # logits this program has read already; the barrier orders the other warps' reads of this
-    # tile before any write over them.
+    # logits), so every write falls on logits this program has read already; the barrier orders
+    # the other warps' reads of this tile before any write over them.
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = offs_t < C
     coef = tl.load(coef_ptr + offs_t, mask=t_mask, other=0.0)
@@ -181,7 +180,13 @@ def grad_logits_in_place(logits, bias, targets, lse, logprobs, coef, entropy_wei
     plus a separate dL/dz. Tokens with a zero `coef` and entropy weight get zero rows. `logits` is
     overwritten."""
     C, V = logits.shape
-    grad = logits if dtype == logits.dtype else logits.view(dtype)[:, :V]
+    if dtype == logits.dtype:
+        grad = logits
+    elif logits.dtype == torch.float32 and dtype.itemsize == 2:
+        grad = logits.view(dtype)[:, :V]
+    else:  # a wider dL/dz would not fit in narrower logits' bytes
+        raise ValueError(f"grad_logits_in_place: dL/dz in {dtype} cannot be written over "
+                         f"{logits.dtype} logits (same dtype, or 16-bit over fp32)")
     if C == 0:
         return grad
     grid = lambda meta: (triton.cdiv(C, meta["BLOCK_T"]),)  # noqa: E731

@@ -117,10 +117,11 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
 
     Tokens that cannot carry a gradient (zero-advantage groups) come first and get the forward
     only (LossInputs.gradient_last). A chunk of the others gets dL/dz written over its own logits
-    (grad_logits_in_place: 4 bytes per entry) and its gradient GEMMs (KeptGradients, which keeps
-    the last chunk's d(weight) GEMM for the backward). Per chunk: a gather, the GEMM, the forward
-    and epilogue kernels, dL/dz and the gradient GEMMs, no host sync. With the gradient filter the
-    active tokens' dL/dz goes through a buffer of its own (PendingGradients) instead."""
+    (grad_logits_in_place: 4 bytes per entry, 2 with 16-bit logits) and its gradient GEMMs
+    (KeptGradients, which keeps the last chunk's d(weight) GEMM for the backward). Per chunk: a
+    gather, the GEMM, the forward and epilogue kernels, dL/dz and the gradient GEMMs, no host
+    sync. With the gradient filter the active tokens' dL/dz goes through a buffer of its own
+    (PendingGradients) instead."""
     config = inputs.config
     half = half_logits(hidden.dtype, config.logits_dtype)
     gradients = KeptGradients(hidden, weight, needs)

@@ -21,13 +21,14 @@ def _mm_has_out_dtype(device_type: str, dtype: torch.dtype) -> bool:
 
 def fp32_logits(hidden_rows: Tensor, weight: Tensor) -> Tensor:
     """h W^T in fp32 through one GEMM: bf16/fp16 operands accumulate and write in fp32 where
-    torch.mm has `out_dtype`, else the product is rounded to the operand dtype and upcast."""
-    if hidden_rows.dtype in (torch.float32, torch.float64):
-        return hidden_rows @ weight.T
-    if _mm_has_out_dtype(hidden_rows.device.type, hidden_rows.dtype):
-        return torch.mm(hidden_rows, weight.T, out_dtype=torch.float32)
-    return (hidden_rows @ weight.T).float()  # fallback: bf16-rounded logits
-
+    torch.mm has `out_dtype`, else the product is rounded to the operand dtype and upcast.
+    Autocast is off inside, so fp32 operands give fp32 logits under it too."""
+    with torch.autocast(hidden_rows.device.type, enabled=False):
+        if hidden_rows.dtype in (torch.float32, torch.float64):
+            return hidden_rows @ weight.T
+        if _mm_has_out_dtype(hidden_rows.device.type, hidden_rows.dtype):
+            return torch.mm(hidden_rows, weight.T, out_dtype=torch.float32)
+        return (hidden_rows @ weight.T).float()  # fallback: bf16-rounded logits
 
 
 def half_logits(dtype: torch.dtype, logits_dtype: str) -> bool:
@@ -40,4 +41,7 @@ def half_logits(dtype: torch.dtype, logits_dtype: str) -> bool:
 def kept_logits(hidden_rows: Tensor, weight: Tensor, half: bool) -> Tensor:
     """h W^T for the triton backend's kept chunks: in the operands' 16-bit dtype when `half`
     (`half_logits`), else fp32."""
-    return hidden_rows @ weight.T if half else fp32_logits(hidden_rows, weight)
+    if not half:
+        return fp32_logits(hidden_rows, weight)
+    with torch.autocast(hidden_rows.device.type, enabled=False):
+        return hidden_rows @ weight.T

@@ -49,6 +49,29 @@ def _budget_mb(rows: int, batch: dict, logit_size: int) -> float:
     return (rows * per_row + tokens * PER_TOKEN_BYTES + per_row // 2) / 2**20
 
 
+def _kept_dtypes(monkeypatch) -> list:
+    """Records, per kept chunk, the dtype of its logits and whether dL/dz was written over them
+    (the same memory), from inside the triton backend."""
+    import luffy_fast.kernels.function as function
+
+    seen, logits_of = [], {}
+    kept_logits, in_place = function.kept_logits, function.grad_logits_in_place
+
+    def tracked_logits(*args):
+        logits = kept_logits(*args)
+        logits_of["last"] = logits
+        return logits
+
+    def tracked_in_place(logits, *args):
+        grad = in_place(logits, *args)
+        seen.append((logits.dtype, grad.data_ptr() == logits_of["last"].data_ptr()))
+        return grad
+
+    monkeypatch.setattr(function, "kept_logits", tracked_logits)
+    monkeypatch.setattr(function, "grad_logits_in_place", tracked_in_place)
+    return seen
+
+
 def _float64(batch: dict) -> dict:
     return {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
 
@@ -98,8 +121,13 @@ def test_16_bit_logits_change_nothing_when_the_logits_are_bf16_numbers(monkeypat
     for budget_config, size in ((fp32_config, 4), (half_config, 2)):
         assert plan(budget_config, torch.device("cpu"), tokens, 150, 2, 12,
                     logit_size=size) == ("kept", min(rows, tokens))
+    kept = _kept_dtypes(monkeypatch)
     loss, stats, grads = run_loss(batch, "triton", fp32_config)
+    fp32_chunks, kept[:] = list(kept), []
     half_loss, half_stats, half_grads = run_loss(batch, "triton", half_config)
+    # the 16-bit path ran: bf16 logits, the same chunks
+    assert set(fp32_chunks) == {(torch.float32, True)} and set(kept) == {(torch.bfloat16, True)}
+    assert len(kept) == len(fp32_chunks) >= (1 if rows > tokens else 3)
     assert torch.equal(half_loss, loss)
     assert half_stats.keys() == stats.keys()
     for key, value in stats.items():
@@ -181,3 +209,42 @@ def test_the_loss_head_computes_old_logprobs_with_the_loss_logits_dtype(monkeypa
 
     head(torch.zeros(3, 4), Micro(), logprobs_only=True)
     assert seen["logits_dtype"] == "input"
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1e-3, 0.05])
+def test_the_gradient_filter_over_16_bit_logits(monkeypatch, threshold):
+    """The filter reads the kept logits as well (logit_tile casts them to fp32): with bf16 numbers
+    for logits, 16-bit logits change neither its gradients nor what it skips."""
+    import luffy_fast.kernels.function as function
+
+    dtypes, kept_logits = [], function.kept_logits
+    monkeypatch.setattr(function, "kept_logits",
+                        lambda *args: dtypes.append(kept_logits(*args).dtype) or kept_logits(*args))
+    batch = _representable_batch(120, 12, 150, seed=6, zero_adv_fraction=0.25)
+    config = LuffyLossConfig.luffy(max_len=64, grad_filter=threshold)
+    fp32 = config.replace(memory_budget_mb=_budget_mb(40, batch, 4 + 2))
+    half = config.replace(memory_budget_mb=_budget_mb(40, batch, 2 + 2), **HALF)
+    loss, stats, grads = run_loss(batch, "triton", fp32)
+    fp32_dtypes, dtypes[:] = list(dtypes), []
+    half_loss, half_stats, half_grads = run_loss(batch, "triton", half)
+    assert set(fp32_dtypes) == {torch.float32} and set(dtypes) == {torch.bfloat16}
+    assert len(dtypes) == len(fp32_dtypes) >= 3
+    assert torch.equal(half_loss, loss)
+    assert float(half_stats["grad_filter_skipped_fraction"]) == float(
+        stats["grad_filter_skipped_fraction"])
+    for name, grad in grads.items():
+        torch.testing.assert_close(half_grads[name], grad, rtol=0, atol=0, msg=name)
+
+
+def test_fp16_inputs_keep_fp16_logits(monkeypatch):
+    batch = _representable_batch(80, 12, 150, seed=7)
+    batch = {k: v.half() if v.dtype == torch.bfloat16 else v for k, v in batch.items()}
+    config = LuffyLossConfig.luffy(max_len=64, memory_budget_mb=_budget_mb(1000, batch, 2), **HALF)
+    kept = _kept_dtypes(monkeypatch)
+    loss, _, grads = run_loss(batch, "triton", config)
+    assert set(kept) == {(torch.float16, True)}
+    expected_loss, _, expected = run_loss(_float64(batch), "reference", config)
+    assert_close(loss, expected_loss, 1e-5, "loss", atol=1e-7)
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float16
+        assert_close(grad, expected[name], 2e-3, f"d({name})")

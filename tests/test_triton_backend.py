@@ -214,17 +214,20 @@ def test_a_forward_only_token_with_a_nan_logprob_carries_it_as_the_reference_doe
     assert_close(got["hidden"][~nan_rows], expected["hidden"][~nan_rows].float(), 1e-5, "d(hidden)")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("logits_dtype, dtype", [(torch.float32, torch.float32),
+                                                  (torch.float32, torch.bfloat16),
+                                                  (torch.bfloat16, torch.bfloat16)])
 @pytest.mark.parametrize("with_entropy", [False, True])
-def test_grad_logits_in_place_matches_the_separate_buffer_kernel(dtype, with_entropy):
-    """dL/dz written over the fp32 logits (bf16 into the first half of each row) equals the
-    kernel that writes a separate buffer, entry for entry; tokens with no weight get zero rows even
-    when their logits are not finite."""
+def test_grad_logits_in_place_matches_the_separate_buffer_kernel(logits_dtype, dtype, with_entropy):
+    """dL/dz written over the logits (bf16 into the first half of each fp32 row; element for
+    element when both are bf16: LuffyLossConfig.logits_dtype = "input") equals the kernel that
+    writes a separate buffer, entry for entry, in the logits' own memory; tokens with no weight
+    get zero rows even when their logits are not finite."""
     from luffy_fast.kernels.backward import grad_logits, grad_logits_in_place
 
     C, V, H = 19, 77, 8
     generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(C, V, generator=generator) * 3
+    logits = (torch.randn(C, V, generator=generator) * 3).to(logits_dtype).float()
     bias = torch.randn(V, generator=generator)
     z = (logits + bias) / 0.7
     lse = torch.logsumexp(z, dim=1)
@@ -244,10 +247,23 @@ def test_grad_logits_in_place_matches_the_separate_buffer_kernel(dtype, with_ent
     grad_logits(torch.zeros(1, H, dtype=dtype), torch.zeros(V, H, dtype=dtype), bias,
                 torch.arange(C), *args, 0.7, expected, logits=logits, logit_rows=torch.arange(C))
     expected[[2, 11]] = 0
-    got = grad_logits_in_place(logits.clone(), bias, *args, 0.7, dtype)
+    kept = logits.to(logits_dtype)  # exact: the values are logits_dtype numbers
+    got = grad_logits_in_place(kept, bias, *args, 0.7, dtype)
     assert got.dtype == dtype and got.shape == (C, V)
+    assert got.data_ptr() == kept.data_ptr()  # in place
+    assert got.stride(0) == (V if logits_dtype == dtype else 2 * V)
     assert torch.equal(got, expected)
     assert float(expected.float().abs().sum()) > 0
+
+
+def test_grad_logits_in_place_refuses_dz_wider_than_the_logits():
+    from luffy_fast.kernels.backward import grad_logits_in_place
+
+    logits = torch.zeros(3, 10, dtype=torch.bfloat16)
+    ones = torch.ones(3)
+    with pytest.raises(ValueError, match="cannot be written over"):
+        grad_logits_in_place(logits, None, torch.zeros(3, dtype=torch.long), ones, -ones, ones,
+                             None, None, None, 1.0, torch.float32)
 
 
 def test_kept_pass_holds_one_chunk_of_logits_at_a_time(monkeypatch):

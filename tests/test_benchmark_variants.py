@@ -1,0 +1,61 @@
+"""The benchmarks' implementation names with opt-in switches (benchmarks/impls.py: "triton+half",
+"triton+rows"): what each sets, what is refused, and the extra implementations a plan takes
+(LUFFY_BENCH_EXTRA_IMPLS)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) leaves the root out
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import cases, impls  # noqa: E402
+
+
+def test_switches_set_environment_variables_and_config_fields():
+    v = impls.variant("triton_256mb+rows+half")
+    assert v.base == "triton_256mb"
+    assert v.env == {"LUFFY_FAST_ROW_FORWARD": "1"} and v.config == {"logits_dtype": "input"}
+    assert impls.variant("naive") == impls.Variant("naive")
+
+
+@pytest.mark.parametrize("name", ["naive+half", "torch+half", "gemm_floor+half", "triton+fast"])
+def test_switches_a_backend_would_ignore_are_refused(name):
+    with pytest.raises(ValueError, match=name.split("+")[0] if name != "triton+fast" else "fast"):
+        impls.variant(name)
+
+
+def test_the_loss_runs_with_the_switches_on_and_puts_the_environment_back(monkeypatch):
+    seen = []
+
+    def fake_loss(*args, config, backend, **kwargs):
+        seen.append((backend, config.logits_dtype, config.memory_budget_mb,
+                     os.environ.get("LUFFY_FAST_ROW_FORWARD")))
+        return "loss"
+
+    monkeypatch.setattr(impls, "fused_luffy_loss", lambda *a, **k: (fake_loss(*a, **k), {}))
+    monkeypatch.delenv("LUFFY_FAST_ROW_FORWARD", raising=False)
+    inputs = cases.make_inputs(cases.Case("dense", 16, 8, 32, n_seqs=4, group_size=2), "cpu")
+    assert impls.loss_fn("triton_256mb+rows+half")(inputs) == "loss"
+    assert impls.loss_fn("triton")(inputs) == "loss"
+    assert seen == [("triton", "input", 256, "1"), ("triton", "float32", None, None)]
+    assert "LUFFY_FAST_ROW_FORWARD" not in os.environ
+
+
+def test_a_plan_takes_extra_implementations_from_the_environment(monkeypatch):
+    monkeypatch.setenv(cases.EXTRA_IMPLS, "triton+half, token_logprobs+half")
+    plan = cases.make_plan("cuda")
+    assert plan.impls[-2:] == ["triton+half", "token_logprobs+half"]
+    dense, rlvr = (c for c in plan.main_cases[:2])
+    assert cases.runs_on("token_logprobs+half", dense) and not cases.runs_on("token_logprobs+half", rlvr)
+    monkeypatch.setenv(cases.EXTRA_IMPLS, "triton")  # no switch: already in the plan
+    with pytest.raises(ValueError, match=cases.EXTRA_IMPLS):
+        cases.make_plan("cuda")
+    monkeypatch.setenv(cases.EXTRA_IMPLS, "naive+half")
+    with pytest.raises(ValueError, match="naive"):
+        cases.make_plan("cuda")
