@@ -174,11 +174,11 @@ def _grad_logits_in_place_kernel(
 def grad_logits_in_place(logits, bias, targets, lse, logprobs, coef, entropy_weight, row_max,
                          expected_shift, temperature: float, dtype: torch.dtype) -> torch.Tensor:
     """dL/dz of a chunk's C tokens written over their logits [C, V] (raw h W^T, contiguous; fp32,
-    or `dtype` itself with LuffyLossConfig.logits_dtype = "input"), as a [C, V] tensor in `dtype` that shares
-    their memory: in place of each logit when the dtypes match, else 16-bit in the first half of
-    each fp32 logits row (row stride 2V, which cuBLAS takes as is). One buffer instead of logits
-    plus a separate dL/dz. Tokens with a zero `coef` and entropy weight get zero rows. `logits` is
-    overwritten."""
+    or `dtype` itself with LuffyLossConfig.logits_dtype = "input"), as a [C, V] tensor in `dtype`
+    that shares their memory: in place of each logit when the dtypes match, else 16-bit in the
+    first half of each fp32 logits row (row stride 2V, which cuBLAS takes as is). One buffer
+    instead of logits plus a separate dL/dz. Tokens with a zero `coef` and entropy weight get zero
+    rows. `logits` is overwritten."""
     C, V = logits.shape
     if dtype == logits.dtype:
         grad = logits

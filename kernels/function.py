@@ -3,9 +3,9 @@
 Two strategies, chosen from the memory budget (LuffyLossConfig.memory_budget_mb):
 
 - kept logits (the budget holds a useful chunk of fp32 logits, or 16-bit ones with
-  LuffyLossConfig.logits_dtype = "input"): per chunk of loss tokens one GEMM writes the raw logits, the
-  forward kernel reads them for logsumexp and log-probs, and dL/dz is written over the same
-  logits right away: 6 T H V FLOPs, no recompute. Tokens that cannot carry a gradient
+  LuffyLossConfig.logits_dtype = "input"): per chunk of loss tokens one GEMM writes the raw
+  logits, the forward kernel reads them for logsumexp and log-probs, and dL/dz is written over
+  the same logits right away: 6 T H V FLOPs, no recompute. Tokens that cannot carry a gradient
   (zero-advantage groups) are ordered first and get the forward only. The backward runs the
   last chunk's d(weight) GEMM with the upstream gradient in its scalars and scales the rest
   (kernels/gradients.py: KeptGradients).
@@ -70,9 +70,9 @@ def plan(config: LuffyLossConfig, device: torch.device, num_tokens: int, vocab_s
     """("kept", rows per chunk) or ("recompute", rows per backward chunk) for this budget.
 
     A kept row is its logits (`logit_size` bytes each: fp32, or 16-bit with
-    LuffyLossConfig.logits_dtype = "input"), with dL/dz written over them, plus two [H] rows beside them (the
-    gathered hidden state and its d(hidden) product); the gradient filter writes dL/dz to a buffer
-    of its own (`element_size` bytes per entry more)."""
+    LuffyLossConfig.logits_dtype = "input"), with dL/dz written over them, plus two [H] rows
+    beside them (the gathered hidden state and its d(hidden) product); the gradient filter writes
+    dL/dz to a buffer of its own (`element_size` bytes per entry more)."""
     kept_bytes = logit_size if config.grad_filter is None else logit_size + element_size
     kept_rows = _kept_rows(config, device, num_tokens,
                            vocab_size * kept_bytes + 2 * hidden_size * element_size, PER_TOKEN_BYTES)
@@ -284,9 +284,9 @@ def logprob_chunk(config: LuffyLossConfig, device: torch.device, num_tokens: int
 def triton_token_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                           config: LuffyLossConfig, with_entropy: bool):
     """Per-token log-probs (and entropy). When the budget holds a useful chunk of logits (fp32, or
-    16-bit with LuffyLossConfig.logits_dtype = "input"), one GEMM per chunk writes them and the forward
-    kernel reads them (one bare GEMM plus a read); otherwise the forward kernel multiplies hidden
-    and weight tiles itself."""
+    16-bit with LuffyLossConfig.logits_dtype = "input"), one GEMM per chunk writes them and the
+    forward kernel reads them (one bare GEMM plus a read); otherwise the forward kernel
+    multiplies hidden and weight tiles itself."""
     _check_device(hidden)
     hidden, weight = hidden.contiguous(), weight.contiguous()
     T = hidden.shape[0]

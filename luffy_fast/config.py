@@ -64,7 +64,8 @@ class LuffyLossConfig:
         budget: on an H200 (T = 8192, H = 4096, V = 151936) 1.13 x the bare GEMMs against
         1.19 x, 1.25 x against 1.50 x at 256 MiB (docs/design.md). The log-probs and gradients
         then carry the logits' bf16 rounding: ~1e-2 relative gradient error against float64 on
-        peaked logits, ~4 x fp32 logits'. The torch and reference backends keep fp32 logits.
+        peaked logits, 2-8 x fp32 logits' case by case. The torch and reference backends keep
+        fp32 logits.
     check_finite: after the forward, raise ValueError naming `hidden`, `weight` or `bias` when
         a loss token's log-probability or the loss is not finite (a non-finite input there, or
         logits that overflow). Costs one scalar check: the value is in the forward's statistics
