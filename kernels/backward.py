@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import AUTOTUNE, INTERPRET, LOGIT_FLAGS, expm1, logit_tile, shape_bucket
+from .utils import AUTOTUNE, INTERPRET, LOGIT_FLAGS, expm1, kept_logit_tile, logit_tile, shape_bucket
 
 # The dL/dz kernels' flags: the logit tile's, and whether the entropy term is on.
 GRAD_FLAGS = {**LOGIT_FLAGS, "WITH_ENTROPY": lambda args: args["entropy_weight_ptr"] is not None}
@@ -157,11 +157,9 @@ def _grad_logits_in_place_kernel(
     for v0 in range(0, V, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask = t_mask[:, None] & (offs_v < V)[None, :]
-        logits = tl.load(logits_ptr + rows[:, None] * stride_logits + offs_v[None, :], mask=mask,
-                         other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            logits += tl.load(bias_ptr + offs_v, mask=offs_v < V, other=0.0).to(tl.float32)[None, :]
-        grad = grad_logit_tile(logits * inv_temperature, offs_t, t_mask, offs_v, targets_ptr,
+        z = kept_logit_tile(logits_ptr, bias_ptr, rows, offs_v, t_mask, offs_v < V, stride_logits,
+                            inv_temperature, HAS_BIAS)
+        grad = grad_logit_tile(z, offs_t, t_mask, offs_v, targets_ptr,
                                lse_ptr, logprob_ptr, coef_ptr, entropy_weight_ptr, row_max_ptr,
                                expected_shift_ptr, inv_temperature, WITH_ENTROPY)
         # an inactive token (clipped, or no weight) contributes exact zeros, whatever its logits

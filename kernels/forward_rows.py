@@ -15,9 +15,11 @@ outputs are those of logsumexp_forward: logsumexp, log pi (through log1p of the 
 exact as pi -> 1), the max and E_p[z] - max. One difference: a -inf logit (a banned token) takes
 no probability here and leaves E_p[z] finite, where the split kernel's is NaN.
 
-Opt-in while its speed on a GPU is unmeasured: LUFFY_FAST_ROW_FORWARD=1 (read at each call). With
-no vocabulary split, a chunk needs a couple of rows per streaming multiprocessor to fill the GPU;
-smaller chunks keep the split kernel.
+Opt-in: LUFFY_FAST_ROW_FORWARD=1 (read at each call). Timed on an H200 (BENCHMARKS.md, round 4)
+it did not beat the split kernel: faster on fp32 logits (2.43 against 2.88 ms a step), slower on
+16-bit ones (2.28 against 2.12 ms), the walls within noise. With no vocabulary split, a chunk
+needs a couple of rows per streaming multiprocessor to fill the GPU; smaller chunks keep the
+split kernel.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .forward import moment_outputs
-from .utils import INTERPRET, lse_and_logprob, num_sms, shape_bucket
+from .utils import INTERPRET, kept_logit_tile, lse_and_logprob, num_sms, shape_bucket
 
 
 def row_forward_enabled(num_rows: int) -> bool:
@@ -72,11 +74,8 @@ def _row_forward_kernel(
     for v0 in range(0, V, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         valid = t_mask[:, None] & (offs_v < V)[None, :]
-        z = tl.load(logits_ptr + rows[:, None] * stride_logits + offs_v[None, :], mask=valid,
-                    other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            z += tl.load(bias_ptr + offs_v, mask=offs_v < V, other=0.0).to(tl.float32)[None, :]
-        z = z * inv_temperature
+        z = kept_logit_tile(logits_ptr, bias_ptr, rows, offs_v, t_mask, offs_v < V, stride_logits,
+                            inv_temperature, HAS_BIAS)
         # outside the tile's rows and columns, and for a -inf logit, d = -inf: e = 0, nothing
         # moves (z - m would be NaN while m is still -inf); a NaN logit carries through
         d = tl.where(valid & (z != float("-inf")), z - m, float("-inf"))

@@ -96,6 +96,19 @@ def num_vocab_splits(num_tokens: int, vocab_size: int) -> int:
 
 
 @triton.jit
+def kept_logit_tile(logits_ptr, bias_ptr, logit_rows, offs_v, t_mask, v_mask, stride_logits,
+                    inv_temperature, HAS_BIAS: tl.constexpr):
+    """A tile of z = (h W^T + b) / temperature in fp32 read from a buffer of raw h W^T that a GEMM
+    filled (fp32 or 16-bit; rows `logit_rows`, columns `offs_v`): the kernels that read kept
+    logits, and `logit_tile`."""
+    raw = tl.load(logits_ptr + logit_rows[:, None] * stride_logits + offs_v[None, :],
+                  mask=t_mask[:, None] & v_mask[None, :], other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw += tl.load(bias_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+    return raw * inv_temperature
+
+
+@triton.jit
 def logit_tile(hidden_ptr, weight_ptr, bias_ptr, logits_ptr, rows, logit_rows, offs_v, t_mask, v_mask,
                HD, stride_hidden, stride_weight, stride_logits, inv_temperature,
                HAS_BIAS: tl.constexpr, FROM_LOGITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -103,11 +116,11 @@ def logit_tile(hidden_ptr, weight_ptr, bias_ptr, logits_ptr, rows, logit_rows, o
     """A [BLOCK_T, BLOCK_V] tile of z = (h W^T + b) / temperature in fp32.
 
     Either multiplied here from hidden and weight tiles (fp32 accumulation), or read from a buffer
-    of raw h W^T (`logits_ptr`, rows `logit_rows`) that a GEMM filled.
+    of raw h W^T (`logits_ptr`, rows `logit_rows`) that a GEMM filled (`kept_logit_tile`).
     """
     if FROM_LOGITS:
-        raw = tl.load(logits_ptr + logit_rows[:, None] * stride_logits + offs_v[None, :],
-                      mask=t_mask[:, None] & v_mask[None, :], other=0.0).to(tl.float32)
+        z = kept_logit_tile(logits_ptr, bias_ptr, logit_rows, offs_v, t_mask, v_mask,
+                            stride_logits, inv_temperature, HAS_BIAS)
     else:
         raw = tl.zeros((BLOCK_T, BLOCK_V), tl.float32)
         for k0 in range(0, HD, BLOCK_H):
@@ -118,9 +131,10 @@ def logit_tile(hidden_ptr, weight_ptr, bias_ptr, logits_ptr, rows, logit_rows, o
             w = tl.load(weight_ptr + offs_v[:, None].to(tl.int64) * stride_weight + offs_k[None, :],
                         mask=v_mask[:, None] & k_mask[None, :], other=0.0)
             raw = tl.dot(h, tl.trans(w), raw, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        raw += tl.load(bias_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
-    return raw * inv_temperature
+        if HAS_BIAS:
+            raw += tl.load(bias_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+        z = raw * inv_temperature
+    return z
 
 
 @triton.jit
