@@ -176,8 +176,9 @@ CUDA_IMPLS = ["gemm_floor", "gemm_logits", "naive", "liger", "torch", "triton", 
 EXTRA_IMPLS = "LUFFY_BENCH_EXTRA_IMPLS"
 
 
-def _base(impl: str) -> str:
-    """The implementation without its switches ("triton+half" -> "triton")."""
+def base_impl(impl: str) -> str:
+    """The implementation without its switches ("triton+half" -> "triton"; impls.variant says
+    what the switches set)."""
     return impl.split("+")[0]
 
 
@@ -195,7 +196,7 @@ def extra_impls() -> list[str]:
 
 def runs_on(impl: str, case: Case) -> bool:
     """Whether `impl` is measured on `case`'s scenario at all (RUNS_ON)."""
-    return case.scenario in RUNS_ON.get(_base(impl), ("dense", "rlvr"))
+    return case.scenario in RUNS_ON.get(base_impl(impl), ("dense", "rlvr"))
 
 
 @dataclass
@@ -219,7 +220,7 @@ class Plan:
         if not runs_on(impl, case):
             return f"{impl} is not run on the {case.scenario} scenario in this plan"
         limits = self.max_tokens_speed if kind == "time" else self.max_tokens_memory
-        limit = limits.get(_base(impl))
+        limit = limits.get(base_impl(impl))
         if limit is not None and case.T > limit:
             return f"{impl} is run up to T={limit} in this plan (keeps the run short)"
         return None

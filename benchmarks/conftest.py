@@ -170,7 +170,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     import torch
 
-    from .cases import make_plan, runs_on
+    from .cases import base_impl, make_plan, runs_on
 
     config = metafunc.config
     device = config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -186,7 +186,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         # Ours first, Liger (slowest, compiled on CUDA) last: a run cut short keeps what matters.
         order = ["triton", "triton_256mb", "torch", "naive", "liger"]
         # LUFFY_BENCH_EXTRA_IMPLS: those of the above with switches, after ours
-        switched = [impl for impl in plan.impls if "+" in impl and impl.split("+")[0] in order]
+        switched = [impl for impl in plan.impls if impl != base_impl(impl) and base_impl(impl) in order]
         order[2:2] = switched
         metafunc.parametrize("memory_impl", [impl for impl in order if impl in plan.impls])
 

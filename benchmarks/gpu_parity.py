@@ -41,7 +41,8 @@ HALF_LIMITS = {"loss": 5e-3, "grad": 3e-2}
 
 
 def limits(backend: str, dtype: torch.dtype) -> dict:
-    return HALF_LIMITS if "half" in backend.split("+") and dtype != torch.float32 else LIMITS[dtype]
+    half = variant(backend).config.get("logits_dtype") == "input"
+    return HALF_LIMITS if half and dtype != torch.float32 else LIMITS[dtype]
 
 
 def make_batch(T, H, V, dtype, seed, zero_adv_fraction=0.3, dev="cuda"):

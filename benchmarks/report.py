@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from .cases import base_impl
 from .targets import load_parity, targets
 
 IMPL_ORDER = ["gemm_floor", "gemm_logits", "naive", "liger", "torch", "triton", "triton_256mb",
@@ -23,7 +24,7 @@ IMPL_ORDER = ["gemm_floor", "gemm_logits", "naive", "liger", "torch", "triton", 
 
 def impl_rank(impl: str) -> tuple[int, str]:
     """Sort key: IMPL_ORDER, an implementation with switches ("triton+half") after its base."""
-    base = impl.split("+")[0]
+    base = base_impl(impl)
     return (IMPL_ORDER.index(base) if base in IMPL_ORDER else len(IMPL_ORDER), impl)
 
 

@@ -13,6 +13,8 @@ from typing import Optional
 
 from luffy_fast.config import DEFAULT_MEMORY_BUDGET_MB
 
+from .cases import base_impl
+
 FLAT_LIMIT, FLAT_FROM = 1.25, 4096  # "flat in T": extra memory grows at most 1.25 × from T=4096 on
 OURS = {"cpu": "torch", "dry-run": "triton", "cuda": "triton"}  # dry-run mirrors the CUDA plan
 # The triton memory budgets by plan (the device defaults; the dry run is on a CPU).
@@ -88,7 +90,7 @@ def targets(summary: dict, parity: Optional[dict] = None) -> list[dict]:
             check(f"{impl} extra memory flat in T (growth ≤ {FLAT_LIMIT} ×)", m1 / m0 if m0 else None,
                   FLAT_LIMIT, True, f"sweep T={t0}…{t1}")
             # the other half of "flat within the budget": the triton budgets are upper bounds
-            budget = BUDGET_MIB.get(impl.split("+")[0], {}).get(tag)
+            budget = BUDGET_MIB.get(base_impl(impl), {}).get(tag)
             if budget:
                 check(f"{impl} extra memory within its {budget:g} MiB budget at every T (MiB)",
                       max(m for _, m in points) / 2**20, budget, True, f"sweep T={t0}…{t1}")
