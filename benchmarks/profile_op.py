@@ -2,7 +2,8 @@
 
 For each (scenario, implementation) pair: the wall time of one step (median of 5, CUDA events),
 the CUDA time the profiler saw, and the kernels that took the most of it. The gap between the
-two is time the GPU sat idle (host-side work, synchronizations). Writes profile.txt under $OUT.
+two is time the GPU sat idle (host-side work, synchronizations). Last, the config each
+autotuned kernel chose per tuning key. Writes profile.txt under $OUT.
 
     python -m benchmarks.profile_op [--shape T,H,V] [--runs dense:triton,rlvr:triton,...] [--trace]
     python -m benchmarks.profile_op --runs rows    # the opt-in whole-row forward against the default
@@ -80,6 +81,23 @@ def profile_one(scenario: str, impl: str, T: int, H: int, V: int, top: int = 12,
     return "\n".join(lines)
 
 
+def tuning_choices() -> str:
+    """The config each autotuned kernel chose, per tuning key (the bucketed sizes, then the
+    tensor arguments' dtypes), for the process so far: what a fixed config would have to match."""
+    from luffy_fast.kernels import backward, forward, forward_rows
+
+    kernels = (forward._forward_kernel, backward._grad_logits_kernel,
+               backward._grad_logits_in_place_kernel, forward_rows._row_forward_kernel)
+    lines = ["== autotune choices"]
+    for kernel in kernels:
+        tuner = kernel.fn  # under triton.heuristics
+        for key, config in tuner.cache.items():
+            sizes = [part for part in key if not str(part).startswith("torch.")]
+            dtypes = sorted({str(part)[6:] for part in key if str(part).startswith("torch.")})
+            lines.append(f"  {tuner.base_fn.__name__} {sizes} {'/'.join(dtypes)}: {config}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="8192,4096,151936", help="T,H,V")
@@ -103,6 +121,10 @@ def main() -> None:
         print(text, flush=True)
         with open(out / "profile.txt", "a") as f:
             f.write(text + "\n")
+    text = tuning_choices()
+    print(text, flush=True)
+    with open(out / "profile.txt", "a") as f:
+        f.write(text + "\n")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import AUTOTUNE, INTERPRET, LOGIT_FLAGS, expm1, kept_logit_tile, logit_tile, shape_bucket
+from .utils import (
+    AUTOTUNE,
+    INTERPRET,
+    LOGIT_FLAGS,
+    expm1,
+    kept_logit_tile,
+    logit_tile,
+    shape_bucket,
+    tuning_bench,
+)
 
 # The dL/dz kernels' flags: the logit tile's, and whether the entropy term is on.
 GRAD_FLAGS = {**LOGIT_FLAGS, "WITH_ENTROPY": lambda args: args["entropy_weight_ptr"] is not None}
@@ -131,9 +140,8 @@ def _in_place_configs() -> list[triton.Config]:
 
 
 @triton.heuristics({name: GRAD_FLAGS[name] for name in ("HAS_BIAS", "WITH_ENTROPY")})
-# Timing a config overwrites the logits: the autotuner puts them back between configs.
-@triton.autotune(configs=_in_place_configs(), key=["C_BUCKET", "V_BUCKET"],
-                 restore_value=["logits_ptr"])
+# Timing a config overwrites the logits; grad_logits_in_place puts them back after tuning.
+@triton.autotune(configs=_in_place_configs(), key=["C_BUCKET", "V_BUCKET"], do_bench=tuning_bench)
 @triton.jit
 def _grad_logits_in_place_kernel(
     logits_ptr, grad_logits_ptr, bias_ptr, targets_ptr, lse_ptr, logprob_ptr, coef_ptr,
@@ -187,11 +195,44 @@ def grad_logits_in_place(logits, bias, targets, lse, logprobs, coef, entropy_wei
                          f"{logits.dtype} logits (same dtype, or 16-bit over fp32)")
     if C == 0:
         return grad
+    args = (logits, grad, bias, targets, lse, logprobs, coef, entropy_weight, row_max,
+            expected_shift, C, V, logits.stride(0), grad.stride(0), 1.0 / temperature,
+            shape_bucket(C), shape_bucket(V))
     grid = lambda meta: (triton.cdiv(C, meta["BLOCK_T"]),)  # noqa: E731
-    _grad_logits_in_place_kernel[grid](
-        logits, grad, bias, targets, lse, logprobs, coef, entropy_weight, row_max, expected_shift,
-        C, V, logits.stride(0), grad.stride(0), 1.0 / temperature, shape_bucket(C), shape_bucket(V))
+    tuner = _grad_logits_in_place_kernel.fn
+    key = _tuning_key(args)
+    # The first call of a size class times each config on this very chunk, which overwrites its
+    # logits: they are put back from a host copy and the pass reruns with the chosen config. A
+    # device copy (the autotuner's `restore_value`) would pass the memory budget by a chunk.
+    tunes = len(tuner.configs) > 1
+    saved = _host_copy(logits) if tunes and key not in _SEEN_KEYS else None
+    tuned_before = len(tuner.cache)
+    _grad_logits_in_place_kernel[grid](*args)
+    if len(tuner.cache) > tuned_before:
+        if saved is None:
+            raise RuntimeError("grad_logits_in_place: the kernel autotuned without a saved copy "
+                               "of the logits it overwrote (tuning key mismatch)")
+        logits.copy_(saved)
+        _grad_logits_in_place_kernel[grid](*args)
+    if tunes:
+        _SEEN_KEYS.add(key)
     return grad
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to("cpu", copy=True)  # a copy even of a CPU tensor (the interpreter's)
+
+
+# Tuning keys of the in-place kernel's calls so far (_tuning_key), when it has configs to tune.
+_SEEN_KEYS: set[tuple] = set()
+
+
+def _tuning_key(args) -> tuple:
+    """The in-place kernel's autotune key as Triton forms it (its `key` arguments, then the dtype of
+    every tensor argument in order), with the absent optional inputs marked too: never coarser
+    than the autotuner's, so a call it tunes is never taken for one already tuned."""
+    return args[-2:] + tuple(None if arg is None else str(arg.dtype) for arg in args
+                             if arg is None or isinstance(arg, torch.Tensor))
 
 
 def accumulate_gradients(grad_logits_chunk, hidden_rows, weight, rows, grad_hidden, grad_weight,

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .forward import moment_outputs
-from .utils import INTERPRET, kept_logit_tile, lse_and_logprob, num_sms, shape_bucket
+from .utils import INTERPRET, kept_logit_tile, lse_and_logprob, num_sms, shape_bucket, tuning_bench
 
 
 def row_forward_enabled(num_rows: int) -> bool:
@@ -55,7 +55,7 @@ def _configs() -> list[triton.Config]:
 
 @triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None,
                     "WITH_ENTROPY": lambda args: args["expected_shift_ptr"] is not None})
-@triton.autotune(configs=_configs(), key=["C_BUCKET", "V_BUCKET"])
+@triton.autotune(configs=_configs(), key=["C_BUCKET", "V_BUCKET"], do_bench=tuning_bench)
 @triton.jit
 def _row_forward_kernel(
     logits_ptr, bias_ptr, targets_ptr, lse_ptr, logprob_ptr, top_ptr, expected_shift_ptr,
