@@ -7,7 +7,8 @@
 #   b. the update alone (forward, backward, optimizer step; gradient checkpointing) with the fused
 #      head, the usual path (full logits + naive loss) and Liger's GRPO loss: tokens/s and peak
 #      memory at 4k/16k/32k tokens per micro-batch, allocated memory from step to step, and the
-#      longest single sequence each trains (4k, 8k, ..., 128k until out of memory);
+#      longest single sequence each trains (4k, 8k, ..., 128k until out of memory); the fused
+#      head with 16-bit kept logits (`logits_dtype: input`) too, tokens/s and memory only;
 #   c. everything to $OUT (or ./gpu_results): trainer_check.json, trainer_check.txt (the table),
 #      trainer_check.log, train_metrics.jsonl; the table is printed last.
 #
@@ -44,8 +45,8 @@ export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:Tr
 [[ "${BENCH_DRY_RUN:-0}" == 1 ]] && export BENCH_DRY_RUN=1 || export DS_ACCELERATOR=cuda
 
 STAGE_TAG=trainer_check
-STAGE_ORDER="prepare train check-train grad-parity update-fused update-naive update-liger"
-STAGE_CAPS=${TRAINER_CHECK_CAPS:-"prepare:90 train:180 check-train:30 grad-parity:90 update-fused:120 update-naive:90 update-liger:120"}
+STAGE_ORDER="prepare train check-train grad-parity update-fused update-fused_half update-naive update-liger"
+STAGE_CAPS=${TRAINER_CHECK_CAPS:-"prepare:90 train:180 check-train:30 grad-parity:90 update-fused:120 update-fused_half:60 update-naive:90 update-liger:120"}
 STAGES=${TRAINER_CHECK_STAGES:-$STAGE_ORDER}
 STAGE_DIR=$WORK  # stages run from $WORK, so the luffy_fast installed in $SITE is the one imported
 # shellcheck source=benchmarks/stages.sh
@@ -101,6 +102,7 @@ EOF
   run_stage grad-parity "${bench[@]}" grad-parity --work "$WORK"
   # b. The update alone, one process per loss head.
   run_stage update-fused "${bench[@]}" update --impl fused --work "$WORK"
+  run_stage update-fused_half "${bench[@]}" update --impl fused_half --work "$WORK"
   run_stage update-naive "${bench[@]}" update --impl naive --work "$WORK"
   run_stage update-liger "${bench[@]}" update --impl liger --work "$WORK"
   # c. One JSON and the table, last.

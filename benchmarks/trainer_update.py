@@ -4,7 +4,7 @@
     python -m luffy_fast train --config DIR/train.yaml          # (run by the shell script)
     python -m benchmarks.trainer_update check-train --work DIR  # metrics.jsonl: finite loss, grad norm
     python -m benchmarks.trainer_update grad-parity --work DIR  # one micro-batch: fused vs reference
-    python -m benchmarks.trainer_update update --impl fused --work DIR   # also naive, liger
+    python -m benchmarks.trainer_update update --impl fused --work DIR   # also fused_half, naive, liger
     python -m benchmarks.trainer_update report --work DIR --out OUT      # one JSON, the table last
 
 The policy is a Qwen2 of Qwen2.5-1.5B's shape (hidden 1536, 28 layers, MLP 8960, 12 heads, 2 KV
@@ -18,13 +18,15 @@ on the CPU (DeepSpeed over gloo), so the plumbing is tested without a GPU.
 DeepSpeed ZeRO-2 engine (bf16 with fp32 master weights, the trainer's `deepspeed_config`), with
 gradient checkpointing on, for one loss head at a time, in its own process:
 - fused: the trainer's `PolicyWithFusedLoss` (`fused_luffy_loss`, logits never materialized);
+- fused_half: the same with `logits_dtype: input` (16-bit kept logits; README "Choosing"), for
+  tokens/s only: its memory budget, hence its longest sequence, is fused's;
 - naive: the same module with its head swapped for full logits + the naive LUFFY loss
   (benchmarks/naive.py), the usual path;
 - liger: the same module with Liger-Kernel's LigerFusedLinearGRPOLoss as the head (GRPO, not
   LUFFY: see benchmarks/liger_baseline.py for what it cannot express).
 Per impl: tokens/s and peak memory at each micro-batch size (equal rows of `row_length` tokens),
-the allocated memory after every step (it must not grow), then the longest single sequence that
-trains (probes doubling from 4k until out of memory; the first failure ends the probes).
+the allocated memory after every step (it must not grow), then (PROBED) the longest single
+sequence that trains (probes doubling from 4k until out of memory; the first failure ends them).
 Every measurement is appended to DIR/results/<stage>.jsonl as soon as it exists, so a stage cut
 short by its timeout keeps what it measured.
 """
@@ -56,7 +58,8 @@ from luffy_fast.micro_batches import pack_micro_batch  # noqa: E402
 from luffy_fast.policy import PolicyWithFusedLoss  # noqa: E402
 from luffy_fast.rollout_batch import assemble_groups  # noqa: E402
 
-IMPLS = ("fused", "naive", "liger")
+IMPLS = ("fused", "fused_half", "naive", "liger")
+PROBED = ("fused", "naive", "liger")  # the heads whose longest trainable sequence is probed
 KIB, MIB, GIB = 2**10, 2**20, 2**30
 
 
@@ -551,8 +554,11 @@ def build_engine(plan: Plan, impl: str, device: torch.device):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     loss_config = LuffyLossConfig.luffy(max_len=plan.max_length)
-    module = PolicyWithFusedLoss(model, loss_config)
     head_note = "PolicyWithFusedLoss, backend auto"
+    if impl == "fused_half":
+        loss_config = loss_config.replace(logits_dtype="input")
+        head_note += ", logits_dtype input (16-bit kept logits)"
+    module = PolicyWithFusedLoss(model, loss_config)
     if impl == "naive":
         module.loss_head = NaiveHead(model.get_output_embeddings(), loss_config)
         head_note = "PolicyWithFusedLoss with its head swapped for full logits + naive loss"
@@ -693,7 +699,8 @@ def run_update(plan: Plan, impl: str, work: Path) -> None:
         emit(work, stage, {"kind": "rebuild", "impl": impl, "allocated_mb":
                            memory.allocated() / MIB, "first_setup_allocated_mb":
                            first_allocated / MIB})
-    run_probes(plan, impl, work, engine, memory, device)
+    if impl in PROBED:
+        run_probes(plan, impl, work, engine, memory, device)
 
 
 def run_probes(plan: Plan, impl: str, work: Path, engine, memory: Memory,
@@ -788,10 +795,12 @@ def summarize(plan: Plan, work: Path) -> dict:
                    "ok": (ratio is not None and ratio >= TARGETS["longest_vs_naive"])
                    # naive < the first probe: fused at twice that length or more is >= 2x
                    or (naive_long == 0 and (fused_long or 0) >= 2 * plan.probe_lengths[0])})
-    for other, key in (("naive", "tokens_per_second_vs_naive"),
-                       ("liger", "tokens_per_second_vs_liger")):
-        value = tps("fused") / tps(other) if tps("fused") and tps(other) else None
-        checks.append({"name": f"tokens/s at {_fmt_tokens(plan.target_tokens)}, fused / {other}",
+    # the default head, then the 16-bit-logits option where it ran
+    heads = ["fused"] + (["fused_half"] if impls["fused_half"]["ran"] else [])
+    for head, (other, key) in ((head, pair) for head in heads for pair in (
+            ("naive", "tokens_per_second_vs_naive"), ("liger", "tokens_per_second_vs_liger"))):
+        value = tps(head) / tps(other) if tps(head) and tps(other) else None
+        checks.append({"name": f"tokens/s at {_fmt_tokens(plan.target_tokens)}, {head} / {other}",
                        "value": value, "target": TARGETS[key],
                        "ok": value is not None and value >= TARGETS[key]})
     growth = impls["fused"]["growth"]
@@ -821,7 +830,7 @@ def format_table(plan: Plan, summary: dict) -> str:
              f"hidden {plan.hidden_size}, vocab {plan.vocab_size}, {plan.dtype}, ZeRO-2, "
              "gradient checkpointing)", ""]
     sizes = [_fmt_tokens(t) for t in plan.micro_batch_tokens]
-    head = f"{'impl':<7}" + "".join(f"{s + ' tok/s':>14}{s + ' peak GiB':>14}" for s in sizes)
+    head = f"{'impl':<11}" + "".join(f"{s + ' tok/s':>14}{s + ' peak GiB':>14}" for s in sizes)
     lines += [head + f"{'longest seq':>13}{'growth MiB':>12}"]
     for impl in IMPLS:
         info = summary["impls"][impl]
@@ -836,7 +845,7 @@ def format_table(plan: Plan, summary: dict) -> str:
         long_text = "-" if not longest else (
             ("≥" if not longest["limit_reached"] else "") + _fmt_tokens(longest["longest"]))
         growth = f"{info['growth']['growth_mb']:.2f}" if info["growth"] else "-"
-        lines.append(f"{impl:<7}{cells}{long_text:>13}{growth:>12}")
+        lines.append(f"{impl:<11}{cells}{long_text:>13}{growth:>12}")
     lines += ["", f"{'check':<46}{'value':>12}{'target':>12}  result"]
     for check in summary["checks"]:
         value = check["value"]

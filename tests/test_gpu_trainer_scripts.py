@@ -98,6 +98,7 @@ def test_report_ratios_and_verdicts_from_known_numbers(tmp_path, capsys):
     assert vs_naive["value"] == pytest.approx(1.2) and vs_naive["ok"]
     vs_liger = checks["tokens/s at 16k, fused / liger"]
     assert vs_liger["value"] == pytest.approx(4.0) and vs_liger["ok"]
+    assert not any("fused_half" in name for name in checks)  # not run: no rows, no verdicts
     assert checks["allocated growth over steps, fused (MiB)"]["ok"]
     assert checks["gradient, triton vs reference (rel. L2)"]["ok"]
     assert not checks["gradient, torch vs reference (rel. L2)"]["ok"]
@@ -116,6 +117,12 @@ def test_report_ratios_and_verdicts_from_known_numbers(tmp_path, capsys):
         {"kind": "longest", "impl": "fused", "longest": 16384, "limit_reached": True}) + "\n")
     assert not tu.summarize(plan, tmp_path)["checks"][0]["ok"]
 
+    # the 16-bit-logits head, where it ran, gets ratios of its own beside the default's
+    _write(tmp_path, "update-fused_half", _throughput("fused_half", {k16: 13000.0}))
+    checks = {c["name"]: c for c in tu.summarize(plan, tmp_path)["checks"]}
+    assert checks["tokens/s at 16k, fused_half / naive"]["value"] == pytest.approx(1.3)
+    assert checks["tokens/s at 16k, fused_half / liger"]["value"] == pytest.approx(13 / 3)
+
 
 @pytest.mark.slow
 def test_dry_run_of_the_whole_gpu_trainer_check(tmp_path):
@@ -130,7 +137,7 @@ def test_dry_run_of_the_whole_gpu_trainer_check(tmp_path):
     assert proc.returncode == 0, log[-3000:]
     stages = next(line for line in log.splitlines() if "] stages: " in line)
     for stage in ("prepare", "train", "check-train", "grad-parity", "update-fused",
-                  "update-naive", "update-liger"):
+                  "update-fused_half", "update-naive", "update-liger"):
         assert f"{stage}: ok" in stages, stages
     assert sorted(p.name for p in out.iterdir()) == [
         "train_metrics.jsonl", "trainer_check.json", "trainer_check.log", "trainer_check.txt"]
@@ -162,6 +169,9 @@ def test_dry_run_of_the_whole_gpu_trainer_check(tmp_path):
         assert info["growth"]["growth_mb"] <= plan.growth_tolerance_mb
         assert len(info["growth"]["allocated_after_step_mb"]) == (
             plan.timed_steps * len(plan.micro_batch_tokens))
+        if impl not in tu.PROBED:
+            assert not info["probes"] and info["longest"] is None
+            continue
         assert [p["length"] for p in info["probes"]] == list(plan.probe_lengths)
         assert info["longest"]["longest"] == plan.probe_lengths[-1]  # no OOM on the CPU
     checks = {c["name"]: c for c in summary["checks"]}
@@ -169,6 +179,11 @@ def test_dry_run_of_the_whole_gpu_trainer_check(tmp_path):
     naive = summary["impls"]["naive"]["throughput"][str(plan.target_tokens)]
     assert checks["tokens/s at 256, fused / naive"]["value"] == pytest.approx(
         fused["tokens_per_second"] / naive["tokens_per_second"])
+    half = summary["impls"]["fused_half"]
+    assert "logits_dtype input" in half["setup"]["head"]
+    assert checks["tokens/s at 256, fused_half / naive"]["value"] == pytest.approx(
+        half["throughput"][str(plan.target_tokens)]["tokens_per_second"]
+        / naive["tokens_per_second"])
     # c. the table is printed last
     table = (out / "trainer_check.txt").read_text().strip().splitlines()
     assert log.strip().splitlines()[-1] == table[-1]
