@@ -9,7 +9,8 @@
 # default 465 s; benchmarks/stages.sh), so the whole script ends in under 8 minutes even when a
 # stage hangs; each stage keeps what it measured so far, and each implementation fails on its own
 # (one test each). GPU_CHECK_STAGES picks stages (default "parity speed memory"; "profile" on request:
-# benchmarks/profile_op.py, with GPU_PROFILE_ARGS, e.g. "--runs rows"); GPU_PARITY_ARGS
+# benchmarks/profile_op.py, with GPU_PROFILE_ARGS, e.g. "--runs rows"; "sweep" on request:
+# benchmarks/pass_sweep.py); GPU_PARITY_ARGS
 # (default --quick), GPU_CHECK_CAPS ("name:seconds ..."), GPU_CHECK_SPEED_TESTS, GPU_CHECK_PYTEST_ARGS,
 # GPU_CHECK_MEMORY_PYTEST_ARGS and BENCH_TEST_TIMEOUT (per test,
 # default 150 s) narrow a run; LUFFY_BENCH_EXTRA_IMPLS (default: the "+half" variants) widens it.
@@ -35,9 +36,11 @@ export LUFFY_BENCH_EXTRA_IMPLS=${LUFFY_BENCH_EXTRA_IMPLS-triton+half,triton_256m
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 STAGE_TAG=gpu_check
-STAGE_ORDER="parity speed memory profile"
-STAGE_CAPS=${GPU_CHECK_CAPS:-"parity:200 speed:150 memory:120 profile:60"}
-# The default stages; "profile" (benchmarks/profile_op.py: where the op's time goes) runs when named.
+STAGE_ORDER="parity speed memory profile sweep"
+STAGE_CAPS=${GPU_CHECK_CAPS:-"parity:200 speed:150 memory:120 profile:60 sweep:150"}
+# The default stages; "profile" (benchmarks/profile_op.py: where the op's time goes) and "sweep"
+# (benchmarks/pass_sweep.py: the two passes over kept logits at a grid of tile configs, beside
+# torch's read and read+write rooflines) run when named.
 DEFAULT_STAGES="parity speed memory"
 STAGES=${GPU_CHECK_STAGES:-$DEFAULT_STAGES}
 # shellcheck source=benchmarks/stages.sh
@@ -106,6 +109,14 @@ tail -n 3 "$OUT_DIR/memory.log" 2>/dev/null
 if [[ "$TAG" == cuda ]] && stage_selected profile; then
   # shellcheck disable=SC2086
   STAGE_OUTPUT=$OUT_DIR/profile.log run_stage profile $PY -m benchmarks.profile_op ${GPU_PROFILE_ARGS:-}
+fi
+
+# (d') The passes over kept logits at every tile config of a grid (only when selected); the
+# script stops sweeping 20 s before its stage's limit, so it writes what it timed.
+if [[ "$TAG" == cuda ]] && stage_selected sweep; then
+  limit=$(stage_limit sweep)
+  STAGE_OUTPUT=$OUT_DIR/sweep.log run_stage sweep $PY -m benchmarks.pass_sweep \
+    --seconds $(( limit > 40 ? limit - 20 : 20 ))
 fi
 
 # (e) Everything is under $OUT_DIR: <tag>.json, <tag>.md, scaling-<tag>.png, logs. Table last.
