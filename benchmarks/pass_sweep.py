@@ -39,15 +39,16 @@ DRY = not torch.cuda.is_available() or os.environ.get("BENCH_DRY_RUN") == "1"
 
 
 def grid(dry: bool) -> list[triton.Config]:
-    """Row block x tile width x warps for the memory-bound passes: the tile between 2k and 16k
-    entries, 4 and 8 warps (the passes take the same config shape; BLOCK_H is unused)."""
+    """Row block x tile width for the memory-bound passes: 18 tiles of 2k to 16k entries, with 4
+    warps up to 4k entries and 8 above (the passes take the same config shape; BLOCK_H is
+    unused)."""
     if dry:
         return [triton.Config({"BLOCK_T": 4, "BLOCK_V": 32, "BLOCK_H": 16}, num_warps=4),
                 triton.Config({"BLOCK_T": 2, "BLOCK_V": 64, "BLOCK_H": 16}, num_warps=4)]
     shapes = [(t, v) for t in (1, 2, 4, 8, 16, 32) for v in (256, 512, 1024, 2048, 4096)
               if 2048 <= t * v <= 16384]
-    return [triton.Config({"BLOCK_T": t, "BLOCK_V": v, "BLOCK_H": 16}, num_warps=w)
-            for t, v in shapes for w in (4, 8)]
+    return [triton.Config({"BLOCK_T": t, "BLOCK_V": v, "BLOCK_H": 16},
+                          num_warps=4 if t * v <= 4096 else 8) for t, v in shapes]
 
 
 def staged(config: triton.Config, stages: int) -> triton.Config:
@@ -153,7 +154,8 @@ def time_configs(name: str, kernel, run, moved: int, check, configs, reps: int, 
 
 
 def sweep(chunk: Chunk, configs, reps: int, deadline: float, log) -> dict:
-    """Both passes at every config (until the deadline), then the split counts."""
+    """Both passes at every config, then the split counts; each pass stops after 45 % of the time
+    to `deadline`, so that all three parts get timed."""
     nbytes = chunk.logits.numel() * chunk.logits.element_size()
     grad_bytes = chunk.logits.numel() * torch.empty(0, dtype=chunk.grad_dtype).element_size()
     expected_grad = chunk.fresh_grad()
@@ -174,15 +176,17 @@ def sweep(chunk: Chunk, configs, reps: int, deadline: float, log) -> dict:
               ("grad_in_place", backward._grad_logits_in_place_kernel, chunk.grad, nbytes + grad_bytes,
                lambda: agrees([chunk.fresh_grad()], [expected_grad], 2e-2)))
     fastest = {}
+    share = 0.45 * (deadline - time.monotonic())
     for name, kernel, run, moved, check in passes:
+        until = time.monotonic() + share
         tuner = kernel.fn
         saved = list(tuner.configs)
         try:
-            rows = time_configs(name, kernel, run, moved, check, configs, reps, deadline, log)
+            rows = time_configs(name, kernel, run, moved, check, configs, reps, until, log)
             # the two fastest again with shallower and deeper software pipelining
             best = sorted((r for r in rows if r.get("agrees")), key=lambda r: r["ms"])[:2]
             again = [staged(r["config"], stages) for r in best for stages in (1, 4)]
-            rows += time_configs(name, kernel, run, moved, check, again, reps, deadline, log)
+            rows += time_configs(name, kernel, run, moved, check, again, reps, until, log)
             fastest[name] = min((r for r in rows if r.get("agrees")), key=lambda r: r["ms"],
                                 default=None)
             result[name] = [{**r, "config": label(r["config"])} for r in rows]
