@@ -112,11 +112,12 @@ if [[ "$TAG" == cuda ]] && stage_selected profile; then
 fi
 
 # (d') The passes over kept logits at every tile config of a grid (only when selected); the
-# script stops sweeping 20 s before its stage's limit, so it writes what it timed.
+# script stops sweeping well before its stage's limit (start-up and the last config's compile
+# come on top), and writes its files after each logits dtype.
 if [[ "$TAG" == cuda ]] && stage_selected sweep; then
   limit=$(stage_limit sweep)
   STAGE_OUTPUT=$OUT_DIR/sweep.log run_stage sweep $PY -m benchmarks.pass_sweep \
-    --seconds $(( limit > 40 ? limit - 20 : 20 ))
+    --seconds $(( limit > 80 ? limit - 40 : limit / 2 ))
 fi
 
 # (e) Everything is under $OUT_DIR: <tag>.json, <tag>.md, scaling-<tag>.png, logs. Table last.

@@ -119,16 +119,37 @@ class Chunk:
         return self.grad().clone()
 
 
-def only_config(kernel, config: triton.Config) -> None:
-    """Make `config` the autotuner's one config (and forget what it tuned): it then runs as is."""
+def only_config(kernel, config: triton.Config) -> triton.Config:
+    """Make `config` the autotuner's one config, without the meta-parameters the kernel does not
+    take (the in-place pass has no BLOCK_H): it then runs as is. Returns the config installed."""
     tuner = kernel.fn
-    tuner.configs = [config]
-    tuner.cache.clear()
+    kwargs = {k: v for k, v in config.kwargs.items() if k in tuner.arg_names}
+    tuner.configs = [triton.Config(kwargs, num_warps=config.num_warps,
+                                   num_stages=config.num_stages)]
+    return tuner.configs[0]
+
+
+class KernelConfigs:
+    """The kernel's own configs and tuning cache, put back on exit (the sweep changes both)."""
+
+    def __init__(self, kernel) -> None:
+        self.tuner = kernel.fn
+
+    def __enter__(self):
+        self.configs, self.cache = list(self.tuner.configs), dict(self.tuner.cache)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.tuner.configs = self.configs
+        self.tuner.cache.clear()
+        self.tuner.cache.update(self.cache)
 
 
 def agrees(got, expected, tolerance: float) -> bool:
-    pairs = [(g, e) for g, e in zip(got, expected) if e is not None]
-    return all(torch.allclose(g.float(), e.float(), rtol=tolerance, atol=tolerance, equal_nan=True)
+    """Each output within `tolerance` of the expected one, relative in the L2 norm (entry-wise
+    tolerances would pass a dL/dz off by 40 %: at V = 151936 nearly every entry is tiny)."""
+    pairs = [(g.float(), e.float()) for g, e in zip(got, expected) if e is not None]
+    return all(bool(torch.isfinite(g).all()) and float((g - e).norm()) <= tolerance * float(e.norm())
                for g, e in pairs)
 
 
@@ -140,14 +161,16 @@ def time_configs(name: str, kernel, run, moved: int, check, configs, reps: int, 
         if time.monotonic() > deadline:
             log(f"  {name}: deadline reached")
             break
-        only_config(kernel, config)
+        installed = only_config(kernel, config)
         try:
             ms = time_ms(run, reps)
             ok = check()
         except Exception as error:  # out of resources, say: the others still run
             rows.append({"config": config, "error": repr(error)[:200]})
+            log(f"  {name} {label(config)}: ERROR {rows[-1]['error']}")
             continue
-        rows.append({"config": config, "ms": ms, "gb_per_s": moved / ms / 1e6, "agrees": ok})
+        rows.append({"config": config, "ms": ms, "gb_per_s": moved / ms / 1e6, "agrees": ok,
+                     "ran": kernel.fn.best_config is installed})
         log(f"  {name} {label(config)}: {ms:.3f} ms, {rows[-1]['gb_per_s']:.0f} GB/s"
             + ("" if ok else "  DISAGREES"))
     return rows
@@ -172,16 +195,14 @@ def sweep(chunk: Chunk, configs, reps: int, deadline: float, log) -> dict:
         log(f"  roofline {name}: {result['rooflines'][name]['ms']:.3f} ms, "
             f"{result['rooflines'][name]['gb_per_s']:.0f} GB/s")
     passes = (("statistics", forward._forward_kernel, chunk.forward, nbytes,
-               lambda: agrees(chunk.fresh_forward(), chunk.stats, 1e-4)),
+               lambda: agrees(chunk.fresh_forward(), chunk.stats, 1e-5)),
               ("grad_in_place", backward._grad_logits_in_place_kernel, chunk.grad, nbytes + grad_bytes,
-               lambda: agrees([chunk.fresh_grad()], [expected_grad], 2e-2)))
+               lambda: agrees([chunk.fresh_grad()], [expected_grad], 1e-3)))
     fastest = {}
     share = 0.45 * (deadline - time.monotonic())
     for name, kernel, run, moved, check in passes:
         until = time.monotonic() + share
-        tuner = kernel.fn
-        saved = list(tuner.configs)
-        try:
+        with KernelConfigs(kernel):
             rows = time_configs(name, kernel, run, moved, check, configs, reps, until, log)
             # the two fastest again with shallower and deeper software pipelining
             best = sorted((r for r in rows if r.get("agrees")), key=lambda r: r["ms"])[:2]
@@ -190,27 +211,22 @@ def sweep(chunk: Chunk, configs, reps: int, deadline: float, log) -> dict:
             fastest[name] = min((r for r in rows if r.get("agrees")), key=lambda r: r["ms"],
                                 default=None)
             result[name] = [{**r, "config": label(r["config"])} for r in rows]
-        finally:
-            tuner.configs = saved
-            tuner.cache.clear()
     if fastest.get("statistics") and time.monotonic() < deadline:
         config = fastest["statistics"]["config"]
-        default, tuner = forward.num_vocab_splits, forward._forward_kernel.fn
-        saved = list(tuner.configs)
-        try:
+        default = forward.num_vocab_splits
+        with KernelConfigs(forward._forward_kernel):
             only_config(forward._forward_kernel, config)
             base = default(*chunk.logits.shape)
-            for splits in sorted({max(1, base // 2), base, 2 * base, 4 * base}):
-                forward.num_vocab_splits = lambda n, v, s=splits: s
-                ms = time_ms(chunk.forward, reps)
-                result["splits"].append({"config": label(config), "splits": splits,
-                                         "default": splits == base, "ms": ms,
-                                         "gb_per_s": nbytes / ms / 1e6})
-                log(f"  statistics at {label(config)}, {splits} splits: {ms:.3f} ms")
-        finally:
-            forward.num_vocab_splits = default
-            tuner.configs = saved
-            tuner.cache.clear()
+            try:
+                for splits in sorted({max(1, base // 2), base, 2 * base, 4 * base}):
+                    forward.num_vocab_splits = lambda n, v, s=splits: s
+                    ms = time_ms(chunk.forward, reps)
+                    result["splits"].append({"config": label(config), "splits": splits,
+                                             "default": splits == base, "ms": ms,
+                                             "gb_per_s": nbytes / ms / 1e6})
+                    log(f"  statistics at {label(config)}, {splits} splits: {ms:.3f} ms")
+            finally:
+                forward.num_vocab_splits = default
     return result
 
 
@@ -241,18 +257,21 @@ def main() -> None:
     deadline = time.monotonic() + args.seconds
     cases = [(torch.bfloat16, 2), (torch.float32, 4)]  # 16-bit kept logits, then fp32 ones
     results = []
-    for dtype, size in cases:
+    for index, (dtype, size) in enumerate(cases):
+        if time.monotonic() > deadline:
+            log(f"== {str(dtype)[6:]} logits: no time left")
+            break
         rows = 8 if DRY else chunk_rows(T, H, V, budget_mb, size, 2)
         vocab = 200 if DRY else V
         log(f"== {str(dtype)[6:]} logits, bf16 dL/dz, chunk of {rows} x {vocab}")
         chunk = Chunk(rows, vocab, dtype, torch.bfloat16, device)
-        configs = grid(DRY)
-        share = (deadline - time.monotonic()) / (len(cases) - len(results))
-        results.append(sweep(chunk, configs, 1 if DRY else 20, time.monotonic() + share, log))
+        share = (deadline - time.monotonic()) / (len(cases) - index)
+        results.append(sweep(chunk, grid(DRY), 1 if DRY else 20, time.monotonic() + share, log))
         del chunk
-    (out / "pass_sweep.json").write_text(json.dumps({"shape": [T, H, V], "results": results},
-                                                    indent=1))
-    (out / "pass_sweep.txt").write_text("\n".join(lines) + "\n")
+        # after each case, so that a stage cut short keeps what it timed
+        (out / "pass_sweep.json").write_text(json.dumps({"shape": [T, H, V], "results": results},
+                                                        indent=1))
+        (out / "pass_sweep.txt").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

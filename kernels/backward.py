@@ -13,6 +13,7 @@ chunk's tokens (dz^T @ h), accumulated across chunks. No [T, V] buffer and no at
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -200,12 +201,11 @@ def grad_logits_in_place(logits, bias, targets, lse, logprobs, coef, entropy_wei
             shape_bucket(C), shape_bucket(V))
     grid = lambda meta: (triton.cdiv(C, meta["BLOCK_T"]),)  # noqa: E731
     tuner = _grad_logits_in_place_kernel.fn
-    key = _tuning_key(args)
     # The first call of a size class times each config on this very chunk, which overwrites its
     # logits: they are put back from a host copy and the pass reruns with the chosen config. A
     # device copy (the autotuner's `restore_value`) would pass the memory budget by a chunk.
-    tunes = len(tuner.configs) > 1
-    saved = _host_copy(logits) if tunes and key not in _SEEN_KEYS else None
+    tunes = len(tuner.configs) > 1 and _tuning_key(args) not in tuner.cache
+    saved = _host_copy(logits) if tunes else None
     tuned_before = len(tuner.cache)
     _grad_logits_in_place_kernel[grid](*args)
     if len(tuner.cache) > tuned_before:
@@ -214,8 +214,9 @@ def grad_logits_in_place(logits, bias, targets, lse, logprobs, coef, entropy_wei
                                "of the logits it overwrote (tuning key mismatch)")
         logits.copy_(saved)
         _grad_logits_in_place_kernel[grid](*args)
-    if tunes:
-        _SEEN_KEYS.add(key)
+    elif tunes:  # a tuned config ran, under a key other than _tuning_key's
+        warnings.warn("grad_logits_in_place: this Triton keys its autotune cache differently from "
+                      "_tuning_key, so every call copies its chunk to the host", stacklevel=2)
     return grad
 
 
@@ -223,16 +224,11 @@ def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to("cpu", copy=True)  # a copy even of a CPU tensor (the interpreter's)
 
 
-# Tuning keys of the in-place kernel's calls so far (_tuning_key), when it has configs to tune.
-_SEEN_KEYS: set[tuple] = set()
-
-
 def _tuning_key(args) -> tuple:
-    """The in-place kernel's autotune key as Triton forms it (its `key` arguments, then the dtype of
-    every tensor argument in order), with the absent optional inputs marked too: never coarser
-    than the autotuner's, so a call it tunes is never taken for one already tuned."""
-    return args[-2:] + tuple(None if arg is None else str(arg.dtype) for arg in args
-                             if arg is None or isinstance(arg, torch.Tensor))
+    """The in-place kernel's autotune cache key for these positional arguments, formed as Triton's
+    Autotuner.run forms it (Triton 3.6 and 3.9): the `key` arguments' values, then the dtype of
+    every argument that has one, in order (the heuristics' flags have none)."""
+    return args[-2:] + tuple(str(arg.dtype) for arg in args if hasattr(arg, "dtype"))
 
 
 def accumulate_gradients(grad_logits_chunk, hidden_rows, weight, rows, grad_hidden, grad_weight,

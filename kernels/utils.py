@@ -73,13 +73,16 @@ def tuning_bench(kernel_call, quantiles=(0.5, 0.2, 0.8)) -> list[float]:
         reps = max(5, min(100, int(TUNING_MS / max(start.elapsed_time(end), 1e-3))))
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(reps)]
+        # a head start, so the GPU times back-to-back launches and not the host's launch path
+        torch.cuda._sleep(reps * 100_000)  # clock cycles: ~60 us a run at ~1.7 GHz
         for begin, finish in events:
             begin.record()
             kernel_call()
             finish.record()
         torch.cuda.synchronize()
         times = [begin.elapsed_time(finish) for begin, finish in events]
-    return torch.quantile(torch.tensor(times), torch.tensor(quantiles, dtype=torch.float32)).tolist()
+    return torch.quantile(torch.tensor(times, dtype=torch.float32),
+                          torch.tensor(quantiles, dtype=torch.float32)).tolist()
 
 
 # Timed milliseconds per config when tuning (Triton's default is 100, after 25 of warm-up).

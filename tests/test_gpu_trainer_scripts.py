@@ -189,13 +189,13 @@ def test_dry_run_of_the_whole_gpu_trainer_check(tmp_path):
     assert log.strip().splitlines()[-1] == table[-1]
 
 
-def run_naive_update(work, **fault) -> None:
-    """The naive update stage at toy size in its own process, with a simulated fault
+def run_naive_update(work, impl: str = "naive", **fault) -> None:
+    """An update stage (naive by default) at toy size in its own process, with a simulated fault
     (BENCH_FAKE_OOM_AT or BENCH_FAKE_ERROR_ONCE_AT)."""
     env = subprocess_env(BENCH_DRY_RUN="1", **fault,
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-m", "benchmarks.trainer_update", "update", "--impl",
-                           "naive", "--work", str(work)], env=env, cwd=work,
+                           impl, "--work", str(work)], env=env, cwd=work,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
 
@@ -214,6 +214,18 @@ def test_out_of_memory_ends_the_sizes_and_the_probes(tmp_path):
     assert longest["longest"] == 128 and longest["limit_reached"]
     growth = next(r for r in rows if r["kind"] == "growth")
     assert len(growth["allocated_after_step_mb"]) == tu.DRY.timed_steps  # the 64-token size only
+
+
+def test_the_16_bit_logits_head_measures_sizes_only(tmp_path):
+    """fused_half (logits_dtype input) shares fused's budget, so it is timed, not probed: out of
+    memory ends its sizes with no engine rebuilt for probes that would not run."""
+    run_naive_update(tmp_path, impl="fused_half", BENCH_FAKE_OOM_AT="256")
+    rows = tu.read_rows(tmp_path, "update-fused_half")
+    status = {r["tokens"]: r["status"] for r in rows if r["kind"] == "throughput"}
+    assert status == {64: "ok", 256: "oom", 512: "skipped"}
+    kinds = [r["kind"] for r in rows]
+    assert "rebuild" not in kinds and "probe" not in kinds and "longest" not in kinds
+    assert "logits_dtype input" in rows[0]["head"]
 
 
 def test_an_error_other_than_memory_is_retried_once_on_a_fresh_engine(tmp_path):
