@@ -114,7 +114,7 @@ fi
 # (d') The passes over kept logits at every tile config of a grid (only when selected); the
 # script stops sweeping well before its stage's limit (start-up and the last config's compile
 # come on top), and writes its files after each logits dtype.
-if [[ "$TAG" == cuda ]] && stage_selected sweep; then
+if [[ "$TAG" == cuda || "$TAG" == dry-run ]] && stage_selected sweep; then
   limit=$(stage_limit sweep)
   STAGE_OUTPUT=$OUT_DIR/sweep.log run_stage sweep $PY -m benchmarks.pass_sweep \
     --seconds $(( limit > 80 ? limit - 40 : limit / 2 ))
