@@ -10,7 +10,7 @@
 # stage hangs; each stage keeps what it measured so far, and each implementation fails on its own
 # (one test each). GPU_CHECK_STAGES picks stages (default "parity speed memory"; "profile" on request:
 # benchmarks/profile_op.py, with GPU_PROFILE_ARGS, e.g. "--runs rows"; "sweep" on request:
-# benchmarks/pass_sweep.py); GPU_PARITY_ARGS
+# benchmarks/pass_sweep.py, a toy chunk in the dry run); GPU_PARITY_ARGS
 # (default --quick), GPU_CHECK_CAPS ("name:seconds ..."), GPU_CHECK_SPEED_TESTS, GPU_CHECK_PYTEST_ARGS,
 # GPU_CHECK_MEMORY_PYTEST_ARGS and BENCH_TEST_TIMEOUT (per test,
 # default 150 s) narrow a run; LUFFY_BENCH_EXTRA_IMPLS (default: the "+half" variants) widens it.
