@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -342,7 +343,9 @@ def parity_micro_batch(plan: Plan, work: Path, tokenizer, device: torch.device):
 
 def grad_parity(plan: Plan, work: Path) -> dict:
     """The fused backends' gradient of every parameter on one micro-batch against the
-    `reference` backend's (materialized logits, autograd), in the plan's dtype."""
+    `reference` backend's (materialized logits, autograd), in the plan's dtype; on CUDA with
+    liger-kernel installed, the triton backend's again with Liger's kernels in the model's layers
+    (`model.liger_kernels`), as `triton+liger`."""
     from transformers import AutoModelForCausalLM
 
     from luffy_fast import LuffyLossConfig
@@ -355,14 +358,20 @@ def grad_parity(plan: Plan, work: Path) -> dict:
     micro, sequences = parity_micro_batch(plan, work, tokenizer, device)
     config = LuffyLossConfig.luffy(max_len=plan.parity_response, entropy_coef=0.001)
     module = PolicyWithFusedLoss(model, config, "reference")
-    backends = ("reference", "torch", "triton")
+    runs = [("reference", "reference"), ("torch", "torch"), ("triton", "triton")]
+    if device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
+        runs.append(("triton+liger", "triton"))  # last: the patches stay in the model
     reference: dict[str, torch.Tensor] = {}
     results = {}
-    for backend in backends:
-        module.loss_head.backend = backend
+    for backend, loss_backend in runs:
+        module.loss_head.backend = loss_backend
         model.zero_grad(set_to_none=True)
         start = time.perf_counter()
         try:
+            if backend == "triton+liger":
+                from luffy_fast.model_loading import apply_liger_kernels
+
+                apply_liger_kernels(model)
             loss, _stats = module(micro)
             loss.backward()
         except Exception as error:  # a backend that cannot run here: recorded, not fatal
@@ -814,8 +823,10 @@ def summarize(plan: Plan, work: Path) -> dict:
                              if train and "steps" in train else None),
                    "target": "all finite", "ok": bool(train and train["ok"])})
     parity = {r["backend"]: r for r in read_rows(work, "parity")}
-    for backend in ("triton", "torch"):
+    for backend in ("triton", "torch", "triton+liger"):
         row = parity.get(backend)
+        if backend == "triton+liger" and row is None:  # not run: no GPU, or no liger-kernel
+            continue
         checks.append({"name": f"gradient, {backend} vs reference (rel. L2)",
                        "value": row.get("rel_l2_error") if row else None,
                        "target": f"<= {plan.parity_tolerance:g}",

@@ -88,6 +88,47 @@ def check_attention(model) -> None:
                           "'sdpa')")
 
 
+def check_liger(model, device) -> None:
+    """model.liger_kernels needs liger-kernel, a CUDA device (Liger's Triton kernels do not run on
+    the CPU) and a model type Liger patches; checked before any weight is read."""
+    if not model.liger_kernels:
+        return
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ConfigError("model.liger_kernels: needs the liger-kernel package, which is not "
+                          "installed (pip install liger-kernel, or set it to false)")
+    if device.type != "cuda":
+        raise ConfigError(f"model.liger_kernels: Liger's kernels run on CUDA devices only, and "
+                          f"this run trains on {device.type}; set it to false")
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    model_type = model_config(model).model_type if model.path != "toy" else "qwen2"
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise ConfigError(f"model.liger_kernels: Liger-Kernel has no kernels for model type "
+                          f"{model_type!r}; set it to false")
+
+
+def apply_liger_kernels(policy) -> None:
+    """Liger-Kernel's RMSNorm, SwiGLU and RoPE kernels in place of the policy's own (as TRL's
+    `use_liger_kernel`; its RoPE patch applies to the whole model type in this process). Not its
+    loss kernels: the LM head's loss is luffy-fast's. Parameter names stay as they were, so
+    checkpoints and rollout weight syncs are unchanged."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=policy, rope=True, rms_norm=True, swiglu=True,
+                                    cross_entropy=False, fused_linear_cross_entropy=False)
+    logger.info("model.liger_kernels: Liger's RMSNorm, SwiGLU and RoPE kernels in the policy")
+
+
+def prepare_policy(policy, model):
+    """The built policy as the `model` section asks: Liger's kernels in its layers
+    (model.liger_kernels), gradient checkpointing (model.gradient_checkpointing)."""
+    if model.liger_kernels:
+        apply_liger_kernels(policy)
+    if model.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return policy
+
+
 def model_config(model):
     """The directory's transformers config with model.rope_theta and
     model.max_position_embeddings applied."""

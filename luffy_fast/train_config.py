@@ -41,6 +41,9 @@ class ModelConfig:
     num_key_value_heads: int = 2
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
+    # Liger-Kernel's RMSNorm, SwiGLU and RoPE kernels in the policy's layers (CUDA only; the
+    # loss is ours either way): luffy_fast/model_loading.py, apply_liger_kernels
+    liger_kernels: bool = False
     precision: str = "auto"  # "auto": bf16 on CUDA, fp32 on CPU
     # applied at load (luffy_fast/model_loading.py), None keeps the directory's own value
     tokenizer_path: Optional[str] = None  # the tokenizer's directory (default: path)

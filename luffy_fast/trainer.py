@@ -37,6 +37,7 @@ from luffy_fast.micro_batches import (
     mini_batch_indices,
     sequences_with_gradient,
 )
+from luffy_fast.model_loading import check_liger, prepare_policy
 from luffy_fast.nonfinite import NonFiniteGuard
 from luffy_fast.policy import PolicyWithFusedLoss, sequence_logprobs
 from luffy_fast.reward_pool import task_reward_pool
@@ -67,15 +68,14 @@ class LuffyTrainer:
         self.config = config
         self.output_dir = ensure_writable_dir(config.output.dir)
         self.device, bf16 = training_device(config, device)
+        check_liger(config.model, self.device)
         self.task = task or load_task(config)
         self.tokenizer, build_policy = prepare_components(self.task, config)  # data, then policy
         self.train_samples = self.task.train_samples(self.tokenizer)
         self.heldout_samples = self.task.heldout_samples(self.tokenizer)
         check_samples(self.train_samples, config)
-        self.sampler, policy = prompt_sampler(len(self.train_samples), config), build_policy()
-        if config.model.gradient_checkpointing:
-            policy.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.sampler = prompt_sampler(len(self.train_samples), config)
+        policy = prepare_policy(build_policy(), config.model)  # Liger kernels, checkpointing
         self.rank, self.world_size = init_distributed(self.device.type, config)
         # before DeepSpeed partitions the policy: the hf engine shares it below ZeRO-3 and
         # copies it at ZeRO-3 (rollout/hf.py); vLLM starts from a saved copy
