@@ -361,17 +361,17 @@ def grad_parity(plan: Plan, work: Path) -> dict:
     runs = [("reference", "reference"), ("torch", "torch"), ("triton", "triton")]
     if device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
         runs.append(("triton+liger", "triton"))  # last: the patches stay in the model
-    reference: dict[str, torch.Tensor] = {}
+    kept: dict[str, tuple[float, dict]] = {}  # (loss, gradients) of reference and triton
     results = {}
     for backend, loss_backend in runs:
         module.loss_head.backend = loss_backend
         model.zero_grad(set_to_none=True)
-        start = time.perf_counter()
         try:
             if backend == "triton+liger":
                 from luffy_fast.model_loading import apply_liger_kernels
 
                 apply_liger_kernels(model)
+            start = time.perf_counter()
             loss, _stats = module(micro)
             loss.backward()
         except Exception as error:  # a backend that cannot run here: recorded, not fatal
@@ -387,25 +387,38 @@ def grad_parity(plan: Plan, work: Path) -> dict:
                "tokens": micro.num_tokens, "sequences": sequences, "dtype": plan.dtype,
                "finite": bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all())
                                                            for g in grads.values())}
+        # the loss backends against the reference; Liger's layers against the same loss without
+        # them (so the row isolates the layers), and against the reference for information
+        against = "triton" if backend == "triton+liger" else "reference"
         if backend == "reference":
-            reference = grads
             row["grad_norm"] = math.sqrt(sum(float(g.square().sum()) for g in grads.values()))
             row["ok"] = row["finite"]
+        elif against not in kept:
+            row.update(ok=False, error=f"no {against} gradients to compare with")
         else:
-            diff = sum(float((grads[n] - g).square().sum()) for n, g in reference.items())
-            norm = sum(float(g.square().sum()) for g in reference.values())
-            worst = max(((float((grads[n] - g).norm() / g.norm().clamp_min(1e-30)), n)
-                         for n, g in reference.items()), default=(0.0, ""))
-            row.update(rel_l2_error=math.sqrt(diff / max(norm, 1e-300)),
-                       worst_tensor_rel_error=worst[0], worst_tensor=worst[1],
-                       loss_rel_error=abs(float(loss) - results["reference"]["loss"])
-                       / max(abs(results["reference"]["loss"]), 1e-30),
+            row.update(gradient_error(grads, float(loss), *kept[against]), against=against,
                        tolerance=plan.parity_tolerance)
             row["ok"] = row["finite"] and row["rel_l2_error"] <= plan.parity_tolerance
-            del grads
+            if backend == "triton+liger" and "reference" in kept:
+                row["reference_rel_l2_error"] = gradient_error(
+                    grads, float(loss), *kept["reference"])["rel_l2_error"]
+        if backend in ("reference", "triton"):
+            kept[backend] = (float(loss.detach()), grads)
+        del grads
         results[backend] = row
         emit(work, "parity", row)
     return {"ok": all(row.get("ok") for row in results.values()), "backends": results}
+
+
+def gradient_error(grads: dict, loss: float, expected_loss: float, expected: dict) -> dict:
+    """Relative L2 error of all the gradients together, the worst tensor's, and the loss's."""
+    diff = sum(float((grads[n] - g).square().sum()) for n, g in expected.items())
+    norm = sum(float(g.square().sum()) for g in expected.values())
+    worst = max(((float((grads[n] - g).norm() / g.norm().clamp_min(1e-30)), n)
+                 for n, g in expected.items()), default=(0.0, ""))
+    return {"rel_l2_error": math.sqrt(diff / max(norm, 1e-300)),
+            "worst_tensor_rel_error": worst[0], "worst_tensor": worst[1],
+            "loss_rel_error": abs(loss - expected_loss) / max(abs(expected_loss), 1e-30)}
 
 
 # --------------------------------------------------------------------------- update: heads
@@ -823,11 +836,12 @@ def summarize(plan: Plan, work: Path) -> dict:
                              if train and "steps" in train else None),
                    "target": "all finite", "ok": bool(train and train["ok"])})
     parity = {r["backend"]: r for r in read_rows(work, "parity")}
-    for backend in ("triton", "torch", "triton+liger"):
+    for backend, against in (("triton", "reference"), ("torch", "reference"),
+                             ("triton+liger", "triton")):
         row = parity.get(backend)
         if backend == "triton+liger" and row is None:  # not run: no GPU, or no liger-kernel
             continue
-        checks.append({"name": f"gradient, {backend} vs reference (rel. L2)",
+        checks.append({"name": f"gradient, {backend} vs {against} (rel. L2)",
                        "value": row.get("rel_l2_error") if row else None,
                        "target": f"<= {plan.parity_tolerance:g}",
                        "ok": bool(row and row.get("ok"))})

@@ -90,7 +90,8 @@ def check_attention(model) -> None:
 
 def check_liger(model, device) -> None:
     """model.liger_kernels needs liger-kernel, a CUDA device (Liger's Triton kernels do not run on
-    the CPU) and a model type Liger patches; checked before any weight is read."""
+    the CPU) and a model Liger patches; checked before any weight is read (a task's own policy,
+    as the demo's, when it is built: liger_model_error)."""
     if not model.liger_kernels:
         return
     if importlib.util.find_spec("liger_kernel") is None:
@@ -99,20 +100,40 @@ def check_liger(model, device) -> None:
     if device.type != "cuda":
         raise ConfigError(f"model.liger_kernels: Liger's kernels run on CUDA devices only, and "
                           f"this run trains on {device.type}; set it to false")
+    if model.path != "toy" and (error := liger_model_error(model_config(model))):
+        raise ConfigError(error)
+
+
+def liger_model_error(config) -> str | None:
+    """Why Liger's kernels cannot stand in for this transformers config's layers, or None: a model
+    type it has no kernels for (it would patch nothing), or, where it puts in its SwiGLU kernel, an
+    MLP activation other than SiLU (the kernel computes SiLU whatever the config says)."""
+    import inspect
+
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
-    model_type = model_config(model).model_type if model.path != "toy" else "qwen2"
+    model_type = getattr(config, "model_type", None)
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
-        raise ConfigError(f"model.liger_kernels: Liger-Kernel has no kernels for model type "
-                          f"{model_type!r}; set it to false")
+        return (f"model.liger_kernels: Liger-Kernel has no kernels for model type "
+                f"{model_type!r}; set it to false")
+    activation = getattr(config, "hidden_act", "silu")
+    swiglu = "swiglu" in inspect.signature(MODEL_TYPE_TO_APPLY_LIGER_FN[model_type]).parameters
+    if swiglu and activation not in ("silu", "swish"):
+        return (f"model.liger_kernels: Liger's SwiGLU kernel computes SiLU, and this "
+                f"{model_type} model's MLP uses {activation!r}; set it to false")
+    return None
 
 
 def apply_liger_kernels(policy) -> None:
     """Liger-Kernel's RMSNorm, SwiGLU and RoPE kernels in place of the policy's own (as TRL's
     `use_liger_kernel`; its RoPE patch applies to the whole model type in this process). Not its
     loss kernels: the LM head's loss is luffy-fast's. Parameter names stay as they were, so
-    checkpoints and rollout weight syncs are unchanged."""
+    checkpoints and rollout weight syncs are unchanged. A policy Liger cannot patch is refused
+    (liger_model_error) rather than left as it was."""
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    if error := liger_model_error(policy.config):
+        raise ConfigError(error)
 
     _apply_liger_kernel_to_instance(model=policy, rope=True, rms_norm=True, swiglu=True,
                                     cross_entropy=False, fused_linear_cross_entropy=False)

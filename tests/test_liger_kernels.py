@@ -1,15 +1,21 @@
 """model.liger_kernels: Liger-Kernel's RMSNorm, SwiGLU and RoPE kernels in the policy.
 
 Liger's Triton kernels do not run on this CPU machine (its RMSNorm fails under Triton's
-interpreter), so these tests check what can be checked here: the refusals, each naming the key and
-raised before a model is built, and that patching a model changes its layers' forwards and
-nothing in its state (parameter names and values, which checkpoints and rollout weight syncs
-read). The patched model's gradients are checked against the plain one's on a GPU
-(benchmarks/trainer_update.py: grad_parity, the `triton+liger` row).
+interpreter), so these tests check what can be checked here:
+- the refusals, each naming the key, raised before a model is built where they can be;
+- that patching changes the layers' forwards and nothing in the model's state (parameter names
+  and values, which checkpoints and rollout weight syncs read);
+- the wiring, with PyTorch stand-ins for Liger's three kernels (the HF formulas, counting their
+  calls): the patched policy's loss, gradients (under gradient checkpointing), KV-cache
+  generation and deep copy (the hf engine's at ZeRO-3) equal the plain policy's, and every
+  stand-in ran.
+The kernels' own numbers are checked on a GPU (benchmarks/trainer_update.py: grad_parity, the
+`triton+liger` row against the `triton` one).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -48,11 +54,32 @@ def test_refused_on_the_cpu():
         check_liger(ModelConfig(liger_kernels=True), torch.device("cpu"))
 
 
-def test_refused_for_a_model_type_liger_does_not_patch(tmp_path):
+def test_refused_for_a_model_liger_does_not_patch(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ConfigError, match="no kernels for model type 'bert'"):
         check_liger(ModelConfig(path=str(tmp_path), liger_kernels=True), CUDA)
-    check_liger(ModelConfig(path="toy", liger_kernels=True), CUDA)  # the demo's Qwen2: accepted
+    # a Qwen2 whose MLP is not SiLU-gated: Liger's SwiGLU would change what it computes
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_act": "gelu"}))
+    with pytest.raises(ConfigError, match="SwiGLU kernel computes SiLU.*'gelu'"):
+        check_liger(ModelConfig(path=str(tmp_path), liger_kernels=True), CUDA)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_act": "silu"}))
+    check_liger(ModelConfig(path=str(tmp_path), liger_kernels=True), CUDA)
+    check_liger(ModelConfig(path="toy", liger_kernels=True), CUDA)  # checked when it is built
+
+
+def test_a_policy_liger_would_leave_unpatched_is_refused_when_built():
+    """A task's own policy (model.path toy) is checked when built: GPT-2 has no Liger kernels,
+    and Liger would only log that and patch nothing."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2))
+    with pytest.raises(ConfigError, match="no kernels for model type 'gpt2'"):
+        apply_liger_kernels(gpt2)
+    gelu_qwen2 = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=1, num_attention_heads=4,
+                                              num_key_value_heads=2, hidden_act="gelu"))
+    with pytest.raises(ConfigError, match="'gelu'"):
+        apply_liger_kernels(gelu_qwen2)
 
 
 def test_the_trainer_refuses_before_building_a_model(tmp_path, monkeypatch):
@@ -114,3 +141,87 @@ def test_prepare_policy_applies_what_the_model_section_asks(restored_qwen2):
     both = prepare_policy(tiny(), ModelConfig(liger_kernels=True, gradient_checkpointing=True))
     assert both.is_gradient_checkpointing
     assert "liger" in both.model.norm.forward.__func__.__module__
+
+
+@pytest.fixture
+def torch_stand_ins(monkeypatch, restored_qwen2):
+    """Liger's RMSNorm, SiLU-and-multiply and RoPE kernels replaced by the HF formulas in PyTorch
+    (what Liger's kernels compute), counting their calls."""
+    import liger_kernel.transformers.rms_norm as liger_rms_norm
+    import liger_kernel.transformers.rope as liger_rope
+    import liger_kernel.transformers.swiglu as liger_swiglu
+
+    calls = {"rms_norm": 0, "swiglu": 0, "rope": 0}
+    plain_rope = restored_qwen2.apply_rotary_pos_emb
+
+    class RMSNorm:
+        @staticmethod
+        def apply(hidden, weight, eps, offset, casting_mode, in_place, row_mode):
+            calls["rms_norm"] += 1
+            h = hidden.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+            return weight * h.to(hidden.dtype)
+
+    def swiglu(a, b, gate_multiplier=1.0, down_multiplier=1.0):
+        calls["swiglu"] += 1
+        return torch.nn.functional.silu(a) * b
+
+    def dispatch(name, q, k, cos, sin, position_ids=None, unsqueeze_dim=1, **_):
+        assert name == "rope"
+        calls["rope"] += 1
+        return plain_rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+
+    monkeypatch.setattr(liger_rms_norm, "LigerRMSNormFunction", RMSNorm)
+    monkeypatch.setattr(liger_swiglu, "_swiglu_dispatch", swiglu)
+    monkeypatch.setattr(liger_rope, "dispatch", dispatch)
+    return calls
+
+
+def test_the_patched_policy_trains_and_generates_as_the_plain_one(torch_stand_ins):
+    """As the trainer runs the policy (the decoder under gradient checkpointing, then a loss on
+    the LM head's weight): the same loss and gradients as the plain policy; greedy KV-cache
+    generation, and a deep copy (the hf engine's at ZeRO-3), give the same tokens. The plain
+    policy runs first: Liger's RoPE patch is process-wide. Every stand-in ran, the norms and MLPs
+    again in the checkpointed recompute."""
+    from luffy_fast.model_loading import prepare_policy
+
+    def tiny():
+        torch.manual_seed(0)
+        return Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4,
+                                            num_key_value_heads=2))
+
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    def train_and_generate(policy):
+        policy.train()
+        hidden = policy.model(input_ids=ids).last_hidden_state
+        logits = hidden @ policy.get_output_embeddings().weight.T
+        loss = logits.log_softmax(-1).gather(-1, ids[..., None]).mean()
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in policy.named_parameters()}
+        policy.eval()
+        with torch.no_grad():
+            tokens = policy.generate(ids[:, :4], max_new_tokens=6, do_sample=False, use_cache=True,
+                                     pad_token_id=0)
+        return loss.detach(), grads, tokens
+
+    loss, grads, tokens = train_and_generate(
+        prepare_policy(tiny(), ModelConfig(gradient_checkpointing=True)))
+    assert torch_stand_ins == {"rms_norm": 0, "swiglu": 0, "rope": 0}
+    patched = prepare_policy(tiny(), ModelConfig(gradient_checkpointing=True, liger_kernels=True))
+    patched_loss, patched_grads, patched_tokens = train_and_generate(patched)
+    assert torch.equal(patched_loss, loss)
+    for name, grad in grads.items():
+        assert torch.allclose(patched_grads[name], grad, rtol=1e-5, atol=1e-7), name
+    assert torch.equal(patched_tokens, tokens)
+    layers, trained = 2, dict(torch_stand_ins)
+    assert trained["swiglu"] >= 2 * layers + 6 * layers  # forward, recompute, 6 generated tokens
+    assert trained["rms_norm"] >= 2 * (2 * layers) + 1 and trained["rope"] >= 2 * layers
+
+    copied = copy.deepcopy(patched)
+    assert copied.model.norm.forward.__self__ is copied.model.norm  # bound to the copy
+    with torch.no_grad():
+        copied_tokens = copied.generate(ids[:, :4], max_new_tokens=6, do_sample=False,
+                                        use_cache=True, pad_token_id=0)
+    assert torch.equal(copied_tokens, tokens) and torch_stand_ins["swiglu"] > trained["swiglu"]
