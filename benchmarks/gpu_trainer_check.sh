@@ -8,7 +8,8 @@
 #      head, the usual path (full logits + naive loss) and Liger's GRPO loss: tokens/s and peak
 #      memory at 4k/16k/32k tokens per micro-batch, allocated memory from step to step, and the
 #      longest single sequence each trains (4k, 8k, ..., 128k until out of memory); the fused
-#      head with 16-bit kept logits (`logits_dtype: input`) too, tokens/s and memory only;
+#      head with 16-bit kept logits (`logits_dtype: input`) too, tokens/s and memory only (and,
+#      when TRAINER_CHECK_STAGES names update-fused_liger, with Liger's layer kernels);
 #   c. everything to $OUT (or ./gpu_results): trainer_check.json, trainer_check.txt (the table),
 #      trainer_check.log, train_metrics.jsonl; the table is printed last.
 #
@@ -45,10 +46,11 @@ export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:Tr
 [[ "${BENCH_DRY_RUN:-0}" == 1 ]] && export BENCH_DRY_RUN=1 || export DS_ACCELERATOR=cuda
 
 STAGE_TAG=trainer_check
-# update-fused_half last: the targets' numbers come first when the budget runs short
-STAGE_ORDER="prepare train check-train grad-parity update-fused update-naive update-liger update-fused_half"
-STAGE_CAPS=${TRAINER_CHECK_CAPS:-"prepare:90 train:180 check-train:30 grad-parity:90 update-fused:120 update-naive:90 update-liger:120 update-fused_half:60"}
-STAGES=${TRAINER_CHECK_STAGES:-$STAGE_ORDER}
+# update-fused_half last: the targets' numbers come first when the budget runs short;
+# update-fused_liger (model.liger_kernels, CUDA only) runs when named in TRAINER_CHECK_STAGES
+STAGE_ORDER="prepare train check-train grad-parity update-fused update-naive update-liger update-fused_half update-fused_liger"
+STAGE_CAPS=${TRAINER_CHECK_CAPS:-"prepare:90 train:180 check-train:30 grad-parity:90 update-fused:120 update-naive:90 update-liger:120 update-fused_half:60 update-fused_liger:60"}
+STAGES=${TRAINER_CHECK_STAGES:-${STAGE_ORDER% update-fused_liger}}
 STAGE_DIR=$WORK  # stages run from $WORK, so the luffy_fast installed in $SITE is the one imported
 # shellcheck source=benchmarks/stages.sh
 source "$ROOT/benchmarks/stages.sh"
@@ -106,6 +108,7 @@ EOF
   run_stage update-naive "${bench[@]}" update --impl naive --work "$WORK"
   run_stage update-liger "${bench[@]}" update --impl liger --work "$WORK"
   run_stage update-fused_half "${bench[@]}" update --impl fused_half --work "$WORK"
+  run_stage update-fused_liger "${bench[@]}" update --impl fused_liger --work "$WORK"
   # c. One JSON and the table, last.
   log "stages: $(printf '%s; ' "${STATUS[@]}")"
   log "total $(( $(date +%s) - START )) s; files in $OUT_DIR"

@@ -4,7 +4,8 @@
     python -m luffy_fast train --config DIR/train.yaml          # (run by the shell script)
     python -m benchmarks.trainer_update check-train --work DIR  # metrics.jsonl: finite loss, grad norm
     python -m benchmarks.trainer_update grad-parity --work DIR  # one micro-batch: fused vs reference
-    python -m benchmarks.trainer_update update --impl fused --work DIR   # also fused_half, naive, liger
+    python -m benchmarks.trainer_update update --impl fused --work DIR   # also fused_half, naive, liger,
+                                                                         # fused_liger (GPU only)
     python -m benchmarks.trainer_update report --work DIR --out OUT      # one JSON, the table last
 
 The policy is a Qwen2 of Qwen2.5-1.5B's shape (hidden 1536, 28 layers, MLP 8960, 12 heads, 2 KV
@@ -20,6 +21,8 @@ gradient checkpointing on, for one loss head at a time, in its own process:
 - fused: the trainer's `PolicyWithFusedLoss` (`fused_luffy_loss`, logits never materialized);
 - fused_half: the same with `logits_dtype: input` (16-bit kept logits; README "Choosing"), for
   tokens/s only: its memory budget, hence its longest sequence, is fused's;
+- fused_liger: fused with Liger's RMSNorm, SwiGLU and RoPE kernels in the layers
+  (`model.liger_kernels`; CUDA only, not in the script's default stages), for tokens/s;
 - naive: the same module with its head swapped for full logits + the naive LUFFY loss
   (benchmarks/naive.py), the usual path;
 - liger: the same module with Liger-Kernel's LigerFusedLinearGRPOLoss as the head (GRPO, not
@@ -59,7 +62,7 @@ from luffy_fast.micro_batches import pack_micro_batch  # noqa: E402
 from luffy_fast.policy import PolicyWithFusedLoss  # noqa: E402
 from luffy_fast.rollout_batch import assemble_groups  # noqa: E402
 
-IMPLS = ("fused", "fused_half", "naive", "liger")
+IMPLS = ("fused", "fused_half", "naive", "liger", "fused_liger")
 PROBED = ("fused", "naive", "liger")  # the heads whose longest trainable sequence is probed
 KIB, MIB, GIB = 2**10, 2**20, 2**30
 
@@ -573,10 +576,15 @@ def build_engine(plan: Plan, impl: str, device: torch.device):
 
     init_single_process(device)
     model = build_model(plan, device, seed=0, max_positions=max(32768, 2 * plan.max_length))
+    head_note = "PolicyWithFusedLoss, backend auto"
+    if impl == "fused_liger":
+        from luffy_fast.model_loading import apply_liger_kernels
+
+        apply_liger_kernels(model)
+        head_note += ", Liger's RMSNorm/SwiGLU/RoPE in the layers (model.liger_kernels)"
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     loss_config = LuffyLossConfig.luffy(max_len=plan.max_length)
-    head_note = "PolicyWithFusedLoss, backend auto"
     if impl == "fused_half":
         loss_config = loss_config.replace(logits_dtype="input")
         head_note += ", logits_dtype input (16-bit kept logits)"
@@ -817,8 +825,8 @@ def summarize(plan: Plan, work: Path) -> dict:
                    "ok": (ratio is not None and ratio >= TARGETS["longest_vs_naive"])
                    # naive < the first probe: fused at twice that length or more is >= 2x
                    or (naive_long == 0 and (fused_long or 0) >= 2 * plan.probe_lengths[0])})
-    # the default head, then the 16-bit-logits option where it ran
-    heads = ["fused"] + (["fused_half"] if impls["fused_half"]["ran"] else [])
+    # the default head, then the options where they ran
+    heads = ["fused"] + [head for head in ("fused_half", "fused_liger") if impls[head]["ran"]]
     for head, (other, key) in ((head, pair) for head in heads for pair in (
             ("naive", "tokens_per_second_vs_naive"), ("liger", "tokens_per_second_vs_liger"))):
         value = tps(head) / tps(other) if tps(head) and tps(other) else None

@@ -123,6 +123,10 @@ def test_report_ratios_and_verdicts_from_known_numbers(tmp_path, capsys):
     checks = {c["name"]: c for c in tu.summarize(plan, tmp_path)["checks"]}
     assert checks["tokens/s at 16k, fused_half / naive"]["value"] == pytest.approx(1.3)
     assert checks["tokens/s at 16k, fused_half / liger"]["value"] == pytest.approx(13 / 3)
+    assert not any("fused_liger" in name for name in checks)  # not run: no verdicts
+    _write(tmp_path, "update-fused_liger", _throughput("fused_liger", {k16: 11000.0}))
+    checks = {c["name"]: c for c in tu.summarize(plan, tmp_path)["checks"]}
+    assert checks["tokens/s at 16k, fused_liger / naive"]["value"] == pytest.approx(1.1)
 
     # the triton backend with Liger's kernels in the model's layers, where it ran
     _write(tmp_path, "parity", [{"backend": "triton+liger", "rel_l2_error": 2e-2, "ok": True}])
@@ -164,8 +168,12 @@ def test_dry_run_of_the_whole_gpu_trainer_check(tmp_path):
         assert parity[backend]["loss_rel_error"] <= 1e-6, parity[backend]
 
     # b. every implementation at every size; tokens/s is tokens over the median step time
+    assert "update-fused_liger: skipped" in stages  # on request, and CUDA only
     for impl in tu.IMPLS:
         info = summary["impls"][impl]
+        if impl == "fused_liger":
+            assert not info["ran"]
+            continue
         assert info["setup"]["impl"] == impl
         for tokens in plan.micro_batch_tokens:
             row = info["throughput"][str(tokens)]
