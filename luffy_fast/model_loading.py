@@ -96,7 +96,7 @@ def check_liger(model, device) -> None:
         return
     if importlib.util.find_spec("liger_kernel") is None:
         raise ConfigError("model.liger_kernels: needs the liger-kernel package, which is not "
-                          "installed (pip install liger-kernel, or set it to false)")
+                          "installed (pip install liger-kernel, or the [liger] extra; or set it to false)")
     if device.type != "cuda":
         raise ConfigError(f"model.liger_kernels: Liger's kernels run on CUDA devices only, and "
                           f"this run trains on {device.type}; set it to false")
