@@ -5,9 +5,9 @@ The kept strategy reads each chunk of GEMM-written logits twice: the statistics 
 (kernels/forward.py, `FROM_LOGITS`: logsumexp, log pi, E_p[z]) and the dL/dz pass written over
 them (kernels/backward.py: grad_logits_in_place). Round 4 measured the first at ~1.2 TB/s on
 16-bit logits and the second at ~2.7 TB/s. Here each config is set as the autotuner's only one
-and timed (CUDA events, median), its outputs checked against the autotuned default's, and set
-beside two torch rooflines on the same buffer: a row max (reads it all) and an in-place scale
-(reads and writes it all). Then the statistics pass's vocabulary split count is varied around
+and timed as the autotuners time one (median), its outputs are checked against the autotuned
+default's, and it is set beside two torch rooflines on the same buffer: a row max (reads it all)
+and an in-place scale (reads and writes it all). Then the statistics pass's vocabulary split count is varied around
 the default at the best config. Writes pass_sweep.txt and pass_sweep.json under $OUT.
 
     python -m benchmarks.pass_sweep [--shape T,H,V] [--budget-mb 1024] [--seconds 150]
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import triton  # noqa: E402
 from luffy_fast import LuffyLossConfig  # noqa: E402
 from luffy_fast.kernels import backward, forward  # noqa: E402
 from luffy_fast.kernels.function import PER_TOKEN_BYTES  # noqa: E402
+from luffy_fast.kernels.utils import tuning_bench  # noqa: E402
 
 DRY = not torch.cuda.is_available() or os.environ.get("BENCH_DRY_RUN") == "1"
 
@@ -60,25 +60,10 @@ def label(config: triton.Config) -> str:
             f"w{config.num_warps} s{config.num_stages}")
 
 
-def time_ms(run, reps: int) -> float:
-    """Median milliseconds of `run` (CUDA events; wall clock on the CPU) after one warm-up."""
-    run()
-    if not torch.cuda.is_available():
-        times = []
-        for _ in range(reps):
-            begin = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - begin) * 1e3)
-        return statistics.median(times)
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(reps)]
-    for begin, end in events:
-        begin.record()
-        run()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(b.elapsed_time(e) for b, e in events)
+def time_ms(run) -> float:
+    """Median milliseconds of `run`, timed as the autotuners time a config (kernels/utils.py:
+    tuning_bench: CUDA events after a warm-up, the GPU given a head start; wall clock on a CPU)."""
+    return tuning_bench(run, quantiles=(0.5,))[0]
 
 
 class Chunk:
@@ -153,7 +138,7 @@ def agrees(got, expected, tolerance: float) -> bool:
                for g, e in pairs)
 
 
-def time_configs(name: str, kernel, run, moved: int, check, configs, reps: int, deadline: float,
+def time_configs(name: str, kernel, run, moved: int, check, configs, deadline: float,
                  log) -> list[dict]:
     """Each config as the kernel's only one: its median time, bandwidth and agreement."""
     rows = []
@@ -163,7 +148,7 @@ def time_configs(name: str, kernel, run, moved: int, check, configs, reps: int, 
             break
         installed = only_config(kernel, config)
         try:
-            ms = time_ms(run, reps)
+            ms = time_ms(run)
             ok = check()
         except Exception as error:  # out of resources, say: the others still run
             rows.append({"config": config, "error": repr(error)[:200]})
@@ -176,15 +161,15 @@ def time_configs(name: str, kernel, run, moved: int, check, configs, reps: int, 
     return rows
 
 
-def sweep(chunk: Chunk, configs, reps: int, deadline: float, log) -> dict:
+def sweep(chunk: Chunk, configs, deadline: float, log) -> dict:
     """Both passes at every config, then the split counts; each pass stops after 45 % of the time
     to `deadline`, so that all three parts get timed."""
     nbytes = chunk.logits.numel() * chunk.logits.element_size()
     grad_bytes = chunk.logits.numel() * torch.empty(0, dtype=chunk.grad_dtype).element_size()
     expected_grad = chunk.fresh_grad()
     rooflines = {
-        "read (row max)": (time_ms(lambda: torch.amax(chunk.pristine, dim=1), reps), nbytes),
-        "read + write (in-place scale)": (time_ms(lambda: chunk.pristine.mul_(1.0), reps), 2 * nbytes),
+        "read (row max)": (time_ms(lambda: torch.amax(chunk.pristine, dim=1)), nbytes),
+        "read + write (in-place scale)": (time_ms(lambda: chunk.pristine.mul_(1.0)), 2 * nbytes),
     }
     result = {"rows": chunk.logits.shape[0], "vocab": chunk.logits.shape[1],
               "logits": str(chunk.logits.dtype)[6:], "grad": str(chunk.grad_dtype)[6:],
@@ -203,11 +188,11 @@ def sweep(chunk: Chunk, configs, reps: int, deadline: float, log) -> dict:
     for name, kernel, run, moved, check in passes:
         until = time.monotonic() + share
         with KernelConfigs(kernel):
-            rows = time_configs(name, kernel, run, moved, check, configs, reps, until, log)
+            rows = time_configs(name, kernel, run, moved, check, configs, until, log)
             # the two fastest again with shallower and deeper software pipelining
             best = sorted((r for r in rows if r.get("agrees")), key=lambda r: r["ms"])[:2]
             again = [staged(r["config"], stages) for r in best for stages in (1, 4)]
-            rows += time_configs(name, kernel, run, moved, check, again, reps, until, log)
+            rows += time_configs(name, kernel, run, moved, check, again, until, log)
             fastest[name] = min((r for r in rows if r.get("agrees")), key=lambda r: r["ms"],
                                 default=None)
             result[name] = [{**r, "config": label(r["config"])} for r in rows]
@@ -220,7 +205,7 @@ def sweep(chunk: Chunk, configs, reps: int, deadline: float, log) -> dict:
             try:
                 for splits in sorted({max(1, base // 2), base, 2 * base, 4 * base}):
                     forward.num_vocab_splits = lambda n, v, s=splits: s
-                    ms = time_ms(chunk.forward, reps)
+                    ms = time_ms(chunk.forward)
                     result["splits"].append({"config": label(config), "splits": splits,
                                              "default": splits == base, "ms": ms,
                                              "gb_per_s": nbytes / ms / 1e6})
@@ -266,7 +251,7 @@ def main() -> None:
         log(f"== {str(dtype)[6:]} logits, bf16 dL/dz, chunk of {rows} x {vocab}")
         chunk = Chunk(rows, vocab, dtype, torch.bfloat16, device)
         share = (deadline - time.monotonic()) / (len(cases) - index)
-        results.append(sweep(chunk, grid(DRY), 1 if DRY else 20, time.monotonic() + share, log))
+        results.append(sweep(chunk, grid(DRY), time.monotonic() + share, log))
         del chunk
         # after each case, so that a stage cut short keeps what it timed
         (out / "pass_sweep.json").write_text(json.dumps({"shape": [T, H, V], "results": results},

@@ -42,7 +42,7 @@ def test_sweep_times_and_checks_every_config(logits_dtype, monkeypatch):
     before = [(list(t.configs), dict(t.cache)) for t in tuners]  # after the chunk's own calls
     configs = pass_sweep.grid(dry=True)
     lines = []
-    result = pass_sweep.sweep(chunk, configs, reps=1, deadline=math.inf, log=lines.append)
+    result = pass_sweep.sweep(chunk, configs, deadline=math.inf, log=lines.append)
     assert [(list(t.configs), dict(t.cache)) for t in tuners] == before
     for name in ("statistics", "grad_in_place"):
         rows = result[name]
@@ -64,7 +64,7 @@ def test_a_config_that_computes_wrongly_is_flagged(monkeypatch):
     chunk = pass_sweep.Chunk(8, 200, torch.float32, torch.bfloat16, torch.device("cpu"))
     honest = chunk.forward
     monkeypatch.setattr(chunk, "forward", lambda: [v * (1 + 1e-4) for v in honest()])
-    result = pass_sweep.sweep(chunk, pass_sweep.grid(dry=True)[:1], reps=1, deadline=math.inf,
+    result = pass_sweep.sweep(chunk, pass_sweep.grid(dry=True)[:1], deadline=math.inf,
                               log=lambda _: None)
     assert [r["agrees"] for r in result["statistics"]] == [False]
     assert all(r["agrees"] for r in result["grad_in_place"])
