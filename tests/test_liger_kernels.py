@@ -31,6 +31,14 @@ from luffy_fast.train_config import ModelConfig, load_config
 CUDA = torch.device("cuda")  # only its .type is read: no GPU is touched
 
 
+def tiny_qwen2(layers: int = 2, **config) -> Qwen2ForCausalLM:
+    """A seeded tiny Qwen2 (vocabulary 64, hidden 32, `layers` layers), with config overrides."""
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=layers, num_attention_heads=4,
+                                        num_key_value_heads=2, **config))
+
+
 def test_the_key_parses_and_defaults_to_off():
     assert load_config(None, []).model.liger_kernels is False
     assert load_config(None, ["model.liger_kernels=true"]).model.liger_kernels is True
@@ -75,11 +83,8 @@ def test_a_policy_liger_would_leave_unpatched_is_refused_when_built():
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2))
     with pytest.raises(ConfigError, match="no kernels for model type 'gpt2'"):
         apply_liger_kernels(gpt2)
-    gelu_qwen2 = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                              num_hidden_layers=1, num_attention_heads=4,
-                                              num_key_value_heads=2, hidden_act="gelu"))
     with pytest.raises(ConfigError, match="'gelu'"):
-        apply_liger_kernels(gelu_qwen2)
+        apply_liger_kernels(tiny_qwen2(layers=1, hidden_act="gelu"))
 
 
 def test_the_trainer_refuses_before_building_a_model(tmp_path, monkeypatch):
@@ -107,10 +112,7 @@ def restored_qwen2(monkeypatch):
 
 def test_patching_changes_forwards_not_state(restored_qwen2):
     """The norms' and MLPs' forwards become Liger's; every parameter keeps its name and value."""
-    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config)
+    model = tiny_qwen2()
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     plain_norm, plain_mlp = model.model.norm.forward, model.model.layers[0].mlp.forward
     apply_liger_kernels(model)
@@ -129,16 +131,11 @@ def test_patching_changes_forwards_not_state(restored_qwen2):
 def test_prepare_policy_applies_what_the_model_section_asks(restored_qwen2):
     from luffy_fast.model_loading import prepare_policy
 
-    def tiny():
-        torch.manual_seed(0)
-        return Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                            num_hidden_layers=1, num_attention_heads=4,
-                                            num_key_value_heads=2))
-
-    plain = prepare_policy(tiny(), ModelConfig())
+    plain = prepare_policy(tiny_qwen2(layers=1), ModelConfig())
     assert not plain.is_gradient_checkpointing
     assert "liger" not in plain.model.norm.forward.__func__.__module__
-    both = prepare_policy(tiny(), ModelConfig(liger_kernels=True, gradient_checkpointing=True))
+    both = prepare_policy(tiny_qwen2(layers=1),
+                          ModelConfig(liger_kernels=True, gradient_checkpointing=True))
     assert both.is_gradient_checkpointing
     assert "liger" in both.model.norm.forward.__func__.__module__
 
@@ -185,12 +182,6 @@ def test_the_patched_policy_trains_and_generates_as_the_plain_one(torch_stand_in
     again in the checkpointed recompute."""
     from luffy_fast.model_loading import prepare_policy
 
-    def tiny():
-        torch.manual_seed(0)
-        return Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                            num_hidden_layers=2, num_attention_heads=4,
-                                            num_key_value_heads=2))
-
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
 
     def train_and_generate(policy):
@@ -207,9 +198,10 @@ def test_the_patched_policy_trains_and_generates_as_the_plain_one(torch_stand_in
         return loss.detach(), grads, tokens
 
     loss, grads, tokens = train_and_generate(
-        prepare_policy(tiny(), ModelConfig(gradient_checkpointing=True)))
+        prepare_policy(tiny_qwen2(), ModelConfig(gradient_checkpointing=True)))
     assert torch_stand_ins == {"rms_norm": 0, "swiglu": 0, "rope": 0}
-    patched = prepare_policy(tiny(), ModelConfig(gradient_checkpointing=True, liger_kernels=True))
+    patched = prepare_policy(tiny_qwen2(),
+                             ModelConfig(gradient_checkpointing=True, liger_kernels=True))
     patched_loss, patched_grads, patched_tokens = train_and_generate(patched)
     assert torch.equal(patched_loss, loss)
     for name, grad in grads.items():
