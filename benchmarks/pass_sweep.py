@@ -7,8 +7,9 @@ them (kernels/backward.py: grad_logits_in_place). Round 4 measured the first at 
 16-bit logits and the second at ~2.7 TB/s. Here each config is set as the autotuner's only one
 and timed as the autotuners time one (median), its outputs are checked against the autotuned
 default's, and it is set beside two torch rooflines on the same buffer: a row max (reads it all)
-and an in-place scale (reads and writes it all). Then the statistics pass's vocabulary split count is varied around
-the default at the best config. Writes pass_sweep.txt and pass_sweep.json under $OUT.
+and an in-place scale (reads and writes it all). Then the statistics pass's vocabulary split
+count is varied around the default at the best config. Writes pass_sweep.txt and
+pass_sweep.json under $OUT.
 
     python -m benchmarks.pass_sweep [--shape T,H,V] [--budget-mb 1024] [--seconds 150]
 
