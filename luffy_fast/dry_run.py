@@ -25,6 +25,7 @@ from luffy_fast.sampler import prompt_sampler
 GIB = 2**30
 SHOWN_CHARS = 600  # of the first prompt and trace
 GPU_MEMORY_GIB = 80  # the reference run's A100-80GB / H100-80GB
+FIT_SHARE = 0.9  # of the GPU's memory that the checkpointing advice plans to fill
 
 
 @dataclass(frozen=True)
@@ -55,36 +56,68 @@ def model_shape(policy) -> ModelShape:
 
 
 def estimate_memory(shape: ModelShape, zero_stage: int, world_size: int, bf16: bool,
-                    token_budget: int, gradient_checkpointing: bool,
+                    token_budget: int, checkpointed_layers: int,
                     head_budget_bytes: float) -> dict[str, float]:
     """Bytes per GPU, by part. Model states as in the ZeRO paper (Rajbhandari et al., 2020):
     mixed precision keeps 2-byte weights and gradients plus 12 bytes of optimizer state per
     parameter (fp32 master weights, Adam's m and v); fp32 training 4 + 4 + 8. Stage 1
     partitions the optimizer state over the GPUs, stage 2 the gradients too, stage 3 the
     weights too (then one layer is gathered whole at a time, and the next one prefetched).
-    Activations per token and layer: the layer's input (kept under gradient checkpointing) and,
-    for the layer being recomputed (every layer without checkpointing), its attention
-    projections, norms and residuals (7 h + 2 kv) and MLP (4 i) values, doubled for their
-    gradients in the backward. The fused head never stores [tokens, vocab] logits: the final
-    hidden states, their gradient, and its working budget (docs/design.md)."""
+    Activations per token: a checkpointed layer keeps its input; any other layer keeps its
+    attention projections, norms and residuals (7 h + 2 kv) and MLP (4 i) values. The backward
+    adds one layer's gradients of those, and one recomputed layer's values when any layer is
+    checkpointed. The fused head never stores [tokens, vocab] logits: the final hidden states,
+    their gradient, and its working budget (docs/design.md)."""
     P, N = shape.parameters, world_size
     weight_bytes, grad_bytes, state_bytes = (2, 2, 12) if bf16 else (4, 4, 8)
     weights = P * weight_bytes / (N if zero_stage == 3 else 1)
     grads = P * grad_bytes / (N if zero_stage >= 2 else 1)
     states = P * state_bytes / (N if zero_stage >= 1 else 1)
     gathered = 2 * shape.largest_layer * weight_bytes if zero_stage == 3 and N > 1 else 0
-    T, act = token_budget, weight_bytes
-    layer_work = T * (7 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate) * act * 2
-    if gradient_checkpointing:
-        activations = T * shape.hidden * act * shape.layers + layer_work
-    else:
-        activations = layer_work * shape.layers
+    T, act, k = token_budget, weight_bytes, checkpointed_layers
+    layer_values = T * (7 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate) * act
+    activations = (k * T * shape.hidden * act + (shape.layers - k) * layer_values
+                   + layer_values * (2 if k else 1))
     head = T * shape.hidden * (act + 4) + head_budget_bytes
     parts = {"weights": weights, "gradients": grads, "optimizer states": states,
              "gathered layer (ZeRO-3)": gathered, "activations": activations,
              "fused loss head": head}
     parts["total"] = sum(parts.values())
     return parts
+
+
+def fewest_checkpointed_layers(estimate, layers: int, limit_bytes: float) -> int | None:
+    """The fewest checkpointed layers whose `estimate(k)["total"]` fits in `limit_bytes`, or None
+    when even checkpointing every layer does not (the estimate grows as k falls)."""
+    fits = [k for k in range(layers + 1) if estimate(k)["total"] <= limit_bytes]
+    return min(fits) if fits else None
+
+
+def checkpointed_count(model, layers: int) -> int:
+    """How many decoder layers the run checkpoints (model.gradient_checkpointing,
+    model.checkpointed_layers)."""
+    if not model.gradient_checkpointing:
+        return 0
+    return layers if model.checkpointed_layers is None else model.checkpointed_layers
+
+
+def checkpointing_advice(estimate, layers: int, checkpointed: int) -> str:
+    """The fewest checkpointed layers that fit in FIT_SHARE of a GPU_MEMORY_GIB GPU, by the
+    estimate: each layer that is not checkpointed saves its recompute in the backward."""
+    limit = FIT_SHARE * GPU_MEMORY_GIB * GIB
+    fewest = fewest_checkpointed_layers(estimate, layers, limit)
+    where = f"in {FIT_SHARE:.0%} of an {GPU_MEMORY_GIB} GiB GPU"
+    if fewest is None:
+        return f"  checkpointing: no setting fits {where} by this estimate"
+    if fewest == 0:
+        advice = "every layer's activations fit: gradient checkpointing can be off"
+    else:
+        advice = (f"the fewest checkpointed layers that fit {where}: {fewest} of {layers} "
+                  f"(model.checkpointed_layers: {fewest})")
+    if fewest < checkpointed:
+        advice += f"; this run checkpoints {checkpointed}, recomputing more than it must"
+    return (f"  checkpointing: {advice} (an estimate: check the first steps' "
+            f"peak_memory_mb)")
 
 
 def _show(text: str) -> str:
@@ -132,20 +165,28 @@ def dry_run(config, world_size: int = 1, out: TextIO | None = None) -> int:
         shape = model_shape(policy)
         bf16 = config.model.precision != "fp32"
         budget = config.loss.memory_budget_bytes(torch.device("cuda"))  # the GPUs' budget
-        memory = estimate_memory(shape, config.train.zero_stage, world_size, bf16,
-                                 config.train.token_budget, config.model.gradient_checkpointing,
-                                 budget)
+        estimate = lambda k: estimate_memory(  # noqa: E731 - k: checkpointed layers
+            shape, config.train.zero_stage, world_size, bf16, config.train.token_budget, k, budget)
+        checkpointed = checkpointed_count(config.model, shape.layers)
+        if checkpointed > shape.layers:
+            problems.append(f"model.checkpointed_layers: {checkpointed} is more than the "
+                            f"model's {shape.layers} layers")
+            checkpointed = shape.layers
+        memory = estimate(checkpointed)
         say(f"model: {shape.parameters / 1e9:.3f} B parameters ({shape.parameters:,}), "
             f"{shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}")
         say(f"memory per GPU (estimate; ZeRO-{config.train.zero_stage} over {world_size} GPU(s), "
-            f"{'bf16' if bf16 else 'fp32'}, token budget {config.train.token_budget}, gradient "
-            f"checkpointing {'on' if config.model.gradient_checkpointing else 'off'}):")
+            f"{'bf16' if bf16 else 'fp32'}, token budget {config.train.token_budget}, "
+            f"{checkpointed} of {shape.layers} layers checkpointed):")
         for name, value in memory.items():
             say(f"  {name:<24} {value / GIB:8.2f} GiB")
         if memory["total"] > GPU_MEMORY_GIB * GIB:
             problems.append(f"train.zero_stage: the estimate ({memory['total'] / GIB:.0f} GiB "
                             f"per GPU) exceeds an {GPU_MEMORY_GIB} GiB GPU; use more GPUs "
-                            f"(--world-size), a higher ZeRO stage or a smaller token budget")
+                            f"(--world-size), a higher ZeRO stage, a smaller token budget"
+                            + (" or more checkpointed layers (model.checkpointed_layers)"
+                               if checkpointed < shape.layers else ""))
+        say(checkpointing_advice(estimate, shape.layers, checkpointed))
         say(f"  (a naive head would also hold fp32 logits: "
             f"{config.train.token_budget * shape.vocab * 4 / GIB:.1f} GiB per micro-batch)")
         if config.rollout.engine == "vllm":  # on the GPUs

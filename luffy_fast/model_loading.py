@@ -88,6 +88,13 @@ def check_attention(model) -> None:
                           "'sdpa')")
 
 
+def check_model_options(model, device) -> None:
+    """The `model` section's build options against the model and the device, before any weight
+    is read: model.liger_kernels, model.checkpointed_layers."""
+    check_liger(model, device)
+    check_checkpointed_layers(model)
+
+
 def check_liger(model, device) -> None:
     """model.liger_kernels needs liger-kernel, a CUDA device (Liger's Triton kernels do not run on
     the CPU) and a model Liger patches; checked before any weight is read (a task's own policy,
@@ -142,12 +149,49 @@ def apply_liger_kernels(policy) -> None:
 
 def prepare_policy(policy, model):
     """The built policy as the `model` section asks: Liger's kernels in its layers
-    (model.liger_kernels), gradient checkpointing (model.gradient_checkpointing)."""
+    (model.liger_kernels), gradient checkpointing (model.gradient_checkpointing) of all its
+    decoder layers or of the first model.checkpointed_layers."""
     if model.liger_kernels:
         apply_liger_kernels(policy)
     if model.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if model.checkpointed_layers is not None:
+            checkpoint_first_layers(policy, model.checkpointed_layers)
     return policy
+
+
+def checkpointable_layers(policy) -> list:
+    """The policy's decoder layers that transformers can checkpoint one by one, in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in policy.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def checkpoint_first_layers(policy, count: int) -> None:
+    """Gradient checkpointing (already enabled) for the first `count` decoder layers only; the
+    others keep their activations for the backward, which saves their recompute (about a
+    quarter of a layer's forward + backward time) at their activations' memory. Which layers
+    does not matter for the peak: the backward starts with every kept activation held."""
+    layers = checkpointable_layers(policy)
+    if not layers:
+        raise ConfigError("model.checkpointed_layers: this model has no layers that transformers "
+                          "checkpoints one by one (GradientCheckpointingLayer); leave it unset")
+    if count > len(layers):
+        raise ConfigError(f"model.checkpointed_layers: {count} is more than the model's "
+                          f"{len(layers)} decoder layers")
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index < count
+
+
+def check_checkpointed_layers(model) -> None:
+    """model.checkpointed_layers against a model directory's layer count, before any weight is
+    read (a task's own policy is checked when it is built: checkpoint_first_layers)."""
+    if model.checkpointed_layers is None or model.path == "toy":
+        return
+    layers = getattr(model_config(model), "num_hidden_layers", None)
+    if layers is not None and model.checkpointed_layers > layers:
+        raise ConfigError(f"model.checkpointed_layers: {model.checkpointed_layers} is more than "
+                          f"the model's {layers} layers (num_hidden_layers in its config.json)")
 
 
 def model_config(model):

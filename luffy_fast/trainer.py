@@ -37,7 +37,7 @@ from luffy_fast.micro_batches import (
     mini_batch_indices,
     sequences_with_gradient,
 )
-from luffy_fast.model_loading import check_liger, prepare_policy
+from luffy_fast.model_loading import check_model_options, prepare_policy
 from luffy_fast.nonfinite import NonFiniteGuard
 from luffy_fast.policy import PolicyWithFusedLoss, sequence_logprobs
 from luffy_fast.reward_pool import task_reward_pool
@@ -68,7 +68,7 @@ class LuffyTrainer:
         self.config = config
         self.output_dir = ensure_writable_dir(config.output.dir)
         self.device, bf16 = training_device(config, device)
-        check_liger(config.model, self.device)
+        check_model_options(config.model, self.device)
         self.task = task or load_task(config)
         self.tokenizer, build_policy = prepare_components(self.task, config)  # data, then policy
         self.train_samples = self.task.train_samples(self.tokenizer)

@@ -254,3 +254,13 @@ def peaked_batch(T: int, H: int, V: int, margin: float, seed: int = 0, unsure_fr
     hidden[unsure] = margin * (weight[targets[unsure]] + other[unsure]) / math.sqrt(2)
     batch.update(hidden=hidden.float(), weight=weight.float(), targets=targets)
     return batch
+
+
+def tiny_qwen2(layers: int = 2, **config):
+    """A seeded tiny Qwen2 (vocabulary 64, hidden 32, `layers` layers), with config overrides."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=layers, num_attention_heads=4,
+                                        num_key_value_heads=2, **config))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from luffy_fast.cli import main
-from luffy_fast.dry_run import ModelShape, estimate_memory
+from luffy_fast.dry_run import ModelShape, estimate_memory, fewest_checkpointed_layers
 from math_helpers import math_rows, write_parquet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +98,27 @@ def test_dry_run_of_the_7b_recipe_on_a_config_only_directory(setup, tmp_path, ca
     layer_gathered = 2 * LAYER * 2  # one layer whole, one prefetched, bf16
     assert f"{'gathered layer (ZeRO-3)':<24} {layer_gathered / GIB:8.2f} GiB" in out
     assert "sampling: 5 steps per epoch of 4 prompts (seed 47); run length 500 steps" in out
+    # Checkpointing advice, by hand: 32768 tokens; a layer's values are 32768 x (7 H + 2 KV +
+    # 4 I) x 2 bytes, its input 32768 x H x 2. States, gathered layer and head are fixed.
+    T, budget = 32768, 1024 * 2**20  # the fused head's default budget on a GPU
+    values, kept_input = T * (7 * H + 2 * KV + 4 * I) * 2, T * H * 2
+    fixed = 16 * PARAMETERS / 8 + layer_gathered + T * H * 6 + budget
+    total = lambda k: fixed + k * kept_input + (L - k) * values + values * (2 if k else 1)  # noqa: E731
+    fewest = min(k for k in range(L + 1) if total(k) <= 0.9 * 80 * GIB)
+    assert 0 < fewest < L  # the check below is not the trivial case
+    assert "28 of 28 layers checkpointed" in out
+    assert (f"checkpointing: the fewest checkpointed layers that fit in 90% of an 80 GiB GPU: "
+            f"{fewest} of 28 (model.checkpointed_layers: {fewest}); this run checkpoints 28, "
+            f"recomputing more than it must") in out
+    code, out = dry_run(capsys, model, tokenizer, data, tmp_path,
+                        f"model.checkpointed_layers={fewest}")
+    assert code == 0 and f"{fewest} of 28 layers checkpointed" in out
+    activations = total(fewest) - fixed
+    assert f"{'activations':<24} {activations / GIB:8.2f} GiB" in out
+    assert "recomputing more than it must" not in out
+    code, out = dry_run(capsys, model, tokenizer, data, tmp_path, "model.checkpointed_layers=29")
+    assert code == 2
+    assert "PROBLEM: model.checkpointed_layers: 29 is more than the model's 28 layers" in out
 
 
 def test_settings_that_cannot_work_are_problems(setup, tmp_path, capsys):
@@ -123,20 +144,34 @@ def test_settings_that_cannot_work_are_problems(setup, tmp_path, capsys):
 def test_memory_estimate_by_hand():
     shape = ModelShape(parameters=1000, layers=2, hidden=4, intermediate=8, kv_dim=2, vocab=10,
                        largest_layer=100)
-    per_token_layer = (7 * 4 + 2 * 2 + 4 * 8) * 2 * 2  # values x 2 bytes x (forward + backward)
-    stage0 = estimate_memory(shape, 0, 4, True, token_budget=16, gradient_checkpointing=True,
+    values = 16 * (7 * 4 + 2 * 2 + 4 * 8) * 2  # one layer's values: 16 tokens x 64 x 2 bytes
+    stage0 = estimate_memory(shape, 0, 4, True, token_budget=16, checkpointed_layers=2,
                              head_budget_bytes=64)
+    # both layers checkpointed: their inputs, one layer recomputed and its gradients
     assert stage0 == {"weights": 2000, "gradients": 2000, "optimizer states": 12000,
                       "gathered layer (ZeRO-3)": 0,
-                      "activations": 16 * 4 * 2 * 2 + 16 * per_token_layer,
+                      "activations": 2 * 16 * 4 * 2 + 2 * values,
                       "fused loss head": 16 * 4 * (2 + 4) + 64,
-                      "total": 16000 + 16 * 4 * 2 * 2 + 16 * per_token_layer + 16 * 4 * 6 + 64}
-    stage2 = estimate_memory(shape, 2, 4, True, 16, True, 64)
+                      "total": 16000 + 2 * 16 * 4 * 2 + 2 * values + 16 * 4 * 6 + 64}
+    stage2 = estimate_memory(shape, 2, 4, True, 16, 2, 64)
     assert (stage2["weights"], stage2["gradients"], stage2["optimizer states"]) == (2000, 500, 3000)
-    stage3 = estimate_memory(shape, 3, 4, False, 16, False, 64)  # fp32: 4 + 4 + 8 bytes
+    # one of two checkpointed: its input, the other layer's values, a recompute and gradients
+    assert estimate_memory(shape, 2, 4, True, 16, 1, 64)["activations"] == \
+        16 * 4 * 2 + values + 2 * values
+    stage3 = estimate_memory(shape, 3, 4, False, 16, 0, 64)  # fp32: 4 + 4 + 8 bytes
     assert (stage3["weights"], stage3["gradients"], stage3["optimizer states"]) == (1000, 1000, 2000)
     assert stage3["gathered layer (ZeRO-3)"] == 2 * 100 * 4
-    assert stage3["activations"] == 2 * 16 * (7 * 4 + 2 * 2 + 4 * 8) * 4 * 2  # every layer
+    # none checkpointed: every layer's values, and one layer's gradients (no recompute)
+    assert stage3["activations"] == 3 * 16 * (7 * 4 + 2 * 2 + 4 * 8) * 4
+
+
+def test_fewest_checkpointed_layers_by_hand():
+    # totals 100 + 10 per layer not checkpointed, for 4 layers: 140, 130, 120, 110, 100
+    estimate = lambda k: {"total": 100 + 10 * (4 - k)}  # noqa: E731
+    assert fewest_checkpointed_layers(estimate, 4, 125) == 2
+    assert fewest_checkpointed_layers(estimate, 4, 140) == 0
+    assert fewest_checkpointed_layers(estimate, 4, 100) == 4
+    assert fewest_checkpointed_layers(estimate, 4, 99) is None
 
 
 def test_dry_run_of_the_toy_config(capsys):

@@ -20,23 +20,14 @@ import json
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from helpers import tiny_config
+from helpers import tiny_config, tiny_qwen2
 from luffy_fast import model_loading
 from luffy_fast.errors import ConfigError
 from luffy_fast.model_loading import apply_liger_kernels, check_liger
 from luffy_fast.train_config import ModelConfig, load_config
 
 CUDA = torch.device("cuda")  # only its .type is read: no GPU is touched
-
-
-def tiny_qwen2(layers: int = 2, **config) -> Qwen2ForCausalLM:
-    """A seeded tiny Qwen2 (vocabulary 64, hidden 32, `layers` layers), with config overrides."""
-    torch.manual_seed(0)
-    return Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=layers, num_attention_heads=4,
-                                        num_key_value_heads=2, **config))
 
 
 def test_the_key_parses_and_defaults_to_off():
