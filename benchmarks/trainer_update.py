@@ -6,6 +6,9 @@
     python -m benchmarks.trainer_update grad-parity --work DIR  # one micro-batch: fused vs reference
     python -m benchmarks.trainer_update update --impl fused --work DIR   # also fused_half, naive, liger,
                                                                          # fused_liger (GPU only)
+    python -m benchmarks.trainer_update fit --impl fused --work DIR      # within a memory cap, at
+                                                                         # the fewest checkpointed
+                                                                         # layers that fit
     python -m benchmarks.trainer_update report --work DIR --out OUT      # one JSON, the table last
 
 The policy is a Qwen2 of Qwen2.5-1.5B's shape (hidden 1536, 28 layers, MLP 8960, 12 heads, 2 KV
@@ -853,8 +856,12 @@ def summarize(plan: Plan, work: Path) -> dict:
                        "value": row.get("rel_l2_error") if row else None,
                        "target": f"<= {plan.parity_tolerance:g}",
                        "ok": bool(row and row.get("ok"))})
+    from benchmarks.checkpoint_fit import fit_checks, summarize_fit
+
+    fit = summarize_fit(work, IMPLS)  # each head at the fewest checkpointed layers that fit
+    checks += fit_checks(fit, plan.target_tokens, TARGETS)
     return {"plan": asdict(plan), "targets": TARGETS, "checks": checks, "impls": impls,
-            "prepare": (read_rows(work, "prepare") or [None])[-1], "train": train,
+            "fit": fit, "prepare": (read_rows(work, "prepare") or [None])[-1], "train": train,
             "parity": parity}
 
 
@@ -879,6 +886,9 @@ def format_table(plan: Plan, summary: dict) -> str:
             ("≥" if not longest["limit_reached"] else "") + _fmt_tokens(longest["longest"]))
         growth = f"{info['growth']['growth_mb']:.2f}" if info["growth"] else "-"
         lines.append(f"{impl:<11}{cells}{long_text:>13}{growth:>12}")
+    from benchmarks.checkpoint_fit import format_fit_table
+
+    lines += format_fit_table(summary.get("fit", {}), plan.target_tokens)
     lines += ["", f"{'check':<46}{'value':>12}{'target':>12}  result"]
     for check in summary["checks"]:
         value = check["value"]
@@ -912,11 +922,11 @@ def report(plan: Plan, work: Path, out: Path) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=("prepare", "check-train", "grad-parity", "update",
-                                          "report"))
+                                          "fit", "report"))
     parser.add_argument("--work", required=True, type=Path,
                         help="working folder (model, data, run, results/)")
     parser.add_argument("--out", type=Path, help="report: where the JSON and the table go")
-    parser.add_argument("--impl", choices=IMPLS, help="update: which loss head")
+    parser.add_argument("--impl", choices=IMPLS, help="update, fit: which loss head")
     parser.add_argument("--dry-run", action="store_true",
                         default=os.environ.get("BENCH_DRY_RUN", "0") == "1",
                         help="toy sizes, fp32, on the CPU (also BENCH_DRY_RUN=1)")
@@ -932,6 +942,12 @@ def main(argv=None) -> int:
         if not args.impl:
             parser.error("update needs --impl")
         run_update(plan, args.impl, args.work)
+    elif args.stage == "fit":  # benchmarks/checkpoint_fit.py
+        if not args.impl:
+            parser.error("fit needs --impl")
+        from benchmarks.checkpoint_fit import run_fit
+
+        run_fit(plan, args.impl, args.work)
     else:
         if args.out is None:
             parser.error("report needs --out")

@@ -148,7 +148,7 @@ def test_dry_run_of_the_whole_gpu_trainer_check(tmp_path):
     assert proc.returncode == 0, log[-3000:]
     stages = next(line for line in log.splitlines() if "] stages: " in line)
     for stage in ("prepare", "train", "check-train", "grad-parity", "update-fused",
-                  "update-fused_half", "update-naive", "update-liger"):
+                  "update-fused_half", "update-naive", "update-liger", "fit-fused", "fit-naive"):
         assert f"{stage}: ok" in stages, stages
     assert sorted(p.name for p in out.iterdir()) == [
         "train_metrics.jsonl", "trainer_check.json", "trainer_check.log", "trainer_check.txt"]
@@ -199,6 +199,15 @@ def test_dry_run_of_the_whole_gpu_trainer_check(tmp_path):
     assert checks["tokens/s at 256, fused_half / naive"]["value"] == pytest.approx(
         half["throughput"][str(plan.target_tokens)]["tokens_per_second"]
         / naive["tokens_per_second"])
+    # the fit stages: no cap on the CPU, so no layer checkpointed; both heads timed both ways
+    for impl in ("fused", "naive"):
+        fit = summary["fit"][impl]
+        assert fit["fit"]["fewest_checkpointed"] == 0 and fit["fit"]["limit_mb"] is None
+        assert fit["all"]["checkpointed"] == plan.num_hidden_layers
+        assert fit["fitted"]["checkpointed"] == 0 and fit["fitted"]["loss_finite"]
+    assert checks["tokens/s at 256 uncapped, fused / naive"]["value"] == pytest.approx(
+        summary["fit"]["fused"]["fitted"]["tokens_per_second"]
+        / summary["fit"]["naive"]["fitted"]["tokens_per_second"])
     # c. the table is printed last
     table = (out / "trainer_check.txt").read_text().strip().splitlines()
     assert log.strip().splitlines()[-1] == table[-1]
