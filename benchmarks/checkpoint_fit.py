@@ -4,17 +4,22 @@ the `fit` stage of benchmarks/trainer_update.py.
     python -m benchmarks.trainer_update fit --impl fused --work DIR   # also naive, liger, ...
 
 The `update` stages time every head with all 28 layers checkpointed, which leaves the fused
-head's memory saving unused (31.7 GiB against naive's 68.1 GiB at 16k tokens on an H200). A user
-spends it on fewer recomputes (`model.checkpointed_layers`). This stage measures that, under a
-memory cap (BENCH_FIT_CAP_GIB, default 80: an 80 GB card's, set as the process's CUDA memory
-fraction so that out of memory happens where it would on that card):
+head's memory saving unused (at 16k tokens on an H200, round 2: a 31.7 GiB step peak, set by the
+optimizer step, against naive's 68.1 GiB). A user spends it on fewer recomputes
+(`model.checkpointed_layers`, the first N layers). This stage measures that under a memory cap:
+BENCH_FIT_CAP_GIB, default 78 (what an 80 GB card leaves to PyTorch's allocator, roughly: such
+cards report ~79.2 GiB, and the CUDA context sits outside the allocator), set as the process's
+memory fraction so that the allocator runs out where it would on that card.
 
-1. one update step at the target size (plan.target_tokens) with every layer checkpointed, then
-   one with FIT_STEP fewer: the peak of the forward + backward grows by the same amount for
-   each layer that keeps its activations, and the optimizer step's peak does not grow;
-2. from the two, the fewest checkpointed layers whose predicted peak stays under FIT_SHARE of
-   the cap (`fewest_fitting`);
-3. tokens/s at the target size with every layer checkpointed and with the fewest that fit (one
+1. One warm-up step at the target size (plan.target_tokens) with every layer checkpointed, then
+   one with L - 1 and one with L - 1 - FIT_STEP. The forward + backward peak grows by the same
+   amount for each further layer that keeps its values, once the last layer keeps its own (with
+   the first k checkpointed, their recomputes come after the kept layers' values are freed); the
+   optimizer step's peak does not grow. So the line through the two points below L predicts
+   every k < L, and the warm-up's measured peak stands for k = L.
+2. The fewest checkpointed layers whose predicted peak stays under FIT_SHARE of the cap
+   (`fewest_fitting`).
+3. Tokens/s at the target size with every layer checkpointed and with the fewest that fit (one
    retry on a fresh engine with FIT_STEP more layers checkpointed if that runs out of memory).
 
 Rows go to DIR/results/fit-<impl>.jsonl as they are measured. On the CPU (--dry-run) there is no
@@ -33,16 +38,25 @@ from benchmarks import trainer_update as tu
 from luffy_fast.model_loading import checkpoint_first_layers, checkpointable_layers
 
 FIT_SHARE = 0.92  # of the cap that the predicted peak may fill (allocator slack, fragmentation)
-FIT_STEP = 4  # layers un-checkpointed for the slope; added back on the retry
+FIT_STEP = 4  # layers between the two probes below L; added back on the retry
 
 
-def fewest_fitting(layers: int, backward_all: float, backward_fewer: float, fewer_by: int,
-                   step_peak: float, limit: float | None) -> tuple[int, float]:
-    """(fewest checkpointed layers, its predicted peak) with the peak at most `limit`: the
-    forward + backward peak rises by (backward_fewer - backward_all) / fewer_by per layer not
-    checkpointed; the optimizer step's peak stays. No limit: none checkpointed."""
-    per_layer = max(0.0, (backward_fewer - backward_all) / fewer_by)
-    predicted = lambda k: max(backward_all + (layers - k) * per_layer, step_peak)  # noqa: E731
+def fewest_fitting(layers: int, peaks: dict[int, tuple[float, float]],
+                   limit: float | None) -> tuple[int, float]:
+    """(fewest checkpointed layers, its predicted peak) with the peak at most `limit`, from
+    measured (backward peak, step peak) by checkpointed count: `layers` itself and two counts
+    below it. Below `layers` the backward's peak is the line through the two (a fall, from
+    noise, counts as flat); the optimizer step's peak is the largest measured. No limit: the
+    fewest is 0. Nothing fits: every layer."""
+    (high, (high_peak, _)), (low, (low_peak, _)) = sorted(
+        (k, peak) for k, peak in peaks.items() if k < layers)[::-1][:2]
+    per_layer = max(0.0, (low_peak - high_peak) / (high - low))
+    step_peak = max(step for _, step in peaks.values())
+
+    def predicted(k: int) -> float:
+        backward = peaks[layers][0] if k == layers else high_peak + (high - k) * per_layer
+        return max(backward, step_peak)
+
     if limit is None:
         return 0, predicted(0)
     fits = [k for k in range(layers + 1) if predicted(k) <= limit]
@@ -51,15 +65,22 @@ def fewest_fitting(layers: int, backward_all: float, backward_fewer: float, fewe
 
 
 def cap_bytes(device: torch.device) -> float | None:
-    """The memory cap: BENCH_FIT_CAP_GIB (default 80) on CUDA, applied to this process; on the
+    """The memory cap: BENCH_FIT_CAP_GIB (default 78) on CUDA, applied to this process; on the
     CPU only BENCH_FIT_CAP_MB, used for the prediction."""
     if device.type != "cuda":
         mb = os.environ.get("BENCH_FIT_CAP_MB")
         return float(mb) * tu.MIB if mb else None
-    cap = float(os.environ.get("BENCH_FIT_CAP_GIB", "80")) * tu.GIB
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cap = float(os.environ.get("BENCH_FIT_CAP_GIB", "78")) * tu.GIB
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), index)
     return min(cap, total)
+
+
+def reserved_mb(device: torch.device) -> dict:
+    """The allocator's peak reserved memory, which the cap limits (CUDA only)."""
+    return {"reserved_peak_mb": torch.cuda.max_memory_reserved() / tu.MIB} \
+        if device.type == "cuda" else {}
 
 
 def measured_step(engine, micro, memory: tu.Memory) -> tuple[float, int, int]:
@@ -89,37 +110,41 @@ def run_fit(plan: tu.Plan, impl: str, work: Path) -> None:
     memory = tu.Memory(device)
     layers = set_checkpointed(engine, plan.num_hidden_layers)
     tokens = plan.target_tokens
-    rows = tokens // plan.row_length
-    micro = tu.synthetic_micro_batch(plan, rows, plan.row_length, seed=0, device=device)
+    micro = tu.synthetic_micro_batch(plan, tokens // plan.row_length, plan.row_length, seed=0,
+                                     device=device)
     tu.emit(work, stage, {"kind": "setup", "impl": impl, "head": head_note, "layers": layers,
                           "tokens": tokens, "cap_mb": limit_total and limit_total / tu.MIB,
                           "fit_share": FIT_SHARE, "seconds": round(time.perf_counter() - start, 2),
                           "device": torch.cuda.get_device_name() if device.type == "cuda"
                           else "cpu"})
-    fewer_by = min(FIT_STEP, layers)
-    peaks = {}
-    for checkpointed in (layers, layers, layers - fewer_by):  # a warm-up step first
+    below = max(0, layers - 1 - FIT_STEP)
+    peaks: dict[int, tuple[float, float]] = {}
+    failed = False
+    for checkpointed in (layers, layers - 1, below):  # the first is also the warm-up
         set_checkpointed(engine, checkpointed)
         try:
             loss, backward_peak, step_peak = measured_step(engine, micro, memory)
-        except Exception as error:  # out of memory already: every layer stays checkpointed
+        except Exception as error:  # out of memory already: no room to un-checkpoint more
             tu.emit(work, stage, {"kind": "probe", "impl": impl, "checkpointed": checkpointed,
                                   "status": "oom" if tu.is_out_of_memory(error) else "error",
                                   "error": f"{type(error).__name__}: {error}"[:300]})
+            failed = True
             break
         peaks[checkpointed] = (backward_peak, step_peak)
         tu.emit(work, stage, {"kind": "probe", "impl": impl, "checkpointed": checkpointed,
                               "status": "ok", "backward_peak_mb": backward_peak / tu.MIB,
-                              "step_peak_mb": step_peak / tu.MIB, "loss": loss})
+                              "step_peak_mb": step_peak / tu.MIB, "loss": loss,
+                              **reserved_mb(device)})
     if layers not in peaks:
         return
-    if layers - fewer_by in peaks:
-        (all_backward, all_step), (fewer_backward, _) = peaks[layers], peaks[layers - fewer_by]
-        fewest, predicted = fewest_fitting(layers, all_backward, fewer_backward, fewer_by,
-                                           all_step, limit)
-    else:  # the probe ran out of memory: no room to un-checkpoint a layer
-        fewest, predicted = layers, max(peaks[layers])
-        engine = _fresh(engine, plan, impl, device, memory)
+    if failed:  # a ZeRO-2 engine is not reused after a step that failed half-way
+        engine = None  # the failed engine freed before the next is built
+        engine = _fresh_engine(plan, impl, device, memory)
+    if len(peaks) == 3:
+        fewest, predicted = fewest_fitting(layers, peaks, limit)
+    else:  # the probes ran out of memory: the fewest that ran
+        fewest = min(peaks)
+        predicted = max(peaks[fewest])
     tu.emit(work, stage, {"kind": "fit", "impl": impl, "fewest_checkpointed": fewest,
                           "layers": layers, "predicted_peak_mb": predicted / tu.MIB,
                           "limit_mb": limit and limit / tu.MIB})
@@ -128,28 +153,32 @@ def run_fit(plan: tu.Plan, impl: str, work: Path) -> None:
             set_checkpointed(engine, checkpointed)
             try:
                 row = tu.time_size(engine, micro, memory, plan, tokens, [])
+                failed = None
             except Exception as error:
-                oom = tu.is_out_of_memory(error)
+                failed = "oom" if tu.is_out_of_memory(error) else "error"
                 tu.emit(work, stage, {"kind": "throughput", "impl": impl, "which": label,
                                       "checkpointed": checkpointed, "attempt": attempt,
-                                      "status": "oom" if oom else "error",
+                                      "status": failed,
                                       "error": f"{type(error).__name__}: {error}"[:300]})
-                engine = _fresh(engine, plan, impl, device, memory)
-                if label == "all" or not oom or attempt == 1:
-                    break
-                checkpointed = min(layers, checkpointed + FIT_STEP)
-                continue
-            tu.emit(work, stage, {"kind": "throughput", "impl": impl, "which": label,
-                                  "checkpointed": checkpointed, "tokens": tokens,
-                                  "status": "ok", **row})
-            break
+            if failed is None:
+                tu.emit(work, stage, {"kind": "throughput", "impl": impl, "which": label,
+                                      "checkpointed": checkpointed, "tokens": tokens,
+                                      "status": "ok", **row, **reserved_mb(device)})
+                break
+            # here, out of the except block, the failed step's frames no longer hold its tensors
+            engine = None  # the failed engine freed before the next is built
+            engine = _fresh_engine(plan, impl, device, memory)
+            if label == "all" or failed != "oom" or checkpointed == layers:
+                break
+            checkpointed = min(layers, checkpointed + FIT_STEP)
         memory.free()
 
 
-def _fresh(engine, plan: tu.Plan, impl: str, device: torch.device, memory: tu.Memory):
-    """A new engine in place of one whose step failed half-way (ZeRO-2 does not recover)."""
-    del engine
+def _fresh_engine(plan: tu.Plan, impl: str, device: torch.device, memory: tu.Memory):
+    """A new engine, for one whose step failed half-way: the caller drops its reference to the
+    old one first (`engine = None`), so that its memory is free before this one is built."""
     memory.free()
+    torch._dynamo.reset()  # Liger's compiled loss, as run_update does
     return tu.build_engine(plan, impl, device)[0]
 
 

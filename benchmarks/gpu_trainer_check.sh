@@ -10,8 +10,8 @@
 #      longest single sequence each trains (4k, 8k, ..., 128k until out of memory); the fused
 #      head with 16-bit kept logits (`logits_dtype: input`) too, tokens/s and memory only (and,
 #      when TRAINER_CHECK_STAGES names update-fused_liger, with Liger's layer kernels); and the
-#      fused and naive heads within an 80 GiB cap, each at the fewest checkpointed layers that
-#      fit (benchmarks/checkpoint_fit.py: the memory the fused head saves, spent on speed);
+#      fused and naive heads under a 78 GiB cap (an 80 GB card's), each at the fewest
+#      checkpointed layers that fit (benchmarks/checkpoint_fit.py: the saved memory spent on speed);
 #   c. everything to $OUT (or ./gpu_results): trainer_check.json, trainer_check.txt (the table),
 #      trainer_check.log, train_metrics.jsonl; the table is printed last.
 #
@@ -25,7 +25,7 @@
 # cut short keeps them. TRAINER_CHECK_STAGES picks stages (default all; the update stages need
 # prepare's model) and TRAINER_CHECK_CAPS overrides the caps ("name:seconds ...").
 # Knobs: BENCH_MAX_SEQ (longest probe, default 131072), LIGER_COMPILED (default 1 on CUDA),
-# BENCH_FIT_CAP_GIB (the fit stages' memory cap, default 80),
+# BENCH_FIT_CAP_GIB (the fit stages' memory cap, default 78),
 # DEVICE_WHEELS (default .device-wheels, "none" in a dry run: skips installing), TRAINER_CHECK_WORK (working
 # folder, default /tmp/luffy-trainer-check: the model and a checkpoint, ~30 GB at full size).
 set -u
@@ -51,7 +51,7 @@ export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:Tr
 STAGE_TAG=trainer_check
 # update-fused_half last: the targets' numbers come first when the budget runs short;
 # update-fused_liger (model.liger_kernels, CUDA only) runs when named in TRAINER_CHECK_STAGES
-# fit-*: each head within BENCH_FIT_CAP_GIB (default 80) at the fewest checkpointed layers that fit
+# fit-*: each head within BENCH_FIT_CAP_GIB (default 78) at the fewest checkpointed layers that fit
 STAGE_ORDER="prepare train check-train grad-parity update-fused update-naive update-liger fit-fused fit-naive update-fused_half update-fused_liger"
 STAGE_CAPS=${TRAINER_CHECK_CAPS:-"prepare:90 train:180 check-train:30 grad-parity:90 update-fused:120 update-naive:90 update-liger:120 fit-fused:90 fit-naive:90 update-fused_half:60 update-fused_liger:60"}
 STAGES=${TRAINER_CHECK_STAGES:-${STAGE_ORDER% update-fused_liger}}

@@ -63,11 +63,13 @@ def estimate_memory(shape: ModelShape, zero_stage: int, world_size: int, bf16: b
     parameter (fp32 master weights, Adam's m and v); fp32 training 4 + 4 + 8. Stage 1
     partitions the optimizer state over the GPUs, stage 2 the gradients too, stage 3 the
     weights too (then one layer is gathered whole at a time, and the next one prefetched).
-    Activations per token: a checkpointed layer keeps its input; any other layer keeps its
-    attention projections, norms and residuals (7 h + 2 kv) and MLP (4 i) values. The backward
-    adds one layer's gradients of those, and one recomputed layer's values when any layer is
-    checkpointed. The fused head never stores [tokens, vocab] logits: the final hidden states,
-    their gradient, and its working budget (docs/design.md)."""
+    Activations: a checkpointed layer keeps its input (T h values); any other layer keeps what
+    autograd saves of it (`layer_value_bytes`). The first k layers are the checkpointed ones, so
+    their recomputes come after the kept layers' values are freed: the peak is at the start of
+    the backward with every kept layer's values, or, with all layers checkpointed, one layer
+    recomputed (hence checkpointing all L layers holds one input more than L - 1 do). Plus one
+    layer's gradients of those values at a time. The fused head never stores [tokens, vocab]
+    logits: the final hidden states, their gradient, and its working budget (docs/design.md)."""
     P, N = shape.parameters, world_size
     weight_bytes, grad_bytes, state_bytes = (2, 2, 12) if bf16 else (4, 4, 8)
     weights = P * weight_bytes / (N if zero_stage == 3 else 1)
@@ -75,9 +77,9 @@ def estimate_memory(shape: ModelShape, zero_stage: int, world_size: int, bf16: b
     states = P * state_bytes / (N if zero_stage >= 1 else 1)
     gathered = 2 * shape.largest_layer * weight_bytes if zero_stage == 3 and N > 1 else 0
     T, act, k = token_budget, weight_bytes, checkpointed_layers
-    layer_values = T * (7 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate) * act
-    activations = (k * T * shape.hidden * act + (shape.layers - k) * layer_values
-                   + layer_values * (2 if k else 1))
+    values = layer_value_bytes(shape, T, act)
+    held = shape.layers - k if k < shape.layers else 1  # layers whose values are held at once
+    activations = k * T * shape.hidden * act + held * values + values
     head = T * shape.hidden * (act + 4) + head_budget_bytes
     parts = {"weights": weights, "gradients": grads, "optimizer states": states,
              "gathered layer (ZeRO-3)": gathered, "activations": activations,
@@ -86,9 +88,19 @@ def estimate_memory(shape: ModelShape, zero_stage: int, world_size: int, bf16: b
     return parts
 
 
+def layer_value_bytes(shape: ModelShape, tokens: int, act: int) -> int:
+    """What autograd keeps of one decoder layer's forward: per token 10 h + 2 kv + 4 i values of
+    `act` bytes. Counted from a bf16 Qwen2 layer's saved tensors (tests/test_dry_run.py): its two
+    RMSNorms each keep their input in fp32 (2 h each, in 2-byte units) and their normalized
+    values before the weight (h each); the linear layers keep their inputs (the two norms'
+    outputs and the attention's output, 3 h); the attention keeps q (h), k and v (2 kv); the
+    MLP keeps gate, up, SiLU(gate) and their product (4 i)."""
+    return tokens * (10 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate) * act
+
+
 def fewest_checkpointed_layers(estimate, layers: int, limit_bytes: float) -> int | None:
     """The fewest checkpointed layers whose `estimate(k)["total"]` fits in `limit_bytes`, or None
-    when even checkpointing every layer does not (the estimate grows as k falls)."""
+    when no count does."""
     fits = [k for k in range(layers + 1) if estimate(k)["total"] <= limit_bytes]
     return min(fits) if fits else None
 
@@ -113,7 +125,7 @@ def checkpointing_advice(estimate, layers: int, checkpointed: int) -> str:
         advice = "every layer's activations fit: gradient checkpointing can be off"
     else:
         advice = (f"the fewest checkpointed layers that fit {where}: {fewest} of {layers} "
-                  f"(model.checkpointed_layers: {fewest})")
+                  f"(model.gradient_checkpointing: true, model.checkpointed_layers: {fewest})")
     if fewest < checkpointed:
         advice += f"; this run checkpoints {checkpointed}, recomputing more than it must"
     return (f"  checkpointing: {advice} (an estimate: check the first steps' "

@@ -60,3 +60,6 @@ class ModelConfig:
             if not self.gradient_checkpointing:
                 raise ConfigError("model.checkpointed_layers: needs model.gradient_checkpointing:"
                                   " true (without it no layer is checkpointed)")
+            if self.path == "toy" and self.checkpointed_layers > self.num_hidden_layers:
+                raise ConfigError(f"model.checkpointed_layers: {self.checkpointed_layers} is more"
+                                  f" than the model's {self.num_hidden_layers} layers")

@@ -170,8 +170,9 @@ def checkpointable_layers(policy) -> list:
 def checkpoint_first_layers(policy, count: int) -> None:
     """Gradient checkpointing (already enabled) for the first `count` decoder layers only; the
     others keep their activations for the backward, which saves their recompute (about a
-    quarter of a layer's forward + backward time) at their activations' memory. Which layers
-    does not matter for the peak: the backward starts with every kept activation held."""
+    quarter of a layer's forward + backward time) at their activations' memory. The first ones:
+    the backward reaches them last, after the kept layers' activations are freed, so their
+    recomputes do not add to the peak (with the last ones checkpointed they would)."""
     layers = checkpointable_layers(policy)
     if not layers:
         raise ConfigError("model.checkpointed_layers: this model has no layers that transformers "

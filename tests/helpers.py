@@ -261,6 +261,6 @@ def tiny_qwen2(layers: int = 2, **config):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    return Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=layers, num_attention_heads=4,
-                                        num_key_value_heads=2, **config))
+    shape = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                 num_key_value_heads=2)
+    return Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=layers, **{**shape, **config}))
