@@ -182,6 +182,8 @@ def checkpoint_first_layers(policy, count: int) -> None:
                           f"{len(layers)} decoder layers")
     for index, layer in enumerate(layers):
         layer.gradient_checkpointing = index < count
+    logger.info("gradient checkpointing: the first %d of %d decoder layers (model.checkpointed_layers)",
+                count, len(layers))
 
 
 def check_checkpointed_layers(model) -> None:

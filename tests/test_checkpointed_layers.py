@@ -71,6 +71,13 @@ def test_the_key_is_checked_with_the_config():
         load_config(None, ["model.checkpointed_layers=2"])
 
 
+def test_the_count_is_logged(caplog):
+    with caplog.at_level("INFO", logger="luffy_fast"):
+        prepare_policy(tiny_qwen2(LAYERS),
+                       ModelConfig(gradient_checkpointing=True, checkpointed_layers=2))
+    assert "gradient checkpointing: the first 2 of 3 decoder layers" in caplog.text
+
+
 def test_more_layers_than_the_model_has_is_refused():
     with pytest.raises(ConfigError, match=r"model.checkpointed_layers: 4 is more than the "
                                           r"model's 3 decoder layers"):
