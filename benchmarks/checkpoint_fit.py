@@ -139,7 +139,7 @@ def run_fit(plan: tu.Plan, impl: str, work: Path) -> None:
         return
     if failed:  # a ZeRO-2 engine is not reused after a step that failed half-way
         engine = None  # the failed engine freed before the next is built
-        engine = _fresh_engine(plan, impl, device, memory)
+        engine = tu.fresh_engine(plan, impl, device, memory)
     if len(peaks) == 3:
         fewest, predicted = fewest_fitting(layers, peaks, limit)
     else:  # the probes ran out of memory: the fewest that ran
@@ -167,19 +167,11 @@ def run_fit(plan: tu.Plan, impl: str, work: Path) -> None:
                 break
             # here, out of the except block, the failed step's frames no longer hold its tensors
             engine = None  # the failed engine freed before the next is built
-            engine = _fresh_engine(plan, impl, device, memory)
+            engine = tu.fresh_engine(plan, impl, device, memory)
             if label == "all" or failed != "oom" or checkpointed == layers:
                 break
             checkpointed = min(layers, checkpointed + FIT_STEP)
         memory.free()
-
-
-def _fresh_engine(plan: tu.Plan, impl: str, device: torch.device, memory: tu.Memory):
-    """A new engine, for one whose step failed half-way: the caller drops its reference to the
-    old one first (`engine = None`), so that its memory is free before this one is built."""
-    memory.free()
-    torch._dynamo.reset()  # Liger's compiled loss, as run_update does
-    return tu.build_engine(plan, impl, device)[0]
 
 
 # --------------------------------------------------------------------------- report

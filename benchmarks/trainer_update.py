@@ -607,6 +607,15 @@ def build_engine(plan: Plan, impl: str, device: torch.device):
     return engine, head_note
 
 
+def fresh_engine(plan: Plan, impl: str, device: torch.device, memory: Memory):
+    """A new engine, for one whose step failed half-way (a ZeRO-2 engine is not reused after
+    that): the caller drops its reference to the old one first (`engine = None`), so that its
+    memory is free before this one is built. The compile cache goes too (Liger's compiled loss)."""
+    memory.free()
+    torch._dynamo.reset()
+    return build_engine(plan, impl, device)[0]
+
+
 # Tests only: a micro-batch of at least this many tokens fails as if out of memory (after its
 # forward), so the out-of-memory path (sizes skipped, engine rebuilt, probes ended) runs on a CPU.
 FAKE_OOM_TOKENS = int(os.environ.get("BENCH_FAKE_OOM_AT", "0") or 0)
@@ -705,10 +714,8 @@ def run_update(plan: Plan, impl: str, work: Path) -> None:
             # InternalTorchDynamoError, on an H200 on 2026-11-27), while a fresh engine ran every
             # size. Here, outside the except block, the error's frames no longer hold the old
             # engine, so it is freed before the new one is built.
-            del engine
-            memory.free()
-            torch._dynamo.reset()
-            engine, _ = build_engine(plan, impl, device)
+            engine = None
+            engine = fresh_engine(plan, impl, device, memory)
             allocated_after.clear()  # the growth check then covers the fresh engine only
         memory.free()
     if allocated_after:
