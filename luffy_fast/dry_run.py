@@ -139,6 +139,8 @@ def _show(text: str) -> str:
 
 def dry_run(config, world_size: int = 1, out: TextIO | None = None) -> int:
     """Check `config` as a run would, print the report; 0 when nothing blocks the run, else 2."""
+    from luffy_fast.model_loading import check_checkpointed_layers
+
     started = time.perf_counter()
     problems: list[str] = []
     say = lambda line="": print(line, file=out or sys.stdout)  # noqa: E731
@@ -179,11 +181,8 @@ def dry_run(config, world_size: int = 1, out: TextIO | None = None) -> int:
         budget = config.loss.memory_budget_bytes(torch.device("cuda"))  # the GPUs' budget
         estimate = lambda k: estimate_memory(  # noqa: E731 - k: checkpointed layers
             shape, config.train.zero_stage, world_size, bf16, config.train.token_budget, k, budget)
-        checkpointed = checkpointed_count(config.model, shape.layers)
-        if checkpointed > shape.layers:
-            problems.append(f"model.checkpointed_layers: {checkpointed} is more than the "
-                            f"model's {shape.layers} layers")
-            checkpointed = shape.layers
+        checked(lambda: check_checkpointed_layers(config.model), problems)
+        checkpointed = min(checkpointed_count(config.model, shape.layers), shape.layers)
         memory = estimate(checkpointed)
         say(f"model: {shape.parameters / 1e9:.3f} B parameters ({shape.parameters:,}), "
             f"{shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}")
