@@ -161,10 +161,15 @@ def prepare_policy(policy, model):
 
 
 def checkpointable_layers(policy) -> list:
-    """The policy's decoder layers that transformers can checkpoint one by one, in order."""
+    """The policy's decoder layers that transformers can checkpoint one by one, in order: those
+    of its language model's decoder (`get_decoder`), so that a vision tower's checkpointable
+    blocks do not count as decoder layers."""
+    from transformers import PreTrainedModel
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    return [m for m in policy.modules() if isinstance(m, GradientCheckpointingLayer)]
+    model = next((m for m in policy.modules() if isinstance(m, PreTrainedModel)), None)
+    decoder = model.get_decoder() if model is not None else policy
+    return [m for m in decoder.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 def checkpoint_first_layers(policy, count: int) -> None:

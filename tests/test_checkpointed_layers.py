@@ -78,6 +78,21 @@ def test_the_count_is_logged(caplog):
     assert "gradient checkpointing: the first 2 of 3 decoder layers" in caplog.text
 
 
+def test_only_the_decoder_layers_count():
+    # a checkpointable block outside the decoder (as a vision tower's would be), registered
+    # before the decoder so that module order would put it first
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    policy = tiny_qwen2(LAYERS)
+    tower = GradientCheckpointingLayer()
+    policy._modules = {"tower": tower, **policy._modules}
+    assert next(policy.modules()) is policy and list(policy.children())[0] is tower
+    layers = checkpointable_layers(policy)
+    assert layers == list(policy.model.layers)
+    prepare_policy(policy, ModelConfig(gradient_checkpointing=True, checkpointed_layers=1))
+    assert [layer.gradient_checkpointing for layer in policy.model.layers] == [True, False, False]
+
+
 def test_more_layers_than_the_model_has_is_refused():
     with pytest.raises(ConfigError, match=r"model.checkpointed_layers: 4 is more than the "
                                           r"model's 3 decoder layers"):
