@@ -112,7 +112,7 @@ def _kept_chunks(num_tokens: int, num_maybe_active: int, chunk: int):
 
 @torch.no_grad()
 def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                      chunk: int, needs: tuple[bool, bool, bool]):
+                      chunk: int, needs: tuple[bool, bool, bool], half: bool):
     """Loss, stats and gradients in one sweep over chunks of logits written by a GEMM (N > 0).
 
     Tokens that cannot carry a gradient (zero-advantage groups) come first and get the forward
@@ -121,9 +121,9 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
     (KeptGradients, which keeps the last chunk's d(weight) GEMM for the backward). Per chunk: a
     gather, the GEMM, the forward and epilogue kernels, dL/dz and the gradient GEMMs, no host
     sync. With the gradient filter the active tokens' dL/dz goes through a buffer of its own
-    (PendingGradients) instead."""
+    (PendingGradients) instead. `half`: the logits are kept in the inputs' 16-bit dtype
+    (luffy_fast.gemm.half_logits)."""
     config = inputs.config
-    half = half_logits(hidden.dtype, config.logits_dtype)
     gradients = KeptGradients(hidden, weight, needs)
     order, num_maybe_active = inputs.gradient_last()
     N = order.numel()
@@ -257,21 +257,16 @@ def triton_loss(inputs: LossInputs) -> tuple[Tensor, dict]:
     hidden, weight = inputs.hidden.detach().contiguous(), inputs.weight.detach().contiguous()
     bias = None if inputs.bias is None else inputs.bias.detach().contiguous()
     needs = wants_grad(inputs)
+    half = half_logits(hidden.dtype, inputs.config.logits_dtype)
     strategy, chunk = plan(inputs.config, hidden.device, inputs.rows.numel(), weight.shape[0],
-                           hidden.element_size(), weight.shape[1],
-                           _logit_size(hidden.dtype, inputs.config))
+                           hidden.element_size(), weight.shape[1], 2 if half else 4)
     if strategy == "kept" and any(needs):
-        loss, stats, grads = _kept_logits_pass(inputs, hidden, weight, bias, chunk, needs)
+        loss, stats, grads = _kept_logits_pass(inputs, hidden, weight, bias, chunk, needs, half)
         return attach_gradients(loss, inputs, grads), stats
     loss, stats, state = _recompute_forward(inputs, hidden, weight, bias, chunk, any(needs))
     if any(needs):
         loss = _RecomputeBackward.apply(loss, inputs.hidden, inputs.weight, bias_slot(inputs), state)
     return loss, stats
-
-
-def _logit_size(dtype: torch.dtype, config: LuffyLossConfig) -> int:
-    """Bytes per kept logit for `dtype` inputs (luffy_fast.gemm.kept_logits)."""
-    return 2 if half_logits(dtype, config.logits_dtype) else 4
 
 
 def logprob_chunk(config: LuffyLossConfig, device: torch.device, num_tokens: int,
@@ -291,9 +286,8 @@ def triton_token_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     hidden, weight = hidden.contiguous(), weight.contiguous()
     T = hidden.shape[0]
     rows = torch.arange(T, device=hidden.device)
-    chunk = logprob_chunk(config, hidden.device, T, weight.shape[0],
-                          _logit_size(hidden.dtype, config))
     half = half_logits(hidden.dtype, config.logits_dtype)
+    chunk = logprob_chunk(config, hidden.device, T, weight.shape[0], 2 if half else 4)
     if chunk == 0:
         lse, logprobs, row_max, expected_shift = logsumexp_forward(
             hidden, weight, bias, rows, targets, config.temperature, with_entropy)
