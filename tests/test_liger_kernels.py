@@ -208,3 +208,76 @@ def test_the_patched_policy_trains_and_generates_as_the_plain_one(torch_stand_in
         copied_tokens = copied.generate(ids[:, :4], max_new_tokens=6, do_sample=False,
                                         use_cache=True, pad_token_id=0)
     assert torch.equal(copied_tokens, tokens) and torch_stand_ins["swiglu"] > trained["swiglu"]
+
+
+@pytest.mark.parametrize("zero_stage", [3, 2])
+def test_the_patched_trainer_steps_as_the_plain_one_under_zero(tmp_path, monkeypatch,
+                                                               torch_stand_ins, zero_stage):
+    """The trainer at ZeRO-3 (the policy partitioned, each module's parameters gathered by hooks
+    around its forward, also in the checkpointed recompute) and ZeRO-2 (the GPU check's stage),
+    with the stand-ins patched in by model.liger_kernels: two training steps give the plain
+    trainer's metrics (loss, rewards, ...) and its updated (gathered) parameters, and every
+    stand-in ran inside the update's forward and backward, not only in the rollouts. The plain
+    run goes first (Liger's RoPE patch is process-wide); the CPU refusal is bypassed by checking
+    the options as on a CUDA device."""
+    from luffy_fast.distributed import gathered_parameters
+    from luffy_fast.trainer import LuffyTrainer
+
+    checked = check_liger
+    monkeypatch.setattr(model_loading, "check_liger", lambda model, device: checked(model, CUDA))
+    in_update = []
+
+    def run(name, *overrides):
+        trainer = LuffyTrainer(tiny_config(
+            tmp_path / name, "eval.every=0", "output.save_every=0", "optim.lr=1e-2",
+            f"train.zero_stage={zero_stage}", "model.gradient_checkpointing=true", *overrides))
+        accumulate = trainer.accumulate_gradients
+
+        def counted(*args, **kwargs):  # the stand-ins' calls inside the update itself
+            before = dict(torch_stand_ins)
+            result = accumulate(*args, **kwargs)
+            in_update.append({k: torch_stand_ins[k] - before[k] for k in before})
+            return result
+
+        trainer.accumulate_gradients = counted
+        policy = trainer.engine.module.policy
+        with gathered_parameters(policy.parameters(), zero_stage):
+            initial = {n: p.detach().clone() for n, p in policy.named_parameters()}
+        metrics = []
+        for step in range(2):
+            metrics.append({k: v for k, v in trainer.training_step(step).items()
+                            if not any(part in k for part in ("seconds", "time/", "per_second",
+                                                              "memory"))})
+            trainer.step = step + 1
+        with gathered_parameters(policy.parameters(), zero_stage):
+            weights = {n: p.detach().clone() for n, p in policy.named_parameters()}
+        assert max(float((weights[n] - p).abs().max()) for n, p in initial.items()) > 1e-3  # trained
+        return trainer, metrics, weights
+
+    _, metrics, weights = run("plain")
+    assert torch_stand_ins == {"rms_norm": 0, "swiglu": 0, "rope": 0} and in_update
+    assert all(counts == {"rms_norm": 0, "swiglu": 0, "rope": 0} for counts in in_update)
+    in_update.clear()
+    patched, patched_metrics, patched_weights = run("patched", "model.liger_kernels=true")
+    assert "liger" in patched.engine.module.policy.model.norm.forward.__func__.__module__
+    assert (zero_stage == 3) == (not patched.rollout.shares_weights)  # ZeRO-3: a patched copy
+
+    # every stand-in ran in each update: per decoder layer (2), the norms and the MLP in the
+    # forward and again in the checkpointed recompute, RoPE in the forward and the recompute
+    layers = 2
+    assert len(in_update) == 2
+    for counts in in_update:
+        assert counts["rms_norm"] >= 2 * (2 * layers) + 1, counts
+        assert counts["swiglu"] >= 2 * layers and counts["rope"] >= 2 * layers, counts
+    assert torch_stand_ins["swiglu"] > sum(counts["swiglu"] for counts in in_update)  # rollouts
+
+    assert patched_metrics[0]["loss"] != 0.0 and weights.keys() == patched_weights.keys()
+    for step, (got, want) in enumerate(zip(patched_metrics, metrics)):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-8), (step, key)
+    for name, value in weights.items():
+        got = patched_weights[name]
+        assert got.shape == value.shape and got.numel() > 0, name  # whole, not a partition
+        assert torch.allclose(got, value, rtol=1e-6, atol=1e-8), \
+            f"{name}: max |diff| {float((got - value).abs().max()):.2e}"
