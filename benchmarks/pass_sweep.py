@@ -1,5 +1,6 @@
 """How fast can the two passes over kept logits go: each pass timed at every tile config of a
-grid wider than its autotune list, beside what the memory allows, on one chunk of the dense case.
+grid wider than its autotune list, beside what the memory allows, on one chunk of the dense case
+(and the opt-in lean statistics pass, kernels/forward_lean.py, beside the default one).
 
 The kept strategy reads each chunk of GEMM-written logits twice: the statistics pass
 (kernels/forward.py, `FROM_LOGITS`: logsumexp, log pi, E_p[z]) and the dL/dz pass written over
@@ -32,7 +33,7 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 
 from luffy_fast import LuffyLossConfig  # noqa: E402
-from luffy_fast.kernels import backward, forward  # noqa: E402
+from luffy_fast.kernels import backward, forward, forward_lean  # noqa: E402
 from luffy_fast.kernels.function import PER_TOKEN_BYTES  # noqa: E402
 from luffy_fast.kernels.utils import tuning_bench  # noqa: E402
 
@@ -89,6 +90,9 @@ class Chunk:
     def forward(self):
         return forward.logsumexp_forward(self.hidden, self.weight, None, self.rows, self.targets,
                                          self.temperature, True, logits=self.logits)
+
+    def lean_forward(self):
+        return forward_lean.lean_forward(self.logits, None, self.targets, self.temperature, True)
 
     def grad(self) -> torch.Tensor:
         lse, logprobs, row_max, expected_shift = self.stats
@@ -163,8 +167,9 @@ def time_configs(name: str, kernel, run, moved: int, check, configs, deadline: f
 
 
 def sweep(chunk: Chunk, configs, deadline: float, log) -> dict:
-    """Both passes at every config, then the split counts; each pass stops after 45 % of the time
-    to `deadline`, so that all three parts get timed."""
+    """The passes at every config (the statistics pass, the opt-in lean one beside it, dL/dz),
+    then the split counts; each pass stops after 30 % of the time to `deadline`, so that all
+    four parts get timed."""
     nbytes = chunk.logits.numel() * chunk.logits.element_size()
     grad_bytes = chunk.logits.numel() * torch.empty(0, dtype=chunk.grad_dtype).element_size()
     expected_grad = chunk.fresh_grad()
@@ -176,16 +181,19 @@ def sweep(chunk: Chunk, configs, deadline: float, log) -> dict:
               "logits": str(chunk.logits.dtype)[6:], "grad": str(chunk.grad_dtype)[6:],
               "rooflines": {name: {"ms": ms, "gb_per_s": b / ms / 1e6}
                             for name, (ms, b) in rooflines.items()},
-              "statistics": [], "grad_in_place": [], "splits": []}
+              "statistics": [], "lean_statistics": [], "grad_in_place": [], "splits": []}
     for name in rooflines:
         log(f"  roofline {name}: {result['rooflines'][name]['ms']:.3f} ms, "
             f"{result['rooflines'][name]['gb_per_s']:.0f} GB/s")
     passes = (("statistics", forward._forward_kernel, chunk.forward, nbytes,
                lambda: agrees(chunk.fresh_forward(), chunk.stats, 1e-5)),
+              ("lean_statistics", forward_lean._lean_forward_kernel, chunk.lean_forward, nbytes,
+               lambda: agrees(chunk.lean_forward(), chunk.stats, 1e-5)
+               and torch.equal(chunk.logits, chunk.pristine)),
               ("grad_in_place", backward._grad_logits_in_place_kernel, chunk.grad, nbytes + grad_bytes,
                lambda: agrees([chunk.fresh_grad()], [expected_grad], 1e-3)))
     fastest = {}
-    share = 0.45 * (deadline - time.monotonic())
+    share = 0.3 * (deadline - time.monotonic())
     for name, kernel, run, moved, check in passes:
         until = time.monotonic() + share
         with KernelConfigs(kernel):

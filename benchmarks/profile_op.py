@@ -8,6 +8,7 @@ autotuned kernel chose per tuning key. Writes profile.txt under $OUT.
     python -m benchmarks.profile_op [--shape T,H,V] [--runs dense:triton,rlvr:triton,...] [--trace]
     python -m benchmarks.profile_op --runs rows    # the opt-in whole-row forward against the default
     python -m benchmarks.profile_op --runs switches   # both opt-in switches (rows, half) and the default
+    python -m benchmarks.profile_op --runs lean   # the opt-in lean forward (kernels/forward_lean.py)
 """
 
 from __future__ import annotations
@@ -37,7 +38,15 @@ SWITCH_RUNS = ",".join(
     + [f"{scenario}:{impl}{switch}" for scenario, impl in
        (("dense", "triton"), ("dense", "triton_256mb"), ("rlvr", "triton"))
        for switch in ("", "+rows", "+half", "+rows+half")])
-PRESETS = {"rows": ROW_FORWARD_RUNS, "switches": SWITCH_RUNS}
+# The opt-in lean forward (kernels/forward_lean.py) beside the default, with fp32 and 16-bit
+# kept logits: `--runs lean`.
+LEAN_RUNS = ",".join(
+    ["dense:gemm_floor", "dense:gemm_logits"]
+    + [f"dense:token_logprobs{switch}" for switch in ("", "+lean", "+half", "+lean+half")]
+    + [f"{scenario}:{impl}{switch}" for scenario, impl in
+       (("dense", "triton"), ("dense", "triton_256mb"), ("rlvr", "triton"))
+       for switch in ("", "+lean", "+half", "+lean+half")])
+PRESETS = {"rows": ROW_FORWARD_RUNS, "switches": SWITCH_RUNS, "lean": LEAN_RUNS}
 
 
 def wall_ms(step, repeats: int = 5) -> float:
@@ -84,10 +93,11 @@ def profile_one(scenario: str, impl: str, T: int, H: int, V: int, top: int = 12,
 def tuning_choices() -> str:
     """The config each autotuned kernel chose, per tuning key (the bucketed sizes, then the
     tensor arguments' dtypes), for the process so far: what a fixed config would have to match."""
-    from luffy_fast.kernels import backward, forward, forward_rows
+    from luffy_fast.kernels import backward, forward, forward_lean, forward_rows
 
     kernels = (forward._forward_kernel, backward._grad_logits_kernel,
-               backward._grad_logits_in_place_kernel, forward_rows._row_forward_kernel)
+               backward._grad_logits_in_place_kernel, forward_rows._row_forward_kernel,
+               forward_lean._lean_forward_kernel)
     lines = ["== autotune choices"]
     for kernel in kernels:
         tuner = kernel.fn  # under triton.heuristics
@@ -103,7 +113,7 @@ def main() -> None:
     parser.add_argument("--shape", default="8192,4096,151936", help="T,H,V")
     parser.add_argument("--runs", default=DEFAULT_RUNS,
                         help="scenario:implementation,... or a preset: 'rows' (ROW_FORWARD_RUNS), "
-                             "'switches' (SWITCH_RUNS)")
+                             "'switches' (SWITCH_RUNS), 'lean' (LEAN_RUNS)")
     parser.add_argument("--trace", action="store_true",
                         help="also profile the host and write trace-<scenario>-<impl>.json")
     args = parser.parse_args()

@@ -22,6 +22,20 @@ def test_switches_set_environment_variables_and_config_fields():
     assert v.base == "triton_256mb"
     assert v.env == {"LUFFY_FAST_ROW_FORWARD": "1"} and v.config == {"logits_dtype": "input"}
     assert impls.variant("naive") == impls.Variant("naive")
+    lean = impls.variant("token_logprobs+lean+half")
+    assert lean.env == {"LUFFY_FAST_LEAN_FORWARD": "1"} and lean.config == {"logits_dtype": "input"}
+
+
+def test_the_lean_preset_pairs_each_run_with_the_switch():
+    from benchmarks.profile_op import PRESETS
+
+    runs = PRESETS["lean"].split(",")
+    for run in runs:
+        impls.variant(run.split(":")[1])  # every name parses
+    plain = [run for run in runs if "+lean" not in run and run.split(":")[1].split("+")[0] in
+             ("triton", "triton_256mb", "token_logprobs")]
+    assert plain and all(run.replace("+half", "") + "+lean" + ("+half" if "+half" in run else "")
+                         in runs for run in plain)
 
 
 @pytest.mark.parametrize("name", ["naive+half", "torch+half", "gemm_floor+half", "triton+fast"])
