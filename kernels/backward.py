@@ -20,12 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
+from . import backward_lean
 from .utils import (
     AUTOTUNE,
     INTERPRET,
     LOGIT_FLAGS,
     expm1,
     kept_logit_tile,
+    lean_passes,
     logit_tile,
     shape_bucket,
     tuning_bench,
@@ -179,13 +181,15 @@ def _grad_logits_in_place_kernel(
 
 
 def grad_logits_in_place(logits, bias, targets, lse, logprobs, coef, entropy_weight, row_max,
-                         expected_shift, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+                         expected_shift, temperature: float, dtype: torch.dtype,
+                         lean: Optional[bool] = None) -> torch.Tensor:
     """dL/dz of a chunk's C tokens written over their logits [C, V] (raw h W^T, contiguous; fp32,
     or `dtype` itself with LuffyLossConfig.logits_dtype = "input"), as a [C, V] tensor in `dtype`
     that shares their memory: in place of each logit when the dtypes match, else 16-bit in the
     first half of each fp32 logits row (row stride 2V, which cuBLAS takes as is). One buffer
     instead of logits plus a separate dL/dz. Tokens with a zero `coef` and entropy weight get zero
-    rows. `logits` is overwritten."""
+    rows. `logits` is overwritten. `lean` (default: LUFFY_FAST_LEAN=1, utils.lean_passes) runs
+    the lean kernel instead (kernels/backward_lean.py: same arguments and layout)."""
     C, V = logits.shape
     if dtype == logits.dtype:
         grad = logits
@@ -200,20 +204,22 @@ def grad_logits_in_place(logits, bias, targets, lse, logprobs, coef, entropy_wei
             expected_shift, C, V, logits.stride(0), grad.stride(0), 1.0 / temperature,
             shape_bucket(C), shape_bucket(V))
     grid = lambda meta: (triton.cdiv(C, meta["BLOCK_T"]),)  # noqa: E731
-    tuner = _grad_logits_in_place_kernel.fn
+    lean = lean_passes() if lean is None else lean
+    kernel = backward_lean._lean_grad_logits_kernel if lean else _grad_logits_in_place_kernel
+    tuner = kernel.fn
     # The first call of a size class times each config on this very chunk, which overwrites its
     # logits: they are put back from a host copy and the pass reruns with the chosen config. A
     # device copy (the autotuner's `restore_value`) would pass the memory budget by a chunk.
     tunes = len(tuner.configs) > 1 and _tuning_key(args) not in tuner.cache
     saved = _host_copy(logits) if tunes else None
     tuned_before = len(tuner.cache)
-    _grad_logits_in_place_kernel[grid](*args)
+    kernel[grid](*args)
     if len(tuner.cache) > tuned_before:
         if saved is None:
             raise RuntimeError("grad_logits_in_place: the kernel autotuned without a saved copy "
                                "of the logits it overwrote (tuning key mismatch)")
         logits.copy_(saved)
-        _grad_logits_in_place_kernel[grid](*args)
+        kernel[grid](*args)
     elif tunes:  # a tuned config ran, under a key other than _tuning_key's
         warnings.warn("grad_logits_in_place: this Triton keys its autotune cache differently from "
                       "_tuning_key, so every call copies its chunk to the host", stacklevel=2)

@@ -17,19 +17,18 @@ Here, on the same grid and with the same per-split outputs (merged by forward.me
   sentinel that takes no probability, so that no entry is compared with the target; it is put
   back before the program ends, and its terms are added after the loop (the non-target sum
   stays exact as pi -> 1, as in the split kernel);
-- exponentials in base 2 with the temperature folded in: exp(z - m) = 2^(u c - m_u c) with u
-  the raw logit (plus bias) and c = log2(e) / temperature: one FMA and one ex2 per entry; the sum
-  of p (z - max) is kept in base-2 units and scaled by ln 2 at the end.
+- exponentials in base 2 with the temperature folded in: exp(z - m) = 2^((u - m_u) c) with u
+  the raw logit (plus bias) and c = log2(e) / temperature; the sum of p (z - max) is kept in
+  base-2 units and scaled by ln 2 at the end.
 
-Per entry in a tile where no max grows, with entropy and bias: ~10.6 instructions (the split
+Per entry in a tile where no max grows, with entropy and bias: ~11.6 instructions (the split
 kernel: ~33); a growing max adds ~3.8 in that tile.
 
-Opt-in: LUFFY_FAST_LEAN_FORWARD=1 (read at each call); off, the split kernel runs.
+Opt-in: LUFFY_FAST_LEAN=1 (utils.lean_passes, with kernels/backward_lean.py's dL/dz pass); off,
+the split kernel runs.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -37,10 +36,6 @@ import triton.language as tl
 
 from .forward import merge_splits
 from .utils import INTERPRET, num_vocab_splits, shape_bucket, tuning_bench
-
-
-def lean_forward_enabled() -> bool:
-    return os.environ.get("LUFFY_FAST_LEAN_FORWARD", "0") == "1"
 
 
 def _configs() -> list[triton.Config]:
@@ -65,7 +60,9 @@ def _tile(u, m, others, pz, c, WITH_ENTROPY: tl.constexpr):
             pz = (pz + shift[:, None] * others) * scale[:, None]
         others = others * scale[:, None]
         m = new_m
-    t = u * c - (m * c)[:, None]
+    # (u - m) c, not u c - m c: a GPU compiles the latter to one FMA, which leaves the max entry
+    # at t = -rounding(m c) instead of 0 and offsets E_p[z] - max by it (peaked rows' entropy)
+    t = (u - m[:, None]) * c
     e = tl.exp2(t)
     others += e
     if WITH_ENTROPY:

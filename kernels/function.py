@@ -34,7 +34,7 @@ from luffy_fast.loss_math import entropy_from_moments
 from .backward import grad_logits_in_place
 from .epilogue import TokenBuffers, token_terms_into
 from .forward import logsumexp_forward
-from .forward_lean import lean_forward, lean_forward_enabled
+from .forward_lean import lean_forward
 from .forward_rows import row_forward, row_forward_enabled
 from .gradients import (
     ActiveTokens,
@@ -45,7 +45,7 @@ from .gradients import (
     recomputed_gradients,
     zero_gradients,
 )
-from .utils import INTERPRET
+from .utils import INTERPRET, lean_passes
 
 # Below this many rows per chunk, GEMMs get too thin to pay for keeping logits (the d(weight)
 # update re-reads and re-writes the whole [V, H] gradient once per chunk).
@@ -173,9 +173,9 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
 def _kept_forward(hidden, weight, bias, rows, targets, temperature: float, with_entropy: bool,
                   logits: Tensor, out=None):
     """The forward statistics of a chunk from its kept logits: the split kernel, the lean one when
-    LUFFY_FAST_LEAN_FORWARD=1 (kernels/forward_lean.py), or the whole-row one when
+    LUFFY_FAST_LEAN=1 (kernels/forward_lean.py), or the whole-row one when
     LUFFY_FAST_ROW_FORWARD=1 (kernels/forward_rows.py)."""
-    if lean_forward_enabled():
+    if lean_passes():
         return lean_forward(logits, bias, targets, temperature, with_entropy, out)
     if row_forward_enabled(logits.shape[0]):
         return row_forward(logits, bias, targets, temperature, with_entropy, out)

@@ -13,6 +13,12 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def lean_passes() -> bool:
+    """LUFFY_FAST_LEAN=1 (read at each call): the passes over kept logits run their lean kernels,
+    kernels/forward_lean.py and kernels/backward_lean.py (opt-in until timed on a GPU)."""
+    return os.environ.get("LUFFY_FAST_LEAN", "0") == "1"
+
+
 def hopper() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 

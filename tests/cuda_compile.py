@@ -61,7 +61,7 @@ GROUPS = {
 }
 # Inputs that are optional elsewhere but always passed to these kernels.
 REQUIRED = {"_grad_logits_in_place_kernel": {"logits_ptr"}, "_row_forward_kernel": {"logits_ptr"},
-            "_lean_forward_kernel": {"logits_ptr"}}
+            "_lean_forward_kernel": {"logits_ptr"}, "_lean_grad_logits_kernel": {"logits_ptr"}}
 # Pointer dtypes by name; "input" is the op's input dtype (bf16 or fp32); the rest are fp32.
 POINTERS = {
     "input": ("hidden_ptr", "weight_ptr", "bias_ptr", "grad_logits_ptr", "grad_hidden_ptr",

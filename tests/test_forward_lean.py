@@ -1,6 +1,7 @@
 """The opt-in lean forward over kept logits (kernels/forward_lean.py) against float64 and against
-the split kernel it may replace, and the op with it switched on against the reference. Float32
-on the interpreter, where its tiles are 4 x 32 and the vocabulary is cut into 2-3 splits."""
+the split kernel it may replace, and the op with both lean passes on (LUFFY_FAST_LEAN=1: this
+forward and kernels/backward_lean.py's dL/dz) against the reference. Float32 on the
+interpreter, where its tiles are 4 x 32 and the vocabulary is cut into 2-3 splits."""
 
 from __future__ import annotations
 
@@ -96,14 +97,14 @@ def test_lean_forward_reads_16_bit_logits_as_the_split_kernel():
 @pytest.mark.parametrize("config", [LuffyLossConfig.luffy(max_len=64),
                                     LuffyLossConfig.grpo(entropy_coef=0.01, temperature=0.6)],
                          ids=["luffy", "grpo_entropy"])
-def test_the_op_with_the_lean_forward_matches_the_reference(monkeypatch, config, budget):
-    monkeypatch.setenv("LUFFY_FAST_LEAN_FORWARD", "1")
+def test_the_op_with_the_lean_passes_matches_the_reference(monkeypatch, config, budget):
+    monkeypatch.setenv("LUFFY_FAST_LEAN", "1")
     batch = random_batch(150, 16, 90, seed=4, with_bias=True, zero_adv_fraction=0.3, num_seqs=6)
     compare_backends(batch, config.replace(memory_budget_mb=budget), torch.float32, "triton")
 
 
-def test_token_logprobs_with_the_lean_forward_matches_the_reference(monkeypatch):
-    monkeypatch.setenv("LUFFY_FAST_LEAN_FORWARD", "1")
+def test_token_logprobs_with_the_lean_passes_matches_the_reference(monkeypatch):
+    monkeypatch.setenv("LUFFY_FAST_LEAN", "1")
     batch = random_batch(40, 8, 70, seed=9)
     expected, expected_entropy = token_logprobs(batch["hidden"].double(), batch["weight"].double(),
                                                 batch["targets"], with_entropy=True,

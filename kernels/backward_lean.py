@@ -1,0 +1,115 @@
+"""dL/dz written over kept logits in few instructions per entry (opt-in: LUFFY_FAST_LEAN=1,
+utils.lean_passes).
+
+The same pass as backward.py's `_grad_logits_in_place_kernel` (same arguments, grid and layout:
+a program owns BLOCK_T whole rows and walks them left to right, each write landing on logits it
+has read), which spends ~30 instructions per logit in its loop (`python -m
+benchmarks.sass_count`) and runs bound by their issue (docs/design.md). Here:
+- whole tiles load and store without masks: rows past the chunk's end repeat its last row with
+  that row's values, so they store what it stores; only a row's ragged last tile is masked;
+- no entry is compared with the target: every entry gets -g p (+ the entropy term), and after
+  the row is written its target entry is overwritten with g (1 - p_y) = -g expm1(log p_y) (+ its
+  entropy term), from the target's logit read before the first write;
+- per-token factors are folded before the loop: p = 2^((u / temperature - lse) log2 e) with u
+  the raw logit (plus bias) and u / temperature - lse one FMA (one rounding, of a small number
+  where p is large), g = coef / temperature, and the entropy term
+  p (ew / temperature) ((u / temperature - max) - (E_p[z] - max)), the last difference taken as
+  the split kernel takes it (no cancellation for a peaked distribution).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import INTERPRET, expm1, tuning_bench
+
+
+def _configs() -> list[triton.Config]:
+    if INTERPRET or not torch.cuda.is_available():
+        return [triton.Config({"BLOCK_T": 4, "BLOCK_V": 32}, num_warps=4)]
+    return [triton.Config({"BLOCK_T": t, "BLOCK_V": v}, num_warps=w)
+            for t, v, w in ((2, 4096, 8), (2, 2048, 4), (4, 2048, 8), (4, 1024, 4), (8, 1024, 8),
+                            (16, 512, 8))]
+
+
+@triton.jit
+def _grad_tile(u, lse, g, h, row_max, expected_shift, active, s, WITH_ENTROPY: tl.constexpr):
+    """dL/dz of a tile of raw logits `u` (plus bias) for every entry as if none were a target."""
+    p = tl.exp2(tl.fma(u, s, -lse[:, None]) * 1.4426950408889634)  # one rounding of z - lse
+    grad = -p * g[:, None]
+    if WITH_ENTROPY:
+        shift = tl.fma(u, s, -row_max[:, None]) - expected_shift[:, None]
+        grad = tl.fma(p * h[:, None], shift, grad)
+    # an inactive token (clipped, or no weight) contributes exact zeros, whatever its logits
+    return tl.where(active[:, None], grad, 0.0)
+
+
+@triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None,
+                    "WITH_ENTROPY": lambda args: args["entropy_weight_ptr"] is not None})
+# Timing a config overwrites the logits; backward.grad_logits_in_place puts them back after tuning.
+@triton.autotune(configs=_configs(), key=["C_BUCKET", "V_BUCKET"], do_bench=tuning_bench)
+@triton.jit
+def _lean_grad_logits_kernel(
+    logits_ptr, grad_logits_ptr, bias_ptr, targets_ptr, lse_ptr, logprob_ptr, coef_ptr,
+    entropy_weight_ptr, row_max_ptr, expected_shift_ptr,
+    C, V, stride_logits, stride_grad, inv_temperature, C_BUCKET, V_BUCKET,
+    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = offs_t < C
+    # rows past the end repeat the last row, values and all: their stores write what its do
+    rows = tl.minimum(offs_t, C - 1)
+    logit_rows = logits_ptr + rows.to(tl.int64) * stride_logits
+    grad_rows = grad_logits_ptr + rows.to(tl.int64) * stride_grad
+    s = inv_temperature
+    lse = tl.load(lse_ptr + rows)
+    coef = tl.load(coef_ptr + rows)
+    g = coef * s
+    active = coef != 0
+    h = g  # unused without entropy
+    row_max = lse
+    expected_shift = lse
+    if WITH_ENTROPY:
+        entropy_weight = tl.load(entropy_weight_ptr + rows)
+        active = active | (entropy_weight != 0)
+        h = entropy_weight * s
+        row_max = tl.load(row_max_ptr + rows)
+        expected_shift = tl.load(expected_shift_ptr + rows)
+
+    # the target's entry, from its logit read before any write over the row
+    targets = tl.load(targets_ptr + rows)
+    has_target = t_mask & (targets >= 0) & (targets < V)
+    target_u = tl.load(logit_rows + targets, mask=has_target, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        target_u += tl.load(bias_ptr + targets, mask=has_target, other=0.0).to(tl.float32)
+    target_grad = -expm1(tl.load(logprob_ptr + rows)) * g
+    if WITH_ENTROPY:
+        target_p = tl.exp2(tl.fma(target_u, s, -lse) * 1.4426950408889634)
+        target_grad += target_p * h * (tl.fma(target_u, s, -row_max) - expected_shift)
+    target_grad = tl.where(active, target_grad, 0.0)
+
+    v_whole = V // BLOCK_V * BLOCK_V
+    for v0 in range(0, v_whole, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        u = tl.load(logit_rows[:, None] + offs_v[None, :]).to(tl.float32)
+        if HAS_BIAS:
+            u += tl.load(bias_ptr + offs_v).to(tl.float32)[None, :]
+        grad = _grad_tile(u, lse, g, h, row_max, expected_shift, active, s, WITH_ENTROPY)
+        tl.debug_barrier()  # every warp has read this tile before any writes over it
+        tl.store(grad_rows[:, None] + offs_v[None, :], grad.to(grad_logits_ptr.dtype.element_ty))
+    if v_whole < V:  # the ragged last tile
+        offs_v = v_whole + tl.arange(0, BLOCK_V)
+        v_mask = offs_v < V
+        u = tl.load(logit_rows[:, None] + offs_v[None, :], mask=v_mask[None, :],
+                    other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            u += tl.load(bias_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+        grad = _grad_tile(u, lse, g, h, row_max, expected_shift, active, s, WITH_ENTROPY)
+        tl.debug_barrier()
+        tl.store(grad_rows[:, None] + offs_v[None, :], grad.to(grad_logits_ptr.dtype.element_ty),
+                 mask=v_mask[None, :])
+    tl.debug_barrier()  # the row's tiles are written before its target entry is overwritten
+    tl.store(grad_rows + targets, target_grad.to(grad_logits_ptr.dtype.element_ty), mask=has_target)
