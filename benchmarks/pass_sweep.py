@@ -1,6 +1,6 @@
 """How fast can the two passes over kept logits go: each pass timed at every tile config of a
 grid wider than its autotune list, beside what the memory allows, on one chunk of the dense case
-(and the opt-in lean statistics pass, kernels/forward_lean.py, beside the default one).
+(and the opt-in lean kernels of both, kernels/forward_lean.py and backward_lean.py, beside them).
 
 The kept strategy reads each chunk of GEMM-written logits twice: the statistics pass
 (kernels/forward.py, `FROM_LOGITS`: logsumexp, log pi, E_p[z]) and the dL/dz pass written over
@@ -33,7 +33,7 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 
 from luffy_fast import LuffyLossConfig  # noqa: E402
-from luffy_fast.kernels import backward, forward, forward_lean  # noqa: E402
+from luffy_fast.kernels import backward, backward_lean, forward, forward_lean  # noqa: E402
 from luffy_fast.kernels.function import PER_TOKEN_BYTES  # noqa: E402
 from luffy_fast.kernels.utils import tuning_bench  # noqa: E402
 
@@ -100,13 +100,20 @@ class Chunk:
                                              self.coef, self.entropy_weight, row_max,
                                              expected_shift, self.temperature, self.grad_dtype)
 
+    def lean_grad(self) -> torch.Tensor:
+        lse, logprobs, row_max, expected_shift = self.stats
+        return backward.grad_logits_in_place(self.logits, None, self.targets, lse, logprobs,
+                                             self.coef, self.entropy_weight, row_max,
+                                             expected_shift, self.temperature, self.grad_dtype,
+                                             lean=True)
+
     def fresh_forward(self):
         self.logits.copy_(self.pristine)  # the dL/dz pass's timing runs wrote over them
         return self.forward()
 
-    def fresh_grad(self) -> torch.Tensor:
+    def fresh_grad(self, lean: bool = False) -> torch.Tensor:
         self.logits.copy_(self.pristine)
-        return self.grad().clone()
+        return (self.lean_grad() if lean else self.grad()).clone()
 
 
 def only_config(kernel, config: triton.Config) -> triton.Config:
@@ -167,9 +174,9 @@ def time_configs(name: str, kernel, run, moved: int, check, configs, deadline: f
 
 
 def sweep(chunk: Chunk, configs, deadline: float, log) -> dict:
-    """The passes at every config (the statistics pass, the opt-in lean one beside it, dL/dz),
-    then the split counts; each pass stops after 30 % of the time to `deadline`, so that all
-    four parts get timed."""
+    """The passes at every config (the statistics and dL/dz passes, each with its opt-in lean
+    kernel beside it), then the split counts; each pass stops after 22 % of the time to
+    `deadline`, so that all five parts get timed."""
     nbytes = chunk.logits.numel() * chunk.logits.element_size()
     grad_bytes = chunk.logits.numel() * torch.empty(0, dtype=chunk.grad_dtype).element_size()
     expected_grad = chunk.fresh_grad()
@@ -181,7 +188,8 @@ def sweep(chunk: Chunk, configs, deadline: float, log) -> dict:
               "logits": str(chunk.logits.dtype)[6:], "grad": str(chunk.grad_dtype)[6:],
               "rooflines": {name: {"ms": ms, "gb_per_s": b / ms / 1e6}
                             for name, (ms, b) in rooflines.items()},
-              "statistics": [], "lean_statistics": [], "grad_in_place": [], "splits": []}
+              "statistics": [], "lean_statistics": [], "grad_in_place": [],
+              "lean_grad_in_place": [], "splits": []}
     for name in rooflines:
         log(f"  roofline {name}: {result['rooflines'][name]['ms']:.3f} ms, "
             f"{result['rooflines'][name]['gb_per_s']:.0f} GB/s")
@@ -191,9 +199,12 @@ def sweep(chunk: Chunk, configs, deadline: float, log) -> dict:
                lambda: agrees(chunk.lean_forward(), chunk.stats, 1e-5)
                and torch.equal(chunk.logits, chunk.pristine)),
               ("grad_in_place", backward._grad_logits_in_place_kernel, chunk.grad, nbytes + grad_bytes,
-               lambda: agrees([chunk.fresh_grad()], [expected_grad], 1e-3)))
+               lambda: agrees([chunk.fresh_grad()], [expected_grad], 1e-3)),
+              ("lean_grad_in_place", backward_lean._lean_grad_logits_kernel, chunk.lean_grad,
+               nbytes + grad_bytes,
+               lambda: agrees([chunk.fresh_grad(lean=True)], [expected_grad], 1e-3)))
     fastest = {}
-    share = 0.3 * (deadline - time.monotonic())
+    share = 0.22 * (deadline - time.monotonic())
     for name, kernel, run, moved, check in passes:
         until = time.monotonic() + share
         with KernelConfigs(kernel):

@@ -8,7 +8,7 @@ autotuned kernel chose per tuning key. Writes profile.txt under $OUT.
     python -m benchmarks.profile_op [--shape T,H,V] [--runs dense:triton,rlvr:triton,...] [--trace]
     python -m benchmarks.profile_op --runs rows    # the opt-in whole-row forward against the default
     python -m benchmarks.profile_op --runs switches   # both opt-in switches (rows, half) and the default
-    python -m benchmarks.profile_op --runs lean   # the opt-in lean forward (kernels/forward_lean.py)
+    python -m benchmarks.profile_op --runs lean   # the opt-in lean passes (LUFFY_FAST_LEAN=1)
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ SWITCH_RUNS = ",".join(
     + [f"{scenario}:{impl}{switch}" for scenario, impl in
        (("dense", "triton"), ("dense", "triton_256mb"), ("rlvr", "triton"))
        for switch in ("", "+rows", "+half", "+rows+half")])
-# The opt-in lean forward (kernels/forward_lean.py) beside the default, with fp32 and 16-bit
-# kept logits: `--runs lean`.
+# The opt-in lean passes over kept logits (kernels/forward_lean.py, backward_lean.py) beside the
+# default, with fp32 and 16-bit kept logits: `--runs lean`.
 LEAN_RUNS = ",".join(
     ["dense:gemm_floor", "dense:gemm_logits"]
     + [f"dense:token_logprobs{switch}" for switch in ("", "+lean", "+half", "+lean+half")]
@@ -93,11 +93,11 @@ def profile_one(scenario: str, impl: str, T: int, H: int, V: int, top: int = 12,
 def tuning_choices() -> str:
     """The config each autotuned kernel chose, per tuning key (the bucketed sizes, then the
     tensor arguments' dtypes), for the process so far: what a fixed config would have to match."""
-    from luffy_fast.kernels import backward, forward, forward_lean, forward_rows
+    from luffy_fast.kernels import backward, backward_lean, forward, forward_lean, forward_rows
 
     kernels = (forward._forward_kernel, backward._grad_logits_kernel,
                backward._grad_logits_in_place_kernel, forward_rows._row_forward_kernel,
-               forward_lean._lean_forward_kernel)
+               forward_lean._lean_forward_kernel, backward_lean._lean_grad_logits_kernel)
     lines = ["== autotune choices"]
     for kernel in kernels:
         tuner = kernel.fn  # under triton.heuristics

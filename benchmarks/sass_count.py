@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 STREAMING = ("_forward_kernel", "_lean_forward_kernel", "_row_forward_kernel",
-             "_grad_logits_in_place_kernel")
+             "_grad_logits_in_place_kernel", "_lean_grad_logits_kernel")
 _INSTRUCTION = re.compile(r"\s+/\*([0-9a-f]{4,6})\*/\s+(.*?)\s*;")
 
 

@@ -23,7 +23,7 @@ def test_switches_set_environment_variables_and_config_fields():
     assert v.env == {"LUFFY_FAST_ROW_FORWARD": "1"} and v.config == {"logits_dtype": "input"}
     assert impls.variant("naive") == impls.Variant("naive")
     lean = impls.variant("token_logprobs+lean+half")
-    assert lean.env == {"LUFFY_FAST_LEAN_FORWARD": "1"} and lean.config == {"logits_dtype": "input"}
+    assert lean.env == {"LUFFY_FAST_LEAN": "1"} and lean.config == {"logits_dtype": "input"}
 
 
 def test_the_lean_preset_pairs_each_run_with_the_switch():

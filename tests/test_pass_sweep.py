@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) leaves 
 from benchmarks import pass_sweep  # noqa: E402
 from helpers import subprocess_env  # noqa: E402
 from luffy_fast import LuffyLossConfig  # noqa: E402
-from luffy_fast.kernels import backward, forward, forward_lean  # noqa: E402
+from luffy_fast.kernels import backward, backward_lean, forward, forward_lean  # noqa: E402
 from luffy_fast.kernels.function import _kept_chunks, plan  # noqa: E402
 
 on_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -33,7 +33,7 @@ def test_sweep_times_and_checks_every_config(logits_dtype, monkeypatch):
     """Each config is the one that ran (the kernel's own meta-parameters only), its outputs agree
     with the default's, and the kernels' configs and tuning caches are as before afterwards."""
     tuners = (forward._forward_kernel.fn, forward_lean._lean_forward_kernel.fn,
-              backward._grad_logits_in_place_kernel.fn)
+              backward._grad_logits_in_place_kernel.fn, backward_lean._lean_grad_logits_kernel.fn)
     installed = []
     only_config = pass_sweep.only_config
     monkeypatch.setattr(pass_sweep, "only_config",
@@ -45,7 +45,7 @@ def test_sweep_times_and_checks_every_config(logits_dtype, monkeypatch):
     lines = []
     result = pass_sweep.sweep(chunk, configs, deadline=math.inf, log=lines.append)
     assert [(list(t.configs), dict(t.cache)) for t in tuners] == before
-    for name in ("statistics", "lean_statistics", "grad_in_place"):
+    for name in ("statistics", "lean_statistics", "grad_in_place", "lean_grad_in_place"):
         rows = result[name]
         # every config, then the two fastest at 1 and 4 pipeline stages
         assert len(rows) == len(configs) + 4
@@ -56,7 +56,7 @@ def test_sweep_times_and_checks_every_config(logits_dtype, monkeypatch):
     assert {r["splits"] for r in result["splits"]} >= {forward.num_vocab_splits(8, 200)}
     assert sum(r["default"] for r in result["splits"]) == 1
     assert set(result["rooflines"]) == {"read (row max)", "read + write (in-place scale)"}
-    assert len(lines) == 2 + 3 * (len(configs) + 4) + len(result["splits"])
+    assert len(lines) == 2 + 4 * (len(configs) + 4) + len(result["splits"])
 
 
 @on_interpreter
@@ -104,5 +104,6 @@ def test_gpu_check_runs_the_sweep_stage(tmp_path):
     results = json.loads((tmp_path / "pass_sweep.json").read_text())["results"]
     assert [r["logits"] for r in results] == ["bfloat16", "float32"]
     assert all(row["agrees"] for r in results
-               for row in r["statistics"] + r["lean_statistics"] + r["grad_in_place"])
+               for row in r["statistics"] + r["lean_statistics"] + r["grad_in_place"]
+               + r["lean_grad_in_place"])
     assert (tmp_path / "sweep.log").read_text().count("== ") == 2
