@@ -64,7 +64,7 @@ def make_batch(T, H, V, dtype, seed, zero_adv_fraction=0.3, dev="cuda"):
 
 
 def run(batch, backend, config, dtype=None):
-    v = variant(backend)  # "triton+rows": the opt-in whole-row forward; "+half": 16-bit logits
+    v = variant(backend)  # "triton+lean": the opt-in lean passes; "+half": 16-bit logits
     if v.env or v.config:
         return switched(lambda: run(batch, v.base, config.replace(**v.config), dtype), v.env)()
     hidden = batch["hidden"].detach().clone()
@@ -193,14 +193,14 @@ def main() -> int:
                     backend = "reference"  # named in the row of an error
                     try:
                         ref = run(batch, backend, config, dtype=oracle_dtype)
-                        for backend in ("triton", "triton+rows", "triton+half",
-                                        "triton+rows+half", "torch"):
+                        for backend in ("triton", "triton+lean", "triton+half",
+                                        "triton+lean+half", "torch"):
                             if backend == "torch" and budget_name != "recompute":
                                 continue
                             # the switches act on kept logits (16-bit ones on 16-bit inputs
-                            # only); bf16 only, for the stage's time
-                            if "+" in backend and (budget_name == "recompute"
-                                                   or dtype != torch.bfloat16):
+                            # only); bf16 only but for the lean passes, for the stage's time
+                            if "+" in backend and (budget_name == "recompute" or (
+                                    dtype != torch.bfloat16 and backend != "triton+lean")):
                                 continue
                             got = run(batch, backend, config)
                             errs = {"loss": rel(got[0], ref[0]), "d_hidden": rel(got[1], ref[1]),
@@ -234,9 +234,11 @@ def main() -> int:
     batch = make_batch(3001, 1536, 50257, torch.bfloat16, seed + 99)
     lp_ref, ent_ref = token_logprobs(batch["hidden"].double(), batch["weight"].double(),
                                      batch["targets"], with_entropy=True, backend="reference")
-    for switch, limit in (("", 1e-3), ("+half", HALF_LIMITS["loss"])):
-        lp, ent = token_logprobs(batch["hidden"], batch["weight"], batch["targets"], with_entropy=True,
-                                 backend="triton", **variant("triton" + switch).config)
+    for switch, limit in (("", 1e-3), ("+lean", 1e-3), ("+half", HALF_LIMITS["loss"])):
+        v = variant("triton" + switch)
+        lp, ent = switched(lambda v=v: token_logprobs(
+            batch["hidden"], batch["weight"], batch["targets"], with_entropy=True,
+            backend="triton", **v.config), v.env)()
         tl_errs = {"logprobs": rel(lp, lp_ref), "entropy": rel(ent, ent_ref)}
         tl_ok = all(v <= limit for v in tl_errs.values())
         failures += not tl_ok
