@@ -99,6 +99,9 @@ def _lean_forward_kernel(
     in_split = t_mask & (targets >= v_begin) & (targets < v_end)
     target_ptrs = row_starts + targets
     target_raw = tl.load(target_ptrs, mask=in_split, other=0.0)
+    # every thread holding a copy of a row's value loads it before one of them stores the
+    # sentinel (a store goes out from one thread per value, loads from all of them)
+    tl.debug_barrier()
     tl.store(target_ptrs, tl.zeros((BLOCK_T,), tl.float32) + sentinel, mask=in_split)
     tl.debug_barrier()  # the sentinels are in place for every thread of the program
 
