@@ -23,9 +23,9 @@ import triton.language as tl
 from . import backward_lean
 from .utils import (
     AUTOTUNE,
-    INTERPRET,
     LOGIT_FLAGS,
     expm1,
+    in_place_configs,
     kept_logit_tile,
     lean_passes,
     logit_tile,
@@ -132,19 +132,9 @@ def grad_logits(hidden, weight, bias, rows, targets, lse, logprobs, coef, entrop
     return out
 
 
-def _in_place_configs() -> list[triton.Config]:
-    """Rows per program and tile width for the in-place pass (memory-bound; whole rows per
-    program, so few rows per program for enough programs in flight)."""
-    if INTERPRET or not torch.cuda.is_available():
-        return [triton.Config({"BLOCK_T": 4, "BLOCK_V": 32}, num_warps=4)]
-    return [triton.Config({"BLOCK_T": t, "BLOCK_V": v}, num_warps=w)
-            for t, v, w in ((2, 4096, 8), (2, 2048, 4), (4, 2048, 8), (4, 1024, 4), (8, 1024, 8),
-                            (16, 512, 8))]
-
-
 @triton.heuristics({name: GRAD_FLAGS[name] for name in ("HAS_BIAS", "WITH_ENTROPY")})
 # Timing a config overwrites the logits; grad_logits_in_place puts them back after tuning.
-@triton.autotune(configs=_in_place_configs(), key=["C_BUCKET", "V_BUCKET"], do_bench=tuning_bench)
+@triton.autotune(configs=in_place_configs(), key=["C_BUCKET", "V_BUCKET"], do_bench=tuning_bench)
 @triton.jit
 def _grad_logits_in_place_kernel(
     logits_ptr, grad_logits_ptr, bias_ptr, targets_ptr, lse_ptr, logprob_ptr, coef_ptr,

@@ -19,19 +19,10 @@ benchmarks.sass_count`) and runs bound by their issue (docs/design.md). Here:
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from .utils import INTERPRET, expm1, tuning_bench
-
-
-def _configs() -> list[triton.Config]:
-    if INTERPRET or not torch.cuda.is_available():
-        return [triton.Config({"BLOCK_T": 4, "BLOCK_V": 32}, num_warps=4)]
-    return [triton.Config({"BLOCK_T": t, "BLOCK_V": v}, num_warps=w)
-            for t, v, w in ((2, 4096, 8), (2, 2048, 4), (4, 2048, 8), (4, 1024, 4), (8, 1024, 8),
-                            (16, 512, 8))]
+from .utils import expm1, in_place_configs, tuning_bench
 
 
 @triton.jit
@@ -49,7 +40,8 @@ def _grad_tile(u, lse, g, h, row_max, expected_shift, active, s, WITH_ENTROPY: t
 @triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None,
                     "WITH_ENTROPY": lambda args: args["entropy_weight_ptr"] is not None})
 # Timing a config overwrites the logits; backward.grad_logits_in_place puts them back after tuning.
-@triton.autotune(configs=_configs(), key=["C_BUCKET", "V_BUCKET"], do_bench=tuning_bench)
+# The arguments are the in-place kernel's, which grad_logits_in_place launches the same way.
+@triton.autotune(configs=in_place_configs(), key=["C_BUCKET", "V_BUCKET"], do_bench=tuning_bench)
 @triton.jit
 def _lean_grad_logits_kernel(
     logits_ptr, grad_logits_ptr, bias_ptr, targets_ptr, lse_ptr, logprob_ptr, coef_ptr,

@@ -154,6 +154,13 @@ def merge_splits(run_max, run_other, run_sum_all, run_sum_pz, target_logit, out=
     return lse, logprobs, top, expected_shift
 
 
+def split_partials(splits: int, n: int, device: torch.device, with_entropy: bool):
+    """Empty [splits, n] fp32 partials of a split forward kernel, as merge_splits takes them: max,
+    non-target sum, sum of all, sum of p (z - max) (the two None without entropy), target logit."""
+    new = lambda: torch.empty((splits, n), dtype=torch.float32, device=device)  # noqa: E731
+    return (new(), new(), new() if with_entropy else None, new() if with_entropy else None, new())
+
+
 def logsumexp_forward(hidden, weight, bias, rows, targets, temperature: float, with_entropy: bool,
                       logits: Optional[torch.Tensor] = None, out=None):
     """Per-token logsumexp, log-prob of the target, max logit and E_p[z] - max, in fp32 (written
@@ -165,12 +172,9 @@ def logsumexp_forward(hidden, weight, bias, rows, targets, temperature: float, w
     h W^T from a GEMM, row i for token i) is given, tiles are read from it instead of multiplied.
     """
     N, V, HD = rows.numel(), weight.shape[0], weight.shape[1]
-    device = hidden.device
     splits = num_vocab_splits(N, V)
-    partial = lambda: torch.empty((splits, N), dtype=torch.float32, device=device)  # noqa: E731
-    run_max, run_sum, target_logit = partial(), partial(), partial()
-    run_sum_all = partial() if with_entropy else None
-    run_sum_pz = partial() if with_entropy else None
+    run_max, run_sum, run_sum_all, run_sum_pz, target_logit = split_partials(
+        splits, N, hidden.device, with_entropy)
     if N > 0:
         grid = lambda meta: (splits, triton.cdiv(N, meta["BLOCK_T"]))  # noqa: E731
         _forward_kernel[grid](

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .forward import merge_splits
+from .forward import merge_splits, split_partials
 from .utils import INTERPRET, num_vocab_splits, shape_bucket, tuning_bench
 
 
@@ -155,12 +155,9 @@ def lean_forward(logits: torch.Tensor, bias, targets: torch.Tensor, temperature:
     tokens whose raw logits h W^T are the rows of `logits` [N, V] (fp32 or 16-bit, row i for
     token i), written into `out` when given."""
     N, V = logits.shape
-    device = logits.device
     splits = num_vocab_splits(N, V)
-    partial = lambda: torch.empty((splits, N), dtype=torch.float32, device=device)  # noqa: E731
-    run_max, run_sum, target_logit = partial(), partial(), partial()
-    run_sum_all = partial() if with_entropy else None
-    run_sum_pz = partial() if with_entropy else None
+    run_max, run_sum, run_sum_all, run_sum_pz, target_logit = split_partials(
+        splits, N, logits.device, with_entropy)
     if N > 0:
         grid = lambda meta: (splits, triton.cdiv(N, meta["BLOCK_T"]))  # noqa: E731
         _lean_forward_kernel[grid](

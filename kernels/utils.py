@@ -55,6 +55,17 @@ def stream_configs() -> list[triton.Config]:
     ]
 
 
+def in_place_configs() -> list[triton.Config]:
+    """Rows per program and tile width for the in-place dL/dz passes (backward.py's and
+    backward_lean.py's; memory-bound, whole rows per program, so few rows per program for
+    enough programs in flight)."""
+    if INTERPRET or not torch.cuda.is_available():
+        return [triton.Config({"BLOCK_T": 4, "BLOCK_V": 32}, num_warps=4)]
+    return [triton.Config({"BLOCK_T": t, "BLOCK_V": v}, num_warps=w)
+            for t, v, w in ((2, 4096, 8), (2, 2048, 4), (4, 2048, 8), (4, 1024, 4), (8, 1024, 8),
+                            (16, 512, 8))]
+
+
 def tuning_bench(kernel_call, quantiles=(0.5, 0.2, 0.8)) -> list[float]:
     """Milliseconds of one autotune config at `quantiles` (the autotuners' `do_bench`).
 

@@ -264,3 +264,17 @@ def tiny_qwen2(layers: int = 2, **config):
     shape = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                  num_key_value_heads=2)
     return Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=layers, **{**shape, **config}))
+
+
+def forward_oracle(logits: torch.Tensor, bias, targets, temperature: float):
+    """float64 per-token outputs of the forward kernels from raw logits [N, V] (+ bias) and a
+    temperature: logsumexp, log pi, max and E_p[z] - max (a -inf logit takes no part in it)."""
+    z = logits.double()
+    if bias is not None:
+        z = z + bias.double()
+    z = z / temperature
+    lse = torch.logsumexp(z, dim=1)
+    top = z.max(dim=1).values
+    p = torch.softmax(z, dim=1)
+    shifted = torch.where(p > 0, z - top[:, None], torch.zeros_like(z))
+    return lse, z.gather(1, targets[:, None]).squeeze(1) - lse, top, (p * shifted).sum(dim=1)

@@ -1,6 +1,7 @@
 """The opt-in lean forward over kept logits (kernels/forward_lean.py) against float64 and against
 the split kernel it may replace, and the op with both lean passes on (LUFFY_FAST_LEAN=1: this
-forward and kernels/backward_lean.py's dL/dz) against the reference. Float32 on the
+forward and kernels/backward_lean.py's dL/dz), or with the whole-row forward, against the
+reference. Float32 on the
 interpreter, where its tiles are 4 x 32 and the vocabulary is cut into 2-3 splits."""
 
 from __future__ import annotations
@@ -10,24 +11,12 @@ import os
 import pytest
 import torch
 
-from helpers import compare_backends, random_batch
+from helpers import compare_backends, forward_oracle, random_batch
 from luffy_fast import LuffyLossConfig, token_logprobs
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="runs the kernels on the interpreter (TRITON_INTERPRET=1)")
 NAMES = ("logsumexp", "log pi", "max", "E_p[z] - max")
-
-
-def _oracle(logits: torch.Tensor, bias, targets, temperature: float):
-    """float64 logsumexp, log pi, max and E_p[z] - max."""
-    z = logits.double()
-    if bias is not None:
-        z = z + bias.double()
-    z = z / temperature
-    lse = torch.logsumexp(z, dim=1)
-    top = z.max(dim=1).values
-    p = torch.softmax(z, dim=1)
-    return lse, z.gather(1, targets[:, None]).squeeze(1) - lse, top, (p * (z - top[:, None])).sum(dim=1)
 
 
 def _logits(C: int, V: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +55,7 @@ def test_lean_forward_matches_float64_and_the_split_kernel(C, V, with_entropy, w
     assert torch.equal(logits, before)  # the targets' logits are put back where they were
     split = logsumexp_forward(torch.zeros(C, 4), torch.zeros(V, 4), bias, torch.arange(C), targets,
                               temperature, with_entropy, logits=logits)
-    expected = _oracle(logits, bias, targets, temperature)
+    expected = forward_oracle(logits, bias, targets, temperature)
     for name, value, other, oracle in zip(NAMES, got, split, expected):
         if not with_entropy and name == "E_p[z] - max":
             assert value is None and other is None
@@ -88,23 +77,30 @@ def test_lean_forward_reads_16_bit_logits_as_the_split_kernel():
     assert torch.equal(half, before)
     split = logsumexp_forward(torch.zeros(11, 4), torch.zeros(300, 4), None, torch.arange(11),
                               targets, 1.0, True, logits=half)
-    expected = _oracle(half.float(), None, targets, 1.0)  # the rounded logits are the input
+    expected = forward_oracle(half.float(), None, targets, 1.0)  # the rounded logits are the input
     for name, value, other, oracle in zip(NAMES, got, split, expected):
         assert _relative_error(value, oracle) <= max(2e-6, 2 * _relative_error(other, oracle)), name
 
 
+# The opt-in switches over kept logits: the lean passes, and the whole-row forward
+# (kernels/forward_rows.py).
+SWITCHES = ["LUFFY_FAST_LEAN", "LUFFY_FAST_ROW_FORWARD"]
+
+
+@pytest.mark.parametrize("switch", SWITCHES)
 @pytest.mark.parametrize("budget", [64.0, 0.05])  # one chunk; ~50-token chunks
 @pytest.mark.parametrize("config", [LuffyLossConfig.luffy(max_len=64),
                                     LuffyLossConfig.grpo(entropy_coef=0.01, temperature=0.6)],
                          ids=["luffy", "grpo_entropy"])
-def test_the_op_with_the_lean_passes_matches_the_reference(monkeypatch, config, budget):
-    monkeypatch.setenv("LUFFY_FAST_LEAN", "1")
+def test_the_op_with_a_switch_matches_the_reference(monkeypatch, config, budget, switch):
+    monkeypatch.setenv(switch, "1")
     batch = random_batch(150, 16, 90, seed=4, with_bias=True, zero_adv_fraction=0.3, num_seqs=6)
     compare_backends(batch, config.replace(memory_budget_mb=budget), torch.float32, "triton")
 
 
-def test_token_logprobs_with_the_lean_passes_matches_the_reference(monkeypatch):
-    monkeypatch.setenv("LUFFY_FAST_LEAN", "1")
+@pytest.mark.parametrize("switch", SWITCHES)
+def test_token_logprobs_with_a_switch_matches_the_reference(monkeypatch, switch):
+    monkeypatch.setenv(switch, "1")
     batch = random_batch(40, 8, 70, seed=9)
     expected, expected_entropy = token_logprobs(batch["hidden"].double(), batch["weight"].double(),
                                                 batch["targets"], with_entropy=True,

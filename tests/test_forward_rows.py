@@ -1,6 +1,6 @@
 """The opt-in whole-row forward over kept logits (kernels/forward_rows.py) against float64 and
-against the split kernel it may replace, and the op with it switched on against the reference.
-Float32 on the interpreter."""
+against the split kernel it may replace (the op with it switched on: tests/test_forward_lean.py,
+beside the lean passes). Float32 on the interpreter."""
 
 from __future__ import annotations
 
@@ -9,25 +9,11 @@ import os
 import pytest
 import torch
 
-from helpers import compare_backends, random_batch
-from luffy_fast import LuffyLossConfig, token_logprobs
+from helpers import forward_oracle
 
 # CPU tensors throughout: the interpreter's numerics (a GPU's are checked by gpu_parity.py).
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="runs the kernels on the interpreter (TRITON_INTERPRET=1)")
-
-
-def _oracle(logits: torch.Tensor, bias, targets, temperature: float):
-    """float64 logsumexp, log pi, max and E_p[z] - max."""
-    z = logits.double()
-    if bias is not None:
-        z = z + bias.double()
-    z = z / temperature
-    lse = torch.logsumexp(z, dim=1)
-    top = z.max(dim=1).values
-    p = torch.softmax(z, dim=1)
-    shifted = torch.where(p > 0, z - top[:, None], torch.zeros_like(z))
-    return lse, z.gather(1, targets[:, None]).squeeze(1) - lse, top, (p * shifted).sum(dim=1)
 
 
 def _logits(C: int, V: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +38,7 @@ def test_row_forward_matches_float64_and_the_split_kernel(with_entropy, with_bia
     got = row_forward(logits, bias, targets, temperature, with_entropy)
     split = logsumexp_forward(torch.zeros(C, H), torch.zeros(V, H), bias, torch.arange(C), targets,
                               temperature, with_entropy, logits=logits)
-    expected = _oracle(logits, bias, targets, temperature)
+    expected = forward_oracle(logits, bias, targets, temperature)
     names = ("logsumexp", "log pi", "max", "E_p[z] - max")
     for name, value, other, oracle in zip(names, got, split, expected):
         if not with_entropy and name == "E_p[z] - max":
@@ -76,29 +62,7 @@ def test_row_forward_ignores_impossible_entries():
     banned = (targets == 3) | (targets == 31) | (targets == 49)
     targets[banned] = 4
     got = row_forward(logits, bias, targets, 1.0, True)
-    expected = _oracle(logits, bias, targets, 1.0)
+    expected = forward_oracle(logits, bias, targets, 1.0)
     for value, oracle in zip(got, expected):
         assert bool(torch.isfinite(value).all())
         torch.testing.assert_close(value.double(), oracle, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("budget", [64.0, 0.05])  # one chunk; ~50-token chunks
-@pytest.mark.parametrize("config", [LuffyLossConfig.luffy(max_len=64),
-                                    LuffyLossConfig.grpo(entropy_coef=0.01, temperature=0.6)],
-                         ids=["luffy", "grpo_entropy"])
-def test_the_op_with_the_row_forward_matches_the_reference(monkeypatch, config, budget):
-    monkeypatch.setenv("LUFFY_FAST_ROW_FORWARD", "1")
-    batch = random_batch(150, 16, 90, seed=4, with_bias=True, zero_adv_fraction=0.3, num_seqs=6)
-    compare_backends(batch, config.replace(memory_budget_mb=budget), torch.float32, "triton")
-
-
-def test_token_logprobs_with_the_row_forward_matches_the_reference(monkeypatch):
-    monkeypatch.setenv("LUFFY_FAST_ROW_FORWARD", "1")
-    batch = random_batch(40, 8, 70, seed=9)
-    expected, expected_entropy = token_logprobs(batch["hidden"].double(), batch["weight"].double(),
-                                                batch["targets"], with_entropy=True,
-                                                backend="reference")
-    got, entropy = token_logprobs(batch["hidden"], batch["weight"], batch["targets"],
-                                  with_entropy=True, backend="triton")
-    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(entropy.double(), expected_entropy, rtol=1e-5, atol=1e-6)
