@@ -6,6 +6,10 @@ branch counted per entry a thread handles in one iteration.
 
     python -m benchmarks.sass_count [--kernel NAME]   # TRITON_INTERPRET must be unset
 
+It uses the installed Triton's compiler, ptxas and cuobjdump. The device has Triton 3.6; to count
+what it runs: `pip install --target DIR triton==3.6.0` and `PYTHONPATH=DIR` (Triton 3.9's code
+differs by an instruction or two per logit).
+
 A static count: both sides of a branch inside the loop are counted (the report lists each
 branch's share), and issue is not time. It says where a pass bound by instruction issue spends
 its instructions, and compares two kernels for the same work.
