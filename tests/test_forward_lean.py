@@ -66,18 +66,19 @@ def test_lean_forward_matches_float64_and_the_split_kernel(C, V, with_entropy, w
     assert float(expected[1].max()) > -1e-6  # a near-certain target is among the rows
 
 
-def test_lean_forward_reads_16_bit_logits_as_the_split_kernel():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])  # fp16: a sentinel of its own
+def test_lean_forward_reads_16_bit_logits_as_the_split_kernel(dtype):
     from luffy_fast.kernels.forward import logsumexp_forward
     from luffy_fast.kernels.forward_lean import lean_forward
 
     logits, targets = _logits(11, 300, seed=3)
-    half = logits.bfloat16()
+    half = logits.to(dtype)
     before = half.clone()
-    got = lean_forward(half, None, targets, 1.0, True)
+    got = lean_forward(half, None, targets, 0.6, True)
     assert torch.equal(half, before)
     split = logsumexp_forward(torch.zeros(11, 4), torch.zeros(300, 4), None, torch.arange(11),
-                              targets, 1.0, True, logits=half)
-    expected = forward_oracle(half.float(), None, targets, 1.0)  # the rounded logits are the input
+                              targets, 0.6, True, logits=half)
+    expected = forward_oracle(half.float(), None, targets, 0.6)  # the rounded logits are the input
     for name, value, other, oracle in zip(NAMES, got, split, expected):
         assert _relative_error(value, oracle) <= max(2e-6, 2 * _relative_error(other, oracle)), name
 
