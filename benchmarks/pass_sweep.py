@@ -90,38 +90,29 @@ class Chunk:
         self.entropy_weight = torch.full((rows,), 1e-3, device=device)
         self.stats = self.forward()
 
-    def forward(self):
+    def forward(self, lean: bool = False):
+        """The statistics pass: the split kernel, or the opt-in lean one."""
+        if lean:
+            return forward_lean.lean_forward(self.logits, None, self.targets, self.temperature,
+                                             True)
         return forward.logsumexp_forward(self.hidden, self.weight, None, self.rows, self.targets,
                                          self.temperature, True, logits=self.logits)
 
-    def lean_forward(self):
-        return forward_lean.lean_forward(self.logits, None, self.targets, self.temperature, True)
-
-    def fresh_lean_forward(self):
-        self.logits.copy_(self.pristine)
-        return self.lean_forward()
-
-    def grad(self) -> torch.Tensor:
+    def grad(self, lean: bool = False) -> torch.Tensor:
+        """The in-place dL/dz pass: the default kernel, or the opt-in lean one."""
         lse, logprobs, row_max, expected_shift = self.stats
         return backward.grad_logits_in_place(self.logits, None, self.targets, lse, logprobs,
                                              self.coef, self.entropy_weight, row_max,
                                              expected_shift, self.temperature, self.grad_dtype,
-                                             lean=False)
+                                             lean=lean)
 
-    def lean_grad(self) -> torch.Tensor:
-        lse, logprobs, row_max, expected_shift = self.stats
-        return backward.grad_logits_in_place(self.logits, None, self.targets, lse, logprobs,
-                                             self.coef, self.entropy_weight, row_max,
-                                             expected_shift, self.temperature, self.grad_dtype,
-                                             lean=True)
-
-    def fresh_forward(self):
+    def fresh_forward(self, lean: bool = False):
         self.logits.copy_(self.pristine)  # the dL/dz pass's timing runs wrote over them
-        return self.forward()
+        return self.forward(lean)
 
     def fresh_grad(self, lean: bool = False) -> torch.Tensor:
         self.logits.copy_(self.pristine)
-        return (self.lean_grad() if lean else self.grad()).clone()
+        return self.grad(lean).clone()
 
 
 def only_config(kernel, config: triton.Config) -> triton.Config:
@@ -203,13 +194,14 @@ def sweep(chunk: Chunk, configs, deadline: float, log) -> dict:
             f"{result['rooflines'][name]['gb_per_s']:.0f} GB/s")
     passes = (("statistics", forward._forward_kernel, chunk.forward, nbytes,
                lambda: agrees(chunk.fresh_forward(), chunk.stats, 1e-5)),
-              ("lean_statistics", forward_lean._lean_forward_kernel, chunk.lean_forward, nbytes,
-               lambda: agrees(chunk.fresh_lean_forward(), chunk.stats, 1e-5)
+              ("lean_statistics", forward_lean._lean_forward_kernel,
+               lambda: chunk.forward(lean=True), nbytes,
+               lambda: agrees(chunk.fresh_forward(lean=True), chunk.stats, 1e-5)
                and torch.equal(chunk.logits, chunk.pristine)),
               ("grad_in_place", backward._grad_logits_in_place_kernel, chunk.grad, nbytes + grad_bytes,
                lambda: agrees([chunk.fresh_grad()], [expected_grad], 1e-3)),
-              ("lean_grad_in_place", backward_lean._lean_grad_logits_kernel, chunk.lean_grad,
-               nbytes + grad_bytes,
+              ("lean_grad_in_place", backward_lean._lean_grad_logits_kernel,
+               lambda: chunk.grad(lean=True), nbytes + grad_bytes,
                lambda: agrees([chunk.fresh_grad(lean=True)], [expected_grad], 1e-3)))
     fastest = {}
     share = 0.22 * (deadline - time.monotonic())

@@ -64,7 +64,9 @@ def test_a_config_that_computes_wrongly_is_flagged(monkeypatch):
     """Agreement is checked, not assumed: a statistics pass 1e-4 off fails it."""
     chunk = pass_sweep.Chunk(8, 200, torch.float32, torch.bfloat16, torch.device("cpu"))
     honest = chunk.forward
-    monkeypatch.setattr(chunk, "forward", lambda: [v * (1 + 1e-4) for v in honest()])
+    # the default statistics pass computes wrongly, the lean one (same method, lean=True) does not
+    monkeypatch.setattr(chunk, "forward", lambda lean=False: honest(lean) if lean
+                        else [v * (1 + 1e-4) for v in honest()])
     result = pass_sweep.sweep(chunk, pass_sweep.grid(dry=True)[:1], deadline=math.inf,
                               log=lambda _: None)
     assert [r["agrees"] for r in result["statistics"]] == [False]
