@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .utils import expm1, in_place_configs, tuning_bench
+from .utils import expm1, in_place_configs, raw_logit_tile, tuning_bench
 
 
 @triton.jit
@@ -86,19 +86,14 @@ def _lean_grad_logits_kernel(
     v_whole = V // BLOCK_V * BLOCK_V
     for v0 in range(0, v_whole, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
-        u = tl.load(logit_rows[:, None] + offs_v[None, :]).to(tl.float32)
-        if HAS_BIAS:
-            u += tl.load(bias_ptr + offs_v).to(tl.float32)[None, :]
+        u = raw_logit_tile(logit_rows, bias_ptr, offs_v, offs_v < V, HAS_BIAS, False)
         grad = _grad_tile(u, lse, g, h, row_max, expected_shift, active, s, WITH_ENTROPY)
         tl.debug_barrier()  # every warp has read this tile before any writes over it
         tl.store(grad_rows[:, None] + offs_v[None, :], grad.to(grad_logits_ptr.dtype.element_ty))
     if v_whole < V:  # the ragged last tile
         offs_v = v_whole + tl.arange(0, BLOCK_V)
         v_mask = offs_v < V
-        u = tl.load(logit_rows[:, None] + offs_v[None, :], mask=v_mask[None, :],
-                    other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            u += tl.load(bias_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+        u = raw_logit_tile(logit_rows, bias_ptr, offs_v, v_mask, HAS_BIAS, True)
         grad = _grad_tile(u, lse, g, h, row_max, expected_shift, active, s, WITH_ENTROPY)
         tl.debug_barrier()
         tl.store(grad_rows[:, None] + offs_v[None, :], grad.to(grad_logits_ptr.dtype.element_ty),

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .forward import merge_splits, split_partials
-from .utils import INTERPRET, num_vocab_splits, shape_bucket, tuning_bench
+from .utils import INTERPRET, num_vocab_splits, raw_logit_tile, shape_bucket, tuning_bench
 
 
 def _configs() -> list[triton.Config]:
@@ -113,17 +113,12 @@ def _lean_forward_kernel(
     pz = tl.zeros((BLOCK_T, BLOCK_V), tl.float32)
     for v0 in range(v_begin, v_whole, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
-        u = tl.load(row_starts[:, None] + offs_v[None, :]).to(tl.float32)
-        if HAS_BIAS:
-            u += tl.load(bias_ptr + offs_v).to(tl.float32)[None, :]
+        u = raw_logit_tile(row_starts, bias_ptr, offs_v, offs_v < V, HAS_BIAS, False)
         m, others, pz = _tile(u, m, others, pz, c, WITH_ENTROPY)
     if v_whole < v_end:  # the split's ragged last tile; its columns past the end are sentinels
         offs_v = v_whole + tl.arange(0, BLOCK_V)
         v_mask = offs_v < v_end
-        u = tl.load(row_starts[:, None] + offs_v[None, :], mask=v_mask[None, :],
-                    other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            u += tl.load(bias_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+        u = raw_logit_tile(row_starts, bias_ptr, offs_v, v_mask, HAS_BIAS, True)
         u = tl.where(v_mask[None, :], u, sentinel)
         m, others, pz = _tile(u, m, others, pz, c, WITH_ENTROPY)
     tl.debug_barrier()  # every thread has read its tiles before the logits are put back

@@ -167,6 +167,24 @@ def kept_logit_tile(logits_ptr, bias_ptr, logit_rows, offs_v, t_mask, v_mask, st
 
 
 @triton.jit
+def raw_logit_tile(row_starts, bias_ptr, offs_v, v_mask, HAS_BIAS: tl.constexpr,
+                   MASKED: tl.constexpr):
+    """A [rows, BLOCK_V] tile of raw h W^T (plus bias) in fp32 from a buffer of kept logits, rows
+    starting at the pointers `row_starts`: loads without masks (the lean passes' whole tiles),
+    or masked by column `v_mask` (their ragged last tile, where masked entries read 0)."""
+    if MASKED:
+        u = tl.load(row_starts[:, None] + offs_v[None, :], mask=v_mask[None, :],
+                    other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            u += tl.load(bias_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+    else:
+        u = tl.load(row_starts[:, None] + offs_v[None, :]).to(tl.float32)
+        if HAS_BIAS:
+            u += tl.load(bias_ptr + offs_v).to(tl.float32)[None, :]
+    return u
+
+
+@triton.jit
 def logit_tile(hidden_ptr, weight_ptr, bias_ptr, logits_ptr, rows, logit_rows, offs_v, t_mask, v_mask,
                HD, stride_hidden, stride_weight, stride_logits, inv_temperature,
                HAS_BIAS: tl.constexpr, FROM_LOGITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
