@@ -9,11 +9,14 @@ Three kernels per chunk of active tokens, on one fixed block grid (`filter_tiles
    (|dL/dz_tv| <= s_t (p_v + p_v |z_v - E_p[z]|), so the test is about a probability below the
    threshold). Kept tiles are written to the [C, V] buffer and flagged in a [C/BT, V/BV] map;
    skipped tiles are not written.
-2. `_sparse_grad_hidden_kernel`: d(hidden)[rows] = dz @ W, one program per (token tile, H tile),
-   reducing over the kept vocabulary tiles only. Programs run in groups of GROUP_H H tiles, the
-   token tile varying slowest within a group, so that the programs running together span many
-   token tiles: those that keep the same vocabulary tile get its weight rows from L2 (each kept
-   block loads 128 weight rows across H, ~1 MiB in bf16), at the price of reading a token
+2. `_sparse_grad_hidden_kernel`: d(hidden)[rows] = dz @ W, one program per (SPAN token tiles,
+   H tile), reducing over the vocabulary tiles any of its token tiles keeps (a token tile that
+   skipped one reads zeros there, so the result is that of one program per token tile). A kept
+   block's weight rows are read once per program, across H (~1 MiB in bf16), so a program
+   taking two token tiles halves those reads at the price of the MMAs of the blocks only one of
+   them keeps. Programs run in groups of GROUP_H H tiles, the token tiles varying slowest
+   within a group, so that the programs running together span many token tiles: those that
+   keep the same vocabulary tile get its weight rows from L2, at the price of reading a token
    tile's dL/dz rows once per group instead of once. Then the skipped entries' share, to first
    order: each row of dL/dz sums to zero (sum_v g (e_y - p)_v = 0 and sum_v p_v (z_v - E_p[z]) = 0), so
    the skipped entries of row t sum to minus its kept ones, and that mass goes with the mean
@@ -36,6 +39,7 @@ its MMA.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -47,20 +51,41 @@ from .utils import INTERPRET, dot_precision
 
 
 def filter_tiles(dtype: torch.dtype) -> dict:
-    """The filter's block grid (BLOCK_T x BLOCK_V), the H step of the logit recompute (BLOCK_H),
-    the GEMM kernels' output tile width (BLOCK_OUT) and the d(hidden) kernel's program groups
-    (GROUP_H H tiles); tiny under the interpreter (GROUP_H 3, so that tests see a partial last
-    group). Fixed rather than autotuned: all three kernels must agree on the blocks. GPU sizes
-    are untuned guesses, narrower and with fewer stages for fp32 so that the tiles fit in shared
-    memory."""
+    """Launch parameters of the three kernels (`"logits"`, `"hidden"`, `"weight"`): the block grid
+    all three share (BLOCK_T x BLOCK_V), the H step of the logit recompute (BLOCK_H), each GEMM
+    kernel's output tile width (BLOCK_OUT), the d(hidden) kernel's token tiles per program
+    (SPAN) and program groups (GROUP_H H tiles). Tiny under the interpreter (SPAN 2 and GROUP_H
+    3, so that tests see merged token tiles and a partial last group). Fixed rather than
+    autotuned: the kernels must agree on the blocks, and the d(weight) kernel accumulates into
+    its output, so a tuning run would add to it.
+
+    The GEMM kernels read their operands from L2 (each kept block of the weight is read once per
+    token tile that keeps it), so their tiles are sized for reuse: a program multiplies
+    SPAN x BLOCK_T rows of dL/dz by a [BLOCK_V, BLOCK_OUT] block of the weight, about
+    1 / (1 / (SPAN BLOCK_T) + 1 / BLOCK_OUT) flops per byte (85 at 128 x 256, against 43 at
+    64 x 128: round 3 timed the 64 x 128 kernels at about a third of cuBLAS's rate per block).
+    Merging two token tiles keeps the 64-row grid's skipped blocks exact zeros: a merged program
+    multiplies a vocabulary tile that either token tile keeps and reads zeros for the other.
+    Not timed on a GPU yet: LUFFY_FAST_FILTER_TILES=narrow (read at each call) gives round 3's
+    64 x 128 tiles, for the benchmarks to time both in one run (`triton_filter+narrow`)."""
     if INTERPRET:
-        return {"BLOCK_T": 16, "BLOCK_V": 32, "BLOCK_H": 16, "BLOCK_OUT": 16, "GROUP_H": 3,
-                "num_warps": 4, "num_stages": 1}
-    if dtype == torch.float32:
-        return {"BLOCK_T": 64, "BLOCK_V": 128, "BLOCK_H": 32, "BLOCK_OUT": 64, "GROUP_H": 8,
-                "num_warps": 8, "num_stages": 2}
-    return {"BLOCK_T": 64, "BLOCK_V": 128, "BLOCK_H": 64, "BLOCK_OUT": 128, "GROUP_H": 4,
-            "num_warps": 8, "num_stages": 3}
+        shared = {"BLOCK_T": 16, "BLOCK_V": 32, "num_warps": 4, "num_stages": 1}
+        return {"logits": {**shared, "BLOCK_H": 16},
+                "hidden": {**shared, "SPAN": 2, "BLOCK_OUT": 16, "GROUP_H": 3},
+                "weight": {**shared, "BLOCK_OUT": 16}}
+    if dtype == torch.float32:  # CUDA cores (no tf32 in the gradients): narrow tiles, 2 stages
+        shared = {"BLOCK_T": 64, "BLOCK_V": 128, "num_warps": 8, "num_stages": 2}
+        return {"logits": {**shared, "BLOCK_H": 32},
+                "hidden": {**shared, "SPAN": 1, "BLOCK_OUT": 64, "GROUP_H": 8},
+                "weight": {**shared, "BLOCK_OUT": 64}}
+    shared = {"BLOCK_T": 64, "BLOCK_V": 128, "num_warps": 8}
+    if os.environ.get("LUFFY_FAST_FILTER_TILES") == "narrow":  # round 3's, to time against
+        return {"logits": {**shared, "BLOCK_H": 64, "num_stages": 3},
+                "hidden": {**shared, "SPAN": 1, "BLOCK_OUT": 128, "GROUP_H": 4, "num_stages": 3},
+                "weight": {**shared, "BLOCK_OUT": 128, "num_stages": 3}}
+    return {"logits": {**shared, "BLOCK_H": 64, "num_stages": 3},
+            "hidden": {**shared, "SPAN": 2, "BLOCK_OUT": 256, "GROUP_H": 4, "num_stages": 2},
+            "weight": {**shared, "BLOCK_OUT": 256, "num_stages": 3}}
 
 
 @triton.heuristics(GRAD_FLAGS)
@@ -94,39 +119,45 @@ def _filtered_grad_logits_kernel(
 
 @triton.jit
 def _sparse_grad_hidden_kernel(
-    grad_logits_ptr, kept_v_ptr, num_kept_v_ptr, weight_ptr, weight_mean_ptr, rows_ptr,
-    grad_hidden_ptr, C, V, HD, stride_weight, stride_grad_hidden, num_v_tiles,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_OUT: tl.constexpr, GROUP_H: tl.constexpr,
+    grad_logits_ptr, keep_ptr, tile_kept_ptr, kept_v_ptr, num_kept_v_ptr, weight_ptr,
+    weight_mean_ptr, rows_ptr, grad_hidden_ptr, C, V, HD, stride_weight, stride_grad_hidden,
+    num_v_tiles,
+    DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, SPAN: tl.constexpr,
+    BLOCK_OUT: tl.constexpr, GROUP_H: tl.constexpr,
 ):
     # A 1-D grid in groups of GROUP_H H tiles, the H tile varying fastest within a group: the
     # programs running together share each token tile's dL/dz rows and, across token tiles,
     # the weight rows of the vocabulary tiles they keep (both in L2).
     num_h = tl.cdiv(HD, BLOCK_OUT)
-    per_group = GROUP_H * tl.cdiv(C, BLOCK_T)
+    per_group = GROUP_H * tl.cdiv(C, SPAN * BLOCK_T)
     first_h = tl.program_id(0) // per_group * GROUP_H
     group_h = tl.minimum(num_h - first_h, GROUP_H)  # the last group may be narrower
     local = tl.program_id(0) % per_group
     pid_h = first_h + local % group_h
     pid_t = local // group_h
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_t = pid_t * SPAN * BLOCK_T + tl.arange(0, SPAN * BLOCK_T)
     offs_h = pid_h * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
     t_mask = offs_t < C
     h_mask = offs_h < HD
-    acc = tl.zeros((BLOCK_T, BLOCK_OUT), tl.float32)
-    kept_sum = tl.zeros((BLOCK_T,), tl.float32)  # sum of the kept entries of each dL/dz row
+    tile_t = offs_t // BLOCK_T  # each row's token tile of the block map
+    acc = tl.zeros((SPAN * BLOCK_T, BLOCK_OUT), tl.float32)
+    kept_sum = tl.zeros((SPAN * BLOCK_T,), tl.float32)  # sum of the kept entries of each dL/dz row
     num_kept = tl.load(num_kept_v_ptr + pid_t)
-    for k in range(0, num_kept):  # the kept vocabulary tiles of this token tile, in order
-        offs_v = tl.load(kept_v_ptr + pid_t * num_v_tiles + k) * BLOCK_V + tl.arange(0, BLOCK_V)
-        v_mask = offs_v < V
+    for k in range(0, num_kept):  # the vocabulary tiles some token tile of the span keeps, in order
+        tile_v = tl.load(kept_v_ptr + pid_t * num_v_tiles + k)
+        offs_v = tile_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        row_mask = t_mask
+        if SPAN > 1:  # a token tile that skipped this block wrote nothing there: read zeros
+            row_mask &= tl.load(keep_ptr + tile_t * num_v_tiles + tile_v, mask=t_mask, other=0) != 0
         dz = tl.load(grad_logits_ptr + offs_t[:, None].to(tl.int64) * V + offs_v[None, :],
-                     mask=t_mask[:, None] & v_mask[None, :], other=0.0)
+                     mask=row_mask[:, None] & (offs_v < V)[None, :], other=0.0)
         w = tl.load(weight_ptr + offs_v[:, None].to(tl.int64) * stride_weight + offs_h[None, :],
-                    mask=v_mask[:, None] & h_mask[None, :], other=0.0)
+                    mask=(offs_v < V)[:, None] & h_mask[None, :], other=0.0)
         acc = tl.dot(dz, w, acc, input_precision=DOT_PRECISION)
         kept_sum += tl.sum(dz.to(tl.float32), axis=1)
     # The skipped entries of each row sum to -kept_sum: that mass goes with the mean weight row.
-    kept_sum = tl.where(num_kept < num_v_tiles, kept_sum, 0.0)
+    tile_kept = tl.load(tile_kept_ptr + tile_t, mask=t_mask, other=0)
+    kept_sum = tl.where(tile_kept < num_v_tiles, kept_sum, 0.0)
     weight_mean = tl.load(weight_mean_ptr + offs_h, mask=h_mask, other=0.0)
     acc -= kept_sum[:, None] * weight_mean[None, :]
     rows = tl.load(rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
@@ -178,8 +209,14 @@ def _sparse_grad_weight_kernel(
                 tl.store(grad_bias_ptr + offs_v, total_bias, mask=v_mask)
 
 
-def _kept_lists(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of the block map: the kept columns first, in increasing order, and their count."""
+def _kept_lists(keep: torch.Tensor, span: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group of `span` rows of the block map: the columns any of them keeps, in increasing
+    order, and their count."""
+    if span > 1:
+        padded = torch.zeros((-(-keep.shape[0] // span) * span, keep.shape[1]), dtype=keep.dtype,
+                             device=keep.device)
+        padded[:keep.shape[0]] = keep
+        keep = padded.view(-1, span, keep.shape[1]).amax(dim=1)
     order = torch.sort(keep, dim=1, descending=True, stable=True).indices.to(torch.int32)
     return order.contiguous(), keep.sum(dim=1, dtype=torch.int32)
 
@@ -194,8 +231,9 @@ def filtered_gradients(hidden, weight, bias, tokens, temperature: float, thresho
 
     Returns the block map [C / BLOCK_T, V / BLOCK_V] (int8, 1 = kept)."""
     C, V, HD = out.shape[0], weight.shape[0], weight.shape[1]
-    tiles = filter_tiles(out.dtype)
-    num_t, num_v = triton.cdiv(C, tiles["BLOCK_T"]), triton.cdiv(V, tiles["BLOCK_V"])
+    launches = filter_tiles(out.dtype)
+    block_t, block_v = launches["logits"]["BLOCK_T"], launches["logits"]["BLOCK_V"]
+    num_t, num_v = triton.cdiv(C, block_t), triton.cdiv(V, block_v)
     keep = torch.empty((num_t, num_v), dtype=torch.int8, device=hidden.device)
     _filtered_grad_logits_kernel[(num_t, num_v)](
         hidden, weight, bias, tokens.rows, logit_rows, logits, tokens.targets,
@@ -203,23 +241,35 @@ def filtered_gradients(hidden, weight, bias, tokens, temperature: float, thresho
         tokens.expected_shift, out, keep,
         C, V, HD, hidden.stride(0), weight.stride(0),
         logits.stride(0) if logits is not None else 0, 1.0 / temperature, float(threshold),
-        BLOCK_T=tiles["BLOCK_T"], BLOCK_V=tiles["BLOCK_V"], BLOCK_H=tiles["BLOCK_H"],
-        num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
-    grad_hidden, grad_weight, grad_bias = grads
-    precision = dot_precision(out.dtype)
-    gemm_tiles = {key: tiles[key] for key in ("BLOCK_T", "BLOCK_V", "BLOCK_OUT", "num_warps",
-                                              "num_stages")}
-    num_h = triton.cdiv(HD, tiles["BLOCK_OUT"])
-    if grad_hidden is not None:
-        kept_v, num_kept_v = _kept_lists(keep)
-        _sparse_grad_hidden_kernel[(num_h * num_t,)](
-            out, kept_v, num_kept_v, weight, weight_mean, tokens.rows, grad_hidden, C, V, HD,
-            weight.stride(0), grad_hidden.stride(0), num_v, DOT_PRECISION=precision,
-            GROUP_H=tiles["GROUP_H"], **gemm_tiles)
-    if grad_weight is not None or grad_bias is not None:
-        kept_t, num_kept_t = _kept_lists(keep.T)
-        _sparse_grad_weight_kernel[(num_h if grad_weight is not None else 1, num_v)](
-            out, kept_t, num_kept_t, hidden, tokens.rows, grad_weight, grad_bias, C, V, HD,
-            hidden.stride(0), grad_weight.stride(0) if grad_weight is not None else 0, num_t,
-            DOT_PRECISION=precision, **gemm_tiles)
+        **launches["logits"])
+    sparse_gradients(out, keep, hidden, weight, tokens.rows, grads, weight_mean)
     return keep
+
+
+def sparse_gradients(grad_logits: torch.Tensor, keep: torch.Tensor, hidden: torch.Tensor,
+                     weight: torch.Tensor, rows: torch.Tensor, grads,
+                     weight_mean: Optional[torch.Tensor] = None) -> None:
+    """The kept blocks' share of d(hidden) (rows `rows` of it, written), d(weight) and d(bias)
+    (accumulated): `grad_logits` [C, V] is read only in the blocks `keep` marks (the others may
+    hold anything), each row's skipped mass going with `weight_mean`."""
+    C, V, HD = grad_logits.shape[0], weight.shape[0], weight.shape[1]
+    launches = filter_tiles(grad_logits.dtype)
+    num_t, num_v = keep.shape
+    grad_hidden, grad_weight, grad_bias = grads
+    precision = dot_precision(grad_logits.dtype)
+    if grad_hidden is not None:
+        tiles = launches["hidden"]
+        kept_v, num_kept_v = _kept_lists(keep, tiles["SPAN"])
+        num_programs = triton.cdiv(HD, tiles["BLOCK_OUT"]) * len(num_kept_v)
+        _sparse_grad_hidden_kernel[(num_programs,)](
+            grad_logits, keep, keep.sum(dim=1, dtype=torch.int32), kept_v, num_kept_v, weight,
+            weight_mean, rows, grad_hidden, C, V, HD, weight.stride(0), grad_hidden.stride(0),
+            num_v, DOT_PRECISION=precision, **tiles)
+    if grad_weight is not None or grad_bias is not None:
+        tiles = launches["weight"]
+        kept_t, num_kept_t = _kept_lists(keep.T)
+        num_h = triton.cdiv(HD, tiles["BLOCK_OUT"]) if grad_weight is not None else 1
+        _sparse_grad_weight_kernel[(num_h, num_v)](
+            grad_logits, kept_t, num_kept_t, hidden, rows, grad_weight, grad_bias, C, V, HD,
+            hidden.stride(0), grad_weight.stride(0) if grad_weight is not None else 0, num_t,
+            DOT_PRECISION=precision, **tiles)

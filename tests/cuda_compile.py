@@ -67,7 +67,7 @@ POINTERS = {
     "input": ("hidden_ptr", "weight_ptr", "bias_ptr", "grad_logits_ptr", "grad_hidden_ptr",
               "grad_weight_ptr"),
     torch.int64: ("rows_ptr", "targets_ptr", "logit_rows_ptr"),
-    torch.int32: ("kept_v_ptr", "num_kept_v_ptr", "kept_t_ptr", "num_kept_t_ptr"),
+    torch.int32: ("kept_v_ptr", "num_kept_v_ptr", "kept_t_ptr", "num_kept_t_ptr", "tile_kept_ptr"),
     torch.int8: ("keep_ptr",),
     torch.uint8: ("off_policy_ptr", "clipped_ptr", "active_ptr"),
 }
@@ -84,9 +84,10 @@ CALL_CONSTEXPRS = {
                             for a, b, c, d in ((True,) * 4, (False,) * 4,
                                                (True, True, False, False),
                                                (True, False, False, False))],
-    "_filtered_grad_logits_kernel": "filter_tiles",
-    "_sparse_grad_hidden_kernel": "filter_tiles",
-    "_sparse_grad_weight_kernel": "filter_tiles",
+    # the gradient filter's kernels: their launch in backward_filtered.filter_tiles
+    "_filtered_grad_logits_kernel": ("filter_tiles", "logits"),
+    "_sparse_grad_hidden_kernel": ("filter_tiles", "hidden"),
+    "_sparse_grad_weight_kernel": ("filter_tiles", "weight"),
 }
 
 
@@ -136,8 +137,8 @@ def pointer_dtype(kernel: str, name: str, dtype: torch.dtype,
 
 def call_constexprs(jit: JITFunction, heuristics: dict, dtype: torch.dtype) -> list[dict]:
     spec = CALL_CONSTEXPRS.get(jit.__name__, [{}])
-    if spec == "filter_tiles":
-        tiles = backward_filtered.filter_tiles(dtype)
+    if isinstance(spec, tuple):
+        tiles = backward_filtered.filter_tiles(dtype)[spec[1]]
         values = {k: v for k, v in tiles.items() if k in jit.arg_names}
         if "DOT_PRECISION" in jit.arg_names and "DOT_PRECISION" not in heuristics:
             values["DOT_PRECISION"] = "ieee" if dtype == torch.float32 else "tf32"

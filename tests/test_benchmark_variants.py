@@ -73,3 +73,22 @@ def test_a_plan_takes_extra_implementations_from_the_environment(monkeypatch):
     monkeypatch.setenv(cases.EXTRA_IMPLS, "naive+half")
     with pytest.raises(ValueError, match="naive"):
         cases.make_plan("cuda")
+
+
+def test_the_narrow_switch_gives_the_filter_round_3s_gpu_tiles(monkeypatch):
+    import torch
+
+    from luffy_fast.kernels import backward_filtered
+
+    monkeypatch.setattr(backward_filtered, "INTERPRET", False)  # the GPU's tiles
+    monkeypatch.delenv("LUFFY_FAST_FILTER_TILES", raising=False)
+    wide = backward_filtered.filter_tiles(torch.bfloat16)
+    for name, value in impls.variant("triton_filter+narrow").env.items():
+        monkeypatch.setenv(name, value)
+    narrow = backward_filtered.filter_tiles(torch.bfloat16)
+
+    def shape(tiles):
+        return tiles["hidden"]["SPAN"], tiles["hidden"]["BLOCK_OUT"], tiles["weight"]["BLOCK_OUT"]
+
+    assert shape(wide) == (2, 256, 256) and shape(narrow) == (1, 128, 128)
+    assert narrow["logits"] == wide["logits"]  # the same block map either way

@@ -120,3 +120,55 @@ def test_torch_backend_rejects_the_filter():
 def test_config_rejects_bad_thresholds(bad):
     with pytest.raises(ValueError, match="grad_filter"):
         LuffyLossConfig(grad_filter=bad)
+
+
+@pytest.mark.parametrize("with_hidden", [True, False], ids=["all_gradients", "frozen_hidden"])
+def test_sparse_gemms_multiply_exactly_the_kept_blocks(with_hidden):
+    # The block-sparse GEMMs alone, against float64 products of dL/dz with its skipped blocks
+    # zeroed. The skipped blocks of the buffer hold NaN (the filter writes nothing there), so a
+    # program that reads one (a merged d(hidden) program reading the block its other token tile
+    # skipped) poisons its output. 87 rows: 6 token tiles of 16, merged 2 by 2 into 3 programs,
+    # the last tile ragged; 197 vocabulary entries: 7 tiles of 32; H = 52: 4 output tiles, so the
+    # d(hidden) programs' second group of 3 H tiles is partial.
+    from luffy_fast.kernels.backward_filtered import filter_tiles, sparse_gradients
+
+    tiles = filter_tiles(torch.float32)
+    block_t, block_v = tiles["logits"]["BLOCK_T"], tiles["logits"]["BLOCK_V"]
+    assert tiles["hidden"]["SPAN"] == 2 and tiles["hidden"]["GROUP_H"] == 3
+    C, V, H, T = 87, 197, 52, 120
+    generator = torch.Generator().manual_seed(11)
+    num_t, num_v = -(-C // block_t), -(-V // block_v)
+    keep = (torch.rand(num_t, num_v, generator=generator) < 0.4).to(torch.int8)
+    keep[2] = 0  # a token tile keeping nothing, merged with tile 3
+    keep[4, :] = 0
+    keep[4, 3] = 1  # one keeping a single block its partner (tile 5) may not
+    if with_hidden:
+        keep[1] = 1  # one keeping everything: no skipped mass to give the mean weight row
+    else:
+        keep[:, 6] = 0  # a vocabulary tile nobody keeps: its d(weight) rows stay as they were
+    grad_logits = torch.randn(C, V, generator=generator, dtype=torch.float64)
+    kept = keep.repeat_interleave(block_t, 0)[:C].repeat_interleave(block_v, 1)[:, :V].bool()
+    hidden = torch.randn(T, H, generator=generator, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=generator, dtype=torch.float64)
+    rows = torch.randperm(T, generator=generator)[:C]
+    weight_mean = weight.mean(dim=0)
+    start_weight = torch.randn(V, H, generator=generator, dtype=torch.float64)
+    start_bias = torch.randn(V, generator=generator, dtype=torch.float64)
+
+    exact = torch.where(kept, grad_logits, 0.0)
+    skipped_mass = torch.where(keep.sum(dim=1).repeat_interleave(block_t)[:C] < num_v,
+                               exact.sum(dim=1), 0.0)
+    expected_hidden = torch.zeros(T, H, dtype=torch.float64)
+    expected_hidden[rows] = exact @ weight - skipped_mass[:, None] * weight_mean[None, :]
+    expected_weight = start_weight + exact.T @ hidden[rows]
+    expected_bias = start_bias + exact.sum(dim=0)
+
+    grads = (torch.zeros(T, H) if with_hidden else None, start_weight.float(), start_bias.float())
+    sparse_gradients(torch.where(kept, grad_logits, float("nan")).float(), keep, hidden.float(),
+                     weight.float(), rows, grads, weight_mean.float())
+    if with_hidden:
+        assert_close(grads[0], expected_hidden.float(), 1e-5, "d(hidden)", atol=1e-5)
+    assert_close(grads[1], expected_weight.float(), 1e-5, "d(weight)", atol=1e-5)
+    assert_close(grads[2], expected_bias.float(), 1e-5, "d(bias)", atol=1e-5)
+    if not with_hidden:
+        assert torch.equal(grads[1][6 * block_v:], start_weight[6 * block_v:].float())
