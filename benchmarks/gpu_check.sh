@@ -10,7 +10,8 @@
 # stage hangs; each stage keeps what it measured so far, and each implementation fails on its own
 # (one test each). GPU_CHECK_STAGES picks stages (default "parity speed memory"; "profile" on request:
 # benchmarks/profile_op.py, with GPU_PROFILE_ARGS, e.g. "--runs rows"; "sweep" on request:
-# benchmarks/pass_sweep.py, a toy chunk in the dry run); GPU_PARITY_ARGS
+# benchmarks/pass_sweep.py, a toy chunk in the dry run; "filter" on request:
+# benchmarks/filter_sweep.py, the gradient filter's GEMMs at a few tile configs); GPU_PARITY_ARGS
 # (default --quick), GPU_CHECK_CAPS ("name:seconds ..."), GPU_CHECK_SPEED_TESTS, GPU_CHECK_PYTEST_ARGS,
 # GPU_CHECK_MEMORY_PYTEST_ARGS and BENCH_TEST_TIMEOUT (per test,
 # default 150 s) narrow a run; LUFFY_BENCH_EXTRA_IMPLS (default: the "+half" variants) widens it.
@@ -36,11 +37,12 @@ export LUFFY_BENCH_EXTRA_IMPLS=${LUFFY_BENCH_EXTRA_IMPLS-triton+half,triton_256m
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 STAGE_TAG=gpu_check
-STAGE_ORDER="parity speed memory profile sweep"
-STAGE_CAPS=${GPU_CHECK_CAPS:-"parity:200 speed:150 memory:120 profile:60 sweep:150"}
-# The default stages; "profile" (benchmarks/profile_op.py: where the op's time goes) and "sweep"
+STAGE_ORDER="parity speed memory profile sweep filter"
+STAGE_CAPS=${GPU_CHECK_CAPS:-"parity:200 speed:150 memory:120 profile:60 sweep:150 filter:90"}
+# The default stages; "profile" (benchmarks/profile_op.py: where the op's time goes), "sweep"
 # (benchmarks/pass_sweep.py: the two passes over kept logits at a grid of tile configs, beside
-# torch's read and read+write rooflines) run when named.
+# torch's read and read+write rooflines) and "filter" (benchmarks/filter_sweep.py: the gradient
+# filter's block-sparse GEMMs at a few tile configs, beside cuBLAS's dense products) run when named.
 DEFAULT_STAGES="parity speed memory"
 STAGES=${GPU_CHECK_STAGES:-$DEFAULT_STAGES}
 # shellcheck source=benchmarks/stages.sh
@@ -118,6 +120,13 @@ if [[ "$TAG" == cuda || "$TAG" == dry-run ]] && stage_selected sweep; then
   limit=$(stage_limit sweep)
   STAGE_OUTPUT=$OUT_DIR/sweep.log run_stage sweep $PY -m benchmarks.pass_sweep \
     --seconds $(( limit > 80 ? limit - 40 : limit / 2 ))
+fi
+
+# (d'') The gradient filter's two GEMM kernels at a few tile configs (only when selected).
+if [[ "$TAG" == cuda || "$TAG" == dry-run ]] && stage_selected filter; then
+  limit=$(stage_limit filter)
+  STAGE_OUTPUT=$OUT_DIR/filter_sweep.log run_stage filter $PY -m benchmarks.filter_sweep \
+    --seconds $(( limit > 50 ? limit - 20 : limit / 2 ))
 fi
 
 # (e) Everything is under $OUT_DIR: <tag>.json, <tag>.md, scaling-<tag>.png, logs. Table last.
