@@ -100,8 +100,9 @@ class FilterChunk:
     def run(self, part: str, out: torch.Tensor) -> None:
         """One launch of the d(hidden) (`part` "hidden") or d(weight) kernel into `out`."""
         grads = (out, None, None) if part == "hidden" else (None, out, None)
-        backward_filtered.sparse_gradients(self.grad_logits, self.keep, self.hidden, self.weight,
-                                           self.rows, grads, self.weight_mean)
+        backward_filtered.sparse_gradients(backward_filtered.GradLogitBlocks.own(self.grad_logits),
+                                           self.keep, self.hidden, self.weight, self.rows, grads,
+                                           self.weight_mean)
 
 
 class Tiles:

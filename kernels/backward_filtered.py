@@ -40,6 +40,7 @@ its MMA.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -88,15 +89,20 @@ def filter_tiles(dtype: torch.dtype) -> dict:
             "weight": {**shared, "BLOCK_OUT": 256, "num_stages": 3}}
 
 
-@triton.heuristics(GRAD_FLAGS)
+# dL/dz rows at `dz_rows` of its buffer (over the kept logits) rather than row i for token i
+DZ_FLAGS = {"DZ_ROWS": lambda args: args["dz_rows_ptr"] is not None}
+
+
+@triton.heuristics({**GRAD_FLAGS, **DZ_FLAGS})
 @triton.jit
 def _filtered_grad_logits_kernel(
     hidden_ptr, weight_ptr, bias_ptr, rows_ptr, logit_rows_ptr, logits_ptr, targets_ptr,
     lse_ptr, logprob_ptr, coef_ptr, entropy_weight_ptr, row_max_ptr, expected_shift_ptr,
-    grad_logits_ptr, keep_ptr,
-    C, V, HD, stride_hidden, stride_weight, stride_logits, inv_temperature, threshold,
+    grad_logits_ptr, dz_rows_ptr, keep_ptr,
+    C, V, HD, stride_hidden, stride_weight, stride_logits, stride_dz, stride_dz_tile,
+    inv_temperature, threshold,
     HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, FROM_LOGITS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DZ_ROWS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     grad, offs_t, t_mask, offs_v, v_mask = dz_tile(
@@ -112,18 +118,26 @@ def _filtered_grad_logits_kernel(
     large = (tl.abs(grad) >= (threshold * inv_temperature) * scale[:, None]) & mask
     keep = tl.max(tl.max(large.to(tl.int32), axis=1), axis=0)
     tl.store(keep_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), keep.to(tl.int8))
-    if keep != 0:
-        out = grad_logits_ptr + offs_t[:, None].to(tl.int64) * V + offs_v[None, :]
+    if keep != 0:  # the same for every thread of the program
+        dz_rows = offs_t.to(tl.int64)
+        if DZ_ROWS:
+            dz_rows = tl.load(dz_rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
+            # Over the logits this program read: a 16-bit entry written over fp32 logits lands
+            # on another thread's entry, so every read comes first.
+            tl.debug_barrier()
+        out = (grad_logits_ptr + dz_rows[:, None] * stride_dz + tl.program_id(1) * stride_dz_tile
+               + tl.arange(0, BLOCK_V)[None, :])
         tl.store(out, grad.to(grad_logits_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.heuristics(DZ_FLAGS)
 @triton.jit
 def _sparse_grad_hidden_kernel(
-    grad_logits_ptr, keep_ptr, tile_kept_ptr, kept_v_ptr, num_kept_v_ptr, weight_ptr,
-    weight_mean_ptr, rows_ptr, grad_hidden_ptr, C, V, HD, stride_weight, stride_grad_hidden,
-    num_v_tiles,
-    DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, SPAN: tl.constexpr,
-    BLOCK_OUT: tl.constexpr, GROUP_H: tl.constexpr,
+    grad_logits_ptr, dz_rows_ptr, keep_ptr, tile_kept_ptr, kept_v_ptr, num_kept_v_ptr, weight_ptr,
+    weight_mean_ptr, rows_ptr, grad_hidden_ptr, C, V, HD, stride_dz, stride_dz_tile,
+    stride_weight, stride_grad_hidden, num_v_tiles,
+    DOT_PRECISION: tl.constexpr, DZ_ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_V: tl.constexpr, SPAN: tl.constexpr, BLOCK_OUT: tl.constexpr, GROUP_H: tl.constexpr,
 ):
     # A 1-D grid in groups of GROUP_H H tiles, the H tile varying fastest within a group: the
     # programs running together share each token tile's dL/dz rows and, across token tiles,
@@ -140,6 +154,9 @@ def _sparse_grad_hidden_kernel(
     t_mask = offs_t < C
     h_mask = offs_h < HD
     tile_t = offs_t // BLOCK_T  # each row's token tile of the block map
+    dz_rows = offs_t.to(tl.int64)
+    if DZ_ROWS:
+        dz_rows = tl.load(dz_rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
     acc = tl.zeros((SPAN * BLOCK_T, BLOCK_OUT), tl.float32)
     kept_sum = tl.zeros((SPAN * BLOCK_T,), tl.float32)  # sum of the kept entries of each dL/dz row
     num_kept = tl.load(num_kept_v_ptr + pid_t)
@@ -149,7 +166,8 @@ def _sparse_grad_hidden_kernel(
         row_mask = t_mask
         if SPAN > 1:  # a token tile that skipped this block wrote nothing there: read zeros
             row_mask &= tl.load(keep_ptr + tile_t * num_v_tiles + tile_v, mask=t_mask, other=0) != 0
-        dz = tl.load(grad_logits_ptr + offs_t[:, None].to(tl.int64) * V + offs_v[None, :],
+        dz = tl.load(grad_logits_ptr + dz_rows[:, None] * stride_dz + tile_v * stride_dz_tile
+                     + tl.arange(0, BLOCK_V)[None, :],
                      mask=row_mask[:, None] & (offs_v < V)[None, :], other=0.0)
         w = tl.load(weight_ptr + offs_v[:, None].to(tl.int64) * stride_weight + offs_h[None, :],
                     mask=(offs_v < V)[:, None] & h_mask[None, :], other=0.0)
@@ -166,13 +184,14 @@ def _sparse_grad_hidden_kernel(
 
 
 @triton.heuristics({"NEED_WEIGHT": lambda args: args["grad_weight_ptr"] is not None,
-                    "NEED_BIAS": lambda args: args["grad_bias_ptr"] is not None})
+                    "NEED_BIAS": lambda args: args["grad_bias_ptr"] is not None, **DZ_FLAGS})
 @triton.jit
 def _sparse_grad_weight_kernel(
-    grad_logits_ptr, kept_t_ptr, num_kept_t_ptr, hidden_ptr, rows_ptr, grad_weight_ptr,
-    grad_bias_ptr, C, V, HD, stride_hidden, stride_grad_weight, num_t_tiles,
+    grad_logits_ptr, dz_rows_ptr, kept_t_ptr, num_kept_t_ptr, hidden_ptr, rows_ptr,
+    grad_weight_ptr, grad_bias_ptr, C, V, HD, stride_dz, stride_dz_tile, stride_hidden,
+    stride_grad_weight, num_t_tiles,
     NEED_WEIGHT: tl.constexpr, NEED_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_OUT: tl.constexpr,
+    DZ_ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_OUT: tl.constexpr,
 ):
     # H tiles vary fastest: programs running together share one vocabulary tile's dL/dz columns;
     # the chunk's hidden rows stay in L2.
@@ -189,7 +208,11 @@ def _sparse_grad_weight_kernel(
         for k in range(0, num_kept):  # the kept token tiles of this vocabulary tile, in order
             offs_t = tl.load(kept_t_ptr + pid_v * num_t_tiles + k) * BLOCK_T + tl.arange(0, BLOCK_T)
             t_mask = offs_t < C
-            dz = tl.load(grad_logits_ptr + offs_t[:, None].to(tl.int64) * V + offs_v[None, :],
+            dz_rows = offs_t.to(tl.int64)
+            if DZ_ROWS:
+                dz_rows = tl.load(dz_rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
+            dz = tl.load(grad_logits_ptr + dz_rows[:, None] * stride_dz + pid_v * stride_dz_tile
+                         + tl.arange(0, BLOCK_V)[None, :],
                          mask=t_mask[:, None] & v_mask[None, :], other=0.0)
             if NEED_WEIGHT:
                 rows = tl.load(rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
@@ -221,55 +244,94 @@ def _kept_lists(keep: torch.Tensor, span: int = 1) -> tuple[torch.Tensor, torch.
     return order.contiguous(), keep.sum(dim=1, dtype=torch.int32)
 
 
+@dataclass
+class GradLogitBlocks:
+    """Where entry (i, v) of a chunk's dL/dz lives: buffer[rows[i] * row_stride + (v // BLOCK_V) *
+    tile_stride + v % BLOCK_V] (`rows` None: row i). A buffer of its own, or the chunk's kept
+    logits, written over: entry for entry when the two dtypes match, and 16-bit dL/dz over fp32
+    logits in the first half of each [BLOCK_V] tile's bytes (so that a program writes only over
+    the logits it read)."""
+
+    buffer: torch.Tensor
+    rows: Optional[torch.Tensor]
+    row_stride: int
+    tile_stride: int
+
+    @classmethod
+    def own(cls, buffer: torch.Tensor) -> GradLogitBlocks:
+        """A contiguous [C, V] buffer."""
+        return cls(buffer, None, buffer.stride(0), filter_tiles(buffer.dtype)["logits"]["BLOCK_V"])
+
+    @classmethod
+    def over_logits(cls, logits: torch.Tensor, rows: torch.Tensor,
+                    dtype: torch.dtype) -> GradLogitBlocks:
+        """Over rows `rows` of `logits` [R, V] (contiguous rows), in `dtype`."""
+        block_v = filter_tiles(dtype)["logits"]["BLOCK_V"]
+        if logits.dtype == dtype:
+            return cls(logits, rows, logits.stride(0), block_v)
+        view = logits.view(dtype)  # fp32 logits as twice as many 16-bit entries a row
+        return cls(view, rows, view.stride(0), 2 * block_v)
+
+    def __len__(self) -> int:
+        return self.buffer.shape[0] if self.rows is None else self.rows.numel()
+
+
 def filtered_gradients(hidden, weight, bias, tokens, temperature: float, threshold: float,
-                       out: torch.Tensor, grads, logits=None, logit_rows=None,
+                       out: Optional[torch.Tensor], grads, logits=None, logit_rows=None,
                        weight_mean: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """dL/dz of `tokens` (C tokens: kernels/gradients.py, ActiveTokens) into `out` [C, V] for the
-    blocks that pass the filter, then their share of d(hidden), d(weight) and d(bias) (`grads`,
-    accumulated).
+    """dL/dz of `tokens` (C tokens: kernels/gradients.py, ActiveTokens) for the blocks that pass
+    the filter, into `out` [C, V] or, `out` None, over their kept logits (row logit_rows[i] of
+    `logits` for token i: GradLogitBlocks.over_logits), then their share of d(hidden), d(weight)
+    and d(bias) (`grads`, accumulated).
     `weight_mean` [H] (fp32 mean of the weight rows) is needed for d(hidden).
 
     Returns the block map [C / BLOCK_T, V / BLOCK_V] (int8, 1 = kept)."""
-    C, V, HD = out.shape[0], weight.shape[0], weight.shape[1]
-    launches = filter_tiles(out.dtype)
+    if out is None and logits is None:
+        raise ValueError("filtered_gradients: dL/dz goes over the logits only when there are some")
+    blocks = (GradLogitBlocks.own(out) if out is not None
+              else GradLogitBlocks.over_logits(logits, logit_rows, hidden.dtype))
+    C, V, HD = len(tokens), weight.shape[0], weight.shape[1]
+    launches = filter_tiles(hidden.dtype)
     block_t, block_v = launches["logits"]["BLOCK_T"], launches["logits"]["BLOCK_V"]
     num_t, num_v = triton.cdiv(C, block_t), triton.cdiv(V, block_v)
     keep = torch.empty((num_t, num_v), dtype=torch.int8, device=hidden.device)
     _filtered_grad_logits_kernel[(num_t, num_v)](
         hidden, weight, bias, tokens.rows, logit_rows, logits, tokens.targets,
         tokens.lse, tokens.logprobs, tokens.coef, tokens.entropy_weight, tokens.row_max,
-        tokens.expected_shift, out, keep,
+        tokens.expected_shift, blocks.buffer, blocks.rows, keep,
         C, V, HD, hidden.stride(0), weight.stride(0),
-        logits.stride(0) if logits is not None else 0, 1.0 / temperature, float(threshold),
-        **launches["logits"])
-    sparse_gradients(out, keep, hidden, weight, tokens.rows, grads, weight_mean)
+        logits.stride(0) if logits is not None else 0, blocks.row_stride, blocks.tile_stride,
+        1.0 / temperature, float(threshold), **launches["logits"])
+    sparse_gradients(blocks, keep, hidden, weight, tokens.rows, grads, weight_mean)
     return keep
 
 
-def sparse_gradients(grad_logits: torch.Tensor, keep: torch.Tensor, hidden: torch.Tensor,
+def sparse_gradients(blocks: GradLogitBlocks, keep: torch.Tensor, hidden: torch.Tensor,
                      weight: torch.Tensor, rows: torch.Tensor, grads,
                      weight_mean: Optional[torch.Tensor] = None) -> None:
     """The kept blocks' share of d(hidden) (rows `rows` of it, written), d(weight) and d(bias)
-    (accumulated): `grad_logits` [C, V] is read only in the blocks `keep` marks (the others may
-    hold anything), each row's skipped mass going with `weight_mean`."""
-    C, V, HD = grad_logits.shape[0], weight.shape[0], weight.shape[1]
-    launches = filter_tiles(grad_logits.dtype)
+    (accumulated): dL/dz (`blocks`) is read only in the blocks `keep` marks (the others may hold
+    anything), each row's skipped mass going with `weight_mean`."""
+    C, V, HD = len(blocks), weight.shape[0], weight.shape[1]
+    launches = filter_tiles(hidden.dtype)
     num_t, num_v = keep.shape
     grad_hidden, grad_weight, grad_bias = grads
-    precision = dot_precision(grad_logits.dtype)
+    precision = dot_precision(hidden.dtype)
+    dz = (blocks.buffer, blocks.rows)
+    strides = (blocks.row_stride, blocks.tile_stride)
     if grad_hidden is not None:
         tiles = launches["hidden"]
         kept_v, num_kept_v = _kept_lists(keep, tiles["SPAN"])
         num_programs = triton.cdiv(HD, tiles["BLOCK_OUT"]) * len(num_kept_v)
         _sparse_grad_hidden_kernel[(num_programs,)](
-            grad_logits, keep, keep.sum(dim=1, dtype=torch.int32), kept_v, num_kept_v, weight,
-            weight_mean, rows, grad_hidden, C, V, HD, weight.stride(0), grad_hidden.stride(0),
-            num_v, DOT_PRECISION=precision, **tiles)
+            *dz, keep, keep.sum(dim=1, dtype=torch.int32), kept_v, num_kept_v, weight,
+            weight_mean, rows, grad_hidden, C, V, HD, *strides, weight.stride(0),
+            grad_hidden.stride(0), num_v, DOT_PRECISION=precision, **tiles)
     if grad_weight is not None or grad_bias is not None:
         tiles = launches["weight"]
         kept_t, num_kept_t = _kept_lists(keep.T)
         num_h = triton.cdiv(HD, tiles["BLOCK_OUT"]) if grad_weight is not None else 1
         _sparse_grad_weight_kernel[(num_h, num_v)](
-            grad_logits, kept_t, num_kept_t, hidden, rows, grad_weight, grad_bias, C, V, HD,
+            *dz, kept_t, num_kept_t, hidden, rows, grad_weight, grad_bias, C, V, HD, *strides,
             hidden.stride(0), grad_weight.stride(0) if grad_weight is not None else 0, num_t,
             DOT_PRECISION=precision, **tiles)

@@ -40,8 +40,7 @@ from .gradients import (
     ActiveTokens,
     FilterCount,
     KeptGradients,
-    PendingGradients,
-    add_gradients,
+    filter_gradients,
     recomputed_gradients,
     zero_gradients,
 )
@@ -71,12 +70,10 @@ def plan(config: LuffyLossConfig, device: torch.device, num_tokens: int, vocab_s
     """("kept", rows per chunk) or ("recompute", rows per backward chunk) for this budget.
 
     A kept row is its logits (`logit_size` bytes each: fp32, or 16-bit with
-    LuffyLossConfig.logits_dtype = "input"), with dL/dz written over them, plus two [H] rows
-    beside them (the gathered hidden state and its d(hidden) product); the gradient filter writes
-    dL/dz to a buffer of its own (`element_size` bytes per entry more)."""
-    kept_bytes = logit_size if config.grad_filter is None else logit_size + element_size
+    LuffyLossConfig.logits_dtype = "input"), with dL/dz written over them (the gradient filter's
+    too), plus two [H] rows beside them (the gathered hidden state and its d(hidden) product)."""
     kept_rows = _kept_rows(config, device, num_tokens,
-                           vocab_size * kept_bytes + 2 * hidden_size * element_size, PER_TOKEN_BYTES)
+                           vocab_size * logit_size + 2 * hidden_size * element_size, PER_TOKEN_BYTES)
     if kept_rows:
         return "kept", kept_rows
     budget = config.memory_budget_bytes(device)
@@ -121,8 +118,9 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
     (grad_logits_in_place: 4 bytes per entry, 2 with 16-bit logits) and its gradient GEMMs
     (KeptGradients, which keeps the last chunk's d(weight) GEMM for the backward). Per chunk: a
     gather, the GEMM, the forward and epilogue kernels, dL/dz and the gradient GEMMs, no host
-    sync. With the gradient filter the active tokens' dL/dz goes through a buffer of its own
-    (PendingGradients) instead. `half`: the logits are kept in the inputs' 16-bit dtype
+    sync. With the gradient filter the active tokens' kept blocks of dL/dz are written over
+    their logits and multiplied right away (kernels/backward_filtered.py) instead. `half`: the
+    logits are kept in the inputs' 16-bit dtype
     (luffy_fast.gemm.half_logits)."""
     config = inputs.config
     gradients = KeptGradients(hidden, weight, needs)
@@ -132,7 +130,6 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
         inputs = inputs.reordered(order)
     buffers = TokenBuffers.empty(inputs)
     grad_filter = _filter_count(config, hidden.device)
-    pending: Optional[PendingGradients] = None
     for part, gradient_chunk, last in _kept_chunks(N, num_maybe_active, chunk):
         if gradient_chunk and part.start == N - num_maybe_active:  # the forward-only ones are done
             _stray_gradients(inputs, buffers, part.start, hidden, weight, bias, chunk, gradients)
@@ -149,20 +146,15 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
                                         config.temperature, hidden.dtype)
             gradients.add_chunk(grad, hidden_rows, rows, last)
             del grad
-        elif gradient_chunk:
+        elif gradient_chunk:  # the filter: dL/dz over the active tokens' logits
             tokens, position = ActiveTokens.select(terms, rows, targets)
             if len(tokens):
-                if pending is None:
-                    buffer = torch.empty((min(chunk, N), weight.shape[0]),
-                                         dtype=hidden.dtype, device=hidden.device)
-                    pending = PendingGradients(buffer, hidden, weight, gradients.accumulators())
-                add_gradients(tokens, pending, bias, config.temperature, logits=logits,
-                              logit_rows=position, grad_filter=grad_filter)
+                filter_gradients(tokens, hidden, weight, bias, config.temperature,
+                                 gradients.accumulators(), grad_filter, logits=logits,
+                                 logit_rows=position)
         del logits  # before the next chunk's GEMM allocates its own: one chunk in memory at a time
     if num_maybe_active == 0:
         _stray_gradients(inputs, buffers, N, hidden, weight, bias, chunk, gradients)
-    if pending is not None:
-        pending.flush()
     terms = buffers.terms()
     stats = inputs.summarize(terms)
     if grad_filter is not None:

@@ -194,16 +194,27 @@ def add_gradients(tokens: ActiveTokens, pending: PendingGradients, bias: Optiona
     that pass it (kernels/backward_filtered.py: its block-sparse GEMMs run per call)."""
     out, hidden, weight = pending.slot(len(tokens)), pending.hidden, pending.weight
     if grad_filter is not None:
-        keep = filtered_gradients(hidden, weight, bias, tokens, temperature, grad_filter.threshold,
-                                  out, pending.grads, logits=logits, logit_rows=logit_rows,
-                                  weight_mean=(grad_filter.weight_mean(weight)
-                                               if pending.grads[0] is not None else None))
-        grad_filter.add(keep)
+        filter_gradients(tokens, hidden, weight, bias, temperature, pending.grads, grad_filter,
+                         out=out, logits=logits, logit_rows=logit_rows)
         return
     grad_logits(hidden, weight, bias, tokens.rows, tokens.targets, tokens.lse, tokens.logprobs,
                 tokens.coef, tokens.entropy_weight, tokens.row_max, tokens.expected_shift,
                 temperature, out, logits=logits, logit_rows=logit_rows)
     pending.add(tokens.rows)
+
+
+def filter_gradients(tokens: ActiveTokens, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                     temperature: float, grads, grad_filter: FilterCount,
+                     out: Optional[Tensor] = None, logits: Optional[Tensor] = None,
+                     logit_rows: Optional[Tensor] = None) -> None:
+    """The gradient filter's dL/dz of `tokens` (into `out`, or, `out` None, over their kept logits:
+    row logit_rows[i] of `logits` for token i) and its kept blocks' share of `grads` (plain
+    accumulators), right away (kernels/backward_filtered.py)."""
+    keep = filtered_gradients(hidden, weight, bias, tokens, temperature, grad_filter.threshold,
+                              out, grads, logits=logits, logit_rows=logit_rows,
+                              weight_mean=(grad_filter.weight_mean(weight)
+                                           if grads[0] is not None else None))
+    grad_filter.add(keep)
 
 
 def recomputed_gradients(tokens: ActiveTokens, hidden: Tensor, weight: Tensor,

@@ -52,7 +52,7 @@ from luffy_fast.kernels import backward_filtered  # noqa: E402
 # Optional inputs that come and go together at the call sites (None when absent).
 GROUPS = {
     "bias": ("bias_ptr",),
-    "logits": ("logits_ptr", "logit_rows_ptr"),
+    "logits": ("logits_ptr", "logit_rows_ptr", "dz_rows_ptr"),  # the filter's dL/dz over them
     "entropy": ("entropy_weight_ptr", "row_max_ptr", "expected_shift_ptr", "sum_all_ptr",
                 "sum_pz_ptr", "entropy_ptr"),
     "old": ("old_ptr",),
@@ -66,7 +66,7 @@ REQUIRED = {"_grad_logits_in_place_kernel": {"logits_ptr"}, "_row_forward_kernel
 POINTERS = {
     "input": ("hidden_ptr", "weight_ptr", "bias_ptr", "grad_logits_ptr", "grad_hidden_ptr",
               "grad_weight_ptr"),
-    torch.int64: ("rows_ptr", "targets_ptr", "logit_rows_ptr"),
+    torch.int64: ("rows_ptr", "targets_ptr", "logit_rows_ptr", "dz_rows_ptr"),
     torch.int32: ("kept_v_ptr", "num_kept_v_ptr", "kept_t_ptr", "num_kept_t_ptr", "tile_kept_ptr"),
     torch.int8: ("keep_ptr",),
     torch.uint8: ("off_policy_ptr", "clipped_ptr", "active_ptr"),

@@ -84,8 +84,8 @@ def test_the_chunk_has_the_ops_rows():
     assert strategy == "kept"
     longest = max(part.stop - part.start for part, _, _ in _kept_chunks(T, T, most))
     assert filter_sweep.chunk_rows(T, H, V, 2e-5, device) == longest
-    # the filter's own dL/dz buffer: fewer rows than the exact path's chunks
-    assert longest < max(p.stop - p.start for p, _, _ in _kept_chunks(
+    # dL/dz written over the logits: the exact path's chunks
+    assert longest == max(p.stop - p.start for p, _, _ in _kept_chunks(
         T, T, plan(LuffyLossConfig(), device, T, V, element_size=2, hidden_size=H)[1]))
 
 

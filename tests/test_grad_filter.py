@@ -30,9 +30,12 @@ def as_float64(batch: dict) -> dict:
     LuffyLossConfig.luffy(max_len=80),
     LuffyLossConfig(shaping=False, clip_off_policy=True, entropy_coef=0.2, temperature=0.6,
                     normalizer="seq_mean_token_mean"),
-], ids=["luffy", "unshaped_entropy_temperature"])
+    LuffyLossConfig(),  # on-policy clipping, no entropy: clipped tokens carry no gradient
+], ids=["luffy", "unshaped_entropy_temperature", "clipped"])
 def test_zero_threshold_is_exact(config, budget):
     # The filtered kernels (block map, sparse GEMMs) with nothing skipped: the float64 gradient.
+    # With clipping, a kept chunk's active tokens are not all its rows, so their dL/dz rows over
+    # the logits are not 0, 1, 2, ...
     batch = random_batch(67, 21, 77, seed=5, with_bias=True, ignore_some=True, zero_adv_fraction=0.4)
     config = config.replace(memory_budget_mb=budget)
     _, _, expected = run_loss(as_float64(batch), "reference", config)
@@ -130,7 +133,7 @@ def test_sparse_gemms_multiply_exactly_the_kept_blocks(with_hidden):
     # skipped) poisons its output. 87 rows: 6 token tiles of 16, merged 2 by 2 into 3 programs,
     # the last tile ragged; 197 vocabulary entries: 7 tiles of 32; H = 52: 4 output tiles, so the
     # d(hidden) programs' second group of 3 H tiles is partial.
-    from luffy_fast.kernels.backward_filtered import filter_tiles, sparse_gradients
+    from luffy_fast.kernels.backward_filtered import GradLogitBlocks, filter_tiles, sparse_gradients
 
     tiles = filter_tiles(torch.float32)
     block_t, block_v = tiles["logits"]["BLOCK_T"], tiles["logits"]["BLOCK_V"]
@@ -164,11 +167,62 @@ def test_sparse_gemms_multiply_exactly_the_kept_blocks(with_hidden):
     expected_bias = start_bias + exact.sum(dim=0)
 
     grads = (torch.zeros(T, H) if with_hidden else None, start_weight.float(), start_bias.float())
-    sparse_gradients(torch.where(kept, grad_logits, float("nan")).float(), keep, hidden.float(),
-                     weight.float(), rows, grads, weight_mean.float())
+    blocks = GradLogitBlocks.own(torch.where(kept, grad_logits, float("nan")).float())
+    sparse_gradients(blocks, keep, hidden.float(), weight.float(), rows, grads, weight_mean.float())
     if with_hidden:
         assert_close(grads[0], expected_hidden.float(), 1e-5, "d(hidden)", atol=1e-5)
     assert_close(grads[1], expected_weight.float(), 1e-5, "d(weight)", atol=1e-5)
     assert_close(grads[2], expected_bias.float(), 1e-5, "d(bias)", atol=1e-5)
     if not with_hidden:
         assert torch.equal(grads[1][6 * block_v:], start_weight[6 * block_v:].float())
+
+
+def test_16_bit_dz_over_fp32_logits_stays_in_each_tiles_own_bytes():
+    # The kept strategy's filter writes bf16 dL/dz over the chunk's fp32 logits, in the first half
+    # of each [BLOCK_V] tile's bytes, so that a program writes only over what it read (on a GPU
+    # the programs run at once). Against the same kernels writing into a buffer of their own:
+    # the same block map and gradients bit for bit, each kept block at its place in the logits,
+    # and every other byte as it was: the tiles' second halves, the skipped blocks, the rows of
+    # inactive tokens. 40 active tokens at scattered rows of a 50-row chunk; V = 150: a ragged
+    # last tile.
+    from luffy_fast.kernels.backward_filtered import filter_tiles, filtered_gradients
+    from luffy_fast.kernels.gradients import ActiveTokens
+
+    C, R, H, V = 40, 50, 16, 150
+    block_v = filter_tiles(torch.bfloat16)["logits"]["BLOCK_V"]
+    generator = torch.Generator().manual_seed(4)
+    hidden = (torch.randint(-2, 3, (C, H), generator=generator) / 2).to(torch.bfloat16)
+    weight = (torch.randint(-7, 8, (V, H), generator=generator) / 16).to(torch.bfloat16)
+    logits = torch.randn(R, V, generator=generator)  # flat: only a target's block passes 0.2
+    positions = torch.randperm(R, generator=generator)[:C].sort().values
+    targets = torch.randint(0, 22, (C,), generator=generator) + 64 * (torch.arange(C) % 3)
+    z = logits[positions]
+    lse = torch.logsumexp(z, dim=1)
+    tokens = ActiveTokens(torch.arange(C), targets, lse, z.gather(1, targets[:, None])[:, 0] - lse,
+                          torch.randn(C, generator=generator), None, None, None)
+    weight_mean = weight.float().mean(dim=0)
+
+    def run(out, buffer):
+        grads = (torch.zeros(C, H, dtype=torch.bfloat16), torch.zeros(V, H, dtype=torch.bfloat16), None)
+        keep = filtered_gradients(hidden, weight, None, tokens, 1.0, 0.2, out, grads, logits=buffer,
+                                  logit_rows=positions, weight_mean=weight_mean)
+        return keep, grads
+
+    own = torch.full((C, V), float("nan"), dtype=torch.bfloat16)
+    keep, grads = run(own, logits.clone())
+    over = logits.clone()
+    keep_over, grads_over = run(None, over)
+    assert torch.equal(keep_over, keep) and 0 < int(keep.sum()) < keep.numel()
+    for got, expected in zip(grads_over[:2], grads[:2]):
+        assert torch.equal(got, expected)
+    after = over.view(torch.bfloat16)  # [R, 2V]
+    written = torch.zeros_like(after, dtype=torch.bool)
+    for i, row in enumerate(positions.tolist()):
+        for j in range(keep.shape[1]):
+            width = min(block_v, V - j * block_v)
+            if keep[i // filter_tiles(torch.bfloat16)["logits"]["BLOCK_T"], j]:
+                place = slice(2 * block_v * j, 2 * block_v * j + width)
+                assert torch.equal(after[row, place], own[i, j * block_v: j * block_v + width])
+                written[row, place] = True
+    # the bits (half an fp32 number read as bf16 may be a NaN pattern)
+    assert torch.equal(over.view(torch.int16)[~written], logits.view(torch.int16)[~written])

@@ -220,8 +220,8 @@ def test_the_gradient_filter_over_16_bit_logits(monkeypatch, threshold):
                         lambda *args: dtypes.append(kept_logits(*args).dtype) or kept_logits(*args))
     batch = _representable_batch(120, 12, 150, seed=6, zero_adv_fraction=0.25)
     config = LuffyLossConfig.luffy(max_len=64, grad_filter=threshold)
-    fp32 = config.replace(memory_budget_mb=_budget_mb(40, batch, 4 + 2))
-    half = config.replace(memory_budget_mb=_budget_mb(40, batch, 2 + 2), **HALF)
+    fp32 = config.replace(memory_budget_mb=_budget_mb(40, batch, 4))
+    half = config.replace(memory_budget_mb=_budget_mb(40, batch, 2), **HALF)
     loss, stats, grads = run_loss(batch, "triton", fp32)
     fp32_dtypes, dtypes[:] = list(dtypes), []
     half_loss, half_stats, half_grads = run_loss(batch, "triton", half)
