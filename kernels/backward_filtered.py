@@ -61,10 +61,11 @@ def filter_tiles(dtype: torch.dtype) -> dict:
     its output, so a tuning run would add to it.
 
     The GEMM kernels read their operands from L2 (each kept block of the weight is read once per
-    token tile that keeps it), so their tiles are sized for reuse: a program multiplies
+    program that multiplies it), so their tiles are sized for reuse: a program multiplies
     SPAN x BLOCK_T rows of dL/dz by a [BLOCK_V, BLOCK_OUT] block of the weight, about
     1 / (1 / (SPAN BLOCK_T) + 1 / BLOCK_OUT) flops per byte (85 at 128 x 256, against 43 at
-    64 x 128: round 3 timed the 64 x 128 kernels at about a third of cuBLAS's rate per block).
+    64 x 128: round 3 timed the 64 x 128 kernels at about a third of cuBLAS's rate per block;
+    an H100's tensor cores over its L2 bandwidth want ~180, so even 85 is bound by L2).
     Merging two token tiles keeps the 64-row grid's skipped blocks exact zeros: a merged program
     multiplies a vocabulary tile that either token tile keeps and reads zeros for the other.
     Not timed on a GPU yet: LUFFY_FAST_FILTER_TILES=narrow (read at each call) gives round 3's
@@ -133,7 +134,7 @@ def _filtered_grad_logits_kernel(
 @triton.heuristics(DZ_FLAGS)
 @triton.jit
 def _sparse_grad_hidden_kernel(
-    grad_logits_ptr, dz_rows_ptr, keep_ptr, tile_kept_ptr, kept_v_ptr, num_kept_v_ptr, weight_ptr,
+    grad_logits_ptr, dz_rows_ptr, kept_bits_ptr, tile_kept_ptr, kept_v_ptr, num_kept_v_ptr, weight_ptr,
     weight_mean_ptr, rows_ptr, grad_hidden_ptr, C, V, HD, stride_dz, stride_dz_tile,
     stride_weight, stride_grad_hidden, num_v_tiles,
     DOT_PRECISION: tl.constexpr, DZ_ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -158,22 +159,28 @@ def _sparse_grad_hidden_kernel(
     if DZ_ROWS:
         dz_rows = tl.load(dz_rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
     acc = tl.zeros((SPAN * BLOCK_T, BLOCK_OUT), tl.float32)
-    kept_sum = tl.zeros((SPAN * BLOCK_T,), tl.float32)  # sum of the kept entries of each dL/dz row
+    # The sums of each dL/dz row's kept entries, by the tensor cores (16 equal columns): a dz tile
+    # read by anything but MMAs would have Triton give it a single buffer that the next tile's
+    # copy may overwrite while the previous asynchronous MMA still reads it.
+    ones = tl.full((BLOCK_V, 16), 1.0, grad_logits_ptr.dtype.element_ty)
+    row_sums = tl.zeros((SPAN * BLOCK_T, 16), tl.float32)
     num_kept = tl.load(num_kept_v_ptr + pid_t)
     for k in range(0, num_kept):  # the vocabulary tiles some token tile of the span keeps, in order
         tile_v = tl.load(kept_v_ptr + pid_t * num_v_tiles + k)
         offs_v = tile_v * BLOCK_V + tl.arange(0, BLOCK_V)
         row_mask = t_mask
         if SPAN > 1:  # a token tile that skipped this block wrote nothing there: read zeros
-            row_mask &= tl.load(keep_ptr + tile_t * num_v_tiles + tile_v, mask=t_mask, other=0) != 0
+            bits = tl.load(kept_bits_ptr + pid_t * num_v_tiles + k)  # bit s: the span's tile s keeps it
+            row_mask &= ((bits >> (tile_t - pid_t * SPAN)) & 1) != 0
         dz = tl.load(grad_logits_ptr + dz_rows[:, None] * stride_dz + tile_v * stride_dz_tile
                      + tl.arange(0, BLOCK_V)[None, :],
                      mask=row_mask[:, None] & (offs_v < V)[None, :], other=0.0)
         w = tl.load(weight_ptr + offs_v[:, None].to(tl.int64) * stride_weight + offs_h[None, :],
                     mask=(offs_v < V)[:, None] & h_mask[None, :], other=0.0)
         acc = tl.dot(dz, w, acc, input_precision=DOT_PRECISION)
-        kept_sum += tl.sum(dz.to(tl.float32), axis=1)
+        row_sums = tl.dot(dz, ones, row_sums, input_precision=DOT_PRECISION)
     # The skipped entries of each row sum to -kept_sum: that mass goes with the mean weight row.
+    kept_sum = tl.max(row_sums, axis=1)
     tile_kept = tl.load(tile_kept_ptr + tile_t, mask=t_mask, other=0)
     kept_sum = tl.where(tile_kept < num_v_tiles, kept_sum, 0.0)
     weight_mean = tl.load(weight_mean_ptr + offs_h, mask=h_mask, other=0.0)
@@ -204,7 +211,9 @@ def _sparse_grad_weight_kernel(
         v_mask = offs_v < V
         h_mask = offs_h < HD
         acc = tl.zeros((BLOCK_V, BLOCK_OUT), tl.float32)
-        bias_acc = tl.zeros((BLOCK_V,), tl.float32)
+        # d(bias), by the tensor cores as d(hidden)'s row sums (16 equal columns)
+        ones = tl.full((BLOCK_T, 16), 1.0, grad_logits_ptr.dtype.element_ty)
+        column_sums = tl.zeros((BLOCK_V, 16), tl.float32)
         for k in range(0, num_kept):  # the kept token tiles of this vocabulary tile, in order
             offs_t = tl.load(kept_t_ptr + pid_v * num_t_tiles + k) * BLOCK_T + tl.arange(0, BLOCK_T)
             t_mask = offs_t < C
@@ -220,7 +229,7 @@ def _sparse_grad_weight_kernel(
                             mask=t_mask[:, None] & h_mask[None, :], other=0.0)
                 acc = tl.dot(tl.trans(dz), h, acc, input_precision=DOT_PRECISION)
             if NEED_BIAS:
-                bias_acc += tl.sum(dz.to(tl.float32), axis=0)
+                column_sums = tl.dot(tl.trans(dz), ones, column_sums, input_precision=DOT_PRECISION)
         if NEED_WEIGHT:
             out = grad_weight_ptr + offs_v[:, None].to(tl.int64) * stride_grad_weight + offs_h[None, :]
             mask = v_mask[:, None] & h_mask[None, :]
@@ -228,20 +237,28 @@ def _sparse_grad_weight_kernel(
             tl.store(out, total.to(grad_weight_ptr.dtype.element_ty), mask=mask)
         if NEED_BIAS:
             if pid_h == 0:
-                total_bias = tl.load(grad_bias_ptr + offs_v, mask=v_mask, other=0.0) + bias_acc
+                total_bias = (tl.load(grad_bias_ptr + offs_v, mask=v_mask, other=0.0)
+                              + tl.max(column_sums, axis=1))
                 tl.store(grad_bias_ptr + offs_v, total_bias, mask=v_mask)
 
 
-def _kept_lists(keep: torch.Tensor, span: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def _kept_lists(keep: torch.Tensor, span: int = 1):
     """Per group of `span` rows of the block map: the columns any of them keeps, in increasing
-    order, and their count."""
+    order, their count and, for span > 1, per listed column which rows of the group keep it
+    (bit s for row s; int32)."""
+    bits = None
     if span > 1:
-        padded = torch.zeros((-(-keep.shape[0] // span) * span, keep.shape[1]), dtype=keep.dtype,
+        padded = torch.zeros((-(-keep.shape[0] // span) * span, keep.shape[1]), dtype=torch.int32,
                              device=keep.device)
         padded[:keep.shape[0]] = keep
-        keep = padded.view(-1, span, keep.shape[1]).amax(dim=1)
-    order = torch.sort(keep, dim=1, descending=True, stable=True).indices.to(torch.int32)
-    return order.contiguous(), keep.sum(dim=1, dtype=torch.int32)
+        powers = 2 ** torch.arange(span, dtype=torch.int32, device=keep.device)
+        bits = (padded.view(-1, span, keep.shape[1]) * powers[None, :, None]).sum(dim=1,
+                                                                                    dtype=torch.int32)
+        keep = bits != 0
+    order = torch.sort(keep.to(torch.int8), dim=1, descending=True, stable=True).indices
+    if bits is not None:
+        bits = bits.gather(1, order).contiguous()
+    return order.to(torch.int32).contiguous(), keep.sum(dim=1, dtype=torch.int32), bits
 
 
 @dataclass
@@ -321,15 +338,15 @@ def sparse_gradients(blocks: GradLogitBlocks, keep: torch.Tensor, hidden: torch.
     strides = (blocks.row_stride, blocks.tile_stride)
     if grad_hidden is not None:
         tiles = launches["hidden"]
-        kept_v, num_kept_v = _kept_lists(keep, tiles["SPAN"])
+        kept_v, num_kept_v, kept_bits = _kept_lists(keep, tiles["SPAN"])
         num_programs = triton.cdiv(HD, tiles["BLOCK_OUT"]) * len(num_kept_v)
         _sparse_grad_hidden_kernel[(num_programs,)](
-            *dz, keep, keep.sum(dim=1, dtype=torch.int32), kept_v, num_kept_v, weight,
+            *dz, kept_bits, keep.sum(dim=1, dtype=torch.int32), kept_v, num_kept_v, weight,
             weight_mean, rows, grad_hidden, C, V, HD, *strides, weight.stride(0),
             grad_hidden.stride(0), num_v, DOT_PRECISION=precision, **tiles)
     if grad_weight is not None or grad_bias is not None:
         tiles = launches["weight"]
-        kept_t, num_kept_t = _kept_lists(keep.T)
+        kept_t, num_kept_t, _ = _kept_lists(keep.T)
         num_h = triton.cdiv(HD, tiles["BLOCK_OUT"]) if grad_weight is not None else 1
         _sparse_grad_weight_kernel[(num_h, num_v)](
             *dz, kept_t, num_kept_t, hidden, rows, grad_weight, grad_bias, C, V, HD, *strides,

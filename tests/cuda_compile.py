@@ -67,7 +67,8 @@ POINTERS = {
     "input": ("hidden_ptr", "weight_ptr", "bias_ptr", "grad_logits_ptr", "grad_hidden_ptr",
               "grad_weight_ptr"),
     torch.int64: ("rows_ptr", "targets_ptr", "logit_rows_ptr", "dz_rows_ptr"),
-    torch.int32: ("kept_v_ptr", "num_kept_v_ptr", "kept_t_ptr", "num_kept_t_ptr", "tile_kept_ptr"),
+    torch.int32: ("kept_v_ptr", "num_kept_v_ptr", "kept_t_ptr", "num_kept_t_ptr", "tile_kept_ptr",
+                  "kept_bits_ptr"),
     torch.int8: ("keep_ptr",),
     torch.uint8: ("off_policy_ptr", "clipped_ptr", "active_ptr"),
 }
