@@ -17,7 +17,9 @@ per alignment: pointers 16-byte aligned and integers divisible by 16 get `tt.div
 
     python tests/cuda_compile.py [--arch 90] [--kernel NAME]   # TRITON_INTERPRET must be unset
 
-Prints one line per failure and exits non-zero when any kernel fails (tests/test_cuda_compile.py).
+A compiled variant also fails when its loop keeps an MMA operand in a single shared-memory buffer
+under asynchronous MMAs (`async_mma_hazard`). Prints one line per failure and exits non-zero when
+any kernel fails (tests/test_cuda_compile.py).
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import re
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -183,8 +187,29 @@ def compile_one(jit, heuristics, config, fixed: dict, present: set, dtype, targe
             signature[name] = "fp32" if isinstance(value, float) else "i32"
         if aligned and signature[name] != "constexpr" and signature[name] != "fp32":
             attrs[(index,)] = [["tt.divisibility", 16]]
-    triton.compile(ASTSource(fn=jit, signature=signature, constexprs=constexprs, attrs=attrs),
-                   target=target, options=options)
+    return triton.compile(ASTSource(fn=jit, signature=signature, constexprs=constexprs,
+                                    attrs=attrs), target=target, options=options)
+
+
+# A float tile in a single shared-memory buffer of a loop whose asynchronous MMAs (Hopper's wgmma)
+# are waited for one or more iterations late.
+_SINGLE_BUFFER = re.compile(r"local_alloc : \(\) -> !ttg\.memdesc<1x[0-9x]+x(?:bf16|f16|f32)\b")
+_LATE_WAIT = re.compile(r"pendings = [1-9]")
+
+
+def async_mma_hazard(compiled) -> Optional[str]:
+    """Why a compiled kernel may overwrite an MMA operand that an MMA still reads, or None.
+
+    Triton double-buffers a loop's MMA operand tiles in shared memory, but a tile that something
+    besides an MMA also reads (a sum of it in registers, say) may get one buffer: the next
+    iteration's copy then lands on it while the last MMA, still running asynchronously, reads it
+    (seen in the gradient filter's kernels with Triton 3.6). The interpreter cannot show it."""
+    ir = compiled.asm.get("ttgir", "")
+    single = _SINGLE_BUFFER.search(ir)
+    if single and _LATE_WAIT.search(ir):
+        return (f"a single-buffered MMA operand under asynchronous MMAs ({single.group(0)}): feed "
+                "the tile to MMAs only (a product with ones sums it)")
+    return None
 
 
 def cases(kernel):
@@ -246,11 +271,17 @@ def main() -> int:
                 continue
             total += 1
             try:
-                compile_one(jit, heuristics, config, fixed, present, dtype, target, aligned, logits)
+                compiled = compile_one(jit, heuristics, config, fixed, present, dtype, target,
+                                       aligned, logits)
             except Exception as error:  # report them all
                 failures += 1
                 first = str(error).strip().splitlines()[-1:] or [""]
                 print(f"FAILED {label}: {type(error).__name__}: {first[0][:300]}", flush=True)
+                continue
+            hazard = async_mma_hazard(compiled)
+            if hazard:
+                failures += 1
+                print(f"FAILED {label}: {hazard}", flush=True)
     print(f"{total - failures}/{total} kernel variants compiled for sm_{args.arch} in "
           f"{time.perf_counter() - start:.0f} s")
     return 1 if failures else 0
