@@ -7,8 +7,9 @@ Three kernels per chunk of active tokens, on one fixed block grid (`filter_tiles
    does (`dz_tile`, logits recomputed or read from the forward's GEMM) and keeps it only
    if some entry reaches grad_filter x its token's gradient scale s_t = (|g_t| + |c_t|) / tau
    (|dL/dz_tv| <= s_t (p_v + p_v |z_v - E_p[z]|), so the test is about a probability below the
-   threshold). Kept tiles are written to the [C, V] buffer and flagged in a [C/BT, V/BV] map;
-   skipped tiles are not written.
+   threshold). Kept tiles are written (to a [C, V] buffer, or over the kept logits they were
+   formed from: GradLogitBlocks) and flagged in a [C/BT, V/BV] map; skipped tiles are not
+   written. Writing over its own input, the kernel must run once per chunk: never autotuned.
 2. `_sparse_grad_hidden_kernel`: d(hidden)[rows] = dz @ W, one program per (SPAN token tiles,
    H tile), reducing over the vocabulary tiles any of its token tiles keeps (a token tile that
    skipped one reads zeros there, so the result is that of one program per token tile). A kept
@@ -57,8 +58,9 @@ def filter_tiles(dtype: torch.dtype) -> dict:
     kernel's output tile width (BLOCK_OUT), the d(hidden) kernel's token tiles per program
     (SPAN) and program groups (GROUP_H H tiles). Tiny under the interpreter (SPAN 2 and GROUP_H
     3, so that tests see merged token tiles and a partial last group). Fixed rather than
-    autotuned: the kernels must agree on the blocks, and the d(weight) kernel accumulates into
-    its output, so a tuning run would add to it.
+    autotuned: the kernels must agree on the blocks, the dL/dz kernel may write over its input
+    (the kept logits) and the d(weight) kernel accumulates into its output, so a tuning run
+    would corrupt both.
 
     The GEMM kernels read their operands from L2 (each kept block of the weight is read once per
     program that multiplies it), so their tiles are sized for reuse: a program multiplies

@@ -55,7 +55,7 @@ class FilterCount:
 class PendingGradients:
     """dL/dz rows of active tokens gathered in one buffer, possibly across chunks, multiplied into
     the gradients `grads` (plain accumulators) when it is full and at the end: the chunks of
-    `recomputed_gradients`, and the kept pass's chunks under the gradient filter."""
+    `recomputed_gradients`."""
 
     def __init__(self, buffer: Tensor, hidden: Tensor, weight: Tensor, grads):
         self.buffer, self.hidden, self.weight, self.grads = buffer, hidden, weight, grads
@@ -187,19 +187,19 @@ class ActiveTokens:
 
 
 def add_gradients(tokens: ActiveTokens, pending: PendingGradients, bias: Optional[Tensor],
-                  temperature: float, logits: Optional[Tensor] = None,
-                  logit_rows: Optional[Tensor] = None, grad_filter: Optional[FilterCount] = None):
-    """dL/dz of `tokens` into `pending`'s buffer, and its share of the three gradients: when the
-    buffer is full (PendingGradients), or, with the gradient filter, right away for the blocks
-    that pass it (kernels/backward_filtered.py: its block-sparse GEMMs run per call)."""
+                  temperature: float, grad_filter: Optional[FilterCount] = None):
+    """dL/dz of `tokens` from recomputed logit tiles into `pending`'s buffer, and its share of the
+    three gradients: when the buffer is full (PendingGradients), or, with the gradient filter,
+    right away for the blocks that pass it (kernels/backward_filtered.py: its block-sparse GEMMs
+    run per call)."""
     out, hidden, weight = pending.slot(len(tokens)), pending.hidden, pending.weight
     if grad_filter is not None:
         filter_gradients(tokens, hidden, weight, bias, temperature, pending.grads, grad_filter,
-                         out=out, logits=logits, logit_rows=logit_rows)
+                         out=out)
         return
     grad_logits(hidden, weight, bias, tokens.rows, tokens.targets, tokens.lse, tokens.logprobs,
                 tokens.coef, tokens.entropy_weight, tokens.row_max, tokens.expected_shift,
-                temperature, out, logits=logits, logit_rows=logit_rows)
+                temperature, out)
     pending.add(tokens.rows)
 
 

@@ -179,52 +179,59 @@ def test_sparse_gemms_multiply_exactly_the_kept_blocks(with_hidden):
         assert torch.equal(grads[1][6 * block_v:], start_weight[6 * block_v:].float())
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="the interpreter's tiles, on CPU tensors")
 def test_16_bit_dz_over_fp32_logits_stays_in_each_tiles_own_bytes():
     # The kept strategy's filter writes bf16 dL/dz over the chunk's fp32 logits, in the first half
     # of each [BLOCK_V] tile's bytes, so that a program writes only over what it read (on a GPU
-    # the programs run at once). Against the same kernels writing into a buffer of their own:
-    # the same block map and gradients bit for bit, each kept block at its place in the logits,
-    # and every other byte as it was: the tiles' second halves, the skipped blocks, the rows of
-    # inactive tokens. 40 active tokens at scattered rows of a 50-row chunk; V = 150: a ragged
-    # last tile.
+    # the programs run at once, and this test runs there too at the GPU's tiles). Against the
+    # same kernels writing into a buffer of their own: the same block map and gradients bit for
+    # bit, each kept block at its place in the logits, and every other byte as it was: the tiles'
+    # second halves, the skipped blocks, the rows of inactive tokens. Active tokens at scattered
+    # rows of the chunk; three token tiles, the last ragged; V: two whole tiles and a ragged one.
     from luffy_fast.kernels.backward_filtered import filter_tiles, filtered_gradients
     from luffy_fast.kernels.gradients import ActiveTokens
 
-    C, R, H, V = 40, 50, 16, 150
-    block_v = filter_tiles(torch.bfloat16)["logits"]["BLOCK_V"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tiles = filter_tiles(torch.bfloat16)["logits"]
+    block_t, block_v = tiles["BLOCK_T"], tiles["BLOCK_V"]
+    C, H, V = 2 * block_t + 8, 16, 2 * block_v + 22
+    R = C + 10
     generator = torch.Generator().manual_seed(4)
     hidden = (torch.randint(-2, 3, (C, H), generator=generator) / 2).to(torch.bfloat16)
     weight = (torch.randint(-7, 8, (V, H), generator=generator) / 16).to(torch.bfloat16)
     logits = torch.randn(R, V, generator=generator)  # flat: only a target's block passes 0.2
     positions = torch.randperm(R, generator=generator)[:C].sort().values
-    targets = torch.randint(0, 22, (C,), generator=generator) + 64 * (torch.arange(C) % 3)
+    # each token tile's targets in one vocabulary tile: the others (the ragged one always) skipped
+    targets = torch.randint(0, 20, (C,), generator=generator) + block_v * ((torch.arange(C) // block_t) % 2)
     z = logits[positions]
     lse = torch.logsumexp(z, dim=1)
     tokens = ActiveTokens(torch.arange(C), targets, lse, z.gather(1, targets[:, None])[:, 0] - lse,
                           torch.randn(C, generator=generator), None, None, None)
+    tokens = ActiveTokens(*(t.to(device) if t is not None else None for t in (
+        tokens.rows, tokens.targets, tokens.lse, tokens.logprobs, tokens.coef, None, None, None)))
+    hidden, weight, logits, positions = (t.to(device) for t in (hidden, weight, logits, positions))
     weight_mean = weight.float().mean(dim=0)
 
     def run(out, buffer):
-        grads = (torch.zeros(C, H, dtype=torch.bfloat16), torch.zeros(V, H, dtype=torch.bfloat16), None)
+        grads = (torch.zeros(C, H, dtype=torch.bfloat16, device=device),
+                 torch.zeros(V, H, dtype=torch.bfloat16, device=device), None)
         keep = filtered_gradients(hidden, weight, None, tokens, 1.0, 0.2, out, grads, logits=buffer,
                                   logit_rows=positions, weight_mean=weight_mean)
-        return keep, grads
+        return keep.cpu(), [g.cpu() for g in grads[:2]]
 
-    own = torch.full((C, V), float("nan"), dtype=torch.bfloat16)
+    own = torch.full((C, V), float("nan"), dtype=torch.bfloat16, device=device)
     keep, grads = run(own, logits.clone())
     over = logits.clone()
     keep_over, grads_over = run(None, over)
     assert torch.equal(keep_over, keep) and 0 < int(keep.sum()) < keep.numel()
-    for got, expected in zip(grads_over[:2], grads[:2]):
+    for got, expected in zip(grads_over, grads):
         assert torch.equal(got, expected)
+    own, over, logits = own.cpu(), over.cpu(), logits.cpu()
     after = over.view(torch.bfloat16)  # [R, 2V]
     written = torch.zeros_like(after, dtype=torch.bool)
     for i, row in enumerate(positions.tolist()):
         for j in range(keep.shape[1]):
             width = min(block_v, V - j * block_v)
-            if keep[i // filter_tiles(torch.bfloat16)["logits"]["BLOCK_T"], j]:
+            if keep[i // block_t, j]:
                 place = slice(2 * block_v * j, 2 * block_v * j + width)
                 assert torch.equal(after[row, place], own[i, j * block_v: j * block_v + width])
                 written[row, place] = True
