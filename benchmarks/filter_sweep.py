@@ -75,7 +75,8 @@ class FilterChunk:
         self.hidden, self.weight = hidden.to(dtype), weight.to(dtype)
         self.rows = torch.arange(rows, device=device)
         coef = torch.randn(rows, device=device, generator=generator)
-        dz = torch.softmax(self.hidden.float() @ self.weight.float().T, dim=1).neg_()
+        self.logits, self.targets, self.coef = self.hidden.float() @ self.weight.float().T, targets, coef
+        dz = torch.softmax(self.logits, dim=1).neg_()
         dz[self.rows, targets] += 1.0
         dz *= coef[:, None]
         tiles = backward_filtered.filter_tiles(dtype)["logits"]
@@ -88,7 +89,7 @@ class FilterChunk:
         # the filter writes nothing in the blocks it skips: NaN there shows a config reading one
         self.grad_logits = torch.where(kept, dz, float("nan")).to(dtype)
         self.weight_mean = self.weight.float().mean(dim=0)
-        self.block_t = bt
+        self.block_t, self.threshold = bt, threshold
 
     def kept_fraction(self, span: int = 1) -> float:
         keep = self.keep.float()
@@ -137,6 +138,40 @@ class Tiles:
 
     def __exit__(self, *exc) -> None:
         backward_filtered.filter_tiles = self.original
+
+
+def check_over_logits(chunk: FilterChunk, log) -> dict:
+    """The whole filter at its default tiles (block map, dL/dz, both GEMMs) for every other token
+    of the chunk, writing dL/dz over the chunk's fp32 logits (the kept strategy's way) and into a
+    buffer of its own: the same block map and gradients bit for bit, or a race (programs writing
+    over logits others have not read yet) or a misplaced block shows."""
+    from luffy_fast.kernels.gradients import ActiveTokens
+
+    positions = torch.arange(0, chunk.rows.numel(), 2, device=chunk.rows.device)
+    z = chunk.logits[positions]
+    lse = torch.logsumexp(z, dim=1)
+    targets = chunk.targets[positions]
+    tokens = ActiveTokens(positions, targets, lse, z.gather(1, targets[:, None])[:, 0] - lse,
+                          chunk.coef[positions], None, None, None)
+
+    def run(out, logits):
+        grads = (torch.zeros_like(chunk.hidden), torch.zeros_like(chunk.weight), None)
+        keep = backward_filtered.filtered_gradients(
+            chunk.hidden, chunk.weight, None, tokens, 1.0, chunk.threshold, out, grads,
+            logits=logits, logit_rows=positions, weight_mean=chunk.weight_mean)
+        return keep, grads
+
+    own = torch.empty((positions.numel(), chunk.logits.shape[1]), dtype=chunk.hidden.dtype,
+                      device=chunk.hidden.device)
+    keep, grads = run(own, chunk.logits)
+    keep_over, grads_over = run(None, chunk.logits.clone())
+    result = {"part": "over_logits", "same_map": bool(torch.equal(keep, keep_over)),
+              "same_gradients": all(bool(torch.equal(a, b)) for a, b in zip(grads[:2], grads_over[:2])),
+              "kept": float(keep.float().mean())}
+    result["agrees"] = result["same_map"] and result["same_gradients"]
+    log(f"== dL/dz over the fp32 logits against a buffer of its own ({positions.numel()} tokens, "
+        f"{result['kept']:.1%} of blocks kept): {'the same' if result['agrees'] else 'DIFFERENT'}")
+    return result
 
 
 def sweep(chunk: FilterChunk, part: str, configs: list[dict], deadline: float, log) -> list[dict]:
@@ -214,7 +249,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     log(f"== the filter's GEMMs on a chunk of {rows} x {V}, H = {H}, {str(dtype)[6:]}, "
         f"threshold {args.threshold:g}")
     chunk = FilterChunk(rows, H, V, args.threshold, dtype, device)
-    results = []
+    results = [check_over_logits(chunk, log)]
     for part, configs in (("hidden", DRY_HIDDEN if DRY else HIDDEN),
                           ("weight", DRY_WEIGHT if DRY else WEIGHT)):
         share = (deadline - time.monotonic()) / (2 if part == "hidden" else 1)

@@ -60,6 +60,7 @@ def test_the_default_config_gives_the_op_products(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "filter_sweep.json").read_text())
     parts = [r["part"] for r in saved["results"] if "dense_ms" in r]
     assert parts == ["hidden", "weight"]
+    assert saved["results"][0]["part"] == "over_logits" and saved["results"][0]["agrees"]
     assert all(r.get("agrees") for r in saved["results"] if "config" in r)
     chunk = filter_sweep.FilterChunk(40, 40, 300, 2e-5, torch.float32, torch.device("cpu"))
     dz = chunk.grad_logits.double().nan_to_num(0.0)  # NaN marks the skipped blocks
@@ -104,4 +105,5 @@ def test_gpu_check_runs_the_filter_stage(tmp_path):
     results = json.loads((tmp_path / "filter_sweep.json").read_text())["results"]
     assert [r["part"] for r in results if "dense_ms" in r] == ["hidden", "weight"]
     assert all(r["agrees"] for r in results if "config" in r)
-    assert (tmp_path / "filter_sweep.log").read_text().count("== ") == 3
+    assert [r["agrees"] for r in results if r["part"] == "over_logits"] == [True]
+    assert (tmp_path / "filter_sweep.log").read_text().count("== ") == 4
