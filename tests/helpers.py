@@ -206,6 +206,23 @@ def subprocess_env(**extra: str) -> dict:
     return env
 
 
+def run_gpu_check_stage(stage: str, out) -> str:
+    """benchmarks/gpu_check.sh's dry run of one on-request stage, results under `out`; asserts it
+    passed and returns its output."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = subprocess_env(BENCH_DRY_RUN="1", OUT=str(out), GPU_CHECK_STAGES=stage,
+                         PYTHON=sys.executable)
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh")], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and f"{stage}: ok" in log, log[-3000:]
+    return log
+
+
 def policy_gradients(trainer, batch, old_logprobs=None) -> dict[str, torch.Tensor]:
     """The policy's gradient from one accumulate_gradients over the whole rollout batch."""
     trainer.engine.zero_grad()

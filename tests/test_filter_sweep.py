@@ -92,16 +92,9 @@ def test_the_chunk_has_the_ops_rows():
 
 def test_gpu_check_runs_the_filter_stage(tmp_path):
     """benchmarks/gpu_check.sh's on-request `filter` stage, in its dry run."""
-    import subprocess
+    from helpers import run_gpu_check_stage
 
-    from helpers import subprocess_env
-
-    env = subprocess_env(BENCH_DRY_RUN="1", OUT=str(tmp_path), GPU_CHECK_STAGES="filter",
-                         PYTHON=sys.executable)
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "filter: ok" in log, log[-3000:]
+    run_gpu_check_stage("filter", tmp_path)
     results = json.loads((tmp_path / "filter_sweep.json").read_text())["results"]
     assert [r["part"] for r in results if "dense_ms" in r] == ["hidden", "weight"]
     assert all(r["agrees"] for r in results if "config" in r)

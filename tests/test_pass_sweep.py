@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) leaves 
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import pass_sweep  # noqa: E402
-from helpers import subprocess_env  # noqa: E402
+from helpers import run_gpu_check_stage  # noqa: E402
 from luffy_fast import LuffyLossConfig  # noqa: E402
 from luffy_fast.kernels import backward, backward_lean, forward, forward_lean  # noqa: E402
 from luffy_fast.kernels.function import _kept_chunks, plan  # noqa: E402
@@ -97,12 +96,7 @@ def test_chunk_rows_are_the_ops_chunks(logit_size):
 def test_gpu_check_runs_the_sweep_stage(tmp_path):
     """benchmarks/gpu_check.sh's on-request `sweep` stage, in its dry run: both logits dtypes
     swept, the files where the other stages' go."""
-    env = subprocess_env(BENCH_DRY_RUN="1", OUT=str(tmp_path), GPU_CHECK_STAGES="sweep",
-                         PYTHON=sys.executable)
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "sweep: ok" in log, log[-3000:]
+    run_gpu_check_stage("sweep", tmp_path)
     results = json.loads((tmp_path / "pass_sweep.json").read_text())["results"]
     assert [r["logits"] for r in results] == ["bfloat16", "float32"]
     assert all(row["agrees"] for r in results
