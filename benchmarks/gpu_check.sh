@@ -12,8 +12,8 @@
 # benchmarks/profile_op.py, with GPU_PROFILE_ARGS, e.g. "--runs rows"; "sweep" on request:
 # benchmarks/pass_sweep.py, a toy chunk in the dry run; "filter" on request:
 # benchmarks/filter_sweep.py, the gradient filter's GEMMs at a few tile configs); GPU_PARITY_ARGS
-# (default --quick), GPU_CHECK_CAPS ("name:seconds ..."), GPU_CHECK_SPEED_TESTS, GPU_CHECK_PYTEST_ARGS,
-# GPU_CHECK_MEMORY_PYTEST_ARGS and BENCH_TEST_TIMEOUT (per test,
+# (default --quick), GPU_CHECK_CAPS ("name:seconds ..."), GPU_CHECK_SPEED_TESTS, GPU_CHECK_PYTEST_ARGS
+# (the speed stage's), GPU_CHECK_MEMORY_PYTEST_ARGS (the memory stage's) and BENCH_TEST_TIMEOUT (per test,
 # default 150 s) narrow a run; LUFFY_BENCH_EXTRA_IMPLS (default: the "+half" variants) widens it.
 # Expected on an H100: about 7.5 minutes (parity ~3 with issue 13's precision rows, speed ~2.5,
 # memory + scaling sweep ~2). The closing table prints each of issue 13's targets beside its
@@ -99,11 +99,10 @@ STAGE_OUTPUT=$OUT_DIR/speed.log run_stage speed "${PYTEST[@]}" ${GPU_CHECK_SPEED
 tail -n 3 "$OUT_DIR/speed.log" 2>/dev/null
 # --bench-append only after a speed stage that ran (it adds to that stage's results file)
 APPEND=(); stage_selected speed && APPEND=(--bench-append)
-# GPU_CHECK_MEMORY_PYTEST_ARGS, when set, replaces GPU_CHECK_PYTEST_ARGS for the memory stage
-# (its test ids are the implementations: e.g. "-k 'triton or naive'").
-if [[ -n ${GPU_CHECK_MEMORY_PYTEST_ARGS+set} ]]; then
-  eval "PYTEST=(\"\${BASE[@]}\" ${GPU_CHECK_MEMORY_PYTEST_ARGS})"
-fi
+# The memory stage takes GPU_CHECK_MEMORY_PYTEST_ARGS, never the speed stage's arguments: its
+# test ids are the implementations (e.g. "-k 'triton or naive'"), so a -k on case ids such as
+# 'T8192-H4096' would select none of them (pytest's exit 5, a stage that measured nothing).
+eval "PYTEST=(\"\${BASE[@]}\" ${GPU_CHECK_MEMORY_PYTEST_ARGS:-})"
 STAGE_OUTPUT=$OUT_DIR/memory.log run_stage memory "${PYTEST[@]}" "${APPEND[@]}" benchmarks/test_memory.py
 tail -n 3 "$OUT_DIR/memory.log" 2>/dev/null
 
