@@ -23,18 +23,18 @@ import triton.language as tl
 from . import backward_lean
 from .utils import (
     AUTOTUNE,
+    IN_PLACE_FLAGS,
     LOGIT_FLAGS,
     expm1,
-    in_place_configs,
+    in_place_autotune,
     kept_logit_tile,
     lean_passes,
     logit_tile,
     shape_bucket,
-    tuning_bench,
 )
 
 # The dL/dz kernels' flags: the logit tile's, and whether the entropy term is on.
-GRAD_FLAGS = {**LOGIT_FLAGS, "WITH_ENTROPY": lambda args: args["entropy_weight_ptr"] is not None}
+GRAD_FLAGS = {**LOGIT_FLAGS, **IN_PLACE_FLAGS}
 
 
 @triton.jit
@@ -132,9 +132,8 @@ def grad_logits(hidden, weight, bias, rows, targets, lse, logprobs, coef, entrop
     return out
 
 
-@triton.heuristics({name: GRAD_FLAGS[name] for name in ("HAS_BIAS", "WITH_ENTROPY")})
-# Timing a config overwrites the logits; grad_logits_in_place puts them back after tuning.
-@triton.autotune(configs=in_place_configs(), key=["C_BUCKET", "V_BUCKET"], do_bench=tuning_bench)
+@triton.heuristics(IN_PLACE_FLAGS)
+@triton.autotune(**in_place_autotune())
 @triton.jit
 def _grad_logits_in_place_kernel(
     logits_ptr, grad_logits_ptr, bias_ptr, targets_ptr, lse_ptr, logprob_ptr, coef_ptr,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .utils import expm1, in_place_configs, raw_logit_tile, tuning_bench
+from .utils import IN_PLACE_FLAGS, expm1, in_place_autotune, raw_logit_tile
 
 
 @triton.jit
@@ -37,11 +37,9 @@ def _grad_tile(u, lse, g, h, row_max, expected_shift, active, s, WITH_ENTROPY: t
     return tl.where(active[:, None], grad, 0.0)
 
 
-@triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None,
-                    "WITH_ENTROPY": lambda args: args["entropy_weight_ptr"] is not None})
-# Timing a config overwrites the logits; backward.grad_logits_in_place puts them back after tuning.
-# The arguments are the in-place kernel's, which grad_logits_in_place launches the same way.
-@triton.autotune(configs=in_place_configs(), key=["C_BUCKET", "V_BUCKET"], do_bench=tuning_bench)
+# The arguments, flags and tuning are the in-place kernel's: grad_logits_in_place launches either.
+@triton.heuristics(IN_PLACE_FLAGS)
+@triton.autotune(**in_place_autotune())
 @triton.jit
 def _lean_grad_logits_kernel(
     logits_ptr, grad_logits_ptr, bias_ptr, targets_ptr, lse_ptr, logprob_ptr, coef_ptr,

@@ -129,6 +129,17 @@ LOGIT_FLAGS = {
     "FROM_LOGITS": lambda args: args["logits_ptr"] is not None,
     "DOT_PRECISION": lambda args: dot_precision(args["hidden_ptr"].dtype),
 }
+# The two in-place dL/dz kernels (backward.py, backward_lean.py), which
+# backward.grad_logits_in_place launches with the same arguments: their flags and their
+# autotuning (timing a config overwrites the logits; grad_logits_in_place puts them back).
+IN_PLACE_FLAGS = {"HAS_BIAS": LOGIT_FLAGS["HAS_BIAS"],
+                  "WITH_ENTROPY": lambda args: args["entropy_weight_ptr"] is not None}
+
+
+def in_place_autotune() -> dict:
+    """`triton.autotune` arguments of the in-place dL/dz kernels (a fresh config list each)."""
+    return {"configs": in_place_configs(), "key": ["C_BUCKET", "V_BUCKET"],
+            "do_bench": tuning_bench}
 
 
 def shape_bucket(n: int) -> int:
