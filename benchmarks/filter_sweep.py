@@ -92,12 +92,9 @@ class FilterChunk:
         self.block_t, self.threshold = bt, threshold
 
     def kept_fraction(self, span: int = 1) -> float:
-        keep = self.keep.float()
-        if span > 1:
-            padded = torch.zeros(-(-keep.shape[0] // span) * span, keep.shape[1], device=keep.device)
-            padded[:keep.shape[0]] = keep
-            keep = padded.view(-1, span, keep.shape[1]).amax(dim=1)
-        return float(keep.mean())
+        """Blocks a d(hidden) program multiplies with `span` token tiles merged, of all."""
+        counts = backward_filtered._kept_lists(self.keep, span)[1]
+        return float(counts.sum()) / (counts.numel() * self.keep.shape[1])
 
     def expected(self, part: str) -> torch.Tensor:
         """`part`'s product in fp32 by torch from the kept blocks (NaN read as 0), with the

@@ -96,6 +96,21 @@ def filter_tiles(dtype: torch.dtype) -> dict:
 DZ_FLAGS = {"DZ_ROWS": lambda args: args["dz_rows_ptr"] is not None}
 
 
+@triton.jit
+def dz_buffer_rows(dz_rows_ptr, offs_t, t_mask, DZ_ROWS: tl.constexpr):
+    """The buffer rows of tokens `offs_t`' dL/dz (GradLogitBlocks.rows, or the tokens' own)."""
+    if DZ_ROWS:
+        return tl.load(dz_rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
+    return offs_t.to(tl.int64)
+
+
+@triton.jit
+def dz_block(grad_logits_ptr, dz_rows, tile_v, stride_dz, stride_dz_tile, BLOCK_V: tl.constexpr):
+    """Pointers to vocabulary tile `tile_v` of dL/dz rows `dz_rows` (GradLogitBlocks' layout)."""
+    return (grad_logits_ptr + dz_rows[:, None] * stride_dz + tile_v * stride_dz_tile
+            + tl.arange(0, BLOCK_V)[None, :])
+
+
 @triton.heuristics({**GRAD_FLAGS, **DZ_FLAGS})
 @triton.jit
 def _filtered_grad_logits_kernel(
@@ -122,14 +137,13 @@ def _filtered_grad_logits_kernel(
     keep = tl.max(tl.max(large.to(tl.int32), axis=1), axis=0)
     tl.store(keep_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), keep.to(tl.int8))
     if keep != 0:  # the same for every thread of the program
-        dz_rows = offs_t.to(tl.int64)
+        dz_rows = dz_buffer_rows(dz_rows_ptr, offs_t, t_mask, DZ_ROWS)
         if DZ_ROWS:
-            dz_rows = tl.load(dz_rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
             # Over the logits this program read: a 16-bit entry written over fp32 logits lands
             # on another thread's entry, so every read comes first.
             tl.debug_barrier()
-        out = (grad_logits_ptr + dz_rows[:, None] * stride_dz + tl.program_id(1) * stride_dz_tile
-               + tl.arange(0, BLOCK_V)[None, :])
+        out = dz_block(grad_logits_ptr, dz_rows, tl.program_id(1), stride_dz, stride_dz_tile,
+                       BLOCK_V)
         tl.store(out, grad.to(grad_logits_ptr.dtype.element_ty), mask=mask)
 
 
@@ -157,9 +171,7 @@ def _sparse_grad_hidden_kernel(
     t_mask = offs_t < C
     h_mask = offs_h < HD
     tile_t = offs_t // BLOCK_T  # each row's token tile of the block map
-    dz_rows = offs_t.to(tl.int64)
-    if DZ_ROWS:
-        dz_rows = tl.load(dz_rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
+    dz_rows = dz_buffer_rows(dz_rows_ptr, offs_t, t_mask, DZ_ROWS)
     acc = tl.zeros((SPAN * BLOCK_T, BLOCK_OUT), tl.float32)
     # The sums of each dL/dz row's kept entries, by the tensor cores (16 equal columns): a dz tile
     # read by anything but MMAs would have Triton give it a single buffer that the next tile's
@@ -174,8 +186,7 @@ def _sparse_grad_hidden_kernel(
         if SPAN > 1:  # a token tile that skipped this block wrote nothing there: read zeros
             bits = tl.load(kept_bits_ptr + pid_t * num_v_tiles + k)  # bit s: the span's tile s keeps it
             row_mask &= ((bits >> (tile_t - pid_t * SPAN)) & 1) != 0
-        dz = tl.load(grad_logits_ptr + dz_rows[:, None] * stride_dz + tile_v * stride_dz_tile
-                     + tl.arange(0, BLOCK_V)[None, :],
+        dz = tl.load(dz_block(grad_logits_ptr, dz_rows, tile_v, stride_dz, stride_dz_tile, BLOCK_V),
                      mask=row_mask[:, None] & (offs_v < V)[None, :], other=0.0)
         w = tl.load(weight_ptr + offs_v[:, None].to(tl.int64) * stride_weight + offs_h[None, :],
                     mask=(offs_v < V)[:, None] & h_mask[None, :], other=0.0)
@@ -219,11 +230,9 @@ def _sparse_grad_weight_kernel(
         for k in range(0, num_kept):  # the kept token tiles of this vocabulary tile, in order
             offs_t = tl.load(kept_t_ptr + pid_v * num_t_tiles + k) * BLOCK_T + tl.arange(0, BLOCK_T)
             t_mask = offs_t < C
-            dz_rows = offs_t.to(tl.int64)
-            if DZ_ROWS:
-                dz_rows = tl.load(dz_rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
-            dz = tl.load(grad_logits_ptr + dz_rows[:, None] * stride_dz + pid_v * stride_dz_tile
-                         + tl.arange(0, BLOCK_V)[None, :],
+            dz_rows = dz_buffer_rows(dz_rows_ptr, offs_t, t_mask, DZ_ROWS)
+            dz = tl.load(dz_block(grad_logits_ptr, dz_rows, pid_v, stride_dz, stride_dz_tile,
+                                  BLOCK_V),
                          mask=t_mask[:, None] & v_mask[None, :], other=0.0)
             if NEED_WEIGHT:
                 rows = tl.load(rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
