@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from .backward import GRAD_FLAGS, dz_tile
-from .utils import INTERPRET, dot_precision
+from .utils import INTERPRET, dot_precision, dz_block, dz_buffer_rows
 
 
 def filter_tiles(dtype: torch.dtype) -> dict:
@@ -95,20 +95,6 @@ def filter_tiles(dtype: torch.dtype) -> dict:
 # dL/dz rows at `dz_rows` of its buffer (over the kept logits) rather than row i for token i
 DZ_FLAGS = {"DZ_ROWS": lambda args: args["dz_rows_ptr"] is not None}
 
-
-@triton.jit
-def dz_buffer_rows(dz_rows_ptr, offs_t, t_mask, DZ_ROWS: tl.constexpr):
-    """The buffer rows of tokens `offs_t`' dL/dz (GradLogitBlocks.rows, or the tokens' own)."""
-    if DZ_ROWS:
-        return tl.load(dz_rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
-    return offs_t.to(tl.int64)
-
-
-@triton.jit
-def dz_block(grad_logits_ptr, dz_rows, tile_v, stride_dz, stride_dz_tile, BLOCK_V: tl.constexpr):
-    """Pointers to vocabulary tile `tile_v` of dL/dz rows `dz_rows` (GradLogitBlocks' layout)."""
-    return (grad_logits_ptr + dz_rows[:, None] * stride_dz + tile_v * stride_dz_tile
-            + tl.arange(0, BLOCK_V)[None, :])
 
 
 @triton.heuristics({**GRAD_FLAGS, **DZ_FLAGS})

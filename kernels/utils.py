@@ -243,3 +243,20 @@ def lse_and_logprob(top, others, target_shift):
     u = 1.0 + ratio
     log1p = tl.where(u == 1.0, ratio, tl.log(u) * ratio / (u - 1.0))
     return top + log_total, tl.where(target_shift > -20, -log1p, target_shift - log_total)
+
+
+@triton.jit
+def dz_buffer_rows(dz_rows_ptr, offs_t, t_mask, DZ_ROWS: tl.constexpr):
+    """The buffer rows of tokens `offs_t`' dL/dz in the gradient filter's kernels
+    (backward_filtered.GradLogitBlocks.rows, or the tokens' own)."""
+    if DZ_ROWS:
+        return tl.load(dz_rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
+    return offs_t.to(tl.int64)
+
+
+@triton.jit
+def dz_block(grad_logits_ptr, dz_rows, tile_v, stride_dz, stride_dz_tile, BLOCK_V: tl.constexpr):
+    """Pointers to vocabulary tile `tile_v` of dL/dz rows `dz_rows` (the layout of
+    backward_filtered.GradLogitBlocks)."""
+    return (grad_logits_ptr + dz_rows[:, None] * stride_dz + tile_v * stride_dz_tile
+            + tl.arange(0, BLOCK_V)[None, :])
