@@ -23,6 +23,7 @@ from .utils import (
     logit_tile,
     lse_and_logprob,
     num_vocab_splits,
+    online_softmax_step,
     shape_bucket,
 )
 
@@ -64,23 +65,9 @@ def _forward_kernel(
                             offs_t.to(tl.int64), offs_v, t_mask, v_mask, HD, stride_hidden,
                             stride_weight, stride_logits, inv_temperature, HAS_BIAS, FROM_LOGITS,
                             DOT_PRECISION, BLOCK_T, BLOCK_V, BLOCK_H)
-        logits = tl.where(v_mask[None, :], logits, float("-inf"))
-
-        new_max = tl.maximum(run_max, tl.max(logits, axis=1))
-        rescale = tl.exp(run_max - new_max)
-        exp = tl.exp(logits - new_max[:, None])
-        is_target = offs_v[None, :] == targets[:, None]
-        # The sum leaves the target out: log pi = -log1p(others / exp(z_y)) stays exact as pi -> 1.
-        run_sum = run_sum * rescale + tl.sum(tl.where(is_target, 0.0, exp), axis=1)
-        if WITH_ENTROPY:
-            # sum of p (z - max) with the running max: E_p[z] - max keeps its relative precision
-            # when the distribution is peaked (z - E_p[z] would cancel otherwise).
-            shifted = tl.where(v_mask[None, :], logits - new_max[:, None], 0.0)
-            moved = tl.where(run_sum_all > 0, (run_max - new_max) * run_sum_all, 0.0)
-            run_sum_pz = (run_sum_pz + moved) * rescale + tl.sum(exp * shifted, axis=1)
-            run_sum_all = run_sum_all * rescale + tl.sum(exp, axis=1)
-        target_logit += tl.sum(tl.where(is_target, logits, 0.0), axis=1)
-        run_max = new_max
+        run_max, run_sum, run_sum_all, run_sum_pz, target_logit = online_softmax_step(
+            logits, offs_v, v_mask, targets, run_max, run_sum, run_sum_all, run_sum_pz,
+            target_logit, WITH_ENTROPY)
 
     out = split * N + offs_t
     tl.store(max_ptr + out, run_max, mask=t_mask)

@@ -129,6 +129,10 @@ LOGIT_FLAGS = {
     "FROM_LOGITS": lambda args: args["logits_ptr"] is not None,
     "DOT_PRECISION": lambda args: dot_precision(args["hidden_ptr"].dtype),
 }
+# The interpreter's tl.dot returns garbage on 16-bit operands (seen with Triton 3.9: errors of
+# 1e10 on a 16 x 16 product of small bf16 numbers), so a kernel that multiplies 16-bit tiles
+# under it upcasts them first (`tile_product`'s UPCAST); compiled kernels never do.
+INTERPRETED_16_BIT = {"UPCAST": lambda args: INTERPRET and args["hidden_ptr"].element_size() == 2}
 # The two in-place dL/dz kernels (backward.py, backward_lean.py), which
 # backward.grad_logits_in_place launches with the same arguments: their flags and their
 # autotuning (timing a config overwrites the logits; grad_logits_in_place puts them back).
@@ -196,32 +200,71 @@ def raw_logit_tile(row_starts, bias_ptr, offs_v, v_mask, HAS_BIAS: tl.constexpr,
 
 
 @triton.jit
+def tile_product(hidden_ptr, weight_ptr, rows, offs_v, t_mask, v_mask, HD, stride_hidden,
+                 stride_weight, DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
+                 BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, UPCAST: tl.constexpr = False):
+    """A [BLOCK_T, BLOCK_V] tile of raw h W^T in fp32: hidden rows `rows` times weight rows
+    `offs_v`, over H in steps of BLOCK_H with fp32 accumulation. `UPCAST` (the interpreter only,
+    `INTERPRETED_16_BIT`): 16-bit operands multiplied as fp32, where they are exact."""
+    raw = tl.zeros((BLOCK_T, BLOCK_V), tl.float32)
+    for k0 in range(0, HD, BLOCK_H):
+        offs_k = k0 + tl.arange(0, BLOCK_H)
+        k_mask = offs_k < HD
+        h = tl.load(hidden_ptr + rows[:, None] * stride_hidden + offs_k[None, :],
+                    mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(weight_ptr + offs_v[:, None].to(tl.int64) * stride_weight + offs_k[None, :],
+                    mask=v_mask[:, None] & k_mask[None, :], other=0.0)
+        if UPCAST:
+            h, w = h.to(tl.float32), w.to(tl.float32)
+        raw = tl.dot(h, tl.trans(w), raw, input_precision=DOT_PRECISION)
+    return raw
+
+
+@triton.jit
 def logit_tile(hidden_ptr, weight_ptr, bias_ptr, logits_ptr, rows, logit_rows, offs_v, t_mask, v_mask,
                HD, stride_hidden, stride_weight, stride_logits, inv_temperature,
                HAS_BIAS: tl.constexpr, FROM_LOGITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     """A [BLOCK_T, BLOCK_V] tile of z = (h W^T + b) / temperature in fp32.
 
-    Either multiplied here from hidden and weight tiles (fp32 accumulation), or read from a buffer
+    Either multiplied here from hidden and weight tiles (`tile_product`), or read from a buffer
     of raw h W^T (`logits_ptr`, rows `logit_rows`) that a GEMM filled (`kept_logit_tile`).
     """
     if FROM_LOGITS:
         z = kept_logit_tile(logits_ptr, bias_ptr, logit_rows, offs_v, t_mask, v_mask,
                             stride_logits, inv_temperature, HAS_BIAS)
     else:
-        raw = tl.zeros((BLOCK_T, BLOCK_V), tl.float32)
-        for k0 in range(0, HD, BLOCK_H):
-            offs_k = k0 + tl.arange(0, BLOCK_H)
-            k_mask = offs_k < HD
-            h = tl.load(hidden_ptr + rows[:, None] * stride_hidden + offs_k[None, :],
-                        mask=t_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(weight_ptr + offs_v[:, None].to(tl.int64) * stride_weight + offs_k[None, :],
-                        mask=v_mask[:, None] & k_mask[None, :], other=0.0)
-            raw = tl.dot(h, tl.trans(w), raw, input_precision=DOT_PRECISION)
+        raw = tile_product(hidden_ptr, weight_ptr, rows, offs_v, t_mask, v_mask, HD, stride_hidden,
+                           stride_weight, DOT_PRECISION, BLOCK_T, BLOCK_V, BLOCK_H)
         if HAS_BIAS:
             raw += tl.load(bias_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
         z = raw * inv_temperature
     return z
+
+
+@triton.jit
+def online_softmax_step(logits, offs_v, v_mask, targets, run_max, run_sum, run_sum_all,
+                        run_sum_pz, target_logit, WITH_ENTROPY: tl.constexpr):
+    """One logit tile [rows, BLOCK_V] folded into its rows' running statistics (max, sum of
+    exp(z - max) over the non-target entries, and with entropy the sum of exp(z - max) and of
+    exp(z - max) (z - max) over all), and the target logit added where the tile holds it.
+    Columns outside `v_mask` count for nothing. Returns the five updated [rows] values."""
+    logits = tl.where(v_mask[None, :], logits, float("-inf"))
+    new_max = tl.maximum(run_max, tl.max(logits, axis=1))
+    rescale = tl.exp(run_max - new_max)
+    exp = tl.exp(logits - new_max[:, None])
+    is_target = offs_v[None, :] == targets[:, None]
+    # The sum leaves the target out: log pi = -log1p(others / exp(z_y)) stays exact as pi -> 1.
+    run_sum = run_sum * rescale + tl.sum(tl.where(is_target, 0.0, exp), axis=1)
+    if WITH_ENTROPY:
+        # sum of p (z - max) with the running max: E_p[z] - max keeps its relative precision
+        # when the distribution is peaked (z - E_p[z] would cancel otherwise).
+        shifted = tl.where(v_mask[None, :], logits - new_max[:, None], 0.0)
+        moved = tl.where(run_sum_all > 0, (run_max - new_max) * run_sum_all, 0.0)
+        run_sum_pz = (run_sum_pz + moved) * rescale + tl.sum(exp * shifted, axis=1)
+        run_sum_all = run_sum_all * rescale + tl.sum(exp, axis=1)
+    target_logit += tl.sum(tl.where(is_target, logits, 0.0), axis=1)
+    return new_max, run_sum, run_sum_all, run_sum_pz, target_logit
 
 
 @triton.jit
