@@ -34,6 +34,7 @@ from luffy_fast.loss_math import entropy_from_moments
 from .backward import grad_logits_in_place
 from .epilogue import TokenBuffers, token_terms_into
 from .forward import logsumexp_forward
+from .forward_fused import fused_forward, fused_forward_enabled
 from .forward_lean import lean_forward
 from .forward_rows import row_forward, row_forward_enabled
 from .gradients import (
@@ -135,9 +136,8 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
             _stray_gradients(inputs, buffers, part.start, hidden, weight, bias, chunk, gradients)
         rows, targets = inputs.rows[part], inputs.targets[part]
         hidden_rows = hidden[rows]
-        logits = kept_logits(hidden_rows, weight, half)
-        _kept_forward(hidden, weight, bias, rows, targets, config.temperature,
-                      config.entropy_coef > 0, logits, buffers.moments(part))
+        logits = _chunk_forward(hidden, hidden_rows, weight, bias, rows, targets, config, half,
+                                buffers.moments(part))
         token_terms_into(inputs, part, buffers)
         terms = buffers[part]
         if gradient_chunk and grad_filter is None:
@@ -160,6 +160,32 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
     if grad_filter is not None:
         stats["grad_filter_skipped_fraction"] = grad_filter.fraction()
     return terms.loss, stats, gradients
+
+
+def _chunk_forward(hidden, hidden_rows, weight, bias, rows, targets, config: LuffyLossConfig,
+                   half: bool, out) -> Tensor:
+    """A kept chunk's logits (raw h W^T, fp32 or 16-bit when `half`), with its forward statistics
+    written into `out`: cuBLAS's GEMM and a pass over its output, or with
+    LUFFY_FAST_FUSED_FORWARD=1 one Triton GEMM with the statistics in its epilogue
+    (kernels/forward_fused.py)."""
+    with_entropy = config.entropy_coef > 0
+    if fused_forward_enabled():
+        logits = torch.empty(rows.numel(), weight.shape[0], device=hidden.device,
+                             dtype=hidden.dtype if half else torch.float32)
+        fused_forward(hidden, weight, bias, rows, targets, config.temperature, with_entropy,
+                      logits, half, out)
+        return logits
+    logits = kept_logits(hidden_rows, weight, half)
+    _kept_forward(hidden, weight, bias, rows, targets, config.temperature, with_entropy, logits, out)
+    return logits
+
+
+def _product_forward(hidden, weight, bias, rows, targets, temperature: float, with_entropy: bool,
+                     out=None):
+    """The forward statistics from tile products, no logits kept: the split kernel, or the
+    flattened GEMM of kernels/forward_fused.py when LUFFY_FAST_FUSED_FORWARD=1."""
+    forward = fused_forward if fused_forward_enabled() else logsumexp_forward
+    return forward(hidden, weight, bias, rows, targets, temperature, with_entropy, out=out)
 
 
 def _kept_forward(hidden, weight, bias, rows, targets, temperature: float, with_entropy: bool,
@@ -205,8 +231,8 @@ def _recompute_forward(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias:
                        chunk: int, needs_grad: bool):
     config = inputs.config
     buffers = TokenBuffers.empty(inputs)
-    logsumexp_forward(hidden, weight, bias, inputs.rows, inputs.targets, config.temperature,
-                      config.entropy_coef > 0, out=buffers.moments(slice(None)))
+    _product_forward(hidden, weight, bias, inputs.rows, inputs.targets, config.temperature,
+                     config.entropy_coef > 0, out=buffers.moments(slice(None)))
     token_terms_into(inputs, slice(None), buffers)
     terms = buffers.terms()
     state, stats = None, inputs.summarize(terms)
@@ -277,14 +303,19 @@ def triton_token_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     """Per-token log-probs (and entropy). When the budget holds a useful chunk of logits (fp32, or
     16-bit with LuffyLossConfig.logits_dtype = "input"), one GEMM per chunk writes them and the
     forward kernel reads them (one bare GEMM plus a read); otherwise the forward kernel
-    multiplies hidden and weight tiles itself."""
+    multiplies hidden and weight tiles itself. With LUFFY_FAST_FUSED_FORWARD=1 the tile products
+    of kernels/forward_fused.py at any budget, rounded as the kept chunks' logits would be."""
     _check_device(hidden)
     hidden, weight = hidden.contiguous(), weight.contiguous()
     T = hidden.shape[0]
     rows = torch.arange(T, device=hidden.device)
     half = half_logits(hidden.dtype, config.logits_dtype)
     chunk = logprob_chunk(config, hidden.device, T, weight.shape[0], 2 if half else 4)
-    if chunk == 0:
+    if fused_forward_enabled():  # no logits kept at any budget
+        lse, logprobs, row_max, expected_shift = fused_forward(
+            hidden, weight, bias, rows, targets, config.temperature, with_entropy,
+            half=half and chunk > 0)
+    elif chunk == 0:
         lse, logprobs, row_max, expected_shift = logsumexp_forward(
             hidden, weight, bias, rows, targets, config.temperature, with_entropy)
     else:

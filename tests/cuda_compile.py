@@ -84,6 +84,7 @@ TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int64: "i64",
 # value sets to compile.
 CALL_CONSTEXPRS = {
     "_merge_splits_kernel": [{"BLOCK": 256}],
+    "_fused_forward_kernel": [{"HALF_LOGITS": False}, {"HALF_LOGITS": True}],
     # all on, all off, LuffyLossConfig's defaults, and LuffyLossConfig.luffy()'s
     "_token_terms_kernel": [{"SHAPING": a, "CLIP_ON": b, "CLIP_OFF": c, "HAS_DUAL": d, "BLOCK": 1024}
                             for a, b, c, d in ((True,) * 4, (False,) * 4,

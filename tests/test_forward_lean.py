@@ -83,9 +83,9 @@ def test_lean_forward_reads_16_bit_logits_as_the_split_kernel(dtype):
         assert _relative_error(value, oracle) <= max(2e-6, 2 * _relative_error(other, oracle)), name
 
 
-# The opt-in switches over kept logits: the lean passes, and the whole-row forward
-# (kernels/forward_rows.py).
-SWITCHES = ["LUFFY_FAST_LEAN", "LUFFY_FAST_ROW_FORWARD"]
+# The opt-in switches over kept logits: the lean passes, the whole-row forward
+# (kernels/forward_rows.py), and the statistics in the GEMM's epilogue (kernels/forward_fused.py).
+SWITCHES = ["LUFFY_FAST_LEAN", "LUFFY_FAST_ROW_FORWARD", "LUFFY_FAST_FUSED_FORWARD"]
 
 
 @pytest.mark.parametrize("switch", SWITCHES)

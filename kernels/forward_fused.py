@@ -1,0 +1,157 @@
+"""The softmax statistics in the logits GEMM's epilogue (opt-in: LUFFY_FAST_FUSED_FORWARD=1).
+
+By default a kept chunk's logits come from cuBLAS and a second kernel reads them back for the
+per-token logsumexp, target logit and E_p[z] (kernels/forward.py); the recompute strategy and
+`token_logprobs` at small budgets multiply the tiles inside that kernel, one vocabulary tile at a
+time, each tile's software pipeline filled and drained on its own.
+
+This kernel is the same forward built as a GEMM. A program owns a token tile and a share of the
+vocabulary, and walks it in one loop over (vocabulary tile, H step) that Triton flattens and
+pipelines across tile boundaries (`tl.range(flatten=True)`): the next tile's loads are in flight
+while the epilogue folds the finished tile into the running statistics. The epilogue can also
+store the raw tile (fp32, or the inputs' 16-bit dtype) for the dL/dz pass, so a kept chunk needs
+no cuBLAS GEMM and no pass over its logits; without a buffer the logits are never written
+(`token_logprobs`, the recompute strategy's forward). The vocabulary is split so that the grid
+fills whole waves of the GPU's SMs (`wave_splits`). Not yet timed on a GPU; hence opt-in.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .forward import merge_splits, split_partials
+from .utils import (
+    INTERPRET,
+    INTERPRETED_16_BIT,
+    LOGIT_FLAGS,
+    hopper,
+    num_sms,
+    num_vocab_splits,
+    online_softmax_step,
+    shape_bucket,
+    tile_configs,
+    tile_product,
+    tuning_bench,
+)
+
+
+def fused_forward_enabled() -> bool:
+    """LUFFY_FAST_FUSED_FORWARD=1 (read at each call)."""
+    return os.environ.get("LUFFY_FAST_FUSED_FORWARD", "0") == "1"
+
+
+def fused_tile_configs() -> list[triton.Config]:
+    """utils.tile_configs without its 128 x 256 tile: compiled for sm_90 with the statistics (and
+    a stored tile) in the flattened loop's epilogue, that one spills hundreds of registers and,
+    storing fp32 tiles, needs more shared memory than an SM has (tests/cuda_compile.py)."""
+    configs = [c for c in tile_configs() if c.kwargs["BLOCK_V"] * c.kwargs["BLOCK_T"] <= 128 * 128]
+    if hopper():  # the 128 x 128 tile with one pipeline stage fewer, for the stored fp32 tile's room
+        configs.insert(1, triton.Config(dict(configs[0].kwargs), num_warps=8, num_stages=3))
+    return configs
+
+
+@triton.heuristics({"HAS_BIAS": LOGIT_FLAGS["HAS_BIAS"], "DOT_PRECISION": LOGIT_FLAGS["DOT_PRECISION"],
+                    "STORE_LOGITS": lambda args: args["logits_ptr"] is not None,
+                    "WITH_ENTROPY": lambda args: args["sum_pz_ptr"] is not None,
+                    **INTERPRETED_16_BIT})
+@triton.autotune(configs=fused_tile_configs(), key=["V_BUCKET", "H_BUCKET", "STORE_LOGITS"],
+                 do_bench=tuning_bench)
+@triton.jit
+def _fused_forward_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, rows_ptr, targets_ptr, logits_ptr,
+    max_ptr, sum_ptr, sum_all_ptr, sum_pz_ptr, target_logit_ptr,
+    N, V, HD, stride_hidden, stride_weight, stride_logits, inv_temperature,
+    V_BUCKET, H_BUCKET,
+    HALF_LOGITS: tl.constexpr, HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+    STORE_LOGITS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    split = tl.program_id(0)
+    num_splits = tl.num_programs(0)
+    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = offs_t < N
+    rows = tl.load(rows_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
+    targets = tl.load(targets_ptr + offs_t, mask=t_mask, other=0)
+    tiles_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), num_splits)
+    v_begin = split * tiles_per_split * BLOCK_V
+    v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
+
+    run_max = tl.full((BLOCK_T,), float("-inf"), tl.float32)
+    run_sum = tl.zeros((BLOCK_T,), tl.float32)
+    run_sum_all = tl.zeros((BLOCK_T,), tl.float32)
+    run_sum_pz = tl.zeros((BLOCK_T,), tl.float32)
+    target_logit = tl.zeros((BLOCK_T,), tl.float32)
+    for v0 in tl.range(v_begin, v_end, BLOCK_V, flatten=True):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        v_mask = offs_v < v_end
+        raw = tile_product(hidden_ptr, weight_ptr, rows, offs_v, t_mask, v_mask, HD, stride_hidden,
+                           stride_weight, DOT_PRECISION, BLOCK_T, BLOCK_V, BLOCK_H, UPCAST)
+        if HALF_LOGITS:  # the statistics of the logits as a 16-bit LM head rounds them
+            raw = raw.to(hidden_ptr.dtype.element_ty).to(tl.float32)
+        if STORE_LOGITS:  # raw h W^T, row i for token i, as the GEMM of the kept strategy writes it
+            tl.store(logits_ptr + offs_t.to(tl.int64)[:, None] * stride_logits + offs_v[None, :],
+                     raw.to(logits_ptr.dtype.element_ty), mask=t_mask[:, None] & v_mask[None, :])
+        if HAS_BIAS:
+            raw += tl.load(bias_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+        run_max, run_sum, run_sum_all, run_sum_pz, target_logit = online_softmax_step(
+            raw * inv_temperature, offs_v, v_mask, targets, run_max, run_sum, run_sum_all,
+            run_sum_pz, target_logit, WITH_ENTROPY)
+
+    out = split * N + offs_t
+    tl.store(max_ptr + out, run_max, mask=t_mask)
+    tl.store(sum_ptr + out, run_sum, mask=t_mask)
+    tl.store(target_logit_ptr + out, target_logit, mask=t_mask)
+    if WITH_ENTROPY:
+        tl.store(sum_all_ptr + out, run_sum_all, mask=t_mask)
+        tl.store(sum_pz_ptr + out, run_sum_pz, mask=t_mask)
+
+
+@cache
+def wave_splits(num_tokens: int, vocab_size: int, sms: int, block_t: int = 128,
+                block_v: int = 256, per_program: float = 1.0) -> int:
+    """Vocabulary splits for a grid of splits x token tiles whose programs (one per SM at these
+    tiles' shared memory) fill whole waves: the split count with the least time, counted as waves
+    x (vocabulary tiles per program + `per_program`, a program's own start and partials in tiles),
+    the fewest splits among equals."""
+    token_tiles = -(-max(num_tokens, 1) // block_t)
+    vocab_tiles = -(-vocab_size // block_v)
+
+    def cost(splits: int) -> float:
+        waves = -(-splits * token_tiles // sms)
+        return waves * (-(-vocab_tiles // splits) + per_program)
+
+    return min(range(1, vocab_tiles + 1), key=lambda splits: (cost(splits), splits))
+
+
+def fused_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  rows: torch.Tensor, targets: torch.Tensor, temperature: float,
+                  with_entropy: bool, logits: Optional[torch.Tensor] = None, half: bool = False,
+                  out=None):
+    """Per-token logsumexp, log pi, max and E_p[z] - max (the last None without entropy), as
+    forward.logsumexp_forward returns them (written into `out` when given).
+
+    Tokens are rows `rows` [N] of `hidden` [T, H] with `targets` [N]. `logits`: an [N, V] buffer
+    (fp32 or the inputs' 16-bit dtype, rows contiguous) that receives raw h W^T, row i for token
+    i; None keeps no logits. `half`: the statistics are those of the logits rounded to the
+    inputs' 16-bit dtype (LuffyLossConfig.logits_dtype = "input"), as the kept buffer holds them.
+    """
+    N, V, HD = rows.numel(), weight.shape[0], weight.shape[1]
+    if INTERPRET or not torch.cuda.is_available():
+        splits = num_vocab_splits(N, V)
+    else:
+        splits = wave_splits(N, V, num_sms())
+    partials = split_partials(splits, N, hidden.device, with_entropy)
+    if N > 0:
+        grid = lambda meta: (splits, triton.cdiv(N, meta["BLOCK_T"]))  # noqa: E731
+        _fused_forward_kernel[grid](
+            hidden, weight, bias, rows, targets, logits, *partials,
+            N, V, HD, hidden.stride(0), weight.stride(0),
+            logits.stride(0) if logits is not None else 0, 1.0 / temperature,
+            shape_bucket(V), shape_bucket(HD), HALF_LOGITS=half)
+    return merge_splits(*partials, out)

@@ -1,0 +1,212 @@
+"""The opt-in forward with the softmax statistics in the logits GEMM's epilogue
+(kernels/forward_fused.py, LUFFY_FAST_FUSED_FORWARD=1): its statistics against float64 and the
+split kernel, the logits it stores against the product, and the op with the switch against the
+default path and the reference. On the interpreter, where its tiles are 16 x 32 x 16 and the
+vocabulary is cut into 2-3 splits (the op's tests with the switch at kept budgets are in
+test_forward_lean.py's SWITCHES)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from helpers import compare_backends, forward_oracle, random_batch, run_loss
+from luffy_fast import LuffyLossConfig, token_logprobs
+
+NAMES = ("logsumexp", "log pi", "max", "E_p[z] - max")
+SWITCH = "LUFFY_FAST_FUSED_FORWARD"
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="runs the kernels on the interpreter (TRITON_INTERPRET=1)")
+
+
+def test_wave_splits_fill_whole_waves():
+    from luffy_fast.kernels.forward_fused import wave_splits
+
+    # V = 151936 is 594 tiles of 256; 132 SMs. 2731 tokens are 22 tiles of 128: 6 splits make
+    # 132 programs, one wave of 99 tiles each (cost 1 x (99 + 1)); 12 splits two waves of 50
+    # (2 x 51 = 102); the default kernel's ~37 splits would be 7 waves, the last a third full.
+    assert wave_splits(2731, 151936, 132) == 6
+    # 8192 tokens, 64 tiles: 2 splits, one wave of 297 tiles (298); 4 splits two waves of 149
+    # (300); 6 splits three of 99 (300)
+    assert wave_splits(8192, 151936, 132) == 2
+    # one token tile: 119 splits of 5 tiles each (cost 6), the fewest splits with that cost
+    assert wave_splits(100, 151936, 132) == 119
+    # a vocabulary of one tile: one split
+    assert wave_splits(5000, 200, 132) == 1
+
+
+def _inputs(T: int, C: int, H: int, V: int, seed: int):
+    """hidden [T, H] and weight [V, H] with logits from flat to peaked; `C` tokens at rows
+    permuted out of T, targets on and off the max, the first and the last column among them."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(T, H, generator=generator) * torch.linspace(0.2, 3.0, T)[:, None]
+    weight = torch.randn(V, H, generator=generator)
+    rows = torch.randperm(T, generator=generator)[:C]
+    targets = torch.randint(0, V, (C,), generator=generator)
+    targets[0], targets[-1] = 0, V - 1
+    targets[1] = int((hidden[rows[1]] @ weight.T).argmax())
+    return hidden, weight, rows, targets
+
+
+def _relative_error(value: torch.Tensor, oracle: torch.Tensor) -> float:
+    return float(((value.double() - oracle).abs() / oracle.abs().clamp_min(1e-30)).max())
+
+
+@interpreted
+# V: one ragged split after whole ones (77), whole tiles (128), a ragged tail (300); C: rows past
+# the last token tile's end
+@pytest.mark.parametrize("C, V", [(13, 77), (16, 128), (21, 300)])
+@pytest.mark.parametrize("with_entropy", [False, True])
+@pytest.mark.parametrize("with_bias, temperature", [(False, 1.0), (True, 0.7)])
+@pytest.mark.parametrize("store", [False, True])
+def test_fused_forward_matches_float64_and_the_split_kernel(C, V, with_entropy, with_bias,
+                                                            temperature, store):
+    from luffy_fast.kernels.forward import logsumexp_forward
+    from luffy_fast.kernels.forward_fused import fused_forward
+
+    hidden, weight, rows, targets = _inputs(40, C, 24, V, seed=V + C)
+    bias = torch.randn(V, generator=torch.Generator().manual_seed(6)) if with_bias else None
+    logits = torch.full((C, V), float("nan")) if store else None
+    got = fused_forward(hidden, weight, bias, rows, targets, temperature, with_entropy, logits)
+    split = logsumexp_forward(hidden, weight, bias, rows, targets, temperature, with_entropy)
+    product = hidden[rows].double() @ weight.double().T
+    if store:  # raw h W^T (no bias, no temperature), row i for token i, every entry written
+        torch.testing.assert_close(logits.double(), product, rtol=1e-5, atol=1e-5)
+    expected = forward_oracle(product, bias, targets, temperature)
+    for name, value, other, oracle in zip(NAMES, got, split, expected):
+        if not with_entropy and name == "E_p[z] - max":
+            assert value is None and other is None
+            continue
+        error, split_error = _relative_error(value, oracle), _relative_error(other, oracle)
+        assert error <= max(2e-5, 2 * split_error), (name, error, split_error)
+
+
+def _representable(T: int, H: int, V: int, seed: int):
+    """bf16 hidden in {-1, -0.5, 0, 0.5, 1} and weight in multiples of 1/16 below 0.5 (H <= 16):
+    every logit is a bf16 number, so rounding to bf16 loses nothing."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = (torch.randint(-2, 3, (T, H), generator=generator) / 2).to(torch.bfloat16)
+    weight = (torch.randint(-7, 8, (V, H), generator=generator) / 16).to(torch.bfloat16)
+    return hidden, weight
+
+
+@interpreted
+@pytest.mark.parametrize("kept_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("representable", [True, False])
+def test_fused_forward_over_bf16_inputs_stores_the_kept_logits(kept_dtype, representable):
+    """bf16 inputs. The stored tile is the product in the kept dtype: exact where every logit is a
+    bf16 number, else rounded once. The statistics are the split kernel's over that buffer, and
+    the same without a buffer (so the loss and token_logprobs agree): with 16-bit kept logits,
+    those of the rounded logits."""
+    from luffy_fast.kernels.forward import logsumexp_forward
+    from luffy_fast.kernels.forward_fused import fused_forward
+
+    if representable:
+        hidden, weight = _representable(30, 12, 150, seed=4)
+    else:
+        generator = torch.Generator().manual_seed(4)
+        hidden = torch.randn(30, 12, generator=generator).to(torch.bfloat16)
+        weight = torch.randn(150, 12, generator=generator).to(torch.bfloat16)
+    rows = torch.randperm(30, generator=torch.Generator().manual_seed(1))[:19]
+    targets = torch.randint(0, 150, (19,), generator=torch.Generator().manual_seed(2))
+    half = kept_dtype == torch.bfloat16
+    logits = torch.full((19, 150), float("nan"), dtype=kept_dtype)
+    stored = fused_forward(hidden, weight, None, rows, targets, 0.8, True, logits, half)
+    product = hidden[rows].double() @ weight.double().T
+    if representable:
+        assert torch.equal(logits.double(), product)
+    else:  # rounded once to the kept dtype: within one bf16 ulp (2^-7; the interpreter
+        # truncates fp32 to bf16, where a GPU rounds to nearest)
+        rounding = 2.0**-7 if half else 1e-6
+        torch.testing.assert_close(logits.double(), product, rtol=rounding, atol=1e-6)
+        assert not half or not torch.equal(logits.double(), product)
+    unstored = fused_forward(hidden, weight, None, rows, targets, 0.8, True, None, half)
+    split = logsumexp_forward(hidden, weight, None, rows, targets, 0.8, True, logits=logits)
+    for name, a, b, c in zip(NAMES, stored, unstored, split):
+        assert torch.equal(a, b), name
+        torch.testing.assert_close(a, c, rtol=2e-6, atol=1e-6, msg=name)
+
+
+@interpreted
+@pytest.mark.parametrize("config", [LuffyLossConfig.luffy(max_len=64),
+                                    LuffyLossConfig.grpo(entropy_coef=0.01, temperature=0.6)],
+                         ids=["luffy", "grpo_entropy"])
+def test_the_op_at_a_recompute_budget_with_the_switch_matches_the_reference(monkeypatch, config):
+    """The recompute strategy's forward (tile products, no logits kept) through the fused
+    kernel."""
+    from luffy_fast.kernels.function import plan
+
+    monkeypatch.setenv(SWITCH, "1")
+    batch = random_batch(150, 16, 90, seed=4, with_bias=True, zero_adv_fraction=0.3, num_seqs=6)
+    config = config.replace(memory_budget_mb=0.001)
+    assert plan(config, torch.device("cpu"), 150, 90, 4, 16)[0] == "recompute"
+    compare_backends(batch, config, torch.float32, "triton")
+
+
+@interpreted
+@pytest.mark.parametrize("rows", [1000, 40])  # one chunk; chunks of at most 40 tokens
+def test_the_switch_changes_no_result_of_the_16_bit_kept_path(monkeypatch, rows):
+    """bf16 inputs with bf16 numbers for logits and 16-bit kept logits: the loss, the stats and
+    every gradient the same with the fused forward as with cuBLAS's GEMM and the split pass, and
+    the old log-probs token_logprobs gives equal to the loss's. The switch must have run."""
+    from test_half_logits import HALF, _budget_mb, _representable_batch
+
+    import luffy_fast.kernels.function as function
+
+    batch = _representable_batch(150, 12, 150, seed=3, with_bias=True, zero_adv_fraction=0.3,
+                                 num_seqs=6)
+    config = LuffyLossConfig.grpo(entropy_coef=0.01, temperature=0.5, dual_clip=3.0).replace(
+        memory_budget_mb=_budget_mb(rows, batch, 2), **HALF)
+    args = (batch["hidden"], batch["weight"], batch["targets"])
+    options = {"bias": batch["bias"], "backend": "triton", "temperature": 0.5,
+               "logits_dtype": "input"}
+    loss, stats, grads = run_loss(batch, "triton", config)
+    old_logprobs, _ = token_logprobs(*args, **options)
+    calls = {"fused": 0, "cuBLAS": 0}
+
+    def counted(name, function_):
+        def call(*a, **k):
+            calls[name] += 1
+            return function_(*a, **k)
+        return call
+
+    monkeypatch.setattr(function, "fused_forward", counted("fused", function.fused_forward))
+    monkeypatch.setattr(function, "kept_logits", counted("cuBLAS", function.kept_logits))
+    monkeypatch.setenv(SWITCH, "1")
+    fused_loss, fused_stats, fused_grads = run_loss(batch, "triton", config)
+    assert calls["fused"] >= (1 if rows > 150 else 3) and calls["cuBLAS"] == 0
+    assert torch.equal(fused_loss, loss)
+    for key, value in stats.items():
+        assert torch.equal(torch.as_tensor(fused_stats[key]), torch.as_tensor(value)), key
+    for name, grad in grads.items():
+        assert torch.equal(fused_grads[name], grad), name
+    fused_old_logprobs, _ = token_logprobs(*args, **options)
+    assert torch.equal(fused_old_logprobs, old_logprobs)
+
+
+@interpreted
+@pytest.mark.parametrize("rows", [1000, 30])  # one chunk; chunks of at most 30 tokens
+def test_on_policy_ratios_start_at_1_with_the_switch_and_16_bit_logits(monkeypatch, rows):
+    """bf16 logits that 16-bit kept logits round: old log-probs from token_logprobs and the
+    loss's log-probs see the same rounding, so every on-policy ratio is exactly 1 (the trainer's
+    old log-probs take the loss's logits dtype)."""
+    from test_half_logits import _budget_mb
+
+    from luffy_fast.kernels.function import plan
+
+    monkeypatch.setenv(SWITCH, "1")
+    batch = random_batch(120, 16, 200, torch.bfloat16, seed=8, zero_adv_fraction=0.25)
+    config = LuffyLossConfig.grpo(memory_budget_mb=_budget_mb(rows, batch, 2),
+                                  logits_dtype="input")
+    tokens = int(batch["loss_mask"].sum())
+    assert plan(config, torch.device("cpu"), tokens, 200, 2, 16, 2) == ("kept", min(rows, tokens))
+    batch["old_logprobs"], _ = token_logprobs(batch["hidden"], batch["weight"], batch["targets"],
+                                              backend="triton", logits_dtype="input")
+    _, stats, _ = run_loss(batch, "triton", config)
+    assert float(stats["ratio_min"]) == float(stats["ratio_max"]) == 1.0
+    # and the rounding is there: fp32 logits give other log-probs
+    unrounded, _ = token_logprobs(batch["hidden"], batch["weight"], batch["targets"],
+                                  backend="triton")
+    assert not torch.equal(unrounded, batch["old_logprobs"])
