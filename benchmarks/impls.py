@@ -34,10 +34,13 @@ LUFFY_IMPLS = ("torch", "triton", "reference", *TRITON_VARIANTS)
 # Opt-in switches, named as a suffix of any implementation: "triton+rows" is "triton" with
 # LUFFY_FAST_ROW_FORWARD=1 (kernels/forward_rows.py, read from the environment at each call);
 # "+lean" with LUFFY_FAST_LEAN=1 (kernels/forward_lean.py, backward_lean.py); "+narrow" with
-# LUFFY_FAST_FILTER_TILES=narrow (the gradient filter's round-3 GEMM tiles); "+half" sets
-# LuffyLossConfig.logits_dtype = "input" (16-bit kept logits); "triton+lean+half" both.
+# LUFFY_FAST_FILTER_TILES=narrow (the gradient filter's round-3 GEMM tiles); "+fused" with
+# LUFFY_FAST_FUSED_FORWARD=1 (kernels/forward_fused.py: the statistics in a Triton GEMM's
+# epilogue); "+half" sets LuffyLossConfig.logits_dtype = "input" (16-bit kept logits);
+# "triton+lean+half" both.
 SWITCHES = {"rows": {"env": {"LUFFY_FAST_ROW_FORWARD": "1"}},
             "lean": {"env": {"LUFFY_FAST_LEAN": "1"}},
+            "fused": {"env": {"LUFFY_FAST_FUSED_FORWARD": "1"}},
             "narrow": {"env": {"LUFFY_FAST_FILTER_TILES": "narrow"}},
             "half": {"config": {"logits_dtype": "input"}}}
 # The implementations whose LuffyLossConfig the config switches change (the triton backend's).

@@ -9,6 +9,7 @@ autotuned kernel chose per tuning key. Writes profile.txt under $OUT.
     python -m benchmarks.profile_op --runs rows    # the opt-in whole-row forward against the default
     python -m benchmarks.profile_op --runs switches   # both opt-in switches (rows, half) and the default
     python -m benchmarks.profile_op --runs lean   # the opt-in lean passes (LUFFY_FAST_LEAN=1)
+    python -m benchmarks.profile_op --runs fused  # the statistics in the GEMM (LUFFY_FAST_FUSED_FORWARD=1)
 """
 
 from __future__ import annotations
@@ -46,7 +47,17 @@ LEAN_RUNS = ",".join(
     + [f"{scenario}:{impl}{switch}" for scenario, impl in
        (("dense", "triton"), ("dense", "triton_256mb"), ("rlvr", "triton"))
        for switch in ("", "+lean", "+half", "+lean+half")])
-PRESETS = {"rows": ROW_FORWARD_RUNS, "switches": SWITCH_RUNS, "lean": LEAN_RUNS}
+# The opt-in forward with the statistics in a Triton GEMM's epilogue (kernels/forward_fused.py)
+# beside cuBLAS's GEMM and the pass: `--runs fused`. With the switch token_logprobs keeps no
+# logits at any budget, and triton_lowmem's forward (the recompute strategy) is the fused kernel.
+FUSED_RUNS = ",".join(
+    ["dense:gemm_floor", "dense:gemm_logits"]
+    + [f"dense:token_logprobs{switch}" for switch in ("", "+fused", "+half", "+fused+half")]
+    + [f"{scenario}:{impl}{switch}" for scenario, impl in
+       (("dense", "triton"), ("dense", "triton_lowmem"), ("rlvr", "triton"))
+       for switch in ("", "+fused", "+half", "+fused+half")])
+PRESETS = {"rows": ROW_FORWARD_RUNS, "switches": SWITCH_RUNS, "lean": LEAN_RUNS,
+           "fused": FUSED_RUNS}
 
 
 def wall_ms(step, repeats: int = 5) -> float:
@@ -113,7 +124,7 @@ def main() -> None:
     parser.add_argument("--shape", default="8192,4096,151936", help="T,H,V")
     parser.add_argument("--runs", default=DEFAULT_RUNS,
                         help="scenario:implementation,... or a preset: 'rows' (ROW_FORWARD_RUNS), "
-                             "'switches' (SWITCH_RUNS), 'lean' (LEAN_RUNS)")
+                             "'switches' (SWITCH_RUNS), 'lean' (LEAN_RUNS), 'fused' (FUSED_RUNS)")
     parser.add_argument("--trace", action="store_true",
                         help="also profile the host and write trace-<scenario>-<impl>.json")
     args = parser.parse_args()

@@ -26,16 +26,19 @@ def test_switches_set_environment_variables_and_config_fields():
     assert lean.env == {"LUFFY_FAST_LEAN": "1"} and lean.config == {"logits_dtype": "input"}
 
 
-def test_the_lean_preset_pairs_each_run_with_the_switch():
+@pytest.mark.parametrize("switch", ["lean", "fused"])
+def test_a_switch_preset_pairs_each_run_with_the_switch(switch):
     from benchmarks.profile_op import PRESETS
 
-    runs = PRESETS["lean"].split(",")
+    runs = PRESETS[switch].split(",")
     for run in runs:
         impls.variant(run.split(":")[1])  # every name parses
-    plain = [run for run in runs if "+lean" not in run and run.split(":")[1].split("+")[0] in
-             ("triton", "triton_256mb", "token_logprobs")]
-    assert plain and all(run.replace("+half", "") + "+lean" + ("+half" if "+half" in run else "")
-                         in runs for run in plain)
+    plain = [run for run in runs if f"+{switch}" not in run and run.split(":")[1].split("+")[0] in
+             ("triton", "triton_256mb", "triton_lowmem", "token_logprobs")]
+    assert len(plain) >= 6
+    assert all(run.replace("+half", "") + f"+{switch}" + ("+half" if "+half" in run else "")
+               in runs for run in plain)
+    assert impls.variant(f"triton+{switch}").env == impls.SWITCHES[switch]["env"]
 
 
 @pytest.mark.parametrize("name", ["naive+half", "torch+half", "gemm_floor+half", "triton+fast"])
