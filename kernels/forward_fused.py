@@ -18,7 +18,7 @@ fills whole waves of the GPU's SMs (`wave_splits`). Not yet timed on a GPU; henc
 from __future__ import annotations
 
 import os
-from functools import cache
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -56,12 +56,23 @@ def fused_tile_configs() -> list[triton.Config]:
     return configs
 
 
+CONFIGS = fused_tile_configs()
+
+
+def _configs_for(configs: list, named_args: dict, **_) -> list:
+    """16-bit inputs tune over the 128-row tiles only: the 64-row one is there for fp32 tiles'
+    shared memory, and each config costs a compilation on the first call."""
+    if named_args["hidden_ptr"].element_size() == 4:
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_T"] >= 128] or configs
+
+
 @triton.heuristics({"HAS_BIAS": LOGIT_FLAGS["HAS_BIAS"], "DOT_PRECISION": LOGIT_FLAGS["DOT_PRECISION"],
                     "STORE_LOGITS": lambda args: args["logits_ptr"] is not None,
                     "WITH_ENTROPY": lambda args: args["sum_pz_ptr"] is not None,
                     **INTERPRETED_16_BIT})
-@triton.autotune(configs=fused_tile_configs(), key=["V_BUCKET", "H_BUCKET", "STORE_LOGITS"],
-                 do_bench=tuning_bench)
+@triton.autotune(configs=CONFIGS, key=["V_BUCKET", "H_BUCKET", "STORE_LOGITS"],
+                 prune_configs_by={"early_config_prune": _configs_for}, do_bench=tuning_bench)
 @triton.jit
 def _fused_forward_kernel(
     hidden_ptr, weight_ptr, bias_ptr, rows_ptr, targets_ptr, logits_ptr,
@@ -112,21 +123,37 @@ def _fused_forward_kernel(
         tl.store(sum_pz_ptr + out, run_sum_pz, mask=t_mask)
 
 
-@cache
-def wave_splits(num_tokens: int, vocab_size: int, sms: int, block_t: int = 128,
-                block_v: int = 256, per_program: float = 1.0) -> int:
-    """Vocabulary splits for a grid of splits x token tiles whose programs (one per SM at these
-    tiles' shared memory) fill whole waves: the split count with the least time, counted as waves
-    x (vocabulary tiles per program + `per_program`, a program's own start and partials in tiles),
-    the fewest splits among equals."""
+# Grid axis 1 (token tiles) takes at most 65535 programs, so one launch covers at most this many
+# tokens at the smallest token tile; longer inputs take several launches.
+MAX_LAUNCH_ROWS = 65535 * 64
+
+
+@lru_cache(maxsize=1024)
+def wave_splits(num_tokens: int, vocab_size: int, slots: int, block_t: int = 128,
+                block_v: int = 128, per_program: float = 2.0) -> int:
+    """Vocabulary splits for a grid of splits x token tiles (`block_t` x `block_v` tiles) whose
+    programs fill whole waves of the GPU's `slots` (programs it runs at once): the split count
+    with the least time, counted as waves x (vocabulary tiles per program + `per_program`, a
+    program's start and partials in tiles), the fewest splits among equals."""
     token_tiles = -(-max(num_tokens, 1) // block_t)
     vocab_tiles = -(-vocab_size // block_v)
 
     def cost(splits: int) -> float:
-        waves = -(-splits * token_tiles // sms)
+        waves = -(-splits * token_tiles // slots)
         return waves * (-(-vocab_tiles // splits) + per_program)
 
     return min(range(1, vocab_tiles + 1), key=lambda splits: (cost(splits), splits))
+
+
+def _splits(num_tokens: int, vocab_size: int, meta: dict) -> int:
+    """The split count for a launch at config `meta` (the interpreter's: num_vocab_splits). On a
+    GPU a 128 x 128 tile's shared memory leaves room for one program per SM, a 64-row one for
+    two (tests/cuda_compile.py's figures)."""
+    if INTERPRET or not torch.cuda.is_available():
+        return num_vocab_splits(num_tokens, vocab_size)
+    per_sm = 1 if meta["BLOCK_T"] * meta["BLOCK_V"] >= 128 * 128 else 2
+    return wave_splits(num_tokens, vocab_size, num_sms() * per_sm, meta["BLOCK_T"],
+                       meta["BLOCK_V"])
 
 
 def fused_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -142,16 +169,31 @@ def fused_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     inputs' 16-bit dtype (LuffyLossConfig.logits_dtype = "input"), as the kept buffer holds them.
     """
     N, V, HD = rows.numel(), weight.shape[0], weight.shape[1]
-    if INTERPRET or not torch.cuda.is_available():
-        splits = num_vocab_splits(N, V)
-    else:
-        splits = wave_splits(N, V, num_sms())
-    partials = split_partials(splits, N, hidden.device, with_entropy)
+    if N > MAX_LAUNCH_ROWS:
+        parts = [fused_forward(hidden, weight, bias, rows[start:start + MAX_LAUNCH_ROWS],
+                               targets[start:start + MAX_LAUNCH_ROWS], temperature, with_entropy,
+                               None if logits is None else logits[start:start + MAX_LAUNCH_ROWS],
+                               half)
+                 for start in range(0, N, MAX_LAUNCH_ROWS)]
+        merged = [None if values[0] is None else torch.cat(values) for values in zip(*parts)]
+        if out is None:
+            return tuple(merged)
+        for into, values in zip(out, merged):
+            if into is not None:
+                into.copy_(values)
+        return out
+    # partials for the most splits any config takes; the launch's own count is its grid's
+    most = max(_splits(N, V, config.kwargs) for config in _configs_for(CONFIGS, {"hidden_ptr": hidden}))
+    partials = split_partials(most, N, hidden.device, with_entropy)
+    launched = [most]
     if N > 0:
-        grid = lambda meta: (splits, triton.cdiv(N, meta["BLOCK_T"]))  # noqa: E731
+        def grid(meta):
+            launched.append(_splits(N, V, meta))
+            return launched[-1], triton.cdiv(N, meta["BLOCK_T"])
+
         _fused_forward_kernel[grid](
             hidden, weight, bias, rows, targets, logits, *partials,
             N, V, HD, hidden.stride(0), weight.stride(0),
             logits.stride(0) if logits is not None else 0, 1.0 / temperature,
             shape_bucket(V), shape_bucket(HD), HALF_LOGITS=half)
-    return merge_splits(*partials, out)
+    return merge_splits(*(None if p is None else p[:launched[-1]] for p in partials), out)

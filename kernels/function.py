@@ -135,9 +135,8 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
         if gradient_chunk and part.start == N - num_maybe_active:  # the forward-only ones are done
             _stray_gradients(inputs, buffers, part.start, hidden, weight, bias, chunk, gradients)
         rows, targets = inputs.rows[part], inputs.targets[part]
-        hidden_rows = hidden[rows]
-        logits = _chunk_forward(hidden, hidden_rows, weight, bias, rows, targets, config, half,
-                                buffers.moments(part))
+        logits, hidden_rows = _chunk_forward(hidden, weight, bias, rows, targets, config, half,
+                                             gradient_chunk, buffers.moments(part))
         token_terms_into(inputs, part, buffers)
         terms = buffers[part]
         if gradient_chunk and grad_filter is None:
@@ -162,22 +161,23 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
     return terms.loss, stats, gradients
 
 
-def _chunk_forward(hidden, hidden_rows, weight, bias, rows, targets, config: LuffyLossConfig,
-                   half: bool, out) -> Tensor:
-    """A kept chunk's logits (raw h W^T, fp32 or 16-bit when `half`), with its forward statistics
-    written into `out`: cuBLAS's GEMM and a pass over its output, or with
-    LUFFY_FAST_FUSED_FORWARD=1 one Triton GEMM with the statistics in its epilogue
-    (kernels/forward_fused.py)."""
+def _chunk_forward(hidden, weight, bias, rows, targets, config: LuffyLossConfig, half: bool,
+                   gradient_chunk: bool, out) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """A kept chunk's forward statistics, written into `out`, and its logits (raw h W^T, fp32 or
+    16-bit when `half`) and gathered hidden rows for the gradients: cuBLAS's GEMM and a pass over
+    its output, or with LUFFY_FAST_FUSED_FORWARD=1 one Triton GEMM with the statistics in its
+    epilogue (kernels/forward_fused.py), which keeps neither for a forward-only chunk."""
     with_entropy = config.entropy_coef > 0
     if fused_forward_enabled():
         logits = torch.empty(rows.numel(), weight.shape[0], device=hidden.device,
-                             dtype=hidden.dtype if half else torch.float32)
+                             dtype=hidden.dtype if half else torch.float32) if gradient_chunk else None
         fused_forward(hidden, weight, bias, rows, targets, config.temperature, with_entropy,
                       logits, half, out)
-        return logits
+        return logits, hidden[rows] if gradient_chunk else None
+    hidden_rows = hidden[rows]
     logits = kept_logits(hidden_rows, weight, half)
     _kept_forward(hidden, weight, bias, rows, targets, config.temperature, with_entropy, logits, out)
-    return logits
+    return logits, hidden_rows
 
 
 def _product_forward(hidden, weight, bias, rows, targets, temperature: float, with_entropy: bool,

@@ -251,8 +251,10 @@ def _pruned(tuner, jit, configs, present: set, dtype) -> list:
     prune = None if tuner is None else getattr(tuner, "early_config_prune", None)
     if prune is None:
         return configs
-    named = {name: (torch.empty(1) if name in present else None) if name.endswith("_ptr") else 1
-             for name in jit.arg_names}
+    optional = {n for names in GROUPS.values() for n in names} - REQUIRED.get(jit.__name__, set())
+    named = {name: (torch.empty(1, dtype=pointer_dtype(jit.__name__, name, dtype))
+                    if name in present or name not in optional else None)
+             if name.endswith("_ptr") else 1 for name in jit.arg_names}
     return prune(configs, named)
 
 

@@ -283,6 +283,24 @@ def tiny_qwen2(layers: int = 2, **config):
     return Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=layers, **{**shape, **config}))
 
 
+FORWARD_OUTPUTS = ("logsumexp", "log pi", "max", "E_p[z] - max")
+
+
+def assert_forward_outputs(got, other, expected, floor: float) -> None:
+    """A forward kernel's four outputs `got` against float64 `expected` (forward_oracle), each no
+    worse than `floor` or twice another kernel's error (`other`), relative to each value (log pi
+    spans -1e-9 to -50). E_p[z] - max is None in both without entropy."""
+    def relative_error(value: torch.Tensor, oracle: torch.Tensor) -> float:
+        return float(((value.double() - oracle).abs() / oracle.abs().clamp_min(1e-30)).max())
+
+    for name, value, value_other, oracle in zip(FORWARD_OUTPUTS, got, other, expected):
+        if value is None or value_other is None:
+            assert value is None and value_other is None and name == "E_p[z] - max", name
+            continue
+        error, other_error = relative_error(value, oracle), relative_error(value_other, oracle)
+        assert error <= max(floor, 2 * other_error), (name, error, other_error)
+
+
 def forward_oracle(logits: torch.Tensor, bias, targets, temperature: float):
     """float64 per-token outputs of the forward kernels from raw logits [N, V] (+ bias) and a
     temperature: logsumexp, log pi, max and E_p[z] - max (a -inf logit takes no part in it)."""

@@ -12,10 +12,17 @@ import os
 import pytest
 import torch
 
-from helpers import compare_backends, forward_oracle, random_batch, run_loss
+from helpers import (
+    FORWARD_OUTPUTS,
+    assert_forward_outputs,
+    compare_backends,
+    forward_oracle,
+    peaked_batch,
+    random_batch,
+    run_loss,
+)
 from luffy_fast import LuffyLossConfig, token_logprobs
 
-NAMES = ("logsumexp", "log pi", "max", "E_p[z] - max")
 SWITCH = "LUFFY_FAST_FUSED_FORWARD"
 interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                  reason="runs the kernels on the interpreter (TRITON_INTERPRET=1)")
@@ -24,17 +31,20 @@ interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 def test_wave_splits_fill_whole_waves():
     from luffy_fast.kernels.forward_fused import wave_splits
 
-    # V = 151936 is 594 tiles of 256; 132 SMs. 2731 tokens are 22 tiles of 128: 6 splits make
-    # 132 programs, one wave of 99 tiles each (cost 1 x (99 + 1)); 12 splits two waves of 50
-    # (2 x 51 = 102); the default kernel's ~37 splits would be 7 waves, the last a third full.
+    # V = 151936 is 1187 tiles of 128; 132 SMs; cost = waves x (tiles per program + 2).
+    # 2731 tokens are 22 tiles of 128: 6 splits make 132 programs, one wave of 198 tiles each
+    # (200); 12 splits two waves of 99 (202); the default kernel's 38 splits would be 7 waves,
+    # the last a third full.
     assert wave_splits(2731, 151936, 132) == 6
-    # 8192 tokens, 64 tiles: 2 splits, one wave of 297 tiles (298); 4 splits two waves of 149
-    # (300); 6 splits three of 99 (300)
+    # 8192 tokens, 64 tiles: 2 splits, one wave of 594 tiles (596); 4 splits two waves of 297
+    # (598); 6 splits three of 198 (600)
     assert wave_splits(8192, 151936, 132) == 2
-    # one token tile: 119 splits of 5 tiles each (cost 6), the fewest splits with that cost
-    assert wave_splits(100, 151936, 132) == 119
-    # a vocabulary of one tile: one split
-    assert wave_splits(5000, 200, 132) == 1
+    # one token tile: 132 splits of at most 9 tiles (11); 131 splits need 10 tiles each (12)
+    assert wave_splits(100, 151936, 132) == 132
+    # a vocabulary of 2 tiles: 40 token tiles x 2 splits is still one wave (1 + 2 against 2 + 2)
+    assert wave_splits(5000, 200, 132) == 2
+    # 64-row tiles, two programs per SM (264 slots): 43 token tiles x 6 splits = 258 programs
+    assert wave_splits(2731, 151936, 264, 64, 128) == 6
 
 
 def _inputs(T: int, C: int, H: int, V: int, seed: int):
@@ -48,10 +58,6 @@ def _inputs(T: int, C: int, H: int, V: int, seed: int):
     targets[0], targets[-1] = 0, V - 1
     targets[1] = int((hidden[rows[1]] @ weight.T).argmax())
     return hidden, weight, rows, targets
-
-
-def _relative_error(value: torch.Tensor, oracle: torch.Tensor) -> float:
-    return float(((value.double() - oracle).abs() / oracle.abs().clamp_min(1e-30)).max())
 
 
 @interpreted
@@ -74,13 +80,8 @@ def test_fused_forward_matches_float64_and_the_split_kernel(C, V, with_entropy, 
     product = hidden[rows].double() @ weight.double().T
     if store:  # raw h W^T (no bias, no temperature), row i for token i, every entry written
         torch.testing.assert_close(logits.double(), product, rtol=1e-5, atol=1e-5)
-    expected = forward_oracle(product, bias, targets, temperature)
-    for name, value, other, oracle in zip(NAMES, got, split, expected):
-        if not with_entropy and name == "E_p[z] - max":
-            assert value is None and other is None
-            continue
-        error, split_error = _relative_error(value, oracle), _relative_error(other, oracle)
-        assert error <= max(2e-5, 2 * split_error), (name, error, split_error)
+    assert (got[3] is None) == (not with_entropy)
+    assert_forward_outputs(got, split, forward_oracle(product, bias, targets, temperature), 2e-5)
 
 
 def _representable(T: int, H: int, V: int, seed: int):
@@ -94,8 +95,11 @@ def _representable(T: int, H: int, V: int, seed: int):
 
 @interpreted
 @pytest.mark.parametrize("kept_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("representable", [True, False])
-def test_fused_forward_over_bf16_inputs_stores_the_kept_logits(kept_dtype, representable):
+@pytest.mark.parametrize("representable, with_bias, temperature", [(True, False, 0.8),
+                                                                    (False, False, 0.8),
+                                                                    (False, True, 0.6)])
+def test_fused_forward_over_bf16_inputs_stores_the_kept_logits(kept_dtype, representable,
+                                                               with_bias, temperature):
     """bf16 inputs. The stored tile is the product in the kept dtype: exact where every logit is a
     bf16 number, else rounded once. The statistics are the split kernel's over that buffer, and
     the same without a buffer (so the loss and token_logprobs agree): with 16-bit kept logits,
@@ -111,20 +115,23 @@ def test_fused_forward_over_bf16_inputs_stores_the_kept_logits(kept_dtype, repre
         weight = torch.randn(150, 12, generator=generator).to(torch.bfloat16)
     rows = torch.randperm(30, generator=torch.Generator().manual_seed(1))[:19]
     targets = torch.randint(0, 150, (19,), generator=torch.Generator().manual_seed(2))
+    bias = (torch.randn(150, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+            if with_bias else None)
     half = kept_dtype == torch.bfloat16
     logits = torch.full((19, 150), float("nan"), dtype=kept_dtype)
-    stored = fused_forward(hidden, weight, None, rows, targets, 0.8, True, logits, half)
+    stored = fused_forward(hidden, weight, bias, rows, targets, temperature, True, logits, half)
     product = hidden[rows].double() @ weight.double().T
     if representable:
         assert torch.equal(logits.double(), product)
     else:  # rounded once to the kept dtype: within one bf16 ulp (2^-7; the interpreter
-        # truncates fp32 to bf16, where a GPU rounds to nearest)
+        # truncates fp32 to bf16, where a GPU rounds to nearest even, within half of one)
         rounding = 2.0**-7 if half else 1e-6
         torch.testing.assert_close(logits.double(), product, rtol=rounding, atol=1e-6)
         assert not half or not torch.equal(logits.double(), product)
-    unstored = fused_forward(hidden, weight, None, rows, targets, 0.8, True, None, half)
-    split = logsumexp_forward(hidden, weight, None, rows, targets, 0.8, True, logits=logits)
-    for name, a, b, c in zip(NAMES, stored, unstored, split):
+    unstored = fused_forward(hidden, weight, bias, rows, targets, temperature, True, None, half)
+    split = logsumexp_forward(hidden, weight, bias, rows, targets, temperature, True,
+                              logits=logits)
+    for name, a, b, c in zip(FORWARD_OUTPUTS, stored, unstored, split):
         assert torch.equal(a, b), name
         torch.testing.assert_close(a, c, rtol=2e-6, atol=1e-6, msg=name)
 
@@ -210,3 +217,116 @@ def test_on_policy_ratios_start_at_1_with_the_switch_and_16_bit_logits(monkeypat
     unrounded, _ = token_logprobs(batch["hidden"], batch["weight"], batch["targets"],
                                   backend="triton")
     assert not torch.equal(unrounded, batch["old_logprobs"])
+
+
+@interpreted
+@pytest.mark.parametrize("splits", [1, 9])  # one split; 9 splits of 3 tiles, 6 of them empty
+def test_fused_forward_at_any_split_count_and_across_launches(monkeypatch, splits):
+    """The GPU's split counts (wave_splits) are not the interpreter's: the kernel at a forced count,
+    empty splits included, matches float64; and inputs longer than a launch takes
+    (MAX_LAUNCH_ROWS, made 7 here) go in several launches with the same results, written into
+    `out`."""
+    import luffy_fast.kernels.forward_fused as forward_fused
+    from luffy_fast.kernels.forward import logsumexp_forward
+
+    hidden, weight, rows, targets = _inputs(40, 19, 24, 65, seed=7)
+    bias = torch.randn(65, generator=torch.Generator().manual_seed(8))
+    # the partials are sized for the most splits any config takes (here 4 more than the launch's,
+    # filled with NaN): only the launch's own count may be merged
+    monkeypatch.setattr(forward_fused, "_splits",
+                        lambda n, v, meta: splits if "HALF_LOGITS" in meta else splits + 4)
+    partials = forward_fused.split_partials
+    monkeypatch.setattr(forward_fused, "split_partials", lambda *args: tuple(
+        None if p is None else p.fill_(float("nan")) for p in partials(*args)))
+    logits = torch.full((19, 65), float("nan"))
+    got = forward_fused.fused_forward(hidden, weight, bias, rows, targets, 0.9, True, logits)
+    product = hidden[rows].double() @ weight.double().T
+    torch.testing.assert_close(logits.double(), product, rtol=1e-5, atol=1e-5)
+    split = logsumexp_forward(hidden, weight, bias, rows, targets, 0.9, True)
+    assert_forward_outputs(got, split, forward_oracle(product, bias, targets, 0.9), 2e-5)
+    monkeypatch.setattr(forward_fused, "MAX_LAUNCH_ROWS", 7)
+    again = torch.full((19, 65), float("nan"))
+    out = tuple(torch.empty(19) for _ in range(4))
+    pieces = forward_fused.fused_forward(hidden, weight, bias, rows, targets, 0.9, True, again,
+                                         out=out)
+    # (the same up to the rounding of the interpreter's products, whose order follows the tiles)
+    torch.testing.assert_close(again, logits, rtol=1e-6, atol=1e-6)
+    for name, value, piece, into in zip(FORWARD_OUTPUTS, got, pieces, out):
+        assert piece is into, name
+        torch.testing.assert_close(piece, value, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@interpreted
+def test_token_logprobs_with_the_switch_rounds_only_where_logits_would_be_kept(monkeypatch):
+    """With 16-bit kept logits the default token_logprobs rounds the logits only at budgets that
+    keep a chunk of them (the tile products at smaller ones do not round); the switch keeps no
+    logits at any budget but rounds exactly where the default would."""
+    from luffy_fast.kernels.function import logprob_chunk, triton_token_logprobs
+
+    monkeypatch.setenv(SWITCH, "1")
+    generator = torch.Generator().manual_seed(11)
+    hidden = torch.randn(40, 16, generator=generator).to(torch.bfloat16)
+    weight = torch.randn(120, 16, generator=generator).to(torch.bfloat16)
+    targets = torch.randint(0, 120, (40,), generator=generator)
+
+    def logprobs(budget_mb: float, logits_dtype: str) -> torch.Tensor:
+        config = LuffyLossConfig(memory_budget_mb=budget_mb, logits_dtype=logits_dtype)
+        return triton_token_logprobs(hidden, weight, None, targets, config, False)[0]
+
+    small = 1e-4  # too small to keep a chunk, for either logit size
+    assert logprob_chunk(LuffyLossConfig(memory_budget_mb=small), torch.device("cpu"), 40, 120,
+                         logit_size=2) == 0
+    assert torch.equal(logprobs(small, "input"), logprobs(small, "float32"))
+    assert not torch.equal(logprobs(64.0, "input"), logprobs(64.0, "float32"))
+
+
+@interpreted
+def test_the_gradient_filter_with_the_switch(monkeypatch):
+    """The gradient filter reads the kept logits the fused forward stored: the same loss, skipped
+    fraction and gradients as over cuBLAS's logits (fp32)."""
+    batch = peaked_batch(64, 64, 1024, margin=20.0)  # most targets top-1 at p > 0.9
+    config = LuffyLossConfig.luffy(max_len=64, grad_filter=1e-4, memory_budget_mb=0.1)
+    loss, stats, grads = run_loss(batch, "triton", config)
+    assert float(stats["grad_filter_skipped_fraction"]) > 0.1
+    monkeypatch.setenv(SWITCH, "1")
+    fused_loss, fused_stats, fused_grads = run_loss(batch, "triton", config)
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-6, atol=1e-7)
+    assert float(fused_stats["grad_filter_skipped_fraction"]) == float(
+        stats["grad_filter_skipped_fraction"])
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@interpreted
+def test_forward_only_chunks_keep_no_logits(monkeypatch):
+    """Zero-advantage tokens get the forward only: with the switch their chunks store no logits
+    (and gather no hidden rows), and the op still matches the reference."""
+    import luffy_fast.kernels.function as function
+
+    stored = []
+    fused = function.fused_forward
+
+    def spy(hidden, weight, bias, rows, targets, temperature, with_entropy, logits=None, *a, **k):
+        stored.append(logits is not None)
+        return fused(hidden, weight, bias, rows, targets, temperature, with_entropy, logits, *a, **k)
+
+    monkeypatch.setattr(function, "fused_forward", spy)
+    monkeypatch.setenv(SWITCH, "1")
+    batch = random_batch(150, 16, 90, seed=4, zero_adv_fraction=0.5, num_seqs=6)
+    compare_backends(batch, LuffyLossConfig.grpo(memory_budget_mb=0.05), torch.float32, "triton")
+    assert True in stored and False in stored, stored
+
+
+def test_16_bit_inputs_tune_over_the_128_row_tiles():
+    import triton
+
+    from luffy_fast.kernels.forward_fused import _configs_for
+
+    configs = [triton.Config({"BLOCK_T": t, "BLOCK_V": 128, "BLOCK_H": h}) for t, h in
+               ((128, 64), (64, 32))]
+    for dtype, kept in ((torch.bfloat16, configs[:1]), (torch.float16, configs[:1]),
+                        (torch.float32, configs)):
+        assert _configs_for(configs, {"hidden_ptr": torch.empty(1, dtype=dtype)}) == kept
+    # no 128-row tile (the interpreter's): every config stays
+    assert _configs_for(configs[1:], {"hidden_ptr": torch.empty(1, dtype=torch.bfloat16)}) == \
+        configs[1:]
