@@ -11,7 +11,8 @@
 # (one test each). GPU_CHECK_STAGES picks stages (default "parity speed memory"; "profile" on request:
 # benchmarks/profile_op.py, with GPU_PROFILE_ARGS, e.g. "--runs rows"; "sweep" on request:
 # benchmarks/pass_sweep.py, a toy chunk in the dry run; "filter" on request:
-# benchmarks/filter_sweep.py, the gradient filter's GEMMs at a few tile configs); GPU_PARITY_ARGS
+# benchmarks/filter_sweep.py, the gradient filter's GEMMs at a few tile configs; "fused" on request:
+# benchmarks/fused_sweep.py, the opt-in fused forward on one chunk); GPU_PARITY_ARGS
 # (default --quick), GPU_CHECK_CAPS ("name:seconds ..."), GPU_CHECK_SPEED_TESTS, GPU_CHECK_PYTEST_ARGS
 # (the speed stage's), GPU_CHECK_MEMORY_PYTEST_ARGS (the memory stage's) and BENCH_TEST_TIMEOUT (per test,
 # default 150 s) narrow a run; LUFFY_BENCH_EXTRA_IMPLS (default: the "+half" variants) widens it.
@@ -37,12 +38,14 @@ export LUFFY_BENCH_EXTRA_IMPLS=${LUFFY_BENCH_EXTRA_IMPLS-triton+half,triton_256m
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 STAGE_TAG=gpu_check
-STAGE_ORDER="parity speed memory profile sweep filter"
-STAGE_CAPS=${GPU_CHECK_CAPS:-"parity:200 speed:150 memory:120 profile:60 sweep:150 filter:90"}
+STAGE_ORDER="parity speed memory profile sweep filter fused"
+STAGE_CAPS=${GPU_CHECK_CAPS:-"parity:200 speed:150 memory:120 profile:60 sweep:150 filter:90 fused:60"}
 # The default stages; "profile" (benchmarks/profile_op.py: where the op's time goes), "sweep"
 # (benchmarks/pass_sweep.py: the two passes over kept logits at a grid of tile configs, beside
 # torch's read and read+write rooflines) and "filter" (benchmarks/filter_sweep.py: the gradient
-# filter's block-sparse GEMMs at a few tile configs, beside cuBLAS's dense products) run when named.
+# filter's block-sparse GEMMs at a few tile configs, beside cuBLAS's dense products) and "fused"
+# (benchmarks/fused_sweep.py: the opt-in fused forward against cuBLAS + the statistics pass) run
+# when named.
 DEFAULT_STAGES="parity speed memory"
 STAGES=${GPU_CHECK_STAGES:-$DEFAULT_STAGES}
 # shellcheck source=benchmarks/stages.sh
@@ -125,6 +128,14 @@ fi
 if [[ "$TAG" == cuda || "$TAG" == dry-run ]] && stage_selected filter; then
   limit=$(stage_limit filter)
   STAGE_OUTPUT=$OUT_DIR/filter_sweep.log run_stage filter $PY -m benchmarks.filter_sweep \
+    --seconds $(( limit > 50 ? limit - 20 : limit / 2 ))
+fi
+
+# (d''') The fused forward against cuBLAS's GEMM + the statistics pass on one chunk, at its tile
+# configs and a few split counts (only when selected).
+if [[ "$TAG" == cuda || "$TAG" == dry-run ]] && stage_selected fused; then
+  limit=$(stage_limit fused)
+  STAGE_OUTPUT=$OUT_DIR/fused_sweep.log run_stage fused $PY -m benchmarks.fused_sweep \
     --seconds $(( limit > 50 ? limit - 20 : limit / 2 ))
 fi
 

@@ -39,23 +39,25 @@ SWITCH_RUNS = ",".join(
     + [f"{scenario}:{impl}{switch}" for scenario, impl in
        (("dense", "triton"), ("dense", "triton_256mb"), ("rlvr", "triton"))
        for switch in ("", "+rows", "+half", "+rows+half")])
-# The opt-in lean passes over kept logits (kernels/forward_lean.py, backward_lean.py) beside the
-# default, with fp32 and 16-bit kept logits: `--runs lean`.
-LEAN_RUNS = ",".join(
-    ["dense:gemm_floor", "dense:gemm_logits"]
-    + [f"dense:token_logprobs{switch}" for switch in ("", "+lean", "+half", "+lean+half")]
-    + [f"{scenario}:{impl}{switch}" for scenario, impl in
-       (("dense", "triton"), ("dense", "triton_256mb"), ("rlvr", "triton"))
-       for switch in ("", "+lean", "+half", "+lean+half")])
+
+
+def _switch_preset(switch: str, small_budget: str) -> str:
+    """Runs of a switch beside the default, each with fp32 and 16-bit kept logits: token_logprobs,
+    the loss at the default budget and at `small_budget`'s, and the RLVR batch."""
+    switches = ("", f"+{switch}", "+half", f"+{switch}+half")
+    return ",".join(
+        ["dense:gemm_floor", "dense:gemm_logits"]
+        + [f"dense:token_logprobs{on}" for on in switches]
+        + [f"{scenario}:{impl}{on}" for scenario, impl in
+           (("dense", "triton"), ("dense", small_budget), ("rlvr", "triton")) for on in switches])
+
+
+# The opt-in lean passes over kept logits (kernels/forward_lean.py, backward_lean.py): `--runs lean`.
+LEAN_RUNS = _switch_preset("lean", "triton_256mb")
 # The opt-in forward with the statistics in a Triton GEMM's epilogue (kernels/forward_fused.py)
 # beside cuBLAS's GEMM and the pass: `--runs fused`. With the switch token_logprobs keeps no
 # logits at any budget, and triton_lowmem's forward (the recompute strategy) is the fused kernel.
-FUSED_RUNS = ",".join(
-    ["dense:gemm_floor", "dense:gemm_logits"]
-    + [f"dense:token_logprobs{switch}" for switch in ("", "+fused", "+half", "+fused+half")]
-    + [f"{scenario}:{impl}{switch}" for scenario, impl in
-       (("dense", "triton"), ("dense", "triton_lowmem"), ("rlvr", "triton"))
-       for switch in ("", "+fused", "+half", "+fused+half")])
+FUSED_RUNS = _switch_preset("fused", "triton_lowmem")
 PRESETS = {"rows": ROW_FORWARD_RUNS, "switches": SWITCH_RUNS, "lean": LEAN_RUNS,
            "fused": FUSED_RUNS}
 
