@@ -169,8 +169,10 @@ def _chunk_forward(hidden, weight, bias, rows, targets, config: LuffyLossConfig,
     epilogue (kernels/forward_fused.py), which keeps neither for a forward-only chunk."""
     with_entropy = config.entropy_coef > 0
     if fused_forward_enabled():
-        logits = torch.empty(rows.numel(), weight.shape[0], device=hidden.device,
-                             dtype=hidden.dtype if half else torch.float32) if gradient_chunk else None
+        logits = None
+        if gradient_chunk:
+            logits = torch.empty(rows.numel(), weight.shape[0], device=hidden.device,
+                                 dtype=hidden.dtype if half else torch.float32)
         fused_forward(hidden, weight, bias, rows, targets, config.temperature, with_entropy,
                       logits, half, out)
         return logits, hidden[rows] if gradient_chunk else None
