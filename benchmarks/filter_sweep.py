@@ -21,10 +21,8 @@ With BENCH_DRY_RUN=1 (or on a CPU) it runs a toy chunk on the interpreter.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -38,6 +36,7 @@ from luffy_fast.kernels.function import plan  # noqa: E402
 from luffy_fast.kernels.utils import tuning_bench  # noqa: E402
 
 from .cases import peaked_hidden_weight  # noqa: E402
+from .pass_sweep import SweepLog  # noqa: E402
 
 DRY = not torch.cuda.is_available() or os.environ.get("BENCH_DRY_RUN") == "1"
 
@@ -234,13 +233,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         rows, H, V = 40, 40, 300
     else:
         rows = chunk_rows(T, H, V, args.threshold, device)
-    out = Path(os.environ.get("OUT") or "gpu_results")
-    out.mkdir(parents=True, exist_ok=True)
-    lines: list[str] = []
-
-    def log(text: str) -> None:
-        print(text, flush=True)
-        lines.append(text)
+    log = SweepLog("filter_sweep")
 
     deadline = time.monotonic() + args.seconds
     log(f"== the filter's GEMMs on a chunk of {rows} x {V}, H = {H}, {str(dtype)[6:]}, "
@@ -251,11 +244,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                           ("weight", DRY_WEIGHT if DRY else WEIGHT)):
         share = (deadline - time.monotonic()) / (2 if part == "hidden" else 1)
         results += sweep(chunk, part, configs, time.monotonic() + share, log)
-        # after each kernel, so that a stage cut short keeps what it timed
-        (out / "filter_sweep.json").write_text(json.dumps(
-            {"shape": [T, H, V], "rows": rows, "threshold": args.threshold, "results": results},
-            indent=1))
-        (out / "filter_sweep.txt").write_text("\n".join(lines) + "\n")
+        log.save({"shape": [T, H, V], "rows": rows, "threshold": args.threshold,
+                  "results": results})
 
 
 if __name__ == "__main__":

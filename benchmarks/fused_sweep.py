@@ -14,10 +14,8 @@ With BENCH_DRY_RUN=1 (or on a CPU) it runs a toy chunk on the interpreter.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
-from pathlib import Path
 
 import torch
 
@@ -28,7 +26,16 @@ from luffy_fast import LuffyLossConfig  # noqa: E402
 from luffy_fast.gemm import kept_logits  # noqa: E402
 from luffy_fast.kernels import forward, forward_fused  # noqa: E402
 
-from .pass_sweep import DRY, KernelConfigs, agrees, chunk_rows, label, only_config, time_ms  # noqa: E402
+from .pass_sweep import (  # noqa: E402
+    DRY,
+    KernelConfigs,
+    SweepLog,
+    agrees,
+    chunk_rows,
+    label,
+    only_config,
+    time_ms,
+)
 
 KERNEL = forward_fused._fused_forward_kernel
 
@@ -154,22 +161,14 @@ def main() -> None:
     args = parser.parse_args()
     T, H, V = (int(x) for x in args.shape.split(","))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out = Path(os.environ.get("OUT") or "gpu_results")
-    out.mkdir(parents=True, exist_ok=True)
-    lines: list[str] = []
-
-    def log(text: str) -> None:
-        print(text, flush=True)
-        lines.append(text)
+    log = SweepLog("fused_sweep")
 
     deadline = time.monotonic() + args.seconds
     budget_mb = LuffyLossConfig().memory_budget_bytes(device) / 2**20
     rows, H, V = (19, 12, 200) if DRY else (chunk_rows(T, H, V, budget_mb, 2, 2), H, V)
     log(f"== the fused forward: a chunk of {rows} tokens, H = {H}, V = {V}, bf16 (16-bit kept "
         "logits' chunk at the default budget)")
-    result = sweep(Chunk(rows, H, V, device, exact=DRY), deadline, log)
-    (out / "fused_sweep.json").write_text(json.dumps({"shape": [T, H, V], **result}, indent=1))
-    (out / "fused_sweep.txt").write_text("\n".join(lines) + "\n")
+    log.save({"shape": [T, H, V], **sweep(Chunk(rows, H, V, device, exact=DRY), deadline, log)})
 
 
 if __name__ == "__main__":

@@ -62,6 +62,25 @@ def label(config: triton.Config) -> str:
             f"w{config.num_warps} s{config.num_stages}")
 
 
+class SweepLog:
+    """A sweep's output: lines printed as they come and kept, and both written under $OUT (or
+    ./gpu_results) as <name>.txt and <name>.json by `save`, after each part, so that a stage cut
+    short keeps what it timed."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.lines = name, []
+        self.out = Path(os.environ.get("OUT") or "gpu_results")
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, text: str) -> None:
+        print(text, flush=True)
+        self.lines.append(text)
+
+    def save(self, result: dict) -> None:
+        (self.out / f"{self.name}.json").write_text(json.dumps(result, indent=1))
+        (self.out / f"{self.name}.txt").write_text("\n".join(self.lines) + "\n")
+
+
 def time_ms(run) -> float:
     """Median milliseconds of `run`, timed as the autotuners time a config (kernels/utils.py:
     tuning_bench: CUDA events after a warm-up, the GPU given a head start; wall clock on a CPU)."""
@@ -250,14 +269,8 @@ def main() -> None:
     args = parser.parse_args()
     T, H, V = (int(x) for x in args.shape.split(","))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out = Path(os.environ.get("OUT") or "gpu_results")
-    out.mkdir(parents=True, exist_ok=True)
     budget_mb = args.budget_mb or LuffyLossConfig().memory_budget_bytes(device) / 2**20
-    lines: list[str] = []
-
-    def log(text: str) -> None:
-        print(text, flush=True)
-        lines.append(text)
+    log = SweepLog("pass_sweep")
 
     deadline = time.monotonic() + args.seconds
     cases = [(torch.bfloat16, 2), (torch.float32, 4)]  # 16-bit kept logits, then fp32 ones
@@ -273,10 +286,7 @@ def main() -> None:
         share = (deadline - time.monotonic()) / (len(cases) - index)
         results.append(sweep(chunk, grid(DRY), time.monotonic() + share, log))
         del chunk
-        # after each case, so that a stage cut short keeps what it timed
-        (out / "pass_sweep.json").write_text(json.dumps({"shape": [T, H, V], "results": results},
-                                                        indent=1))
-        (out / "pass_sweep.txt").write_text("\n".join(lines) + "\n")
+        log.save({"shape": [T, H, V], "results": results})
 
 
 if __name__ == "__main__":

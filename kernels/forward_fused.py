@@ -83,6 +83,9 @@ def _fused_forward_kernel(
     STORE_LOGITS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
+    # The setup and the partials' stores repeat forward._forward_kernel's on purpose: as shared
+    # jit helpers they changed that kernel's register allocation in one sm_90 variant, and its
+    # machine code is the one the GPU rounds timed.
     split = tl.program_id(0)
     num_splits = tl.num_programs(0)
     offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)

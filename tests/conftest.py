@@ -1,6 +1,13 @@
 import os
+import sys
+from pathlib import Path
 
 import torch
+
+# The repository root, for `benchmarks` (plain `pytest`, unlike `python -m pytest`, leaves it out).
+ROOT = str(Path(__file__).resolve().parent.parent)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 # The triton backend's kernels run on the CPU interpreter in tests when there is no GPU. Triton
 # reads this when a kernel is defined, so it must be set before luffy_fast.kernels is imported.

@@ -7,23 +7,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) leaves the root out
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import fused_sweep  # noqa: E402
-
-on_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                    reason="a toy chunk on Triton's interpreter (tests/conftest.py)")
+from benchmarks import fused_sweep  # the repository root is on sys.path (tests/conftest.py)
 
 
-@on_interpreter
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="a toy chunk on Triton's interpreter (tests/conftest.py)")
 def test_sweep_times_and_checks_each_part(monkeypatch):
     from luffy_fast.kernels import forward_fused
 
