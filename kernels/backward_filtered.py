@@ -96,7 +96,6 @@ def filter_tiles(dtype: torch.dtype) -> dict:
 DZ_FLAGS = {"DZ_ROWS": lambda args: args["dz_rows_ptr"] is not None}
 
 
-
 @triton.heuristics({**GRAD_FLAGS, **DZ_FLAGS})
 @triton.jit
 def _filtered_grad_logits_kernel(

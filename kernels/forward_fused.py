@@ -186,7 +186,8 @@ def fused_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
                 into.copy_(values)
         return out
     # partials for the most splits any config takes; the launch's own count is its grid's
-    most = max(_splits(N, V, config.kwargs) for config in _configs_for(CONFIGS, {"hidden_ptr": hidden}))
+    tuned = _configs_for(CONFIGS, {"hidden_ptr": hidden})
+    most = max(_splits(N, V, config.kwargs) for config in tuned)
     partials = split_partials(most, N, hidden.device, with_entropy)
     launched = [most]
     if N > 0:

@@ -182,14 +182,6 @@ def _chunk_forward(hidden, weight, bias, rows, targets, config: LuffyLossConfig,
     return logits, hidden_rows
 
 
-def _product_forward(hidden, weight, bias, rows, targets, temperature: float, with_entropy: bool,
-                     out=None):
-    """The forward statistics from tile products, no logits kept: the split kernel, or the
-    flattened GEMM of kernels/forward_fused.py when LUFFY_FAST_FUSED_FORWARD=1."""
-    forward = fused_forward if fused_forward_enabled() else logsumexp_forward
-    return forward(hidden, weight, bias, rows, targets, temperature, with_entropy, out=out)
-
-
 def _kept_forward(hidden, weight, bias, rows, targets, temperature: float, with_entropy: bool,
                   logits: Tensor, out=None):
     """The forward statistics of a chunk from its kept logits: the split kernel, the lean one when
@@ -233,8 +225,10 @@ def _recompute_forward(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias:
                        chunk: int, needs_grad: bool):
     config = inputs.config
     buffers = TokenBuffers.empty(inputs)
-    _product_forward(hidden, weight, bias, inputs.rows, inputs.targets, config.temperature,
-                     config.entropy_coef > 0, out=buffers.moments(slice(None)))
+    # tile products, no logits kept: the split kernel, or the fused forward's flattened GEMM
+    forward = fused_forward if fused_forward_enabled() else logsumexp_forward
+    forward(hidden, weight, bias, inputs.rows, inputs.targets, config.temperature,
+            config.entropy_coef > 0, out=buffers.moments(slice(None)))
     token_terms_into(inputs, slice(None), buffers)
     terms = buffers.terms()
     state, stats = None, inputs.summarize(terms)
