@@ -1,8 +1,9 @@
 """The fused forward (kernels/forward_fused.py, LUFFY_FAST_FUSED_FORWARD=1) against what it
 replaces, on one chunk of the dense case: cuBLAS's logits GEMM, alone and followed by the
 statistics pass over its output (the default kept strategy's forward), beside the fused kernel
-at each of its tile configs storing 16-bit logits, then at the fastest one storing fp32 logits
-and none (token_logprobs), and at split counts around `wave_splits`' choice. Every run's
+at each of its tile configs (operands by `cp.async` and by TMA) storing 16-bit logits, then at
+the fastest one storing fp32 logits and none (token_logprobs), and at split counts around
+`wave_splits`' choice. Every run's
 statistics are checked against the default's and its stored logits against cuBLAS's. Writes
 fused_sweep.txt and fused_sweep.json under $OUT.
 
@@ -73,7 +74,7 @@ class Chunk:
         """The fused kernel storing logits in `store` (a dtype, or None for no logits)."""
         logits = None if store is None else torch.empty(
             self.hidden.shape[0], self.weight.shape[0], dtype=store, device=self.hidden.device)
-        return logits, forward_fused.fused_forward(self.hidden, self.weight, None, self.rows,
+        return logits, forward_fused.fused_forward(self.hidden, self.weight, None, None,
                                                    self.targets, 1.0, False, logits, half)
 
     def check(self, got, half: bool) -> bool:
@@ -85,6 +86,15 @@ class Chunk:
         if logits is not None:
             ok = ok and agrees([logits], [expected_logits], 1e-2 if half else 1e-4)
         return ok
+
+
+def configs(chunk: Chunk) -> list:
+    """The fused kernel's configs for the chunk's dtype, each in its `cp.async` form and, where
+    the GPU has TMA, its TMA form (the chunk's rows are contiguous and aligned)."""
+    named = {"hidden_ptr": chunk.hidden}
+    loads = forward_fused._configs_for(KERNEL.fn.configs, named, TMA_ALLOWED=0)
+    return loads + [c for c in forward_fused._configs_for(KERNEL.fn.configs, named, TMA_ALLOWED=2)
+                    if c.kwargs.get("TMA")]
 
 
 def _splits_at(count: int):
@@ -111,7 +121,7 @@ def sweep(chunk: Chunk, deadline: float, log) -> dict:
         name = f"cuBLAS GEMM + statistics pass, {'bf16' if half else 'fp32'} logits"
         result["baseline"][name] = timed(name, lambda h=half: chunk.default(h), half)["ms"]
     with KernelConfigs(KERNEL):
-        for config in forward_fused._configs_for(KERNEL.fn.configs, {"hidden_ptr": chunk.hidden}):
+        for config in configs(chunk):
             if time.monotonic() > deadline:
                 break
             installed = only_config(KERNEL, config)
@@ -165,7 +175,7 @@ def main() -> None:
 
     deadline = time.monotonic() + args.seconds
     budget_mb = LuffyLossConfig().memory_budget_bytes(device) / 2**20
-    rows, H, V = (19, 12, 200) if DRY else (chunk_rows(T, H, V, budget_mb, 2, 2), H, V)
+    rows, H, V = (19, 16, 200) if DRY else (chunk_rows(T, H, V, budget_mb, 2, 2), H, V)
     log(f"== the fused forward: a chunk of {rows} tokens, H = {H}, V = {V}, bf16 (16-bit kept "
         "logits' chunk at the default budget)")
     log.save({"shape": [T, H, V], **sweep(Chunk(rows, H, V, device, exact=DRY), deadline, log)})

@@ -166,17 +166,18 @@ def _chunk_forward(hidden, weight, bias, rows, targets, config: LuffyLossConfig,
     """A kept chunk's forward statistics, written into `out`, and its logits (raw h W^T, fp32 or
     16-bit when `half`) and gathered hidden rows for the gradients: cuBLAS's GEMM and a pass over
     its output, or with LUFFY_FAST_FUSED_FORWARD=1 one Triton GEMM with the statistics in its
-    epilogue (kernels/forward_fused.py), which keeps neither for a forward-only chunk."""
+    epilogue (kernels/forward_fused.py), which keeps no logits for a forward-only chunk (its
+    gathered rows let the GEMM load its operand tiles by TMA)."""
     with_entropy = config.entropy_coef > 0
+    hidden_rows = hidden[rows]
     if fused_forward_enabled():
         logits = None
         if gradient_chunk:
             logits = torch.empty(rows.numel(), weight.shape[0], device=hidden.device,
                                  dtype=hidden.dtype if half else torch.float32)
-        fused_forward(hidden, weight, bias, rows, targets, config.temperature, with_entropy,
+        fused_forward(hidden_rows, weight, bias, None, targets, config.temperature, with_entropy,
                       logits, half, out)
-        return logits, hidden[rows] if gradient_chunk else None
-    hidden_rows = hidden[rows]
+        return logits, hidden_rows if gradient_chunk else None
     logits = kept_logits(hidden_rows, weight, half)
     _kept_forward(hidden, weight, bias, rows, targets, config.temperature, with_entropy, logits, out)
     return logits, hidden_rows
@@ -309,7 +310,7 @@ def triton_token_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     chunk = logprob_chunk(config, hidden.device, T, weight.shape[0], 2 if half else 4)
     if fused_forward_enabled():  # no logits kept at any budget
         lse, logprobs, row_max, expected_shift = fused_forward(
-            hidden, weight, bias, rows, targets, config.temperature, with_entropy,
+            hidden, weight, bias, None, targets, config.temperature, with_entropy,
             half=half and chunk > 0)
     elif chunk == 0:
         lse, logprobs, row_max, expected_shift = logsumexp_forward(

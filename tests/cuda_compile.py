@@ -60,12 +60,24 @@ GROUPS = {
     "entropy": ("entropy_weight_ptr", "row_max_ptr", "expected_shift_ptr", "sum_all_ptr",
                 "sum_pz_ptr", "entropy_ptr"),
     "old": ("old_ptr",),
+    "rows": ("rows_ptr",),  # the fused forward's; None: the hidden rows in order (TMA-capable)
     "grad_weight": ("grad_weight_ptr",),
     "grad_bias": ("grad_bias_ptr",),
 }
 # Inputs that are optional elsewhere but always passed to these kernels.
 REQUIRED = {"_grad_logits_in_place_kernel": {"logits_ptr"}, "_row_forward_kernel": {"logits_ptr"},
             "_lean_forward_kernel": {"logits_ptr"}, "_lean_grad_logits_kernel": {"logits_ptr"}}
+# The one kernel that takes its hidden rows in order without a rows_ptr.
+ROWS_OPTIONAL = {"_fused_forward_kernel"}
+
+
+def required(kernel: str) -> set:
+    return REQUIRED.get(kernel, set()) | (set() if kernel in ROWS_OPTIONAL else {"rows_ptr"})
+
+
+# Keyword arguments of a kernel's config prune besides its named arguments, so that every config
+# it may ever take is compiled: the fused forward's TMA forms beside its cp.async ones.
+PRUNE_KWARGS = {"_fused_forward_kernel": {"TMA_ALLOWED": 1}}
 # Pointer dtypes by name; "input" is the op's input dtype (bf16 or fp32); the rest are fp32.
 POINTERS = {
     "input": ("hidden_ptr", "weight_ptr", "bias_ptr", "grad_logits_ptr", "grad_hidden_ptr",
@@ -159,7 +171,7 @@ def compile_one(jit, heuristics, config, fixed: dict, present: set, dtype, targe
     for name in jit.arg_names:
         if name.endswith("_ptr"):
             optional = (any(name in names for names in GROUPS.values())
-                        and name not in REQUIRED.get(jit.__name__, set()))
+                        and name not in required(jit.__name__))
             args[name] = torch.empty(1, dtype=pointer_dtype(jit.__name__, name, dtype,
                                                             logits_dtype)) if (
                 not optional or name in present) else None
@@ -217,9 +229,9 @@ def cases(kernel):
     """(label, jit, heuristics, config, call constexprs, present inputs, dtype, aligned,
     logits dtype)."""
     jit, heuristics, tuner = unwrap(kernel)
-    required = REQUIRED.get(jit.__name__, set())
+    needed = required(jit.__name__)
     groups = [group for group, names in GROUPS.items()
-              if any(n in jit.arg_names and n not in required for n in names)]
+              if any(n in jit.arg_names and n not in needed for n in names)]
     present_all = {n for group in groups for n in GROUPS[group]}
     for dtype in (torch.bfloat16, torch.float32):
         configs = [None] if tuner is None else list(tuner.configs)
@@ -240,10 +252,10 @@ def cases(kernel):
                     break
             # 16-bit kept logits (bf16 inputs only): with every input, unaligned and per config
             if dtype == torch.bfloat16 and "logits_ptr" in jit.arg_names:
-                usable = _pruned(tuner, jit, configs, present_all | required, dtype)
+                usable = _pruned(tuner, jit, configs, present_all | needed, dtype)
                 for config, aligned in [(usable[0], False)] + [(c, True) for c in usable]:
                     yield (f"{jit.__name__} bf16 logits aligned={aligned} config={config}", jit,
-                           heuristics, config, fixed, present_all | required, dtype, aligned,
+                           heuristics, config, fixed, present_all | needed, dtype, aligned,
                            torch.bfloat16)
 
 
@@ -251,11 +263,11 @@ def _pruned(tuner, jit, configs, present: set, dtype) -> list:
     prune = None if tuner is None else getattr(tuner, "early_config_prune", None)
     if prune is None:
         return configs
-    optional = {n for names in GROUPS.values() for n in names} - REQUIRED.get(jit.__name__, set())
+    optional = {n for names in GROUPS.values() for n in names} - required(jit.__name__)
     named = {name: (torch.empty(1, dtype=pointer_dtype(jit.__name__, name, dtype))
                     if name in present or name not in optional else None)
              if name.endswith("_ptr") else 1 for name in jit.arg_names}
-    return prune(configs, named)
+    return prune(configs, named, **PRUNE_KWARGS.get(jit.__name__, {}))
 
 
 def main() -> int:

@@ -136,6 +136,87 @@ def test_fused_forward_over_bf16_inputs_stores_the_kept_logits(kept_dtype, repre
         torch.testing.assert_close(a, c, rtol=2e-6, atol=1e-6, msg=name)
 
 
+def _tuned_loads() -> str:
+    """The load form of the fused kernel's last launch: "TMA" or "cp.async"."""
+    from luffy_fast.kernels.forward_fused import _fused_forward_kernel
+
+    return "TMA" if _fused_forward_kernel.fn.best_config.kwargs["TMA"] else "cp.async"
+
+
+@interpreted
+# C: a last token tile cut short; V: a ragged split and tail; H: a last H step cut short (TMA
+# fills what lies past each operand's end with zeros)
+@pytest.mark.parametrize("C, V, H", [(13, 77, 24), (21, 300, 40)])
+@pytest.mark.parametrize("kept_dtype", [None, torch.float32, torch.bfloat16])
+def test_contiguous_rows_load_by_tma_with_the_results_of_cp_async(monkeypatch, C, V, H,
+                                                                    kept_dtype):
+    """Hidden rows in order (rows=None) of bf16 inputs: the operand tiles come by TMA (tensor
+    descriptors) unless LUFFY_FAST_FUSED_TMA=0. Both forms give the same bits: the statistics,
+    with bias, temperature and entropy, and the stored logits; and those match float64."""
+    from luffy_fast.kernels.forward_fused import fused_forward
+
+    generator = torch.Generator().manual_seed(C + V)
+    hidden = torch.randn(C, H, generator=generator).to(torch.bfloat16)
+    weight = torch.randn(V, H, generator=generator).to(torch.bfloat16)
+    bias = torch.randn(V, generator=generator).to(torch.bfloat16)
+    targets = torch.randint(0, V, (C,), generator=generator)
+    targets[0], targets[-1] = 0, V - 1
+    results = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("LUFFY_FAST_FUSED_TMA", mode)
+        logits = None if kept_dtype is None else torch.full((C, V), float("nan"), dtype=kept_dtype)
+        stats = fused_forward(hidden, weight, bias, None, targets, 0.8, True, logits,
+                              kept_dtype == torch.bfloat16)
+        results[_tuned_loads()] = stats, logits
+    (tma, tma_logits), (pointers, pointer_logits) = results["TMA"], results["cp.async"]
+    for name, a, b in zip(FORWARD_OUTPUTS, tma, pointers):
+        assert torch.equal(a, b), name
+    if kept_dtype is not None:
+        assert torch.equal(tma_logits, pointer_logits)
+        torch.testing.assert_close(tma_logits.double(), hidden.double() @ weight.double().T,
+                                   rtol=2.0**-7 if kept_dtype == torch.bfloat16 else 1e-6,
+                                   atol=1e-6)
+    if kept_dtype != torch.bfloat16:
+        product = hidden.double() @ weight.double().T
+        assert_forward_outputs(tma, pointers, forward_oracle(product, bias, targets, 0.8), 2e-5)
+
+
+@interpreted
+def test_tma_only_where_it_can_load_the_operands(monkeypatch):
+    """TMA loads whole tiles of contiguous rows from 16-byte aligned operands: the kernel takes
+    its TMA configs only then (`_tma_allowed`, which the autotune key holds), for 16-bit inputs,
+    and as LUFFY_FAST_FUSED_TMA says."""
+    import luffy_fast.kernels.forward_fused as forward_fused
+
+    hidden, weight = torch.zeros(8, 24, dtype=torch.bfloat16), torch.zeros(40, 24, dtype=torch.bfloat16)
+
+    def allowed(hidden=hidden, weight=weight, rows=None):
+        return forward_fused._tma_allowed({
+            "hidden_ptr": hidden, "weight_ptr": weight, "rows_ptr": rows,
+            "stride_hidden": hidden.stride(0), "stride_weight": weight.stride(0)})
+
+    assert allowed() == 1  # the default, "auto": both forms timed
+    assert allowed(rows=torch.arange(8)) == 0  # gathered rows
+    assert allowed(hidden=hidden.float()) == 0  # fp32 inputs
+    assert allowed(weight=torch.zeros(40, 20, dtype=torch.bfloat16)) == 0  # 40-byte rows
+    # a base 2 bytes past an aligned address
+    assert allowed(hidden=torch.zeros(9 * 24, dtype=torch.bfloat16)[1:1 + 8 * 24].view(8, 24)) == 0
+    monkeypatch.setenv("LUFFY_FAST_FUSED_TMA", "1")
+    assert allowed() == 2 and allowed(rows=torch.arange(8)) == 0
+    monkeypatch.setenv("LUFFY_FAST_FUSED_TMA", "0")
+    assert allowed() == 0
+    monkeypatch.setenv("LUFFY_FAST_FUSED_TMA", "yes")
+    with pytest.raises(ValueError, match="LUFFY_FAST_FUSED_TMA"):
+        allowed()
+    # the gathered rows of the op's recompute forward take the cp.async form
+    monkeypatch.setenv("LUFFY_FAST_FUSED_TMA", "1")
+    targets = torch.zeros(5, dtype=torch.long)
+    forward_fused.fused_forward(hidden, weight, None, torch.arange(5), targets, 1.0, False)
+    assert _tuned_loads() == "cp.async"
+    forward_fused.fused_forward(hidden, weight, None, None, targets[:8].repeat(2)[:8], 1.0, False)
+    assert _tuned_loads() == "TMA"
+
+
 @interpreted
 @pytest.mark.parametrize("config", [LuffyLossConfig.luffy(max_len=64),
                                     LuffyLossConfig.grpo(entropy_coef=0.01, temperature=0.6)],
@@ -299,15 +380,17 @@ def test_the_gradient_filter_with_the_switch(monkeypatch):
 
 @interpreted
 def test_forward_only_chunks_keep_no_logits(monkeypatch):
-    """Zero-advantage tokens get the forward only: with the switch their chunks store no logits
-    (and gather no hidden rows), and the op still matches the reference."""
+    """Zero-advantage tokens get the forward only: with the switch their chunks store no logits,
+    every chunk hands the kernel its hidden rows gathered in order (rows=None, which TMA can
+    load), and the op still matches the reference."""
     import luffy_fast.kernels.function as function
 
-    stored = []
+    stored, gathered = [], []
     fused = function.fused_forward
 
     def spy(hidden, weight, bias, rows, targets, temperature, with_entropy, logits=None, *a, **k):
         stored.append(logits is not None)
+        gathered.append(rows is None and hidden.shape[0] == targets.shape[0])
         return fused(hidden, weight, bias, rows, targets, temperature, with_entropy, logits, *a, **k)
 
     monkeypatch.setattr(function, "fused_forward", spy)
@@ -315,18 +398,28 @@ def test_forward_only_chunks_keep_no_logits(monkeypatch):
     batch = random_batch(150, 16, 90, seed=4, zero_adv_fraction=0.5, num_seqs=6)
     compare_backends(batch, LuffyLossConfig.grpo(memory_budget_mb=0.05), torch.float32, "triton")
     assert True in stored and False in stored, stored
+    assert all(gathered), gathered
 
 
-def test_16_bit_inputs_tune_over_the_128_row_tiles():
+def test_16_bit_inputs_tune_over_the_128_row_tiles_and_tma_where_allowed():
     import triton
 
-    from luffy_fast.kernels.forward_fused import _configs_for
+    from luffy_fast.kernels.forward_fused import INTERPRET, _configs_for
 
-    configs = [triton.Config({"BLOCK_T": t, "BLOCK_V": 128, "BLOCK_H": h}) for t, h in
-               ((128, 64), (64, 32))]
-    for dtype, kept in ((torch.bfloat16, configs[:1]), (torch.float16, configs[:1]),
-                        (torch.float32, configs)):
+    configs = [triton.Config({"BLOCK_T": t, "BLOCK_V": 128, "BLOCK_H": h, "TMA": tma})
+               for tma in (0, 1) for t, h in ((128, 64), (64, 32))]
+    loads, tma = configs[:2], configs[2:]
+    for dtype, kept in ((torch.bfloat16, loads[:1]), (torch.float16, loads[:1]),
+                        (torch.float32, loads)):
         assert _configs_for(configs, {"hidden_ptr": torch.empty(1, dtype=dtype)}) == kept
     # no 128-row tile (the interpreter's): every config stays
-    assert _configs_for(configs[1:], {"hidden_ptr": torch.empty(1, dtype=torch.bfloat16)}) == \
-        configs[1:]
+    assert _configs_for(loads[1:], {"hidden_ptr": torch.empty(1, dtype=torch.bfloat16)}) == \
+        loads[1:]
+    # the TMA forms where allowed: beside the cp.async ones (one of the two on the interpreter,
+    # the TMA one), or alone; never where not allowed, nor as a fallback
+    bf16 = {"hidden_ptr": torch.empty(1, dtype=torch.bfloat16)}
+    assert _configs_for(configs, bf16, TMA_ALLOWED=2) == tma[:1]
+    assert _configs_for(configs, bf16, TMA_ALLOWED=1) == (tma[:1] if INTERPRET else
+                                                           [loads[0], tma[0]])
+    assert _configs_for(loads, bf16, TMA_ALLOWED=2) == loads[:1]
+    assert _configs_for(tma + loads[1:], bf16, TMA_ALLOWED=0) == loads[1:]

@@ -1,6 +1,6 @@
-"""benchmarks/fused_sweep.py at toy size on the interpreter: the fused forward's every config,
-store and split count is timed and checked against cuBLAS's GEMM + the statistics pass, a wrong
-result is flagged, and the kernel's configs are left as they were."""
+"""benchmarks/fused_sweep.py at toy size on the interpreter: the fused forward's every config
+(in both load forms), store and split count is timed and checked against cuBLAS's GEMM + the
+statistics pass, a wrong result is flagged, and the kernel's configs are left as they were."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from benchmarks import fused_sweep  # the repository root is on sys.path (tests/
 def test_sweep_times_and_checks_each_part(monkeypatch):
     from luffy_fast.kernels import forward_fused
 
-    chunk = fused_sweep.Chunk(19, 12, 200, torch.device("cpu"), exact=True)
+    chunk = fused_sweep.Chunk(19, 16, 200, torch.device("cpu"), exact=True)
     tuner = fused_sweep.KERNEL.fn
     before = (list(tuner.configs), dict(tuner.cache))
     lines = []
@@ -27,6 +27,9 @@ def test_sweep_times_and_checks_each_part(monkeypatch):
     assert (list(tuner.configs), dict(tuner.cache)) == before
     assert forward_fused._splits.__name__ == "_splits"  # put back
     assert len(result["baseline"]) == 4 and len(result["configs"]) == len(tuner.configs)
+    # the interpreter's one tile, loaded by cp.async and by TMA
+    assert [row["name"].split(",")[0] for row in result["configs"]] == [
+        "fused T16 V32 w4 s3", "fused T16 V32 w4 s3 TMA"]
     assert [row["name"].split(", ")[-1] for row in result["stores"]] == [
         "fp32 logits stored", "no logits (token_logprobs)"]
     # the interpreter's 3 splits: half of it (1) and twice it (6)
