@@ -59,7 +59,8 @@ def staged(config: triton.Config, stages: int) -> triton.Config:
 
 def label(config: triton.Config) -> str:
     return (f"T{config.kwargs['BLOCK_T']} V{config.kwargs['BLOCK_V']} "
-            f"w{config.num_warps} s{config.num_stages}" + (" TMA" if config.kwargs.get("TMA") else ""))
+            f"w{config.num_warps} s{config.num_stages}" + (" TMA" if config.kwargs.get("TMA") else "")
+            + (" WS" if config.kwargs.get("WS") else ""))
 
 
 class SweepLog:

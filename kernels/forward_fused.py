@@ -88,13 +88,19 @@ def fused_tile_configs() -> list[triton.Config]:
     """utils.tile_configs without its 128 x 256 tile: compiled for sm_90 with the statistics (and
     a stored tile) in the flattened loop's epilogue, that one spills hundreds of registers and,
     storing fp32 tiles, needs more shared memory than an SM has (tests/cuda_compile.py). Each
-    in two forms where TMA exists: `cp.async` loads (TMA=0) and TMA loads (TMA=1)."""
+    in two forms where TMA exists: `cp.async` loads (TMA=0) and TMA loads (TMA=1); and on Hopper
+    the 128 x 128 tile warp-specialized (WS=1: 4 warps that Triton makes 12, a producer group and
+    two consumer groups; no register spills with any store, compiled for sm_90)."""
     configs = [c for c in tile_configs() if c.kwargs["BLOCK_V"] * c.kwargs["BLOCK_T"] <= 128 * 128]
     if hopper():  # the 128 x 128 tile with one pipeline stage fewer, for the stored fp32 tile's room
         configs.insert(1, triton.Config(dict(configs[0].kwargs), num_warps=8, num_stages=3))
     forms = (0, 1) if _tma_capable() else (0,)
-    return [triton.Config({**c.kwargs, "TMA": tma}, num_warps=c.num_warps,
-                          num_stages=c.num_stages) for tma in forms for c in configs]
+    tuned = [triton.Config({**c.kwargs, "TMA": tma, "WS": 0}, num_warps=c.num_warps,
+                           num_stages=c.num_stages) for tma in forms for c in configs]
+    if hopper():
+        tuned.append(triton.Config({**configs[0].kwargs, "TMA": 1, "WS": 1}, num_warps=4,
+                                   num_stages=3))
+    return tuned
 
 
 CONFIGS = fused_tile_configs()
@@ -145,7 +151,7 @@ def _fused_forward_kernel(
     V_BUCKET, H_BUCKET,
     HALF_LOGITS: tl.constexpr, HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
     STORE_LOGITS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    GATHER: tl.constexpr, TMA_ALLOWED: tl.constexpr, TMA: tl.constexpr,
+    GATHER: tl.constexpr, TMA_ALLOWED: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     # The setup and the partials' stores repeat forward._forward_kernel's on purpose: as shared
@@ -175,7 +181,9 @@ def _fused_forward_kernel(
     run_sum_all = tl.zeros((BLOCK_T,), tl.float32)
     run_sum_pz = tl.zeros((BLOCK_T,), tl.float32)
     target_logit = tl.zeros((BLOCK_T,), tl.float32)
-    for v0 in tl.range(v_begin, v_end, BLOCK_V, flatten=True):
+    # warp-specialized (WS, TMA only): a producer warp group issues the TMA loads, two consumer
+    # groups multiply and fold; Triton 3.6 specializes unflattened loops only on Hopper
+    for v0 in tl.range(v_begin, v_end, BLOCK_V, flatten=not WS, warp_specialize=WS):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_mask = offs_v < v_end
         if TMA:

@@ -151,9 +151,13 @@ def _tuned_loads() -> str:
 def test_contiguous_rows_load_by_tma_with_the_results_of_cp_async(monkeypatch, C, V, H,
                                                                     kept_dtype):
     """Hidden rows in order (rows=None) of bf16 inputs: the operand tiles come by TMA (tensor
-    descriptors) unless LUFFY_FAST_FUSED_TMA=0. Both forms give the same bits: the statistics,
-    with bias, temperature and entropy, and the stored logits; and those match float64."""
-    from luffy_fast.kernels.forward_fused import fused_forward
+    descriptors) unless LUFFY_FAST_FUSED_TMA=0, and in Hopper's warp-specialized config (its
+    loop unflattened; the interpreter runs its programs' warps as one). All forms give the same
+    bits: the statistics, with bias, temperature and entropy, and the stored logits; and those
+    match float64."""
+    import triton
+
+    from luffy_fast.kernels.forward_fused import _fused_forward_kernel, fused_forward
 
     generator = torch.Generator().manual_seed(C + V)
     hidden = torch.randn(C, H, generator=generator).to(torch.bfloat16)
@@ -168,11 +172,21 @@ def test_contiguous_rows_load_by_tma_with_the_results_of_cp_async(monkeypatch, C
         stats = fused_forward(hidden, weight, bias, None, targets, 0.8, True, logits,
                               kept_dtype == torch.bfloat16)
         results[_tuned_loads()] = stats, logits
+    tuner = _fused_forward_kernel.fn
+    specialized = triton.Config({**tuner.configs[0].kwargs, "TMA": 1, "WS": 1}, num_warps=4)
+    monkeypatch.setattr(tuner, "configs", [specialized])
+    monkeypatch.setattr(tuner, "cache", {})
+    logits = None if kept_dtype is None else torch.full((C, V), float("nan"), dtype=kept_dtype)
+    stats = fused_forward(hidden, weight, bias, None, targets, 0.8, True, logits,
+                          kept_dtype == torch.bfloat16)
+    results["TMA, warp-specialized"] = stats, logits
     (tma, tma_logits), (pointers, pointer_logits) = results["TMA"], results["cp.async"]
-    for name, a, b in zip(FORWARD_OUTPUTS, tma, pointers):
-        assert torch.equal(a, b), name
+    for form in ("TMA", "TMA, warp-specialized"):
+        for name, a, b in zip(FORWARD_OUTPUTS, results[form][0], pointers):
+            assert torch.equal(a, b), (form, name)
+        if kept_dtype is not None:
+            assert torch.equal(results[form][1], pointer_logits), form
     if kept_dtype is not None:
-        assert torch.equal(tma_logits, pointer_logits)
         torch.testing.assert_close(tma_logits.double(), hidden.double() @ weight.double().T,
                                    rtol=2.0**-7 if kept_dtype == torch.bfloat16 else 1e-6,
                                    atol=1e-6)
