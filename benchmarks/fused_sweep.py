@@ -3,7 +3,7 @@ replaces, on one chunk of the dense case: cuBLAS's logits GEMM, alone and follow
 statistics pass over its output (the default kept strategy's forward), beside the fused kernel
 at each of its tile configs (operands by `cp.async` and by TMA) storing 16-bit logits, then at
 the fastest one storing fp32 logits and none (token_logprobs), and at split counts around
-`wave_splits`' choice. Every run's
+`wave_splits`' choice; first, each config's results on a small ragged chunk. Every run's
 statistics are checked against the default's and its stored logits against cuBLAS's. Writes
 fused_sweep.txt and fused_sweep.json under $OUT.
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from typing import Optional
 
 import torch
 
@@ -90,22 +91,58 @@ class Chunk:
 
 def configs(chunk: Chunk) -> list:
     """The fused kernel's configs for the chunk's dtype, each in its `cp.async` form and, where
-    the GPU has TMA, its TMA form (the chunk's rows are contiguous and aligned)."""
-    named = {"hidden_ptr": chunk.hidden}
+    the chunk's operands allow TMA (`_tma_allowed`: aligned rows in order, a GPU with TMA), its
+    TMA forms."""
+    named = {"hidden_ptr": chunk.hidden, "weight_ptr": chunk.weight, "rows_ptr": None,
+             "stride_hidden": chunk.hidden.stride(0), "stride_weight": chunk.weight.stride(0)}
     loads = forward_fused._configs_for(KERNEL.fn.configs, named, TMA_ALLOWED=0)
+    if not forward_fused._tma_allowed(named):
+        return loads
     return loads + [c for c in forward_fused._configs_for(KERNEL.fn.configs, named, TMA_ALLOWED=2)
                     if c.kwargs.get("TMA")]
+
+
+def check_ragged(chunk: Chunk, log) -> list:
+    """Each config on a chunk whose last token tile is cut to under half (a consumer group of the
+    warp-specialized form with no rows), whose vocabulary ends inside a tile and whose H inside
+    an H step (TMA's zero fill), at its own split count and at 6 (empty splits): its statistics
+    and stored 16-bit logits against the default's. No timing."""
+    rows = []
+    splits = forward_fused._splits
+    for config in configs(chunk):
+        installed = only_config(KERNEL, config)
+        for count in (None, 6):
+            name = f"fused {label(installed)}" + (f", {count} splits" if count else "")
+            try:
+                if count:
+                    forward_fused._splits = _splits_at(count)
+                agrees = chunk.check(chunk.fused(torch.bfloat16, True), True)
+            except Exception as error:
+                log(f"  {name}: ERROR {repr(error)[:200]}")
+                agrees = False
+            finally:
+                forward_fused._splits = splits
+            rows.append({"name": name, "agrees": agrees})
+            log(f"  {name}: {'agrees' if agrees else 'DISAGREES'}")
+    return rows
 
 
 def _splits_at(count: int):
     return lambda n, v, meta: count
 
 
-def sweep(chunk: Chunk, deadline: float, log) -> dict:
-    """Each part stops at `deadline`; the kernel's configs and tuning cache are put back."""
+def sweep(chunk: Chunk, deadline: float, log, ragged: Optional[Chunk] = None) -> dict:
+    """Each part stops at `deadline`; the kernel's configs and tuning cache are put back. With a
+    `ragged` chunk, every config is checked on it first (`check_ragged`)."""
     result = {"rows": chunk.hidden.shape[0], "hidden": chunk.hidden.shape[1],
               "vocab": chunk.weight.shape[0], "baseline": {}, "configs": [], "stores": [],
-              "splits": []}
+              "splits": [], "ragged": []}
+    if ragged is not None:
+        log(f"== each config on a ragged chunk: {ragged.hidden.shape[0]} tokens, "
+            f"H = {ragged.hidden.shape[1]}, V = {ragged.weight.shape[0]}")
+        with KernelConfigs(KERNEL):
+            result["ragged"] = check_ragged(ragged, log)
+        log("== the dense case's chunk")
 
     def timed(name: str, run, half: bool) -> dict:
         ms = time_ms(run)
@@ -178,7 +215,10 @@ def main() -> None:
     rows, H, V = (19, 16, 200) if DRY else (chunk_rows(T, H, V, budget_mb, 2, 2), H, V)
     log(f"== the fused forward: a chunk of {rows} tokens, H = {H}, V = {V}, bf16 (16-bit kept "
         "logits' chunk at the default budget)")
-    log.save({"shape": [T, H, V], **sweep(Chunk(rows, H, V, device, exact=DRY), deadline, log)})
+    # the dense chunk's integer alignments (no recompilation), ragged against 128 x 128 x 64
+    ragged = Chunk(*((21, 16, 77) if DRY else (150, 80, 1008)), device, exact=DRY)
+    log.save({"shape": [T, H, V],
+              **sweep(Chunk(rows, H, V, device, exact=DRY), deadline, log, ragged)})
 
 
 if __name__ == "__main__":

@@ -66,6 +66,13 @@ def _tma_capable() -> bool:
     return INTERPRET or (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9)
 
 
+def tma_possible(hidden: torch.Tensor) -> bool:
+    """Whether a launch over `hidden`'s rows in order could take the TMA configs (the rest of
+    `_tma_allowed`'s conditions are alignment): where it could not, a caller need not gather the
+    rows it would otherwise hand the kernel in order."""
+    return hidden.element_size() == 2 and tma_mode() != "0" and _tma_capable()
+
+
 def _tma_allowed(args: dict) -> int:
     """0: no TMA configs for this launch (the hidden rows gathered, an operand not 16-byte aligned
     as TMA needs, fp32 inputs, no TMA on the device, or LUFFY_FAST_FUSED_TMA=0); 1: TMA and
@@ -73,15 +80,13 @@ def _tma_allowed(args: dict) -> int:
     tuned for one launch is never reused where it cannot run. fp32 inputs (full-precision
     products, no tensor cores) compile with TMA loads to a few thousand register spills for
     sm_90 with Triton 3.6, so they keep `cp.async`."""
-    mode = tma_mode()
-    if (mode == "0" or args["rows_ptr"] is not None or args["hidden_ptr"].element_size() != 2
-            or not _tma_capable()):
+    if args["rows_ptr"] is not None or not tma_possible(args["hidden_ptr"]):
         return 0
     for name, stride in (("hidden_ptr", "stride_hidden"), ("weight_ptr", "stride_weight")):
         tensor = args[name]
         if tensor.data_ptr() % 16 or (args[stride] * tensor.element_size()) % 16:
             return 0
-    return 2 if mode == "1" else 1
+    return 2 if tma_mode() == "1" else 1
 
 
 def fused_tile_configs() -> list[triton.Config]:
@@ -109,8 +114,11 @@ CONFIGS = fused_tile_configs()
 def _configs_for(configs: list, named_args: dict, TMA_ALLOWED: int = 0, **_) -> list:
     """The configs a launch may take. 16-bit inputs tune over the 128-row tiles only: the 64-row
     one is there for fp32 tiles' shared memory, and each config costs a compilation on the first
-    call. TMA configs only where `TMA_ALLOWED` (`_tma_allowed`), and then only those when it is
-    2 or on the interpreter (whose one tile is tested in each form by LUFFY_FAST_FUSED_TMA)."""
+    call. TMA configs only where `TMA_ALLOWED` (`_tma_allowed`), and never with gathered rows or
+    fp32 inputs, and then only those when it is 2 or on the interpreter (whose one tile is
+    tested in each form by LUFFY_FAST_FUSED_TMA)."""
+    if named_args.get("rows_ptr") is not None or named_args["hidden_ptr"].element_size() == 4:
+        TMA_ALLOWED = 0
     forms = {0: (0,), 1: (1,) if INTERPRET else (0, 1), 2: (1,)}[TMA_ALLOWED]
     configs = ([c for c in configs if c.kwargs.get("TMA", 0) in forms]
                or [c for c in configs if not c.kwargs.get("TMA", 0)])
@@ -170,7 +178,8 @@ def _fused_forward_kernel(
     tiles_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), num_splits)
     v_begin = split * tiles_per_split * BLOCK_V
     v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
-    if TMA:  # (never with GATHER: _configs_for)
+    tl.static_assert(not (TMA and GATHER), "TMA loads whole tiles of rows in order: rows=None")
+    if TMA:
         hidden_desc = tl.make_tensor_descriptor(hidden_ptr, [N, HD], [stride_hidden, 1],
                                                 [BLOCK_T, BLOCK_H])
         weight_desc = tl.make_tensor_descriptor(weight_ptr, [V, HD], [stride_weight, 1],
@@ -247,8 +256,18 @@ def _splits(num_tokens: int, vocab_size: int, meta: dict) -> int:
 
 
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Device memory for the tensor descriptors a TMA launch builds (128 bytes a program)."""
+    """Device memory for the tensor descriptors a TMA launch builds (two of 128 bytes a program;
+    torch's allocations are aligned to 512 bytes)."""
     return torch.empty(size, dtype=torch.int8, device=torch.cuda.current_device())
+
+
+def _ensure_allocator() -> None:
+    """Triton's allocator for kernels that need device memory of their own (a per-thread context
+    variable, read at each launch): ours, unless the process has set one."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
 
 
 def fused_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -282,8 +301,8 @@ def fused_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
             if into is not None:
                 into.copy_(values)
         return out
-    if rows is None and tma_mode() != "0" and not INTERPRET and hidden.is_cuda:
-        triton.set_allocator(_scratch)  # the descriptors' memory, should a TMA config run
+    if rows is None and not INTERPRET and hidden.is_cuda and tma_possible(hidden):
+        _ensure_allocator()  # the descriptors' memory, should a TMA config run
     # partials for the most splits any config takes; the launch's own count is its grid's
     tuned = _configs_for(CONFIGS, {"hidden_ptr": hidden})
     most = max(_splits(N, V, config.kwargs) for config in tuned)

@@ -34,7 +34,7 @@ from luffy_fast.loss_math import entropy_from_moments
 from .backward import grad_logits_in_place
 from .epilogue import TokenBuffers, token_terms_into
 from .forward import logsumexp_forward
-from .forward_fused import fused_forward, fused_forward_enabled
+from .forward_fused import fused_forward, fused_forward_enabled, tma_possible
 from .forward_lean import lean_forward
 from .forward_rows import row_forward, row_forward_enabled
 from .gradients import (
@@ -166,18 +166,23 @@ def _chunk_forward(hidden, weight, bias, rows, targets, config: LuffyLossConfig,
     """A kept chunk's forward statistics, written into `out`, and its logits (raw h W^T, fp32 or
     16-bit when `half`) and gathered hidden rows for the gradients: cuBLAS's GEMM and a pass over
     its output, or with LUFFY_FAST_FUSED_FORWARD=1 one Triton GEMM with the statistics in its
-    epilogue (kernels/forward_fused.py), which keeps no logits for a forward-only chunk (its
-    gathered rows let the GEMM load its operand tiles by TMA)."""
+    epilogue (kernels/forward_fused.py), which keeps no logits for a forward-only chunk (and
+    gathers its rows, in order, only where TMA could load them)."""
     with_entropy = config.entropy_coef > 0
-    hidden_rows = hidden[rows]
     if fused_forward_enabled():
         logits = None
         if gradient_chunk:
             logits = torch.empty(rows.numel(), weight.shape[0], device=hidden.device,
                                  dtype=hidden.dtype if half else torch.float32)
-        fused_forward(hidden_rows, weight, bias, None, targets, config.temperature, with_entropy,
-                      logits, half, out)
-        return logits, hidden_rows if gradient_chunk else None
+        if gradient_chunk or tma_possible(hidden):  # rows in order, for TMA
+            hidden_rows = hidden[rows]
+            fused_forward(hidden_rows, weight, bias, None, targets, config.temperature,
+                          with_entropy, logits, half, out)
+            return logits, hidden_rows if gradient_chunk else None
+        fused_forward(hidden, weight, bias, rows, targets, config.temperature, with_entropy,
+                      None, half, out)
+        return None, None
+    hidden_rows = hidden[rows]
     logits = kept_logits(hidden_rows, weight, half)
     _kept_forward(hidden, weight, bias, rows, targets, config.temperature, with_entropy, logits, out)
     return logits, hidden_rows

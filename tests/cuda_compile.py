@@ -18,8 +18,9 @@ per alignment: pointers 16-byte aligned and integers divisible by 16 get `tt.div
     python tests/cuda_compile.py [--arch 90] [--kernel NAME]   # TRITON_INTERPRET must be unset
 
 A compiled variant also fails when its loop keeps an MMA operand in a single shared-memory buffer
-under asynchronous MMAs (`async_mma_hazard`). Prints one line per failure and exits non-zero when
-any kernel fails (tests/test_cuda_compile.py).
+under asynchronous MMAs (`async_mma_hazard`), or when its config asks for warp specialization and
+Triton left the loop unspecialized (`unspecialized`). Prints one line per failure and exits
+non-zero when any kernel fails (tests/test_cuda_compile.py).
 """
 
 from __future__ import annotations
@@ -225,6 +226,17 @@ def async_mma_hazard(compiled) -> Optional[str]:
     return None
 
 
+def unspecialized(compiled, config) -> Optional[str]:
+    """Why a config that asks for warp specialization (WS=1) did not get it, or None: Triton adds
+    its producer and consumer warps (4 become 12), and leaves a loop it cannot specialize as is."""
+    if config is None or not config.kwargs.get("WS"):
+        return None
+    if "ttg.warp_specialize" in compiled.asm.get("ttgir", "") and (
+            compiled.metadata.num_warps > config.num_warps):
+        return None
+    return f"WS=1 but not warp-specialized ({compiled.metadata.num_warps} warps)"
+
+
 def cases(kernel):
     """(label, jit, heuristics, config, call constexprs, present inputs, dtype, aligned,
     logits dtype)."""
@@ -243,20 +255,26 @@ def cases(kernel):
                 yield (f"{jit.__name__} {dtype} inputs={sorted(g for g, on in zip(groups, chosen) if on)}",
                        jit, heuristics, usable[0], fixed, present, dtype, False, torch.float32)
             # every config, aligned, with all of them (and without the logits, whose presence
-            # picks which configs apply: tile products or a read of kept logits)
-            for present in (present_all, present_all - set(GROUPS["logits"])):
+            # picks which configs apply: tile products or a read of kept logits; and without
+            # rows where they are optional: rows in order, the only ones the TMA configs take)
+            variants = [present_all]
+            if present_all & set(GROUPS["logits"]):
+                variants.append(present_all - set(GROUPS["logits"]))
+            if "rows" in groups:
+                variants += [present - set(GROUPS["rows"]) for present in variants]
+            for present in variants:
                 for config in _pruned(tuner, jit, configs, present, dtype):
-                    yield (f"{jit.__name__} {dtype} aligned config={config}", jit, heuristics,
-                           config, fixed, present, dtype, True, torch.float32)
-                if not present_all & set(GROUPS["logits"]):
-                    break
+                    yield (f"{jit.__name__} {dtype} aligned config={config} inputs={len(present)}",
+                           jit, heuristics, config, fixed, present, dtype, True, torch.float32)
             # 16-bit kept logits (bf16 inputs only): with every input, unaligned and per config
             if dtype == torch.bfloat16 and "logits_ptr" in jit.arg_names:
-                usable = _pruned(tuner, jit, configs, present_all | needed, dtype)
-                for config, aligned in [(usable[0], False)] + [(c, True) for c in usable]:
-                    yield (f"{jit.__name__} bf16 logits aligned={aligned} config={config}", jit,
-                           heuristics, config, fixed, present_all | needed, dtype, aligned,
-                           torch.bfloat16)
+                for present in [present_all | needed] + (
+                        [(present_all | needed) - set(GROUPS["rows"])] if "rows" in groups else []):
+                    usable = _pruned(tuner, jit, configs, present, dtype)
+                    for config, aligned in [(usable[0], False)] + [(c, True) for c in usable]:
+                        yield (f"{jit.__name__} bf16 logits aligned={aligned} config={config} "
+                               f"inputs={len(present)}", jit, heuristics, config, fixed, present,
+                               dtype, aligned, torch.bfloat16)
 
 
 def _pruned(tuner, jit, configs, present: set, dtype) -> list:
@@ -293,7 +311,7 @@ def main() -> int:
                 first = str(error).strip().splitlines()[-1:] or [""]
                 print(f"FAILED {label}: {type(error).__name__}: {first[0][:300]}", flush=True)
                 continue
-            hazard = async_mma_hazard(compiled)
+            hazard = async_mma_hazard(compiled) or unspecialized(compiled, config)
             if hazard:
                 failures += 1
                 print(f"FAILED {label}: {hazard}", flush=True)

@@ -213,6 +213,7 @@ def test_tma_only_where_it_can_load_the_operands(monkeypatch):
     assert allowed(rows=torch.arange(8)) == 0  # gathered rows
     assert allowed(hidden=hidden.float()) == 0  # fp32 inputs
     assert allowed(weight=torch.zeros(40, 20, dtype=torch.bfloat16)) == 0  # 40-byte rows
+    assert allowed(weight=torch.zeros(41 * 24, dtype=torch.bfloat16)[4:4 + 40 * 24].view(40, 24)) == 0
     # a base 2 bytes past an aligned address
     assert allowed(hidden=torch.zeros(9 * 24, dtype=torch.bfloat16)[1:1 + 8 * 24].view(8, 24)) == 0
     monkeypatch.setenv("LUFFY_FAST_FUSED_TMA", "1")
@@ -349,6 +350,13 @@ def test_fused_forward_at_any_split_count_and_across_launches(monkeypatch, split
     for name, value, piece, into in zip(FORWARD_OUTPUTS, got, pieces, out):
         assert piece is into, name
         torch.testing.assert_close(piece, value, rtol=1e-5, atol=1e-5, msg=name)
+    # the rows in order (rows=None): each launch takes its own slice of them
+    in_order = torch.full((19, 65), float("nan"))
+    pieces = forward_fused.fused_forward(hidden[rows].contiguous(), weight, bias, None, targets,
+                                         0.9, True, in_order)
+    torch.testing.assert_close(in_order, logits, rtol=1e-6, atol=1e-6)
+    for name, value, piece in zip(FORWARD_OUTPUTS, got, pieces):
+        torch.testing.assert_close(piece, value, rtol=1e-5, atol=1e-5, msg=name)
 
 
 @interpreted
@@ -393,32 +401,40 @@ def test_the_gradient_filter_with_the_switch(monkeypatch):
 
 
 @interpreted
-def test_forward_only_chunks_keep_no_logits(monkeypatch):
-    """Zero-advantage tokens get the forward only: with the switch their chunks store no logits,
-    every chunk hands the kernel its hidden rows gathered in order (rows=None, which TMA can
-    load), and the op still matches the reference."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_only_chunks_keep_no_logits(monkeypatch, dtype):
+    """Zero-advantage tokens get the forward only: with the switch their chunks store no logits.
+    Gradient chunks hand the kernel their gathered hidden rows in order (rows=None, as TMA loads
+    them; the gradient GEMMs use the same rows); forward-only chunks gather theirs only where
+    TMA could load them (16-bit inputs), and otherwise pass their row indices. The op still
+    matches the reference."""
     import luffy_fast.kernels.function as function
 
-    stored, gathered = [], []
+    calls = []
     fused = function.fused_forward
 
     def spy(hidden, weight, bias, rows, targets, temperature, with_entropy, logits=None, *a, **k):
-        stored.append(logits is not None)
-        gathered.append(rows is None and hidden.shape[0] == targets.shape[0])
+        in_order = rows is None and hidden.shape[0] == targets.shape[0]
+        calls.append(("stored" if logits is not None else "forward-only", in_order))
         return fused(hidden, weight, bias, rows, targets, temperature, with_entropy, logits, *a, **k)
 
     monkeypatch.setattr(function, "fused_forward", spy)
     monkeypatch.setenv(SWITCH, "1")
     batch = random_batch(150, 16, 90, seed=4, zero_adv_fraction=0.5, num_seqs=6)
-    compare_backends(batch, LuffyLossConfig.grpo(memory_budget_mb=0.05), torch.float32, "triton")
-    assert True in stored and False in stored, stored
-    assert all(gathered), gathered
+    compare_backends(batch, LuffyLossConfig.grpo(memory_budget_mb=0.05), dtype, "triton")
+    assert set(calls) == {("stored", True), ("forward-only", dtype == torch.bfloat16)}, calls
 
 
-def test_16_bit_inputs_tune_over_the_128_row_tiles_and_tma_where_allowed():
+@pytest.mark.parametrize("interpreted_run", [True, False])
+def test_16_bit_inputs_tune_over_the_128_row_tiles_and_tma_where_allowed(monkeypatch,
+                                                                          interpreted_run):
     import triton
 
-    from luffy_fast.kernels.forward_fused import INTERPRET, _configs_for
+    import luffy_fast.kernels.forward_fused as forward_fused
+    from luffy_fast.kernels.forward_fused import _configs_for
+
+    monkeypatch.setattr(forward_fused, "INTERPRET", interpreted_run)
+    INTERPRET = interpreted_run
 
     configs = [triton.Config({"BLOCK_T": t, "BLOCK_V": 128, "BLOCK_H": h, "TMA": tma})
                for tma in (0, 1) for t, h in ((128, 64), (64, 32))]
@@ -437,3 +453,26 @@ def test_16_bit_inputs_tune_over_the_128_row_tiles_and_tma_where_allowed():
                                                            [loads[0], tma[0]])
     assert _configs_for(loads, bf16, TMA_ALLOWED=2) == loads[:1]
     assert _configs_for(tma + loads[1:], bf16, TMA_ALLOWED=0) == loads[1:]
+    # gathered rows: never TMA, whatever the key says
+    assert _configs_for(configs, {**bf16, "rows_ptr": torch.arange(3)}, TMA_ALLOWED=2) == loads[:1]
+
+
+def test_hopper_tunes_each_tile_by_cp_async_and_tma_and_one_warp_specialized(monkeypatch):
+    import triton
+
+    import luffy_fast.kernels.forward_fused as forward_fused
+    from benchmarks.pass_sweep import label
+
+    tiles = [triton.Config({"BLOCK_T": 128, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=8, num_stages=4),
+             triton.Config({"BLOCK_T": 128, "BLOCK_V": 256, "BLOCK_H": 64}, num_warps=8, num_stages=3),
+             triton.Config({"BLOCK_T": 64, "BLOCK_V": 128, "BLOCK_H": 32}, num_warps=4, num_stages=3)]
+    monkeypatch.setattr(forward_fused, "tile_configs", lambda: tiles)
+    monkeypatch.setattr(forward_fused, "hopper", lambda: True)
+    monkeypatch.setattr(forward_fused, "_tma_capable", lambda: True)
+    loads = ["T128 V128 w8 s4", "T128 V128 w8 s3", "T64 V128 w4 s3"]
+    assert [label(c) for c in forward_fused.fused_tile_configs()] == (
+        loads + [f"{name} TMA" for name in loads] + ["T128 V128 w4 s3 TMA WS"])
+    monkeypatch.setattr(forward_fused, "_tma_capable", lambda: False)  # e.g. an A100
+    monkeypatch.setattr(forward_fused, "hopper", lambda: False)
+    assert [label(c) for c in forward_fused.fused_tile_configs()] == ["T128 V128 w8 s4",
+                                                                      "T64 V128 w4 s3"]

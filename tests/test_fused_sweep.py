@@ -23,7 +23,8 @@ def test_sweep_times_and_checks_each_part(monkeypatch):
     tuner = fused_sweep.KERNEL.fn
     before = (list(tuner.configs), dict(tuner.cache))
     lines = []
-    result = fused_sweep.sweep(chunk, deadline=math.inf, log=lines.append)
+    ragged = fused_sweep.Chunk(21, 16, 77, torch.device("cpu"), seed=1, exact=True)
+    result = fused_sweep.sweep(chunk, deadline=math.inf, log=lines.append, ragged=ragged)
     assert (list(tuner.configs), dict(tuner.cache)) == before
     assert forward_fused._splits.__name__ == "_splits"  # put back
     assert len(result["baseline"]) == 4 and len(result["configs"]) == len(tuner.configs)
@@ -34,7 +35,12 @@ def test_sweep_times_and_checks_each_part(monkeypatch):
         "fp32 logits stored", "no logits (token_logprobs)"]
     # the interpreter's 3 splits: half of it (1) and twice it (6)
     assert [row["splits"] for row in result["splits"]] == [1, 6]
-    assert all(row["agrees"] for part in ("configs", "stores", "splits") for row in result[part])
+    # the ragged chunk: each form at its own split count and at 6 (of 3 vocabulary tiles)
+    assert [row["name"] for row in result["ragged"]] == [
+        "fused T16 V32 w4 s3", "fused T16 V32 w4 s3, 6 splits",
+        "fused T16 V32 w4 s3 TMA", "fused T16 V32 w4 s3 TMA, 6 splits"]
+    assert all(row["agrees"] for part in ("configs", "stores", "splits", "ragged")
+               for row in result[part])
     assert not any("DISAGREES" in line for line in lines)
     # a wrong statistic or a wrong stored logit shows
     fused = chunk.fused
