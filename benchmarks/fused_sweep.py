@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -108,27 +109,31 @@ def check_ragged(chunk: Chunk, log) -> list:
     an H step (TMA's zero fill), at its own split count and at 6 (empty splits): its statistics
     and stored 16-bit logits against the default's. No timing."""
     rows = []
-    splits = forward_fused._splits
     for config in configs(chunk):
         installed = only_config(KERNEL, config)
         for count in (None, 6):
             name = f"fused {label(installed)}" + (f", {count} splits" if count else "")
             try:
-                if count:
-                    forward_fused._splits = _splits_at(count)
-                agrees = chunk.check(chunk.fused(torch.bfloat16, True), True)
+                with forced_splits(count):
+                    agrees = chunk.check(chunk.fused(torch.bfloat16, True), True)
             except Exception as error:
                 log(f"  {name}: ERROR {repr(error)[:200]}")
                 agrees = False
-            finally:
-                forward_fused._splits = splits
             rows.append({"name": name, "agrees": agrees})
             log(f"  {name}: {'agrees' if agrees else 'DISAGREES'}")
     return rows
 
 
-def _splits_at(count: int):
-    return lambda n, v, meta: count
+@contextmanager
+def forced_splits(count: Optional[int]):
+    """The fused kernel's launches at `count` vocabulary splits inside (None: its own choice)."""
+    chosen = forward_fused._splits
+    if count is not None:
+        forward_fused._splits = lambda n, v, meta: count
+    try:
+        yield
+    finally:
+        forward_fused._splits = chosen
 
 
 def sweep(chunk: Chunk, deadline: float, log, ragged: Optional[Chunk] = None) -> dict:
@@ -182,18 +187,14 @@ def sweep(chunk: Chunk, deadline: float, log, ragged: Optional[Chunk] = None) ->
                                            fastest["config"].kwargs)
             default_rule = forward.num_vocab_splits(chunk.hidden.shape[0], chunk.weight.shape[0])
             counts = sorted({max(1, chosen // 2), chosen, 2 * chosen, default_rule} - {chosen})
-            splits = forward_fused._splits
-            try:
-                for count in counts:
-                    if time.monotonic() > deadline:
-                        break
-                    forward_fused._splits = _splits_at(count)
+            for count in counts:
+                if time.monotonic() > deadline:
+                    break
+                with forced_splits(count):
                     row = timed(f"fused {label(fastest['config'])}, {count} splits (chosen: "
                                 f"{chosen}{'; the split kernel rule' if count == default_rule else ''})",
                                 lambda: chunk.fused(torch.bfloat16, True), True)
-                    result["splits"].append({**row, "splits": count, "chosen": chosen})
-            finally:
-                forward_fused._splits = splits
+                result["splits"].append({**row, "splits": count, "chosen": chosen})
     for rows in (result["configs"], result["stores"], result["splits"]):
         for row in rows:
             if "config" in row:

@@ -174,14 +174,12 @@ def _chunk_forward(hidden, weight, bias, rows, targets, config: LuffyLossConfig,
         if gradient_chunk:
             logits = torch.empty(rows.numel(), weight.shape[0], device=hidden.device,
                                  dtype=hidden.dtype if half else torch.float32)
-        if gradient_chunk or tma_possible(hidden):  # rows in order, for TMA
-            hidden_rows = hidden[rows]
-            fused_forward(hidden_rows, weight, bias, None, targets, config.temperature,
-                          with_entropy, logits, half, out)
-            return logits, hidden_rows if gradient_chunk else None
-        fused_forward(hidden, weight, bias, rows, targets, config.temperature, with_entropy,
-                      None, half, out)
-        return None, None
+        # rows in order (which TMA can load) where the gradients gather them anyway or TMA could
+        in_order = gradient_chunk or tma_possible(hidden)
+        hidden_rows = hidden[rows] if in_order else None
+        fused_forward(hidden_rows if in_order else hidden, weight, bias, None if in_order else rows,
+                      targets, config.temperature, with_entropy, logits, half, out)
+        return logits, hidden_rows if gradient_chunk else None
     hidden_rows = hidden[rows]
     logits = kept_logits(hidden_rows, weight, half)
     _kept_forward(hidden, weight, bias, rows, targets, config.temperature, with_entropy, logits, out)
