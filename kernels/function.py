@@ -92,18 +92,34 @@ def _kept_rows(config: LuffyLossConfig, device: torch.device, num_tokens: int,
     return 0
 
 
+def _forward_only_chunk(config: LuffyLossConfig, hidden: Tensor, num_tokens: int,
+                        chunk: int) -> int:
+    """Rows per forward-only chunk of the kept strategy: a kept chunk's, or with
+    LUFFY_FAST_FUSED_FORWARD=1, which keeps no logits for them, all in one launch, or where TMA
+    could load them (rows gathered in order) as many gathered [H] rows as the budget holds."""
+    if not fused_forward_enabled():
+        return chunk
+    if not tma_possible(hidden):
+        return max(chunk, num_tokens)
+    room = config.memory_budget_bytes(hidden.device) - num_tokens * PER_TOKEN_BYTES
+    return max(chunk, room // (hidden.shape[1] * hidden.element_size()))
+
+
 def _filter_count(config: LuffyLossConfig, device: torch.device) -> Optional[FilterCount]:
     return None if config.grad_filter is None else FilterCount(config.grad_filter, device)
 
 
-def _kept_chunks(num_tokens: int, num_maybe_active: int, chunk: int):
+def _kept_chunks(num_tokens: int, num_maybe_active: int, chunk: int,
+                 forward_chunk: Optional[int] = None):
     """(slice, gradient chunk?, last gradient chunk?) over the token order of
-    LossInputs.gradient_last: slices of nearly equal length, at most `chunk`, none straddling the
-    forward-only tokens and the last `num_maybe_active` (the gradient chunks)."""
+    LossInputs.gradient_last: slices of nearly equal length, at most `chunk` (`forward_chunk` for
+    the forward-only tokens, when given), none straddling the forward-only tokens and the last
+    `num_maybe_active` (the gradient chunks)."""
     first_gradient = num_tokens - num_maybe_active
     for begin, end, gradient in ((0, first_gradient, False), (first_gradient, num_tokens, True)):
+        most = chunk if gradient or forward_chunk is None else forward_chunk
         # equal chunks rather than full ones and a thin remainder: the GEMMs like fat operands
-        count = -(-(end - begin) // chunk)
+        count = -(-(end - begin) // most)
         for k in range(count):
             start, stop = begin + (end - begin) * k // count, begin + (end - begin) * (k + 1) // count
             yield slice(start, stop), gradient, gradient and k == count - 1
@@ -131,7 +147,8 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
         inputs = inputs.reordered(order)
     buffers = TokenBuffers.empty(inputs)
     grad_filter = _filter_count(config, hidden.device)
-    for part, gradient_chunk, last in _kept_chunks(N, num_maybe_active, chunk):
+    forward_chunk = _forward_only_chunk(config, hidden, N, chunk)
+    for part, gradient_chunk, last in _kept_chunks(N, num_maybe_active, chunk, forward_chunk):
         if gradient_chunk and part.start == N - num_maybe_active:  # the forward-only ones are done
             _stray_gradients(inputs, buffers, part.start, hidden, weight, bias, chunk, gradients)
         rows, targets = inputs.rows[part], inputs.targets[part]

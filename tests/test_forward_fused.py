@@ -406,23 +406,53 @@ def test_forward_only_chunks_keep_no_logits(monkeypatch, dtype):
     """Zero-advantage tokens get the forward only: with the switch their chunks store no logits.
     Gradient chunks hand the kernel their gathered hidden rows in order (rows=None, as TMA loads
     them; the gradient GEMMs use the same rows); forward-only chunks gather theirs only where
-    TMA could load them (16-bit inputs), and otherwise pass their row indices. The op still
-    matches the reference."""
+    TMA could load them (16-bit inputs), and otherwise pass their row indices. Keeping no
+    logits, the forward-only tokens (77 here, more than a kept chunk's rows) take one launch.
+    The op still matches the reference."""
     import luffy_fast.kernels.function as function
 
-    calls = []
+    calls, sizes = [], []
     fused = function.fused_forward
 
     def spy(hidden, weight, bias, rows, targets, temperature, with_entropy, logits=None, *a, **k):
         in_order = rows is None and hidden.shape[0] == targets.shape[0]
         calls.append(("stored" if logits is not None else "forward-only", in_order))
+        sizes.append(targets.shape[0])
         return fused(hidden, weight, bias, rows, targets, temperature, with_entropy, logits, *a, **k)
 
     monkeypatch.setattr(function, "fused_forward", spy)
     monkeypatch.setenv(SWITCH, "1")
     batch = random_batch(150, 16, 90, seed=4, zero_adv_fraction=0.5, num_seqs=6)
-    compare_backends(batch, LuffyLossConfig.grpo(memory_budget_mb=0.05), dtype, "triton")
+    config = LuffyLossConfig.grpo(memory_budget_mb=0.05)
+    compare_backends(batch, config, dtype, "triton")
     assert set(calls) == {("stored", True), ("forward-only", dtype == torch.bfloat16)}, calls
+    assert calls.count(("forward-only", dtype == torch.bfloat16)) == 1, calls
+    loss_tokens = int(batch["loss_mask"].sum())
+    kept_chunk = function.plan(config, torch.device("cpu"), loss_tokens, 90, dtype.itemsize, 16)[1]
+    assert calls[0][0] == "forward-only" and sizes[0] > kept_chunk >= max(sizes[1:]), sizes
+
+
+def test_forward_only_chunks_with_the_switch_hold_the_budget_in_gathered_rows(monkeypatch):
+    """Forward-only rows per chunk: a kept chunk's without the switch; with it all of them where
+    the rows go by index (fp32), and as many gathered rows as the budget holds where TMA could
+    load them in order (16-bit): (budget - 256 bytes a token) / (H x 2 bytes)."""
+    from luffy_fast.kernels import function
+
+    config = LuffyLossConfig.grpo(memory_budget_mb=1)  # 1048576 bytes
+    bf16, fp32 = (torch.zeros(4, 512, dtype=dtype) for dtype in (torch.bfloat16, torch.float32))
+    monkeypatch.setattr(function, "tma_possible", lambda hidden: hidden.element_size() == 2)
+    monkeypatch.delenv(SWITCH, raising=False)
+    assert function._forward_only_chunk(config, bf16, 3000, 20) == 20
+    monkeypatch.setenv(SWITCH, "1")
+    assert function._forward_only_chunk(config, fp32, 3000, 20) == 3000
+    # (1048576 - 3000 x 256) // 1024 = 274
+    assert function._forward_only_chunk(config, bf16, 3000, 20) == 274
+    assert function._forward_only_chunk(config, bf16, 5000, 20) == 20  # no room left: the kept chunk
+    # nearly equal slices of at most 274 over the 1000 forward-only tokens, 20 over the rest
+    parts = list(function._kept_chunks(1100, 100, 20, 274))
+    forward = [part.stop - part.start for part, gradient, _ in parts if not gradient]
+    assert forward == [250] * 4 and sum(1 for _, gradient, _ in parts if gradient) == 5
+    assert [last for _, _, last in parts].count(True) == 1 and parts[-1][2]
 
 
 @pytest.mark.parametrize("interpreted_run", [True, False])
