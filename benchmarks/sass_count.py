@@ -104,7 +104,7 @@ def main(argv=None) -> None:
     target = cuda_compile.GPUTarget("cuda", 90, 32)
     for kernel in cuda_compile.discover_kernels():
         for case in cuda_compile.cases(kernel):
-            label, jit, heuristics, config, fixed, present, dtype, aligned, logits = case
+            label, jit, heuristics, config, fixed, present, dtype, aligned, logits, _ = case
             if (jit.__name__ not in STREAMING or (args.kernel and args.kernel not in jit.__name__)
                     or not aligned or logits != torch.bfloat16):
                 continue

@@ -19,8 +19,10 @@ per alignment: pointers 16-byte aligned and integers divisible by 16 get `tt.div
 
 A compiled variant also fails when its loop keeps an MMA operand in a single shared-memory buffer
 under asynchronous MMAs (`async_mma_hazard`), or when its config asks for warp specialization and
-Triton left the loop unspecialized (`unspecialized`). Prints one line per failure and exits
-non-zero when any kernel fails (tests/test_cuda_compile.py).
+Triton left the loop unspecialized (`unspecialized`). A config may need more shared memory than
+an SM gives a program (the autotuner skips it at launch), but every combination of inputs must
+have one that fits (`SHARED_MEMORY`): the first config that applies, or else the next ones. Prints
+one line per failure and exits non-zero when any kernel fails (tests/test_cuda_compile.py).
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ GROUPS = {
 # Inputs that are optional elsewhere but always passed to these kernels.
 REQUIRED = {"_grad_logits_in_place_kernel": {"logits_ptr"}, "_row_forward_kernel": {"logits_ptr"},
             "_lean_forward_kernel": {"logits_ptr"}, "_lean_grad_logits_kernel": {"logits_ptr"}}
+# Shared memory a program may have, by architecture (opt-in maximum, bytes): 227 KiB on Hopper
+# and Blackwell, 163 KiB on A100, 99 KiB on the sm_86/89 cards.
+SHARED_MEMORY = {90: 232448, 100: 232448, 80: 166912, 86: 101376, 89: 101376}
 # The one kernel that takes its hidden rows in order without a rows_ptr.
 ROWS_OPTIONAL = {"_fused_forward_kernel"}
 
@@ -239,7 +244,8 @@ def unspecialized(compiled, config) -> Optional[str]:
 
 def cases(kernel):
     """(label, jit, heuristics, config, call constexprs, present inputs, dtype, aligned,
-    logits dtype)."""
+    logits dtype, fallback): a fallback case is compiled only while no config before it with the
+    same inputs, dtypes, logits and alignment fits the shared memory."""
     jit, heuristics, tuner = unwrap(kernel)
     needed = required(jit.__name__)
     groups = [group for group, names in GROUPS.items()
@@ -252,8 +258,12 @@ def cases(kernel):
             for chosen in itertools.product((False, True), repeat=len(groups)):
                 present = {n for group, on in zip(groups, chosen) if on for n in GROUPS[group]}
                 usable = _pruned(tuner, jit, configs, present, dtype)
-                yield (f"{jit.__name__} {dtype} inputs={sorted(g for g, on in zip(groups, chosen) if on)}",
-                       jit, heuristics, usable[0], fixed, present, dtype, False, torch.float32)
+                inputs = sorted(g for g, on in zip(groups, chosen) if on)
+                for index, config in enumerate(usable):
+                    yield (f"{jit.__name__} {dtype} inputs={inputs}" + (
+                        f" config={config} (the first ones need more shared memory)" if index else ""),
+                        jit, heuristics, config, fixed, present, dtype, False, torch.float32,
+                        index > 0)
             # every config, aligned, with all of them (and without the logits, whose presence
             # picks which configs apply: tile products or a read of kept logits; and without
             # rows where they are optional: rows in order, the only ones the TMA configs take)
@@ -265,16 +275,18 @@ def cases(kernel):
             for present in variants:
                 for config in _pruned(tuner, jit, configs, present, dtype):
                     yield (f"{jit.__name__} {dtype} aligned config={config} inputs={len(present)}",
-                           jit, heuristics, config, fixed, present, dtype, True, torch.float32)
+                           jit, heuristics, config, fixed, present, dtype, True, torch.float32,
+                           False)
             # 16-bit kept logits (bf16 inputs only): with every input, unaligned and per config
             if dtype == torch.bfloat16 and "logits_ptr" in jit.arg_names:
                 for present in [present_all | needed] + (
                         [(present_all | needed) - set(GROUPS["rows"])] if "rows" in groups else []):
                     usable = _pruned(tuner, jit, configs, present, dtype)
-                    for config, aligned in [(usable[0], False)] + [(c, True) for c in usable]:
+                    for config, aligned, fallback in ([(c, False, i > 0) for i, c in enumerate(usable)]
+                                                      + [(c, True, False) for c in usable]):
                         yield (f"{jit.__name__} bf16 logits aligned={aligned} config={config} "
                                f"inputs={len(present)}", jit, heuristics, config, fixed, present,
-                               dtype, aligned, torch.bfloat16)
+                               dtype, aligned, torch.bfloat16, fallback)
 
 
 def _pruned(tuner, jit, configs, present: set, dtype) -> list:
@@ -294,13 +306,17 @@ def main() -> int:
     parser.add_argument("--kernel", default=None, help="only the kernels whose name contains this")
     args = parser.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
-    failures = total = 0
+    failures = total = big = 0
+    fits: dict[tuple, bool] = {}  # (kernel, dtype, inputs, logits, aligned): a config fits
+    limit = SHARED_MEMORY.get(args.arch, float("inf"))
     start = time.perf_counter()
     kernels = discover_kernels()
     print(f"{len(kernels)} kernels: {', '.join(sorted(unwrap(k)[0].__name__ for k in kernels))}")
     for kernel in kernels:
-        for label, jit, heuristics, config, fixed, present, dtype, aligned, logits in cases(kernel):
-            if args.kernel and args.kernel not in jit.__name__:
+        for (label, jit, heuristics, config, fixed, present, dtype, aligned, logits,
+             fallback) in cases(kernel):
+            group = (jit.__name__, dtype, frozenset(present), logits, aligned)
+            if (args.kernel and args.kernel not in jit.__name__) or (fallback and fits.get(group)):
                 continue
             total += 1
             try:
@@ -315,9 +331,18 @@ def main() -> int:
             if hazard:
                 failures += 1
                 print(f"FAILED {label}: {hazard}", flush=True)
+            big += compiled.metadata.shared > limit
+            fits[group] = fits.get(group, False) or compiled.metadata.shared <= limit
+    over = [group for group, fit in fits.items() if not fit]
+    for name, dtype, present, logits, aligned in over:
+        print(f"FAILED {name} {dtype} logits {logits} aligned={aligned} inputs={sorted(present)}: "
+              "no config fits "
+              f"the {limit // 1024} KiB of shared memory a program may have on sm_{args.arch}")
     print(f"{total - failures}/{total} kernel variants compiled for sm_{args.arch} in "
-          f"{time.perf_counter() - start:.0f} s")
-    return 1 if failures else 0
+          f"{time.perf_counter() - start:.0f} s; {big} need more shared memory than a program may "
+          f"have (the autotuner skips them), {len(over)} input combinations have no config that "
+          "fits")
+    return 1 if failures or over else 0
 
 
 if __name__ == "__main__":
