@@ -56,13 +56,13 @@ MIN_KEPT_ROWS = {"cuda": 256, "cpu": 16}
 PER_TOKEN_BYTES = 256
 
 
-def _check_device(tensor: Tensor) -> None:
+def _check_device(tensor: Tensor, op: str = "fused_luffy_loss") -> None:
     if tensor.device.type != "cuda" and not INTERPRET:
         raise ValueError(
-            "fused_luffy_loss: `backend`='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set "
+            f"{op}: `backend`='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set "
             "before luffy_fast.kernels is imported to run the kernels on the CPU interpreter")
     if tensor.dtype == torch.float64:
-        raise ValueError("fused_luffy_loss: `hidden` is float64, which the triton backend does not "
+        raise ValueError(f"{op}: `hidden` is float64, which the triton backend does not "
                          "take (bf16, fp16, fp32); use backend='torch' or 'reference'")
 
 
@@ -322,7 +322,7 @@ def triton_token_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     forward kernel reads them (one bare GEMM plus a read); otherwise the forward kernel
     multiplies hidden and weight tiles itself. With LUFFY_FAST_FUSED_FORWARD=1 the tile products
     of kernels/forward_fused.py at any budget, rounded as the kept chunks' logits would be."""
-    _check_device(hidden)
+    _check_device(hidden, "token_logprobs")
     hidden, weight = hidden.contiguous(), weight.contiguous()
     T = hidden.shape[0]
     rows = torch.arange(T, device=hidden.device)

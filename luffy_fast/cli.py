@@ -16,7 +16,9 @@ from luffy_fast.run_files import DiskFullError, check_run_dir
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="luffy-fast", description=(
-        "LUFFY: reinforcement learning with verifiable rewards under off-policy guidance."))
+        "LUFFY: reinforcement learning with verifiable rewards under off-policy guidance."),
+        epilog="--debug, anywhere on the line, shows the traceback of an error (without it an "
+               "error is one line naming the input, and the exit code is 2).")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train from a YAML config",

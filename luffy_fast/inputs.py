@@ -76,39 +76,46 @@ class LossInputs:
         return summarize(terms, loss_mask, off_policy_mask, self.norm)
 
 
-def input_error(name: str, why: str) -> ValueError:
-    return ValueError(f"fused_luffy_loss: `{name}` {why}")
+def input_error(name: str, why: str, op: str = "fused_luffy_loss") -> ValueError:
+    """The error for a bad input `name` of the op `op` (its message names both)."""
+    return ValueError(f"{op}: `{name}` {why}")
 
 
-def _check_tensor(name: str, value, shape, device, dtypes, dtype_words: str) -> None:
+def _check_tensor(name: str, value, shape, device, dtypes, dtype_words: str,
+                  op: str = "fused_luffy_loss") -> None:
     if not isinstance(value, Tensor):
-        raise input_error(name, f"must be a torch.Tensor, got {type(value).__name__}")
+        raise input_error(name, f"must be a torch.Tensor, got {type(value).__name__}", op)
     if tuple(value.shape) != tuple(shape):
-        raise input_error(name, f"has shape {tuple(value.shape)}, expected {tuple(shape)}")
+        raise input_error(name, f"has shape {tuple(value.shape)}, expected {tuple(shape)}", op)
     if value.device != device:
-        raise input_error(name, f"is on {value.device}, but `hidden` is on {device}")
+        raise input_error(name, f"is on {value.device}, but `hidden` is on {device}", op)
     if value.dtype not in dtypes:
-        raise input_error(name, f"has dtype {value.dtype}, expected {dtype_words}")
+        raise input_error(name, f"has dtype {value.dtype}, expected {dtype_words}", op)
 
 
-def _check_hidden_weight(hidden, weight, bias, weight_dtypes, dtype_words: str) -> None:
+def _check_hidden_weight(hidden, weight, bias, weight_dtypes, dtype_words: str,
+                         op: str = "fused_luffy_loss") -> None:
     """The checks both ops make of `hidden` [T, H] or [B, L, H], `weight` [V, H] (one of
     `weight_dtypes`) and `bias` [V], all on hidden's device."""
     if not isinstance(hidden, Tensor):
-        raise input_error("hidden", f"must be a torch.Tensor, got {type(hidden).__name__}")
+        raise input_error("hidden", f"must be a torch.Tensor, got {type(hidden).__name__}", op)
     if hidden.dim() not in (2, 3):
-        raise input_error("hidden", f"must be [T, H] or [B, L, H], got shape {tuple(hidden.shape)}")
+        raise input_error("hidden", f"must be [T, H] or [B, L, H], got shape {tuple(hidden.shape)}",
+                          op)
     if hidden.device.type == "meta":  # no data: the result would be uninitialized memory
-        raise input_error("hidden", "is on the meta device (it holds no values)")
+        raise input_error("hidden", "is on the meta device (it holds no values)", op)
     if hidden.dtype not in FLOAT_DTYPES:
-        raise input_error("hidden", f"has dtype {hidden.dtype}, expected bf16, fp16, fp32 or fp64")
+        raise input_error("hidden", f"has dtype {hidden.dtype}, expected bf16, fp16, fp32 or fp64",
+                          op)
     H = hidden.shape[-1]
     if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != H:
         shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
-        raise input_error("weight", f"must be [V, H] with H = {H} (hidden's last dim), got {shape}")
-    _check_tensor("weight", weight, weight.shape, hidden.device, weight_dtypes, dtype_words)
+        raise input_error("weight", f"must be [V, H] with H = {H} (hidden's last dim), got {shape}",
+                          op)
+    _check_tensor("weight", weight, weight.shape, hidden.device, weight_dtypes, dtype_words, op)
     if bias is not None:
-        _check_tensor("bias", bias, (weight.shape[0],), hidden.device, weight_dtypes, dtype_words)
+        _check_tensor("bias", bias, (weight.shape[0],), hidden.device, weight_dtypes, dtype_words,
+                      op)
 
 
 def prepare_inputs(hidden, weight, targets, advantages, loss_mask, off_policy_mask,
@@ -176,8 +183,9 @@ def prepare_inputs(hidden, weight, targets, advantages, loss_mask, off_policy_ma
 def prepare_token_inputs(hidden, weight, targets, bias=None) -> tuple[Tensor, Tensor, Tensor]:
     """token_logprobs' checks: flattened hidden [T, H], targets with out-of-range ids (e.g. -100
     padding) replaced by 0, and the mask of the valid ones."""
-    _check_hidden_weight(hidden, weight, bias, FLOAT_DTYPES, "a float dtype")
-    _check_tensor("targets", targets, hidden.shape[:-1], hidden.device, (torch.int64,), "torch.int64")
+    _check_hidden_weight(hidden, weight, bias, FLOAT_DTYPES, "a float dtype", "token_logprobs")
+    _check_tensor("targets", targets, hidden.shape[:-1], hidden.device, (torch.int64,), "torch.int64",
+                  "token_logprobs")
     flat_targets = targets.reshape(-1)
     valid = (flat_targets >= 0) & (flat_targets < weight.shape[0])
     safe_targets = torch.where(valid, flat_targets, torch.zeros_like(flat_targets))

@@ -22,11 +22,11 @@ def default_backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "torch"
 
 
-def _backend(backend: Optional[str], device: torch.device):
+def _backend(backend: Optional[str], device: torch.device, op: str = "fused_luffy_loss"):
     """The chosen backend's (loss, token_logprobs) functions; imported on first use (the triton
-    backend imports Triton)."""
+    backend imports Triton). `op`: the public op that asks, named in the error."""
     if backend is not None and backend not in BACKENDS:
-        raise input_error("backend", f"must be None or one of {BACKENDS}, got {backend!r}")
+        raise input_error("backend", f"must be None or one of {BACKENDS}, got {backend!r}", op)
     backend = backend or default_backend(device)
     if backend == "reference":
         from .reference import reference_loss as loss
@@ -97,10 +97,11 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature:
     LuffyLossConfig.logits_dtype (the triton backend's kept logits; "input": 16-bit).
     """
     config = LuffyLossConfig(temperature=temperature, logits_dtype=logits_dtype)
-    _, logprobs_of = _backend(backend, hidden.device)
+    _, logprobs_of = _backend(backend, hidden.device, "token_logprobs")
     if (backend or default_backend(hidden.device)) == "triton" and weight.dtype != hidden.dtype:
         raise input_error("weight", f"is {weight.dtype} but `hidden` is {hidden.dtype}; the triton "
-                                    "backend takes one dtype for both (cast one of them)")
+                                    "backend takes one dtype for both (cast one of them)",
+                          "token_logprobs")
     hidden_flat, safe_targets, valid = prepare_token_inputs(hidden, weight, targets, bias)
     logprobs, entropy = logprobs_of(hidden_flat, weight, bias, safe_targets, config, with_entropy)
     token_shape = hidden.shape[:-1]

@@ -141,9 +141,10 @@ def test_closed_form_coefficient_matches_autograd_across_the_bound(clip_on_polic
 
 @pytest.mark.parametrize("name", ["weight", "bias", "hidden"])
 def test_token_logprobs_refuses_meta_tensors(name):
+    """The message names the op the user called and the input (the checks are the loss op's)."""
     tensors = {"hidden": torch.randn(4, 3), "weight": torch.randn(5, 3), "bias": torch.randn(5)}
     tensors[name] = torch.empty_like(tensors[name], device="meta")
-    with pytest.raises(ValueError, match=rf"`{name}` .*meta"):
+    with pytest.raises(ValueError, match=rf"^token_logprobs: `{name}` .*meta"):
         token_logprobs(tensors["hidden"], tensors["weight"], torch.tensor([0, 1, 2, 3]),
                        bias=tensors["bias"])
 
@@ -155,7 +156,7 @@ def test_the_loss_refuses_meta_tensors_before_any_work(name):
     T = 4
     tensors = {"hidden": torch.randn(T, 3), "weight": torch.randn(5, 3)}
     tensors[name] = torch.empty_like(tensors[name], device="meta")
-    with pytest.raises(ValueError, match=rf"`{name}` .*meta"):
+    with pytest.raises(ValueError, match=rf"^fused_luffy_loss: `{name}` .*meta"):
         fused_luffy_loss(tensors["hidden"], tensors["weight"], torch.tensor([0, 1, 2, 3]),
                          torch.ones(T), torch.ones(T, dtype=torch.bool),
                          torch.zeros(T, dtype=torch.bool))

@@ -145,14 +145,18 @@ def test_upstream_gradient_scales_the_stored_gradients(backend, budget):
 def test_triton_token_logprobs_names_a_weight_of_another_dtype():
     """Mixed dtypes reached a GEMM that failed without naming an input (review)."""
     batch = random_batch(5, 4, 6)
-    with pytest.raises(ValueError, match="`weight`.*bfloat16"):
+    with pytest.raises(ValueError, match="^token_logprobs: `weight`.*bfloat16"):
         token_logprobs(batch["hidden"], batch["weight"].bfloat16(), batch["targets"], backend="triton")
 
 
 def test_triton_rejects_float64_with_a_clear_error():
     batch = random_batch(5, 4, 6, dtype=torch.float64)
-    with pytest.raises(ValueError, match="float64"):
+    with pytest.raises(ValueError, match="^fused_luffy_loss: `hidden` is float64"):
         run_loss(batch, "triton", LuffyLossConfig())
+    with pytest.raises(ValueError, match="^token_logprobs: `hidden` is float64"):
+        token_logprobs(batch["hidden"], batch["weight"], batch["targets"], backend="triton")
+    with pytest.raises(ValueError, match="^token_logprobs: `backend` must be"):
+        token_logprobs(batch["hidden"], batch["weight"], batch["targets"], backend="cuda")
 
 
 def test_kept_chunks_put_zero_advantage_groups_first(monkeypatch):
