@@ -15,7 +15,9 @@ with 16-bit logits (luffy_fast.gemm.half_logits). A launch on a GPU compiles a v
 per alignment: pointers 16-byte aligned and integers divisible by 16 get `tt.divisibility`
 (vectorized loads); the combinations compile without those marks, the configs with them.
 
-    python tests/cuda_compile.py [--arch 90] [--kernel NAME]   # TRITON_INTERPRET must be unset
+    python tests/cuda_compile.py [--arch 90] [--kernel NAME] [--jobs N]   # TRITON_INTERPRET unset
+
+The variants compile in one process per CPU (`--jobs`; compilation is single-threaded).
 
 A compiled variant also fails when its loop keeps an MMA operand in a single shared-memory buffer
 under asynchronous MMAs (`async_mma_hazard`), or when its config asks for warp specialization and
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import multiprocessing
 import os
 import re
 import sys
@@ -300,44 +303,73 @@ def _pruned(tuner, jit, configs, present: set, dtype) -> list:
     return prune(configs, named, **PRUNE_KWARGS.get(jit.__name__, {}))
 
 
+# The run's cases and target, which the worker processes inherit (forked: cases hold lambdas).
+_RUN: dict = {"cases": [], "target": None}
+
+
+def check_case(index: int) -> tuple[int, Optional[str], int]:
+    """Compile case `index` of the run: (index, why it fails or None, its shared memory bytes)."""
+    label, jit, heuristics, config, fixed, present, dtype, aligned, logits, _ = _RUN["cases"][index]
+    try:
+        compiled = compile_one(jit, heuristics, config, fixed, present, dtype, _RUN["target"],
+                               aligned, logits)
+    except Exception as error:  # report them all
+        first = str(error).strip().splitlines()[-1:] or [""]
+        return index, f"{type(error).__name__}: {first[0][:300]}", 0
+    return index, async_mma_hazard(compiled) or unspecialized(compiled, config), compiled.metadata.shared
+
+
+def _group(case) -> tuple:
+    """(kernel, dtype, inputs, logits dtype, aligned): the cases a fitting config is sought among."""
+    return case[1].__name__, case[6], frozenset(case[5]), case[8], case[7]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--kernel", default=None, help="only the kernels whose name contains this")
+    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+                        help="compiling processes (default: one per CPU)")
     args = parser.parse_args()
-    target = GPUTarget("cuda", args.arch, 32)
-    failures = total = big = 0
-    fits: dict[tuple, bool] = {}  # (kernel, dtype, inputs, logits, aligned): a config fits
-    limit = SHARED_MEMORY.get(args.arch, float("inf"))
     start = time.perf_counter()
     kernels = discover_kernels()
     print(f"{len(kernels)} kernels: {', '.join(sorted(unwrap(k)[0].__name__ for k in kernels))}")
-    for kernel in kernels:
-        for (label, jit, heuristics, config, fixed, present, dtype, aligned, logits,
-             fallback) in cases(kernel):
-            group = (jit.__name__, dtype, frozenset(present), logits, aligned)
-            if (args.kernel and args.kernel not in jit.__name__) or (fallback and fits.get(group)):
-                continue
+    _RUN["target"] = GPUTarget("cuda", args.arch, 32)
+    _RUN["cases"] = [case for kernel in kernels for case in cases(kernel)
+                     if not args.kernel or args.kernel in case[1].__name__]
+    run = _RUN["cases"]
+    limit = SHARED_MEMORY.get(args.arch, float("inf"))
+    fits: dict[tuple, bool] = {}  # per _group: some config fits the shared memory
+    failures = big = 0
+
+    def record(index: int, why: Optional[str], shared: int) -> None:
+        nonlocal failures, big
+        if why:
+            failures += 1
+            print(f"FAILED {run[index][0]}: {why}", flush=True)
+            return
+        big += shared > limit
+        group = _group(run[index])
+        fits[group] = fits.get(group, False) or shared <= limit
+
+    firsts = [index for index, case in enumerate(run) if not case[9]]
+    if args.jobs > 1:  # compilation is single-threaded: one process per CPU
+        with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+            for result in pool.imap_unordered(check_case, firsts):
+                record(*result)
+    else:
+        for index in firsts:
+            record(*check_case(index))
+    total = len(firsts)
+    for index, case in enumerate(run):  # the next configs of a combination whose first is too big
+        if case[9] and not fits.get(_group(case)):
             total += 1
-            try:
-                compiled = compile_one(jit, heuristics, config, fixed, present, dtype, target,
-                                       aligned, logits)
-            except Exception as error:  # report them all
-                failures += 1
-                first = str(error).strip().splitlines()[-1:] or [""]
-                print(f"FAILED {label}: {type(error).__name__}: {first[0][:300]}", flush=True)
-                continue
-            hazard = async_mma_hazard(compiled) or unspecialized(compiled, config)
-            if hazard:
-                failures += 1
-                print(f"FAILED {label}: {hazard}", flush=True)
-            big += compiled.metadata.shared > limit
-            fits[group] = fits.get(group, False) or compiled.metadata.shared <= limit
+            record(*check_case(index))
     over = [group for group, fit in fits.items() if not fit]
     for name, dtype, present, logits, aligned in over:
         print(f"FAILED {name} {dtype} logits {logits} aligned={aligned} inputs={sorted(present)}: "
-              "no config fits "
-              f"the {limit // 1024} KiB of shared memory a program may have on sm_{args.arch}")
+              f"no config fits the {limit // 1024} KiB of shared memory a program may have on "
+              f"sm_{args.arch}")
     print(f"{total - failures}/{total} kernel variants compiled for sm_{args.arch} in "
           f"{time.perf_counter() - start:.0f} s; {big} need more shared memory than a program may "
           f"have (the autotuner skips them), {len(over)} input combinations have no config that "
