@@ -255,6 +255,19 @@ def _splits(num_tokens: int, vocab_size: int, meta: dict) -> int:
                        meta["BLOCK_V"])
 
 
+def _most_splits(hidden: torch.Tensor, num_tokens: int, vocab_size: int) -> int:
+    """The most vocabulary splits any config the launch may take would use."""
+    tuned = _configs_for(CONFIGS, {"hidden_ptr": hidden})
+    return max(_splits(num_tokens, vocab_size, config.kwargs) for config in tuned)
+
+
+def launch_bytes(hidden: torch.Tensor, num_tokens: int, vocab_size: int, with_entropy: bool) -> int:
+    """Device memory a launch over `num_tokens` rows allocates beside its outputs: its per-split
+    partials (3 fp32 values a row and split, 5 with entropy)."""
+    rows = min(num_tokens, MAX_LAUNCH_ROWS)
+    return _most_splits(hidden, rows, vocab_size) * num_tokens * 4 * (5 if with_entropy else 3)
+
+
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
     """Device memory for the tensor descriptors a TMA launch builds (two of 128 bytes a program;
     torch's allocations are aligned to 512 bytes)."""
@@ -304,8 +317,7 @@ def fused_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     if rows is None and not INTERPRET and hidden.is_cuda and tma_possible(hidden):
         _ensure_allocator()  # the descriptors' memory, should a TMA config run
     # partials for the most splits any config takes; the launch's own count is its grid's
-    tuned = _configs_for(CONFIGS, {"hidden_ptr": hidden})
-    most = max(_splits(N, V, config.kwargs) for config in tuned)
+    most = _most_splits(hidden, N, V)
     partials = split_partials(most, N, hidden.device, with_entropy)
     launched = [most]
     if N > 0:

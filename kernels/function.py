@@ -34,7 +34,7 @@ from luffy_fast.loss_math import entropy_from_moments
 from .backward import grad_logits_in_place
 from .epilogue import TokenBuffers, token_terms_into
 from .forward import logsumexp_forward
-from .forward_fused import fused_forward, fused_forward_enabled, tma_possible
+from .forward_fused import fused_forward, fused_forward_enabled, launch_bytes, tma_possible
 from .forward_lean import lean_forward
 from .forward_rows import row_forward, row_forward_enabled
 from .gradients import (
@@ -93,16 +93,26 @@ def _kept_rows(config: LuffyLossConfig, device: torch.device, num_tokens: int,
 
 
 def _forward_only_chunk(config: LuffyLossConfig, hidden: Tensor, num_tokens: int,
-                        chunk: int) -> int:
+                        vocab_size: int, chunk: int) -> int:
     """Rows per forward-only chunk of the kept strategy: a kept chunk's, or with
     LUFFY_FAST_FUSED_FORWARD=1, which keeps no logits for them, all in one launch, or where TMA
-    could load them (rows gathered in order) as many gathered [H] rows as the budget holds."""
+    could load them (rows gathered in order) as many gathered [H] rows as the budget holds beside
+    the launch's split partials."""
     if not fused_forward_enabled():
         return chunk
     if not tma_possible(hidden):
         return max(chunk, num_tokens)
     room = config.memory_budget_bytes(hidden.device) - num_tokens * PER_TOKEN_BYTES
-    return max(chunk, room // (hidden.shape[1] * hidden.element_size()))
+    row_bytes = hidden.shape[1] * hidden.element_size()
+    rows = min(num_tokens, room // row_bytes)
+    for _ in range(8):  # fewer rows may take more splits: shrink until both fit
+        if rows <= chunk:
+            break
+        used = rows * row_bytes + launch_bytes(hidden, rows, vocab_size, config.entropy_coef > 0)
+        if used <= room:
+            return rows
+        rows = rows * room // used
+    return chunk
 
 
 def _filter_count(config: LuffyLossConfig, device: torch.device) -> Optional[FilterCount]:
@@ -147,7 +157,7 @@ def _kept_logits_pass(inputs: LossInputs, hidden: Tensor, weight: Tensor, bias: 
         inputs = inputs.reordered(order)
     buffers = TokenBuffers.empty(inputs)
     grad_filter = _filter_count(config, hidden.device)
-    forward_chunk = _forward_only_chunk(config, hidden, N, chunk)
+    forward_chunk = _forward_only_chunk(config, hidden, N, weight.shape[0], chunk)
     for part, gradient_chunk, last in _kept_chunks(N, num_maybe_active, chunk, forward_chunk):
         if gradient_chunk and part.start == N - num_maybe_active:  # the forward-only ones are done
             _stray_gradients(inputs, buffers, part.start, hidden, weight, bias, chunk, gradients)

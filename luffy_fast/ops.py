@@ -97,12 +97,12 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature:
     LuffyLossConfig.logits_dtype (the triton backend's kept logits; "input": 16-bit).
     """
     config = LuffyLossConfig(temperature=temperature, logits_dtype=logits_dtype)
+    hidden_flat, safe_targets, valid = prepare_token_inputs(hidden, weight, targets, bias)
     _, logprobs_of = _backend(backend, hidden.device, "token_logprobs")
     if (backend or default_backend(hidden.device)) == "triton" and weight.dtype != hidden.dtype:
         raise input_error("weight", f"is {weight.dtype} but `hidden` is {hidden.dtype}; the triton "
                                     "backend takes one dtype for both (cast one of them)",
                           "token_logprobs")
-    hidden_flat, safe_targets, valid = prepare_token_inputs(hidden, weight, targets, bias)
     logprobs, entropy = logprobs_of(hidden_flat, weight, bias, safe_targets, config, with_entropy)
     token_shape = hidden.shape[:-1]
     logprobs = torch.where(valid, logprobs, torch.zeros_like(logprobs)).reshape(token_shape)

@@ -36,6 +36,8 @@ import os
 import re
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Optional
 
@@ -263,8 +265,9 @@ def cases(kernel):
                 usable = _pruned(tuner, jit, configs, present, dtype)
                 inputs = sorted(g for g, on in zip(groups, chosen) if on)
                 for index, config in enumerate(usable):
-                    yield (f"{jit.__name__} {dtype} inputs={inputs}" + (
-                        f" config={config} (the first ones need more shared memory)" if index else ""),
+                    yield (f"{jit.__name__} {dtype} {fixed} inputs={inputs}" + (
+                        f" config={config} (after configs that failed or need more shared memory)"
+                        if index else ""),
                         jit, heuristics, config, fixed, present, dtype, False, torch.float32,
                         index > 0)
             # every config, aligned, with all of them (and without the logits, whose presence
@@ -277,7 +280,8 @@ def cases(kernel):
                 variants += [present - set(GROUPS["rows"]) for present in variants]
             for present in variants:
                 for config in _pruned(tuner, jit, configs, present, dtype):
-                    yield (f"{jit.__name__} {dtype} aligned config={config} inputs={len(present)}",
+                    yield (f"{jit.__name__} {dtype} {fixed} aligned config={config} "
+                           f"inputs={len(present)}",
                            jit, heuristics, config, fixed, present, dtype, True, torch.float32,
                            False)
             # 16-bit kept logits (bf16 inputs only): with every input, unaligned and per config
@@ -287,7 +291,7 @@ def cases(kernel):
                     usable = _pruned(tuner, jit, configs, present, dtype)
                     for config, aligned, fallback in ([(c, False, i > 0) for i, c in enumerate(usable)]
                                                       + [(c, True, False) for c in usable]):
-                        yield (f"{jit.__name__} bf16 logits aligned={aligned} config={config} "
+                        yield (f"{jit.__name__} bf16 {fixed} logits aligned={aligned} config={config} "
                                f"inputs={len(present)}", jit, heuristics, config, fixed, present,
                                dtype, aligned, torch.bfloat16, fallback)
 
@@ -320,8 +324,10 @@ def check_case(index: int) -> tuple[int, Optional[str], int]:
 
 
 def _group(case) -> tuple:
-    """(kernel, dtype, inputs, logits dtype, aligned): the cases a fitting config is sought among."""
-    return case[1].__name__, case[6], frozenset(case[5]), case[8], case[7]
+    """(kernel, call constexprs, dtype, inputs, logits dtype, aligned): the cases a fitting config
+    is sought among."""
+    fixed = tuple(sorted((key, repr(value)) for key, value in case[4].items()))
+    return case[1].__name__, fixed, case[6], frozenset(case[5]), case[8], case[7]
 
 
 def main() -> int:
@@ -354,9 +360,16 @@ def main() -> int:
 
     firsts = [index for index, case in enumerate(run) if not case[9]]
     if args.jobs > 1:  # compilation is single-threaded: one process per CPU
-        with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
-            for result in pool.imap_unordered(check_case, firsts):
-                record(*result)
+        pending = set(firsts)
+        context = multiprocessing.get_context("fork")
+        try:
+            with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+                for result in pool.map(check_case, firsts):
+                    pending.discard(result[0])
+                    record(*result)
+        except BrokenProcessPool:  # a compiler crash killed a worker: name what did not finish
+            for index in sorted(pending):
+                record(index, "its compiling process died (a crash in the compiler?)", 0)
     else:
         for index in firsts:
             record(*check_case(index))
@@ -366,8 +379,9 @@ def main() -> int:
             total += 1
             record(*check_case(index))
     over = [group for group, fit in fits.items() if not fit]
-    for name, dtype, present, logits, aligned in over:
-        print(f"FAILED {name} {dtype} logits {logits} aligned={aligned} inputs={sorted(present)}: "
+    for name, fixed, dtype, present, logits, aligned in over:
+        print(f"FAILED {name} {dict(fixed)} {dtype} logits {logits} aligned={aligned} "
+              f"inputs={sorted(present)}: "
               f"no config fits the {limit // 1024} KiB of shared memory a program may have on "
               f"sm_{args.arch}")
     print(f"{total - failures}/{total} kernel variants compiled for sm_{args.arch} in "

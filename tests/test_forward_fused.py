@@ -432,22 +432,30 @@ def test_forward_only_chunks_keep_no_logits(monkeypatch, dtype):
     assert calls[0][0] == "forward-only" and sizes[0] > kept_chunk >= max(sizes[1:]), sizes
 
 
-def test_forward_only_chunks_with_the_switch_hold_the_budget_in_gathered_rows(monkeypatch):
+@pytest.mark.parametrize("entropy", [0.0, 0.01])
+def test_forward_only_chunks_with_the_switch_hold_the_budget_in_gathered_rows(monkeypatch,
+                                                                               entropy):
     """Forward-only rows per chunk: a kept chunk's without the switch; with it all of them where
-    the rows go by index (fp32), and as many gathered rows as the budget holds where TMA could
-    load them in order (16-bit): (budget - 256 bytes a token) / (H x 2 bytes)."""
-    from luffy_fast.kernels import function
+    the rows go by index (fp32), and where TMA could load them in order (16-bit) as many
+    gathered rows as the budget holds beside the launch's split partials: at most
+    (budget - 256 bytes a token) / (H x 2 bytes), fewer by the partials."""
+    from luffy_fast.kernels import forward_fused, function
 
-    config = LuffyLossConfig.grpo(memory_budget_mb=1)  # 1048576 bytes
+    config = LuffyLossConfig.grpo(memory_budget_mb=1, entropy_coef=entropy)  # 1048576 bytes
     bf16, fp32 = (torch.zeros(4, 512, dtype=dtype) for dtype in (torch.bfloat16, torch.float32))
     monkeypatch.setattr(function, "tma_possible", lambda hidden: hidden.element_size() == 2)
     monkeypatch.delenv(SWITCH, raising=False)
-    assert function._forward_only_chunk(config, bf16, 3000, 20) == 20
+    assert function._forward_only_chunk(config, bf16, 3000, 50000, 20) == 20
     monkeypatch.setenv(SWITCH, "1")
-    assert function._forward_only_chunk(config, fp32, 3000, 20) == 3000
-    # (1048576 - 3000 x 256) // 1024 = 274
-    assert function._forward_only_chunk(config, bf16, 3000, 20) == 274
-    assert function._forward_only_chunk(config, bf16, 5000, 20) == 20  # no room left: the kept chunk
+    assert function._forward_only_chunk(config, fp32, 3000, 50000, 20) == 3000
+    room = 1048576 - 3000 * 256  # 274 gathered rows of 1024 bytes without the partials
+    for splits in (1, 8, 40):  # the partials: 12 or 20 bytes a row and split
+        monkeypatch.setattr(forward_fused, "_splits", lambda n, v, meta, s=splits: s)
+        rows = function._forward_only_chunk(config, bf16, 3000, 50000, 20)
+        partials = forward_fused.launch_bytes(bf16, rows, 50000, entropy > 0)
+        assert partials == rows * splits * (20 if entropy else 12)
+        assert rows * 1024 + partials <= room and rows >= 0.95 * room // (1024 + partials / rows)
+    assert function._forward_only_chunk(config, bf16, 5000, 50000, 20) == 20  # no room left
     # nearly equal slices of at most 274 over the 1000 forward-only tokens, 20 over the rest
     parts = list(function._kept_chunks(1100, 100, 20, 274))
     forward = [part.stop - part.start for part, gradient, _ in parts if not gradient]

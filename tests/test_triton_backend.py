@@ -157,6 +157,8 @@ def test_triton_rejects_float64_with_a_clear_error():
         token_logprobs(batch["hidden"], batch["weight"], batch["targets"], backend="triton")
     with pytest.raises(ValueError, match="^token_logprobs: `backend` must be"):
         token_logprobs(batch["hidden"], batch["weight"], batch["targets"], backend="cuda")
+    with pytest.raises(ValueError, match="^token_logprobs: `hidden` must be a torch.Tensor"):
+        token_logprobs(batch["hidden"].tolist(), batch["weight"], batch["targets"])
 
 
 def test_kept_chunks_put_zero_advantage_groups_first(monkeypatch):
