@@ -3,9 +3,11 @@
 The other kernel tests run under Triton's interpreter, which executes a kernel as Python and so
 accepts code the compiler rejects (it let a jit function read a plain module global, which fails
 to compile for CUDA). tests/cuda_compile.py compiles each kernel's variants through Triton's
-compiler and ptxas, in a process without TRITON_INTERPRET, and fails a variant whose loop keeps
-an MMA operand in one shared-memory buffer under asynchronous MMAs (a race the interpreter, which
-runs a program's threads in order, cannot show: cuda_compile.async_mma_hazard).
+compiler and ptxas, in a process without TRITON_INTERPRET (one per CPU), and fails a variant
+whose loop keeps an MMA operand in one shared-memory buffer under asynchronous MMAs (a race the
+interpreter, which runs a program's threads in order, cannot show: cuda_compile.async_mma_hazard),
+a warp-specialized config Triton left unspecialized, and a combination of inputs with no config
+within the shared memory a program may have (cuda_compile.SHARED_MEMORY).
 """
 
 from __future__ import annotations
