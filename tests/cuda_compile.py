@@ -346,10 +346,14 @@ def main() -> int:
     run = _RUN["cases"]
     limit = SHARED_MEMORY.get(args.arch, float("inf"))
     fits: dict[tuple, bool] = {}  # per _group: some config fits the shared memory
-    failures = big = 0
+    firsts = [index for index, case in enumerate(run) if not case[9]]
+    failures = big = done = 0
 
     def record(index: int, why: Optional[str], shared: int) -> None:
-        nonlocal failures, big
+        nonlocal failures, big, done
+        done += 1
+        if done % 50 == 0 and done <= len(firsts):
+            print(f"  {done}/{len(firsts)} compiled, {time.perf_counter() - start:.0f} s", flush=True)
         if why:
             failures += 1
             print(f"FAILED {run[index][0]}: {why}", flush=True)
@@ -358,7 +362,6 @@ def main() -> int:
         group = _group(run[index])
         fits[group] = fits.get(group, False) or shared <= limit
 
-    firsts = [index for index, case in enumerate(run) if not case[9]]
     if args.jobs > 1:  # compilation is single-threaded: one process per CPU
         pending = set(firsts)
         context = multiprocessing.get_context("fork")
