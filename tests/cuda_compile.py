@@ -39,7 +39,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -247,10 +247,30 @@ def unspecialized(compiled, config) -> Optional[str]:
     return f"WS=1 but not warp-specialized ({compiled.metadata.num_warps} warps)"
 
 
+class Case(NamedTuple):
+    """One variant to compile. A fallback case is compiled only while no config before it with
+    the same call constexprs, inputs, dtypes, logits and alignment fits the shared memory."""
+
+    label: str
+    jit: JITFunction
+    heuristics: dict
+    config: Optional[triton.Config]
+    fixed: dict  # the call sites' constexprs
+    present: set  # the optional inputs passed
+    dtype: torch.dtype
+    aligned: bool
+    logits: torch.dtype
+    fallback: bool
+
+    def group(self) -> tuple:
+        """The cases a fitting config is sought among."""
+        fixed = tuple(sorted((key, repr(value)) for key, value in self.fixed.items()))
+        return (self.jit.__name__, fixed, self.dtype, frozenset(self.present), self.logits,
+                self.aligned)
+
+
 def cases(kernel):
-    """(label, jit, heuristics, config, call constexprs, present inputs, dtype, aligned,
-    logits dtype, fallback): a fallback case is compiled only while no config before it with the
-    same inputs, dtypes, logits and alignment fits the shared memory."""
+    """The kernel's `Case`s."""
     jit, heuristics, tuner = unwrap(kernel)
     needed = required(jit.__name__)
     groups = [group for group, names in GROUPS.items()
@@ -265,7 +285,7 @@ def cases(kernel):
                 usable = _pruned(tuner, jit, configs, present, dtype)
                 inputs = sorted(g for g, on in zip(groups, chosen) if on)
                 for index, config in enumerate(usable):
-                    yield (f"{jit.__name__} {dtype} {fixed} inputs={inputs}" + (
+                    yield Case(f"{jit.__name__} {dtype} {fixed} inputs={inputs}" + (
                         f" config={config} (after configs that failed or need more shared memory)"
                         if index else ""),
                         jit, heuristics, config, fixed, present, dtype, False, torch.float32,
@@ -280,7 +300,7 @@ def cases(kernel):
                 variants += [present - set(GROUPS["rows"]) for present in variants]
             for present in variants:
                 for config in _pruned(tuner, jit, configs, present, dtype):
-                    yield (f"{jit.__name__} {dtype} {fixed} aligned config={config} "
+                    yield Case(f"{jit.__name__} {dtype} {fixed} aligned config={config} "
                            f"inputs={len(present)}",
                            jit, heuristics, config, fixed, present, dtype, True, torch.float32,
                            False)
@@ -291,7 +311,8 @@ def cases(kernel):
                     usable = _pruned(tuner, jit, configs, present, dtype)
                     for config, aligned, fallback in ([(c, False, i > 0) for i, c in enumerate(usable)]
                                                       + [(c, True, False) for c in usable]):
-                        yield (f"{jit.__name__} bf16 {fixed} logits aligned={aligned} config={config} "
+                        yield Case(f"{jit.__name__} bf16 {fixed} logits aligned={aligned} "
+                                   f"config={config} "
                                f"inputs={len(present)}", jit, heuristics, config, fixed, present,
                                dtype, aligned, torch.bfloat16, fallback)
 
@@ -313,21 +334,15 @@ _RUN: dict = {"cases": [], "target": None}
 
 def check_case(index: int) -> tuple[int, Optional[str], int]:
     """Compile case `index` of the run: (index, why it fails or None, its shared memory bytes)."""
-    label, jit, heuristics, config, fixed, present, dtype, aligned, logits, _ = _RUN["cases"][index]
+    case = _RUN["cases"][index]
     try:
-        compiled = compile_one(jit, heuristics, config, fixed, present, dtype, _RUN["target"],
-                               aligned, logits)
+        compiled = compile_one(case.jit, case.heuristics, case.config, case.fixed, case.present,
+                               case.dtype, _RUN["target"], case.aligned, case.logits)
     except Exception as error:  # report them all
         first = str(error).strip().splitlines()[-1:] or [""]
         return index, f"{type(error).__name__}: {first[0][:300]}", 0
-    return index, async_mma_hazard(compiled) or unspecialized(compiled, config), compiled.metadata.shared
-
-
-def _group(case) -> tuple:
-    """(kernel, call constexprs, dtype, inputs, logits dtype, aligned): the cases a fitting config
-    is sought among."""
-    fixed = tuple(sorted((key, repr(value)) for key, value in case[4].items()))
-    return case[1].__name__, fixed, case[6], frozenset(case[5]), case[8], case[7]
+    return (index, async_mma_hazard(compiled) or unspecialized(compiled, case.config),
+            compiled.metadata.shared)
 
 
 def main() -> int:
@@ -342,11 +357,11 @@ def main() -> int:
     print(f"{len(kernels)} kernels: {', '.join(sorted(unwrap(k)[0].__name__ for k in kernels))}")
     _RUN["target"] = GPUTarget("cuda", args.arch, 32)
     _RUN["cases"] = [case for kernel in kernels for case in cases(kernel)
-                     if not args.kernel or args.kernel in case[1].__name__]
+                     if not args.kernel or args.kernel in case.jit.__name__]
     run = _RUN["cases"]
     limit = SHARED_MEMORY.get(args.arch, float("inf"))
-    fits: dict[tuple, bool] = {}  # per _group: some config fits the shared memory
-    firsts = [index for index, case in enumerate(run) if not case[9]]
+    fits: dict[tuple, bool] = {}  # per Case.group: some config fits the shared memory
+    firsts = [index for index, case in enumerate(run) if not case.fallback]
     failures = big = done = 0
 
     def record(index: int, why: Optional[str], shared: int) -> None:
@@ -356,10 +371,10 @@ def main() -> int:
             print(f"  {done}/{len(firsts)} compiled, {time.perf_counter() - start:.0f} s", flush=True)
         if why:
             failures += 1
-            print(f"FAILED {run[index][0]}: {why}", flush=True)
+            print(f"FAILED {run[index].label}: {why}", flush=True)
             return
         big += shared > limit
-        group = _group(run[index])
+        group = run[index].group()
         fits[group] = fits.get(group, False) or shared <= limit
 
     if args.jobs > 1:  # compilation is single-threaded: one process per CPU
@@ -378,7 +393,7 @@ def main() -> int:
             record(*check_case(index))
     total = len(firsts)
     for index, case in enumerate(run):  # the next configs of a combination whose first is too big
-        if case[9] and not fits.get(_group(case)):
+        if case.fallback and not fits.get(case.group()):
             total += 1
             record(*check_case(index))
     over = [group for group, fit in fits.items() if not fit]
