@@ -4,6 +4,7 @@ is counted, and never stalls the batch (luffy_fast/reward_pool.py)."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
@@ -49,11 +50,20 @@ def test_a_hang_a_crash_and_an_exception_score_zero_and_are_counted(pool):
     assert pool.score([("ab", 0.0), ("abc", 1.0)]).rewards == [1.0, 1.0]
 
 
-def test_scoring_overlaps_with_the_caller():
+def test_submit_then_result_in_workers():
     with RewardPool(length_parity, workers=1, timeout=30.0) as pool:
         pending = pool.submit([("ab", 0.0)] * 3)
-        # the caller is free while the worker scores; result() then waits for all of it
         assert pending.result().rewards == [1.0, 1.0, 1.0]
+
+
+def test_scoring_overlaps_with_the_caller():
+    # The reward waits for the caller to go on after submit(): a submit that blocked until
+    # scoring ended would leave the event unset, and every reward would be 0 after the wait.
+    released = threading.Event()
+    pool = RewardPool(lambda response, sample: float(released.wait(timeout=30.0)), workers=0)
+    pending = pool.submit([("ab", 0.0)])
+    released.set()
+    assert pending.result().rewards == [1.0]
 
 
 def test_in_process_scoring_without_workers():

@@ -278,3 +278,40 @@ def test_two_mini_batches_use_old_logprobs_from_before_the_first_update(tmp_path
     changed = [n for n, p in trainer.engine.module.policy.named_parameters()
                if not torch.equal(p, before[n])]
     assert changed
+
+
+@pytest.mark.parametrize("use_std", [False, True])
+def test_the_step_trains_on_group_normalized_advantages_of_its_rewards(tmp_path, use_std):
+    trainer = tiny_trainer(tmp_path, f"algorithm.advantage_std={str(use_std).lower()}",
+                           "eval.every=0")
+    seen = []
+    real_update = trainer.update_policy
+    trainer.update_policy = lambda batch, *rest: seen.append(batch) or real_update(batch, *rest)
+    trainer.training_step(0)
+    (batch,) = seen
+    rewards = batch.rewards.tolist()
+    groups = batch.group_ids.tolist()
+    # the traces are correct and the untrained policy's rollouts are not: mixed groups
+    assert any(len({r for r, g in zip(rewards, groups) if g == group}) > 1 for group in set(groups))
+    expected = []
+    for reward, group in zip(rewards, groups):  # A = R - group mean, over / (unbiased std + 1e-6)
+        members = [r for r, g in zip(rewards, groups) if g == group]
+        mean = sum(members) / len(members)
+        std = (sum((r - mean) ** 2 for r in members) / (len(members) - 1)) ** 0.5
+        expected.append((reward - mean) / (std + 1e-6) if use_std else reward - mean)
+    torch.testing.assert_close(batch.advantages.double(), torch.tensor(expected, dtype=torch.float64),
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_mini_batches_are_whole_groups_in_order(tmp_path):
+    # 4 prompts of 3 rollouts + 1 trace (sequences 4g .. 4g + 3 form group g), 2 prompts per
+    # mini-batch: the optimizer steps see sequences 0-7, then 8-15, each exactly once.
+    trainer = tiny_trainer(tmp_path, "train.mini_batch_size=2", "eval.every=0")
+    batch = rollout_batch(trainer)
+    assert batch.group_ids.tolist() == [g for g in range(4) for _ in range(4)]
+    seen = []
+    real_accumulate = trainer.accumulate_gradients
+    trainer.accumulate_gradients = lambda b, indices, *rest: (
+        seen.append(list(indices)) or real_accumulate(b, indices, *rest))
+    trainer.update_policy(batch)
+    assert seen == [list(range(0, 8)), list(range(8, 16))]
