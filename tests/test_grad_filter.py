@@ -237,3 +237,55 @@ def test_16_bit_dz_over_fp32_logits_stays_in_each_tiles_own_bytes():
                 written[row, place] = True
     # the bits (half an fp32 number read as bf16 may be a NaN pattern)
     assert torch.equal(over.view(torch.int16)[~written], logits.view(torch.int16)[~written])
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the interpreter's tiles, on CPU tensors")
+def test_block_map_follows_the_documented_rule():
+    # The block map against the rule in LuffyLossConfig's docstring, worked out in float64: a
+    # block is kept when one of its entries |dL/dz_v| reaches grad_filter x (|g| + |c|) / tau,
+    # with dL/dz = (g (e_y - p) + c p (z - E_p[z])) / tau over the logits z = h W^T / tau.
+    # Temperature 0.6, entropy on; 40 tokens (3 token tiles, the last ragged) x 150 entries
+    # (5 vocabulary tiles, the last ragged). No block's largest entry lies within 1 % of the
+    # threshold, so float32 rounding cannot flip a block.
+    from luffy_fast.kernels.backward_filtered import filter_tiles, filtered_gradients
+    from luffy_fast.kernels.gradients import ActiveTokens
+
+    tiles = filter_tiles(torch.float32)["logits"]
+    block_t, block_v = tiles["BLOCK_T"], tiles["BLOCK_V"]
+    C, V, H, tau, threshold = 40, 150, 64, 0.6, 2e-3
+    assert -(-C // block_t) == 3 and -(-V // block_v) == 5
+    generator = torch.Generator().manual_seed(8)
+    weight = torch.randn(V, H, generator=generator, dtype=torch.float64) / H**0.5
+    # Peaked tokens (h = 12 w_y: z_y ~ 20, the rest ~ N(0, 2.5^2)) with their targets in vocabulary
+    # tile 0 (token tile 0) or tiles 2 and 4 (token tile 2); token tile 1 flat (h = w_y / 2).
+    tile = torch.arange(C) // block_t
+    offset = torch.tensor([0, 0, 2 * block_v])[tile] + block_v * 2 * (torch.arange(C) % 2) * (tile == 2)
+    targets = (offset + torch.randint(0, V - 4 * block_v, (C,), generator=generator)).clamp_max(V - 1)
+    hidden = torch.tensor([12.0, 0.5, 12.0], dtype=torch.float64)[tile, None] * weight[targets]
+    coef = torch.randn(C, generator=generator, dtype=torch.float64)
+    entropy_weight = 0.3 * torch.randn(C, generator=generator, dtype=torch.float64)
+
+    z = hidden @ weight.T / tau
+    lse = torch.logsumexp(z, dim=1)
+    p = (z - lse[:, None]).exp()
+    row_max = z.max(dim=1).values
+    expected_shift = (p * z).sum(dim=1) - row_max
+    one_hot = torch.nn.functional.one_hot(targets, V).double()
+    dz = (coef[:, None] * (one_hot - p) + entropy_weight[:, None] * p * (z - (p * z).sum(1, True))) / tau
+    ratio = dz.abs() / (threshold * (coef.abs() + entropy_weight.abs())[:, None] / tau)
+    padded = torch.nn.functional.pad(ratio, (0, 5 * block_v - V, 0, 3 * block_t - C))
+    block_max = padded.reshape(3, block_t, 5, block_v).amax(dim=(1, 3))
+    assert float((block_max - 1).abs().min()) > 0.01, block_max
+    expected = (block_max >= 1).to(torch.int8)
+    assert 0 < int(expected.sum()) < expected.numel()
+
+    f32 = lambda t: t.float().contiguous()  # noqa: E731
+    tokens = ActiveTokens(torch.arange(C), targets, f32(lse),
+                          f32(z.gather(1, targets[:, None])[:, 0] - lse), f32(coef),
+                          f32(entropy_weight), f32(row_max), f32(expected_shift))
+    grads = (torch.zeros(C, H), torch.zeros(V, H), None)
+    keep = filtered_gradients(f32(hidden), f32(weight), None, tokens, tau, threshold,
+                              torch.full((C, V), float("nan")), grads,
+                              weight_mean=f32(weight.mean(dim=0)))
+    assert torch.equal(keep, expected), (keep, expected)
