@@ -53,4 +53,5 @@ def main(output_dir="runs/custom_task", *overrides):
 
 if __name__ == "__main__":
     for row in main(*sys.argv[1:]):
-        print({k: round(row[k], 3) for k in ("step", "reward_on_policy", "reward_off_policy", "loss")})
+        print({k: round(row[k], 3) for k in ("step", "reward_on_policy", "reward_off_policy", "loss")
+               if k in row})

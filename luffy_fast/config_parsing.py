@@ -113,6 +113,18 @@ def apply_overrides(values: dict, overrides: Sequence[str]) -> dict:
     return values
 
 
+def changed_settings(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """"dotted.key: old -> new" for every leaf of two nested config dicts that differs."""
+    changes = []
+    for key in sorted(set(before) | set(after), key=str):
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += changed_settings(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changes.append(f"{prefix}{key}: {old!r} -> {new!r}")
+    return changes
+
+
 def _deep_copy(values: dict) -> dict:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in values.items()}
 

@@ -69,7 +69,8 @@ def estimate_memory(shape: ModelShape, zero_stage: int, world_size: int, bf16: b
     the backward with every kept layer's values, or, with all layers checkpointed, one layer
     recomputed (hence checkpointing all L layers holds one input more than L - 1 do). Plus one
     layer's gradients of those values at a time. The fused head never stores [tokens, vocab]
-    logits: the final hidden states, their gradient, and its working budget (docs/design.md)."""
+    logits: the final hidden states, their gradient, and its working budget (docs/design.md),
+    at most the fp32 logits of the whole micro-batch."""
     P, N = shape.parameters, world_size
     weight_bytes, grad_bytes, state_bytes = (2, 2, 12) if bf16 else (4, 4, 8)
     weights = P * weight_bytes / (N if zero_stage == 3 else 1)
@@ -80,7 +81,7 @@ def estimate_memory(shape: ModelShape, zero_stage: int, world_size: int, bf16: b
     values = layer_value_bytes(shape, T, act)
     held = shape.layers - k if k < shape.layers else 1  # layers whose values are held at once
     activations = k * T * shape.hidden * act + held * values + values
-    head = T * shape.hidden * (act + 4) + head_budget_bytes
+    head = T * shape.hidden * (act + 4) + min(head_budget_bytes, T * shape.vocab * 4)
     parts = {"weights": weights, "gradients": grads, "optimizer states": states,
              "gathered layer (ZeRO-3)": gathered, "activations": activations,
              "fused loss head": head}
@@ -151,6 +152,8 @@ def dry_run(config, world_size: int = 1, out: TextIO | None = None) -> int:
         say(f"note: {note}")
     notes_shown = list(notes)
     samples = training_data(task, tokenizer, config, problems) if tokenizer is not None else []
+    if tokenizer is not None:
+        heldout_data(task, tokenizer, config, problems, say)
     report = task.data_report if task is not None else None
     if report is not None:
         say(f"data: {report.summary()}")
@@ -253,6 +256,24 @@ def training_data(task, tokenizer, config, problems: list[str]) -> list:
     if samples is not None:
         checked(lambda: check_samples(samples, config), problems)
     return samples or []
+
+
+def heldout_data(task, tokenizer, config, problems: list[str], say) -> None:
+    """The held-out problems as the run loads them, and the eval section checked against them."""
+    from luffy_fast.evaluation import problem_source
+    from luffy_fast.validation import check_validation
+
+    heldout = checked(lambda: task.heldout_samples(tokenizer), problems)
+    if heldout is None:
+        return
+    if heldout:
+        sources = sorted({problem_source(p) for p in heldout})
+        every = config.eval.every
+        say(f"validation: {len(heldout)} held-out problems ({', '.join(sources)}), "
+            f"{config.eval.n} sample(s) each, "
+            + (f"every {every} steps" if every else "never (eval.every=0)"))
+    for message in checked(lambda: check_validation(heldout, config), problems) or []:
+        say(f"note: {message}")
 
 
 def meta_model(config, tokenizer, problems: list[str], notes: list[str]):

@@ -126,6 +126,7 @@ def run_eval(args: argparse.Namespace) -> int:
     longest = max(len(p.prompt_ids) for p in problems) + args.max_new_tokens
     start = time.perf_counter()
     engine = build_engine(name, args.model, tokenizer, args, longest)
+    engine.show_progress = True
     try:
         with RewardPool(MathVerifyReward(), workers=args.reward_workers,
                         timeout=args.reward_timeout) as pool:

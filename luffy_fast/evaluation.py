@@ -104,6 +104,19 @@ def generate_and_score(engine: RolloutEngine, problems: Sequence[Sample], n: int
     return score_completions(problems, completions, decode, score)
 
 
+def problem_source(problem: Sample) -> str:
+    """The data source a problem's scores are counted under."""
+    return problem.data_source or HELDOUT_SOURCE
+
+
+def metric_names(problems: Sequence[Sample], n: int, prefix: str = "val") -> list[str]:
+    """The names `validation_metrics` gives an evaluation of `problems` with n samples each
+    (known before anything is generated: they depend on the data sources and n only)."""
+    records = [EvalRecord(problem_source(p), i, k, "", "", 0.0, True)
+               for i, p in enumerate(problems) for k in range(n)]
+    return sorted(validation_metrics(summarize(records, n), prefix)) if records else []
+
+
 def score_completions(problems: Sequence[Sample], completions: Sequence[Sequence[Completion]],
                       decode: Callable[[list[int]], str],
                       score: Callable[[list[tuple[str, Any]]], list[float]]) -> list[EvalRecord]:
@@ -111,7 +124,7 @@ def score_completions(problems: Sequence[Sample], completions: Sequence[Sequence
     problem without a data source is counted under HELDOUT_SOURCE."""
     records, items = [], []
     for index, (problem, group) in enumerate(zip(problems, completions)):
-        source = problem.data_source or HELDOUT_SOURCE
+        source = problem_source(problem)
         for k, completion in enumerate(group):
             response = decode(completion.token_ids)
             items.append((response, problem))

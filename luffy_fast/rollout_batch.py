@@ -83,21 +83,26 @@ def reward_items(batch: RolloutBatch, samples: Sequence[Sample],
 
 
 def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
-    """Rewards, accuracy, advantages and response lengths of a scored batch, on/off policy."""
+    """Rewards, accuracy, advantages and response lengths of a scored batch, on/off policy
+    (the on- or off-policy ones only where the batch has such members: GRPO has no traces)."""
     on, off = ~batch.off_policy, batch.off_policy
     rewards, advantages = batch.rewards, batch.advantages
     lengths = torch.tensor([len(r) for r in batch.response_ids], dtype=torch.float32)
-    return {
-        "reward_on_policy": float(rewards[on].mean()) if on.any() else 0.0,
-        "reward_off_policy": float(rewards[off].mean()) if off.any() else 0.0,
-        "accuracy_on_policy": float((rewards[on] >= 1).float().mean()) if on.any() else 0.0,
+    metrics = {
         "advantage_mean": float(advantages.mean()),
         "advantage_std": float(advantages.std()) if len(advantages) > 1 else 0.0,
         "advantage_min": float(advantages.min()),
         "advantage_max": float(advantages.max()),
         "zero_advantage_fraction": float((advantages == 0).float().mean()),
-        "response_length_on_policy": float(lengths[on].mean()) if on.any() else 0.0,
-        "response_length_off_policy": float(lengths[off].mean()) if off.any() else 0.0,
-        "truncated_fraction": float(1 - torch.tensor(batch.finished)[on].float().mean())
-        if on.any() else 0.0,
     }
+    if on.any():
+        metrics.update({
+            "reward_on_policy": float(rewards[on].mean()),
+            "accuracy_on_policy": float((rewards[on] >= 1).float().mean()),
+            "response_length_on_policy": float(lengths[on].mean()),
+            "truncated_fraction": float(1 - torch.tensor(batch.finished)[on].float().mean()),
+        })
+    if off.any():
+        metrics.update({"reward_off_policy": float(rewards[off].mean()),
+                        "response_length_off_policy": float(lengths[off].mean())})
+    return metrics

@@ -62,9 +62,12 @@ class EpochSampler:
         """A checkpoint's sampler state must be this sampler's at `step`: the data, batch size
         and seed unchanged, or the order would silently differ from the interrupted run's."""
         saved = (state.get("size"), state.get("batch_size"), state.get("seed"))
-        if saved != (self.size, self.batch_size, self.seed):
+        now = (self.size, self.batch_size, self.seed)
+        if saved != now:
+            key = next(key for key, a, b in zip(
+                ("data.source", "train.prompts_per_step", "train.seed"), saved, now) if a != b)
             raise ConfigError(
-                f"data.source: the checkpoint's run drew batches of {saved[1]} from {saved[0]} "
+                f"{key}: the checkpoint's run drew batches of {saved[1]} from {saved[0]} "
                 f"prompts with seed {saved[2]}; this run has batches of {self.batch_size} from "
                 f"{self.size} prompts with seed {self.seed} (the data, train.prompts_per_step or "
                 f"train.seed changed since the checkpoint)")

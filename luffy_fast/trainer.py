@@ -19,15 +19,18 @@ metrics (metrics.py).
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from typing import Optional
 
 import torch
+import yaml
 from torch import Tensor
 
 from luffy_fast.advantages import group_advantages
 from luffy_fast.checkpoint import CheckpointManager, read_trainer_state
+from luffy_fast.config_parsing import changed_settings
 from luffy_fast.data import Sample
 from luffy_fast.distributed import all_reduce_sum, build_engine, init_distributed, training_device
 from luffy_fast.metrics import MeanMinMax, MetricsLogger, PhaseTimer, peak_memory_mb, progress_display
@@ -46,11 +49,11 @@ from luffy_fast.rollout.correction import behaviour_logprobs, rollout_correction
 from luffy_fast.rollout.factory import build_rollout_engine
 from luffy_fast.rollout.weights import gathered_named_parameters
 from luffy_fast.rollout_batch import RolloutBatch, assemble_groups, reward_items, rollout_metrics
-from luffy_fast.run_files import ensure_writable_dir
+from luffy_fast.run_files import ensure_writable_dir, warn
 from luffy_fast.sampler import data_metrics, prompt_sampler
 from luffy_fast.tasks import Task, check_samples, load_task, prepare_components
 from luffy_fast.train_config import LuffyTrainConfig
-from luffy_fast.validation import Validation
+from luffy_fast.validation import Validation, check_validation
 
 TokenWeights = Optional[list[Optional[Tensor]]]  # per-sequence TIS weights (rollout/correction.py)
 LOSS_STATS = ("logprob_mean", "entropy_mean", "clip_fraction", "ratio_mean", "ratio_min",
@@ -74,6 +77,8 @@ class LuffyTrainer:
         self.train_samples = self.task.train_samples(self.tokenizer)
         self.heldout_samples = self.task.heldout_samples(self.tokenizer)
         check_samples(self.train_samples, config)
+        for message in check_validation(self.heldout_samples, config):
+            warn(message)
         self.sampler = prompt_sampler(len(self.train_samples), config)
         policy = prepare_policy(build_policy(), config.model)  # Liger kernels, checkpointing
         self.rank, self.world_size = init_distributed(self.device.type, config)
@@ -258,7 +263,7 @@ class LuffyTrainer:
         """
         config = self.config
         latest = self.checkpoints.resume_point(resume)
-        start_step = 0
+        start_step, saved = 0, None
         if latest is not None:
             saved = read_trainer_state(latest)  # read once
             self.sampler.check_trainer_state(saved)  # same data, same order: before the load
@@ -268,16 +273,22 @@ class LuffyTrainer:
         lead = self.rank == 0
         logger = None
         if lead:
-            (self.output_dir / "config.yaml").write_text(config.to_yaml())
+            self.write_config(latest, start_step, saved)
             logger = MetricsLogger(self.output_dir, config.output.tensorboard, resume_step=start_step)
         history = []
-        bar, progress = progress_display(config.output, lead, start_step, config.train.steps,
-                                         self.output_dir.name)
+        bar = None
         try:
-            if start_step == 0 and config.eval.every:
+            if start_step == 0 and config.eval.every and self.validation.problems:
+                if lead:
+                    print(f"{self.output_dir.name}: validation before the first step "
+                          f"({len(self.validation.problems)} problems x {config.eval.n})",
+                          file=sys.stderr, flush=True)
                 evaluation = {"step": 0, **self.evaluate()}
                 if logger:
                     logger.log(evaluation)
+            # after the first validation, so that its time is not the first step's
+            bar, progress = progress_display(config.output, lead, start_step, config.train.steps,
+                                             self.output_dir.name)
             for step in bar:
                 metrics = {"step": step + 1, **self.training_step(step)}
                 self.step = step + 1
@@ -298,10 +309,28 @@ class LuffyTrainer:
                                           {"sampler": self.sampler.state_dict(self.step)},
                                           link_from=best)
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
             if logger:
                 logger.close()
         return history
+
+    def write_config(self, latest, start_step: int, saved: Optional[dict]) -> None:
+        """config.yaml: this run's settings. A resume that changed some (against the settings
+        in its checkpoint, `saved`: the checkpoint's trainer state) says which, and writes the
+        earlier ones to config.until-step-<N>.yaml."""
+        path = self.output_dir / "config.yaml"
+        if latest is not None:
+            print(f"{self.output_dir.name}: resuming from step {start_step} ({latest})",
+                  file=sys.stderr, flush=True)
+            earlier = saved.get("config") or {}
+            changes = changed_settings(earlier, self.config.to_dict())
+            if changes:
+                kept = path.with_name(f"config.until-step-{start_step}.yaml")
+                kept.write_text(yaml.safe_dump(earlier, sort_keys=False))
+                warn(f"resuming from step {start_step} with changed settings: "
+                     f"{'; '.join(changes)} (the earlier settings: {kept})")
+        path.write_text(self.config.to_yaml())
 
     def close(self) -> None:
         self.rollout.close()

@@ -167,6 +167,9 @@ def test_memory_estimate_by_hand():
     assert stage3["gathered layer (ZeRO-3)"] == 2 * 100 * 4
     # none checkpointed: every layer's values, and one layer's gradients (no recompute)
     assert stage3["activations"] == 3 * 16 * (10 * 4 + 2 * 2 + 4 * 8) * 4
+    # a budget larger than the micro-batch's fp32 logits (16 x 10 x 4 bytes) is not all used
+    head = estimate_memory(shape, 0, 4, True, 16, 2, 10**6)["fused loss head"]
+    assert head == 16 * 4 * (2 + 4) + 16 * 10 * 4
 
 
 def test_a_layer_keeps_what_the_estimate_counts():
@@ -244,3 +247,22 @@ def test_the_toy_dry_run_builds_the_toy_components_once(capsys, monkeypatch):
     (_, policy), = built
     count = sum(p.numel() for p in policy.parameters())
     assert f"({count:,}), 4 layers, hidden 128, vocab {policy.config.vocab_size}" in out
+
+
+def test_dry_run_checks_the_held_out_data_and_the_best_metric(setup, tmp_path, capsys):
+    model, tokenizer, data = setup
+    missing = tmp_path / "nowhere" / "valid.parquet"
+    code, out = dry_run(capsys, model, tokenizer, data, tmp_path, f"data.heldout_source={missing}")
+    assert code == 2 and f"PROBLEM: data.heldout_source: no such file or folder '{missing}'" in out, out
+    code, out = dry_run(capsys, model, tokenizer, data, tmp_path, f"data.heldout_source={data}",
+                        "eval.best_metric=val/macro/avg@4")
+    assert code == 2
+    assert ("PROBLEM: eval.best_metric: 'val/macro/avg@4' is not among the validation metrics of "
+            "this run's held-out problems (val/digits/avg@1, val/digits/pass@1, val/macro/avg@1, "
+            "val/macro/pass@1)") in out
+    code, out = dry_run(capsys, model, tokenizer, data, tmp_path, f"data.heldout_source={data}")
+    assert code == 0, out
+    assert "validation: 20 held-out problems (digits), 1 sample(s) each, every 10 steps" in out
+    # the recipe validates every 10 steps: without held-out data that would do nothing
+    code, out = dry_run(capsys, model, tokenizer, data, tmp_path)
+    assert code == 0 and "note: eval.every=10, but the task has no held-out problems" in out

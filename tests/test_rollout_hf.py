@@ -105,3 +105,17 @@ def test_shared_module_is_left_as_the_trainer_set_it():
     got = shared.generate([[2, 3, 12]], n=4, params=params)
     want = copied.generate([[2, 3, 12]], n=4, params=params)
     assert [c.logprobs for c in got[0]] == [c.logprobs for c in want[0]]
+
+
+def test_progress_over_the_sequences_only_when_asked(engine, capsys):
+    params = SamplingParams(max_new_tokens=3, seed=1)
+    engine.generate([[5, 6], [7]], n=3, params=params)
+    assert "generating" not in capsys.readouterr().err  # the trainer's default: quiet
+    engine.show_progress = True  # as `luffy-fast eval` sets it
+    try:
+        shown = engine.generate([[5, 6], [7]], n=3, params=params)
+        err = capsys.readouterr().err
+    finally:
+        engine.show_progress = False
+    assert "generating" in err and "6/6" in err
+    assert shown == engine.generate([[5, 6], [7]], n=3, params=params)  # the same samples

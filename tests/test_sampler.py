@@ -41,8 +41,14 @@ def test_the_state_names_the_position_and_refuses_changed_data():
     state = sampler.state_dict(7)
     assert state == {"epoch": 1, "batch": 2, "seed": 3, "size": 20, "batch_size": 4}
     sampler.check_state(state, 7)
-    with pytest.raises(ConfigError, match="the data, train.prompts_per_step or train.seed changed"):
+    with pytest.raises(ConfigError, match="^data.source: .*the data, train.prompts_per_step or "
+                                          "train.seed changed"):
         EpochSampler(size=19, batch_size=4, seed=3).check_state(state, 7)
+    with pytest.raises(ConfigError, match="^train.prompts_per_step: .* batches of 4 from 20 .* "
+                                          "batches of 5 from 20"):
+        EpochSampler(size=20, batch_size=5, seed=3).check_state(state, 7)
+    with pytest.raises(ConfigError, match="^train.seed: .*with seed 3; .* with seed 4"):
+        EpochSampler(size=20, batch_size=4, seed=4).check_state(state, 7)
     with pytest.raises(ConfigError, match="position 1:2 is not step 6's"):
         sampler.check_state(state, 6)
     with pytest.raises(ConfigError, match="train.prompts_per_step: 8 prompts per step but only 5"):

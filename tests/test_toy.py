@@ -101,7 +101,7 @@ def test_demo_end_to_end_writes_summary_and_plot(tmp_path):
         assert (tmp_path / run / "checkpoints" / "latest").exists()
     # GRPO's groups are all wrong: zero advantages everywhere, and no traces
     grpo = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").open()]
-    assert all(r["zero_advantage_fraction"] == 1.0 and r["reward_off_policy"] == 0.0
+    assert all(r["zero_advantage_fraction"] == 1.0 and "reward_off_policy" not in r
                for r in grpo if "loss" in r)
 
 

@@ -20,7 +20,7 @@ from luffy_fast.micro_batches import (
     sequences_with_gradient,
 )
 from luffy_fast.rollout import Completion
-from luffy_fast.rollout_batch import RolloutBatch, assemble_groups
+from luffy_fast.rollout_batch import RolloutBatch, assemble_groups, rollout_metrics
 from luffy_fast.trainer import LuffyTrainer
 
 IGNORE_INDEX = LuffyLossConfig().ignore_index
@@ -34,12 +34,16 @@ def tiny_trainer(tmp_path, *overrides) -> LuffyTrainer:
 
 # --------------------------------------------------------------------------- group assembly
 
-def hand_made_batch() -> RolloutBatch:
+def hand_made_inputs():
     samples = [Sample(prompt_ids=[5, 6], ground_truth="x", traces=[[7, 8, 1]]),
                Sample(prompt_ids=[9], ground_truth="y", traces=[[3, 1], [4, 4, 1]])]
     completions = [[Completion([2, 1], [-0.5, -0.1]), Completion([3, 3, 3], [-1.0] * 3, False)],
                    [Completion([4, 1], [-0.2, -0.3]), Completion([5, 1], [-0.4, -0.6])]]
-    return assemble_groups(samples, completions, n_off=2)
+    return samples, completions
+
+
+def hand_made_batch() -> RolloutBatch:
+    return assemble_groups(*hand_made_inputs(), n_off=2)
 
 
 def test_hand_made_batch_groups_masks_and_advantages():
@@ -229,6 +233,7 @@ def test_resume_after_a_crash_logs_the_same_next_step(tmp_path, monkeypatch):
 
     resumed = tiny_trainer(tmp_path / "crash", "train.steps=3")
     resumed.train(resume=True)
+    assert not list((tmp_path / "crash").glob("config.until-step-*"))  # no setting changed
     got = read_metrics(tmp_path / "crash" / "metrics.jsonl")
     assert [r["step"] for r in got] == [r["step"] for r in expected] == [0, 1, 2, 3]
     for mine, theirs in zip(got, expected):
@@ -315,3 +320,40 @@ def test_mini_batches_are_whole_groups_in_order(tmp_path):
         seen.append(list(indices)) or real_accumulate(b, indices, *rest))
     trainer.update_policy(batch)
     assert seen == [list(range(0, 8)), list(range(8, 16))]
+
+
+def test_a_resume_with_changed_settings_says_which_and_keeps_the_earlier_ones(tmp_path, capsys):
+    import yaml
+
+    first = tiny_trainer(tmp_path, "train.steps=2", "eval.every=0")
+    first.train()
+    resumed = tiny_trainer(tmp_path, "train.steps=3", "eval.every=0", "optim.lr=2e-3")
+    with pytest.warns(RuntimeWarning) as warned:
+        resumed.train(resume=True)
+    (message,) = [str(w.message) for w in warned if "changed settings" in str(w.message)]
+    assert message.startswith("resuming from step 2 with changed settings: "
+                              "optim.lr: 0.001 -> 0.002; train.steps: 2 -> 3 (the earlier settings:")
+    assert f"{tmp_path.name}: resuming from step 2 (" in capsys.readouterr().err
+    earlier = yaml.safe_load((tmp_path / "config.until-step-2.yaml").read_text())
+    now = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert (earlier["optim"]["lr"], earlier["train"]["steps"]) == (1e-3, 2)
+    assert (now["optim"]["lr"], now["train"]["steps"]) == (2e-3, 3)
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_rollout_metrics_leave_out_the_members_a_batch_does_not_have():
+    batch = hand_made_batch()
+    batch.rewards = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0])
+    batch.advantages = group_advantages(batch.rewards, batch.group_ids)
+    metrics = rollout_metrics(batch)
+    # on-policy: rollouts 0, 1, 4, 5 with rewards 0, 0, 1, 0 and lengths 2, 3, 2, 2
+    assert metrics["reward_on_policy"] == 0.25 and metrics["response_length_on_policy"] == 2.25
+    assert metrics["truncated_fraction"] == 0.25  # rollout 1 was cut
+    # off-policy: traces 2, 3, 6, 7 with rewards 1 and lengths 3, 3, 2, 3
+    assert metrics["reward_off_policy"] == 1.0 and metrics["response_length_off_policy"] == 2.75
+    grpo = assemble_groups(*hand_made_inputs(), n_off=0)
+    grpo.rewards = torch.tensor([0.0, 0.0, 1.0, 0.0])
+    grpo.advantages = group_advantages(grpo.rewards, grpo.group_ids)
+    metrics = rollout_metrics(grpo)
+    assert "reward_off_policy" not in metrics and "response_length_off_policy" not in metrics
+    assert metrics["reward_on_policy"] == 0.25

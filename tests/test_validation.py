@@ -16,7 +16,7 @@ from luffy_fast.reward_pool import RewardPool
 from luffy_fast.rollout.base import Completion, RolloutEngine
 from luffy_fast.toy.task import ToyTask
 from luffy_fast.train_config import load_config
-from luffy_fast.validation import Validation
+from luffy_fast.validation import Validation, check_validation
 
 # prompt token -> the rewards its 4 samples get (token 1 decodes to "right", 0 to "wrong")
 SCRIPTS = {10: [1, 0, 0, 0], 11: [1, 1, 1, 0], 12: [1, 1, 1, 1], 13: [0, 0, 0, 0]}
@@ -131,7 +131,7 @@ def test_the_best_checkpoint_shares_its_steps_files_and_outlives_their_rotation(
     from luffy_fast.trainer import LuffyTrainer
 
     name = "val/macro/avg@2"
-    trainer = LuffyTrainer(tiny_config(tmp_path, "train.steps=3", "eval.every=1",
+    trainer = LuffyTrainer(tiny_config(tmp_path, "train.steps=3", "eval.every=1", "eval.n=2",
                                        f"eval.best_metric={name}", "output.save_every=1",
                                        "output.keep_checkpoints=1", "optim.lr=1e-2"))
     values = iter([0.0, 0.5, 0.25, 0.1])  # steps 0 (not a candidate), 1 (the best), 2, 3
@@ -237,3 +237,56 @@ def test_ranks_agree_on_the_best_checkpoint(tmp_path):
     mp.spawn(_keep_best_on_rank, args=(str(tmp_path / "init"), str(tmp_path / "ckpt"), results),
              nprocs=2)
     assert results[0] == results[1] == ([1, 3], 0.6)
+
+
+def test_the_eval_section_is_checked_against_the_held_out_problems_at_start_up():
+    problems = [Sample([10], "x", data_source="aime"), Sample([11], "y", data_source="amc"),
+                Sample([12], "z")]  # no data source: counted under "heldout"
+    config = lambda *o: load_config(None, ["eval.every=5", "eval.n=2", *o])  # noqa: E731
+    assert check_validation(problems, config("eval.best_metric=val/amc/pass@2")) == []
+    # the names a validation pass logs, known before anything is generated
+    names = [f"val/{s}/{m}" for s in ("aime", "amc", "heldout", "macro")
+             for m in ("avg@2", "pass@1", "pass@2")]
+    with pytest.raises(ConfigError) as error:
+        check_validation(problems, config("eval.best_metric=val/macro/avg@4"))
+    assert str(error.value) == ("eval.best_metric: 'val/macro/avg@4' is not among the validation "
+                                f"metrics of this run's held-out problems ({', '.join(names)})")
+    # settings that would silently do nothing
+    (message,) = check_validation([], config("eval.best_metric=val/macro/avg@2"))
+    assert message.startswith("eval.every=5, but the task has no held-out problems")
+    assert message.endswith("no checkpoint is kept as the best by eval.best_metric")
+    (message,) = check_validation(problems, config("eval.every=0", "eval.best_metric=val/macro/avg@2"))
+    assert message.startswith("eval.best_metric='val/macro/avg@2', but eval.every=0")
+    assert check_validation([], config("eval.every=0")) == []
+
+
+def test_a_wrong_best_metric_stops_the_run_before_the_policy_loads(tmp_path, monkeypatch):
+    from luffy_fast import trainer as trainer_module
+
+    def no_policy(*args):
+        raise AssertionError("the policy was loaded")
+
+    monkeypatch.setattr(trainer_module, "prepare_policy", no_policy)
+    with pytest.raises(ConfigError, match="eval.best_metric: 'val/macro/avg@4' is not among"):
+        trainer_module.LuffyTrainer(tiny_config(tmp_path, "eval.every=1", "eval.n=2",
+                                                "eval.best_metric=val/macro/avg@4"))
+
+
+class NoHeldOutTask(ToyTask):
+    def heldout_samples(self, tokenizer):
+        return []
+
+
+def test_validation_without_held_out_problems_warns_once_and_logs_no_empty_row(tmp_path):
+    from luffy_fast.metrics import read_metrics
+    from luffy_fast.trainer import LuffyTrainer
+
+    config = tiny_config(tmp_path, "train.steps=1", "eval.every=1", "output.save_every=0")
+    with pytest.warns(RuntimeWarning, match="eval.every=1, but the task has no held-out problems"):
+        trainer = LuffyTrainer(config, task=NoHeldOutTask(config))
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1] and not any(k.startswith("val/") for k in rows[0])

@@ -56,6 +56,10 @@ class Completion:
 class RolloutEngine(abc.ABC):
     """Samples completions from (a copy of) the current policy."""
 
+    # a progress bar over the sequences of each generate call (`luffy-fast eval` sets it; the
+    # trainer has its own bar over steps)
+    show_progress: bool = False
+
     @abc.abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], n: int,
                  params: SamplingParams) -> list[list[Completion]]:

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from luffy_fast.rollout.base import Completion, RolloutEngine, SamplingParams, check_generate_args
@@ -111,9 +112,12 @@ class HFGenerateEngine(RolloutEngine):
                 torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             if params.seed is not None:
                 torch.manual_seed(params.seed)
-            for start in range(0, len(flat), self.max_batch_size):
-                completions.extend(self._generate_batch(flat[start:start + self.max_batch_size],
-                                                        params, device))
+            with tqdm(total=len(flat), desc="generating", unit="seq",
+                      disable=not self.show_progress) as bar:
+                for start in range(0, len(flat), self.max_batch_size):
+                    completions.extend(self._generate_batch(
+                        flat[start:start + self.max_batch_size], params, device))
+                    bar.update(len(completions) - bar.n)
         self._metrics = {"rollout_entropy": self._entropy_sum / max(self._entropy_count, 1)}
         return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
 

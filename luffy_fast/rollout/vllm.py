@@ -142,7 +142,7 @@ class VLLMRolloutEngine(RolloutEngine):
             seed=None if params.seed is None else request_seed(params.seed, i, dp_rank))
             for i in range(len(everyone))]
         start = time.perf_counter()
-        outputs = self._llm.generate(requests, settings, use_tqdm=False)[mine]
+        outputs = self._llm.generate(requests, settings, use_tqdm=self.show_progress)[mine]
         seconds = time.perf_counter() - start
         result = [[_completion(sample) for sample in output.outputs] for output in outputs]
         tokens = sum(len(c.token_ids) for group in result for c in group)
