@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Optional
 
 from luffy_fast.checkpoint import NoCheckpointError
@@ -77,16 +80,45 @@ USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, NotADirectoryError, I
                PermissionError, NoCheckpointError)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's pre-emption, `kill`, a launcher stopping its ranks): the run stops
+    as on Ctrl-C, its `finally` blocks closing the log, the reward workers and the engines."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+def resume_hint(run_dir: Optional[str]) -> str:
+    """Where `--resume` will continue from, for the interrupt message."""
+    latest = Path(run_dir) / "checkpoints" / "latest" if run_dir else None
+    if latest is not None and latest.is_file():
+        return f"`--resume` continues from {latest.parent / latest.read_text().strip()}"
+    return "`--resume` continues from the last checkpoint" + (" (none yet)" if run_dir else "")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # anywhere on the line: shows the traceback of an error
     args = _parse([word for word in argv if word != "--debug"])
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    try:
+        return _run(args, debug)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace, debug: bool) -> int:
+    run_dir = None  # a training run's folder, for the interrupt message
     try:
         if args.command == "train":
             from luffy_fast.train_config import load_config
             from luffy_fast.trainer import LuffyTrainer
 
             config = load_config(args.config, args.overrides)
+            run_dir = config.output.dir
             if args.dry_run:
                 from luffy_fast.dry_run import dry_run
 
@@ -122,12 +154,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"luffy-fast: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         if debug:
             raise
-        print("luffy-fast: interrupted; `--resume` continues from the last checkpoint",
-              file=sys.stderr)
-        return 130
+        terminated = isinstance(stop, Terminated)
+        print(f"luffy-fast: {'terminated (SIGTERM)' if terminated else 'interrupted'}; "
+              f"{resume_hint(run_dir)}", file=sys.stderr)
+        return 143 if terminated else 130
     return 0
 
 

@@ -97,6 +97,12 @@ class LuffyLossConfig:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"LuffyLossConfig.{name}: {why} (got {getattr(self, name)!r})")
 
+        def number(value) -> bool:  # a bool is an int to Python, but never a setting's number
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        for name in ("shaping", "clip_on_policy", "clip_off_policy", "check_finite"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be True or False")
         if self.normalizer not in NORMALIZERS:
             raise bad("normalizer", f"must be one of {NORMALIZERS}")
         if self.normalizer in NEEDS_MAX_LEN and self.max_len is None:
@@ -104,27 +110,32 @@ class LuffyLossConfig:
                                  "length)")
         if self.entropy_aggregation not in ENTROPY_AGGREGATIONS:
             raise bad("entropy_aggregation", f"must be one of {ENTROPY_AGGREGATIONS}")
-        if self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len <= 0):
+        if self.max_len is not None and not (number(self.max_len) and isinstance(self.max_len, int)
+                                             and self.max_len > 0):
             raise bad("max_len", "must be a positive integer")
+        if not (number(self.ignore_index) and isinstance(self.ignore_index, int)):
+            raise bad("ignore_index", "must be an integer")
         for name in ("gamma", "temperature"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            if not (number(value) and math.isfinite(value) and value > 0):
                 raise bad(name, "must be a positive finite number")
         for name in ("clip_low", "clip_high", "entropy_coef"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            if not (number(value) and math.isfinite(value) and value >= 0):
                 raise bad(name, "must be a non-negative finite number")
         if self.memory_budget_mb is not None and not (
-                math.isfinite(self.memory_budget_mb) and self.memory_budget_mb > 0):
+                number(self.memory_budget_mb) and math.isfinite(self.memory_budget_mb)
+                and self.memory_budget_mb > 0):
             raise bad("memory_budget_mb", "must be None or a positive number of MiB")
         if self.grad_filter is not None and not (
-                isinstance(self.grad_filter, (int, float)) and 0 <= self.grad_filter < 1):
+                number(self.grad_filter) and 0 <= self.grad_filter < 1):
             raise bad("grad_filter", "must be None (off) or a number in [0, 1)")
         if self.logits_dtype not in LOGITS_DTYPES:
             raise bad("logits_dtype", f"must be one of {LOGITS_DTYPES}")
         if self.clip_low >= 1:
             raise bad("clip_low", "must be below 1 so that 1 - clip_low stays positive")
-        if self.dual_clip is not None and not (math.isfinite(self.dual_clip) and self.dual_clip > 1):
+        if self.dual_clip is not None and not (
+                number(self.dual_clip) and math.isfinite(self.dual_clip) and self.dual_clip > 1):
             raise bad("dual_clip", "must be None or a number greater than 1")
 
     def replace(self, **changes) -> LuffyLossConfig:

@@ -53,10 +53,17 @@ def init_distributed(device_type: str, config: LuffyTrainConfig) -> tuple[int, i
     launcher gets a world of size one; the `deepspeed` launcher's environment is used as is."""
     join_process_group(device_type)
     rank, world_size = rank_and_world()
+    check_world_size(config, world_size)
+    return rank, world_size
+
+
+def check_world_size(config: LuffyTrainConfig, world_size: Optional[int] = None) -> None:
+    """Every rank takes an equal share of each mini-batch's prompts; `world_size` defaults to
+    the launcher's WORLD_SIZE, so that a launched run can check before loading anything."""
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", 1))
     if config.train.mini_batch_size % world_size:
         raise ConfigError(f"train.mini_batch_size: {config.train.mini_batch_size} prompts do not "
                           f"split evenly over {world_size} ranks")
-    return rank, world_size
 
 
 def rank_and_world() -> tuple[int, int]:

@@ -15,6 +15,7 @@ answer/solution).
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 from luffy_fast.errors import ConfigError
 from luffy_fast.evaluation import format_table, generate_and_score, summarize, write_results
 from luffy_fast.rollout.base import RolloutEngine, SamplingParams
+from luffy_fast.run_files import ensure_writable_dir
 
 
 def add_eval_parser(commands) -> None:
@@ -66,9 +68,16 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ConfigError(f"--n: must be at least 1 (got {args.n})")
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens: must be at least 1 (got {args.max_new_tokens})")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1] "
+    if not (math.isfinite(args.temperature) and args.temperature >= 0) or not 0 < args.top_p <= 1:
+        raise ConfigError("--temperature must be a finite number >= 0 and --top-p in (0, 1] "
                           f"(got {args.temperature}, {args.top_p})")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size: must be at least 1 (got {args.batch_size})")
+    if args.output is not None:
+        if Path(args.output).exists() and not Path(args.output).is_dir():
+            raise ConfigError(f"--output: {args.output!r} is a file; it names the folder for "
+                              f"results.json and generations.jsonl")
+        ensure_writable_dir(args.output, "--output")
     if args.tensor_parallel_size < 1:
         raise ConfigError(f"--tensor-parallel-size: must be at least 1 "
                           f"(got {args.tensor_parallel_size})")

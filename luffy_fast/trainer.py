@@ -32,7 +32,13 @@ from luffy_fast.advantages import group_advantages
 from luffy_fast.checkpoint import CheckpointManager, read_trainer_state
 from luffy_fast.config_parsing import changed_settings
 from luffy_fast.data import Sample
-from luffy_fast.distributed import all_reduce_sum, build_engine, init_distributed, training_device
+from luffy_fast.distributed import (
+    all_reduce_sum,
+    build_engine,
+    check_world_size,
+    init_distributed,
+    training_device,
+)
 from luffy_fast.metrics import MeanMinMax, MetricsLogger, PhaseTimer, peak_memory_mb, progress_display
 from luffy_fast.micro_batches import (
     loss_denominator,
@@ -68,6 +74,7 @@ class LuffyTrainer:
                  rollout_engine: Optional[RolloutEngine] = None,
                  device: Optional[torch.device] = None) -> None:
         config.validate()
+        check_world_size(config)  # before anything loads on every rank
         self.config = config
         self.output_dir = ensure_writable_dir(config.output.dir)
         self.device, bf16 = training_device(config, device)

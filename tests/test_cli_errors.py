@@ -122,3 +122,44 @@ def test_a_run_stopped_by_nonfinite_steps_exits_1_with_the_reason(tmp_path, caps
     error = capsys.readouterr().err
     assert "1 optimizer steps in a row had a non-finite loss" in error
     assert "Traceback" not in error
+
+
+@pytest.mark.parametrize("signal_name, code, said", [
+    ("SIGINT", 130, "luffy-fast: interrupted; "),
+    ("SIGTERM", 143, "luffy-fast: terminated (SIGTERM); "),
+])
+def test_a_signal_mid_run_names_the_checkpoint_to_resume_from(tmp_path, capsys, monkeypatch,
+                                                              signal_name, code, said):
+    import os
+    import signal
+
+    from luffy_fast.trainer import LuffyTrainer
+
+    config, out = config_file(tmp_path, "train.steps=3")
+    real_step = LuffyTrainer.training_step
+
+    def signalled_at_the_third(self, step):
+        if step == 2:  # after step 2's checkpoint (save_every=1)
+            os.kill(os.getpid(), getattr(signal, signal_name))
+        return real_step(self, step)
+
+    monkeypatch.setattr(LuffyTrainer, "training_step", signalled_at_the_third)
+    handler = signal.getsignal(signal.SIGTERM)
+    assert main(["train", "--config", config]) == code
+    assert signal.getsignal(signal.SIGTERM) is handler  # the CLI's handler is gone after it
+    err = capsys.readouterr().err
+    assert f"{said}`--resume` continues from {out / 'checkpoints' / 'step-000002'}" in err
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
+    monkeypatch.undo()
+    assert main(["train", "--config", config, "--resume"]) == 0
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_a_mini_batch_the_ranks_cannot_share_stops_before_anything_loads(tmp_path, capsys,
+                                                                        monkeypatch):
+    config, _ = config_file(tmp_path, "train.mini_batch_size=4")
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as a launcher of 3 ranks sets it
+    monkeypatch.setattr("luffy_fast.trainer.load_task", lambda config: pytest.fail("loaded"))
+    assert main(["train", "--config", config]) == 2
+    assert ("train.mini_batch_size: 4 prompts do not split evenly over 3 ranks"
+            in capsys.readouterr().err)

@@ -69,8 +69,8 @@ def dry_run(capsys, model, tokenizer, data, tmp_path, *overrides) -> tuple[int, 
                  f"model.path={model}", f"model.tokenizer_path={tokenizer}",
                  f"model.chat_template={ROOT / 'configs/templates/qwen2.5_math_think.jinja'}",
                  f"data.source={data}", "data.heldout_source=null",
-                 f"data.cache_dir={tmp_path / 'cache'}", "train.prompts_per_step=4",
-                 "train.mini_batch_size=2", *overrides])
+                 f"data.cache_dir={tmp_path / 'cache'}", "train.prompts_per_step=8",
+                 "train.mini_batch_size=8", *overrides])  # one prompt per GPU
     return code, capsys.readouterr().out
 
 
@@ -96,7 +96,7 @@ def test_dry_run_of_the_7b_recipe_on_a_config_only_directory(setup, tmp_path, ca
         assert f"{name:<24} {PARAMETERS * bytes_per_parameter / 8 / GIB:8.2f} GiB" in out
     layer_gathered = 2 * LAYER * 2  # one layer whole, one prefetched, bf16
     assert f"{'gathered layer (ZeRO-3)':<24} {layer_gathered / GIB:8.2f} GiB" in out
-    assert "sampling: 5 steps per epoch of 4 prompts (seed 47); run length 500 steps" in out
+    assert "sampling: 2 steps per epoch of 8 prompts (seed 47); run length 500 steps" in out
     # Checkpointing advice, by hand: 32768 tokens; a layer's values are 32768 x (10 H + 2 KV +
     # 4 I) x 2 bytes, its input 32768 x H x 2. States, gathered layer and head are fixed. The
     # first k layers checkpointed: the 28 - k others' values held at once (one recomputed layer
@@ -266,3 +266,10 @@ def test_dry_run_checks_the_held_out_data_and_the_best_metric(setup, tmp_path, c
     # the recipe validates every 10 steps: without held-out data that would do nothing
     code, out = dry_run(capsys, model, tokenizer, data, tmp_path)
     assert code == 0 and "note: eval.every=10, but the task has no held-out problems" in out
+
+
+def test_dry_run_checks_the_mini_batch_split_over_the_gpus(setup, tmp_path, capsys):
+    model, tokenizer, data = setup
+    code, out = dry_run(capsys, model, tokenizer, data, tmp_path, "train.mini_batch_size=4")
+    assert code == 2
+    assert "PROBLEM: train.mini_batch_size: 4 prompts do not split evenly over 8 ranks" in out

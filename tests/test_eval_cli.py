@@ -130,7 +130,8 @@ def test_eval_with_the_transformers_engine(tmp_path, model_dir, eval_files):
 
 @pytest.mark.parametrize("case, message", [
     ("no_model", "--model"), ("no_data", "--data: no such file"), ("bad_n", "--n"),
-    ("bad_row", "bad.jsonl:1"),
+    ("bad_row", "bad.jsonl:1"), ("output_is_a_file", "--output: "),
+    ("nan_temperature", "--temperature must be a finite number"), ("no_batch", "--batch-size"),
 ])
 def test_bad_input_is_reported_before_the_model_loads(tmp_path, model_dir, eval_files, case,
                                                       message, monkeypatch, capsys):
@@ -138,16 +139,22 @@ def test_bad_input_is_reported_before_the_model_loads(tmp_path, model_dir, eval_
         raise AssertionError("the model must not load")
 
     monkeypatch.setattr(eval_cli, "build_engine", never)
-    model, data, n = str(model_dir), list(eval_files), "2"
+    model, data, n, extra = str(model_dir), list(eval_files), "2", []
     if case == "no_model":
         model = str(tmp_path / "missing")
     elif case == "no_data":
         data = [str(tmp_path / "missing.jsonl")]
     elif case == "bad_n":
         n = "0"
+    elif case == "output_is_a_file":
+        extra = ["--output", eval_files[0]]  # results would fail to be written after the run
+    elif case == "nan_temperature":
+        extra = ["--temperature", "nan"]
+    elif case == "no_batch":
+        extra = ["--batch-size", "0"]
     else:
         data = [write_jsonl(tmp_path / "bad.jsonl", [{"text": "q 1", "answer": "1"}])]
-    assert main(["eval", "--model", model, "--data", *data, "--n", n]) == 2
+    assert main(["eval", "--model", model, "--data", *data, "--n", n, *extra]) == 2
     assert message in capsys.readouterr().err
 
 

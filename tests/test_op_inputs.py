@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -76,10 +78,14 @@ def test_ignore_index_is_not_out_of_range(batch):
 @pytest.mark.parametrize("field,value", [
     ("normalizer", "sum"), ("max_len", None), ("gamma", 0.0), ("temperature", -1.0),
     ("clip_low", 1.5), ("dual_clip", 0.5), ("entropy_coef", float("nan")), ("memory_budget_mb", 0),
+    # the wrong type, which truthiness or int(True) would otherwise read as a setting
+    ("shaping", "no"), ("clip_on_policy", "false"), ("check_finite", 1), ("gamma", True),
+    ("entropy_coef", True), ("max_len", True), ("ignore_index", 3.5), ("ignore_index", "x"),
+    ("memory_budget_mb", "64"), ("dual_clip", "3"), ("grad_filter", False),
 ])
 def test_bad_config_names_the_field(field, value):
     base = {"normalizer": "constant", "max_len": 8} if field == "max_len" else {}
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=f"^LuffyLossConfig.{field}: .* \\(got {re.escape(repr(value))}\\)$"):
         LuffyLossConfig(**{**base, field: value})
 
 
