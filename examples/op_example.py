@@ -23,7 +23,8 @@ def main() -> None:
     weight = torch.randn(vocab, hidden_size) / hidden_size**0.5
     targets = torch.randint(0, vocab, (T,))
     config = LuffyLossConfig.luffy(max_len=response_len)
-    print(f"{T} tokens, hidden {hidden_size}, vocab {vocab}, config: LuffyLossConfig.luffy()")
+    print(f"{T} tokens, hidden {hidden_size}, vocab {vocab}, "
+          f"config: LuffyLossConfig.luffy(max_len={response_len})")
     print(f"{'backend':<10} {'loss':>14} {'|d hidden|':>14} {'|d weight|':>14}")
     for backend in ("reference", "torch"):
         h = hidden.clone().requires_grad_(True)

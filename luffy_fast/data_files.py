@@ -53,6 +53,9 @@ def data_files(path: str | Path, key: str = "data.source") -> list[Path]:
         return files
     if not path.is_file():
         raise DataError(f"{key}: no such file or folder {str(path)!r}")
+    if path.suffix not in DATA_SUFFIXES:
+        raise DataError(f"{key}: {str(path)!r} is not a {'/'.join(DATA_SUFFIXES)} file (the "
+                        f"formats read by name)")
     return [path]
 
 

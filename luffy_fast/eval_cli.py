@@ -24,7 +24,7 @@ import torch
 from luffy_fast.errors import ConfigError
 from luffy_fast.evaluation import format_table, generate_and_score, summarize, write_results
 from luffy_fast.rollout.base import RolloutEngine, SamplingParams
-from luffy_fast.run_files import ensure_writable_dir
+from luffy_fast.run_files import ensure_writable_dir, warn
 
 
 def add_eval_parser(commands) -> None:
@@ -87,6 +87,19 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ConfigError(f"--reward-timeout: must be positive (got {args.reward_timeout})")
 
 
+def check_window(model_dir: str, longest: int, max_new_tokens: int) -> None:
+    """A warning when the longest prompt plus --max-new-tokens passes the model's window
+    (max_position_embeddings): generation past it relies on the positions extrapolating, as the
+    stock Qwen2.5-Math-7B (4096) would for LUFFY's 8192 new tokens; the official evaluation
+    uses the 16k-window model."""
+    from transformers import AutoConfig
+
+    window = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
+    if window is not None and longest > window:
+        warn(f"--max-new-tokens: the longest prompt plus {max_new_tokens} new tokens is {longest} "
+             f"tokens, more than the model's window ({window}, max_position_embeddings)")
+
+
 def engine_name(requested: str) -> str:
     """vLLM when installed and on CUDA (or asked for), transformers `generate` otherwise."""
     if requested != "auto":
@@ -133,6 +146,7 @@ def run_eval(args: argparse.Namespace) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed)
     longest = max(len(p.prompt_ids) for p in problems) + args.max_new_tokens
+    check_window(args.model, longest, args.max_new_tokens)
     start = time.perf_counter()
     engine = build_engine(name, args.model, tokenizer, args, longest)
     engine.show_progress = True

@@ -114,7 +114,12 @@ class AlgorithmConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and its learning-rate schedule (linear warm-up, then constant or cosine)."""
+    """AdamW and its learning-rate schedule (linear warm-up, then constant or cosine).
+
+    The schedule counts optimizer steps, not train.steps: a step takes
+    train.prompts_per_step / train.mini_batch_size x algorithm.ppo_epochs of them (two in the
+    reference run), so warmup_steps: 10 there warms up over 5 steps. The logged learning_rate
+    is the mean over a step's optimizer steps."""
 
     lr: float = 1e-6
     weight_decay: float = 0.01

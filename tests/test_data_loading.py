@@ -155,6 +155,10 @@ def test_unreadable_files_and_missing_paths(tmp_path, tokenizer):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="holds no .parquet/.jsonl/.json files"):
         load_samples(tmp_path / "empty", tokenizer, LIMITS)
+    csv = tmp_path / "d.csv"
+    csv.write_text("prompt,answer\nq 1,1\n")  # was read as JSONL: ":1: not valid JSON"
+    with pytest.raises(DataError, match=f"^data.source: '{csv}' is not a .parquet/.jsonl/.json file"):
+        load_samples(csv, tokenizer, LIMITS)
 
 
 def test_no_chat_template_is_a_clear_error(tmp_path):

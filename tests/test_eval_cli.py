@@ -6,6 +6,7 @@ worked by hand. Then the real transformers engine on a tiny model, and the input
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 
@@ -88,9 +89,11 @@ def test_eval_two_sources_n4_by_hand(tmp_path, model_dir, eval_files, monkeypatc
 
     monkeypatch.setattr(eval_cli, "build_engine", scripted)
     out = tmp_path / "out"
-    assert main(["eval", "--model", str(model_dir), "--data", *eval_files, "--n", "4",
-                 "--temperature", "0.6", "--max-new-tokens", "8", "--engine", "hf",
-                 "--output", str(out), "--reward-workers", "0"]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # within the model's window: no warning
+        assert main(["eval", "--model", str(model_dir), "--data", *eval_files, "--n", "4",
+                     "--temperature", "0.6", "--max-new-tokens", "8", "--engine", "hf",
+                     "--output", str(out), "--reward-workers", "0"]) == 0
     # the official prompt handling: system prompt removed, the model's chat template applied
     assert engines[0].prompts == ["q 1 so", "q 2 so", "q 3 so", "q 4 so"]
     results = json.loads((out / "results.json").read_text())
@@ -177,3 +180,15 @@ def test_a_tokenizer_without_pad_pads_with_eos(tmp_path, eval_files, monkeypatch
     assert (tokenizer.pad_token, tokenizer.pad_token_id, tokenizer.eos_token_id) == ("<eos>", 1, 1)
     assert "no pad token: padding with its EOS token '<eos>'" in caplog.text
     assert engines[0].prompts == ["q 3 so", "q 4 so"]
+
+
+def test_generation_past_the_models_window_is_warned_about(tmp_path, model_dir, eval_files,
+                                                           monkeypatch):
+    monkeypatch.setattr(eval_cli, "build_engine",
+                        lambda name, model, tokenizer, args, length: ScriptedEngine(tokenizer))
+    # the tiny model's window is 128 tokens; "q 1 so" is 3 tokens (the chat template's)
+    with pytest.warns(RuntimeWarning, match=r"--max-new-tokens: the longest prompt plus 126 new "
+                                            r"tokens is 129 tokens, more than the model's "
+                                            r"window \(128, max_position_embeddings\)"):
+        assert main(["eval", "--model", str(model_dir), "--data", eval_files[0], "--n", "1",
+                     "--max-new-tokens", "126", "--reward-workers", "0", "--engine", "hf"]) == 0
