@@ -112,6 +112,9 @@ def _check_hidden_weight(hidden, weight, bias, weight_dtypes, dtype_words: str,
         shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
         raise input_error("weight", f"must be [V, H] with H = {H} (hidden's last dim), got {shape}",
                           op)
+    if 0 in weight.shape:
+        raise input_error("weight", f"has no vocabulary rows or no hidden columns: shape "
+                                    f"{tuple(weight.shape)}", op)
     _check_tensor("weight", weight, weight.shape, hidden.device, weight_dtypes, dtype_words, op)
     if bias is not None:
         _check_tensor("bias", bias, (weight.shape[0],), hidden.device, weight_dtypes, dtype_words,

@@ -32,6 +32,8 @@ BAD_INPUTS = [
     ("hidden", lambda b: {"hidden": b["hidden"].long()}),
     ("weight", lambda b: {"weight": b["weight"][:, :3]}),  # H mismatch
     ("weight", lambda b: {"weight": b["weight"].double()}),  # dtype mismatch
+    ("weight", lambda b: {"weight": b["weight"][:0]}),  # V = 0 (was a ZeroDivisionError)
+    ("weight", lambda b: {"hidden": b["hidden"][:, :0], "weight": b["weight"][:, :0]}),  # H = 0
     ("targets", lambda b: {"targets": b["targets"][:5]}),
     ("targets", lambda b: {"targets": b["targets"].int()}),
     ("targets", lambda b: {"targets": torch.full_like(b["targets"], 9)}),  # == V
