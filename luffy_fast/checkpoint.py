@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
@@ -183,6 +184,18 @@ class CheckpointManager:
                 warn(f"{self.root}: no checkpoint to resume from; starting from step 0")
             start_fresh(self.root.parent, self.rank, self.world_size)
         return latest
+
+    def resume(self, engine, resume: bool, check: Callable[[dict], None]
+               ) -> tuple[Optional[Path], int, Optional[dict]]:
+        """`resume_point`, then the DeepSpeed state of the checkpoint it names, if any, after
+        `check` (the trainer's test of its trainer state, cheap: before the load). Returns the
+        checkpoint, its step (0 without one) and its trainer state."""
+        latest = self.resume_point(resume)
+        if latest is None:
+            return None, 0, None
+        saved = read_trainer_state(latest)  # read once
+        check(saved)
+        return latest, self.load(engine, latest, saved), saved
 
     @staticmethod
     def load(engine, path: Path, trainer_state: Optional[dict] = None) -> int:

@@ -275,8 +275,8 @@ def heldout_data(task, tokenizer, config, problems: list[str], say) -> None:
         say(f"validation: {len(heldout)} held-out problems ({', '.join(sources)}), "
             f"{config.eval.n} sample(s) each, "
             + (f"every {every} steps" if every else "never (eval.every=0)"))
-    for message in checked(lambda: check_validation(heldout, config), problems) or []:
-        say(f"note: {message}")
+    checked(lambda: check_validation(heldout, config, lambda message: say(f"note: {message}")),
+            problems)
 
 
 def meta_model(config, tokenizer, problems: list[str], notes: list[str]):

@@ -12,13 +12,16 @@ import errno
 import os
 import re
 import shutil
+import sys
 import warnings
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import TypeVar
+from typing import Optional, TypeVar
 
 import torch
+import yaml
 
+from luffy_fast.config_parsing import changed_settings
 from luffy_fast.errors import ConfigError
 
 RUN_FILES = ("metrics.jsonl", "tensorboard", "checkpoints", "config.yaml")
@@ -217,3 +220,27 @@ def start_fresh(folder: str | Path, rank: int = 0, world_size: int = 1) -> None:
 
 def warn(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def say(lead: bool, run_dir: Path, message: str) -> None:
+    """A start-up line on stderr from rank 0 (`lead`), prefixed with the run's folder name."""
+    if lead:
+        print(f"{Path(run_dir).name}: {message}", file=sys.stderr, flush=True)
+
+
+def write_run_config(run_dir: Path, config, latest: Optional[Path], start_step: int,
+                     saved: Optional[dict]) -> None:
+    """config.yaml: the run's settings (a LuffyTrainConfig). Resuming from the checkpoint
+    `latest` (its trainer state: `saved`), say so; where the settings changed since the
+    checkpoint's, name each change and keep the earlier ones as config.until-step-<N>.yaml."""
+    path = Path(run_dir) / "config.yaml"
+    if latest is not None:
+        say(True, run_dir, f"resuming from step {start_step} ({latest})")
+        earlier = saved.get("config") or {}
+        changes = changed_settings(earlier, config.to_dict())
+        if changes:
+            kept = path.with_name(f"config.until-step-{start_step}.yaml")
+            write_atomic(kept, yaml.safe_dump(earlier, sort_keys=False))
+            warn(f"resuming from step {start_step} with changed settings: {'; '.join(changes)} "
+                 f"(the earlier settings: {kept})")
+    write_atomic(path, config.to_yaml())

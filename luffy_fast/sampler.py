@@ -84,6 +84,13 @@ class EpochSampler:
             self.check_state(saved, int(trainer_state["step"]))
 
 
+def rank_share(picks: list[int], mini_batch_size: int, rank: int, world_size: int) -> list[int]:
+    """Rank `rank`'s prompts among a step's `picks`: its equal slice of every mini-batch."""
+    share = mini_batch_size // world_size
+    return [i for start in range(0, len(picks), mini_batch_size)
+            for i in picks[start + rank * share: start + (rank + 1) * share]]
+
+
 def prompt_sampler(num_prompts: int, config) -> EpochSampler:
     """The run's sampler; with train.epochs set, train.steps becomes epochs x batches per epoch
     (the run's length, which the learning-rate schedule reads)."""

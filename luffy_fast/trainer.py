@@ -19,18 +19,15 @@ metrics (metrics.py).
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterable, Sequence
 from typing import Optional
 
 import torch
-import yaml
 from torch import Tensor
 
 from luffy_fast.advantages import group_advantages
-from luffy_fast.checkpoint import CheckpointManager, read_trainer_state
-from luffy_fast.config_parsing import changed_settings
+from luffy_fast.checkpoint import CheckpointManager
 from luffy_fast.data import Sample
 from luffy_fast.distributed import (
     all_reduce_sum,
@@ -55,8 +52,8 @@ from luffy_fast.rollout.correction import behaviour_logprobs, rollout_correction
 from luffy_fast.rollout.factory import build_rollout_engine
 from luffy_fast.rollout.weights import gathered_named_parameters
 from luffy_fast.rollout_batch import RolloutBatch, assemble_groups, reward_items, rollout_metrics
-from luffy_fast.run_files import ensure_writable_dir, warn
-from luffy_fast.sampler import data_metrics, prompt_sampler
+from luffy_fast.run_files import ensure_writable_dir, say, warn, write_run_config
+from luffy_fast.sampler import data_metrics, prompt_sampler, rank_share
 from luffy_fast.tasks import Task, check_samples, load_task, prepare_components
 from luffy_fast.train_config import LuffyTrainConfig
 from luffy_fast.validation import Validation, check_validation
@@ -84,8 +81,7 @@ class LuffyTrainer:
         self.train_samples = self.task.train_samples(self.tokenizer)
         self.heldout_samples = self.task.heldout_samples(self.tokenizer)
         check_samples(self.train_samples, config)
-        for message in check_validation(self.heldout_samples, config):
-            warn(message)
+        check_validation(self.heldout_samples, config, report=warn)
         self.sampler = prompt_sampler(len(self.train_samples), config)
         policy = prepare_policy(build_policy(), config.model)  # Liger kernels, checkpointing
         self.rank, self.world_size = init_distributed(self.device.type, config)
@@ -109,12 +105,9 @@ class LuffyTrainer:
     def prompt_batch(self, step: int) -> list[Sample]:
         """The step's prompts: the seeded epoch-wise shuffle's batch for `step`, so a resumed
         run sees the same batches; each rank takes its slice of every mini-batch."""
-        picks = self.sampler.batch(step)
-        mini = self.config.train.mini_batch_size
-        share = mini // self.world_size
-        mine = [picks[start + self.rank * share: start + (self.rank + 1) * share]
-                for start in range(0, len(picks), mini)]
-        return [self.train_samples[i] for chunk in mine for i in chunk]
+        mine = rank_share(self.sampler.batch(step), self.config.train.mini_batch_size,
+                          self.rank, self.world_size)
+        return [self.train_samples[i] for i in mine]
 
     def training_step(self, step: int) -> dict:
         """One LUFFY step (docs/algorithm.md §One training step); returns the step's metrics."""
@@ -269,27 +262,22 @@ class LuffyTrainer:
         the progress bar and publishes checkpoints.
         """
         config = self.config
-        latest = self.checkpoints.resume_point(resume)
-        start_step, saved = 0, None
+        # the same data in the same order as the checkpoint's run, or an error before the load
+        latest, start_step, saved = self.checkpoints.resume(self.engine, resume,
+                                                            self.sampler.check_trainer_state)
         if latest is not None:
-            saved = read_trainer_state(latest)  # read once
-            self.sampler.check_trainer_state(saved)  # same data, same order: before the load
-            start_step = self.checkpoints.load(self.engine, latest, saved)
             self.sync_rollout_weights()
         self.validation.start(resuming=latest is not None)
         lead = self.rank == 0
         logger = None
         if lead:
-            self.write_config(latest, start_step, saved)
+            write_run_config(self.output_dir, config, latest, start_step, saved)
             logger = MetricsLogger(self.output_dir, config.output.tensorboard, resume_step=start_step)
         history = []
         bar = None
         try:
             if start_step == 0 and config.eval.every and self.validation.problems:
-                if lead:
-                    print(f"{self.output_dir.name}: validation before the first step "
-                          f"({len(self.validation.problems)} problems x {config.eval.n})",
-                          file=sys.stderr, flush=True)
+                say(lead, self.output_dir, f"validation of {len(self.validation.problems)} problems")
                 evaluation = {"step": 0, **self.evaluate()}
                 if logger:
                     logger.log(evaluation)
@@ -321,23 +309,6 @@ class LuffyTrainer:
             if logger:
                 logger.close()
         return history
-
-    def write_config(self, latest, start_step: int, saved: Optional[dict]) -> None:
-        """config.yaml: this run's settings. A resume that changed some (against the settings
-        in its checkpoint, `saved`: the checkpoint's trainer state) says which, and writes the
-        earlier ones to config.until-step-<N>.yaml."""
-        path = self.output_dir / "config.yaml"
-        if latest is not None:
-            print(f"{self.output_dir.name}: resuming from step {start_step} ({latest})",
-                  file=sys.stderr, flush=True)
-            earlier = saved.get("config") or {}
-            changes = changed_settings(earlier, self.config.to_dict())
-            if changes:
-                kept = path.with_name(f"config.until-step-{start_step}.yaml")
-                kept.write_text(yaml.safe_dump(earlier, sort_keys=False))
-                warn(f"resuming from step {start_step} with changed settings: "
-                     f"{'; '.join(changes)} (the earlier settings: {kept})")
-        path.write_text(self.config.to_yaml())
 
     def close(self) -> None:
         self.rollout.close()

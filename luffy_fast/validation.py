@@ -33,27 +33,22 @@ from luffy_fast.rollout_batch import RolloutBatch, assemble_groups
 from luffy_fast.run_files import rank_zero_value, write_atomic
 
 
-def check_validation(problems: Sequence[Any], config) -> list[str]:
+def check_validation(problems: Sequence[Any], config, report: Callable[[str], None]) -> None:
     """Start-up check of the `eval` section against the held-out problems: raises ConfigError
-    when eval.best_metric names a metric that validation will not log; returns warnings for
-    settings that would do nothing (validation without held-out problems, a best metric
-    without validation)."""
+    when eval.best_metric names a metric that validation will not log; `report`s settings that
+    would do nothing (validation without held-out problems, a best metric without validation)."""
     evaluation = config.eval
     best = evaluation.best_metric
     if evaluation.every and not problems:
-        return [f"eval.every={evaluation.every}, but the task has no held-out problems "
-                f"(data.heldout_source is not set): no validation will run"
-                + (", and no checkpoint is kept as the best by eval.best_metric" if best else "")]
-    if best is None:
-        return []
-    if not evaluation.every:
-        return [f"eval.best_metric={best!r}, but eval.every=0: no validation will run, and no "
-                f"checkpoint is kept as the best"]
-    names = metric_names(problems, evaluation.n)
-    if best not in names:
+        report(f"eval.every={evaluation.every}, but the task has no held-out problems "
+               f"(data.heldout_source is not set): no validation will run"
+               + (", and no checkpoint is kept as the best by eval.best_metric" if best else ""))
+    elif best is not None and not evaluation.every:
+        report(f"eval.best_metric={best!r}, but eval.every=0: no validation will run, and no "
+               f"checkpoint is kept as the best")
+    elif best is not None and best not in (names := metric_names(problems, evaluation.n)):
         raise ConfigError(f"eval.best_metric: {best!r} is not among the validation metrics of "
                           f"this run's held-out problems ({', '.join(names)})")
-    return []
 
 
 class Validation:

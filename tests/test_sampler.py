@@ -12,7 +12,7 @@ from torch.utils.data import BatchSampler, RandomSampler
 
 from luffy_fast.checkpoint import CheckpointManager, read_trainer_state
 from luffy_fast.errors import ConfigError
-from luffy_fast.sampler import EpochSampler, data_metrics, prompt_sampler
+from luffy_fast.sampler import EpochSampler, data_metrics, prompt_sampler, rank_share
 from luffy_fast.train_config import load_config
 
 
@@ -91,3 +91,10 @@ def test_a_resume_reads_the_trainer_state_once_and_checks_the_sampler_before_the
     assert CheckpointManager.load(Engine(), folder, saved) == 7
     assert reads == ["trainer_state.json"] and loads == [(str(folder), "deepspeed")]
     EpochSampler(size=19, batch_size=4, seed=3).check_trainer_state({"step": 7})  # no sampler
+
+
+def test_each_rank_takes_its_slice_of_every_mini_batch():
+    picks = [10, 11, 12, 13, 14, 15, 16, 17]  # two mini-batches of 4 prompts, over 2 ranks
+    assert rank_share(picks, 4, 0, 2) == [10, 11, 14, 15]
+    assert rank_share(picks, 4, 1, 2) == [12, 13, 16, 17]
+    assert rank_share(picks, 4, 0, 1) == picks

@@ -243,21 +243,27 @@ def test_the_eval_section_is_checked_against_the_held_out_problems_at_start_up()
     problems = [Sample([10], "x", data_source="aime"), Sample([11], "y", data_source="amc"),
                 Sample([12], "z")]  # no data source: counted under "heldout"
     config = lambda *o: load_config(None, ["eval.every=5", "eval.n=2", *o])  # noqa: E731
-    assert check_validation(problems, config("eval.best_metric=val/amc/pass@2")) == []
+
+    def reported(problems, config) -> list[str]:
+        messages = []
+        check_validation(problems, config, report=messages.append)
+        return messages
+
+    assert reported(problems, config("eval.best_metric=val/amc/pass@2")) == []
     # the names a validation pass logs, known before anything is generated
     names = [f"val/{s}/{m}" for s in ("aime", "amc", "heldout", "macro")
              for m in ("avg@2", "pass@1", "pass@2")]
     with pytest.raises(ConfigError) as error:
-        check_validation(problems, config("eval.best_metric=val/macro/avg@4"))
+        reported(problems, config("eval.best_metric=val/macro/avg@4"))
     assert str(error.value) == ("eval.best_metric: 'val/macro/avg@4' is not among the validation "
                                 f"metrics of this run's held-out problems ({', '.join(names)})")
     # settings that would silently do nothing
-    (message,) = check_validation([], config("eval.best_metric=val/macro/avg@2"))
+    (message,) = reported([], config("eval.best_metric=val/macro/avg@2"))
     assert message.startswith("eval.every=5, but the task has no held-out problems")
     assert message.endswith("no checkpoint is kept as the best by eval.best_metric")
-    (message,) = check_validation(problems, config("eval.every=0", "eval.best_metric=val/macro/avg@2"))
+    (message,) = reported(problems, config("eval.every=0", "eval.best_metric=val/macro/avg@2"))
     assert message.startswith("eval.best_metric='val/macro/avg@2', but eval.every=0")
-    assert check_validation([], config("eval.every=0")) == []
+    assert reported([], config("eval.every=0")) == []
 
 
 def test_a_wrong_best_metric_stops_the_run_before_the_policy_loads(tmp_path, monkeypatch):
