@@ -7,11 +7,12 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-from luffy_fast.checkpoint import NoCheckpointError
+from luffy_fast.checkpoint import CheckpointManager, NoCheckpointError
 from luffy_fast.errors import ConfigError
 from luffy_fast.nonfinite import NonFiniteTrainingError
 from luffy_fast.run_files import DiskFullError, check_run_dir
@@ -86,28 +87,40 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
     raise Terminated()
 
 
-def resume_hint(run_dir: Optional[str]) -> str:
-    """Where `--resume` will continue from, for the interrupt message."""
-    latest = Path(run_dir) / "checkpoints" / "latest" if run_dir else None
-    if latest is not None and latest.is_file():
-        return f"`--resume` continues from {latest.parent / latest.read_text().strip()}"
-    return "`--resume` continues from the last checkpoint" + (" (none yet)" if run_dir else "")
+def resume_hint(command: str, run_dir: Optional[str]) -> str:
+    """What `--resume` will continue from, for the interrupt message (eval has no --resume)."""
+    if command == "eval":
+        return ""
+    if run_dir is None:
+        return "; `--resume` continues from the last checkpoint"
+    try:
+        with warnings.catch_warnings():  # a broken pointer's fallback warns; here it is named
+            warnings.simplefilter("ignore")
+            latest = CheckpointManager(Path(run_dir) / "checkpoints", keep=1).latest()
+    except NoCheckpointError:
+        latest = None
+    return f"; `--resume` continues from {latest}" if latest else "; no checkpoint to resume from yet"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # anywhere on the line: shows the traceback of an error
     args = _parse([word for word in argv if word != "--debug"])
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    # SIGTERM stops a run as Ctrl-C does, where it would end the process (not where a parent
+    # set it to be ignored, nor from a thread, which cannot set handlers)
+    takes_sigterm = (threading.current_thread() is threading.main_thread()
+                     and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+    if takes_sigterm:
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return _run(args, debug)
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        if takes_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _run(args: argparse.Namespace, debug: bool) -> int:
@@ -158,8 +171,8 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
         if debug:
             raise
         terminated = isinstance(stop, Terminated)
-        print(f"luffy-fast: {'terminated (SIGTERM)' if terminated else 'interrupted'}; "
-              f"{resume_hint(run_dir)}", file=sys.stderr)
+        print(f"luffy-fast: {'terminated (SIGTERM)' if terminated else 'interrupted'}"
+              f"{resume_hint(args.command, run_dir)}", file=sys.stderr)
         return 143 if terminated else 130
     return 0
 

@@ -100,6 +100,9 @@ class LuffyLossConfig:
         def number(value) -> bool:  # a bool is an int to Python, but never a setting's number
             return isinstance(value, (int, float)) and not isinstance(value, bool)
 
+        def integer(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
         for name in ("shaping", "clip_on_policy", "clip_off_policy", "check_finite"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be True or False")
@@ -110,10 +113,9 @@ class LuffyLossConfig:
                                  "length)")
         if self.entropy_aggregation not in ENTROPY_AGGREGATIONS:
             raise bad("entropy_aggregation", f"must be one of {ENTROPY_AGGREGATIONS}")
-        if self.max_len is not None and not (number(self.max_len) and isinstance(self.max_len, int)
-                                             and self.max_len > 0):
+        if self.max_len is not None and not (integer(self.max_len) and self.max_len > 0):
             raise bad("max_len", "must be a positive integer")
-        if not (number(self.ignore_index) and isinstance(self.ignore_index, int)):
+        if not integer(self.ignore_index):
             raise bad("ignore_index", "must be an integer")
         for name in ("gamma", "temperature"):
             value = getattr(self, name)

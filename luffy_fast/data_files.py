@@ -46,14 +46,14 @@ def data_files(path: str | Path, key: str = "data.source") -> list[Path]:
     """The file at `path`, or the data files in the folder `path` (sorted by name)."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in DATA_SUFFIXES and p.is_file())
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in DATA_SUFFIXES and p.is_file())
         if not files:
             raise DataError(f"{key}: the folder {str(path)!r} holds no "
                             f"{'/'.join(DATA_SUFFIXES)} files")
         return files
     if not path.is_file():
         raise DataError(f"{key}: no such file or folder {str(path)!r}")
-    if path.suffix not in DATA_SUFFIXES:
+    if path.suffix.lower() not in DATA_SUFFIXES:
         raise DataError(f"{key}: {str(path)!r} is not a {'/'.join(DATA_SUFFIXES)} file (the "
                         f"formats read by name)")
     return [path]
@@ -62,7 +62,7 @@ def data_files(path: str | Path, key: str = "data.source") -> list[Path]:
 def read_rows(path: str | Path, key: str = "data.source") -> Iterator[Row]:
     """Every row of every file under `path`, in order."""
     for file in data_files(path, key):
-        if file.suffix == ".parquet":
+        if file.suffix.lower() == ".parquet":
             yield from _parquet_rows(file)
         else:
             yield from _json_rows(file)

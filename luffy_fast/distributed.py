@@ -59,8 +59,9 @@ def init_distributed(device_type: str, config: LuffyTrainConfig) -> tuple[int, i
 
 def check_world_size(config: LuffyTrainConfig, world_size: Optional[int] = None) -> None:
     """Every rank takes an equal share of each mini-batch's prompts; `world_size` defaults to
-    the launcher's WORLD_SIZE, so that a launched run can check before loading anything."""
-    world_size = world_size or int(os.environ.get("WORLD_SIZE", 1))
+    the launcher's WORLD_SIZE (a launched process: RANK set, as join_process_group reads it),
+    so that a launched run can check before loading anything."""
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", 1) if "RANK" in os.environ else 1)
     if config.train.mini_batch_size % world_size:
         raise ConfigError(f"train.mini_batch_size: {config.train.mini_batch_size} prompts do not "
                           f"split evenly over {world_size} ranks")

@@ -23,6 +23,7 @@ import torch
 
 from luffy_fast.errors import ConfigError
 from luffy_fast.evaluation import format_table, generate_and_score, summarize, write_results
+from luffy_fast.metrics import ProgressLog
 from luffy_fast.rollout.base import RolloutEngine, SamplingParams
 from luffy_fast.run_files import ensure_writable_dir, warn
 
@@ -91,11 +92,15 @@ def check_window(model_dir: str, longest: int, max_new_tokens: int) -> None:
     """A warning when the longest prompt plus --max-new-tokens passes the model's window
     (max_position_embeddings): generation past it relies on the positions extrapolating, as the
     stock Qwen2.5-Math-7B (4096) would for LUFFY's 8192 new tokens; the official evaluation
-    uses the 16k-window model."""
+    uses the 16k-window model. A model with RoPE scaling (e.g. YaRN) is left alone: its window
+    is longer than max_position_embeddings says."""
     from transformers import AutoConfig
 
-    window = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
-    if window is not None and longest > window:
+    config = AutoConfig.from_pretrained(model_dir)
+    window = getattr(config, "max_position_embeddings", None)
+    scaling = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    scaled = (scaling or {}).get("rope_type", "default") not in ("default", None)
+    if window is not None and longest > window and not scaled:
         warn(f"--max-new-tokens: the longest prompt plus {max_new_tokens} new tokens is {longest} "
              f"tokens, more than the model's window ({window}, max_position_embeddings)")
 
@@ -149,7 +154,7 @@ def run_eval(args: argparse.Namespace) -> int:
     check_window(args.model, longest, args.max_new_tokens)
     start = time.perf_counter()
     engine = build_engine(name, args.model, tokenizer, args, longest)
-    engine.show_progress = True
+    engine.show_progress = ProgressLog.bar_wanted(True)  # a terminal, as the trainer's bar
     try:
         with RewardPool(MathVerifyReward(), workers=args.reward_workers,
                         timeout=args.reward_timeout) as pool:

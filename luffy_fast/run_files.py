@@ -25,6 +25,7 @@ from luffy_fast.config_parsing import changed_settings
 from luffy_fast.errors import ConfigError
 
 RUN_FILES = ("metrics.jsonl", "tensorboard", "checkpoints", "config.yaml")
+EARLIER_CONFIGS = "config.until-step-*.yaml"  # a resume's earlier settings (write_run_config)
 _TEMPORARY = re.compile(r"^\.(?:.+\.tmp|write-probe)-(\d+)$")
 Result = TypeVar("Result")
 
@@ -158,13 +159,14 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
 
 def holds_a_run(folder: Path) -> list[str]:
     """The names of a previous run's files in `folder` (empty: nothing to lose)."""
+    return [item.name for item in run_items(folder)
+            if item.is_file() or (item.is_dir() and any(item.iterdir()))]
+
+
+def run_items(folder: str | Path) -> list[Path]:
+    """The paths in `folder` that belong to a run: RUN_FILES and its earlier settings."""
     folder = Path(folder)
-    found = []
-    for name in RUN_FILES:
-        item = folder / name
-        if item.is_file() or (item.is_dir() and any(item.iterdir())):
-            found.append(name)
-    return found
+    return [folder / name for name in RUN_FILES] + sorted(folder.glob(EARLIER_CONFIGS))
 
 
 def check_run_dir(folder: str | Path, resume: bool, overwrite: bool, rank: int = 0) -> None:
@@ -197,15 +199,15 @@ def rank_zero_value(value, world_size: int):
 
 def start_fresh(folder: str | Path, rank: int = 0, world_size: int = 1) -> None:
     """Prepare the run folder for a fresh start (`--overwrite`, or a run from step 0): rank 0
-    deletes a previous run's files (RUN_FILES: metrics, TensorBoard, every checkpoint with
-    checkpoints/best/, config); other files there are left alone. The other ranks delete nothing
+    deletes a previous run's files (run_items: metrics, TensorBoard, every checkpoint with
+    checkpoints/best/, the config and a resume's earlier configs); other files there are left
+    alone. The other ranks delete nothing
     and, in a process group of `world_size` > 1, wait for rank 0's outcome: a failure to delete
     raises on every rank."""
     failure = None
     if rank == 0:
         try:
-            for name in RUN_FILES:
-                item = Path(folder) / name
+            for item in run_items(folder):
                 if item.is_dir():
                     shutil.rmtree(item)
                 elif item.exists():
@@ -220,6 +222,13 @@ def start_fresh(folder: str | Path, rank: int = 0, world_size: int = 1) -> None:
 
 def warn(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def warn_at_start(message: str) -> None:
+    """A start-up warning, once per run: from the launcher's rank 0 (RANK, read before the
+    process group exists) or an unlaunched process."""
+    if os.environ.get("RANK", "0") == "0":
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def say(lead: bool, run_dir: Path, message: str) -> None:

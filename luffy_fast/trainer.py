@@ -52,7 +52,7 @@ from luffy_fast.rollout.correction import behaviour_logprobs, rollout_correction
 from luffy_fast.rollout.factory import build_rollout_engine
 from luffy_fast.rollout.weights import gathered_named_parameters
 from luffy_fast.rollout_batch import RolloutBatch, assemble_groups, reward_items, rollout_metrics
-from luffy_fast.run_files import ensure_writable_dir, say, warn, write_run_config
+from luffy_fast.run_files import ensure_writable_dir, say, warn_at_start, write_run_config
 from luffy_fast.sampler import data_metrics, prompt_sampler, rank_share
 from luffy_fast.tasks import Task, check_samples, load_task, prepare_components
 from luffy_fast.train_config import LuffyTrainConfig
@@ -81,7 +81,7 @@ class LuffyTrainer:
         self.train_samples = self.task.train_samples(self.tokenizer)
         self.heldout_samples = self.task.heldout_samples(self.tokenizer)
         check_samples(self.train_samples, config)
-        check_validation(self.heldout_samples, config, report=warn)
+        check_validation(self.heldout_samples, config, report=warn_at_start)
         self.sampler = prompt_sampler(len(self.train_samples), config)
         policy = prepare_policy(build_policy(), config.model)  # Liger kernels, checkpointing
         self.rank, self.world_size = init_distributed(self.device.type, config)

@@ -40,8 +40,9 @@ def check_validation(problems: Sequence[Any], config, report: Callable[[str], No
     evaluation = config.eval
     best = evaluation.best_metric
     if evaluation.every and not problems:
-        report(f"eval.every={evaluation.every}, but the task has no held-out problems "
-               f"(data.heldout_source is not set): no validation will run"
+        report(f"eval.every={evaluation.every}, but the task has no held-out problems"
+               + ("" if config.data.heldout_source else " (data.heldout_source is not set)")
+               + ": no validation will run"
                + (", and no checkpoint is kept as the best by eval.best_metric" if best else ""))
     elif best is not None and not evaluation.every:
         report(f"eval.best_metric={best!r}, but eval.every=0: no validation will run, and no "

@@ -144,9 +144,16 @@ def test_a_signal_mid_run_names_the_checkpoint_to_resume_from(tmp_path, capsys, 
         return real_step(self, step)
 
     monkeypatch.setattr(LuffyTrainer, "training_step", signalled_at_the_third)
-    handler = signal.getsignal(signal.SIGTERM)
-    assert main(["train", "--config", config]) == code
-    assert signal.getsignal(signal.SIGTERM) is handler  # the CLI's handler is gone after it
+    # Python's own SIGINT handler and the default SIGTERM action, whatever this test process
+    # inherited (a job started in the background ignores SIGINT)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    inherited_term = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        assert main(["train", "--config", config]) == code
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the CLI's handler is gone
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+        signal.signal(signal.SIGTERM, inherited_term)
     err = capsys.readouterr().err
     assert f"{said}`--resume` continues from {out / 'checkpoints' / 'step-000002'}" in err
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
@@ -158,8 +165,20 @@ def test_a_signal_mid_run_names_the_checkpoint_to_resume_from(tmp_path, capsys, 
 def test_a_mini_batch_the_ranks_cannot_share_stops_before_anything_loads(tmp_path, capsys,
                                                                         monkeypatch):
     config, _ = config_file(tmp_path, "train.mini_batch_size=4")
-    monkeypatch.setenv("WORLD_SIZE", "3")  # as a launcher of 3 ranks sets it
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as a launcher of 3 ranks sets them
+    monkeypatch.setenv("RANK", "0")
     monkeypatch.setattr("luffy_fast.trainer.load_task", lambda config: pytest.fail("loaded"))
     assert main(["train", "--config", config]) == 2
     assert ("train.mini_batch_size: 4 prompts do not split evenly over 3 ranks"
             in capsys.readouterr().err)
+
+
+def test_the_interrupt_message_names_what_resume_will_load(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    assert cli.resume_hint("train", str(tmp_path)) == "; no checkpoint to resume from yet"
+    (checkpoints / "step-000001").mkdir(parents=True)
+    (checkpoints / "step-000001" / "trainer_state.json").write_text('{"step": 1}')
+    (checkpoints / "latest").write_text("step-000009")  # a broken pointer: resume falls back
+    assert cli.resume_hint("train", str(tmp_path)) == (
+        f"; `--resume` continues from {checkpoints / 'step-000001'}")
+    assert cli.resume_hint("eval", None) == ""  # eval has no --resume

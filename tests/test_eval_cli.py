@@ -192,3 +192,12 @@ def test_generation_past_the_models_window_is_warned_about(tmp_path, model_dir, 
                                             r"window \(128, max_position_embeddings\)"):
         assert main(["eval", "--model", str(model_dir), "--data", eval_files[0], "--n", "1",
                      "--max-new-tokens", "126", "--reward-workers", "0", "--engine", "hf"]) == 0
+    # with YaRN the window is longer than max_position_embeddings says: no warning
+    config = json.loads((model_dir / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "yarn", "factor": 2.0,
+                              "original_max_position_embeddings": 128}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert main(["eval", "--model", str(model_dir), "--data", eval_files[0], "--n", "1",
+                     "--max-new-tokens", "126", "--reward-workers", "0", "--engine", "hf"]) == 0

@@ -118,7 +118,6 @@ def test_dual_clip(backend):
     check_grads(dh, dw, [0.0, 0.0, 0.0])
 
 
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("ratio, advantage, expected_loss, g", [
     (1.25, 1.0, -1.25, -1.25),  # inside [1 - 0.2, 1 + 0.28]: L = -r A, g = -A r
@@ -149,6 +148,7 @@ def test_dual_clip_leaves_positive_advantages_alone(backend):
                                 old_logprob=math.log(0.5 / 4.0))
     assert loss == pytest.approx(-1.2, rel=1e-12)
     check_grads(dh, dw, [0.0, 0.0, 0.0])
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_constant_normalizer_and_temperature(backend):

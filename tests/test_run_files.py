@@ -14,7 +14,8 @@ import torch
 from luffy_fast.checkpoint import CheckpointManager
 from luffy_fast.run_files import check_run_dir, link_tree, start_fresh
 
-OLD_RUN = ("metrics.jsonl", "config.yaml", "tensorboard/events.out.tfevents.1",
+OLD_RUN = ("metrics.jsonl", "config.yaml", "config.until-step-4.yaml",
+           "tensorboard/events.out.tfevents.1",
            "checkpoints/latest", "checkpoints/step-000002/trainer_state.json",
            "checkpoints/best/best.json", "checkpoints/best/step-000001/trainer_state.json")
 

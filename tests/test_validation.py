@@ -4,6 +4,7 @@ through the trainer's reward pool."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -266,6 +267,18 @@ def test_the_eval_section_is_checked_against_the_held_out_problems_at_start_up()
     assert reported([], config("eval.every=0")) == []
 
 
+def test_a_start_up_warning_comes_from_rank_zero_only(monkeypatch):
+    from luffy_fast.run_files import warn_at_start
+
+    monkeypatch.setenv("RANK", "1")  # a launched rank other than 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_at_start("not shown")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.warns(RuntimeWarning, match="shown once"):
+        warn_at_start("shown once")
+
+
 def test_a_wrong_best_metric_stops_the_run_before_the_policy_loads(tmp_path, monkeypatch):
     from luffy_fast import trainer as trainer_module
 
@@ -288,8 +301,11 @@ def test_validation_without_held_out_problems_warns_once_and_logs_no_empty_row(t
     from luffy_fast.trainer import LuffyTrainer
 
     config = tiny_config(tmp_path, "train.steps=1", "eval.every=1", "output.save_every=0")
-    with pytest.warns(RuntimeWarning, match="eval.every=1, but the task has no held-out problems"):
+    with pytest.warns(RuntimeWarning) as warned:
         trainer = LuffyTrainer(config, task=NoHeldOutTask(config))
+    assert [str(w.message) for w in warned if "held-out" in str(w.message)] == [
+        "eval.every=1, but the task has no held-out problems (data.heldout_source is not set): "
+        "no validation will run"]
     try:
         trainer.train()
     finally:
