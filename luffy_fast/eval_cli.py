@@ -99,7 +99,7 @@ def check_window(model_dir: str, longest: int, max_new_tokens: int) -> None:
     config = AutoConfig.from_pretrained(model_dir)
     window = getattr(config, "max_position_embeddings", None)
     scaling = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
-    scaled = (scaling or {}).get("rope_type", "default") not in ("default", None)
+    scaled = isinstance(scaling, dict) and scaling.get("rope_type") not in ("default", None)
     if window is not None and longest > window and not scaled:
         warn(f"--max-new-tokens: the longest prompt plus {max_new_tokens} new tokens is {longest} "
              f"tokens, more than the model's window ({window}, max_position_embeddings)")
