@@ -201,9 +201,8 @@ def start_fresh(folder: str | Path, rank: int = 0, world_size: int = 1) -> None:
     """Prepare the run folder for a fresh start (`--overwrite`, or a run from step 0): rank 0
     deletes a previous run's files (run_items: metrics, TensorBoard, every checkpoint with
     checkpoints/best/, the config and a resume's earlier configs); other files there are left
-    alone. The other ranks delete nothing
-    and, in a process group of `world_size` > 1, wait for rank 0's outcome: a failure to delete
-    raises on every rank."""
+    alone. The other ranks delete nothing and, in a process group of `world_size` > 1, wait for
+    rank 0's outcome: a failure to delete raises on every rank."""
     failure = None
     if rank == 0:
         try:
