@@ -89,9 +89,6 @@ class MathTask(Task):
 
     def train_samples(self, tokenizer) -> list[Sample]:
         samples, self.data_report = self._load(self.config.data.source, tokenizer, "data.source")
-        if os.environ.get("RANK", "0") == "0":  # the start-up line, once per run
-            print(f"luffy-fast: training data {self.data_report.summary()}", file=sys.stderr,
-                  flush=True)
         return samples
 
     def heldout_samples(self, tokenizer) -> list[Sample]:
@@ -111,6 +108,16 @@ class MathTask(Task):
 
     def reward_function(self) -> RewardFunction:
         return self._reward  # pickles without the task's data
+
+
+def load_task_data(task: Task, tokenizer, config: LuffyTrainConfig) -> tuple[list[Sample], list[Sample]]:
+    """A run's training samples (checked) and held-out samples. What loading the training data
+    did (`task.data_report`) is the run's start-up line, from rank 0."""
+    samples = task.train_samples(tokenizer)
+    if task.data_report is not None and os.environ.get("RANK", "0") == "0":
+        print(f"luffy-fast: training data {task.data_report.summary()}", file=sys.stderr, flush=True)
+    check_samples(samples, config)
+    return samples, task.heldout_samples(tokenizer)
 
 
 def load_task(config: LuffyTrainConfig) -> Task:

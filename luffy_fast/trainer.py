@@ -54,7 +54,7 @@ from luffy_fast.rollout.weights import gathered_named_parameters
 from luffy_fast.rollout_batch import RolloutBatch, assemble_groups, reward_items, rollout_metrics
 from luffy_fast.run_files import ensure_writable_dir, say, warn_at_start, write_run_config
 from luffy_fast.sampler import data_metrics, prompt_sampler, rank_share
-from luffy_fast.tasks import Task, check_samples, load_task, prepare_components
+from luffy_fast.tasks import Task, load_task, load_task_data, prepare_components
 from luffy_fast.train_config import LuffyTrainConfig
 from luffy_fast.validation import Validation, check_validation
 
@@ -78,9 +78,7 @@ class LuffyTrainer:
         check_model_options(config.model, self.device)
         self.task = task or load_task(config)
         self.tokenizer, build_policy = prepare_components(self.task, config)  # data, then policy
-        self.train_samples = self.task.train_samples(self.tokenizer)
-        self.heldout_samples = self.task.heldout_samples(self.tokenizer)
-        check_samples(self.train_samples, config)
+        self.train_samples, self.heldout_samples = load_task_data(self.task, self.tokenizer, config)
         check_validation(self.heldout_samples, config, report=warn_at_start)
         self.sampler = prompt_sampler(len(self.train_samples), config)
         policy = prepare_policy(build_policy(), config.model)  # Liger kernels, checkpointing

@@ -71,7 +71,9 @@ def dry_run(capsys, model, tokenizer, data, tmp_path, *overrides) -> tuple[int, 
                  f"data.source={data}", "data.heldout_source=null",
                  f"data.cache_dir={tmp_path / 'cache'}", "train.prompts_per_step=8",
                  "train.mini_batch_size=8", *overrides])  # one prompt per GPU
-    return code, capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "prompts kept" not in captured.err  # the report's data line, not a run's start-up line
+    return code, captured.out
 
 
 def test_dry_run_of_the_7b_recipe_on_a_config_only_directory(setup, tmp_path, capsys):

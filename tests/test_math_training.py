@@ -37,8 +37,9 @@ def test_train_runs_three_steps(tmp_path, model_dir, writer, name, capsys):
     data = writer(tmp_path / name, math_rows())
     config = train_yaml(tmp_path / "run.yaml", model_dir, data, tmp_path / "out")
     assert main(["train", "--config", str(config)]) == 0
-    assert "16 prompts kept, 4 skipped (prompt too long), 4 traces truncated" \
-        in capsys.readouterr().err  # the start-up line
+    err = capsys.readouterr().err
+    assert err.count("prompts kept") == 1  # the start-up line, once
+    assert "16 prompts kept, 4 skipped (prompt too long), 4 traces truncated" in err
     metrics = read_metrics(tmp_path / "out" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for m in metrics:
