@@ -105,5 +105,26 @@ EOF
 pip install -q --no-index --no-deps --no-compile --only-binary=:all: "${TARGET[@]}" \
   --target "$WORK/site" "$DEST"/*.whl
 
+# 4. Where a CPython 3.12 is at hand (PYTHON312, python3.12 on PATH or a pyenv 3.12), import the
+#    carried packages that need no torch with it, as the device will: a compiled wheel of the
+#    wrong ABI, or a parser its grader cannot load, fails here rather than on a lease.
+py312=${PYTHON312:-}
+for candidate in python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12; do
+  [[ -n $py312 ]] && break
+  "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && py312=$candidate
+done
+if [[ -n $py312 ]]; then
+  "$py312" -m pip install -q --no-deps --target "$WORK/extra" "sympy==$(version sympy)" \
+    "mpmath==$(version mpmath)" 2> >(grep -v -e "Running pip as" -e "is ignored: it is neither" >&2)  # in the device's image
+  PYTHONPATH="$WORK/site:$WORK/extra" "$py312" -c '
+import hjson, pydantic, pydantic_core
+from math_verify import parse, verify
+assert verify(parse("$\\frac{1}{2}$"), parse("\\boxed{0.5}")), "math-verify graded 1/2 != 0.5"
+print("imported with CPython 3.12: hjson, pydantic", pydantic.VERSION, "(pydantic-core",
+      pydantic_core.__version__ + "), math-verify; 1/2 = 0.5 graded correct")'
+else
+  echo "no CPython 3.12 here (set PYTHON312): the carried wheels were not imported"
+fi
+
 ls -l "$DEST"
 du -sh "$DEST" | awk '{print "total: " $1 " (the run tool carries at most 64 MiB with the tree)"}'
