@@ -153,11 +153,12 @@ def run_eval(args: argparse.Namespace) -> int:
     longest = max(len(p.prompt_ids) for p in problems) + args.max_new_tokens
     check_window(args.model, longest, args.max_new_tokens)
     start = time.perf_counter()
+    pool = RewardPool(MathVerifyReward(), workers=args.reward_workers,
+                      timeout=args.reward_timeout)  # its settings checked before the model loads
     engine = build_engine(name, args.model, tokenizer, args, longest)
     engine.show_progress = ProgressLog.bar_wanted(True)  # a terminal, as the trainer's bar
     try:
-        with RewardPool(MathVerifyReward(), workers=args.reward_workers,
-                        timeout=args.reward_timeout) as pool:
+        with pool:
             records = generate_and_score(
                 engine, problems, args.n, params,
                 lambda ids: tokenizer.decode(ids, skip_special_tokens=False),

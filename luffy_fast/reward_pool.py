@@ -142,8 +142,9 @@ class RewardPool:
     """`workers` processes scoring `reward_fn(response, sample)`, each item within `timeout` s.
 
     The function and the samples must pickle (workers are spawned: no fork of a process that
-    holds CUDA or a process group). `workers=0` scores in the calling thread, with no timeout:
-    for cheap, trusted functions only.
+    holds CUDA or a process group). `workers=0` scores in a thread of the calling process, with
+    no timeout: for cheap, trusted functions that run outside a main thread (a function with
+    `main_thread_only` set is refused).
     """
 
     def __init__(self, reward_fn: Callable[[str, Any], float], workers: Optional[int] = None,
@@ -152,6 +153,10 @@ class RewardPool:
             raise ValueError(f"RewardPool: `workers` must be None or an integer >= 0 (got {workers!r})")
         if not timeout > 0:
             raise ValueError(f"RewardPool: `timeout` must be positive seconds (got {timeout!r})")
+        reason = getattr(reward_fn, "main_thread_only", None)
+        if workers == 0 and reason:
+            raise ValueError(f"RewardPool: `workers` = 0 scores in a thread of this process, "
+                             f"which {type(reward_fn).__name__} cannot: {reason}")
         self.reward_fn, self.timeout = reward_fn, float(timeout)
         self.num_workers = default_workers() if workers is None else workers
         self._context = multiprocessing.get_context(start_method)

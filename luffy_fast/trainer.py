@@ -80,6 +80,7 @@ class LuffyTrainer:
         self.tokenizer, build_policy = prepare_components(self.task, config)  # data, then policy
         self.train_samples, self.heldout_samples = load_task_data(self.task, self.tokenizer, config)
         check_validation(self.heldout_samples, config, report=warn_at_start)
+        self.rewards = task_reward_pool(self.task, config.reward.workers, config.reward.timeout)
         self.sampler = prompt_sampler(len(self.train_samples), config)
         policy = prepare_policy(build_policy(), config.model)  # Liger kernels, checkpointing
         self.rank, self.world_size = init_distributed(self.device.type, config)
@@ -93,7 +94,6 @@ class LuffyTrainer:
         self.nonfinite = NonFiniteGuard(config.train.max_nonfinite_steps)
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints",
                                              config.output.keep_checkpoints, self.rank, self.world_size)
-        self.rewards = task_reward_pool(self.task, config.reward.workers, config.reward.timeout)
         self.validation = Validation(self.heldout_samples, config, self.rewards,
                                      self.checkpoints.root, self.rank, self.world_size)
         self.step = 0

@@ -126,6 +126,19 @@ def test_token_budget_below_the_longest_sequence_fails_at_start_up(tmp_path, mod
     assert main(["train", "--config", str(config), "train.token_budget=10"]) == 2
 
 
+def test_in_process_scoring_with_an_old_math_verify_fails_at_start_up(tmp_path, model_dir,
+                                                                      monkeypatch):
+    """reward.workers=0 with a math-verify that parses only in a main thread (before 0.8, the
+    official pin among them) would score every answer 0: refused before the policy loads."""
+    import luffy_fast.rewards as rewards
+
+    monkeypatch.setattr(rewards, "verifier_runs_in_threads", lambda version: False)
+    data = write_jsonl(tmp_path / "train.jsonl", math_rows())
+    _never_load(monkeypatch)
+    with pytest.raises(ValueError, match=r"`workers` = 0 .*math-verify before 0.8"):
+        LuffyTrainer(_config(tmp_path, model_dir, data, "reward.workers=0"))
+
+
 def test_prompts_without_a_trace_are_named(tmp_path, model_dir, monkeypatch):
     rows = math_rows()
     for i in (2, 4):

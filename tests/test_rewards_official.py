@@ -61,3 +61,39 @@ def test_math_reward_outside_the_main_thread(reward):
     thread.start()
     thread.join()
     assert box["reward"] == 1.0
+
+
+@pytest.mark.parametrize("version, threads", [("0.6.0", False), ("0.7.0", False), ("0.8.0", True),
+                                              ("0.9.0", True), ("1.0.0rc1", True), ("0.10", True)])
+def test_which_math_verify_releases_run_outside_the_main_thread(version, threads):
+    # 0.8.0 added timeout_seconds=None (no signal); 0.6.0, the official pin, always arms SIGALRM
+    from luffy_fast.rewards import verifier_runs_in_threads
+
+    assert verifier_runs_in_threads(version) is threads
+
+
+def test_a_main_thread_only_math_verify_is_refused_outside_the_main_thread():
+    """With math-verify < 0.8 every answer would parse to nothing in a thread and score 0: the
+    reward raises there, the in-process pool refuses it up front, worker processes are fine."""
+    from luffy_fast.reward_pool import RewardPool
+    from luffy_fast.rewards import MAIN_THREAD_ONLY, MathVerifyReward
+
+    old = MathVerifyReward()
+    assert old.main_thread_only is None  # this checkout's math-verify runs anywhere
+    old.main_thread_only = MAIN_THREAD_ONLY  # as __init__ sets it for 0.6.0
+    assert old("plan </think> \\boxed{42}", sample("42")) == 1.0  # the main thread: as before
+    box = {}
+
+    def score():
+        try:
+            old("plan </think> \\boxed{42}", sample("42"))
+        except RuntimeError as error:
+            box["error"] = str(error)
+
+    thread = threading.Thread(target=score)
+    thread.start()
+    thread.join()
+    assert "reward.workers >= 1" in box["error"]
+    with pytest.raises(ValueError, match="`workers` = 0 .* MathVerifyReward cannot: math-verify before 0.8"):
+        RewardPool(old, workers=0)
+    RewardPool(old, workers=1).close()  # worker processes score in their main thread
