@@ -46,6 +46,9 @@ main() {
   log "results in $OUT_DIR, working folder $WORK, dry run: ${BENCH_DRY_RUN:-0}"
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version \
     --format=csv,noheader
+  # With Triton present (CUDA) vLLM runs its V2 model runner by default, the CPU tests its V1:
+  # VLLM_USE_V2_MODEL_RUNNER=0 reruns this check on V1
+  log "VLLM_USE_V2_MODEL_RUNNER=${VLLM_USE_V2_MODEL_RUNNER:-unset (V2 where Triton is present)}"
   $PY -c "import vllm, torch; print('  vllm', vllm.__version__, 'torch', torch.__version__)" \
     || { log "vLLM is not importable: pip install -e '.[vllm]'"; return 1; }
   local check=($PY -m benchmarks.vllm_check)

@@ -30,8 +30,13 @@ class RecordingLLM:
     def sleep(self, level):
         self.calls.append(("sleep", level))
 
-    def wake_up(self, tags):
-        self.calls.append(("wake_up", tuple(tags)))
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", None if tags is None else tuple(tags)))
+
+    @property
+    def llm_engine(self):  # llm.llm_engine.engine_core.shutdown()
+        core = type("Core", (), {"shutdown": lambda _: self.calls.append(("shutdown",))})()
+        return type("Engine", (), {"engine_core": core})()
 
     def reset_prefix_cache(self):
         self.calls.append(("reset_prefix_cache",))
@@ -119,6 +124,51 @@ def test_level_2_needs_every_parameter_and_level_1_does_not(make_engine):
     engine.sleep()
     engine.sync_weights(weights({"model.norm.weight"}))  # the rest was offloaded, not lost
     assert ("sleep", 1) in calls
+
+
+def test_an_engine_closed_asleep_is_woken_before_its_shutdown(make_engine, monkeypatch):
+    """vLLM's CUDA allocator releases its pools at shutdown as if mapped; memory that sleep()
+    unmapped is then released twice, and the driver's error fails the next sleep-mode engine
+    (vllm#36651): close() remaps it first."""
+    monkeypatch.setattr(vllm_engine, "destroy_vllm_process_groups", lambda keep_default: None)
+    engine, calls = make_engine()
+    engine.sleep()
+    engine.close()
+    assert calls[-2:] == [("wake_up", None), ("shutdown",)]
+    engine, calls = make_engine()  # awake: shut down as it is
+    engine.close()
+    assert calls == [("shutdown",)]
+    engine.close()  # twice: nothing more
+    assert calls == [("shutdown",)]
+
+
+def test_an_engine_of_one_process_refuses_a_device_it_would_not_use(make_engine, tmp_path):
+    make_engine()  # "cuda": the current device, 0
+    with pytest.raises(VLLMStartupError, match="cuda:1 asked for.*CUDA_VISIBLE_DEVICES"):
+        VLLMRolloutEngine(tmp_path, VLLMConfig(), device=torch.device("cuda:1"))
+
+
+def test_the_ranks_of_one_engine_need_a_seed(make_engine):
+    """Under external_launcher with tensor_parallel_size > 1 every rank samples; unseeded, each
+    would draw from its own RNG state and the ranks' tokens (and collectives) would part."""
+    engine, calls = make_engine()
+    engine.layout = EngineLayout(world=4, rank=1, tensor_parallel=2)
+    with pytest.raises(ValueError, match="SamplingParams.seed"):
+        engine.generate([[1, 2]], n=1, params=vllm_engine.SamplingParams(max_new_tokens=2))
+    assert calls == []  # refused before any collective
+
+
+def test_start_up_errors_point_the_memory_setting_the_right_way():
+    from luffy_fast.rollout.vllm_setup import _explain
+
+    # vLLM's start-up check, raised when the trainer already holds part of the GPU
+    short = ValueError("Free memory on device cuda:0 (30.1/139.8 GiB) on startup is less than "
+                       "desired GPU memory utilization (0.9, 125.8 GiB). Decrease GPU memory "
+                       "utilization or reduce GPU memory used by other processes.")
+    assert _explain(short, "m").endswith("(the trainer's tensors count): lower it")
+    kv = ValueError("No available memory for the cache blocks.")
+    assert _explain(kv, "m").endswith("raise rollout.vllm.gpu_memory_utilization or lower "
+                                      "rollout.vllm.max_model_len")
 
 
 def test_request_seeds_differ_across_data_parallel_ranks_only():

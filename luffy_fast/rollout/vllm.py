@@ -91,6 +91,10 @@ class VLLMRolloutEngine(RolloutEngine):
                                    "use 0")
         self._check_model_dir()
         self.layout = engine_layout(config)
+        if self.layout.world == 1 and self.device.type == "cuda" and (self.device.index or 0):
+            raise VLLMStartupError(f"vLLM engine: {self.device} asked for, but an engine of one "
+                                   "process runs on the current CUDA device 0 (vLLM ignores the "
+                                   "index): select the GPU with CUDA_VISIBLE_DEVICES instead")
         self._timings: dict[str, float] = {}
         self._sleeping: set[str] = set()  # vLLM memory tags released by sleep()
         self._weights_discarded = False  # level-2 sleep: weights are garbage until a full sync
@@ -128,6 +132,10 @@ class VLLMRolloutEngine(RolloutEngine):
         """With an engine shared by several training ranks, every rank of it calls this
         together (each with its own prompts) and gets its own prompts' completions."""
         check_generate_args(prompts, n)
+        if params.seed is None and self.layout.backend == "external_launcher" \
+                and self.layout.tensor_parallel > 1:  # unseeded: each rank's own RNG state
+            raise ValueError("SamplingParams.seed: the tensor-parallel ranks of one engine must "
+                             "draw the same tokens, which needs a seed")
         everyone, mine = gather_engine_prompts(self.layout, prompts)
         if not everyone:
             return []
@@ -276,6 +284,14 @@ class VLLMRolloutEngine(RolloutEngine):
         if llm is None:
             return
         try:
+            if self._sleeping:
+                # vLLM's CUDA allocator unmaps every pooled allocation again when the engine's
+                # pools are released, also those sleep() unmapped; the driver error it leaves
+                # fails the next sleep-mode engine's allocations (vllm#36651): remap first
+                try:
+                    llm.wake_up()
+                except Exception:  # closing anyway
+                    pass
             with default_group_kept(self._keep_default_group):
                 llm.llm_engine.engine_core.shutdown()
         finally:

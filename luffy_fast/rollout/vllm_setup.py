@@ -170,7 +170,12 @@ def _explain(error: Exception, model: str) -> str:
     text = f"{type(error).__name__}: {error}"
     hint = ""
     lowered = text.lower()
-    if "memory" in lowered or "kv cache" in lowered or "cache blocks" in lowered:
+    if "less than desired gpu memory utilization" in lowered:
+        # vLLM's start-up check: gpu_memory_utilization of the whole GPU must be free, and the
+        # trainer's own tensors (same process, same GPU) are not
+        hint = (" — the GPU does not have rollout.vllm.gpu_memory_utilization of its memory "
+                "free at start-up (the trainer's tensors count): lower it")
+    elif "memory" in lowered or "kv cache" in lowered or "cache blocks" in lowered:
         hint = (" — not enough memory for the model and its KV cache: raise "
                 "rollout.vllm.gpu_memory_utilization or lower rollout.vllm.max_model_len")
     return f"vLLM engine failed to start for {model!r}: {text}{hint}"
