@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from luffy_fast.distributed import gathered_parameters
+from luffy_fast.errors import ConfigError
 from luffy_fast.run_files import (
     link_tree,
     naming_full_disk,
@@ -96,7 +97,8 @@ class CheckpointManager:
                 link_tree(link_from, staging, skip=("trainer_state.json",))
             if self.rank == 0:
                 (staging / "trainer_state.json").write_text(json.dumps(
-                    {"step": step, "config": config, **(extra_state or {})}, indent=1))
+                    {"step": step, "config": config, "world_size": self.world_size,
+                     "zero_stage": zero_stage, **(extra_state or {})}, indent=1))
 
         try:
             naming_full_disk(staging, f"checkpoint step {step}", write)
@@ -195,7 +197,18 @@ class CheckpointManager:
             return None, 0, None
         saved = read_trainer_state(latest)  # read once
         check(saved)
+        self.check_ranks(saved, engine.zero_optimization_stage(), latest)
         return latest, self.load(engine, latest, saved), saved
+
+    def check_ranks(self, saved: dict, zero_stage: int, path: Path) -> None:
+        """DeepSpeed loads ZeRO-1/2/3 optimizer states only on the number of ranks that
+        partitioned them (ZeRO-0 states load on any): a clear error before the load."""
+        ranks, stage = saved.get("world_size"), saved.get("zero_stage", 0)
+        if ranks is not None and ranks != self.world_size and stage:
+            raise ConfigError(f"train.zero_stage: {path} was saved by {ranks} rank(s) at "
+                              f"ZeRO-{stage}, and DeepSpeed cannot load its partitioned "
+                              f"optimizer states on {self.world_size} (this run: "
+                              f"ZeRO-{zero_stage}): resume with {ranks} rank(s)")
 
     @staticmethod
     def load(engine, path: Path, trainer_state: Optional[dict] = None) -> int:

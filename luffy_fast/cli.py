@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import threading
@@ -15,7 +16,7 @@ from typing import Optional
 from luffy_fast.checkpoint import CheckpointManager, NoCheckpointError
 from luffy_fast.errors import ConfigError
 from luffy_fast.nonfinite import NonFiniteTrainingError
-from luffy_fast.run_files import DiskFullError, check_run_dir
+from luffy_fast.run_files import DiskFullError, check_run_dir, claim_run_dir
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,6 +63,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     --resume`): argparse stops the overrides at the first flag, so later `key=value` words are
     added back."""
     parser = _parser()
+    # the DeepSpeed launcher adds --local_rank=N (LOCAL_RANK is in the environment too)
+    argv = [word for word in argv if not re.fullmatch(r"--local[-_]rank=\d+", word)]
     args, extra = parser.parse_known_args(argv)
     for flag in ("--resume", "--overwrite"):  # also before the command: `--resume train ...`
         if flag in extra and getattr(args, flag[2:], None) is False:
@@ -137,14 +140,16 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
 
                 return dry_run(config, args.world_size or int(os.environ.get("WORLD_SIZE", 1)))
             # before any loading; a launched rank's number from the launcher (no process group yet)
-            check_run_dir(config.output.dir, args.resume, args.overwrite,
-                          rank=int(os.environ.get("RANK", 0)))
-            trainer = LuffyTrainer(config)
-            try:
-                trainer.train(resume=args.resume)
-            finally:
-                trainer.close()
-            print(f"done: metrics and checkpoints in {config.output.dir}")
+            rank = int(os.environ.get("RANK", 0))
+            with claim_run_dir(config.output.dir, rank):
+                check_run_dir(config.output.dir, args.resume, args.overwrite, rank=rank)
+                trainer = LuffyTrainer(config)
+                try:
+                    trainer.train(resume=args.resume)
+                finally:
+                    trainer.close()
+            if rank == 0:
+                print(f"done: metrics and checkpoints in {config.output.dir}")
         elif args.command == "eval":
             from luffy_fast.eval_cli import run_eval
 

@@ -8,13 +8,15 @@ start-up removes those whose process is gone, never a live writer's.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import re
 import shutil
 import sys
 import warnings
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Optional, TypeVar
 
@@ -112,6 +114,34 @@ def ensure_writable_dir(path: str | Path, key: str = "output.dir") -> Path:
         except OSError:
             pass
     return path
+
+
+@contextlib.contextmanager
+def claim_run_dir(folder: str | Path, rank: int = 0) -> Iterator[None]:
+    """Rank 0 holds an exclusive lock on `folder/.lock` while a run uses the folder, so that a
+    second run there at the same time (a `--resume` started while the ranks of an interrupted
+    launch still train, say) is a ConfigError naming the process that holds it. The OS drops
+    the lock when that process ends, however it ends; a file system without locks is not
+    checked."""
+    if rank != 0:
+        yield
+        return
+    with open(ensure_writable_dir(folder) / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise ConfigError(f"output.dir: {str(folder)!r} is in use by another run (process "
+                              f"{holder}); wait for it to end or stop it (the ranks of a "
+                              f"launch: signal their process group)") from None
+        except OSError:
+            pass  # no locks on this file system
+        else:
+            handle.truncate(0)
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+        yield
 
 
 def link_tree(source: Path, target: Path, skip: Collection[str] = ()) -> None:

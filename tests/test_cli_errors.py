@@ -4,6 +4,8 @@ or --overwrite; flags may follow the dotted overrides."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from helpers import tiny_config
@@ -30,6 +32,26 @@ def test_flags_are_accepted_after_the_overrides():
     with pytest.raises(SystemExit) as exit_info:
         cli._parse(["train", "--config", "c.yaml", "a=1", "--bogus"])
     assert exit_info.value.code == 2
+    # the DeepSpeed launcher's flag, before the command (`deepspeed --module luffy_fast train`)
+    args = cli._parse(["--local_rank=3", "train", "--config", "c.yaml", "a=1", "--local-rank=3"])
+    assert args.command == "train" and args.overrides == ["a=1"]
+
+
+def test_a_folder_in_use_by_another_run_is_refused(tmp_path, capsys):
+    """A second run in the same output.dir while the first holds it (here: this process holds
+    the lock, as the ranks of an interrupted launch would) exits 2 and touches nothing."""
+    from luffy_fast.run_files import claim_run_dir
+
+    config, out = config_file(tmp_path, "train.steps=1")
+    with claim_run_dir(out):
+        assert main(["train", "--config", config]) == 2
+        error = capsys.readouterr().err
+        assert f"output.dir: '{out}' is in use by another run (process {os.getpid()})" in error
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+        with claim_run_dir(out, rank=1):  # the other ranks leave the lock to rank 0
+            pass
+    assert main(["train", "--config", config]) == 0  # released: the run goes ahead
+    assert main(["train", "--config", config, "train.steps=2", "--resume"]) == 0  # and again
 
 
 def test_an_existing_run_folder_needs_resume_or_overwrite(tmp_path, capsys):
@@ -79,7 +101,7 @@ def test_overwrite_in_a_launched_run_clears_on_rank_zero_only(tmp_path, monkeypa
     assert main(["train", "--config", config, "--overwrite"]) == 0
     monkeypatch.setenv("RANK", "0")
     assert main(["train", "--config", config, "--overwrite"]) == 0
-    assert trained == [["checkpoints", "metrics.jsonl"], []]
+    assert trained == [["checkpoints", "metrics.jsonl"], [".lock"]]  # rank 0 holds the folder
 
 
 def test_user_errors_exit_2_without_a_traceback(tmp_path, capsys):
