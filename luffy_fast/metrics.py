@@ -47,6 +47,37 @@ class MeanMinMax:
         return {**means, **self._extremes}
 
 
+# summed over the ranks: counts and throughputs; the largest: times and memory (the slowest rank)
+SUMMED_OVER_RANKS = ("reward/errors", "reward/timeouts", "micro_batches", "tokens_per_second",
+                     "generated_tokens", "generate_tokens_per_second")
+LARGEST_OVER_RANKS = ("peak_memory_mb",)
+
+
+def over_ranks(metrics: Mapping, world_size: int) -> dict:
+    """A step's metrics over the data-parallel ranks, each of which holds an equal share of the
+    step's prompts: counts and throughputs summed, `*_min` the smallest, `*_max`, `time/*`,
+    `*_seconds` and peak memory the largest, every other number the mean of the ranks' values
+    (exact for means over equal shares: rewards, lengths, the loss). A collective: every rank
+    calls it with its own metrics and gets the same result."""
+    if world_size == 1:
+        return dict(metrics)
+    gathered: list = [None] * world_size
+    torch.distributed.all_gather_object(gathered, dict(metrics))
+    numbers = [{name: value for name, value in rank.items()
+                if isinstance(value, (int, float))} for rank in gathered]
+    names = {name for rank in numbers for name in rank}
+    stats = MeanMinMax(minimum={name for name in names if name.endswith("_min")},
+                       maximum={name for name in names if name.endswith(("_max", "_seconds"))
+                                or name.startswith("time/") or name in LARGEST_OVER_RANKS})
+    for rank in numbers:
+        stats.add(rank)
+    result = {**metrics, **stats.result()}
+    for name in SUMMED_OVER_RANKS:
+        if name in result:
+            result[name] *= sum(name in rank for rank in numbers)  # the mean times the ranks
+    return result
+
+
 class PhaseTimer:
     """Wall-clock seconds per phase of a step, as `time/<phase>` (repeated phases add up)."""
 

@@ -36,7 +36,14 @@ from luffy_fast.distributed import (
     init_distributed,
     training_device,
 )
-from luffy_fast.metrics import MeanMinMax, MetricsLogger, PhaseTimer, peak_memory_mb, progress_display
+from luffy_fast.metrics import (
+    MeanMinMax,
+    MetricsLogger,
+    PhaseTimer,
+    over_ranks,
+    peak_memory_mb,
+    progress_display,
+)
 from luffy_fast.micro_batches import (
     loss_denominator,
     micro_batches,
@@ -142,12 +149,12 @@ class LuffyTrainer:
             self.rollout.wake()
         seconds = time.perf_counter() - start
         trained_tokens = sum(batch.sequence_length(i) for i in range(len(batch)))
-        return {**rollout_metrics(batch), **scores.metrics(),
-                **update, **correction, **self.rollout.metrics(),
-                **timer.seconds, **data_metrics(self.task.data_report, self.sampler, step),
-                "step_seconds": seconds,
-                "tokens_per_second": trained_tokens / max(seconds, 1e-9),
-                "peak_memory_mb": peak_memory_mb(self.device)}
+        return over_ranks({**rollout_metrics(batch), **scores.metrics(),
+                           **update, **correction, **self.rollout.metrics(),
+                           **timer.seconds, **data_metrics(self.task.data_report, self.sampler, step),
+                           "step_seconds": seconds,
+                           "tokens_per_second": trained_tokens / max(seconds, 1e-9),
+                           "peak_memory_mb": peak_memory_mb(self.device)}, self.world_size)
 
     def sample_rollouts(self, samples: Sequence[Sample], step: int) -> list[list[Completion]]:
         """n_on completions per prompt, seeded by step (a resumed run samples the same)."""

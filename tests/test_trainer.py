@@ -341,6 +341,32 @@ def test_a_resume_with_changed_settings_says_which_and_keeps_the_earlier_ones(tm
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
 
 
+def test_a_zero_checkpoint_resumes_only_on_the_ranks_that_saved_it(tmp_path):
+    """ZeRO-1/2/3 optimizer states are partitioned by rank: a checkpoint of 2 ranks on 1 rank is
+    a ConfigError naming both counts before DeepSpeed's load (its own error is a traceback)."""
+    from luffy_fast.errors import ConfigError
+
+    first = tiny_trainer(tmp_path, "train.steps=1", "eval.every=0", "train.zero_stage=2")
+    first.train()
+    state_file = tmp_path / "checkpoints" / "step-000001" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert (state["world_size"], state["zero_stage"]) == (1, 2)
+    state_file.write_text(json.dumps({**state, "world_size": 2}))  # as two ranks would save it
+    resumed = tiny_trainer(tmp_path, "train.steps=2", "eval.every=0", "train.zero_stage=2")
+    loads = []
+    resumed.checkpoints.load = lambda *args: loads.append(args)
+    with pytest.raises(ConfigError, match=r"train.zero_stage: .*step-000001 was saved by 2 "
+                                          r"rank\(s\) at ZeRO-2.* on 1 \(this run: ZeRO-2\): "
+                                          r"resume with 2"):
+        resumed.train(resume=True)
+    assert loads == []
+    checkpoints = resumed.checkpoints  # ZeRO-0 states load on any number of ranks
+    checkpoints.check_ranks({"world_size": 2, "zero_stage": 0}, 0, state_file.parent)
+    checkpoints.check_ranks({"zero_stage": 2}, 2, state_file.parent)  # saved before the count
+    with pytest.raises(ConfigError, match="saved by 3 rank"):
+        checkpoints.check_ranks({"world_size": 3, "zero_stage": 1}, 0, state_file.parent)
+
+
 def test_rollout_metrics_leave_out_the_members_a_batch_does_not_have():
     batch = hand_made_batch()
     batch.rewards = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0])

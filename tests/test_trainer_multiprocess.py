@@ -1,5 +1,6 @@
 """Two training processes (gloo), as the DeepSpeed launcher would start them: their averaged
-gradient equals one process on the whole mini-batch, and a ZeRO-2 run publishes one checkpoint."""
+gradient equals one process on the whole mini-batch, their rollouts differ, their metrics are
+reduced over both, and a ZeRO-2 run publishes one checkpoint; and the launcher's own command."""
 
 from __future__ import annotations
 
@@ -28,7 +29,10 @@ WORKER = textwrap.dedent("""
     samples = check.train_samples[:4]  # the same prompts, weights and seed on both ranks
     completions = check.rollout.generate([s.prompt_ids for s in samples], n=3,
                                          params=SamplingParams(24, seed=11))
-    batch = assemble_groups(samples, completions, n_off=1)
+    rollouts = [c.token_ids for group in completions for c in group]  # each rank its own draw
+    shared = [completions]
+    torch.distributed.broadcast_object_list(shared, src=0)  # the gradient check's one batch
+    batch = assemble_groups(samples, shared[0], n_off=1)
     batch.advantages = torch.linspace(-1.0, 1.0, len(batch))
     mine = [i for i in range(len(batch)) if int(batch.group_ids[i]) % 2 == check.rank]
     policy = check.engine.module.policy
@@ -50,7 +54,7 @@ WORKER = textwrap.dedent("""
     prompts = [s.prompt_ids for s in trainer.prompt_batch(0)]
     history = trainer.train()
     print("RESULT " + json.dumps({{"rank": trainer.rank, "prompts": prompts, "worst": worst,
-                                   "loss": [row["loss"] for row in history]}}))
+                                   "rollouts": rollouts, "history": history}}))
 """)
 
 
@@ -77,9 +81,39 @@ def test_two_ranks_share_each_step_and_publish_one_checkpoint(tmp_path):
     # 4 prompts per step, mini-batches of 4: each rank takes a different half
     assert len(results[0]["prompts"]) == len(results[1]["prompts"]) == 2
     assert results[0]["prompts"] != results[1]["prompts"]
-    assert all(len(r["loss"]) == 2 for r in results.values())
+    # the same prompts and seed: each rank still draws its own samples (rank 0 the seed's own)
+    assert results[0]["rollouts"] != results[1]["rollouts"]
+    # every rank logs the step's metrics over both ranks (rank 0's file), the same on each
+    assert [len(r["history"]) for r in results.values()] == [2, 2]
+    assert results[0]["history"] == results[1]["history"]
     assert all(r["worst"] <= 1e-5 for r in results.values()), results
     checkpoints = tmp_path / "out" / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step-000002"
     assert (checkpoints / "step-000002" / "hf" / "config.json").exists()
     assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 2  # rank 0 only
+
+
+@pytest.mark.slow
+def test_the_documented_deepspeed_launch(tmp_path):
+    """`deepspeed --num_gpus N --module luffy_fast train ...` (README, docs/reproduce.md): the
+    launcher adds --local_rank=K to each rank's arguments; two CPU ranks train one step at
+    ZeRO-2, and rank 0 alone logs it and says done."""
+    from helpers import tiny_config
+
+    config = tmp_path / "run.yaml"
+    out = tmp_path / "out"
+    config.write_text(tiny_config(out, "train.steps=1", "eval.every=0",
+                                  "train.zero_stage=2").to_yaml())
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launcher = Path(sys.executable).parent / "deepspeed"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{launcher.parent}:{os.environ['PATH']}")
+    proc = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(port),
+                           "--module", "luffy_fast", "train", "--config", str(config)],
+                          env=env, cwd=tmp_path, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "--local_rank=1" in proc.stdout  # the flag the command line now accepts
+    assert proc.stdout.count("done: metrics and checkpoints") == 1
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1

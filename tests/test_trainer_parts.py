@@ -76,6 +76,30 @@ def test_mean_min_max_and_phase_timer():
 
 # --------------------------------------------------------------------------- tasks
 
+def test_step_metrics_over_ranks_by_hand(monkeypatch):
+    """Two ranks' metrics (equal shares of the prompts): counts and throughput summed, extremes
+    and times the extreme rank's, means averaged; a key only one rank has averages over it."""
+    from luffy_fast.metrics import over_ranks
+
+    ranks = [{"loss": 0.25, "reward_on_policy": 0.5, "ratio_min": 0.9, "ratio_max": 1.1,
+              "reward/errors": 0.0, "tokens_per_second": 100.0, "time/update": 2.0,
+              "step_seconds": 3.0, "peak_memory_mb": 50.0, "note": "rank 0", "advantage_mean": 1.0},
+             {"loss": 0.75, "reward_on_policy": 1.0, "ratio_min": 0.8, "ratio_max": 1.05,
+              "reward/errors": 3.0, "tokens_per_second": 300.0, "time/update": 1.0,
+              "step_seconds": 4.0, "peak_memory_mb": 70.0, "note": "rank 1"}]
+
+    def all_gather_object(gathered, mine):
+        assert mine == ranks[0]  # rank 0's call
+        gathered[:] = ranks
+
+    monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
+    assert over_ranks(ranks[0], 2) == {
+        "loss": 0.5, "reward_on_policy": 0.75, "ratio_min": 0.8, "ratio_max": 1.1,
+        "reward/errors": 3.0, "tokens_per_second": 400.0, "time/update": 2.0,
+        "step_seconds": 4.0, "peak_memory_mb": 70.0, "note": "rank 0", "advantage_mean": 1.0}
+    assert over_ranks(ranks[1], 1) == ranks[1]  # a world of one: no collective
+
+
 def test_tasks_load_by_name(tmp_path, monkeypatch):
     assert isinstance(load_task(load_config(None)), ToyTask)  # data.source toy: the toy task
     data = tmp_path / "d.jsonl"

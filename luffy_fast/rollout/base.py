@@ -8,6 +8,7 @@ talks to this interface, so engines are interchangeable. In one step it calls: `
 from __future__ import annotations
 
 import abc
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -16,7 +17,8 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample. temperature 0 means greedy decoding; `seed` makes a call reproducible."""
+    """How to sample. temperature 0 means greedy decoding; `seed` makes a call reproducible, and
+    each data-parallel training rank draws its own random stream from it (`request_seed`)."""
 
     max_new_tokens: int
     temperature: float = 1.0
@@ -31,6 +33,21 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.temperature must be >= 0 (got {self.temperature})")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1] (got {self.top_p})")
+
+
+def request_seed(seed: int, prompt_index: int, data_parallel_rank: int = 0) -> int:
+    """The seed of one prompt's request: a hash of (call seed, data-parallel rank, prompt index).
+
+    vLLM seeds the n samples of a request with seed, seed + 1, ..., so seeds built by addition
+    (seed + index) would replay one prompt's random stream for another prompt, or for the next
+    step's call (the trainer passes seed + step); hashed seeds overlap only by chance (2**-62).
+    The rank makes two data-parallel ranks draw different streams for their i-th prompts; the
+    ranks of one tensor-parallel engine share it. The hash changes the low 32 bits too, the only
+    ones torch's CPU generator keeps.
+    """
+    text = f"{seed}:{data_parallel_rank}:{prompt_index}"
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
 
 
 @dataclass

@@ -25,7 +25,13 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from luffy_fast.rollout.base import Completion, RolloutEngine, SamplingParams, check_generate_args
+from luffy_fast.rollout.base import (
+    Completion,
+    RolloutEngine,
+    SamplingParams,
+    check_generate_args,
+    request_seed,
+)
 
 
 @contextlib.contextmanager
@@ -110,8 +116,10 @@ class HFGenerateEngine(RolloutEngine):
         device = self.device
         with generation_mode(self.model), \
                 torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
+            if params.seed is not None:  # rank 0 samples with the seed itself
+                rank = torch.distributed.get_rank() if torch.distributed.is_available() \
+                    and torch.distributed.is_initialized() else 0
+                torch.manual_seed(params.seed if rank == 0 else request_seed(params.seed, 0, rank))
             with tqdm(total=len(flat), desc="generating", unit="seq",
                       disable=not self.show_progress) as bar:
                 for start in range(0, len(flat), self.max_batch_size):

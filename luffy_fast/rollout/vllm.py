@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import atexit
 import gc
-import hashlib
 import time
 import weakref
 from collections.abc import Iterable, Sequence
@@ -45,7 +44,13 @@ from typing import Any, Optional
 
 import torch
 
-from luffy_fast.rollout.base import Completion, RolloutEngine, SamplingParams, check_generate_args
+from luffy_fast.rollout.base import (
+    Completion,
+    RolloutEngine,
+    SamplingParams,
+    check_generate_args,
+    request_seed,
+)
 from luffy_fast.rollout.vllm_config import VLLMConfig
 from luffy_fast.rollout.vllm_setup import (
     VLLMStartupError,
@@ -300,20 +305,6 @@ class VLLMRolloutEngine(RolloutEngine):
             destroy_vllm_process_groups(keep_default=self._keep_default_group)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-
-
-def request_seed(seed: int, prompt_index: int, data_parallel_rank: int = 0) -> int:
-    """The seed of one prompt's request: a hash of (call seed, data-parallel rank, prompt index).
-
-    vLLM seeds the n samples of a request with seed, seed + 1, ..., so seeds built by addition
-    (seed + index) would replay one prompt's random stream for another prompt, or for the next
-    step's call (the trainer passes seed + step); hashed seeds overlap only by chance (2**-62).
-    The rank makes two data-parallel ranks draw different streams for their i-th prompts; the
-    ranks of one tensor-parallel engine share it.
-    """
-    text = f"{seed}:{data_parallel_rank}:{prompt_index}"
-    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 2
 
 
 def _completion(sample: Any) -> Completion:
