@@ -72,7 +72,7 @@ class CheckpointManager:
             remove_stale_temporaries(folder)
         remove_stale_temporaries(self.root.parent)  # the run folder: metrics, write probes
 
-    def save(self, engine, tokenizer, step: int, config: dict, zero_stage: int,
+    def save(self, engine, tokenizer, step: int, config: dict,
              extra_state: Optional[dict] = None, link_from: Optional[Path] = None) -> Path:
         """DeepSpeed state + transformers export + trainer state of `engine` (its module holds
         the transformers model as `.policy`), published atomically as `step-N`. `link_from`: a
@@ -87,6 +87,7 @@ class CheckpointManager:
         if self.rank == 0 and staging.exists():
             shutil.rmtree(staging)
         self._barrier()
+        zero_stage = engine.zero_optimization_stage()
         # the weights were gathered and checked for the linked checkpoint's save
         state = self._host_weights(engine, step, zero_stage) if link_from is None else None
 

@@ -152,6 +152,23 @@ def gathered_parameters(parameters: Iterable[nn.Parameter], zero_stage: int):
     return deepspeed.zero.GatheredParameters(list(parameters), modifier_rank=None)
 
 
+def lockstep_counts(zero_stage: int, world_size: int,
+                    device: torch.device) -> Optional[Callable[[int], int]]:
+    """ZeRO-3 over several ranks gathers the parameters in every forward and backward on all
+    ranks together, so each pass over micro-batches must have as many on every rank: a function
+    from this rank's count to the largest of any rank (an all-reduce), for micro_batches'
+    `lockstep`; None where the counts may differ (ZeRO-0/1/2 reduce only in step())."""
+    if zero_stage != 3 or world_size == 1:
+        return None
+
+    def largest(count: int) -> int:
+        value = torch.tensor([count], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return int(value)
+
+    return largest
+
+
 def all_reduce_sum(value: float, device: torch.device) -> float:
     """The sum of `value` over all ranks (float64)."""
     total = torch.tensor([value], dtype=torch.float64, device=device)

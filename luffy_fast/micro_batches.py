@@ -8,7 +8,7 @@ denominator over the mini-batch's, so the gradient does not depend on the split
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
@@ -34,6 +34,7 @@ class MicroBatch:
     old_logprobs: Optional[Tensor]  # [T] float32 or None (old policy = current policy)
     sequence_indices: list[int]
     lengths: list[int]  # tokens of each sequence, in order
+    filler: bool = False  # a pass without loss tokens, for ZeRO-3's lockstep (micro_batches)
 
     def padded_rows(self, pad_token_id: int = 0) -> tuple[Tensor, Tensor]:
         """The same sequences as [B, L] right-padded rows and their attention mask."""
@@ -142,14 +143,30 @@ def pack_micro_batch(batch: RolloutBatch, indices: Sequence[int],
 
 def micro_batches(batch: RolloutBatch, indices: Iterable[int], token_budget: int,
                   padded: bool = False, old_logprobs: Optional[Sequence[Tensor]] = None,
-                  ignore_index: int = LuffyLossConfig.ignore_index) -> Iterator[MicroBatch]:
+                  ignore_index: int = LuffyLossConfig.ignore_index,
+                  lockstep: Optional[Callable[[int], int]] = None,
+                  spare: Sequence[int] = ()) -> Iterator[MicroBatch]:
     """The sequences at `indices` split by `plan_micro_batches` and each part packed by
     `pack_micro_batch`, one micro-batch at a time; each names its sequences (positions in
-    the rollout batch) in `sequence_indices`."""
+    the rollout batch) in `sequence_indices`.
+
+    `lockstep` (ZeRO-3 over several ranks, where every forward and backward gathers the
+    parameters on all ranks together) maps this rank's count of micro-batches to the count
+    every rank runs, the largest (distributed.lockstep_counts, a collective called before the
+    first micro-batch); the missing ones are fillers (`filler`): the shortest sequence of
+    `spare` (else of `indices`, else of the batch) with no loss token, so a zero loss and a zero
+    gradient."""
     indices = list(indices)
     plan = plan_micro_batches([batch.sequence_length(i) for i in indices], token_budget, padded)
+    missing = lockstep(len(plan)) - len(plan) if lockstep is not None else 0
     for part in plan:
         yield pack_micro_batch(batch, [indices[i] for i in part], old_logprobs, ignore_index)
+    if missing > 0:
+        shortest = min(list(spare) or indices or range(len(batch)), key=batch.sequence_length)
+        filler = pack_micro_batch(batch, [shortest], old_logprobs, ignore_index)
+        filler.loss_mask, filler.filler = torch.zeros_like(filler.loss_mask), True
+        for _ in range(missing):
+            yield filler
 
 
 def loss_denominator(batch: RolloutBatch, indices: Sequence[int], config: LuffyLossConfig) -> float:

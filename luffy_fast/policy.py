@@ -16,7 +16,7 @@ a module that owns that weight so that DeepSpeed ZeRO-3 gathers it for the call
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Optional
 
 import torch
@@ -103,20 +103,23 @@ class PolicyWithFusedLoss(nn.Module):
 def sequence_logprobs(module: nn.Module, batch: RolloutBatch, indices: Iterable[int],
                       token_budget: int, device: torch.device, packed: bool,
                       ignore_index: int = LuffyLossConfig.ignore_index,
-                      with_entropy: bool = False) -> tuple[list[Tensor], list[Tensor]]:
+                      with_entropy: bool = False, lockstep: Optional[Callable[[int], int]] = None
+                      ) -> tuple[list[Tensor], list[Tensor]]:
     """Per-response-token log-probs (and entropies) of the sequences at `indices` under
     `module` (a PolicyWithFusedLoss, or a DeepSpeed engine around one; `packed` its
-    attention layout), one no-grad pass per token-budget micro-batch; other sequences get
-    empty tensors."""
+    attention layout), one no-grad pass per token-budget micro-batch (and ZeRO-3's filler
+    passes: micro_batches' `lockstep`); other sequences get empty tensors."""
     logprobs: list[Tensor] = [torch.empty(0)] * len(batch)
     entropies: list[Tensor] = [torch.empty(0)] * len(batch)
     was_training = module.training
     module.eval()
     try:
         for micro in micro_batches(batch, indices, token_budget, padded=not packed,
-                                   ignore_index=ignore_index):
+                                   ignore_index=ignore_index, lockstep=lockstep):
             values, entropy = module(micro.to(device), logprobs_only=True,
                                      with_entropy=with_entropy)
+            if micro.filler:
+                continue
             values = values.float().cpu()
             entropy = entropy.float().cpu() if entropy is not None else None
             for index in micro.sequence_indices:

@@ -34,6 +34,7 @@ from luffy_fast.distributed import (
     build_engine,
     check_world_size,
     init_distributed,
+    lockstep_counts,
     training_device,
 )
 from luffy_fast.metrics import (
@@ -91,6 +92,7 @@ class LuffyTrainer:
         self.sampler = prompt_sampler(len(self.train_samples), config)
         policy = prepare_policy(build_policy(), config.model)  # Liger kernels, checkpointing
         self.rank, self.world_size = init_distributed(self.device.type, config)
+        self.lockstep = lockstep_counts(config.train.zero_stage, self.world_size, self.device)
         # before DeepSpeed partitions the policy: the hf engine shares it below ZeRO-3 and
         # copies it at ZeRO-3 (rollout/hf.py); vLLM starts from a saved copy
         self.rollout = rollout_engine or build_rollout_engine(
@@ -215,13 +217,16 @@ class LuffyTrainer:
             # DeepSpeed averages gradients over ranks: normalize by the global denominator,
             # times the world size, so the update equals one process on the whole mini-batch
             denominator = all_reduce_sum(denominator, self.device) / self.world_size
-        indices = sequences_with_gradient(batch, indices, config.loss)
+        trained = sequences_with_gradient(batch, indices, config.loss)
         stats_over_tokens = MeanMinMax(minimum=("ratio_min",), maximum=("ratio_max",))
         loss_total, count = 0.0, 0
         self.engine.train()
-        for micro in micro_batches(batch, indices, config.train.token_budget,
+        for micro in micro_batches(batch, trained, config.train.token_budget,
                                    not self.engine.module.packed, old_logprobs,
-                                   config.loss.ignore_index):
+                                   config.loss.ignore_index, self.lockstep, spare=indices):
+            if micro.filler:  # ZeRO-3: this rank's share of the others' gathers, no gradient
+                self.engine.backward(self.engine(micro.to(self.device))[0])
+                continue
             count += 1
             if token_weights is not None:  # TIS: A' = w * A on sampled tokens
                 micro.advantages = weight_advantages(micro.advantages, micro.loss_mask,
@@ -242,7 +247,7 @@ class LuffyTrainer:
         """Per-response-token log-probs (and entropies) in one no-grad pass per micro-batch."""
         return sequence_logprobs(self.engine, batch, indices, self.config.train.token_budget,
                                  self.device, self.engine.module.packed,
-                                 self.config.loss.ignore_index, with_entropy)
+                                 self.config.loss.ignore_index, with_entropy, self.lockstep)
 
     def sync_rollout_weights(self) -> None:
         """Step 7: the new weights to the rollout engine (ZeRO-3: gathered bucket by bucket)."""
@@ -302,10 +307,8 @@ class LuffyTrainer:
                 progress.step(self.step, metrics)
                 bar.set_postfix({k: f"{metrics[k]:.3g}" for k in
                                  ("reward_on_policy", "loss", "heldout_accuracy") if k in metrics})
-                if (config.output.save_every and self.step % config.output.save_every == 0) \
-                        or last:
-                    self.checkpoints.save(self.engine, self.tokenizer, self.step,
-                                          config.to_dict(), config.train.zero_stage,
+                if last or (config.output.save_every and self.step % config.output.save_every == 0):
+                    self.checkpoints.save(self.engine, self.tokenizer, self.step, config.to_dict(),
                                           {"sampler": self.sampler.state_dict(self.step)},
                                           link_from=best)
         finally:

@@ -117,8 +117,7 @@ class Validation:
         if self.best_value is not None and value <= self.best_value:
             return None
         self.best_value = value
-        path = self.best.save(engine, tokenizer, step, self.config.to_dict(),
-                              self.config.train.zero_stage)
+        path = self.best.save(engine, tokenizer, step, self.config.to_dict())
         if self.best.rank == 0:
             self.best.root.mkdir(parents=True, exist_ok=True)
             write_atomic(self.best.root / "best.json", json.dumps(

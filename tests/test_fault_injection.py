@@ -189,7 +189,7 @@ def test_nonfinite_weights_are_never_published(tmp_path):
     with torch.no_grad():
         next(run.engine.module.policy.parameters()).view(-1)[0] = math.nan
     with pytest.raises(RuntimeError, match="non-finite values .*checkpoint not published"):
-        run.checkpoints.save(run.engine, run.tokenizer, 1, {}, 0)
+        run.checkpoints.save(run.engine, run.tokenizer, 1, {})
     assert not (tmp_path / "checkpoints" / "latest").exists()
     assert not list((tmp_path / "checkpoints").glob("*step-*"))
 
@@ -212,7 +212,7 @@ def test_full_disk_during_a_checkpoint_names_the_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(run.engine, "save_checkpoint", no_space)
     with pytest.raises(DiskFullError, match=r"no space left on device while writing checkpoint "
                                             r"step 1 to '.*\.staging-step-000001'"):
-        run.checkpoints.save(run.engine, run.tokenizer, 1, {}, 0)
+        run.checkpoints.save(run.engine, run.tokenizer, 1, {})
     assert not list((tmp_path / "checkpoints").iterdir())  # no staging folder left behind
 
 

@@ -96,4 +96,5 @@ def test_a_main_thread_only_math_verify_is_refused_outside_the_main_thread():
     assert "reward.workers >= 1" in box["error"]
     with pytest.raises(ValueError, match="`workers` = 0 .* MathVerifyReward cannot: math-verify before 0.8"):
         RewardPool(old, workers=0)
-    RewardPool(old, workers=1).close()  # worker processes score in their main thread
+    with RewardPool(old, workers=1) as pool:  # a worker process scores in its main thread
+        assert pool.score([("plan </think> \\boxed{42}", sample("42"))]).rewards == [1.0]

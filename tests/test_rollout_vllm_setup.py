@@ -148,7 +148,7 @@ def test_an_engine_of_one_process_refuses_a_device_it_would_not_use(make_engine,
         VLLMRolloutEngine(tmp_path, VLLMConfig(), device=torch.device("cuda:1"))
 
 
-def test_the_ranks_of_one_engine_need_a_seed(make_engine):
+def test_the_ranks_of_one_engine_need_a_seed(make_engine, monkeypatch):
     """Under external_launcher with tensor_parallel_size > 1 every rank samples; unseeded, each
     would draw from its own RNG state and the ranks' tokens (and collectives) would part."""
     engine, calls = make_engine()
@@ -156,6 +156,9 @@ def test_the_ranks_of_one_engine_need_a_seed(make_engine):
     with pytest.raises(ValueError, match="SamplingParams.seed"):
         engine.generate([[1, 2]], n=1, params=vllm_engine.SamplingParams(max_new_tokens=2))
     assert calls == []  # refused before any collective
+    greedy = vllm_engine.SamplingParams(max_new_tokens=2, temperature=0.0)  # the same everywhere
+    monkeypatch.setattr(vllm_engine, "gather_engine_prompts", lambda layout, prompts: ([], None))
+    assert engine.generate([[1, 2]], n=1, params=greedy) == []  # let through
 
 
 def test_start_up_errors_point_the_memory_setting_the_right_way():

@@ -128,6 +128,30 @@ def test_micro_batches_are_the_plan_packed_part_by_part(padded):
         next(micro_batches(batch, indices, 3, padded))
 
 
+def test_lockstep_adds_fillers_up_to_the_count_of_the_rank_with_the_most():
+    """ZeRO-3 over several ranks: this rank's 3 micro-batches, then fillers up to the 5 another
+    rank runs: the shortest spare sequence with no loss token; the largest count is asked for
+    before the first micro-batch (a collective every rank reaches at the same point)."""
+    batch = hand_made_batch()
+    indices, asked = [7, 0, 2, 5, 4], []
+
+    def lockstep(count):
+        asked.append(count)
+        return 5
+
+    stream = micro_batches(batch, indices, 6, lockstep=lockstep, spare=[3, 1, 6])
+    first = next(stream)
+    assert asked == [3] and not first.filler  # asked before the first was handed out
+    rest = list(stream)
+    fillers = rest[2:]
+    assert [m.filler for m in rest] == [False, False, True, True]
+    shortest = min([3, 1, 6], key=batch.sequence_length)
+    assert all(m.sequence_indices == [shortest] and not m.loss_mask.any() for m in fillers)
+    assert len(list(micro_batches(batch, indices, 6, lockstep=lambda count: count))) == 3
+    # a rank with nothing to train still takes its turns (here: of the batch's sequences)
+    assert [m.filler for m in micro_batches(batch, [], 6, lockstep=lambda count: 2)] == [True] * 2
+
+
 # --------------------------------------------------------------------------- the update
 
 def test_fused_update_equals_reference_backend(tmp_path):

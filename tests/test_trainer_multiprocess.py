@@ -58,6 +58,83 @@ WORKER = textwrap.dedent("""
 """)
 
 
+LOCKSTEP = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import torch
+    sys.path.insert(0, {tests!r})
+    from helpers import tiny_config
+    from luffy_fast.rollout import SamplingParams
+    from luffy_fast.rollout_batch import assemble_groups
+    from luffy_fast.trainer import LuffyTrainer
+
+    def trainer(name):  # ZeRO-3 and a small budget: several micro-batches a pass
+        return LuffyTrainer(tiny_config(Path({out!r}) / name, "train.zero_stage=3",
+                                        "train.token_budget=64"))
+
+    split, whole = trainer("split"), trainer("whole")  # the same initial weights
+    samples = split.train_samples[:4]
+    completions = [split.rollout.generate([s.prompt_ids for s in samples], n=3,
+                                          params=SamplingParams(24, seed=11))]
+    torch.distributed.broadcast_object_list(completions, src=0)
+    batch = assemble_groups(samples, completions[0], n_off=1)
+    batch.advantages = torch.linspace(-1.0, 1.0, len(batch))
+    everything = list(range(len(batch)))
+    # rank 0: groups 0-2, rank 1: group 3 (4 sequences each): unequal micro-batch counts
+    mine = [i for i in everything if (int(batch.group_ids[i]) == 3) == (split.rank == 1)]
+    logprobs = split.compute_logprobs(batch, mine)[0]
+    result = split.accumulate_gradients(batch, mine, None)
+    split_norm = split.nonfinite.optimizer_step(split.engine, 1)
+    # the reference: both ranks on the whole batch (one process's gradient, averaged with itself)
+    whole.world_size = 1
+    reference = whole.compute_logprobs(batch, everything)[0]
+    whole.accumulate_gradients(batch, everything, None)
+    whole_norm = whole.nonfinite.optimizer_step(whole.engine, 1)
+    worst = max(float((logprobs[i] - reference[i]).abs().max()) for i in mine)
+    print("RESULT " + json.dumps({{"rank": split.rank, "micro_batches": result["micro_batches"],
+                                   "norms": [split_norm, whole_norm], "worst": worst}}))
+""")
+
+
+def _run_two_ranks(tmp_path, source: str, timeout: float = 600) -> dict:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = tmp_path / "worker.py"
+    script.write_text(source.format(tests=str(Path(__file__).parent), out=str(tmp_path / "out")))
+    workers = []
+    for rank in (0, 1):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        workers.append(subprocess.Popen([sys.executable, str(script)], env=env, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    results = {}
+    try:
+        for worker in workers:
+            output, _ = worker.communicate(timeout=timeout)  # a hang fails here, not forever
+            assert worker.returncode == 0, output[-3000:]
+            line = next(line for line in output.splitlines() if line.startswith("RESULT "))
+            result = json.loads(line[len("RESULT "):])
+            results[result["rank"]] = result
+    finally:
+        for worker in workers:
+            worker.kill()
+    return results
+
+
+@pytest.mark.slow
+def test_zero_3_ranks_with_unequal_micro_batch_counts_step_together(tmp_path):
+    """At ZeRO-3 every forward and backward gathers the parameters on all ranks together; a
+    rank with fewer micro-batches runs fillers (no loss token) instead of leaving the others
+    waiting in a gather forever. Log-probs and the gradient norm equal the whole batch's."""
+    results = _run_two_ranks(tmp_path, LOCKSTEP, timeout=400)
+    assert results[0]["micro_batches"] > results[1]["micro_batches"] >= 1  # unequal: fillers ran
+    for result in results.values():
+        split_norm, whole_norm = result["norms"]
+        assert abs(split_norm - whole_norm) <= 1e-5 * whole_norm, result
+        assert result["worst"] <= 1e-5, result
+
+
 @pytest.mark.slow
 def test_two_ranks_share_each_step_and_publish_one_checkpoint(tmp_path):
     with socket.socket() as probe:

@@ -71,7 +71,7 @@ def test_validation_metrics_by_hand(tmp_path):
 def test_the_best_checkpoint_is_kept_by_the_chosen_metric(tmp_path):
     saved = []
 
-    def save(engine, tokenizer, step, config_dict, zero_stage):  # CheckpointManager.save
+    def save(engine, tokenizer, step, config_dict):  # CheckpointManager.save
         saved.append(step)
         return tmp_path / "best" / f"step-{step:06d}"
 

@@ -137,10 +137,10 @@ class VLLMRolloutEngine(RolloutEngine):
         """With an engine shared by several training ranks, every rank of it calls this
         together (each with its own prompts) and gets its own prompts' completions."""
         check_generate_args(prompts, n)
-        if params.seed is None and self.layout.backend == "external_launcher" \
-                and self.layout.tensor_parallel > 1:  # unseeded: each rank's own RNG state
+        if params.seed is None and params.temperature > 0 and self.layout.tensor_parallel > 1 \
+                and self.layout.backend == "external_launcher":  # each rank's own RNG state
             raise ValueError("SamplingParams.seed: the tensor-parallel ranks of one engine must "
-                             "draw the same tokens, which needs a seed")
+                             "draw the same tokens, which needs a seed when sampling")
         everyone, mine = gather_engine_prompts(self.layout, prompts)
         if not everyone:
             return []
