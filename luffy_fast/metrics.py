@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from luffy_fast.run_files import naming_full_disk, warn, write_atomic
+from luffy_fast.run_files import from_every_rank, naming_full_disk, warn, write_atomic
 
 
 class MeanMinMax:
@@ -47,9 +47,10 @@ class MeanMinMax:
         return {**means, **self._extremes}
 
 
-# summed over the ranks: counts and throughputs; the largest: times and memory (the slowest rank)
-SUMMED_OVER_RANKS = ("reward/errors", "reward/timeouts", "micro_batches", "tokens_per_second",
-                     "generated_tokens", "generate_tokens_per_second")
+# summed over the ranks: counts (also every */errors and */timeouts) and throughputs; the
+# largest: times and memory (the slowest rank)
+SUMMED_OVER_RANKS = ("micro_batches", "tokens_per_second", "generated_tokens",
+                     "generate_tokens_per_second")
 LARGEST_OVER_RANKS = ("peak_memory_mb",)
 
 
@@ -61,10 +62,8 @@ def over_ranks(metrics: Mapping, world_size: int) -> dict:
     calls it with its own metrics and gets the same result."""
     if world_size == 1:
         return dict(metrics)
-    gathered: list = [None] * world_size
-    torch.distributed.all_gather_object(gathered, dict(metrics))
-    numbers = [{name: value for name, value in rank.items()
-                if isinstance(value, (int, float))} for rank in gathered]
+    numbers = [{name: value for name, value in rank.items() if isinstance(value, (int, float))}
+               for rank in from_every_rank(dict(metrics), world_size)]
     names = {name for rank in numbers for name in rank}
     stats = MeanMinMax(minimum={name for name in names if name.endswith("_min")},
                        maximum={name for name in names if name.endswith(("_max", "_seconds"))
@@ -72,8 +71,8 @@ def over_ranks(metrics: Mapping, world_size: int) -> dict:
     for rank in numbers:
         stats.add(rank)
     result = {**metrics, **stats.result()}
-    for name in SUMMED_OVER_RANKS:
-        if name in result:
+    for name in names:
+        if name in SUMMED_OVER_RANKS or name.endswith(("/errors", "/timeouts")):
             result[name] *= sum(name in rank for rank in numbers)  # the mean times the ranks
     return result
 

@@ -227,6 +227,16 @@ def rank_zero_value(value, world_size: int):
     return holder[0]
 
 
+def from_every_rank(value, world_size: int) -> list:
+    """Every rank's `value`, in rank order, on every rank (an all-gather; [value] in a world of
+    one)."""
+    if world_size <= 1:
+        return [value]
+    gathered: list = [None] * world_size
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
 def start_fresh(folder: str | Path, rank: int = 0, world_size: int = 1) -> None:
     """Prepare the run folder for a fresh start (`--overwrite`, or a run from step 0): rank 0
     deletes a previous run's files (run_items: metrics, TensorBoard, every checkpoint with

@@ -27,10 +27,11 @@ from luffy_fast.evaluation import (
     summarize,
     validation_metrics,
 )
+from luffy_fast.metrics import over_ranks
 from luffy_fast.reward_pool import RewardPool
 from luffy_fast.rollout.base import RolloutEngine, SamplingParams
 from luffy_fast.rollout_batch import RolloutBatch, assemble_groups
-from luffy_fast.run_files import rank_zero_value, write_atomic
+from luffy_fast.run_files import from_every_rank, rank_zero_value, write_atomic
 
 
 def check_validation(problems: Sequence[Any], config, report: Callable[[str], None]) -> None:
@@ -64,7 +65,7 @@ class Validation:
         self.params = SamplingParams(max_new_tokens=config.data.max_response_length,
                                      temperature=evaluation.temperature,
                                      top_p=evaluation.top_p, seed=config.train.seed)
-        self.pool = pool
+        self.pool, self.rank, self.world_size = pool, rank, world_size
         self.best = CheckpointManager(Path(checkpoint_root) / "best", keep=1, rank=rank,
                                       world_size=world_size)
         self.best_value: Optional[float] = None
@@ -75,7 +76,12 @@ class Validation:
         response token of a batch), also the mean over the held-out responses."""
         if not self.problems:
             return {}
-        completions = engine.generate([p.prompt_ids for p in self.problems], n=self.n,
+        # each rank validates its share of the problems (all of them when there are fewer
+        # problems than ranks); the scored records are gathered, so every rank logs the same
+        world = self.world_size if len(self.problems) >= self.world_size else 1
+        mine = range(self.rank % world, len(self.problems), world)
+        problems = [self.problems[i] for i in mine]
+        completions = engine.generate([p.prompt_ids for p in problems], n=self.n,
                                       params=self.params)
         reports = []
 
@@ -83,13 +89,21 @@ class Validation:
             reports.append(self.pool.score(items))
             return reports[-1].rewards
 
-        records = score_completions(self.problems, completions, decode, score)
+        records = score_completions(problems, completions, decode, score)
+        for record in records:
+            record.problem = mine[record.problem]  # its place among all the problems
+        entropy = (0.0, 0)
+        if token_entropy is not None:
+            values = token_entropy(assemble_groups(problems, completions, n_off=0))
+            entropy = (float(values.sum()), values.numel())
+        shares = from_every_rank((records, entropy), world)
+        records = [record for share, _ in shares for record in share]
         metrics = validation_metrics(summarize(records, self.n))
         metrics["heldout_accuracy"] = sum(r.reward >= 1.0 for r in records) / len(records)
-        metrics.update(reports[-1].metrics("val_reward"))
+        metrics.update(over_ranks(reports[-1].metrics("val_reward"), world))
         if token_entropy is not None:
-            entropy = token_entropy(assemble_groups(self.problems, completions, n_off=0))
-            metrics["heldout_entropy"] = float(entropy.mean()) if entropy.numel() else 0.0
+            total, count = (sum(part) for part in zip(*(e for _, e in shares)))
+            metrics["heldout_entropy"] = total / count if count else 0.0
         return metrics
 
     def start(self, resuming: bool) -> None:

@@ -96,6 +96,28 @@ LOCKSTEP = textwrap.dedent("""
 """)
 
 
+VALIDATION = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    from helpers import tiny_config
+    from luffy_fast.trainer import LuffyTrainer
+
+    # greedy, so that both ranks' samples equal one process's; ZeRO-3: the entropy pass's
+    # micro-batch counts differ between the ranks' shares
+    trainer = LuffyTrainer(tiny_config(Path({out!r}), "eval.temperature=0", "eval.n=2",
+                                       "train.zero_stage=3", "train.token_budget=64"))
+    generate, asked = trainer.rollout.generate, []
+    trainer.rollout.generate = lambda prompts, **kw: asked.append(len(prompts)) or generate(
+        prompts, **kw)
+    shared = trainer.evaluate()  # each rank its share of the 8 problems, gathered
+    trainer.validation.rank, trainer.validation.world_size = 0, 1
+    alone = trainer.evaluate()  # every rank all 8 problems, as one process
+    print("RESULT " + json.dumps({{"rank": trainer.rank, "shared": shared, "alone": alone,
+                                   "asked": asked}}))
+""")
+
+
 def _run_two_ranks(tmp_path, source: str, timeout: float = 600) -> dict:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -194,3 +216,19 @@ def test_the_documented_deepspeed_launch(tmp_path):
     assert "--local_rank=1" in proc.stdout  # the flag the command line now accepts
     assert proc.stdout.count("done: metrics and checkpoints") == 1
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_ranks_share_the_validation_problems_and_log_the_whole_sets_metrics(tmp_path):
+    """Each of two ranks samples 4 of the 8 held-out problems; the gathered records give the
+    metrics one process gets from all 8 (greedy decoding), the same on both ranks."""
+    results = _run_two_ranks(tmp_path, VALIDATION, timeout=400)
+    for result in results.values():
+        assert result["asked"] == [4, 8]  # its share, then everything alone
+        shared, alone = result["shared"], result["alone"]
+        assert shared.keys() == alone.keys() and "val/macro/avg@2" in shared
+        for name, value in alone.items():
+            if name.startswith("time/"):
+                continue
+            assert shared[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+    assert results[0]["shared"] == results[1]["shared"]  # the same row on both ranks

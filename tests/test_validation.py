@@ -68,6 +68,20 @@ def test_validation_metrics_by_hand(tmp_path):
     assert metrics["val_reward/timeouts"] == 0.0
 
 
+def test_fewer_problems_than_ranks_are_validated_whole_on_every_rank(tmp_path, monkeypatch):
+    """4 problems, 8 ranks: no share for some ranks, so each rank samples all 4 (no gather)."""
+    def no_collective(*args):
+        raise AssertionError("a collective in a validation that every rank runs alone")
+
+    monkeypatch.setattr(torch.distributed, "all_gather_object", no_collective)
+    config = load_config(None, ["eval.n=4"])
+    samples = [Sample([10 + i], "right", data_source="aime") for i in range(4)]
+    check = Validation(samples, config, pool=RewardPool(exact_match, workers=0),
+                       checkpoint_root=tmp_path, rank=5, world_size=8)
+    metrics = check.run(ScriptedEngine(), lambda ids: "right" if ids == [1] else "wrong")
+    assert metrics["heldout_accuracy"] == pytest.approx(8 / 16)  # all 16 samples, by hand
+
+
 def test_the_best_checkpoint_is_kept_by_the_chosen_metric(tmp_path):
     saved = []
 
