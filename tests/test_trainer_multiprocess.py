@@ -159,24 +159,7 @@ def test_zero_3_ranks_with_unequal_micro_batch_counts_step_together(tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_share_each_step_and_publish_one_checkpoint(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(tests=str(Path(__file__).parent), out=str(tmp_path / "out")))
-    workers = []
-    for rank in (0, 1):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        workers.append(subprocess.Popen([sys.executable, str(script)], env=env, text=True,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    results = {}
-    for worker in workers:
-        output, _ = worker.communicate(timeout=600)
-        assert worker.returncode == 0, output[-3000:]
-        line = next(line for line in output.splitlines() if line.startswith("RESULT "))
-        result = json.loads(line[len("RESULT "):])
-        results[result["rank"]] = result
+    results = _run_two_ranks(tmp_path, WORKER)
     # 4 prompts per step, mini-batches of 4: each rank takes a different half
     assert len(results[0]["prompts"]) == len(results[1]["prompts"]) == 2
     assert results[0]["prompts"] != results[1]["prompts"]
