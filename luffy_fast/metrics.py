@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -23,13 +24,19 @@ from luffy_fast.run_files import from_every_rank, naming_full_disk, warn, write_
 
 class MeanMinMax:
     """Running statistics of named values: a weighted mean of each, except the names listed as
-    `minimum` / `maximum`, which keep their smallest / largest value."""
+    `minimum` / `maximum` (the smallest / largest value), `summed` (the total), and the names in
+    `weighted_by`, whose mean is weighted by the value of the name it maps to (a token mean by its
+    token count: TOKEN_COUNTS) instead of `add`'s weight; where their weights sum to zero, the
+    plain mean of what was added (a statistic's value when it has no tokens)."""
 
-    def __init__(self, minimum: Iterable[str] = (), maximum: Iterable[str] = ()) -> None:
-        self.minimum, self.maximum = set(minimum), set(maximum)
+    def __init__(self, minimum: Iterable[str] = (), maximum: Iterable[str] = (),
+                 summed: Iterable[str] = (), weighted_by: Optional[Mapping[str, str]] = None) -> None:
+        self.minimum, self.maximum, self.summed = set(minimum), set(maximum), set(summed)
+        self.weighted_by = dict(weighted_by or {})
         self._sums: dict[str, float] = {}
         self._weights: dict[str, float] = {}
         self._extremes: dict[str, float] = {}
+        self._plain: dict[str, list[float]] = {}  # weighted_by names: sum and count of values
 
     def add(self, values: Mapping[str, float], weight: float = 1.0) -> None:
         for name, value in values.items():
@@ -37,29 +44,49 @@ class MeanMinMax:
             if name in self.minimum or name in self.maximum:
                 pick = min if name in self.minimum else max
                 self._extremes[name] = pick(self._extremes.get(name, value), value)
+            elif name in self.summed:
+                self._extremes[name] = self._extremes.get(name, 0.0) + value
             else:
-                self._sums[name] = self._sums.get(name, 0.0) + value * weight
-                self._weights[name] = self._weights.get(name, 0.0) + weight
+                share = weight
+                if name in self.weighted_by:
+                    share = float(values.get(self.weighted_by[name], 0.0))
+                    plain = self._plain.setdefault(name, [0.0, 0])
+                    plain[0], plain[1] = plain[0] + value, plain[1] + 1
+                self._sums[name] = self._sums.get(name, 0.0) + value * share
+                self._weights[name] = self._weights.get(name, 0.0) + share
 
     def result(self) -> dict[str, float]:
-        means = {name: total / self._weights[name] if self._weights[name] else 0.0
-                 for name, total in self._sums.items()}
+        means = {}
+        for name, total in self._sums.items():
+            if self._weights[name]:
+                means[name] = total / self._weights[name]
+            elif name in self._plain:
+                means[name] = self._plain[name][0] / self._plain[name][1]
+            else:
+                means[name] = 0.0
         return {**means, **self._extremes}
 
 
+# a token mean: the count of the tokens it is over (weights it over micro-batches, optimizer
+# steps and ranks); the counts are logged with it
+TOKEN_COUNTS = {"logprob_mean": "loss_tokens", "entropy": "loss_tokens",
+                "clip_fraction": "loss_tokens", "ratio_mean": "on_policy_loss_tokens",
+                "rollout_logprob_gap_mean": "sampled_tokens", "tis_weight_mean": "sampled_tokens",
+                "tis_clipped_fraction": "sampled_tokens"}
 # summed over the ranks: counts (also every */errors and */timeouts) and throughputs; the
 # largest: times and memory (the slowest rank)
 SUMMED_OVER_RANKS = ("micro_batches", "tokens_per_second", "generated_tokens",
-                     "generate_tokens_per_second")
+                     "generate_tokens_per_second", *dict.fromkeys(TOKEN_COUNTS.values()))
 LARGEST_OVER_RANKS = ("peak_memory_mb",)
 
 
 def over_ranks(metrics: Mapping, world_size: int) -> dict:
     """A step's metrics over the data-parallel ranks, each of which holds an equal share of the
     step's prompts: counts and throughputs summed, `*_min` the smallest, `*_max`, `time/*`,
-    `*_seconds` and peak memory the largest, every other number the mean of the ranks' values
-    (exact for means over equal shares: rewards, lengths, the loss). A collective: every rank
-    calls it with its own metrics and gets the same result."""
+    `*_seconds` and peak memory the largest, token means (TOKEN_COUNTS) weighted by each rank's
+    token count, every other number the mean of the ranks' values (exact for means over equal
+    shares: rewards, lengths, the loss). A collective: every rank calls it with its own metrics
+    and gets the same result."""
     if world_size == 1:
         return dict(metrics)
     numbers = [{name: value for name, value in rank.items() if isinstance(value, (int, float))}
@@ -67,14 +94,13 @@ def over_ranks(metrics: Mapping, world_size: int) -> dict:
     names = {name for rank in numbers for name in rank}
     stats = MeanMinMax(minimum={name for name in names if name.endswith("_min")},
                        maximum={name for name in names if name.endswith(("_max", "_seconds"))
-                                or name.startswith("time/") or name in LARGEST_OVER_RANKS})
+                                or name.startswith("time/") or name in LARGEST_OVER_RANKS},
+                       summed={name for name in names if name in SUMMED_OVER_RANKS
+                               or name.endswith(("/errors", "/timeouts"))},
+                       weighted_by=TOKEN_COUNTS)
     for rank in numbers:
         stats.add(rank)
-    result = {**metrics, **stats.result()}
-    for name in names:
-        if name in SUMMED_OVER_RANKS or name.endswith(("/errors", "/timeouts")):
-            result[name] *= sum(name in rank for rank in numbers)  # the mean times the ranks
-    return result
+    return {**metrics, **stats.result()}
 
 
 class PhaseTimer:

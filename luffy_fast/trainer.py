@@ -38,6 +38,7 @@ from luffy_fast.distributed import (
     training_device,
 )
 from luffy_fast.metrics import (
+    TOKEN_COUNTS,
     MeanMinMax,
     MetricsLogger,
     PhaseTimer,
@@ -67,8 +68,17 @@ from luffy_fast.train_config import LuffyTrainConfig
 from luffy_fast.validation import Validation, check_validation
 
 TokenWeights = Optional[list[Optional[Tensor]]]  # per-sequence TIS weights (rollout/correction.py)
-LOSS_STATS = ("logprob_mean", "entropy_mean", "clip_fraction", "ratio_mean", "ratio_min",
-              "ratio_max")
+
+
+def loss_metrics(stats: dict) -> dict:
+    """The op's statistics of a micro-batch as logged, with the token counts that weigh them
+    (metrics.TOKEN_COUNTS)."""
+    names = ("logprob_mean", "clip_fraction", "ratio_mean", "ratio_min", "ratio_max")
+    metrics = {name: float(stats[name]) for name in names}
+    if "entropy_mean" in stats:
+        metrics["entropy"] = float(stats["entropy_mean"])
+    on, off = int(stats["num_on_policy_tokens"]), int(stats["num_off_policy_tokens"])
+    return {**metrics, "loss_tokens": on + off, "on_policy_loss_tokens": on}
 
 
 class LuffyTrainer:
@@ -187,13 +197,14 @@ class LuffyTrainer:
     def update_policy(self, batch: RolloutBatch, token_weights: TokenWeights = None,
                       old_logprobs: Optional[list[Tensor]] = None) -> dict:
         """Optimizer steps over the mini-batches (old log-probs computed if needed and not given);
-        the metrics are means over the optimizer steps, the ratio's extremes over all of them."""
+        the metrics are means over the optimizer steps, the token means (metrics.TOKEN_COUNTS)
+        over all the steps' tokens, the ratio's extremes over all of them."""
         config = self.config
         groups_per_mini = config.train.mini_batch_size // self.world_size  # this rank's share
         num_minis = config.train.prompts_per_step // config.train.mini_batch_size
         if old_logprobs is None and config.optimizer_steps_per_rollout() > 1:
             old_logprobs = self.compute_logprobs(batch, range(len(batch)))[0]
-        steps = MeanMinMax(minimum=("ratio_min",), maximum=("ratio_max",))
+        steps = MeanMinMax(minimum=("ratio_min",), maximum=("ratio_max",), weighted_by=TOKEN_COUNTS)
         for _ in range(config.algorithm.ppo_epochs):
             for mini in range(num_minis):
                 indices = mini_batch_indices(batch, mini, groups_per_mini)
@@ -218,7 +229,9 @@ class LuffyTrainer:
             # times the world size, so the update equals one process on the whole mini-batch
             denominator = all_reduce_sum(denominator, self.device) / self.world_size
         trained = sequences_with_gradient(batch, indices, config.loss)
-        stats_over_tokens = MeanMinMax(minimum=("ratio_min",), maximum=("ratio_max",))
+        over_micro_batches = MeanMinMax(minimum=("ratio_min",), maximum=("ratio_max",),
+                                        summed=("loss_tokens", "on_policy_loss_tokens"),
+                                        weighted_by=TOKEN_COUNTS)
         loss_total, count = 0.0, 0
         self.engine.train()
         for micro in micro_batches(batch, trained, config.train.token_budget,
@@ -235,12 +248,8 @@ class LuffyTrainer:
             loss, stats = self.engine(micro.to(self.device))
             scaled = loss * (stats["denominator"].to(loss.dtype) / max(denominator, 1e-30))
             loss_total += self.nonfinite.backward(self.engine, scaled)
-            stats_over_tokens.add({name: stats[name] for name in LOSS_STATS if name in stats},
-                                  weight=float(micro.loss_mask.sum()))  # token-weighted means
-        result = {"loss": loss_total, "micro_batches": count, **stats_over_tokens.result()}
-        if "entropy_mean" in result:
-            result["entropy"] = result.pop("entropy_mean")
-        return result
+            over_micro_batches.add(loss_metrics(stats))
+        return {"loss": loss_total, "micro_batches": count, **over_micro_batches.result()}
 
     def compute_logprobs(self, batch: RolloutBatch, indices: Iterable[int],
                          with_entropy: bool = False) -> tuple[list[Tensor], list[Tensor]]:

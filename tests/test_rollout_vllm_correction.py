@@ -17,6 +17,7 @@ def test_gap_metrics_and_truncated_weights():
     # gaps |trainer - behaviour|: 0, 1, 1 (the trace, None, is not counted)
     assert metrics["rollout_logprob_gap_mean"] == pytest.approx(2 / 3)
     assert metrics["rollout_logprob_gap_max"] == pytest.approx(1.0)
+    assert metrics["sampled_tokens"] == 3  # weighs the means over ranks
     assert weights[1] is None
     torch.testing.assert_close(weights[0], torch.tensor([1.0, 2.0]))  # e^1 capped at 2
     torch.testing.assert_close(weights[2], torch.tensor([math.exp(-1.0)]))
@@ -27,7 +28,7 @@ def test_gap_metrics_and_truncated_weights():
 def test_without_cap_only_the_gap_is_reported():
     weights, metrics = rollout_correction([torch.tensor([-1.0])], [torch.tensor([-1.25])])
     assert weights is None
-    assert set(metrics) == {"rollout_logprob_gap_mean", "rollout_logprob_gap_max"}
+    assert set(metrics) == {"rollout_logprob_gap_mean", "rollout_logprob_gap_max", "sampled_tokens"}
     assert metrics["rollout_logprob_gap_max"] == pytest.approx(0.25)
 
 

@@ -179,6 +179,30 @@ def test_gradient_does_not_depend_on_the_micro_batch_split(tmp_path, normalizer)
     assert_same_gradients(whole, split, rtol=1e-5)
 
 
+def test_logged_token_statistics_do_not_depend_on_the_micro_batch_split(tmp_path):
+    """The update's token means (entropy, clip fraction, log-prob, on-policy ratio) over 4
+    micro-batches, each weighted by its count of the tokens they are over, equal the op's own
+    statistics over the whole mini-batch in one micro-batch."""
+    trainer = tiny_trainer(tmp_path, "loss.entropy_coef=0.01", "loss.clip_on_policy=true")
+    batch = rollout_batch(trainer)
+    old, _ = trainer.compute_logprobs(batch, range(len(batch)))
+    generator = torch.Generator().manual_seed(3)
+    old = [lp + 0.3 * torch.randn(lp.shape, generator=generator) for lp in old]  # ratios != 1
+    lengths = [batch.sequence_length(i) for i in range(len(batch))]
+    trainer.config.train.token_budget = 4096
+    whole = trainer.accumulate_gradients(batch, list(range(len(batch))), old)
+    trainer.config.train.token_budget = next(
+        b for b in range(max(lengths), 4096) if len(plan_micro_batches(lengths, b, padded=True)) == 4)
+    split = trainer.accumulate_gradients(batch, list(range(len(batch))), old)
+    trainer.engine.zero_grad()
+    assert (whole["micro_batches"], split["micro_batches"]) == (1, 4)
+    assert 0 < whole["clip_fraction"] < 1 and 0 < whole["on_policy_loss_tokens"] < whole["loss_tokens"]
+    for name in ("loss_tokens", "on_policy_loss_tokens", "ratio_min", "ratio_max"):
+        assert split[name] == whole[name], name
+    for name in ("entropy", "clip_fraction", "logprob_mean", "ratio_mean", "loss"):
+        assert split[name] == pytest.approx(whole[name], rel=1e-5), name
+
+
 def test_old_logprobs_pass_matches_the_free_path(tmp_path):
     """With unchanged weights, explicit old log-probs give the same gradient as old=None."""
     trainer = tiny_trainer(tmp_path)

@@ -67,6 +67,13 @@ def test_mean_min_max_and_phase_timer():
     zero = MeanMinMax()
     zero.add({"entropy": 0.0}, weight=0.0)
     assert zero.result() == {"entropy": 0.0}
+    # token means weighted by their own counts, the counts summed; no tokens: the plain mean
+    tokens = MeanMinMax(summed=("loss_tokens", "on"),
+                        weighted_by={"entropy": "loss_tokens", "ratio_mean": "on"})
+    tokens.add({"entropy": 1.0, "loss_tokens": 30, "ratio_mean": 1.0, "on": 0, "loss": 1.0})
+    tokens.add({"entropy": 2.0, "loss_tokens": 10, "ratio_mean": 1.0, "on": 0, "loss": 3.0})
+    assert tokens.result() == {"entropy": (1 * 30 + 2 * 10) / 40, "loss_tokens": 40,
+                               "ratio_mean": 1.0, "on": 0, "loss": 2.0}
     timer = PhaseTimer()
     for _ in range(2):
         with timer.phase("generate"):
@@ -78,15 +85,20 @@ def test_mean_min_max_and_phase_timer():
 
 def test_step_metrics_over_ranks_by_hand(monkeypatch):
     """Two ranks' metrics (equal shares of the prompts): counts and throughput summed, extremes
-    and times the extreme rank's, means averaged; a key only one rank has averages over it."""
+    and times the extreme rank's, token means weighted by each rank's count of their tokens,
+    other means averaged; a key only one rank has averages over it."""
     from luffy_fast.metrics import over_ranks
 
     ranks = [{"loss": 0.25, "reward_on_policy": 0.5, "ratio_min": 0.9, "ratio_max": 1.1,
               "reward/errors": 0.0, "tokens_per_second": 100.0, "time/update": 2.0,
-              "step_seconds": 3.0, "peak_memory_mb": 50.0, "note": "rank 0", "advantage_mean": 1.0},
+              "step_seconds": 3.0, "peak_memory_mb": 50.0, "note": "rank 0", "advantage_mean": 1.0,
+              "entropy": 0.5, "clip_fraction": 0.1, "loss_tokens": 300, "ratio_mean": 1.5,
+              "on_policy_loss_tokens": 100, "rollout_logprob_gap_mean": 0.2, "sampled_tokens": 90},
              {"loss": 0.75, "reward_on_policy": 1.0, "ratio_min": 0.8, "ratio_max": 1.05,
               "reward/errors": 3.0, "tokens_per_second": 300.0, "time/update": 1.0,
-              "step_seconds": 4.0, "peak_memory_mb": 70.0, "note": "rank 1"}]
+              "step_seconds": 4.0, "peak_memory_mb": 70.0, "note": "rank 1",
+              "entropy": 1.5, "clip_fraction": 0.5, "loss_tokens": 100, "ratio_mean": 0.5,
+              "on_policy_loss_tokens": 300, "rollout_logprob_gap_mean": 0.4, "sampled_tokens": 10}]
 
     def all_gather_object(gathered, mine):
         assert mine == ranks[0]  # rank 0's call
@@ -96,7 +108,12 @@ def test_step_metrics_over_ranks_by_hand(monkeypatch):
     assert over_ranks(ranks[0], 2) == {
         "loss": 0.5, "reward_on_policy": 0.75, "ratio_min": 0.8, "ratio_max": 1.1,
         "reward/errors": 3.0, "tokens_per_second": 400.0, "time/update": 2.0,
-        "step_seconds": 4.0, "peak_memory_mb": 70.0, "note": "rank 0", "advantage_mean": 1.0}
+        "step_seconds": 4.0, "peak_memory_mb": 70.0, "note": "rank 0", "advantage_mean": 1.0,
+        # (0.5 * 300 + 1.5 * 100) / 400, (0.1 * 300 + 0.5 * 100) / 400, over 400 loss tokens
+        "entropy": 0.75, "clip_fraction": pytest.approx(0.2), "loss_tokens": 400,
+        # (1.5 * 100 + 0.5 * 300) / 400 on-policy tokens; (0.2 * 90 + 0.4 * 10) / 100 sampled
+        "ratio_mean": 0.75, "on_policy_loss_tokens": 400,
+        "rollout_logprob_gap_mean": pytest.approx(0.22), "sampled_tokens": 100}
     assert over_ranks(ranks[1], 1) == ranks[1]  # a world of one: no collective
 
 

@@ -53,7 +53,8 @@ def rollout_correction(behaviour_logprobs: Sequence[Optional[Tensor]],
     behaviour_logprobs / trainer_logprobs: one [L_i] tensor per sequence of the batch, None for
     sequences that were not sampled by the engine (off-policy traces): they get no weight.
     Metrics: rollout_logprob_gap_mean / _max (|log pi_train - log pi_rollout| over sampled
-    tokens) and, with a cap, tis_weight_mean and tis_clipped_fraction.
+    tokens), sampled_tokens (their count) and, with a cap, tis_weight_mean and
+    tis_clipped_fraction.
     """
     if len(behaviour_logprobs) != len(trainer_logprobs):
         raise ValueError(f"got behaviour log-probs for {len(behaviour_logprobs)} sequences and "
@@ -77,6 +78,7 @@ def rollout_correction(behaviour_logprobs: Sequence[Optional[Tensor]],
     metrics = {
         "rollout_logprob_gap_mean": float(all_diffs.abs().mean()) if all_diffs.numel() else 0.0,
         "rollout_logprob_gap_max": float(all_diffs.abs().max()) if all_diffs.numel() else 0.0,
+        "sampled_tokens": all_diffs.numel(),
     }
     if cap is None:
         return None, metrics
