@@ -17,8 +17,9 @@ ENTROPY_AGGREGATIONS = ("normalizer", "token_mean")
 # The triton backend's kept logits: fp32, or the 16-bit input dtype ("input").
 LOGITS_DTYPES = ("float32", "input")
 # MiB of working memory when LuffyLossConfig.memory_budget_mb is None; devices not listed get the
-# CPU's. On a GPU, 1 GiB holds ~880 rows of fp32 logits at V = 152k: GEMMs wide enough to run at
-# full speed (64 MiB gives ~55-row chunks there).
+# CPU's. On a GPU, 1 GiB gives ~880-row chunks at V = 152k for the torch backend's two fp32
+# [chunk, V] buffers (~1720 rows of the triton backend's kept logits): GEMMs wide enough to run
+# at full speed (64 MiB gives ~55-row chunks there).
 DEFAULT_MEMORY_BUDGET_MB = {"cuda": 1024.0, "cpu": 64.0}
 
 
@@ -34,7 +35,8 @@ class LuffyLossConfig:
     gamma / shaping: off-policy shaping f(p) = p / (p + gamma), or the raw probability when off.
     clip_low / clip_high: PPO clip range [1 - clip_low, 1 + clip_high] for the ratio.
     clip_on_policy / clip_off_policy: whether that range applies to each side.
-    dual_clip: c > 1 caps the loss of negative-advantage tokens at -c * A (None: off).
+    dual_clip: c > 1 caps the loss of negative-advantage tokens at -c * A where PPO clipping
+        applies (None: off; with clipping off on both sides, an error).
     entropy_coef: weight of the entropy bonus (subtracted from the loss).
     temperature: logits are h . W^T / temperature.
     normalizer: "token", "seq_mean_token_mean", "constant" (sum / (num_sequences * max_len)) or
@@ -139,6 +141,9 @@ class LuffyLossConfig:
         if self.dual_clip is not None and not (
                 number(self.dual_clip) and math.isfinite(self.dual_clip) and self.dual_clip > 1):
             raise bad("dual_clip", "must be None or a number greater than 1")
+        if self.dual_clip is not None and not (self.clip_on_policy or self.clip_off_policy):
+            raise bad("dual_clip", "caps the PPO-clipped loss, and clipping is off on both sides "
+                                   "(set clip_on_policy or clip_off_policy, or leave it None)")
 
     def replace(self, **changes) -> LuffyLossConfig:
         return dataclasses.replace(self, **changes)

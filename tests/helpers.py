@@ -85,13 +85,14 @@ def loss_case(draw):
                                      "all_clipped", "all_off_policy"]))
     normalizer = draw(st.sampled_from(["token", "seq_mean_token_mean", "constant",
                                        "token_sum_over_max_len"]))
+    clip_on, clip_off = draw(st.booleans()), draw(st.booleans())
     config = LuffyLossConfig(
         gamma=draw(st.sampled_from([0.1, 0.5])),
         shaping=draw(st.booleans()),
         clip_low=0.2, clip_high=draw(st.sampled_from([0.2, 0.28])),
-        clip_on_policy=draw(st.booleans()),
-        clip_off_policy=draw(st.booleans()),
-        dual_clip=draw(st.sampled_from([None, 3.0])),
+        clip_on_policy=clip_on,
+        clip_off_policy=clip_off,
+        dual_clip=draw(st.sampled_from([None, 3.0])) if clip_on or clip_off else None,
         entropy_coef=draw(st.sampled_from([0.0, 0.0, 0.01, 0.3])),
         temperature=draw(st.sampled_from([1.0, 0.6, 1.7])),
         normalizer=normalizer,

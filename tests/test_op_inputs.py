@@ -91,6 +91,14 @@ def test_bad_config_names_the_field(field, value):
         LuffyLossConfig(**{**base, field: value})
 
 
+def test_dual_clip_without_any_ppo_clip_is_refused():
+    """dual_clip caps the PPO-clipped loss: with clipping off on both sides it would do nothing."""
+    with pytest.raises(ValueError, match=r"^LuffyLossConfig.dual_clip: caps the PPO-clipped .*"
+                                         r"\(got 3.0\)$"):
+        LuffyLossConfig(clip_on_policy=False, clip_off_policy=False, dual_clip=3.0)
+    assert LuffyLossConfig(clip_on_policy=False, clip_off_policy=True, dual_clip=3.0).dual_clip == 3.0
+
+
 def test_device_mismatch_is_named(batch):
     if not torch.cuda.is_available():
         pytest.skip("needs a second device type")
