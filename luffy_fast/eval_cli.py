@@ -45,6 +45,9 @@ def add_eval_parser(commands) -> None:
     parser.add_argument("--output", default=None,
                         help="folder for results.json and generations.jsonl (default: none)")
     parser.add_argument("--engine", choices=("auto", "vllm", "hf"), default="auto")
+    parser.add_argument("--chat-template", default=None, metavar="FILE",
+                        help="a Jinja chat template replacing the model's (e.g. "
+                             "configs/templates/qwen2.5_math_think.jinja); default: the model's own")
     parser.add_argument("--question-key", default=None, help="the question column, if unusual")
     parser.add_argument("--answer-key", default=None, help="the answer column, if unusual")
     parser.add_argument("--seed", type=int, default=0)
@@ -65,6 +68,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     for path in args.data:
         if not Path(path).exists():
             raise ConfigError(f"--data: no such file or folder {path!r}")
+    if args.chat_template is not None and not Path(args.chat_template).is_file():
+        raise ConfigError(f"--chat-template: no such file {args.chat_template!r} "
+                          f"(a Jinja chat template)")
     if args.n < 1:
         raise ConfigError(f"--n: must be at least 1 (got {args.n})")
     if args.max_new_tokens < 1:
@@ -145,6 +151,11 @@ def run_eval(args: argparse.Namespace) -> int:
 
     check_arguments(args)
     tokenizer = pad_with_eos(load_tokenizer(args.model))
+    if args.chat_template is not None:
+        tokenizer.chat_template = Path(args.chat_template).read_text()
+    elif not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"--model: the tokenizer of {args.model!r} has no chat template; pass "
+                          f"--chat-template FILE (a Jinja template, e.g. configs/templates/)")
     problems = [problem for path in args.data for problem in load_eval_problems(
         path, tokenizer, question_key=args.question_key, answer_key=args.answer_key)]
     name = engine_name(args.engine)

@@ -135,6 +135,8 @@ def test_eval_with_the_transformers_engine(tmp_path, model_dir, eval_files):
     ("no_model", "--model"), ("no_data", "--data: no such file"), ("bad_n", "--n"),
     ("bad_row", "bad.jsonl:1"), ("output_is_a_file", "--output: "),
     ("nan_temperature", "--temperature must be a finite number"), ("no_batch", "--batch-size"),
+    ("no_template_file", "--chat-template: no such file"),
+    ("no_chat_template", "has no chat template; pass --chat-template FILE"),
 ])
 def test_bad_input_is_reported_before_the_model_loads(tmp_path, model_dir, eval_files, case,
                                                       message, monkeypatch, capsys):
@@ -155,6 +157,12 @@ def test_bad_input_is_reported_before_the_model_loads(tmp_path, model_dir, eval_
         extra = ["--temperature", "nan"]
     elif case == "no_batch":
         extra = ["--batch-size", "0"]
+    elif case == "no_template_file":
+        extra = ["--chat-template", str(tmp_path / "missing.jinja")]
+    elif case == "no_chat_template":  # e.g. a base model's directory
+        from math_helpers import tiny_model_dir
+
+        model = str(tiny_model_dir(tmp_path / "base", math_tokenizer(chat_template=None)))
     else:
         data = [write_jsonl(tmp_path / "bad.jsonl", [{"text": "q 1", "answer": "1"}])]
     assert main(["eval", "--model", model, "--data", *data, "--n", n, *extra]) == 2
@@ -180,6 +188,27 @@ def test_a_tokenizer_without_pad_pads_with_eos(tmp_path, eval_files, monkeypatch
     assert (tokenizer.pad_token, tokenizer.pad_token_id, tokenizer.eos_token_id) == ("<eos>", 1, 1)
     assert "no pad token: padding with its EOS token '<eos>'" in caplog.text
     assert engines[0].prompts == ["q 3 so", "q 4 so"]
+
+
+def test_a_chat_template_file_replaces_the_models(tmp_path, eval_files, monkeypatch):
+    """--chat-template: the prompts are rendered with the given template, also for a model
+    directory that has none."""
+    from math_helpers import tiny_model_dir
+
+    model = tiny_model_dir(tmp_path / "base", math_tokenizer(chat_template=None))
+    template = tmp_path / "think.jinja"
+    template.write_text("{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}"
+                        "{% endif %}{% endfor %} so so")
+    engines = []
+
+    def scripted(name, model, tokenizer, args, max_model_len):
+        engines.append(ScriptedEngine(tokenizer))
+        return engines[-1]
+
+    monkeypatch.setattr(eval_cli, "build_engine", scripted)
+    assert main(["eval", "--model", str(model), "--data", eval_files[1], "--n", "1",
+                 "--reward-workers", "0", "--chat-template", str(template)]) == 0
+    assert engines[0].prompts == ["q 3 so so", "q 4 so so"]
 
 
 def test_generation_past_the_models_window_is_warned_about(tmp_path, model_dir, eval_files,
