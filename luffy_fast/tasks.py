@@ -101,13 +101,27 @@ class MathTask(Task):
         limits = DataLimits(data.max_prompt_length, data.max_response_length)
         samples, _ = load_samples(source, tokenizer, limits, record=heldout_record,
                                   key="data.heldout_source")  # official or benchmark layout
-        return samples[:self.config.eval.num_problems]
+        kept = evenly_spread(samples, self.config.eval.num_problems)
+        if len(kept) < len(samples) and os.environ.get("RANK", "0") == "0":
+            print(f"luffy-fast: validating on {len(kept)} of the {len(samples)} held-out problems,"
+                  f" evenly spread over data.heldout_source (eval.num_problems; null: all)",
+                  file=sys.stderr, flush=True)
+        return kept
 
     def reward(self, response: str, sample: Sample) -> float:
         return self._reward(response, sample)
 
     def reward_function(self) -> RewardFunction:
         return self._reward  # pickles without the task's data
+
+
+def evenly_spread(items: Sequence, count: Optional[int]) -> list:
+    """`count` of `items` at evenly spaced positions, in order (all of them for None or a count
+    at least their number): a file ordered by source keeps each source's share, where its first
+    rows would drop the last sources."""
+    if count is None or count >= len(items):
+        return list(items)
+    return [items[index * len(items) // count] for index in range(count)]
 
 
 def load_task_data(task: Task, tokenizer, config: LuffyTrainConfig) -> tuple[list[Sample], list[Sample]]:

@@ -190,10 +190,11 @@ class EvalConfig:
     """Validation on the held-out problems every `every` steps (and after the last), by the code
     of `luffy-fast eval` (luffy_fast/evaluation.py): `n` samples per problem, temperature 0 is
     greedy. best_metric: a validation metric (e.g. "val/macro/avg@1"; higher is better) whose
-    best checkpoint is kept under checkpoints/best; None keeps none."""
+    best checkpoint is kept under checkpoints/best; None keeps none. num_problems: how many
+    held-out problems, evenly spread over the file (None: all)."""
 
     every: int = 10
-    num_problems: int = 200
+    num_problems: Optional[int] = 200
     temperature: float = 0.0
     top_p: float = 1.0
     n: int = 1
@@ -201,7 +202,8 @@ class EvalConfig:
 
     def validate(self) -> None:
         _positive_int("eval", "every", self.every, minimum=0)
-        _positive_int("eval", "num_problems", self.num_problems, minimum=0)
+        if self.num_problems is not None:
+            _positive_int("eval", "num_problems", self.num_problems, minimum=0)
         _finite("eval", "temperature", self.temperature, 0.0)
         _finite("eval", "top_p", self.top_p, 0.0, 1.0, low_open=True)
         _positive_int("eval", "n", self.n)

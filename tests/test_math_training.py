@@ -114,6 +114,27 @@ def _config(tmp_path, model, data, *overrides):
                        list(overrides))
 
 
+def test_eval_num_problems_takes_an_even_spread_of_the_heldout_file(tmp_path, model_dir, capsys):
+    """A held-out file ordered by source: 4 of its 9 problems come from every source, not the
+    first source's rows only; null takes all."""
+    from luffy_fast.tasks import MathTask
+
+    data = write_jsonl(tmp_path / "train.jsonl", math_rows())
+    rows = [{"problem": f"q {i}", "answer": str(i), "data_source": source}
+            for i, source in enumerate(["aime"] * 3 + ["amc"] * 3 + ["math500"] * 3)]
+    heldout = write_jsonl(tmp_path / "valid.jsonl", rows)
+    tokenizer = math_tokenizer()
+    spread = MathTask(_config(tmp_path, model_dir, data, f"data.heldout_source={heldout}",
+                              "eval.num_problems=4")).heldout_samples(tokenizer)
+    assert [s.ground_truth for s in spread] == ["0", "2", "4", "6"]  # positions 9 * k // 4
+    assert [s.data_source for s in spread] == ["aime", "aime", "amc", "math500"]
+    assert "validating on 4 of the 9 held-out problems" in capsys.readouterr().err
+    everything = MathTask(_config(tmp_path, model_dir, data, f"data.heldout_source={heldout}",
+                                  "eval.num_problems=null")).heldout_samples(tokenizer)
+    assert [s.ground_truth for s in everything] == [str(i) for i in range(9)]
+    assert "validating on" not in capsys.readouterr().err
+
+
 def test_token_budget_below_the_longest_sequence_fails_at_start_up(tmp_path, model_dir,
                                                                   monkeypatch):
     data = write_jsonl(tmp_path / "train.jsonl", math_rows())

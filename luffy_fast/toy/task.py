@@ -64,7 +64,8 @@ class ToyTask(Task):
         return toy_samples(self._problems(min(20000, int(0.4 * available)), "train"), tokenizer)
 
     def heldout_samples(self, tokenizer) -> list[Sample]:
-        return toy_samples(self._problems(self.config.eval.num_problems, "heldout"), tokenizer)
+        count = self.config.eval.num_problems  # generated: None ("all") means the default 200
+        return toy_samples(self._problems(200 if count is None else count, "heldout"), tokenizer)
 
     def reward(self, response: str, sample: Sample) -> float:
         return self._reward(response, sample)
