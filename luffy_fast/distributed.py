@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from luffy_fast.errors import ConfigError
+from luffy_fast.run_files import rank_and_world
 from luffy_fast.train_config import LuffyTrainConfig
 
 
@@ -65,12 +66,6 @@ def check_world_size(config: LuffyTrainConfig, world_size: Optional[int] = None)
     if config.train.mini_batch_size % world_size:
         raise ConfigError(f"train.mini_batch_size: {config.train.mini_batch_size} prompts do not "
                           f"split evenly over {world_size} ranks")
-
-
-def rank_and_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def training_device(config: LuffyTrainConfig,

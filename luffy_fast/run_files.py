@@ -227,6 +227,13 @@ def rank_zero_value(value, world_size: int):
     return holder[0]
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size: (0, 1) without a process group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def from_every_rank(value, world_size: int) -> list:
     """Every rank's `value`, in rank order, on every rank (an all-gather; [value] in a world of
     one)."""

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from luffy_fast.rollout.base import RolloutEngine
+from luffy_fast.run_files import rank_and_world
 
 
 def build_rollout_engine(config, policy: nn.Module, tokenizer, device: torch.device,
@@ -41,7 +42,7 @@ def build_rollout_engine(config, policy: nn.Module, tokenizer, device: torch.dev
         model_dir.mkdir(parents=True, exist_ok=True)
         policy.save_pretrained(model_dir)  # transformers writes on rank 0 only
         tokenizer.save_pretrained(model_dir)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if rank_and_world()[1] > 1:
             torch.distributed.barrier()  # the other ranks' engines read rank 0's files
         return VLLMRolloutEngine(model_dir, options, seed=config.train.seed, device=device)
     raise ValueError(f"rollout.engine: unknown engine {rollout.engine!r} (choose hf or vllm)")

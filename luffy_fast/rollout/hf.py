@@ -32,6 +32,7 @@ from luffy_fast.rollout.base import (
     check_generate_args,
     request_seed,
 )
+from luffy_fast.run_files import rank_and_world
 
 
 @contextlib.contextmanager
@@ -117,8 +118,7 @@ class HFGenerateEngine(RolloutEngine):
         with generation_mode(self.model), \
                 torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             if params.seed is not None:  # rank 0 samples with the seed itself
-                rank = torch.distributed.get_rank() if torch.distributed.is_available() \
-                    and torch.distributed.is_initialized() else 0
+                rank = rank_and_world()[0]
                 torch.manual_seed(params.seed if rank == 0 else request_seed(params.seed, 0, rank))
             with tqdm(total=len(flat), desc="generating", unit="seq",
                       disable=not self.show_progress) as bar:

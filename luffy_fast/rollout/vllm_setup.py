@@ -17,8 +17,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from luffy_fast.distributed import rank_and_world
 from luffy_fast.rollout.vllm_config import VLLMConfig
+from luffy_fast.run_files import rank_and_world
 
 # imported by vLLM inside each worker (luffy_fast.rollout.vllm_worker)
 WORKER_EXTENSION = "luffy_fast.rollout.vllm_worker.LuffyWorkerExtension"
