@@ -138,6 +138,21 @@ def build_engine(module: nn.Module, config: LuffyTrainConfig, bf16: bool):
     return engine, scheduler
 
 
+def apply_optimizer_settings(scheduler, optim) -> None:
+    """A resumed run's `optim` settings (learning rate, betas, eps, weight decay) over those the
+    checkpoint restored with the optimizer and LR-schedule states, so that a change on --resume
+    takes effect (the schedule's position is kept; its shape is the config's already)."""
+    groups = scheduler.optimizer.param_groups  # the torch AdamW that steps, under any ZeRO wrapper
+    for group in groups:
+        group.update(betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay,
+                     initial_lr=optim.lr)
+    scheduler.base_lrs = [optim.lr] * len(groups)
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for group in groups:
+        group["lr"] = optim.lr * factor
+    scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
+
+
 def gathered_parameters(parameters: Iterable[nn.Parameter], zero_stage: int):
     """A context in which ZeRO-3 parameters are whole (read-only); a no-op below stage 3."""
     if zero_stage != 3:

@@ -31,6 +31,7 @@ from luffy_fast.checkpoint import CheckpointManager
 from luffy_fast.data import Sample
 from luffy_fast.distributed import (
     all_reduce_sum,
+    apply_optimizer_settings,
     build_engine,
     check_world_size,
     init_distributed,
@@ -284,7 +285,8 @@ class LuffyTrainer:
         # the same data in the same order as the checkpoint's run, or an error before the load
         latest, start_step, saved = self.checkpoints.resume(self.engine, resume,
                                                             self.sampler.check_trainer_state)
-        if latest is not None:
+        if latest is not None:  # a changed optim section applies from here on
+            apply_optimizer_settings(self.scheduler, config.optim)
             self.sync_rollout_weights()
         self.validation.start(resuming=latest is not None)
         lead = self.rank == 0
