@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from luffy_fast.data import DataLimits, DataReport, Sample, load_samples
+from luffy_fast.data_files import DataError
 from luffy_fast.errors import ConfigError
 from luffy_fast.model_loading import load_model_tokenizer, load_policy
 from luffy_fast.rewards import MathVerifyReward, RewardFunction
@@ -99,13 +100,18 @@ class MathTask(Task):
 
         data = self.config.data
         limits = DataLimits(data.max_prompt_length, data.max_response_length)
-        samples, _ = load_samples(source, tokenizer, limits, record=heldout_record,
-                                  key="data.heldout_source")  # official or benchmark layout
+        samples, report = load_samples(source, tokenizer, limits, record=heldout_record,
+                                       key="data.heldout_source")  # official or benchmark layout
+        skipped = len(report.skipped_prompts)
+        if skipped and not samples:
+            raise DataError(f"data.heldout_source: every one of the {skipped} held-out problems "
+                            f"of {source} is longer than data.max_prompt_length "
+                            f"({data.max_prompt_length} tokens with the chat template)")
         kept = evenly_spread(samples, self.config.eval.num_problems)
-        if len(kept) < len(samples) and os.environ.get("RANK", "0") == "0":
-            print(f"luffy-fast: validating on {len(kept)} of the {len(samples)} held-out problems,"
-                  f" evenly spread over data.heldout_source (eval.num_problems; null: all)",
-                  file=sys.stderr, flush=True)
+        if (skipped or len(kept) < len(samples)) and os.environ.get("RANK", "0") == "0":
+            print(f"luffy-fast: held-out data {source}: {report.rows} rows, {skipped} skipped "
+                  f"(prompt too long); validating on {len(kept)} of the {len(samples)} left, "
+                  f"evenly spread (eval.num_problems; null: all)", file=sys.stderr, flush=True)
         return kept
 
     def reward(self, response: str, sample: Sample) -> float:

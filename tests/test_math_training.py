@@ -128,11 +128,27 @@ def test_eval_num_problems_takes_an_even_spread_of_the_heldout_file(tmp_path, mo
                               "eval.num_problems=4")).heldout_samples(tokenizer)
     assert [s.ground_truth for s in spread] == ["0", "2", "4", "6"]  # positions 9 * k // 4
     assert [s.data_source for s in spread] == ["aime", "aime", "amc", "math500"]
-    assert "validating on 4 of the 9 held-out problems" in capsys.readouterr().err
+    assert "9 rows, 0 skipped (prompt too long); validating on 4 of the 9 left" in \
+        capsys.readouterr().err
     everything = MathTask(_config(tmp_path, model_dir, data, f"data.heldout_source={heldout}",
                                   "eval.num_problems=null")).heldout_samples(tokenizer)
     assert [s.ground_truth for s in everything] == [str(i) for i in range(9)]
     assert "validating on" not in capsys.readouterr().err
+    # prompts over the limit are skipped and counted; none left is an error naming the limit
+    rows[0]["problem"] = rows[4]["problem"] = "q 0 0 0 0 0 0 0 0"
+    write_jsonl(tmp_path / "valid.jsonl", rows)
+    kept = MathTask(_config(tmp_path, model_dir, data, f"data.heldout_source={heldout}",
+                            "eval.num_problems=null")).heldout_samples(tokenizer)
+    assert [s.ground_truth for s in kept] == ["1", "2", "3", "5", "6", "7", "8"]
+    assert "9 rows, 2 skipped (prompt too long); validating on 7 of the 7 left" in \
+        capsys.readouterr().err
+    for row in rows:
+        row["problem"] = "q 0 0 0 0 0 0 0 0"
+    write_jsonl(tmp_path / "valid.jsonl", rows)
+    with pytest.raises(DataError, match=r"data.heldout_source: every one of the 9 held-out .* "
+                                        r"data.max_prompt_length \(5 tokens"):
+        MathTask(_config(tmp_path, model_dir, data, f"data.heldout_source={heldout}",
+                         "data.max_prompt_length=5")).heldout_samples(tokenizer)
 
 
 def test_token_budget_below_the_longest_sequence_fails_at_start_up(tmp_path, model_dir,
