@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -66,6 +67,9 @@ def task_reward_pool(task: Any, workers: Optional[int] = None, timeout: float = 
 
 
 def _worker(connection: Connection, reward_fn: Callable) -> None:
+    # Ctrl-C reaches the terminal's whole process group: the trainer stops the workers itself,
+    # so each need not print its own KeyboardInterrupt traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     connection.send("ready")  # imports done: item timeouts count from here

@@ -50,6 +50,20 @@ def test_a_hang_a_crash_and_an_exception_score_zero_and_are_counted(pool):
     assert pool.score([("ab", 0.0), ("abc", 1.0)]).rewards == [1.0, 1.0]
 
 
+def test_a_ctrl_c_to_the_process_group_leaves_the_workers_to_the_pool(pool, capfd):
+    """Ctrl-C signals every process of the terminal's group: a worker ignores it (no
+    KeyboardInterrupt traceback of its own; the trainer closes the pool) and keeps scoring."""
+    import signal
+
+    assert pool.score([("ab", 0.0)]).rewards == [1.0]  # the workers are up
+    for worker in pool._workers:
+        os.kill(worker.process.pid, signal.SIGINT)
+    report = pool.score([("ab", 0.0), ("abc", 0.0), ("abcd", 2.0)])
+    assert report.rewards == [1.0, 0.0, 3.0] and (report.timeouts, report.errors) == (0, 0)
+    assert all(worker.process.is_alive() for worker in pool._workers)
+    assert "KeyboardInterrupt" not in capfd.readouterr().err
+
+
 def test_submit_then_result_in_workers():
     with RewardPool(length_parity, workers=1, timeout=30.0) as pool:
         pending = pool.submit([("ab", 0.0)] * 3)
