@@ -263,15 +263,11 @@ class LuffyTrainConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def validate(self) -> None:
-        for section in dataclasses.fields(self):
-            value = getattr(self, section.name)
-            if section.name == "loss":
-                try:
-                    value.validate()
-                except ValueError as error:
-                    raise ConfigError(f"loss: {error}") from None
-            else:
-                value.validate()
+        self.validate_sections()
+        try:
+            self.loss.validate()
+        except ValueError as error:
+            raise ConfigError(f"loss: {error}") from None
         if self.loss.temperature != self.rollout.temperature:
             raise ConfigError(f"loss.temperature: must equal rollout.temperature (the loss scores "
                               f"tokens under the distribution they were sampled from; got "
@@ -280,6 +276,13 @@ class LuffyTrainConfig:
             raise ConfigError(f"loss.max_len: the {self.loss.normalizer!r} normalizer's max_len "
                               f"({self.loss.max_len}) is below data.max_response_length "
                               f"({self.data.max_response_length})")
+
+    def validate_sections(self) -> None:
+        """Every section but `loss`, which is built from data and rollout: a bad value there is
+        named by its own key, not by the loss field it fills."""
+        for section in dataclasses.fields(self):
+            if section.name != "loss":
+                getattr(self, section.name).validate()
 
     def optimizer_steps_per_rollout(self) -> int:
         return (self.train.prompts_per_step // self.train.mini_batch_size
@@ -297,6 +300,7 @@ def config_from_dict(values: dict) -> LuffyTrainConfig:
     values = dict(values or {})
     loss_values = values.pop("loss", None)
     config = build_dataclass("", LuffyTrainConfig, values)
+    config.validate_sections()
     loss_kwargs = build_dataclass("loss", LuffyLossConfig, loss_values, kwargs_only=True)
     base = dataclasses.asdict(LuffyLossConfig.luffy(max_len=config.data.max_response_length))
     base["temperature"] = config.rollout.temperature  # logits / tau, tau the sampling temperature

@@ -50,6 +50,9 @@ def test_yaml_and_dotted_overrides(tmp_path):
     (["data.source=/no/such/file.jsonl"], "data.source: no such file"),
     (["optim"], "expected dotted.key=value"),
     (["loss.temperature=0.7"], "loss.temperature: must equal rollout.temperature"),
+    # the loss section is built from these: their own key is named, not the loss field
+    (["data.max_response_length=0"], "data.max_response_length: must be an integer >= 1"),
+    (["rollout.temperature=0"], "rollout.temperature: must be a number > 0"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
