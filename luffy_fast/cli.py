@@ -106,7 +106,8 @@ def resume_hint(command: str, run_dir: Optional[str]) -> str:
             latest = CheckpointManager(Path(run_dir) / "checkpoints", keep=1).latest()
     except NoCheckpointError:
         latest = None
-    return f"; `--resume` continues from {latest}" if latest else "; no checkpoint to resume from yet"
+    return (f"; `--resume` continues from {latest}" if latest
+            else "; no checkpoint to resume from yet: start over with `--overwrite`")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -126,8 +127,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def quiet_library_progress(command: str, terminal: bool) -> None:
+    """transformers' own progress bars (loading the weights, writing the shards of every
+    checkpoint) off where they would break into the run's bar or fill a log file: in train and
+    demo, and in eval off a terminal."""
+    if command != "eval" or not terminal:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
 def _run(args: argparse.Namespace, debug: bool) -> int:
     run_dir = None  # a training run's folder, for the interrupt message
+    quiet_library_progress(args.command, sys.stderr.isatty())
     try:
         if args.command == "train":
             from luffy_fast.train_config import load_config

@@ -64,7 +64,10 @@ def check_arguments(args: argparse.Namespace) -> None:
     """Everything a user can get wrong, before any model loads."""
     model = Path(args.model)
     if not (model / "config.json").is_file():
-        raise ConfigError(f"--model: {str(model)!r} is not a model directory (no config.json)")
+        hint = (f"; a checkpoint's model is in its hf/ folder: --model {model / 'hf'}"
+                if (model / "hf" / "config.json").is_file() else "")
+        raise ConfigError(f"--model: {str(model)!r} is not a model directory (no config.json)"
+                          + hint)
     for path in args.data:
         if not Path(path).exists():
             raise ConfigError(f"--data: no such file or folder {path!r}")

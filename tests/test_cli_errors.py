@@ -197,10 +197,25 @@ def test_a_mini_batch_the_ranks_cannot_share_stops_before_anything_loads(tmp_pat
 
 def test_the_interrupt_message_names_what_resume_will_load(tmp_path):
     checkpoints = tmp_path / "checkpoints"
-    assert cli.resume_hint("train", str(tmp_path)) == "; no checkpoint to resume from yet"
+    assert cli.resume_hint("train", str(tmp_path)) == ("; no checkpoint to resume from yet: start "
+                                                       "over with `--overwrite`")
     (checkpoints / "step-000001").mkdir(parents=True)
     (checkpoints / "step-000001" / "trainer_state.json").write_text('{"step": 1}')
     (checkpoints / "latest").write_text("step-000009")  # a broken pointer: resume falls back
     assert cli.resume_hint("train", str(tmp_path)) == (
         f"; `--resume` continues from {checkpoints / 'step-000001'}")
     assert cli.resume_hint("eval", None) == ""  # eval has no --resume
+
+
+@pytest.mark.parametrize("command, terminal, shown", [
+    ("train", True, False), ("demo", False, False), ("eval", False, False), ("eval", True, True)])
+def test_transformers_progress_bars_are_off_where_they_would_break_into_ours(command, terminal,
+                                                                            shown):
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.enable_progress_bar()
+    try:
+        cli.quiet_library_progress(command, terminal)
+        assert transformers_logging.is_progress_bar_enabled() == shown
+    finally:
+        transformers_logging.enable_progress_bar()

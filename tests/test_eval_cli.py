@@ -136,6 +136,7 @@ def test_eval_with_the_transformers_engine(tmp_path, model_dir, eval_files):
     ("bad_row", "bad.jsonl:1"), ("output_is_a_file", "--output: "),
     ("nan_temperature", "--temperature must be a finite number"), ("no_batch", "--batch-size"),
     ("no_template_file", "--chat-template: no such file"),
+    ("checkpoint_folder", "a checkpoint's model is in its hf/ folder: --model "),
     ("no_chat_template", "has no chat template; pass --chat-template FILE"),
 ])
 def test_bad_input_is_reported_before_the_model_loads(tmp_path, model_dir, eval_files, case,
@@ -157,6 +158,11 @@ def test_bad_input_is_reported_before_the_model_loads(tmp_path, model_dir, eval_
         extra = ["--temperature", "nan"]
     elif case == "no_batch":
         extra = ["--batch-size", "0"]
+    elif case == "checkpoint_folder":  # checkpoints/step-N/ instead of checkpoints/step-N/hf
+        from math_helpers import tiny_model_dir
+
+        model = str(tmp_path / "step-000008")
+        tiny_model_dir(tmp_path / "step-000008" / "hf")
     elif case == "no_template_file":
         extra = ["--chat-template", str(tmp_path / "missing.jinja")]
     elif case == "no_chat_template":  # e.g. a base model's directory

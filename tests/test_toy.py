@@ -9,6 +9,7 @@ import yaml
 
 from helpers import TINY
 from luffy_fast.cli import main
+from luffy_fast.metrics import read_metrics
 from luffy_fast.toy.demo import DEMO_CONFIG, demo_config, run_demo
 from luffy_fast.toy.model import build_tokenizer
 from luffy_fast.toy.problems import (
@@ -85,7 +86,7 @@ def test_demo_yaml_matches_the_demo_defaults():
     assert config_from_dict(DEMO_CONFIG).loss.shaping is True
 
 
-def test_demo_end_to_end_writes_summary_and_plot(tmp_path):
+def test_demo_end_to_end_writes_summary_and_plot(tmp_path, capsys):
     tiny = [o for o in TINY if not o.startswith(("output.", "eval.every", "rollout."))]
     summary = run_demo(tmp_path, runs=("luffy", "grpo"),
                        overrides=[*tiny, "train.steps=2", "eval.every=1", "train.cpu_threads=0"])
@@ -103,6 +104,12 @@ def test_demo_end_to_end_writes_summary_and_plot(tmp_path):
     grpo = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").open()]
     assert all(r["zero_advantage_fraction"] == 1.0 and "reward_off_policy" not in r
                for r in grpo if "loss" in r)
+    # a rerun replaces the run it repeats, and says so
+    capsys.readouterr()
+    run_demo(tmp_path, runs=("luffy",), overrides=[*tiny, "train.steps=1", "eval.every=0",
+                                                   "train.cpu_threads=0"])
+    assert f"demo: replacing the earlier luffy run(s) in {tmp_path}" in capsys.readouterr().err
+    assert [r["step"] for r in read_metrics(tmp_path / "luffy" / "metrics.jsonl")] == [1]
 
 
 def test_unwritable_demo_output_dir_is_a_clear_error(tmp_path, capsys):

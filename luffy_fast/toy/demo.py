@@ -16,6 +16,7 @@ accuracy and entropy per step for every run) and runs/demo/summary.json.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -94,6 +95,10 @@ def run_demo(output_dir: str | Path = "runs/demo", runs: Sequence[str] = DEFAULT
 
     output_dir = ensure_writable_dir(output_dir, key="demo output directory")
     configs = {run: demo_config(run, output_dir, overrides) for run in runs}  # fail fast
+    earlier = [run for run in runs if (output_dir / run / "metrics.jsonl").exists()]
+    if earlier and not resume:  # `make demo` reruns it; say what a rerun replaces
+        print(f"demo: replacing the earlier {', '.join(earlier)} run(s) in {output_dir} "
+              f"(--resume continues them, --output-dir keeps them)", file=sys.stderr, flush=True)
     summary: dict = {"runs": {}}
     histories: dict[str, list[dict]] = {}
     for run, config in configs.items():
