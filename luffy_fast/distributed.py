@@ -138,10 +138,13 @@ def build_engine(module: nn.Module, config: LuffyTrainConfig, bf16: bool):
     return engine, scheduler
 
 
-def apply_optimizer_settings(scheduler, optim) -> None:
-    """A resumed run's `optim` settings (learning rate, betas, eps, weight decay) over those the
-    checkpoint restored with the optimizer and LR-schedule states, so that a change on --resume
-    takes effect (the schedule's position is kept; its shape is the config's already)."""
+def apply_optimizer_settings(engine, scheduler, optim) -> None:
+    """A resumed run's `optim` settings (learning rate, betas, eps, weight decay, gradient
+    clipping) over those the checkpoint restored with the optimizer and LR-schedule states, so
+    that a change on --resume takes effect (the schedule's position is kept; its shape is the
+    config's already)."""
+    if hasattr(engine.optimizer, "clip_grad"):  # ZeRO-1/2 and bf16 wrappers restore their own
+        engine.optimizer.clip_grad = optim.grad_clip
     groups = scheduler.optimizer.param_groups  # the torch AdamW that steps, under any ZeRO wrapper
     for group in groups:
         group.update(betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay,

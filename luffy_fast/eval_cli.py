@@ -71,9 +71,10 @@ def check_arguments(args: argparse.Namespace) -> None:
     for path in args.data:
         if not Path(path).exists():
             raise ConfigError(f"--data: no such file or folder {path!r}")
-    if args.chat_template is not None and not Path(args.chat_template).is_file():
-        raise ConfigError(f"--chat-template: no such file {args.chat_template!r} "
-                          f"(a Jinja chat template)")
+    if args.chat_template is not None:
+        from luffy_fast.model_loading import read_chat_template
+
+        read_chat_template(args.chat_template, "--chat-template")
     if args.n < 1:
         raise ConfigError(f"--n: must be at least 1 (got {args.n})")
     if args.max_new_tokens < 1:
@@ -148,14 +149,14 @@ def build_engine(name: str, model_dir: str, tokenizer, args: argparse.Namespace,
 def run_eval(args: argparse.Namespace) -> int:
     from luffy_fast.data import load_tokenizer
     from luffy_fast.eval_data import load_eval_problems
-    from luffy_fast.model_loading import pad_with_eos
+    from luffy_fast.model_loading import pad_with_eos, read_chat_template
     from luffy_fast.reward_pool import RewardPool
     from luffy_fast.rewards import MathVerifyReward
 
     check_arguments(args)
     tokenizer = pad_with_eos(load_tokenizer(args.model))
     if args.chat_template is not None:
-        tokenizer.chat_template = Path(args.chat_template).read_text()
+        tokenizer.chat_template = read_chat_template(args.chat_template, "--chat-template")
     elif not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"--model: the tokenizer of {args.model!r} has no chat template; pass "
                           f"--chat-template FILE (a Jinja template, e.g. configs/templates/)")
@@ -185,6 +186,7 @@ def run_eval(args: argparse.Namespace) -> int:
         settings = {"model": str(args.model), "data": list(args.data), "n": args.n,
                     "temperature": args.temperature, "top_p": args.top_p,
                     "max_new_tokens": args.max_new_tokens, "engine": name, "seed": args.seed,
+                    "chat_template": args.chat_template or "the model's",
                     "seconds": time.perf_counter() - start}
         results, generations = write_results(args.output, summary, records, settings)
         print(f"results: {results}  generations: {generations}")

@@ -26,8 +26,9 @@ class MeanMinMax:
     """Running statistics of named values: a weighted mean of each, except the names listed as
     `minimum` / `maximum` (the smallest / largest value), `summed` (the total), and the names in
     `weighted_by`, whose mean is weighted by the value of the name it maps to (a token mean by its
-    token count: TOKEN_COUNTS) instead of `add`'s weight; where their weights sum to zero, the
-    plain mean of what was added (a statistic's value when it has no tokens)."""
+    token count: TOKEN_COUNTS) instead of `add`'s weight, and whose extremes leave out values of
+    weight zero; where all their weights are zero, the plain mean or extreme of what was added
+    (the statistic's value when it has no tokens)."""
 
     def __init__(self, minimum: Iterable[str] = (), maximum: Iterable[str] = (),
                  summed: Iterable[str] = (), weighted_by: Optional[Mapping[str, str]] = None) -> None:
@@ -37,13 +38,17 @@ class MeanMinMax:
         self._weights: dict[str, float] = {}
         self._extremes: dict[str, float] = {}
         self._plain: dict[str, list[float]] = {}  # weighted_by names: sum and count of values
+        self._unweighted: dict[str, float] = {}  # weighted_by extremes of the zero-weight values
 
     def add(self, values: Mapping[str, float], weight: float = 1.0) -> None:
         for name, value in values.items():
             value = float(value)
             if name in self.minimum or name in self.maximum:
                 pick = min if name in self.minimum else max
-                self._extremes[name] = pick(self._extremes.get(name, value), value)
+                weightless = (name in self.weighted_by
+                              and not float(values.get(self.weighted_by[name], 0.0)))
+                kept = self._unweighted if weightless else self._extremes
+                kept[name] = pick(kept.get(name, value), value)
             elif name in self.summed:
                 self._extremes[name] = self._extremes.get(name, 0.0) + value
             else:
@@ -64,13 +69,16 @@ class MeanMinMax:
                 means[name] = self._plain[name][0] / self._plain[name][1]
             else:
                 means[name] = 0.0
-        return {**means, **self._extremes}
+        return {**means, **self._unweighted, **self._extremes}
 
 
-# a token mean: the count of the tokens it is over (weights it over micro-batches, optimizer
-# steps and ranks); the counts are logged with it
+# a token statistic: the count of the tokens it is over, which weighs its mean over micro-batches,
+# optimizer steps and ranks (and an extreme leaves out the parts without such tokens); the counts
+# are logged with it: loss_tokens and on_policy_loss_tokens per optimizer step (a step's mean),
+# sampled_tokens per step
 TOKEN_COUNTS = {"logprob_mean": "loss_tokens", "entropy": "loss_tokens",
                 "clip_fraction": "loss_tokens", "ratio_mean": "on_policy_loss_tokens",
+                "ratio_min": "on_policy_loss_tokens", "ratio_max": "on_policy_loss_tokens",
                 "rollout_logprob_gap_mean": "sampled_tokens", "tis_weight_mean": "sampled_tokens",
                 "tis_clipped_fraction": "sampled_tokens"}
 # summed over the ranks: counts (also every */errors and */timeouts) and throughputs; the

@@ -46,11 +46,29 @@ def tokenizer_directory(model) -> Path:
 def chat_template_text(model) -> str | None:
     if model.chat_template is None:
         return None
-    path = Path(model.chat_template)
-    if not path.is_file():
-        raise ConfigError(f"model.chat_template: no such file {model.chat_template!r} "
-                          f"(a Jinja chat template)")
-    return path.read_text()
+    return read_chat_template(model.chat_template, "model.chat_template")
+
+
+def read_chat_template(path: str | Path, key: str) -> str:
+    """A Jinja chat template file's text, compiled as transformers will render it: a missing
+    file or a syntax error is a ConfigError naming `key`, before any model loads."""
+    if not Path(path).is_file():
+        raise ConfigError(f"{key}: no such file {str(path)!r} (a Jinja chat template)")
+    text = Path(path).read_text()
+    import jinja2
+
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template as compile_
+    except ImportError:  # another transformers: the tags it adds may fail here; plain Jinja
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        compile_ = ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse
+    try:
+        compile_(text)
+    except jinja2.TemplateSyntaxError as error:
+        raise ConfigError(f"{key}: {str(path)!r} line {error.lineno}: {error.message} "
+                          f"(a Jinja syntax error)") from None
+    return text
 
 
 def prepare_tokenizer(tokenizer, model):

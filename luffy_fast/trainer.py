@@ -286,7 +286,7 @@ class LuffyTrainer:
         latest, start_step, saved = self.checkpoints.resume(self.engine, resume,
                                                             self.sampler.check_trainer_state)
         if latest is not None:  # a changed optim section applies from here on
-            apply_optimizer_settings(self.scheduler, config.optim)
+            apply_optimizer_settings(self.engine, self.scheduler, config.optim)
             self.sync_rollout_weights()
         self.validation.start(resuming=latest is not None)
         lead = self.rank == 0

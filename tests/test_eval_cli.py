@@ -137,6 +137,7 @@ def test_eval_with_the_transformers_engine(tmp_path, model_dir, eval_files):
     ("nan_temperature", "--temperature must be a finite number"), ("no_batch", "--batch-size"),
     ("no_template_file", "--chat-template: no such file"),
     ("checkpoint_folder", "a checkpoint's model is in its hf/ folder: --model "),
+    ("broken_template", "line 1: unexpected '}' (a Jinja syntax error)"),
     ("no_chat_template", "has no chat template; pass --chat-template FILE"),
 ])
 def test_bad_input_is_reported_before_the_model_loads(tmp_path, model_dir, eval_files, case,
@@ -163,6 +164,9 @@ def test_bad_input_is_reported_before_the_model_loads(tmp_path, model_dir, eval_
 
         model = str(tmp_path / "step-000008")
         tiny_model_dir(tmp_path / "step-000008" / "hf")
+    elif case == "broken_template":
+        (tmp_path / "broken.jinja").write_text("{% for m in messages %}{{ m.content }")
+        extra = ["--chat-template", str(tmp_path / "broken.jinja")]
     elif case == "no_template_file":
         extra = ["--chat-template", str(tmp_path / "missing.jinja")]
     elif case == "no_chat_template":  # e.g. a base model's directory

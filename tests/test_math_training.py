@@ -202,6 +202,10 @@ def test_model_directory_errors(tmp_path, model_dir, monkeypatch):
         LuffyTrainer(_config(tmp_path, bare, data))
     with pytest.raises(ConfigError, match="model.chat_template: no such file"):
         LuffyTrainer(_config(tmp_path, bare, data, "model.chat_template=/nowhere.jinja"))
+    (tmp_path / "broken.jinja").write_text("{% for m in messages %}{{ m['content'] }")
+    with pytest.raises(ConfigError, match=r"model.chat_template: .*broken.jinja' line 1: "
+                                          r"unexpected '}' \(a Jinja syntax error\)"):
+        LuffyTrainer(_config(tmp_path, bare, data, f"model.chat_template={tmp_path / 'broken.jinja'}"))
     (tmp_path / "t.jinja").write_text("{% for m in messages %}sys {{ m['content'] }} {% endfor %}")
     task_config = _config(tmp_path, bare, data, f"model.chat_template={tmp_path / 't.jinja'}")
     monkeypatch.undo()

@@ -373,18 +373,20 @@ def test_mini_batches_are_whole_groups_in_order(tmp_path):
 def test_a_resume_with_changed_settings_says_which_and_keeps_the_earlier_ones(tmp_path, capsys):
     import yaml
 
-    first = tiny_trainer(tmp_path, "train.steps=2", "eval.every=0")
+    first = tiny_trainer(tmp_path, "train.steps=2", "eval.every=0", "train.zero_stage=2")
     first.train()
     resumed = tiny_trainer(tmp_path, "train.steps=3", "eval.every=0", "optim.lr=2e-3",
-                           "optim.weight_decay=0.05", "optim.betas=[0.8,0.95]")
+                           "optim.weight_decay=0.05", "optim.betas=[0.8,0.95]",
+                           "optim.grad_clip=0.5", "train.zero_stage=2")
     with pytest.warns(RuntimeWarning) as warned:
         history = resumed.train(resume=True)
     (message,) = [str(w.message) for w in warned if "changed settings" in str(w.message)]
     assert message.startswith("resuming from step 2 with changed settings: optim.betas: "
-                              "[0.9, 0.999] -> [0.8, 0.95]; optim.lr: 0.001 -> 0.002; "
-                              "optim.weight_decay: 0.0 -> 0.05; train.steps: 2 -> 3 (the earlier")
-    # the changes apply (the checkpoint's optimizer state carried the earlier ones)
-    assert history[-1]["learning_rate"] == 2e-3
+                              "[0.9, 0.999] -> [0.8, 0.95]; optim.grad_clip: 1.0 -> 0.5; "
+                              "optim.lr: 0.001 -> 0.002; optim.weight_decay: 0.0 -> 0.05; "
+                              "train.steps: 2 -> 3 (the earlier")
+    # the changes apply (the checkpoint's ZeRO-2 optimizer state carried the earlier ones)
+    assert history[-1]["learning_rate"] == 2e-3 and resumed.engine.optimizer.clip_grad == 0.5
     groups = resumed.scheduler.optimizer.param_groups
     assert all((g["lr"], g["betas"], g["weight_decay"]) == (2e-3, (0.8, 0.95), 0.05) for g in groups)
     assert f"{tmp_path.name}: resuming from step 2 (" in capsys.readouterr().err

@@ -74,6 +74,14 @@ def test_mean_min_max_and_phase_timer():
     tokens.add({"entropy": 2.0, "loss_tokens": 10, "ratio_mean": 1.0, "on": 0, "loss": 3.0})
     assert tokens.result() == {"entropy": (1 * 30 + 2 * 10) / 40, "loss_tokens": 40,
                                "ratio_mean": 1.0, "on": 0, "loss": 2.0}
+    # extremes leave out the parts without their tokens (the op's 1.0 there), unless all are
+    ratios = MeanMinMax(minimum=("ratio_min",), maximum=("ratio_max",),
+                        weighted_by={"ratio_min": "on", "ratio_max": "on"})
+    ratios.add({"ratio_min": 1.0, "ratio_max": 1.0, "on": 0})
+    assert ratios.result() == {"ratio_min": 1.0, "ratio_max": 1.0, "on": 0.0}
+    ratios.add({"ratio_min": 1.2, "ratio_max": 1.5, "on": 7})
+    ratios.add({"ratio_min": 1.0, "ratio_max": 1.0, "on": 0})
+    assert ratios.result() == {"ratio_min": 1.2, "ratio_max": 1.5, "on": 7 / 3}
     timer = PhaseTimer()
     for _ in range(2):
         with timer.phase("generate"):
