@@ -1,11 +1,12 @@
 """The on-disk cache of tokenized data: built once per machine, read by every rank and restart.
 
-The key hashes the data files (resolved path, size, modification time), the tokenizer (its
-vocabulary and rules, special tokens and chat template) and the limits, so editing any of them
-builds a new entry. A file lock beside the entry makes the first process build it while the
-others (the other ranks of the machine) wait and read it. An entry is one `.npz` file: the token
-ids flat in int32 arrays with offsets, the strings and the report as JSON, written to a
-temporary name and renamed into place, so a crash never leaves a half entry.
+The key hashes the data files (resolved path, size, modification and change times, inode), the
+tokenizer (its vocabulary and rules, special tokens and chat template) and the limits, so
+editing any of them builds a new entry; a damaged entry is built again, with a warning. A file
+lock beside the entry makes the first process build it while the others (the other ranks of
+the machine) wait and read it. An entry is one `.npz` file: the token ids flat in int32 arrays
+with offsets, the strings and the report as JSON, written to a temporary name, synced and
+renamed into place, so a crash never leaves a half entry.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,8 +22,9 @@ import numpy as np
 
 from luffy_fast.data import DataLimits, DataReport, Sample, load_samples
 from luffy_fast.data_files import data_files
+from luffy_fast.run_files import warn
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -42,7 +45,10 @@ def cache_key(source, tokenizer, limits: DataLimits, key: str = "data.source") -
     files = []
     for file in data_files(source, key):
         stat = file.stat()
-        files.append([str(file.resolve()), stat.st_size, stat.st_mtime_ns])
+        # the inode and change time too: a same-size edit whose modification time was kept
+        # (cp -p, rsync -a, tar) still changes them
+        files.append([str(file.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino,
+                      stat.st_ctime_ns])
     text = json.dumps({"version": CACHE_VERSION, "files": files, "limits": asdict(limits),
                        "tokenizer": tokenizer_fingerprint(tokenizer)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
@@ -59,7 +65,11 @@ def load_cached_samples(source, tokenizer, limits: DataLimits, cache_dir: Path |
     entry = cache_dir / f"{name}.npz"
     with FileLock(str(cache_dir / f"{name}.lock")):
         if entry.is_file():
-            return read_entry(entry)
+            try:
+                return read_entry(entry)
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+                warn(f"{entry}: a damaged cache entry ({type(error).__name__}: {error}); "
+                     f"tokenizing {source} again")
         samples, report = load_samples(source, tokenizer, limits, key=key)
         write_entry(entry, samples, report)
         return samples, report
@@ -84,12 +94,17 @@ def write_entry(path: Path, samples: list[Sample], report: DataReport) -> None:
             "wheres": [s.where for s in samples],
             "report": report.to_dict()}
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with temporary.open("wb") as out:
-        np.savez(out, prompt_tokens=prompt_tokens, prompt_offsets=prompt_offsets,
-                 trace_tokens=trace_tokens, trace_offsets=trace_offsets,
-                 traces_per_sample=np.array([len(s.traces) for s in samples], dtype=np.int64),
-                 meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
-    os.replace(temporary, path)
+    try:
+        with temporary.open("wb") as out:
+            np.savez(out, prompt_tokens=prompt_tokens, prompt_offsets=prompt_offsets,
+                     trace_tokens=trace_tokens, trace_offsets=trace_offsets,
+                     traces_per_sample=np.array([len(s.traces) for s in samples], dtype=np.int64),
+                     meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+            out.flush()
+            os.fsync(out.fileno())  # whole on disk before the rename publishes it
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)  # a failed write leaves no partial entry behind
 
 
 def read_entry(path: Path) -> tuple[list[Sample], DataReport]:

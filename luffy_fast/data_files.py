@@ -10,6 +10,7 @@ run's settings) becomes a `Record`: chat messages, trace texts, ground truth, da
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,10 @@ from typing import Any
 from luffy_fast.errors import ConfigError
 
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
+# a saved data set's metadata beside its shards (datasets' save_to_disk, the Hub's layout)
+METADATA_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
+# data that a folder may hold but that is not read: refused, not skipped
+UNREAD_DATA = (".gz", ".bz2", ".xz", ".zst", ".zip", ".csv", ".tsv", ".arrow")
 
 
 class DataError(ConfigError):
@@ -46,7 +51,14 @@ def data_files(path: str | Path, key: str = "data.source") -> list[Path]:
     """The file at `path`, or the data files in the folder `path` (sorted by name)."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in DATA_SUFFIXES and p.is_file())
+        unread = sorted(p.name for p in path.iterdir() if p.suffix.lower() in UNREAD_DATA)
+        if unread:
+            raise DataError(f"{key}: the folder {str(path)!r} holds files that are not read "
+                            f"({', '.join(unread[:3])}{', ...' if len(unread) > 3 else ''}): "
+                            f"only uncompressed {'/'.join(DATA_SUFFIXES)} files are; "
+                            f"decompress or convert them, or move them out")
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in DATA_SUFFIXES
+                       and p.is_file() and p.name not in METADATA_FILES)
         if not files:
             raise DataError(f"{key}: the folder {str(path)!r} holds no "
                             f"{'/'.join(DATA_SUFFIXES)} files")
@@ -77,7 +89,15 @@ def _parquet_rows(file: Path) -> Iterator[Row]:
     except (pa.ArrowInvalid, OSError) as error:
         raise DataError(f"{file}: not a readable Parquet file ({error})") from None
     index = 0
-    for batch in parquet.iter_batches(batch_size=4096):
+    batches = parquet.iter_batches(batch_size=4096)
+    while True:
+        try:  # damage inside the data (the footer intact) shows only when its pages are read
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as error:
+            raise DataError(f"{file}: not a readable Parquet file: the rows from row {index} on "
+                            f"cannot be read ({error})") from None
+        if batch is None:
+            return
         for values in batch.to_pylist():
             yield Row(values, f"{file} row {index}", file)
             index += 1
@@ -109,8 +129,11 @@ def _json_rows(file: Path) -> Iterator[Row]:
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as error:
+                hint = ("; a .json file holds a JSON array of row objects, or one object per line "
+                        "(JSONL), not a single object" if head.startswith(b"{") and number == 1
+                        and file.suffix.lower() == ".json" else "")
                 raise DataError(f"{where}: not valid JSON ({error.msg}, column {error.colno})"
-                                ) from None
+                                + hint) from None
             yield _object_row(item, where, file)
 
 
@@ -137,11 +160,22 @@ def _missing(row: Row, field: str) -> DataError:
     return DataError(f"{row.where}: the row has no {field!r} (columns found: {found})")
 
 
+def serialized_messages(text: str, where: str) -> None:
+    """Refuse a string that is a list of chat messages written out as text (a data frame's
+    nested column through str() or json.dumps), which would be trained on as literal text."""
+    head = text.lstrip()[:200]
+    if head.startswith(("[{", "{")) and ("'role'" in head or '"role"' in head):
+        raise DataError(f"{where}: a string holding chat messages as text ({_short(text)}); "
+                        f"store the messages as a list of {{role, content}} (a JSON array, a "
+                        f"Parquet list), not as a string")
+
+
 def message_text(message: Any, where: str) -> str:
     """The text of a chat message ({"role", "content"}) or of a plain string."""
     if isinstance(message, dict) and isinstance(message.get("content"), str):
         return message["content"]
     if isinstance(message, str):
+        serialized_messages(message, where)
         return message
     raise DataError(f"{where}: expected a chat message with a 'content' string or a string, "
                     f"got {_kind(message)} ({_short(message)})")
@@ -150,6 +184,7 @@ def message_text(message: Any, where: str) -> str:
 def prompt_messages(prompt: Any, where: str) -> list[dict]:
     """A prompt as chat messages: a string is one user message."""
     if isinstance(prompt, str):
+        serialized_messages(prompt, f"{where} prompt")
         prompt = [{"role": "user", "content": prompt}]
     if isinstance(prompt, dict):
         prompt = [prompt]
@@ -167,7 +202,12 @@ def prompt_messages(prompt: Any, where: str) -> list[dict]:
 
 
 def ground_truth_text(value: Any, where: str) -> str:
-    """A ground truth as text; numbers are written out, empty answers refused."""
+    """A ground truth as text; numbers are written out, a one-answer list is its answer
+    (OlympiadBench's final_answer), empty and non-finite answers refused."""
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DataError(f"{where}: the ground truth is {value} (a missing value written out?)")
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise DataError(f"{where}: the ground truth must be a string or a number, got "
                         f"{_kind(value)} ({_short(value)})")
@@ -201,6 +241,9 @@ def training_record(row: Row) -> Record:
         targets = [targets]
     texts = []
     for i, target in enumerate(targets):
+        if isinstance(target, dict) and target.get("role", "assistant") != "assistant":
+            raise DataError(f"{where} target[{i}]: a trace is an assistant message, got role "
+                            f"{target.get('role')!r} (a copied chat?)")
         text = message_text(target, f"{where} target[{i}]")
         if not text.strip():
             raise DataError(f"{where} target[{i}]: the trace is empty")

@@ -37,7 +37,8 @@ def add_eval_parser(commands) -> None:
     parser.add_argument("--data", required=True, nargs="+", metavar="FILE",
                         help="Parquet / JSONL files or folders: the official layout (prompt, "
                              "reward_model.ground_truth, data_source) or problem/question with "
-                             "answer/solution (data source: the file name)")
+                             "answer/solution (data source: the file's name, or its folder's for "
+                             "generic names such as test.jsonl)")
     parser.add_argument("--n", type=int, default=1, help="samples per problem (k)")
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--top-p", type=float, default=1.0)

@@ -1,17 +1,19 @@
 """Evaluation problems from the official layout or the common benchmark layouts.
 
 A row in the official layout (`prompt` + `reward_model.ground_truth`) or in a benchmark's
-(`problem` or `question`, with `answer` or `solution`; MATH-500, AIME, AMC, Minerva and
-OlympiadBench ship this way) becomes a `Record` and then a `Sample` without traces, the record
+(`problem` or `question`, with `answer`, `final_answer` or `solution`; MATH-500, AIME, AMC,
+Minerva and OlympiadBench ship this way) becomes a `Record` and then a `Sample` without traces, the record
 and sample types of the training data (luffy_fast/data_files.py, luffy_fast/data.py); other
 names are mapped with `question_key` / `answer_key`. Prompts follow the official evaluation
 (docs/algorithm.md §The reference run's settings): the system prompt is removed and the
 model's own chat template is applied. A `solution` without a separate answer is graded against
-its last `\\boxed{...}`.
+its last `\\boxed{...}` (none: an error). A row without `data_source` is named after its file,
+or the nearest folder where the file's name is generic (`source_name`).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -27,7 +29,20 @@ from luffy_fast.data_files import (
 )
 
 QUESTION_KEYS = ("problem", "question")
-ANSWER_KEYS = ("answer", "solution")
+ANSWER_KEYS = ("answer", "final_answer", "solution")  # final_answer: OlympiadBench
+# file and folder names that say nothing about the benchmark (the Hub's shards: data/test-00000-
+# of-00001.parquet): a source is named after the nearest folder that does
+GENERIC_NAMES = re.compile(r"^(train|test|validation|valid|val|dev|eval|data|default|main)"
+                           r"(-\d+-of-\d+)?$", re.IGNORECASE)
+
+
+def source_name(file: Path) -> str:
+    """The data source a benchmark file stands for when its rows name none: the file's name,
+    or for a generic one (test.jsonl, data/train-00000-of-00001.parquet) its folder's."""
+    for name in (file.stem, *(parent.name for parent in file.parents)):
+        if name and not GENERIC_NAMES.match(name):
+            return name
+    return file.stem
 
 
 def last_boxed(text: str) -> Optional[str]:
@@ -65,7 +80,7 @@ def eval_record(row: Row, question_key: Optional[str] = None, answer_key: Option
                 data_source: Optional[str] = None, remove_system: bool = True) -> Record:
     """One evaluation row, in either layout, as a record without traces."""
     values = row.values
-    source = data_source or values.get("data_source") or row.file.stem
+    source = data_source or values.get("data_source") or source_name(row.file)
     if question_key is None and answer_key is None and "prompt" in values \
             and "reward_model" in values:
         record = training_record(row)
@@ -75,8 +90,14 @@ def eval_record(row: Row, question_key: Optional[str] = None, answer_key: Option
         answer = _pick(row, answer_key, ANSWER_KEYS, "answer")
         messages = prompt_messages(values[question], f"{row.where} {question}")
         truth = values[answer]
+        if isinstance(truth, (list, tuple)) and len(truth) == 1:
+            truth = truth[0]  # OlympiadBench's one-answer lists
         if answer == "solution" and isinstance(truth, str):
-            truth = last_boxed(truth) or truth
+            boxed = last_boxed(truth)
+            if boxed is None:
+                raise DataError(f"{row.where} solution: no \\boxed{{...}} answer to grade against;"
+                                f" name the answer column with the answer key option")
+            truth = boxed
         truth = ground_truth_text(truth, f"{row.where} {answer}")
     if remove_system:
         messages = [m for m in messages if m["role"] != "system"]
@@ -94,7 +115,7 @@ def load_eval_problems(path: str | Path, tokenizer, *, question_key: Optional[st
                        key: str = "--data") -> list[Sample]:
     """The evaluation problems of a file or folder, rendered with the model's chat template
     (system prompt removed). data_source: the label in the results (default: the row's
-    `data_source`, else the file name). No problem is ever skipped. The prompts are tokenized
+    `data_source`, else `source_name`). No problem is ever skipped. The prompts are tokenized
     in batches, as the training data are (luffy_fast.data.tokenize_texts)."""
     records, texts = [], []
     for row in read_rows(path, key):

@@ -189,6 +189,25 @@ def test_the_cache_is_read_back_and_rebuilt_when_an_input_changes(tmp_path, toke
     write_jsonl(path, math_rows(12))  # the file changes: a new entry
     smaller, _ = load_cached_samples(path, tokenizer, LIMITS, cache)
     assert len(list(cache.glob("*.npz"))) == 4 and len(smaller) == 9
+    # a same-size edit that keeps the modification time (cp -p, rsync -a): a new entry too
+    import os
+
+    stat = os.stat(path)
+    text = open(path).read()
+    edited = text.replace('"ground_truth": "2"', '"ground_truth": "7"')
+    assert edited != text and len(edited) == len(text)
+    open(path, "w").write(edited)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(path).st_size == stat.st_size
+    truths = [s.ground_truth for s in load_cached_samples(path, tokenizer, LIMITS, cache)[0]]
+    assert "7" in truths and "2" not in truths
+    # a damaged entry is built again, with a warning naming it
+    newest = max(cache.glob("*.npz"), key=lambda entry: entry.stat().st_mtime_ns)
+    newest.write_bytes(newest.read_bytes()[:100])
+    with pytest.warns(RuntimeWarning, match="a damaged cache entry"):
+        rebuilt, _ = load_cached_samples(path, tokenizer, LIMITS, cache)
+    assert [s.ground_truth for s in rebuilt] == truths
+    assert load_cached_samples(path, tokenizer, LIMITS, cache)[0] == rebuilt  # whole again
 
 
 def test_concurrent_processes_tokenize_once(tmp_path, tokenizer):
@@ -237,8 +256,10 @@ def test_eval_problems_in_the_official_and_benchmark_layouts(tmp_path, tokenizer
     first, second = load_eval_problems(math500, tokenizer)
     assert first.ground_truth == "4" and first.data_source == "math500"  # last \boxed{}
     assert second.ground_truth == "5"  # `answer` before `solution`
-    [gsm_problem] = load_eval_problems(gsm, tokenizer, data_source="gsm8k")
-    assert (gsm_problem.ground_truth, gsm_problem.data_source) == ("6 no box", "gsm8k")
+    # a solution with no \boxed{} would be graded as a whole text: refused
+    with pytest.raises(DataError, match=rf"{gsm}:1 solution: no \\boxed\{{...\}} answer to "
+                                        r"grade against; name the answer column"):
+        load_eval_problems(gsm, tokenizer, data_source="gsm8k")
     with pytest.raises(DataError, match=rf"{custom}:1: no question column: expected 'prompt' with "
                                         r"'reward_model', or one of \['problem', 'question'\] "
                                         r"\(columns found: input, target\)"):
@@ -246,6 +267,91 @@ def test_eval_problems_in_the_official_and_benchmark_layouts(tmp_path, tokenizer
     [mapped] = load_eval_problems(custom, tokenizer, question_key="input", answer_key="target")
     assert mapped.prompt_ids == ids(tokenizer, "q 7 so") and mapped.ground_truth == "7"
     assert last_boxed("a \\boxed{x^{2}} b") == "x^{2}" and last_boxed("none") is None
+
+
+def test_benchmark_sources_are_named_by_their_folder_where_the_file_name_is_generic(tmp_path,
+                                                                                     tokenizer):
+    """The Hub's layouts: aime24/data/train-00000-of-00001.parquet is "aime24", MATH-500/test.jsonl
+    "MATH-500" (they were all "train-00000-of-00001" or "test", merged in one row of the table);
+    OlympiadBench's one-answer final_answer lists are its answers."""
+    from luffy_fast.eval_data import load_eval_problems
+
+    (tmp_path / "aime24" / "data").mkdir(parents=True)
+    aime = write_parquet(tmp_path / "aime24" / "data" / "train-00000-of-00001.parquet",
+                         [{"problem": "q 1", "answer": "1"}])
+    (tmp_path / "MATH-500").mkdir()
+    math500 = write_jsonl(tmp_path / "MATH-500" / "test.jsonl", [{"problem": "q 2", "answer": "2"}])
+    olympiad = write_jsonl(tmp_path / "olympiad.jsonl", [
+        {"question": "q 3", "solution": ["a long proof"], "final_answer": ["$\\frac{1}{2}$"]}])
+    labels = [p.data_source for path in (aime, math500) for p in load_eval_problems(path, tokenizer)]
+    assert labels == ["aime24", "MATH-500"]
+    [problem] = load_eval_problems(olympiad, tokenizer)
+    assert (problem.ground_truth, problem.data_source) == ("$\\frac{1}{2}$", "olympiad")
+
+
+@pytest.mark.parametrize("row, message", [
+    # a data frame's nested column written out through str() or json.dumps: literal text
+    ({"prompt": "[{'role': 'user', 'content': 'q 1'}]", "reward_model": {"ground_truth": "1"}},
+     r":1 prompt: a string holding chat messages as text"),
+    ({"prompt": "q 1", "reward_model": {"ground_truth": "1"},
+      "target": '[{"role": "assistant", "content": "1 </think> 1"}]'},
+     r":1 target\[0\]: a string holding chat messages as text"),
+    ({"prompt": "q 1", "reward_model": {"ground_truth": float("nan")}},
+     r":1 reward_model.ground_truth: the ground truth is nan"),
+    ({"prompt": "q 1", "reward_model": {"ground_truth": "1"},
+      "target": [{"role": "user", "content": "q 1"}, {"role": "assistant", "content": "1"}]},
+     r":1 target\[0\]: a trace is an assistant message, got role 'user'"),
+])
+def test_rows_that_would_train_on_the_wrong_text_are_refused(tmp_path, tokenizer, row, message):
+    path = write_jsonl(tmp_path / "d.jsonl", [row])
+    with pytest.raises(DataError, match=f"{path}{message}"):
+        load_samples(path, tokenizer, LIMITS)
+
+
+def test_a_one_answer_list_is_its_answer(tmp_path, tokenizer):
+    rows = math_rows(2)
+    for row in rows:
+        row["reward_model"]["ground_truth"] = [row["reward_model"]["ground_truth"]]
+    samples, _ = load_samples(write_jsonl(tmp_path / "d.jsonl", rows), tokenizer, LIMITS)
+    assert [s.ground_truth for s in samples] == ["1"]  # row 0 is skipped (prompt too long)
+
+
+def test_folders_refuse_what_they_cannot_read_and_skip_metadata(tmp_path, tokenizer):
+    import gzip
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", math_rows(4))
+    (folder / "dataset_info.json").write_text('{\n  "features": {}\n}\n')  # datasets' metadata
+    assert len(load_samples(folder, tokenizer, LIMITS)[0]) == 3  # read, metadata left alone
+    (folder / "b.jsonl.gz").write_bytes(gzip.compress(b"{}\n"))  # was skipped without a word
+    with pytest.raises(DataError, match=r"holds files that are not read \(b.jsonl.gz\): only "
+                                        r"uncompressed .parquet/.jsonl/.json files are"):
+        load_samples(folder, tokenizer, LIMITS)
+    single = tmp_path / "one.json"
+    single.write_text('{\n  "data": []\n}\n')
+    with pytest.raises(DataError, match=r"one.json:1: not valid JSON .*a .json file holds a JSON "
+                                        r"array of row objects, or one object per line"):
+        load_samples(single, tokenizer, LIMITS)
+
+
+def test_damage_inside_a_parquet_file_names_the_file(tmp_path, tokenizer):
+    """A file whose footer is whole but whose pages are not: pyarrow fails while reading rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "d.parquet"
+    rows = math_rows(20)
+    pq.write_table(pa.Table.from_pylist(rows), path, compression="snappy")
+    data = bytearray(path.read_bytes())
+    pages_end = len(data) - 8 - int.from_bytes(data[-8:-4], "little")  # the footer's start
+    start = 4 + (pages_end - 4) // 5
+    data[start:start + 64] = bytes(64)  # zeros inside the pages, the footer whole
+    path.write_bytes(bytes(data))
+    pq.ParquetFile(path)  # opens
+    with pytest.raises(DataError, match=rf"{path}: not a readable Parquet file: the rows from "
+                                        r"row 0 on cannot be read"):
+        load_samples(path, tokenizer, LIMITS)
 
 
 class CallLog:
