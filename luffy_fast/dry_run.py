@@ -166,7 +166,7 @@ def dry_run(config, world_size: int = 1, out: TextIO | None = None) -> int:
             f"{percentiles([len(s.prompt_ids) for s in samples])}; trace lengths "
             f"{percentiles([len(t) for s in samples for t in s.traces])}")
         # (too few prompts for a step is already a problem: check_samples reports it)
-        sampler = checked(lambda: prompt_sampler(len(samples), config), [])  # sets steps
+        sampler = checked(lambda: prompt_sampler(samples, config), [])  # sets steps
         if sampler is not None:
             say(f"sampling: {sampler.batches_per_epoch} steps per epoch of "
                 f"{config.train.prompts_per_step} prompts (seed {config.train.seed}); run length "

@@ -11,6 +11,11 @@ every checkpoint and checked on `--resume`, which continues the same order.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
+from typing import Optional
+
+import numpy as np
 import torch
 
 from luffy_fast.errors import ConfigError
@@ -19,11 +24,12 @@ from luffy_fast.errors import ConfigError
 class EpochSampler:
     """Batches of `batch_size` indices into `size` prompts; every epoch a fresh permutation."""
 
-    def __init__(self, size: int, batch_size: int, seed: int) -> None:
+    def __init__(self, size: int, batch_size: int, seed: int, data: Optional[str] = None) -> None:
         if batch_size > size:
             raise ConfigError(f"train.prompts_per_step: {batch_size} prompts per step but only "
                               f"{size} training prompts")
         self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.data = data  # a fingerprint of the prompts (data_fingerprint), checked on resume
         self._order: list[int] = []
         self._order_epoch = -1
 
@@ -55,8 +61,9 @@ class EpochSampler:
     def state_dict(self, step: int) -> dict:
         """The position after `step` steps, and what the order depends on (for the checkpoint)."""
         epoch, batch = self.position(step)
-        return {"epoch": epoch, "batch": batch, "seed": self.seed, "size": self.size,
-                "batch_size": self.batch_size}
+        state = {"epoch": epoch, "batch": batch, "seed": self.seed, "size": self.size,
+                 "batch_size": self.batch_size}
+        return state if self.data is None else {**state, "data": self.data}
 
     def check_state(self, state: dict, step: int) -> None:
         """A checkpoint's sampler state must be this sampler's at `step`: the data, batch size
@@ -71,6 +78,11 @@ class EpochSampler:
                 f"prompts with seed {saved[2]}; this run has batches of {self.batch_size} from "
                 f"{self.size} prompts with seed {self.seed} (the data, train.prompts_per_step or "
                 f"train.seed changed since the checkpoint)")
+        if None not in (state.get("data"), self.data) and state["data"] != self.data:
+            raise ConfigError(f"data.source: the {self.size} training prompts are not the "
+                              f"checkpoint's run's (as many, but other prompts, answers or "
+                              f"traces: the data or its tokenization changed since the checkpoint),"
+                              f" so its order would index other prompts")
         if (state.get("epoch"), state.get("batch")) != self.position(step):
             raise ConfigError(f"data.source: the checkpoint's sampler position "
                               f"{state.get('epoch')}:{state.get('batch')} is not step {step}'s")
@@ -91,10 +103,22 @@ def rank_share(picks: list[int], mini_batch_size: int, rank: int, world_size: in
             for i in picks[start + rank * share: start + (rank + 1) * share]]
 
 
-def prompt_sampler(num_prompts: int, config) -> EpochSampler:
-    """The run's sampler; with train.epochs set, train.steps becomes epochs x batches per epoch
-    (the run's length, which the learning-rate schedule reads)."""
-    sampler = EpochSampler(num_prompts, config.train.prompts_per_step, config.train.seed)
+def data_fingerprint(samples: Sequence) -> str:
+    """A hash of the training samples' prompts, answers and trace lengths (one pass, ~1 s for
+    the official 46k prompts): a resume over other data of the same size is refused."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        digest.update(np.asarray(sample.prompt_ids, dtype=np.int64).tobytes())
+        digest.update(np.asarray([len(t) for t in sample.traces], dtype=np.int64).tobytes())
+        digest.update(sample.ground_truth.encode() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def prompt_sampler(samples: Sequence, config) -> EpochSampler:
+    """The run's sampler over its training samples; with train.epochs set, train.steps becomes
+    epochs x batches per epoch (the run's length, which the learning-rate schedule reads)."""
+    sampler = EpochSampler(len(samples), config.train.prompts_per_step, config.train.seed,
+                           data_fingerprint(samples))
     if config.train.epochs:
         config.train.steps = config.train.epochs * sampler.batches_per_epoch
     return sampler

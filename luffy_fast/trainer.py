@@ -100,7 +100,7 @@ class LuffyTrainer:
         self.train_samples, self.heldout_samples = load_task_data(self.task, self.tokenizer, config)
         check_validation(self.heldout_samples, config, report=warn_at_start)
         self.rewards = task_reward_pool(self.task, config.reward.workers, config.reward.timeout)
-        self.sampler = prompt_sampler(len(self.train_samples), config)
+        self.sampler = prompt_sampler(self.train_samples, config)
         policy = prepare_policy(build_policy(), config.model)  # Liger kernels, checkpointing
         self.rank, self.world_size = init_distributed(self.device.type, config)
         self.lockstep = lockstep_counts(config.train.zero_stage, self.world_size, self.device)

@@ -51,7 +51,9 @@ def test_train_runs_three_steps(tmp_path, model_dir, writer, name, capsys):
 
     state = json.loads((tmp_path / "out" / "checkpoints" / latest / "trainer_state.json")
                        .read_text())
+    data = state["sampler"].pop("data")  # the prompts' fingerprint, 16 hex digits
     assert state["sampler"] == {"epoch": 0, "batch": 3, "seed": 5, "size": 16, "batch_size": 4}
+    assert len(data) == 16 and int(data, 16) >= 0
 
 
 def _recording(trainer: LuffyTrainer, seen: list, crash_at: int | None = None):
@@ -96,6 +98,13 @@ def test_the_epoch_order_survives_resume(tmp_path, model_dir):
     assert set(straight_seen[4] + straight_seen[5]) <= kept
     metrics = read_metrics(tmp_path / "b" / "metrics.jsonl")
     assert [m["data/epoch"] for m in metrics] == [0, 0, 0, 0, 1, 1]
+    # the file rewritten in another row order (as many prompts): the order would index other
+    # prompts, so a resume is refused before the load
+    write_jsonl(tmp_path / "train.jsonl", math_rows()[::-1])
+    with pytest.raises(ConfigError, match="data.source: the 16 training prompts are not the "
+                                          "checkpoint's run's"):
+        LuffyTrainer(load_config(tmp_path / "b.yaml", [*overrides[1:], "train.steps=8"])
+                     ).train(resume=True)
 
 
 # --------------------------------------------------------------------------- clear errors

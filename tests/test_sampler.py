@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import BatchSampler, RandomSampler
 
 from luffy_fast.checkpoint import CheckpointManager, read_trainer_state
+from luffy_fast.data import Sample
 from luffy_fast.errors import ConfigError
 from luffy_fast.sampler import EpochSampler, data_metrics, prompt_sampler, rank_share
 from luffy_fast.train_config import load_config
@@ -55,10 +56,29 @@ def test_the_state_names_the_position_and_refuses_changed_data():
         EpochSampler(size=5, batch_size=8, seed=0)
 
 
+def test_a_resume_over_other_prompts_of_the_same_number_is_refused():
+    """The sampler's state holds a fingerprint of the prompts, answers and trace lengths: the
+    same count of other prompts (a file rewritten, reordered) would be drawn by the old order."""
+    config = load_config(None, ["train.prompts_per_step=4", "train.mini_batch_size=2"])
+    samples = [Sample([i, i + 1], str(i), [[7] * (i % 3 + 1)]) for i in range(20)]
+    state = prompt_sampler(samples, config).state_dict(3)
+    assert set(state) == {"epoch", "batch", "seed", "size", "batch_size", "data"}
+    prompt_sampler([Sample(list(s.prompt_ids), s.ground_truth, [list(t) for t in s.traces])
+                    for s in samples], config).check_state(state, 3)  # equal data: accepted
+    changed = {"reordered": samples[::-1], "an answer": [*samples[:-1], Sample([19, 20], "x", [[7]])],
+               "a trace": [*samples[:-1], Sample([19, 20], "19", [[7] * 5])]}
+    for other in changed.values():
+        with pytest.raises(ConfigError, match=r"^data.source: the 20 training prompts are not the "
+                                              r"checkpoint's run's"):
+            prompt_sampler(other, config).check_state(state, 3)
+    del state["data"]  # a checkpoint from before the fingerprint: trusted
+    prompt_sampler(samples[::-1], config).check_state(state, 3)
+
+
 def test_epochs_set_the_run_length():
     config = load_config(None, ["train.epochs=3", "train.prompts_per_step=4",
                                 "train.mini_batch_size=2"])
-    sampler = prompt_sampler(18, config)  # 18 // 4 = 4 steps per epoch
+    sampler = prompt_sampler([Sample([i], str(i)) for i in range(18)], config)  # 4 steps an epoch
     assert config.train.steps == 12
     assert data_metrics(None, sampler, 11) == {"data/epoch": 2}
     assert load_config(None).train.epochs is None
