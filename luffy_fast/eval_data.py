@@ -2,13 +2,13 @@
 
 A row in the official layout (`prompt` + `reward_model.ground_truth`) or in a benchmark's
 (`problem` or `question`, with `answer`, `final_answer` or `solution`; MATH-500, AIME, AMC,
-Minerva and OlympiadBench ship this way) becomes a `Record` and then a `Sample` without traces, the record
-and sample types of the training data (luffy_fast/data_files.py, luffy_fast/data.py); other
-names are mapped with `question_key` / `answer_key`. Prompts follow the official evaluation
-(docs/algorithm.md §The reference run's settings): the system prompt is removed and the
-model's own chat template is applied. A `solution` without a separate answer is graded against
-its last `\\boxed{...}` (none: an error). A row without `data_source` is named after its file,
-or the nearest folder where the file's name is generic (`source_name`).
+Minerva and OlympiadBench ship this way) becomes a `Record` and then a `Sample` without
+traces, the record and sample types of the training data (luffy_fast/data_files.py,
+luffy_fast/data.py); other names are mapped with `question_key` / `answer_key`. Prompts follow
+the official evaluation (docs/algorithm.md §The reference run's settings): the system prompt is
+removed and the model's own chat template is applied. A `solution` without a separate answer
+is graded against its last `\\boxed{...}` (none: an error). A row without `data_source` is named
+after its file, or the nearest folder where the file's name is generic (`source_name`).
 """
 
 from __future__ import annotations

@@ -105,6 +105,18 @@ BAD_ROWS = [
       "target": {"role": "assistant", "content": ""}}, r":1 target\[0\]: the trace is empty"),
     ({"prompt": [{"content": "q 1"}], "reward_model": {"ground_truth": "1"}},
      r":1 prompt\[0\]: expected a message with 'role' and 'content' strings"),
+    # rows that would train on the wrong text: a data frame's nested column written out through
+    # str() or json.dumps, a NaN answer, a copied chat as the trace
+    ({"prompt": "[{'role': 'user', 'content': 'q 1'}]", "reward_model": {"ground_truth": "1"}},
+     r":1 prompt: a string holding chat messages as text"),
+    ({"prompt": "q 1", "reward_model": {"ground_truth": "1"},
+      "target": '[{"role": "assistant", "content": "1 </think> 1"}]'},
+     r":1 target\[0\]: a string holding chat messages as text"),
+    ({"prompt": "q 1", "reward_model": {"ground_truth": float("nan")}},
+     r":1 reward_model.ground_truth: the ground truth is nan"),
+    ({"prompt": "q 1", "reward_model": {"ground_truth": "1"},
+      "target": [{"role": "user", "content": "q 1"}, {"role": "assistant", "content": "1"}]},
+     r":1 target\[0\]: a trace is an assistant message, got role 'user'"),
 ]
 
 
@@ -287,25 +299,6 @@ def test_benchmark_sources_are_named_by_their_folder_where_the_file_name_is_gene
     assert labels == ["aime24", "MATH-500"]
     [problem] = load_eval_problems(olympiad, tokenizer)
     assert (problem.ground_truth, problem.data_source) == ("$\\frac{1}{2}$", "olympiad")
-
-
-@pytest.mark.parametrize("row, message", [
-    # a data frame's nested column written out through str() or json.dumps: literal text
-    ({"prompt": "[{'role': 'user', 'content': 'q 1'}]", "reward_model": {"ground_truth": "1"}},
-     r":1 prompt: a string holding chat messages as text"),
-    ({"prompt": "q 1", "reward_model": {"ground_truth": "1"},
-      "target": '[{"role": "assistant", "content": "1 </think> 1"}]'},
-     r":1 target\[0\]: a string holding chat messages as text"),
-    ({"prompt": "q 1", "reward_model": {"ground_truth": float("nan")}},
-     r":1 reward_model.ground_truth: the ground truth is nan"),
-    ({"prompt": "q 1", "reward_model": {"ground_truth": "1"},
-      "target": [{"role": "user", "content": "q 1"}, {"role": "assistant", "content": "1"}]},
-     r":1 target\[0\]: a trace is an assistant message, got role 'user'"),
-])
-def test_rows_that_would_train_on_the_wrong_text_are_refused(tmp_path, tokenizer, row, message):
-    path = write_jsonl(tmp_path / "d.jsonl", [row])
-    with pytest.raises(DataError, match=f"{path}{message}"):
-        load_samples(path, tokenizer, LIMITS)
 
 
 def test_a_one_answer_list_is_its_answer(tmp_path, tokenizer):
