@@ -270,6 +270,13 @@ def warn(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+def say_at_start(message: str) -> None:
+    """A start-up line on stderr, "luffy-fast: <message>", from the launcher's rank 0 (RANK, read
+    before the process group exists) or an unlaunched process."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"luffy-fast: {message}", file=sys.stderr, flush=True)
+
+
 def warn_at_start(message: str) -> None:
     """A start-up warning, once per run: from the launcher's rank 0 (RANK, read before the
     process group exists) or an unlaunched process."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Optional
@@ -29,6 +28,7 @@ from luffy_fast.data_files import DataError
 from luffy_fast.errors import ConfigError
 from luffy_fast.model_loading import load_model_tokenizer, load_policy
 from luffy_fast.rewards import MathVerifyReward, RewardFunction
+from luffy_fast.run_files import say_at_start
 from luffy_fast.train_config import LuffyTrainConfig
 
 BUILT_IN_TASKS = {"toy": "luffy_fast.toy.task:ToyTask", "math": "luffy_fast.tasks:MathTask"}
@@ -108,10 +108,10 @@ class MathTask(Task):
                             f"of {source} is longer than data.max_prompt_length "
                             f"({data.max_prompt_length} tokens with the chat template)")
         kept = evenly_spread(samples, self.config.eval.num_problems)
-        if (skipped or len(kept) < len(samples)) and os.environ.get("RANK", "0") == "0":
-            print(f"luffy-fast: held-out data {source}: {report.rows} rows, {skipped} skipped "
-                  f"(prompt too long); validating on {len(kept)} of the {len(samples)} left, "
-                  f"evenly spread (eval.num_problems; null: all)", file=sys.stderr, flush=True)
+        if skipped or len(kept) < len(samples):
+            say_at_start(f"held-out data {source}: {report.rows} rows, {skipped} skipped (prompt "
+                         f"too long); validating on {len(kept)} of the {len(samples)} left, "
+                         f"evenly spread (eval.num_problems; null: all)")
         return kept
 
     def reward(self, response: str, sample: Sample) -> float:
@@ -134,8 +134,8 @@ def load_task_data(task: Task, tokenizer, config: LuffyTrainConfig) -> tuple[lis
     """A run's training samples (checked) and held-out samples. What loading the training data
     did (`task.data_report`) is the run's start-up line, from rank 0."""
     samples = task.train_samples(tokenizer)
-    if task.data_report is not None and os.environ.get("RANK", "0") == "0":
-        print(f"luffy-fast: training data {task.data_report.summary()}", file=sys.stderr, flush=True)
+    if task.data_report is not None:
+        say_at_start(f"training data {task.data_report.summary()}")
     check_samples(samples, config)
     return samples, task.heldout_samples(tokenizer)
 
