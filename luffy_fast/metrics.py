@@ -86,15 +86,18 @@ TOKEN_COUNTS = {"logprob_mean": "loss_tokens", "entropy": "loss_tokens",
 SUMMED_OVER_RANKS = ("micro_batches", "tokens_per_second", "generated_tokens",
                      "generate_tokens_per_second", *dict.fromkeys(TOKEN_COUNTS.values()))
 LARGEST_OVER_RANKS = ("peak_memory_mb",)
+# population standard deviations over all ranks' members, pooled from each rank's std and the
+# mean it maps to: var = mean(std² + mean²) - mean(mean)² over equal shares
+POOLED_OVER_RANKS = {"advantage_std": "advantage_mean"}
 
 
 def over_ranks(metrics: Mapping, world_size: int) -> dict:
     """A step's metrics over the data-parallel ranks, each of which holds an equal share of the
     step's prompts: counts and throughputs summed, `*_min` the smallest, `*_max`, `time/*`,
     `*_seconds` and peak memory the largest, token means (TOKEN_COUNTS) weighted by each rank's
-    token count, every other number the mean of the ranks' values (exact for means over equal
-    shares: rewards, lengths, the loss). A collective: every rank calls it with its own metrics
-    and gets the same result."""
+    token count, `advantage_std` pooled (POOLED_OVER_RANKS), every other number the mean of the
+    ranks' values (exact for means over equal shares: rewards, lengths, the loss). A collective:
+    every rank calls it with its own metrics and gets the same result."""
     if world_size == 1:
         return dict(metrics)
     numbers = [{name: value for name, value in rank.items() if isinstance(value, (int, float))}
@@ -108,7 +111,18 @@ def over_ranks(metrics: Mapping, world_size: int) -> dict:
                        weighted_by=TOKEN_COUNTS)
     for rank in numbers:
         stats.add(rank)
-    return {**metrics, **stats.result()}
+    pooled = {name: pooled_std([(rank[name], rank[mean]) for rank in numbers])
+              for name, mean in POOLED_OVER_RANKS.items()
+              if all(name in rank and mean in rank for rank in numbers)}
+    return {**metrics, **stats.result(), **pooled}
+
+
+def pooled_std(parts: Iterable[tuple[float, float]]) -> float:
+    """The population std of the union of equal-sized parts, from each part's (std, mean)."""
+    parts = list(parts)
+    square_mean = sum(std * std + mean * mean for std, mean in parts) / len(parts)
+    mean = sum(mean for _, mean in parts) / len(parts)
+    return math.sqrt(max(square_mean - mean * mean, 0.0))
 
 
 class PhaseTimer:

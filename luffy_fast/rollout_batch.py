@@ -90,7 +90,8 @@ def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
     lengths = torch.tensor([len(r) for r in batch.response_ids], dtype=torch.float32)
     metrics = {
         "advantage_mean": float(advantages.mean()),
-        "advantage_std": float(advantages.std()) if len(advantages) > 1 else 0.0,
+        # the population std, which pools exactly over the ranks' equal shares (metrics.POOLED)
+        "advantage_std": float(advantages.std(correction=0)),
         "advantage_min": float(advantages.min()),
         "advantage_max": float(advantages.max()),
         "zero_advantage_fraction": float((advantages == 0).float().mean()),

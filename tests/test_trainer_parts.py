@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -123,6 +124,26 @@ def test_step_metrics_over_ranks_by_hand(monkeypatch):
         "ratio_mean": 0.75, "on_policy_loss_tokens": 400,
         "rollout_logprob_gap_mean": pytest.approx(0.22), "sampled_tokens": 100}
     assert over_ranks(ranks[1], 1) == ranks[1]  # a world of one: no collective
+
+
+def test_advantage_std_over_ranks_is_the_whole_batchs(monkeypatch):
+    """Each rank's rollout metrics of its equal share: over the ranks, advantage_std is the
+    population std of all the advantages (not the mean of the ranks' stds), the mean their mean."""
+    from luffy_fast.metrics import over_ranks
+    from luffy_fast.rollout_batch import rollout_metrics
+
+    advantages = torch.cat([torch.randn(12, generator=torch.Generator().manual_seed(0)),
+                            torch.randn(12, generator=torch.Generator().manual_seed(1)) + 4])
+    parts = [SimpleNamespace(off_policy=torch.zeros(12, dtype=torch.bool), rewards=torch.zeros(12),
+                             advantages=share, response_ids=[[1]] * 12, finished=[True] * 12)
+             for share in advantages.split(12)]
+    ranks = [rollout_metrics(part) for part in parts]
+    monkeypatch.setattr(torch.distributed, "all_gather_object",
+                        lambda gathered, mine: gathered.__setitem__(slice(None), ranks))
+    merged = over_ranks(ranks[0], 2)
+    assert merged["advantage_std"] == pytest.approx(float(advantages.std(correction=0)), rel=1e-6)
+    assert merged["advantage_mean"] == pytest.approx(float(advantages.mean()), rel=1e-6)
+    assert merged["advantage_std"] > 1.5 * (ranks[0]["advantage_std"] + ranks[1]["advantage_std"]) / 2
 
 
 def test_tasks_load_by_name(tmp_path, monkeypatch):
