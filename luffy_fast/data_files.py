@@ -217,9 +217,10 @@ def ground_truth_text(value: Any, where: str) -> str:
     return text
 
 
-def training_record(row: Row) -> Record:
+def training_record(row: Row, traces: bool = True) -> Record:
     """A row in the official layout: `prompt`, `reward_model.ground_truth`, optional `target`
-    (an assistant message, a string or a list of them) and `data_source`."""
+    (an assistant message, a string or a list of them; not read with traces=False, as for
+    evaluation) and `data_source`."""
     values, where = row.values, row.where
     if "prompt" not in values:
         raise _missing(row, "prompt")
@@ -234,7 +235,7 @@ def training_record(row: Row) -> Record:
         raise DataError(f"{where}: the row has no 'reward_model.ground_truth' "
                         f"(reward_model keys found: {keys})")
     truth = ground_truth_text(reward_model["ground_truth"], f"{where} reward_model.ground_truth")
-    targets = values.get("target")
+    targets = values.get("target") if traces else None
     if targets is None:
         targets = []
     elif not isinstance(targets, list):

@@ -83,7 +83,7 @@ def eval_record(row: Row, question_key: Optional[str] = None, answer_key: Option
     source = data_source or values.get("data_source") or source_name(row.file)
     if question_key is None and answer_key is None and "prompt" in values \
             and "reward_model" in values:
-        record = training_record(row)
+        record = training_record(row, traces=False)  # its `target`, if any, is not used
         messages, truth = record.messages, record.ground_truth
     else:
         question = _pick(row, question_key, QUESTION_KEYS, "question")

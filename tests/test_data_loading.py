@@ -255,7 +255,8 @@ def test_eval_problems_in_the_official_and_benchmark_layouts(tmp_path, tokenizer
 
     official = write_jsonl(tmp_path / "valid.jsonl", [
         {"prompt": [{"role": "system", "content": "sys sys"}, {"role": "user", "content": "q 3"}],
-         "reward_model": {"ground_truth": "3"}, "data_source": "aime"}])
+         "reward_model": {"ground_truth": "3"}, "data_source": "aime",
+         "target": [{"role": "assistant", "content": ""}]}])  # a trace evaluation never reads
     math500 = write_parquet(tmp_path / "math500.parquet", [
         {"problem": "q 4", "solution": "so \\boxed{\\frac{1}{2}} then \\boxed{4}", "level": 3},
         {"problem": "q 5", "answer": 5, "solution": "so \\boxed{5}"}])
