@@ -6,7 +6,10 @@ editing any of them builds a new entry; a damaged entry is built again, with a w
 lock beside the entry makes the first process build it while the others (the other ranks of
 the machine) wait and read it. An entry is one `.npz` file: the token ids flat in int32 arrays
 with offsets, the strings and the report as JSON, written to a temporary name, synced and
-renamed into place, so a crash never leaves a half entry.
+renamed into place, so a crash never leaves a half entry. The cache keeps the KEEP_ENTRIES most
+recently used entries (an entry of the official data is ~0.8 GiB, and every change of the limits
+or the tokenizer makes a new one): whoever builds an entry removes the older ones, and the
+temporary files of writers that died, each under its entry's lock.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ import numpy as np
 
 from luffy_fast.data import DataLimits, DataReport, Sample, load_samples
 from luffy_fast.data_files import data_files
-from luffy_fast.run_files import warn
+from luffy_fast.run_files import say_at_start, warn
 
 CACHE_VERSION = 2
+KEEP_ENTRIES = 6
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -66,13 +70,47 @@ def load_cached_samples(source, tokenizer, limits: DataLimits, cache_dir: Path |
     with FileLock(str(cache_dir / f"{name}.lock")):
         if entry.is_file():
             try:
-                return read_entry(entry)
+                found = read_entry(entry)
+                os.utime(entry)  # its last use, which decides what prune_cache keeps
+                return found
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
                 warn(f"{entry}: a damaged cache entry ({type(error).__name__}: {error}); "
                      f"tokenizing {source} again")
         samples, report = load_samples(source, tokenizer, limits, key=key)
         write_entry(entry, samples, report)
-        return samples, report
+    removed = prune_cache(cache_dir, KEEP_ENTRIES)
+    if removed:
+        size = sum(size for _, size in removed) / 2**20
+        say_at_start(f"data cache {cache_dir}: removed {len(removed)} older entries and unfinished "
+                     f"writes ({size:.0f} MiB), keeping the {KEEP_ENTRIES} last used")
+    return samples, report
+
+
+def prune_cache(cache_dir: Path, keep: int = KEEP_ENTRIES) -> list[tuple[Path, int]]:
+    """Remove all but the `keep` most recently used entries of `cache_dir`, and the temporary
+    files of writers that are gone; (path, bytes) of each removed. A file is removed only under
+    its entry's lock, taken without waiting: an entry being read or written stays, and a
+    temporary file whose lock is free has no writer left (on any machine sharing the folder)."""
+    from filelock import FileLock, Timeout
+
+    def last_use(path: Path) -> int:
+        try:
+            return path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return -1
+
+    entries = sorted(cache_dir.glob("*.npz"), key=last_use, reverse=True)
+    removed = []
+    for path in entries[keep:] + sorted(cache_dir.glob(".*.npz.tmp-*")):
+        name = path.name.lstrip(".").split(".npz")[0]
+        try:
+            with FileLock(str(cache_dir / f"{name}.lock"), timeout=0):
+                size = path.stat().st_size
+                path.unlink()
+        except (Timeout, FileNotFoundError):
+            continue
+        removed.append((path, size))
+    return removed
 
 
 def _flat(lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -222,6 +222,42 @@ def test_the_cache_is_read_back_and_rebuilt_when_an_input_changes(tmp_path, toke
     assert load_cached_samples(path, tokenizer, LIMITS, cache)[0] == rebuilt  # whole again
 
 
+def test_the_cache_keeps_the_last_used_entries_and_drops_dead_writes(tmp_path, tokenizer,
+                                                                    monkeypatch, capsys):
+    """Whoever builds an entry removes all but the KEEP_ENTRIES last used, and temporary files
+    whose writer is gone; an entry or write whose lock is held stays."""
+    import os
+
+    from filelock import FileLock
+
+    import luffy_fast.data_cache as data_cache
+
+    monkeypatch.setattr(data_cache, "KEEP_ENTRIES", 2)
+    path = write_jsonl(tmp_path / "d.jsonl", math_rows())
+    cache = tmp_path / "cache"
+    load_cached_samples(path, tokenizer, LIMITS, cache)
+    [first] = cache.glob("*.npz")
+    load_cached_samples(path, tokenizer, DataLimits(8, 9), cache)
+    [second] = set(cache.glob("*.npz")) - {first}
+    os.utime(first, ns=(1_000, 1_000))
+    os.utime(second, ns=(2_000, 2_000))
+    load_cached_samples(path, tokenizer, LIMITS, cache)  # a read: the first is the last used
+    dead = cache / ".deadbeef.npz.tmp-123"  # a write that died: its lock is free
+    dead.write_bytes(b"x" * 1000)
+    live = cache / ".cafe.npz.tmp-456"  # a write under way: its lock is held
+    live.write_bytes(b"x")
+    with FileLock(str(cache / "cafe.lock")):
+        load_cached_samples(path, tokenizer, DataLimits(9, 9), cache)  # built: prunes
+    assert not second.exists() and not dead.exists() and first.exists() and live.exists()
+    assert len(list(cache.glob("*.npz"))) == 2
+    assert "removed 2 older entries and unfinished writes" in capsys.readouterr().err
+    # an old entry whose lock is held (being read) stays, whatever its age
+    os.utime(first, ns=(1_000, 1_000))
+    with FileLock(str(first.with_suffix(".lock"))):
+        load_cached_samples(path, tokenizer, DataLimits(9, 10), cache)
+    assert first.exists() and len(list(cache.glob("*.npz"))) == 3
+
+
 def test_concurrent_processes_tokenize_once(tmp_path, tokenizer):
     """Three "ranks" start together: one builds the entry, the others wait and read it."""
     path = write_jsonl(tmp_path / "d.jsonl", math_rows())
