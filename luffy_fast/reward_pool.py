@@ -66,10 +66,15 @@ def task_reward_pool(task: Any, workers: Optional[int] = None, timeout: float = 
                       workers=task.reward_workers if workers is None else workers)
 
 
+def _leave_to_the_pool(signum: int, frame: Any) -> None:
+    """A worker's SIGINT handler: nothing. Unlike SIG_IGN it is not inherited through exec, so
+    a program a reward function runs still stops on Ctrl-C."""
+
+
 def _worker(connection: Connection, reward_fn: Callable) -> None:
     # Ctrl-C reaches the terminal's whole process group: the trainer stops the workers itself,
     # so each need not print its own KeyboardInterrupt traceback
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, _leave_to_the_pool)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     connection.send("ready")  # imports done: item timeouts count from here

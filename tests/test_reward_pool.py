@@ -64,6 +64,23 @@ def test_a_ctrl_c_to_the_process_group_leaves_the_workers_to_the_pool(pool, capf
     assert "KeyboardInterrupt" not in capfd.readouterr().err
 
 
+def default_ctrl_c_in_a_program(response: str, sample) -> float:
+    """1.0 when a program that a reward runs stops on SIGINT as usual (Python installs its
+    KeyboardInterrupt handler only where SIGINT is not ignored at start)."""
+    import subprocess
+    import sys
+
+    check = "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    output = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    return float(output.stdout.strip() == "True")
+
+
+def test_programs_a_reward_runs_still_stop_on_ctrl_c():
+    """The workers' own indifference to SIGINT is not passed on to the programs they start."""
+    with RewardPool(default_ctrl_c_in_a_program, workers=1, timeout=60.0) as pool:
+        assert pool.score([("ab", 0.0)]).rewards == [1.0]
+
+
 def test_submit_then_result_in_workers():
     with RewardPool(length_parity, workers=1, timeout=30.0) as pool:
         pending = pool.submit([("ab", 0.0)] * 3)
