@@ -1,4 +1,4 @@
-"""Command line: `luffy-fast train|eval|demo` (also `python -m luffy_fast ...`)."""
+"""Command line: `luffy-fast train|eval|plot|demo` (also `python -m luffy_fast ...`)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     from luffy_fast.eval_cli import add_eval_parser
 
     add_eval_parser(commands)  # luffy-fast eval (luffy_fast/eval_cli.py)
+    from luffy_fast.plots import add_plot_parser
+
+    add_plot_parser(commands)  # luffy-fast plot (luffy_fast/plots.py)
 
     demo = commands.add_parser("demo", help="LUFFY vs on-policy GRPO on the embedded toy task",
                                description="Train LUFFY and on-policy GRPO on digit reversal with "
@@ -166,6 +169,10 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
             from luffy_fast.eval_cli import run_eval
 
             return run_eval(args)
+        elif args.command == "plot":
+            from luffy_fast.plots import run_plot
+
+            return run_plot(args)
         else:
             from luffy_fast.toy.demo import format_summary, run_demo
 
