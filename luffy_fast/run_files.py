@@ -2,8 +2,9 @@
 and what a fresh start, `--resume` and `--overwrite` do with an existing run (docs/robustness.md).
 
 A run folder (`output.dir`) holds `metrics.jsonl`, `tensorboard/`, `checkpoints/` and
-`config.yaml`. Temporary names carry the writer's PID (`.NAME.tmp-PID`, `.write-probe-PID`), so
-start-up removes those whose process is gone, never a live writer's.
+`config.yaml` (and with Weights & Biases `wandb_id` and its `wandb/`). Temporary names carry the
+writer's PID (`.NAME.tmp-PID`, `.write-probe-PID`), so start-up removes those whose process is
+gone, never a live writer's.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import yaml
 from luffy_fast.config_parsing import changed_settings
 from luffy_fast.errors import ConfigError
 
-RUN_FILES = ("metrics.jsonl", "tensorboard", "checkpoints", "config.yaml")
+RUN_FILES = ("metrics.jsonl", "tensorboard", "checkpoints", "config.yaml",
+             "wandb_id", "wandb")  # the last two with output.wandb_project
 EARLIER_CONFIGS = "config.until-step-*.yaml"  # a resume's earlier settings (write_run_config)
 _TEMPORARY = re.compile(r"^\.(?:.+\.tmp|write-probe)-(\d+)$")
 Result = TypeVar("Result")

@@ -229,7 +229,7 @@ class RewardConfig:
 
 @dataclass
 class OutputConfig:
-    """Where metrics (JSONL, TensorBoard) and checkpoints go."""
+    """Where metrics (JSONL, TensorBoard, optionally Weights & Biases) and checkpoints go."""
 
     dir: str = "runs/train"
     save_every: int = 50  # checkpoint every N steps (and after the last); 0: only at the end
@@ -237,10 +237,20 @@ class OutputConfig:
     tensorboard: bool = True
     progress_bar: bool = True  # shown only when stderr is a terminal
     log_every: int = 10  # a plain progress line every N steps where no bar is shown (0: none)
+    wandb_project: Optional[str] = None  # also log to this Weights & Biases project (None: off)
+    wandb_name: Optional[str] = None  # the W&B run's name (None: output.dir's folder name)
 
     def validate(self) -> None:
         if not self.dir:
             raise ConfigError("output.dir: must not be empty")
+        if self.wandb_project is not None:
+            import importlib.util
+
+            if not self.wandb_project.strip():
+                raise ConfigError("output.wandb_project: must not be empty (null turns W&B off)")
+            if importlib.util.find_spec("wandb") is None:
+                raise ConfigError("output.wandb_project: logging to Weights & Biases needs the "
+                                  "wandb package, which is not installed (pip install wandb)")
         _positive_int("output", "save_every", self.save_every, minimum=0)
         _positive_int("output", "keep_checkpoints", self.keep_checkpoints)
         _positive_int("output", "log_every", self.log_every, minimum=0)

@@ -293,7 +293,7 @@ class LuffyTrainer:
         logger = None
         if lead:
             write_run_config(self.output_dir, config, latest, start_step, saved)
-            logger = MetricsLogger(self.output_dir, config.output.tensorboard, resume_step=start_step)
+            logger = MetricsLogger.for_run(self.output_dir, config, resume_step=start_step)
         history = []
         bar = None
         try:
