@@ -39,8 +39,8 @@ class CheckedAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        grads = [p.grad for group in self.param_groups for p in group["params"]
-                 if p.grad is not None]
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
         self._global_grad_norm = float(norm)
         self.overflow = not math.isfinite(self._global_grad_norm)
@@ -49,7 +49,9 @@ class CheckedAdamW(torch.optim.AdamW):
             self.zero_grad(set_to_none=True)
             return None
         if self.max_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(grads, self.max_norm, norm)
+            # it takes the parameters and scales their .grad (given the gradients themselves,
+            # whose own .grad is None, it clipped nothing)
+            torch.nn.utils.clip_grads_with_norm_(params, self.max_norm, norm)
         return super().step(closure)
 
 

@@ -314,10 +314,12 @@ def test_grad_norm_at_every_zero_stage_equals_the_gradients_norm(tmp_path):
     same batch (the oracle: taken from the parameters' .grad at ZeRO-0, before the step)."""
     from helpers import rollout_batch
 
-    norms, expected = {}, None
+    from luffy_fast.distributed import gathered_parameters
+
+    norms, updated, expected = {}, {}, None
     for zero_stage in (0, 1, 2, 3):
         run = trainer(tmp_path / str(zero_stage), f"train.zero_stage={zero_stage}",
-                      "optim.grad_clip=1e-3")
+                      "optim.grad_clip=1e-3", "optim.eps=1e-4")
         batch = rollout_batch(run)
         run.accumulate_gradients(batch, list(range(len(batch))), None)
         if zero_stage == 0:
@@ -326,7 +328,35 @@ def test_grad_norm_at_every_zero_stage_equals_the_gradients_norm(tmp_path):
         norm, applied = optimizer_step(run.engine)
         assert applied
         norms[zero_stage] = norm
+        parameters = list(run.engine.module.policy.parameters())
+        with gathered_parameters(parameters, zero_stage):
+            updated[zero_stage] = torch.cat([p.detach().flatten().clone() for p in parameters])
+        run.close()
     assert norms == pytest.approx({stage: expected for stage in norms}, rel=1e-5)
+    assert expected > 100 * 1e-3  # the clip is far below the norm: the update depends on it
+    # the same clipped update at every stage (with eps 1e-4, Adam's first step depends on the
+    # gradient's scale): DeepSpeed clips at ZeRO-1/2/3, CheckedAdamW at ZeRO-0
+    for stage in (1, 2, 3):
+        torch.testing.assert_close(updated[stage], updated[0], rtol=1e-5, atol=1e-7)
+
+
+def test_checked_adamw_steps_as_adamw_on_the_clipped_gradient():
+    """CheckedAdamW(max_norm) = torch's AdamW on gradients scaled to max_norm (the oracle: the
+    clipping done by hand), over two steps with gradients of different norms."""
+    from luffy_fast.nonfinite import CheckedAdamW
+
+    start = torch.tensor([1.0, -2.0, 0.5])
+    steps = [torch.tensor([30.0, 40.0, 0.0]), torch.tensor([0.3, -0.1, 0.2])]
+    mine, theirs = start.clone().requires_grad_(), start.clone().requires_grad_()
+    checked = CheckedAdamW([mine], max_norm=1.0, lr=0.1, eps=1.0, weight_decay=0.0)
+    plain = torch.optim.AdamW([theirs], lr=0.1, eps=1.0, weight_decay=0.0)
+    for grad in steps:
+        mine.grad, theirs.grad = grad.clone(), grad * min(1.0, 1.0 / float(grad.norm()))
+        checked.step()
+        plain.step()
+        assert checked._global_grad_norm == pytest.approx(float(grad.norm()))
+        torch.testing.assert_close(mine.grad, theirs.grad)  # clipped in place
+        torch.testing.assert_close(mine, theirs)
 
 
 def test_plain_progress_lines_every_n_steps():
