@@ -313,7 +313,6 @@ def test_grad_norm_at_every_zero_stage_equals_the_gradients_norm(tmp_path):
     """The norm logged at ZeRO-0, 1, 2 and 3 is the 2-norm of the accumulated gradient of the
     same batch (the oracle: taken from the parameters' .grad at ZeRO-0, before the step)."""
     from helpers import rollout_batch
-
     from luffy_fast.distributed import gathered_parameters
 
     norms, updated, expected = {}, {}, None
