@@ -99,7 +99,8 @@ class CheckpointManager:
             if self.rank == 0:
                 (staging / "trainer_state.json").write_text(json.dumps(
                     {"step": step, "config": config, "world_size": self.world_size,
-                     "zero_stage": zero_stage, **(extra_state or {})}, indent=1))
+                     "zero_stage": zero_stage, "bf16": bool(engine.bfloat16_enabled()),
+                     **(extra_state or {})}, indent=1))
 
         try:
             naming_full_disk(staging, f"checkpoint step {step}", write)
@@ -199,6 +200,8 @@ class CheckpointManager:
         saved = read_trainer_state(latest)  # read once
         check(saved)
         self.check_ranks(saved, engine.zero_optimization_stage(), latest)
+        check_optimizer_layout(saved, engine.zero_optimization_stage(),
+                               bool(engine.bfloat16_enabled()), latest)
         return latest, self.load(engine, latest, saved), saved
 
     def check_ranks(self, saved: dict, zero_stage: int, path: Path) -> None:
@@ -224,3 +227,22 @@ class CheckpointManager:
     def _barrier(self) -> None:
         if self.world_size > 1:
             torch.distributed.barrier()
+
+
+def check_optimizer_layout(saved: dict, zero_stage: int, bf16: bool, path: Path) -> None:
+    """DeepSpeed's optimizer states differ by ZeRO stage (1 and 2 share theirs) and by bf16 or
+    not; its load of another layout fails in its own code (a KeyError, a missing file): a clear
+    error before the load. Checkpoints saved before `bf16` was recorded are checked by stage."""
+    stage = saved.get("zero_stage", 0)
+    toy = (saved.get("config") or {}).get("model", {}).get("path") == "toy"
+    weights = "" if toy else f", or start a new run from its weights: model.path={path / 'hf'}"
+    if {stage, zero_stage} != {1, 2} and stage != zero_stage:
+        raise ConfigError(f"train.zero_stage: {path} was saved at ZeRO-{stage}, and DeepSpeed "
+                          f"cannot load its optimizer states at ZeRO-{zero_stage} (only ZeRO-1 "
+                          f"and 2 load each other's): resume with train.zero_stage={stage}"
+                          f"{weights}")
+    precision = {True: "bf16", False: "fp32"}
+    if saved.get("bf16", bf16) != bf16:
+        raise ConfigError(f"model.precision: {path} was saved in {precision[saved['bf16']]}, "
+                          f"and DeepSpeed cannot load its optimizer states in {precision[bf16]}:"
+                          f" resume with model.precision={precision[saved['bf16']]}{weights}")

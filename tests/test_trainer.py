@@ -423,6 +423,47 @@ def test_a_zero_checkpoint_resumes_only_on_the_ranks_that_saved_it(tmp_path):
         checkpoints.check_ranks({"world_size": 3, "zero_stage": 1}, 0, state_file.parent)
 
 
+def test_a_resume_at_another_optimizer_layout_is_refused_before_the_load(tmp_path):
+    """DeepSpeed loads a checkpoint's optimizer states only at its ZeRO stage (1 and 2 share
+    theirs) and precision; anything else failed inside its load (a KeyError, an AssertionError,
+    a missing file): a ConfigError naming the key and the saved value, before the load."""
+    from luffy_fast.checkpoint import check_optimizer_layout
+    from luffy_fast.errors import ConfigError
+
+    first = tiny_trainer(tmp_path, "train.steps=1", "eval.every=0", "train.zero_stage=2")
+    first.train()
+    first.close()
+    saved = tmp_path / "checkpoints" / "step-000001"
+    state = json.loads((saved / "trainer_state.json").read_text())
+    assert (state["zero_stage"], state["bf16"]) == (2, False)
+    other = tiny_trainer(tmp_path, "train.steps=2", "eval.every=0", "train.zero_stage=3")
+    loads = []
+    other.checkpoints.load = lambda *args: loads.append(args)
+    with pytest.raises(ConfigError, match=r"train.zero_stage: .*step-000001 was saved at ZeRO-2, "
+                                          r"and DeepSpeed cannot load its optimizer states at "
+                                          r"ZeRO-3 .*resume with train.zero_stage=2$"):
+        other.train(resume=True)
+    assert loads == []
+    other.close()
+    resumed = tiny_trainer(tmp_path, "train.steps=2", "eval.every=0", "train.zero_stage=1")
+    resumed.train(resume=True)  # ZeRO-1 loads ZeRO-2's states
+    resumed.close()
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    after = tmp_path / "checkpoints" / "step-000002" / "trainer_state.json"
+    assert json.loads(after.read_text())["zero_stage"] == 1
+    for stage, wanted in ((0, 0), (3, 3), (1, 2), (2, 1), (2, 2)):  # what loads
+        check_optimizer_layout({"zero_stage": stage, "bf16": True}, wanted, True, saved)
+    check_optimizer_layout({"zero_stage": 0}, 0, True, saved)  # saved before bf16 was recorded
+    model = {"config": {"model": {"path": "/models/q"}}}
+    with pytest.raises(ConfigError, match=r"model.precision: .* was saved in bf16, and DeepSpeed "
+                                          r"cannot load its optimizer states in fp32: resume with "
+                                          r"model.precision=bf16, or start a new run from its "
+                                          r"weights: model.path=.*step-000001/hf"):
+        check_optimizer_layout({**model, "zero_stage": 0, "bf16": True}, 0, False, saved)
+    with pytest.raises(ConfigError, match="saved at ZeRO-0, .* at ZeRO-1"):
+        check_optimizer_layout({"zero_stage": 0, "bf16": False}, 1, False, saved)
+
+
 def test_rollout_metrics_leave_out_the_members_a_batch_does_not_have():
     batch = hand_made_batch()
     batch.rewards = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0])
