@@ -149,13 +149,13 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
             from luffy_fast.trainer import LuffyTrainer
 
             config = load_config(args.config, args.overrides)
-            run_dir = config.output.dir
+            run_dir = config.output.dir  # and the settings are good: each rank says what fails
             if args.dry_run:
                 from luffy_fast.dry_run import dry_run
 
                 return dry_run(config, args.world_size or int(os.environ.get("WORLD_SIZE", 1)))
             # before any loading; a launched rank's number from the launcher (no process group yet)
-            rank = int(os.environ.get("RANK", 0))
+            rank = launched_rank()
             with claim_run_dir(config.output.dir, rank):
                 check_run_dir(config.output.dir, args.resume, args.overwrite, rank=rank)
                 trainer = LuffyTrainer(config)
@@ -184,21 +184,38 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
         if debug:
             raise
         kind = "configuration error" if isinstance(error, ConfigError) else "error"
-        print(f"luffy-fast: {kind}: {error}\n(--debug shows the traceback)", file=sys.stderr)
+        # the settings' errors are the same on every rank (the same command line and YAML)
+        if launched_rank() == 0 or not (isinstance(error, ConfigError) and run_dir is None):
+            print(f"{prefix()}{kind}: {error}\n(--debug shows the traceback)", file=sys.stderr)
         return 2
     except (DiskFullError, NonFiniteTrainingError) as error:
         if debug:
             raise
-        print(f"luffy-fast: {error}", file=sys.stderr)
+        print(f"{prefix()}{error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as stop:
         if debug:
             raise
         terminated = isinstance(stop, Terminated)
-        print(f"luffy-fast: {'terminated (SIGTERM)' if terminated else 'interrupted'}"
-              f"{resume_hint(args.command, run_dir)}", file=sys.stderr)
+        if launched_rank() == 0:
+            print(f"luffy-fast: {'terminated (SIGTERM)' if terminated else 'interrupted'}"
+                  f"{resume_hint(args.command, run_dir)}", file=sys.stderr)
         return 143 if terminated else 130
     return 0
+
+
+def launched_rank() -> int:
+    """This process's rank under a launcher (RANK), 0 otherwise."""
+    return int(os.environ.get("RANK", 0) or 0)
+
+
+def prefix() -> str:
+    """An error line's start: "luffy-fast: ", naming the rank on ranks other than 0. Rank 0
+    alone reports an error in the settings and an interrupt (the launcher signals every rank);
+    other errors may be one rank's own (its node's disk and files), so each rank reports its
+    own."""
+    rank = launched_rank()
+    return f"luffy-fast [rank {rank}]: " if rank else "luffy-fast: "
 
 
 if __name__ == "__main__":

@@ -219,3 +219,35 @@ def test_transformers_progress_bars_are_off_where_they_would_break_into_ours(com
         assert transformers_logging.is_progress_bar_enabled() == shown
     finally:
         transformers_logging.enable_progress_bar()
+
+
+def test_under_a_launcher_rank_zero_alone_reports_the_settings_and_interrupts(tmp_path, capsys,
+                                                                             monkeypatch):
+    """Every rank reads the same settings and gets the same signal: their errors and the
+    interrupt line are printed once, by rank 0; a later error may be one rank's own, so each
+    rank prints its own, naming itself."""
+    config, out = config_file(tmp_path, "train.steps=1")
+    for rank, shown in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["train", "--config", config, "optim.lrr=1"]) == 2
+        error = capsys.readouterr().err
+        assert ("luffy-fast: configuration error: optim.lrr: unknown key" in error) == shown
+        assert error == "" or shown
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "check_run_dir", interrupted)
+    for rank, shown in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["train", "--config", config]) == 130
+        assert ("luffy-fast: interrupted; no checkpoint" in capsys.readouterr().err) == shown
+
+    def missing(*args, **kwargs):
+        raise FileNotFoundError("/node-local/data.parquet")
+
+    monkeypatch.setattr(cli, "check_run_dir", missing)
+    monkeypatch.setenv("RANK", "3")
+    assert main(["train", "--config", config]) == 2
+    assert capsys.readouterr().err.startswith(
+        "luffy-fast [rank 3]: error: /node-local/data.parquet")
