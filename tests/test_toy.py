@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import yaml
@@ -115,10 +116,19 @@ def test_demo_end_to_end_writes_summary_and_plot(tmp_path, capsys):
 def test_unwritable_demo_output_dir_is_a_clear_error(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    with pytest.raises(ConfigError, match="demo output directory: .* is not writable"):
+    with pytest.raises(ConfigError, match=rf"demo output directory: '{blocker}/demo' cannot be a "
+                                          rf"folder: '{blocker}' is a file"):
         run_demo(blocker / "demo")
     assert main(["demo", "--output-dir", str(blocker / "demo")]) == 2
-    assert "not writable" in capsys.readouterr().err
+    assert "is a file" in capsys.readouterr().err
+    assert main(["demo", "--output-dir", str(blocker)]) == 2
+    assert f"'{blocker}' cannot be a folder: '{blocker}' is a file" in capsys.readouterr().err
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):  # root writes anywhere: nothing to check here
+        return
+    with pytest.raises(ConfigError, match="demo output directory: .* is not writable"):
+        run_demo(locked / "demo")
 
 
 def test_cli_reports_config_errors(tmp_path, capsys):
