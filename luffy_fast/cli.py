@@ -142,14 +142,15 @@ def quiet_library_progress(command: str, terminal: bool) -> None:
 
 def _run(args: argparse.Namespace, debug: bool) -> int:
     run_dir = None  # a training run's folder, for the interrupt message
-    quiet_library_progress(args.command, sys.stderr.isatty())
+    if args.command != "plot":  # plotting needs no transformers
+        quiet_library_progress(args.command, sys.stderr.isatty())
     try:
         if args.command == "train":
             from luffy_fast.train_config import load_config
             from luffy_fast.trainer import LuffyTrainer
 
             config = load_config(args.config, args.overrides)
-            run_dir = config.output.dir  # and the settings are good: each rank says what fails
+            run_dir = config.output.dir
             if args.dry_run:
                 from luffy_fast.dry_run import dry_run
 
@@ -184,14 +185,16 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
         if debug:
             raise
         kind = "configuration error" if isinstance(error, ConfigError) else "error"
-        # the settings' errors are the same on every rank (the same command line and YAML)
-        if launched_rank() == 0 or not (isinstance(error, ConfigError) and run_dir is None):
-            print(f"{prefix()}{kind}: {error}\n(--debug shows the traceback)", file=sys.stderr)
+        # an error in the settings or the data is the same on every rank of a node (the same
+        # command line, files and packages): the node's first rank alone reports it
+        if not isinstance(error, ConfigError) or launched_rank("LOCAL_RANK") == 0:
+            print(f"{error_prefix()}{kind}: {error}\n(--debug shows the traceback)",
+                  file=sys.stderr)
         return 2
     except (DiskFullError, NonFiniteTrainingError) as error:
         if debug:
             raise
-        print(f"{prefix()}{error}", file=sys.stderr)
+        print(f"{error_prefix()}{error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as stop:
         if debug:
@@ -204,16 +207,18 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
     return 0
 
 
-def launched_rank() -> int:
-    """This process's rank under a launcher (RANK), 0 otherwise."""
-    return int(os.environ.get("RANK", 0) or 0)
+def launched_rank(variable: str = "RANK") -> int:
+    """This process's rank under a launcher (RANK; LOCAL_RANK: its rank on its node), 0 when
+    not launched (or the variable is not a number: the launcher's own check reports that)."""
+    value = os.environ.get(variable, "").strip()
+    return int(value) if value.isdigit() else 0
 
 
-def prefix() -> str:
-    """An error line's start: "luffy-fast: ", naming the rank on ranks other than 0. Rank 0
-    alone reports an error in the settings and an interrupt (the launcher signals every rank);
-    other errors may be one rank's own (its node's disk and files), so each rank reports its
-    own."""
+def error_prefix() -> str:
+    """An error line's start: "luffy-fast: ", naming the rank on ranks other than 0. An error
+    in the settings or the data is reported by each node's first rank, an interrupt by rank 0
+    (the launcher signals every rank), any other error by every rank that has it (its own
+    disk, its own files)."""
     rank = launched_rank()
     return f"luffy-fast [rank {rank}]: " if rank else "luffy-fast: "
 

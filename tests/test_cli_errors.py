@@ -221,18 +221,20 @@ def test_transformers_progress_bars_are_off_where_they_would_break_into_ours(com
         transformers_logging.enable_progress_bar()
 
 
-def test_under_a_launcher_rank_zero_alone_reports_the_settings_and_interrupts(tmp_path, capsys,
-                                                                             monkeypatch):
-    """Every rank reads the same settings and gets the same signal: their errors and the
-    interrupt line are printed once, by rank 0; a later error may be one rank's own, so each
-    rank prints its own, naming itself."""
+def test_under_a_launcher_errors_are_reported_once_per_node(tmp_path, capsys, monkeypatch):
+    """The ranks of a node read the same settings, files and packages: an error in them is
+    printed by the node's first rank alone (naming its rank, if not 0), so a node that lacks a
+    file still says so; an interrupt by rank 0 alone (the launcher signals every rank); any
+    other error by every rank that has it, naming the rank."""
     config, out = config_file(tmp_path, "train.steps=1")
-    for rank, shown in (("1", False), ("0", True)):
+    for rank, local_rank, shown in (("1", "1", ""), ("0", "0", "luffy-fast: "),
+                                    ("8", "0", "luffy-fast [rank 8]: ")):
         monkeypatch.setenv("RANK", rank)
-        assert main(["train", "--config", config, "optim.lrr=1"]) == 2
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        assert main(["train", "--config", config, "data.source=/node-local/d.parquet"]) == 2
         error = capsys.readouterr().err
-        assert ("luffy-fast: configuration error: optim.lrr: unknown key" in error) == shown
-        assert error == "" or shown
+        assert error == "" if not shown else error.startswith(
+            f"{shown}configuration error: data.source: ")
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -240,6 +242,7 @@ def test_under_a_launcher_rank_zero_alone_reports_the_settings_and_interrupts(tm
     monkeypatch.setattr(cli, "check_run_dir", interrupted)
     for rank, shown in (("1", False), ("0", True)):
         monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)
         assert main(["train", "--config", config]) == 130
         assert ("luffy-fast: interrupted; no checkpoint" in capsys.readouterr().err) == shown
 
@@ -248,6 +251,10 @@ def test_under_a_launcher_rank_zero_alone_reports_the_settings_and_interrupts(tm
 
     monkeypatch.setattr(cli, "check_run_dir", missing)
     monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "3")
     assert main(["train", "--config", config]) == 2
     assert capsys.readouterr().err.startswith(
         "luffy-fast [rank 3]: error: /node-local/data.parquet")
+    monkeypatch.setenv("RANK", "x")  # not a number: taken as not launched, the error still shown
+    assert main(["train", "--config", config]) == 2
+    assert capsys.readouterr().err.startswith("luffy-fast: error: /node-local/data.parquet")
