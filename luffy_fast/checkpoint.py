@@ -232,9 +232,11 @@ class CheckpointManager:
 def check_optimizer_layout(saved: dict, zero_stage: int, bf16: bool, path: Path) -> None:
     """DeepSpeed's optimizer states differ by ZeRO stage (1 and 2 share theirs) and by bf16 or
     not; its load of another layout fails in its own code (a KeyError, a missing file): a clear
-    error before the load. Checkpoints saved before `bf16` was recorded are checked by stage."""
-    stage = saved.get("zero_stage", 0)
-    toy = (saved.get("config") or {}).get("model", {}).get("path") == "toy"
+    error before the load. A checkpoint that does not record its stage is checked by its
+    settings' `train.zero_stage`, one that does not record `bf16` by stage alone."""
+    settings = saved.get("config") or {}
+    stage = saved.get("zero_stage", settings.get("train", {}).get("zero_stage", zero_stage))
+    toy = settings.get("model", {}).get("path") == "toy"
     weights = "" if toy else f", or start a new run from its weights: model.path={path / 'hf'}"
     if {stage, zero_stage} != {1, 2} and stage != zero_stage:
         raise ConfigError(f"train.zero_stage: {path} was saved at ZeRO-{stage}, and DeepSpeed "

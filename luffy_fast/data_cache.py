@@ -14,6 +14,7 @@ temporary files of writers that died, each under its entry's lock.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -71,7 +72,8 @@ def load_cached_samples(source, tokenizer, limits: DataLimits, cache_dir: Path |
         if entry.is_file():
             try:
                 found = read_entry(entry)
-                os.utime(entry)  # its last use, which decides what prune_cache keeps
+                with contextlib.suppress(OSError):  # another user's entry in a shared cache
+                    os.utime(entry)  # its last use, which decides what prune_cache keeps
                 return found
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
                 warn(f"{entry}: a damaged cache entry ({type(error).__name__}: {error}); "
@@ -90,7 +92,8 @@ def prune_cache(cache_dir: Path, keep: int = KEEP_ENTRIES) -> list[tuple[Path, i
     """Remove all but the `keep` most recently used entries of `cache_dir`, and the temporary
     files of writers that are gone; (path, bytes) of each removed. A file is removed only under
     its entry's lock, taken without waiting: an entry being read or written stays, and a
-    temporary file whose lock is free has no writer left (on any machine sharing the folder)."""
+    temporary file whose lock is free has no writer left (on any machine sharing the folder,
+    where its file system gives locks across machines, as the build lock needs too)."""
     from filelock import FileLock, Timeout
 
     def last_use(path: Path) -> int:

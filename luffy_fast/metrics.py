@@ -15,11 +15,15 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
+from luffy_fast.errors import ConfigError
 from luffy_fast.run_files import from_every_rank, naming_full_disk, warn, write_atomic
+
+if TYPE_CHECKING:
+    from luffy_fast.train_config import LuffyTrainConfig
 
 
 class MeanMinMax:
@@ -81,22 +85,29 @@ TOKEN_COUNTS = {"logprob_mean": "loss_tokens", "entropy": "loss_tokens",
                 "ratio_min": "on_policy_loss_tokens", "ratio_max": "on_policy_loss_tokens",
                 "rollout_logprob_gap_mean": "sampled_tokens", "tis_weight_mean": "sampled_tokens",
                 "tis_clipped_fraction": "sampled_tokens"}
+# the means over a step's samples, weighted over the ranks by each rank's count of them (a rank's
+# share of traces differs where prompts have none)
+SAMPLE_COUNTS = {"advantage_mean": "samples", "zero_advantage_fraction": "samples",
+                 "reward_off_policy": "off_policy_samples",
+                 "response_length_off_policy": "off_policy_samples"}
 # summed over the ranks: counts (also every */errors and */timeouts) and throughputs; the
 # largest: times and memory (the slowest rank)
 SUMMED_OVER_RANKS = ("micro_batches", "tokens_per_second", "generated_tokens",
-                     "generate_tokens_per_second", *dict.fromkeys(TOKEN_COUNTS.values()))
+                     "generate_tokens_per_second", *dict.fromkeys(TOKEN_COUNTS.values()),
+                     *dict.fromkeys(SAMPLE_COUNTS.values()))
 LARGEST_OVER_RANKS = ("peak_memory_mb",)
-# population standard deviations over all ranks' members, pooled from each rank's std and the
-# mean it maps to: var = mean(std² + mean²) - mean(mean)² over equal shares
-POOLED_OVER_RANKS = {"advantage_std": "advantage_mean"}
+# population standard deviations over all ranks' samples, pooled from each rank's std, the mean
+# and the count it maps to: var = Σ n (std² + mean²) / Σ n - mean²
+POOLED_OVER_RANKS = {"advantage_std": ("advantage_mean", "samples")}
 
 
 def over_ranks(metrics: Mapping, world_size: int) -> dict:
     """A step's metrics over the data-parallel ranks, each of which holds an equal share of the
     step's prompts: counts and throughputs summed, `*_min` the smallest, `*_max`, `time/*`,
     `*_seconds` and peak memory the largest, token means (TOKEN_COUNTS) weighted by each rank's
-    token count, `advantage_std` pooled (POOLED_OVER_RANKS), every other number the mean of the
-    ranks' values (exact for means over equal shares: rewards, lengths, the loss). A collective:
+    token count, sample means (SAMPLE_COUNTS) by its sample count, `advantage_std` pooled
+    (POOLED_OVER_RANKS), every other number the mean of the ranks' values (exact for means
+    over equal shares: on-policy rewards and lengths, the loss). A collective:
     every rank calls it with its own metrics and gets the same result."""
     if world_size == 1:
         return dict(metrics)
@@ -108,20 +119,23 @@ def over_ranks(metrics: Mapping, world_size: int) -> dict:
                                 or name.startswith("time/") or name in LARGEST_OVER_RANKS},
                        summed={name for name in names if name in SUMMED_OVER_RANKS
                                or name.endswith(("/errors", "/timeouts"))},
-                       weighted_by=TOKEN_COUNTS)
+                       weighted_by={**TOKEN_COUNTS, **SAMPLE_COUNTS})
     for rank in numbers:
         stats.add(rank)
-    pooled = {name: pooled_std([(rank[name], rank[mean]) for rank in numbers])
-              for name, mean in POOLED_OVER_RANKS.items()
-              if all(name in rank and mean in rank for rank in numbers)}
+    pooled = {name: pooled_std([(rank[name], rank[mean], rank[count]) for rank in numbers])
+              for name, (mean, count) in POOLED_OVER_RANKS.items()
+              if all(name in rank and mean in rank and count in rank for rank in numbers)}
     return {**metrics, **stats.result(), **pooled}
 
 
-def pooled_std(parts: Iterable[tuple[float, float]]) -> float:
-    """The population std of the union of equal-sized parts, from each part's (std, mean)."""
-    parts = list(parts)
-    square_mean = sum(std * std + mean * mean for std, mean in parts) / len(parts)
-    mean = sum(mean for _, mean in parts) / len(parts)
+def pooled_std(parts: Iterable[tuple[float, float, float]]) -> float:
+    """The population std of the union of parts, from each part's (std, mean, size)."""
+    parts = [part for part in parts if part[2]]
+    size = sum(n for _, _, n in parts)
+    if not size:
+        return 0.0
+    square_mean = sum(n * (std * std + mean * mean) for std, mean, n in parts) / size
+    mean = sum(n * mean for _, mean, n in parts) / size
     return math.sqrt(max(square_mean - mean * mean, 0.0))
 
 
@@ -163,8 +177,11 @@ class MetricsLogger:
 
     def __init__(self, directory: Path, tensorboard: bool, resume_step: int = 0) -> None:
         self.path = directory / "metrics.jsonl"
+        self.logged_before = 0  # the last step the run had logged before this (re)start
         if resume_step and self.path.exists():  # drop what a crashed run logged past the checkpoint
-            kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= resume_step]
+            rows = read_metrics(self.path)
+            self.logged_before = max((row.get("step", 0) for row in rows), default=0)
+            kept = [row for row in rows if row.get("step", 0) <= resume_step]
             write_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
         self.writer, self.wandb, self.wandb_from = None, None, 0
         if tensorboard:
@@ -191,13 +208,21 @@ class MetricsLogger:
                             and isinstance(value, (int, float))}, step=metrics["step"])
 
     @classmethod
-    def for_run(cls, directory: Path, config, resume_step: int = 0) -> MetricsLogger:
-        """The logger of a training run (a LuffyTrainConfig): TensorBoard and Weights & Biases
-        as its `output` section says."""
+    def for_run(cls, directory: Path, config: LuffyTrainConfig,
+                resume_step: int = 0) -> MetricsLogger:
+        """The logger of a training run: TensorBoard and Weights & Biases as its `output`
+        section says. A resumed W&B run is sent no step it was sent before the restart: online
+        W&B resumes after its last step, but an offline run starts again at 0 (its segments are
+        joined by `wandb sync`), so the steps logged before the restart are skipped too."""
         logger = cls(directory, config.output.tensorboard, resume_step)
         if config.output.wandb_project:
-            logger.wandb = open_wandb(directory, config, resume_step)
-            logger.wandb_from = logger.wandb.step  # what a resumed W&B run has is not sent again
+            try:
+                logger.wandb = open_wandb(directory, config, resume_step)
+            except BaseException:
+                logger.close()
+                raise
+            logger.wandb_from = max(logger.wandb.step, logger.logged_before + 1 if resume_step
+                                    else 0)
         return logger
 
     def close(self) -> None:
@@ -210,7 +235,7 @@ class MetricsLogger:
 WANDB_ID = "wandb_id"  # the W&B run id of a run folder (a RUN_FILES entry)
 
 
-def open_wandb(directory: Path, config, resume_step: int):
+def open_wandb(directory: Path, config: LuffyTrainConfig, resume_step: int) -> Any:
     """The W&B run of a run folder: its id is kept in `wandb_id`, so `--resume` continues the
     same W&B run (its steps past the checkpoint, redone with the same metrics, are not sent
     twice) and a fresh start begins a new one. W&B's own settings come from its environment
@@ -224,9 +249,14 @@ def open_wandb(directory: Path, config, resume_step: int):
     if not run_id:
         run_id = secrets.token_hex(4)
         write_atomic(id_file, run_id + "\n")
-    return wandb.init(project=config.output.wandb_project, id=run_id, resume="allow",
-                      name=config.output.wandb_name or Path(directory).resolve().name,
-                      config=config.to_dict(), dir=str(directory))
+    try:
+        return wandb.init(project=config.output.wandb_project, id=run_id, resume="allow",
+                          name=config.output.wandb_name or Path(directory).resolve().name,
+                          config=config.to_dict(), dir=str(directory))
+    except Exception as error:  # wandb's errors (no login, no network, ...) share no base class
+        raise ConfigError(f"output.wandb_project: W&B could not start the run ("
+                          f"{type(error).__name__}: {error}); log in (WANDB_API_KEY), or set "
+                          f"WANDB_MODE=offline to log without a network") from error
 
 
 def read_metrics(path: str | Path) -> list[dict]:

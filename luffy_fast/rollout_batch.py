@@ -89,8 +89,9 @@ def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
     rewards, advantages = batch.rewards, batch.advantages
     lengths = torch.tensor([len(r) for r in batch.response_ids], dtype=torch.float32)
     metrics = {
+        "samples": len(advantages), "off_policy_samples": int(off.sum()),
         "advantage_mean": float(advantages.mean()),
-        # the population std, which pools exactly over the ranks' equal shares (metrics.POOLED)
+        # the population std, which pools exactly over the ranks (metrics.POOLED_OVER_RANKS)
         "advantage_std": float(advantages.std(correction=0)),
         "advantage_min": float(advantages.min()),
         "advantage_max": float(advantages.max()),

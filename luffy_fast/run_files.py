@@ -102,10 +102,11 @@ def ensure_writable_dir(path: str | Path, key: str = "output.dir") -> Path:
     """Create `path` if needed and prove it is writable, or raise naming the cause."""
     path = Path(path)
     probe = path / f".write-probe-{os.getpid()}"
-    blocking = next((part for part in (path, *path.parents) if part.exists()), None)
-    if blocking is not None and not blocking.is_dir():
-        raise ConfigError(f"{key}: {str(path)!r} cannot be a folder: {str(blocking)!r} is a file")
     try:
+        blocking = next((part for part in (path, *path.parents) if part.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            raise ConfigError(f"{key}: {str(path)!r} cannot be a folder: {str(blocking)!r} is a "
+                              f"file")
         path.mkdir(parents=True, exist_ok=True)
         probe.write_text("ok")
     except OSError as error:

@@ -454,6 +454,11 @@ def test_a_resume_at_another_optimizer_layout_is_refused_before_the_load(tmp_pat
     for stage, wanted in ((0, 0), (3, 3), (1, 2), (2, 1), (2, 2)):  # what loads
         check_optimizer_layout({"zero_stage": stage, "bf16": True}, wanted, True, saved)
     check_optimizer_layout({"zero_stage": 0}, 0, True, saved)  # saved before bf16 was recorded
+    # saved before the stage was recorded: its settings' stage, or nothing to check against
+    check_optimizer_layout({"config": {"train": {"zero_stage": 2}}}, 2, True, saved)
+    check_optimizer_layout({"step": 5}, 3, True, saved)
+    with pytest.raises(ConfigError, match="saved at ZeRO-3, .* at ZeRO-2"):
+        check_optimizer_layout({"config": {"train": {"zero_stage": 3}}}, 2, True, saved)
     model = {"config": {"model": {"path": "/models/q"}}}
     with pytest.raises(ConfigError, match=r"model.precision: .* was saved in bf16, and DeepSpeed "
                                           r"cannot load its optimizer states in fp32: resume with "

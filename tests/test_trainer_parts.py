@@ -126,25 +126,40 @@ def test_step_metrics_over_ranks_by_hand(monkeypatch):
     assert over_ranks(ranks[1], 1) == ranks[1]  # a world of one: no collective
 
 
-def test_advantage_std_over_ranks_is_the_whole_batchs(monkeypatch):
-    """Each rank's rollout metrics of its equal share: over the ranks, advantage_std is the
-    population std of all the advantages (not the mean of the ranks' stds), the mean their mean."""
+def test_sample_statistics_over_ranks_are_the_whole_batchs(monkeypatch):
+    """Each rank's rollout metrics of its share, the shares unequal (a prompt without traces
+    has no off-policy members): over the ranks, advantage_std is the population std of all the
+    advantages (not the mean of the ranks' stds), advantage_mean and the off-policy means those
+    of all the samples, the counts summed."""
     from luffy_fast.metrics import over_ranks
     from luffy_fast.rollout_batch import rollout_metrics
 
-    advantages = torch.cat([torch.randn(12, generator=torch.Generator().manual_seed(0)),
-                            torch.randn(12, generator=torch.Generator().manual_seed(1)) + 4])
-    parts = [SimpleNamespace(off_policy=torch.zeros(12, dtype=torch.bool), rewards=torch.zeros(12),
-                             advantages=share, response_ids=[[1]] * 12, finished=[True] * 12)
-             for share in advantages.split(12)]
+    sizes, traces = (18, 6), (6, 1)
+    advantages = torch.cat([torch.randn(18, generator=torch.Generator().manual_seed(0)),
+                            torch.randn(6, generator=torch.Generator().manual_seed(1)) + 4])
+    rewards = torch.rand(24, generator=torch.Generator().manual_seed(2))
+    off_policy = torch.tensor([i < 6 for i in range(18)] + [i < 1 for i in range(6)])
+    lengths = list(range(1, 25))
+    parts, start = [], 0
+    for size in sizes:
+        share = slice(start, start + size)
+        parts.append(SimpleNamespace(off_policy=off_policy[share], rewards=rewards[share],
+                                     advantages=advantages[share],
+                                     response_ids=[[7] * n for n in lengths[share]],
+                                     finished=[True] * size))
+        start += size
     ranks = [rollout_metrics(part) for part in parts]
+    assert [rank["off_policy_samples"] for rank in ranks] == list(traces)
     monkeypatch.setattr(torch.distributed, "all_gather_object",
                         lambda gathered, mine: gathered.__setitem__(slice(None), ranks))
     merged = over_ranks(ranks[0], 2)
     assert merged["advantage_std"] == pytest.approx(float(advantages.std(correction=0)), rel=1e-6)
     assert merged["advantage_mean"] == pytest.approx(float(advantages.mean()), rel=1e-6)
+    assert merged["reward_off_policy"] == pytest.approx(float(rewards[off_policy].mean()))
+    off_lengths = torch.tensor(lengths, dtype=torch.float)[off_policy]
+    assert merged["response_length_off_policy"] == pytest.approx(float(off_lengths.mean()))
+    assert (merged["samples"], merged["off_policy_samples"]) == (24, 7)
     assert merged["advantage_std"] > 1.5 * (ranks[0]["advantage_std"] + ranks[1]["advantage_std"]) / 2
-
 
 def test_tasks_load_by_name(tmp_path, monkeypatch):
     assert isinstance(load_task(load_config(None)), ToyTask)  # data.source toy: the toy task

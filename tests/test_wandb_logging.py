@@ -1,6 +1,7 @@
 """Weights & Biases logging (output.wandb_project), against a stand-in `wandb` module that
-records what it is sent and, like W&B's servers, remembers each run id's last step: every step
-reaches W&B once with the numbers of metrics.jsonl, across a crash and a resume."""
+records what it is sent and, like W&B's servers, remembers each run id's last step (online; an
+offline run knows no earlier one): every step reaches W&B once with the numbers of
+metrics.jsonl, across a crash and a resume."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from luffy_fast.trainer import LuffyTrainer
 
 
 class FakeRun:
-    def __init__(self, server: dict, **settings) -> None:
+    def __init__(self, server: dict, offline: bool, **settings) -> None:
         self.server, self.settings = server, settings
-        self.step = server.get(settings["id"], 0)  # a known id resumes after its last step
+        # online, a known id resumes after its last step; offline, W&B knows no earlier run
+        self.step = 0 if offline else server.get(settings["id"], 0)
         self.sent: list[tuple[int, dict]] = []
         self.exit_code = None
 
@@ -32,14 +34,16 @@ class FakeRun:
         self.exit_code = exit_code
 
 
-@pytest.fixture
-def wandb(monkeypatch):
+@pytest.fixture(params=["online", "offline"])
+def wandb(monkeypatch, request):
     module = types.ModuleType("wandb")
     module.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
-    module.server, module.runs = {}, []
+    module.server, module.runs, module.failure = {}, [], None
 
     def init(**settings):
-        module.runs.append(FakeRun(module.server, **settings))
+        if module.failure:
+            raise module.failure
+        module.runs.append(FakeRun(module.server, request.param == "offline", **settings))
         return module.runs[-1]
 
     module.init = init
@@ -101,6 +105,17 @@ def test_a_fresh_run_in_the_folder_is_a_new_wandb_run(tmp_path, wandb):
     assert first.settings["name"] == second.settings["name"] == "mine"
     assert first.settings["id"] != second.settings["id"]
     assert (tmp_path / "run" / "wandb_id").read_text().strip() == second.settings["id"]
+
+
+def test_a_wandb_run_that_cannot_start_is_one_error_naming_the_key(tmp_path, wandb):
+    wandb.failure = RuntimeError("api_key not configured (no-tty)")
+    trainer = LuffyTrainer(tiny_config(tmp_path / "run", "train.steps=1", "eval.every=0",
+                                       "output.wandb_project=p", "output.tensorboard=true"))
+    with pytest.raises(ConfigError, match=r"output.wandb_project: W&B could not start the run "
+                                          r"\(RuntimeError: api_key not configured \(no-tty\)\); "
+                                          r"log in \(WANDB_API_KEY\), or set WANDB_MODE=offline"):
+        trainer.train()
+    trainer.close()
 
 
 def test_wandb_settings_are_checked_before_anything_loads(tmp_path, monkeypatch):
