@@ -14,9 +14,12 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from luffy_fast.errors import ConfigError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # The default panels, in this order, each where some run logged it: validation first (the
 # macro average over the held-out benchmarks, the toy task's held-out accuracy), then rollouts
@@ -28,7 +31,7 @@ DEFAULT_METRICS = ("val/macro/avg@*", "heldout_accuracy", "reward_on_policy", "r
 VALIDATION = re.compile(r"^(val/|heldout_)")
 
 
-def add_plot_parser(commands) -> None:
+def add_plot_parser(commands: argparse._SubParsersAction) -> None:
     plot = commands.add_parser(
         "plot", help="training curves of one or more runs, as a PNG",
         description="Plot the metrics.jsonl of one or more runs (their output.dir), one panel per "
@@ -81,8 +84,10 @@ def chosen_metrics(histories: Sequence[list[dict]], wanted: Optional[str]) -> li
             ".*".join(map(re.escape, pattern.split("*"))), name)]
         if not found and wanted is not None:
             near = [name for name in logged if pattern.split("*")[0].split("/")[0] in name][:8]
+            shown = near or logged[:12]
+            listed = ", ".join(shown) + (", ..." if len(shown) < len(logged) else "")
             raise ConfigError(f"plot --metrics: no run logged {pattern!r} (logged: "
-                              f"{', '.join(near or logged[:12])}{', ...' if not near else ''})")
+                              f"{listed or 'nothing yet'})")
         names += [name for name in found if name not in names]
     if not names:
         raise ConfigError("plot: the runs have logged none of the default metrics yet; name "
@@ -112,7 +117,7 @@ def series(history: Sequence[dict], name: str) -> tuple[list[int], list[float]]:
     return [step for step, _ in points], [value for _, value in points]
 
 
-def draw(histories: dict[str, list[dict]], names: Sequence[str], smooth: float):
+def draw(histories: dict[str, list[dict]], names: Sequence[str], smooth: float) -> Figure:
     """The figure: a panel per name (three to a row), a colour per run."""
     import matplotlib
 
