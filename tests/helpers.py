@@ -196,6 +196,23 @@ def tiny_config(output_dir, *overrides):
     return load_config(None, [*TINY, f"output.dir={output_dir}", *overrides])
 
 
+def train_until_killed(trainer, step: int, monkeypatch) -> None:
+    """Train until `step` (0-based) starts, then stop as a kill would (a KeyboardInterrupt
+    from inside the loop); the trainer's own `finally` blocks run."""
+    import pytest
+
+    real_step = trainer.training_step
+
+    def killed_at(number):
+        if number == step:
+            raise KeyboardInterrupt(f"killed in step {step + 1}")
+        return real_step(number)
+
+    monkeypatch.setattr(trainer, "training_step", killed_at)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+
+
 # The trainer sets these when it starts a world of one process in the test process (DeepSpeed
 # needs them there afterwards); a subprocess that inherited them would take itself for a launched
 # rank and bind this process's store port.

@@ -7,7 +7,13 @@ import json
 import pytest
 import torch
 
-from helpers import assert_same_gradients, policy_gradients, rollout_batch, tiny_config
+from helpers import (
+    assert_same_gradients,
+    policy_gradients,
+    rollout_batch,
+    tiny_config,
+    train_until_killed,
+)
 from luffy_fast import LuffyLossConfig, group_advantages
 from luffy_fast.data import Sample
 from luffy_fast.distributed import gathered_parameters
@@ -265,16 +271,7 @@ def test_resume_after_a_crash_logs_the_same_next_step(tmp_path, monkeypatch):
     expected = read_metrics(tmp_path / "straight" / "metrics.jsonl")
 
     crashed = tiny_trainer(tmp_path / "crash", "train.steps=3")
-    real_step = crashed.training_step
-
-    def crash_on_third(step):
-        if step == 2:
-            raise KeyboardInterrupt("killed after the step-2 checkpoint")
-        return real_step(step)
-
-    monkeypatch.setattr(crashed, "training_step", crash_on_third)
-    with pytest.raises(KeyboardInterrupt):
-        crashed.train()
+    train_until_killed(crashed, 2, monkeypatch)  # in step 3, after the step-2 checkpoint
     # a half-written checkpoint must never become `latest`
     (tmp_path / "crash" / "checkpoints" / ".staging-step-000004").mkdir()
     assert (tmp_path / "crash" / "checkpoints" / "latest").read_text().strip() == "step-000002"
@@ -397,6 +394,20 @@ def test_a_resume_with_changed_settings_says_which_and_keeps_the_earlier_ones(tm
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
 
 
+def refused_before_the_load(tmp_path, *overrides, match: str) -> LuffyTrainer:
+    """A trainer whose `--resume` of the run in tmp_path (to step 2) is a ConfigError matching
+    `match`, raised before DeepSpeed's load is called."""
+    from luffy_fast.errors import ConfigError
+
+    trainer = tiny_trainer(tmp_path, "train.steps=2", "eval.every=0", *overrides)
+    loads = []
+    trainer.checkpoints.load = lambda *args: loads.append(args)
+    with pytest.raises(ConfigError, match=match):
+        trainer.train(resume=True)
+    assert loads == []
+    return trainer
+
+
 def test_a_zero_checkpoint_resumes_only_on_the_ranks_that_saved_it(tmp_path):
     """ZeRO-1/2/3 optimizer states are partitioned by rank: a checkpoint of 2 ranks on 1 rank is
     a ConfigError naming both counts before DeepSpeed's load (its own error is a traceback)."""
@@ -408,14 +419,9 @@ def test_a_zero_checkpoint_resumes_only_on_the_ranks_that_saved_it(tmp_path):
     state = json.loads(state_file.read_text())
     assert (state["world_size"], state["zero_stage"]) == (1, 2)
     state_file.write_text(json.dumps({**state, "world_size": 2}))  # as two ranks would save it
-    resumed = tiny_trainer(tmp_path, "train.steps=2", "eval.every=0", "train.zero_stage=2")
-    loads = []
-    resumed.checkpoints.load = lambda *args: loads.append(args)
-    with pytest.raises(ConfigError, match=r"train.zero_stage: .*step-000001 was saved by 2 "
-                                          r"rank\(s\) at ZeRO-2.* on 1 \(this run: ZeRO-2\): "
-                                          r"resume with 2"):
-        resumed.train(resume=True)
-    assert loads == []
+    resumed = refused_before_the_load(tmp_path, "train.zero_stage=2", match=(
+        r"train.zero_stage: .*step-000001 was saved by 2 rank\(s\) at ZeRO-2.* on 1 \(this run: "
+        r"ZeRO-2\): resume with 2"))
     checkpoints = resumed.checkpoints  # ZeRO-0 states load on any number of ranks
     checkpoints.check_ranks({"world_size": 2, "zero_stage": 0}, 0, state_file.parent)
     checkpoints.check_ranks({"zero_stage": 2}, 2, state_file.parent)  # saved before the count
@@ -436,15 +442,9 @@ def test_a_resume_at_another_optimizer_layout_is_refused_before_the_load(tmp_pat
     saved = tmp_path / "checkpoints" / "step-000001"
     state = json.loads((saved / "trainer_state.json").read_text())
     assert (state["zero_stage"], state["bf16"]) == (2, False)
-    other = tiny_trainer(tmp_path, "train.steps=2", "eval.every=0", "train.zero_stage=3")
-    loads = []
-    other.checkpoints.load = lambda *args: loads.append(args)
-    with pytest.raises(ConfigError, match=r"train.zero_stage: .*step-000001 was saved at ZeRO-2, "
-                                          r"and DeepSpeed cannot load its optimizer states at "
-                                          r"ZeRO-3 .*resume with train.zero_stage=2$"):
-        other.train(resume=True)
-    assert loads == []
-    other.close()
+    refused_before_the_load(tmp_path, "train.zero_stage=3", match=(
+        r"train.zero_stage: .*step-000001 was saved at ZeRO-2, and DeepSpeed cannot load its "
+        r"optimizer states at ZeRO-3 .*resume with train.zero_stage=2$")).close()
     resumed = tiny_trainer(tmp_path, "train.steps=2", "eval.every=0", "train.zero_stage=1")
     resumed.train(resume=True)  # ZeRO-1 loads ZeRO-2's states
     resumed.close()

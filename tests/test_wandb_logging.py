@@ -11,7 +11,7 @@ import types
 
 import pytest
 
-from helpers import tiny_config
+from helpers import tiny_config, train_until_killed
 from luffy_fast.errors import ConfigError
 from luffy_fast.metrics import read_metrics
 from luffy_fast.trainer import LuffyTrainer
@@ -62,16 +62,7 @@ def test_every_step_reaches_wandb_once_across_a_crash_and_a_resume(tmp_path, wan
     settings = ["train.steps=4", "output.wandb_project=luffy-tests"]
     config = tiny_config(tmp_path / "run-a", *settings)
     crashed = LuffyTrainer(config)
-    real_step = crashed.training_step
-
-    def crash_in_the_fourth_step(step):  # after step 3 is logged, past the step-2 checkpoint
-        if step == 3:
-            raise KeyboardInterrupt("killed")
-        return real_step(step)
-
-    monkeypatch.setattr(crashed, "training_step", crash_in_the_fourth_step)
-    with pytest.raises(KeyboardInterrupt):
-        crashed.train()
+    train_until_killed(crashed, 3, monkeypatch)  # step 3 logged, past the step-2 checkpoint
     crashed.close()
     [first] = wandb.runs
     run_id = (tmp_path / "run-a" / "wandb_id").read_text().strip()
