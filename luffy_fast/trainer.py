@@ -82,6 +82,9 @@ def loss_metrics(stats: dict) -> dict:
     return {**metrics, "loss_tokens": on + off, "on_policy_loss_tokens": on}
 
 
+BAR = ("reward_on_policy", "loss", "heldout_accuracy")  # the progress bar's metrics
+
+
 class LuffyTrainer:
     """Runs LUFFY (or on-policy GRPO with n_off = 0) from a LuffyTrainConfig. The task defaults
     to the one `data.task` names; tests and embedding code may pass their own task or engine."""
@@ -316,8 +319,8 @@ class LuffyTrainer:
                     logger.log(metrics)
                 history.append(metrics)
                 progress.step(self.step, metrics)
-                bar.set_postfix({k: f"{metrics[k]:.3g}" for k in
-                                 ("reward_on_policy", "loss", "heldout_accuracy") if k in metrics})
+                # drawn with the step count, which moves when the next step starts
+                bar.set_postfix({k: f"{metrics[k]:.3g}" for k in BAR if k in metrics}, refresh=False)
                 if last or (config.output.save_every and self.step % config.output.save_every == 0):
                     self.checkpoints.save(self.engine, self.tokenizer, self.step, config.to_dict(),
                                           {"sampler": self.sampler.state_dict(self.step)},
