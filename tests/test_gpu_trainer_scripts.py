@@ -128,6 +128,15 @@ def test_report_ratios_and_verdicts_from_known_numbers(tmp_path, capsys):
     checks = {c["name"]: c for c in tu.summarize(plan, tmp_path)["checks"]}
     assert checks["tokens/s at 16k, fused_liger / naive"]["value"] == pytest.approx(1.1)
 
+    # naive's probes cut short by the timeout before any ran out of memory: its longest is a
+    # lower bound, so the ratio may be too high, and no pass is claimed
+    (tmp_path / "results" / "update-naive.jsonl").write_text(json.dumps(
+        {"kind": "probe", "impl": "naive", "length": 16384, "status": "ok"}) + "\n")
+    (tmp_path / "results" / "update-fused.jsonl").write_text(json.dumps(
+        {"kind": "longest", "impl": "fused", "longest": 131072, "limit_reached": True}) + "\n")
+    longest = tu.summarize(plan, tmp_path)["checks"][0]
+    assert longest["value"] == 8.0 and not longest["ok"] and "upper bound" in longest["note"]
+
     # the triton backend with Liger's kernels in the model's layers, where it ran
     _write(tmp_path, "parity", [{"backend": "triton+liger", "rel_l2_error": 2e-2, "ok": True}])
     checks = {c["name"]: c for c in tu.summarize(plan, tmp_path)["checks"]}
@@ -238,6 +247,19 @@ def test_out_of_memory_ends_the_sizes_and_the_probes(tmp_path):
     assert longest["longest"] == 128 and longest["limit_reached"]
     growth = next(r for r in rows if r["kind"] == "growth")
     assert len(growth["allocated_after_step_mb"]) == tu.DRY.timed_steps  # the 64-token size only
+
+
+def test_a_probe_error_other_than_memory_is_retried_and_is_no_limit(tmp_path):
+    """A probe that fails for another reason (Liger's compiled loss at a new shape) is retried
+    once on a fresh engine; the probes go on, and only running out of memory is a limit."""
+    run_naive_update(tmp_path, BENCH_FAKE_ERROR_ONCE_AT="128")  # a probe length, not a size
+    rows = tu.read_rows(tmp_path, "update-naive")
+    probes = [(r["length"], r["status"], r.get("attempt", 0)) for r in rows if r["kind"] == "probe"]
+    assert probes == [(128, "error", 0), (128, "ok", 1), (256, "ok", 0), (512, "ok", 0)]
+    (longest,) = [r for r in rows if r["kind"] == "longest"]
+    assert longest["longest"] == 512 and not longest["limit_reached"]
+    growth = next(r for r in rows if r["kind"] == "growth")  # decided over steps of one size
+    assert growth["ok"] == (growth["same_size_growth_mb"] <= tu.DRY.growth_tolerance_mb)
 
 
 def test_the_16_bit_logits_head_measures_sizes_only(tmp_path):
