@@ -119,3 +119,49 @@ def test_progress_over_the_sequences_only_when_asked(engine, capsys):
         engine.show_progress = False
     assert "generating" in err and "6/6" in err
     assert shown == engine.generate([[5, 6], [7]], n=3, params=params)  # the same samples
+
+
+def test_top_p_logprobs_are_those_of_the_truncated_distribution(engine):
+    """With top-p the behaviour log-prob is that of the renormalized nucleus the token was
+    drawn from (the oracle: the policy's tempered logits truncated by hand)."""
+    prompt, temperature, top_p = [2, 3, 4, 12], 0.8, 0.7
+    [group] = engine.generate([prompt], n=6, params=SamplingParams(
+        8, temperature=temperature, top_p=top_p, seed=3))
+    for completion in group:
+        ids = torch.tensor([prompt + completion.token_ids])
+        with torch.no_grad():
+            logits = engine.model(ids).logits[0, len(prompt) - 1:-1].float() / temperature
+        probs = logits.softmax(-1)
+        ordered, order = probs.sort(-1, descending=True)
+        # a token stays while the mass before it is below top_p (the most likely always stays)
+        keep_sorted = (ordered.cumsum(-1) - ordered) < top_p
+        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+        expected = logits.masked_fill(~keep, float("-inf")).log_softmax(-1)
+        drawn = torch.tensor(completion.token_ids)[:, None]
+        assert bool(keep.gather(-1, drawn).all())  # every token drawn from its nucleus
+        torch.testing.assert_close(torch.tensor(completion.logprobs),
+                                   expected.gather(-1, drawn)[:, 0], atol=1e-4, rtol=1e-4)
+
+
+def test_the_recorder_keeps_one_step_of_scores():
+    """SampledLogprobs, fed by hand: each step's drawn token is read at the next step (or at the
+    end) from that step's log-softmax; only one [B, V] is held between steps."""
+    from luffy_fast.rollout.hf import SampledLogprobs
+
+    scores = torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(0))  # steps, B, V
+    scores[1, 0, 4] = float("-inf")  # a token top-p removed
+    drawn = torch.tensor([[1, 3], [0, 2], [4, 4]])  # steps, B
+    prompt = torch.tensor([[7], [7]])
+    recorder = SampledLogprobs()
+    sequences = prompt
+    for step in range(3):
+        step_scores = scores[step]
+        assert recorder(sequences, step_scores) is step_scores  # passed on unchanged
+        assert recorder._last.shape == (2, 5) and len(recorder.logprobs) == step
+        sequences = torch.cat([sequences, drawn[step][:, None]], dim=1)
+    logprobs, entropies = recorder.finish(sequences)
+    expected = scores.log_softmax(-1)
+    assert torch.equal(logprobs, expected.gather(-1, drawn[..., None])[..., 0].T)
+    finite = expected.exp() * expected.nan_to_num(neginf=0.0)
+    torch.testing.assert_close(entropies, -finite.sum(-1).T)
+    assert recorder._last is None

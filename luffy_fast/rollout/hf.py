@@ -23,7 +23,13 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from luffy_fast.rollout.base import (
     Completion,
@@ -138,20 +144,20 @@ class HFGenerateEngine(RolloutEngine):
             input_ids[row, width - len(prompt):] = torch.tensor(prompt)
             attention_mask[row, width - len(prompt):] = 1
         greedy = params.temperature == 0
-        sampling = {} if greedy else dict(temperature=params.temperature, top_p=params.top_p,
-                                          top_k=0)
-        out = self.model.generate(
+        # temperature and top-p as our own processors, so that the recorder comes after them
+        # (generate puts its own warpers after the processors it is given): the ones it would
+        # build are turned off (1.0, 0), which also overrides a model's generation defaults
+        warpers = [] if greedy else [TemperatureLogitsWarper(params.temperature)] + (
+            [TopPLogitsWarper(params.top_p)] if params.top_p < 1 else [])
+        sampling = {} if greedy else dict(temperature=1.0, top_p=1.0, top_k=0)
+        recorder = SampledLogprobs()
+        sequences = self.model.generate(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
             do_sample=not greedy, max_new_tokens=params.max_new_tokens, use_cache=True,
             pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
-            output_scores=True, return_dict_in_generate=True, **sampling)
-        new_tokens = out.sequences[:, width:]
-        # scores are the processed logits actually sampled from (temperature, top-p applied);
-        # reduced to [B, new tokens] where they are, so only those two come to the host
-        logprobs = torch.stack(out.scores, dim=1).float().log_softmax(-1)
-        token_logprobs = logprobs.gather(-1, new_tokens[..., None]).squeeze(-1).cpu()
-        entropy = -(logprobs.exp() * logprobs.clamp_min(-1e30)).sum(-1).cpu()
-        new_tokens = new_tokens.cpu()
+            logits_processor=LogitsProcessorList([*warpers, recorder]), **sampling)
+        new_tokens = sequences[:, width:].cpu()
+        token_logprobs, entropy = (values.cpu() for values in recorder.finish(sequences))
         result = []
         for row, (tokens, lps) in enumerate(zip(new_tokens.tolist(), token_logprobs.tolist())):
             finished = self.eos_token_id in tokens
@@ -181,3 +187,34 @@ class HFGenerateEngine(RolloutEngine):
 
     def close(self) -> None:
         self.model = None  # the copy (or the reference to the shared module) is all it holds
+
+
+class SampledLogprobs(LogitsProcessor):
+    """The last of generate's logits processors: it sees the scores each token is drawn from
+    (temperature and top-p applied) and records, per step, the drawn token's log-prob and the
+    distribution's entropy, [B] each. The token drawn at a step is read at the next one (the
+    last column of `input_ids`) from the step's log-softmax, so one step's [B, V] is kept at a
+    time: transformers' `output_scores` keeps every step's (at B = 256, V = 151936 and 1024
+    tokens, 148 GiB in float32)."""
+
+    def __init__(self) -> None:
+        self.logprobs: list[torch.Tensor] = []
+        self.entropies: list[torch.Tensor] = []
+        self._last: torch.Tensor | None = None  # the latest step's log-softmax, [B, V]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._read(input_ids[:, -1])
+        logprobs = scores.float().log_softmax(-1)
+        self.entropies.append(-(logprobs.exp() * logprobs.clamp_min(-1e30)).sum(-1))
+        self._last = logprobs
+        return scores
+
+    def _read(self, drawn: torch.Tensor) -> None:
+        if self._last is not None:  # at the first step `drawn` is the prompt's last token
+            self.logprobs.append(self._last.gather(-1, drawn[:, None]).squeeze(-1))
+            self._last = None
+
+    def finish(self, sequences: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, new tokens] log-probs and entropies, once generate returned `sequences`."""
+        self._read(sequences[:, -1])
+        return torch.stack(self.logprobs, dim=1), torch.stack(self.entropies, dim=1)
