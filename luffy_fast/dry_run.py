@@ -282,12 +282,20 @@ def heldout_data(task, tokenizer, config, problems: list[str], say) -> None:
 def meta_model(config, tokenizer, problems: list[str], notes: list[str]):
     """The model directory's policy with meta tensors (no memory, no weights read), its window
     checked."""
-    from luffy_fast.model_loading import check_attention, meta_policy
+    import torch
+
+    from luffy_fast.model_loading import (
+        check_attention,
+        check_flash_attention_precision,
+        meta_policy,
+    )
 
     try:
         check_attention(config.model)
     except ConfigError as error:
         notes.append(f"on this machine: {error}")
+    # the planned run trains on GPUs
+    checked(lambda: check_flash_attention_precision(config.model, torch.device("cuda")), problems)
     policy = checked(lambda: meta_policy(config.model), problems)
     if policy is None:
         return None

@@ -108,9 +108,20 @@ def check_attention(model) -> None:
 
 def check_model_options(model, device) -> None:
     """The `model` section's build options against the model and the device, before any weight
-    is read: model.liger_kernels, model.checkpointed_layers."""
+    is read: model.attn_implementation, model.liger_kernels, model.checkpointed_layers."""
+    check_flash_attention_precision(model, device)
     check_liger(model, device)
     check_checkpointed_layers(model)
+
+
+def check_flash_attention_precision(model, device) -> None:
+    """flash-attn runs 16-bit tensors on CUDA only: in fp32 (transformers only warns at load)
+    or on the CPU the first forward would fail inside it."""
+    bf16 = model.precision == "bf16" or (model.precision == "auto" and device.type == "cuda")
+    if model.attn_implementation == "flash_attention_2" and not (bf16 and device.type == "cuda"):
+        raise ConfigError(f"model.attn_implementation: 'flash_attention_2' runs in bf16 on CUDA "
+                          f"only, and this run trains in {'bf16' if bf16 else 'fp32'} on "
+                          f"{device.type}; use 'sdpa' (or model.precision=bf16 on a GPU)")
 
 
 def check_liger(model, device) -> None:

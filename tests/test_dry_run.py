@@ -143,6 +143,10 @@ def test_settings_that_cannot_work_are_problems(setup, tmp_path, capsys):
     assert "PROBLEM: train.token_budget: 8000 tokens per micro-batch, but the longest sequence" in out
     code, out = dry_run(capsys, model, tokenizer, data, tmp_path, "--world-size=1")
     assert "PROBLEM: train.zero_stage: the estimate" in out  # 16 bytes x 7.6 B on one GPU
+    code, out = dry_run(capsys, model, tokenizer, data, tmp_path, "model.precision=fp32",
+                        "model.attn_implementation=flash_attention_2")
+    assert code == 2 and ("PROBLEM: model.attn_implementation: 'flash_attention_2' runs in bf16 "
+                          "on CUDA only, and this run trains in fp32 on cuda") in out
 
 
 def test_memory_estimate_by_hand():

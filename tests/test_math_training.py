@@ -4,6 +4,7 @@ user's model directory or data can cause, raised before any weight is read."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -202,10 +203,19 @@ def test_model_directory_errors(tmp_path, model_dir, monkeypatch):
     _never_load(monkeypatch)
     with pytest.raises(ConfigError, match="model.path: no such directory '/nowhere/Qwen'"):
         LuffyTrainer(_config(tmp_path, "/nowhere/Qwen", data))
+    flash = _config(tmp_path, model_dir, data, "model.attn_implementation=flash_attention_2")
+    with pytest.raises(ConfigError, match="model.attn_implementation: 'flash_attention_2' runs in "
+                                          "bf16 on CUDA only, and this run trains in fp32 on cpu"):
+        LuffyTrainer(flash)
+    from luffy_fast.model_loading import check_attention, check_flash_attention_precision
+
     with pytest.raises(ConfigError, match="model.attn_implementation: 'flash_attention_2' needs "
                                           "the flash-attn package"):
-        LuffyTrainer(_config(tmp_path, model_dir, data,
-                             "model.attn_implementation=flash_attention_2"))
+        check_attention(flash.model)
+    gpu = torch.device("cuda", 0)
+    check_flash_attention_precision(flash.model, gpu)  # auto: bf16 on a GPU
+    with pytest.raises(ConfigError, match="trains in fp32 on cuda"):
+        check_flash_attention_precision(dataclasses.replace(flash.model, precision="fp32"), gpu)
     bare = tiny_model_dir(tmp_path / "bare", math_tokenizer(chat_template=None))
     with pytest.raises(DataError, match="model.chat_template: the tokenizer has no chat template"):
         LuffyTrainer(_config(tmp_path, bare, data))
