@@ -54,7 +54,7 @@ class FusedLossHead(nn.Module):
                                   with_entropy=with_entropy, backend=self.backend,
                                   logits_dtype=self.loss_config.logits_dtype)
         return fused_luffy_loss(
-            hidden, self.weight, micro.targets, micro.advantages.to(hidden.dtype),
+            hidden, self.weight, micro.targets, micro.advantages,  # fp32: not rounded to bf16
             micro.loss_mask, micro.off_policy_mask, old_logprobs=micro.old_logprobs,
             config=self.loss_config, seq_ids=micro.seq_ids, bias=self.bias, backend=self.backend)
 

@@ -268,3 +268,24 @@ def test_a_world_of_one_retries_when_its_port_is_taken(monkeypatch):
     with pytest.raises(RuntimeError, match="EADDRINUSE"):
         join_process_group("cpu")  # launched: the launcher's port is not ours to change
     assert calls == ["gloo"] and os.environ["MASTER_PORT"] == "29500"
+
+
+def test_the_head_passes_the_advantages_in_float32_under_bf16():
+    """Under bf16 the head hands the op the micro-batch's float32 advantages (the op computes in
+    float32): rounded to bf16 first, 1.2910 became 1.2891 (0.15 % off every term)."""
+    from luffy_fast import LuffyLossConfig, fused_luffy_loss
+    from luffy_fast.policy import FusedLossHead
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(6, 8, generator=generator).bfloat16()
+    head = FusedLossHead(torch.nn.Linear(8, 16, bias=False).bfloat16(),
+                         LuffyLossConfig(normalizer="token"), backend="torch")
+    micro = SimpleNamespace(targets=torch.randint(0, 16, (6,), generator=generator),
+                            advantages=torch.full((6,), 1.2910), loss_mask=torch.ones(6, dtype=bool),
+                            off_policy_mask=torch.zeros(6, dtype=bool), old_logprobs=None,
+                            seq_ids=torch.zeros(6, dtype=torch.long))
+    loss, _ = head(hidden, micro)
+    expected, _ = fused_luffy_loss(hidden, head.weight, micro.targets, micro.advantages,
+                                   micro.loss_mask, micro.off_policy_mask, config=head.loss_config,
+                                   seq_ids=micro.seq_ids, backend="torch")
+    assert float(loss) == float(expected) == pytest.approx(-1.2910, rel=1e-6)
