@@ -3,6 +3,7 @@ seeds per data-parallel rank, sleep levels and their order of calls (against a r
 stand-in for `vllm.LLM`), random state kept across start-up, one sleep-mode engine per process."""
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -250,3 +251,22 @@ def test_worker_extension_loads_and_names_parameters():
     worker.model_runner = type("Runner", (), {"model": Model(2, 2)})()
     assert worker.luffy_load_weights([("weight", torch.zeros(2, 2))]) == {"weight"}
     assert worker.luffy_parameter_names() == {"weight", "bias"}
+
+
+def test_the_automatic_dtype_follows_the_trainers_precision():
+    """On a GPU `dtype: auto` is the policy's training precision (fp32 training sampled in
+    bf16 was not the policy trained); on the CPU it stays fp32; a dtype set by hand is kept."""
+    from helpers import tiny_config
+    from luffy_fast.rollout.factory import vllm_options
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    cases = [((), gpu, "bfloat16"), (("model.precision=fp32",), gpu, "float32"),
+             (("model.precision=bf16",), gpu, "bfloat16"), ((), cpu, "auto"),
+             (("model.precision=fp32", "rollout.vllm.dtype=bfloat16"), gpu, "bfloat16")]
+    for overrides, device, dtype in cases:
+        options = vllm_options(tiny_config("/tmp/unused", *overrides), device)
+        assert options.dtype == dtype, (overrides, device)
+        assert options.max_model_len == 8 + 24  # data.max_prompt_length + max_response_length
+    kwargs = engine_kwargs(vllm_options(tiny_config("/tmp/unused"), cpu), Path("/m"), 1, True, 0,
+                           EngineLayout(1, 0, 1))
+    assert kwargs["dtype"] == "float32"

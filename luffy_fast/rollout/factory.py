@@ -33,11 +33,7 @@ def build_rollout_engine(config, policy: nn.Module, tokenizer, device: torch.dev
     if rollout.engine == "vllm":
         from luffy_fast.rollout.vllm import VLLMRolloutEngine
 
-        options = rollout.vllm
-        if options.max_model_len is None:
-            options = dataclasses.replace(
-                options, max_model_len=config.data.max_prompt_length
-                + config.data.max_response_length)
+        options = vllm_options(config, device)
         model_dir = Path(work_dir) / "rollout_model"
         model_dir.mkdir(parents=True, exist_ok=True)
         policy.save_pretrained(model_dir)  # transformers writes on rank 0 only
@@ -46,3 +42,19 @@ def build_rollout_engine(config, policy: nn.Module, tokenizer, device: torch.dev
             torch.distributed.barrier()  # the other ranks' engines read rank 0's files
         return VLLMRolloutEngine(model_dir, options, seed=config.train.seed, device=device)
     raise ValueError(f"rollout.engine: unknown engine {rollout.engine!r} (choose hf or vllm)")
+
+
+def vllm_options(config, device: torch.device):
+    """`rollout.vllm` with its automatic values filled in: the window, the prompt and response
+    limits; on a GPU the dtype, the trainer's precision (bf16 or fp32: an fp32 policy sampled in
+    bf16 would not be the policy trained, and the rollout-correction gap would grow)."""
+    from luffy_fast.distributed import training_device
+
+    options = config.rollout.vllm
+    if options.max_model_len is None:
+        options = dataclasses.replace(options, max_model_len=config.data.max_prompt_length
+                                      + config.data.max_response_length)
+    if options.dtype == "auto" and device.type == "cuda":
+        bf16 = training_device(config, device)[1]
+        options = dataclasses.replace(options, dtype="bfloat16" if bf16 else "float32")
+    return options

@@ -26,7 +26,8 @@ class VLLMConfig:
         resends every weight anyway, so nothing is copied to host memory; dense unquantized
         models only), 1 offloads the weights to host memory and back, 0 never sleeps.
         None: 2 on CUDA, 0 on CPU (vLLM has no sleep mode on CPU).
-    dtype: "auto" follows the trainer's precision (bf16 on CUDA, fp32 on CPU).
+    dtype: "auto" follows the trainer's precision (on CUDA bf16, or fp32 with
+        model.precision=fp32; fp32 on CPU).
     max_model_len: longest prompt + response; None: data.max_prompt_length +
         data.max_response_length.
     enforce_eager: no CUDA graphs (always eager on CPU).
