@@ -315,7 +315,8 @@ def check_train(plan: Plan, work: Path) -> dict:
     finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in losses + norms)
     ok = finite and len(steps) == plan.train_steps and all(v is not None for v in norms)
     keep = ("loss", "grad_norm", "reward_on_policy", "reward_off_policy", "micro_batches",
-            "peak_memory_mb", "step_seconds", "tokens_per_second", "time/generate")
+            "peak_memory_mb", "peak_memory_mb/generate", "peak_memory_mb/update",
+            "step_seconds", "tokens_per_second", "time/generate")
     result = {"ok": ok, "steps": len(steps), "expected_steps": plan.train_steps,
               "losses": losses, "grad_norms": norms,
               "per_step": [{k: _metric(r, k) for k in keep if _metric(r, k) is not None}

@@ -130,7 +130,7 @@ def checkpointing_advice(estimate, layers: int, checkpointed: int) -> str:
     if fewest < checkpointed:
         advice += f"; this run checkpoints {checkpointed}, recomputing more than it must"
     return (f"  checkpointing: {advice} (an estimate: check the first steps' "
-            f"peak_memory_mb)")
+            f"peak_memory_mb/update)")
 
 
 def _show(text: str) -> str:

@@ -95,7 +95,7 @@ SAMPLE_COUNTS = {"advantage_mean": "samples", "zero_advantage_fraction": "sample
 SUMMED_OVER_RANKS = ("micro_batches", "tokens_per_second", "generated_tokens",
                      "generate_tokens_per_second", *dict.fromkeys(TOKEN_COUNTS.values()),
                      *dict.fromkeys(SAMPLE_COUNTS.values()))
-LARGEST_OVER_RANKS = ("peak_memory_mb",)
+LARGEST_OVER_RANKS = ("peak_memory_mb",)  # and peak_memory_mb/<phase>
 # population standard deviations over all ranks' samples, pooled from each rank's std, the mean
 # and the count it maps to: var = Σ n (std² + mean²) / Σ n - mean²
 POOLED_OVER_RANKS = {"advantage_std": ("advantage_mean", "samples")}
@@ -116,7 +116,7 @@ def over_ranks(metrics: Mapping, world_size: int) -> dict:
     names = {name for rank in numbers for name in rank}
     stats = MeanMinMax(minimum={name for name in names if name.endswith("_min")},
                        maximum={name for name in names if name.endswith(("_max", "_seconds"))
-                                or name.startswith("time/") or name in LARGEST_OVER_RANKS},
+                                or name.startswith(("time/", *LARGEST_OVER_RANKS))},
                        summed={name for name in names if name in SUMMED_OVER_RANKS
                                or name.endswith(("/errors", "/timeouts"))},
                        weighted_by={**TOKEN_COUNTS, **SAMPLE_COUNTS})
@@ -140,19 +140,36 @@ def pooled_std(parts: Iterable[tuple[float, float, float]]) -> float:
 
 
 class PhaseTimer:
-    """Wall-clock seconds per phase of a step, as `time/<phase>` (repeated phases add up)."""
+    """Wall-clock seconds per phase of a step, as `time/<phase>` (repeated phases add up), and
+    on a GPU each phase's peak allocated memory, `peak_memory_mb/<phase>`: the update's own
+    (`peak_memory_mb/update`) apart from generation's, whose engine (vLLM's weights and KV
+    cache) sleeps during the update. `metrics()` adds the step's peak, `peak_memory_mb` (on the
+    CPU the process's peak resident memory, which cannot be reset)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: Optional[torch.device] = None) -> None:
         self.seconds: dict[str, float] = {}
+        self.device = device
+        self.peaks: dict[str, float] = {}
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        on_gpu = self.device is not None and self.device.type == "cuda"
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         try:
             yield
         finally:
             key = f"time/{name}"
             self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
+            if on_gpu:
+                key = f"peak_memory_mb/{name}"
+                self.peaks[key] = max(self.peaks.get(key, 0.0), peak_memory_mb(self.device))
+
+    def metrics(self) -> dict[str, float]:
+        """The phases' seconds and peaks, and the step's peak memory."""
+        overall = max([peak_memory_mb(self.device or torch.device("cpu")), *self.peaks.values()])
+        return {**self.seconds, **self.peaks, "peak_memory_mb": overall}
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -44,7 +44,6 @@ from luffy_fast.metrics import (
     MetricsLogger,
     PhaseTimer,
     over_ranks,
-    peak_memory_mb,
     progress_display,
 )
 from luffy_fast.micro_batches import (
@@ -132,7 +131,7 @@ class LuffyTrainer:
 
     def training_step(self, step: int) -> dict:
         """One LUFFY step (docs/algorithm.md §One training step); returns the step's metrics."""
-        config, timer = self.config, PhaseTimer()
+        config, timer = self.config, PhaseTimer(self.device)
         start = time.perf_counter()
         # 1. a batch of prompts, each with its ground truth and off-policy traces
         samples = self.prompt_batch(step)
@@ -167,10 +166,9 @@ class LuffyTrainer:
         trained_tokens = sum(batch.sequence_length(i) for i in range(len(batch)))
         return over_ranks({**rollout_metrics(batch), **scores.metrics(),
                            **update, **correction, **self.rollout.metrics(),
-                           **timer.seconds, **data_metrics(self.task.data_report, self.sampler, step),
+                           **timer.metrics(), **data_metrics(self.task.data_report, self.sampler, step),
                            "step_seconds": seconds,
-                           "tokens_per_second": trained_tokens / max(seconds, 1e-9),
-                           "peak_memory_mb": peak_memory_mb(self.device)}, self.world_size)
+                           "tokens_per_second": trained_tokens / max(seconds, 1e-9)}, self.world_size)
 
     def sample_rollouts(self, samples: Sequence[Sample], step: int) -> list[list[Completion]]:
         """n_on completions per prompt, seeded by step (a resumed run samples the same)."""

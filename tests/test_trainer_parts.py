@@ -90,6 +90,24 @@ def test_mean_min_max_and_phase_timer():
     assert list(timer.seconds) == ["time/generate"] and timer.seconds["time/generate"] >= 0
 
 
+def test_each_phase_reports_its_own_peak_memory_on_a_gpu(monkeypatch):
+    """On a GPU the peak is reset as each phase starts: the update's peak is its own, not the
+    generation's (vLLM's KV cache, asleep during the update); the step's is the largest. The
+    allocator is simulated: each phase allocates up to a known peak."""
+    allocator = {"peak": 0.0}
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda device: allocator.update(peak=100 * 2**20))  # what stays allocated
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: allocator["peak"])
+    timer = PhaseTimer(torch.device("cuda", 0))
+    for name, peak_mb in (("generate", 900), ("update", 300), ("update", 350), ("sync", 120)):
+        with timer.phase(name):
+            allocator["peak"] = max(allocator["peak"], peak_mb * 2**20)
+    metrics = timer.metrics()
+    assert {k: v for k, v in metrics.items() if k.startswith("peak")} == {
+        "peak_memory_mb/generate": 900, "peak_memory_mb/update": 350,
+        "peak_memory_mb/sync": 120, "peak_memory_mb": 900}
+
+
 # --------------------------------------------------------------------------- tasks
 
 def test_step_metrics_over_ranks_by_hand(monkeypatch):
