@@ -107,8 +107,8 @@ def over_ranks(metrics: Mapping, world_size: int) -> dict:
     `*_seconds` and peak memory the largest, token means (TOKEN_COUNTS) weighted by each rank's
     token count, sample means (SAMPLE_COUNTS) by its sample count, `advantage_std` pooled
     (POOLED_OVER_RANKS), every other number the mean of the ranks' values (exact for means
-    over equal shares: on-policy rewards and lengths, the loss). A collective:
-    every rank calls it with its own metrics and gets the same result."""
+    over equal shares: on-policy rewards and lengths, the loss). A collective: every rank
+    calls it with its own metrics and gets the same result."""
     if world_size == 1:
         return dict(metrics)
     numbers = [{name: value for name, value in rank.items() if isinstance(value, (int, float))}
