@@ -75,8 +75,7 @@ def training_device(config: LuffyTrainConfig,
                         if torch.cuda.is_available() else torch.device("cpu"))
     if device.type == "cpu" and config.train.cpu_threads:
         torch.set_num_threads(config.train.cpu_threads)
-    precision = config.model.precision
-    return device, precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return device, config.model.trains_in_bf16(device)
 
 
 def learning_rate_lambda(config: LuffyTrainConfig) -> Callable[[int], float]:

@@ -39,6 +39,10 @@ class ModelConfig:
     max_position_embeddings: Optional[int] = None
     chat_template: Optional[str] = None  # a Jinja file replacing the tokenizer's chat template
 
+    def trains_in_bf16(self, device) -> bool:
+        """Whether the policy trains in bf16 on `device` (a torch.device): "auto" resolved."""
+        return self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda")
+
     def validate(self) -> None:
         for name in ("hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads"):

@@ -117,7 +117,7 @@ def check_model_options(model, device) -> None:
 def check_flash_attention_precision(model, device) -> None:
     """flash-attn runs 16-bit tensors on CUDA only: in fp32 (transformers only warns at load)
     or on the CPU the first forward would fail inside it."""
-    bf16 = model.precision == "bf16" or (model.precision == "auto" and device.type == "cuda")
+    bf16 = model.trains_in_bf16(device)
     if model.attn_implementation == "flash_attention_2" and not (bf16 and device.type == "cuda"):
         raise ConfigError(f"model.attn_implementation: 'flash_attention_2' runs in bf16 on CUDA "
                           f"only, and this run trains in {'bf16' if bf16 else 'fp32'} on "

@@ -24,11 +24,10 @@ def build_rollout_engine(config, policy: nn.Module, tokenizer, device: torch.dev
     """
     rollout = config.rollout
     if rollout.engine == "hf":  # the policy itself below ZeRO-3, else a copy (rollout/hf.py)
-        from luffy_fast.distributed import training_device
         from luffy_fast.rollout.hf import trainer_hf_engine
 
         return trainer_hf_engine(policy, tokenizer, device, config.train.zero_stage,
-                                 bf16=training_device(config, device)[1],
+                                 bf16=config.model.trains_in_bf16(device),
                                  max_batch_size=rollout.max_batch_size)
     if rollout.engine == "vllm":
         from luffy_fast.rollout.vllm import VLLMRolloutEngine
@@ -48,13 +47,11 @@ def vllm_options(config, device: torch.device):
     """`rollout.vllm` with its automatic values filled in: the window, the prompt and response
     limits; on a GPU the dtype, the trainer's precision (bf16 or fp32: an fp32 policy sampled in
     bf16 would not be the policy trained, and the rollout-correction gap would grow)."""
-    from luffy_fast.distributed import training_device
-
     options = config.rollout.vllm
     if options.max_model_len is None:
         options = dataclasses.replace(options, max_model_len=config.data.max_prompt_length
                                       + config.data.max_response_length)
     if options.dtype == "auto" and device.type == "cuda":
-        bf16 = training_device(config, device)[1]
-        options = dataclasses.replace(options, dtype="bfloat16" if bf16 else "float32")
+        dtype = "bfloat16" if config.model.trains_in_bf16(device) else "float32"
+        options = dataclasses.replace(options, dtype=dtype)
     return options
