@@ -16,7 +16,7 @@ from typing import Optional
 from luffy_fast.checkpoint import CheckpointManager, NoCheckpointError
 from luffy_fast.errors import ConfigError
 from luffy_fast.nonfinite import NonFiniteTrainingError
-from luffy_fast.run_files import DiskFullError, check_run_dir, claim_run_dir
+from luffy_fast.run_files import DiskFullError, check_run_dir, claim_run_dir, launched_rank
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -205,13 +205,6 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
                   f"{resume_hint(args.command, run_dir)}", file=sys.stderr)
         return 143 if terminated else 130
     return 0
-
-
-def launched_rank(variable: str = "RANK") -> int:
-    """This process's rank under a launcher (RANK; LOCAL_RANK: its rank on its node), 0 when
-    not launched (or the variable is not a number: the launcher's own check reports that)."""
-    value = os.environ.get(variable, "").strip()
-    return int(value) if value.isdigit() else 0
 
 
 def error_prefix() -> str:

@@ -276,17 +276,24 @@ def warn(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+def launched_rank(variable: str = "RANK") -> int:
+    """This process's rank under a launcher, read before the process group exists (RANK;
+    LOCAL_RANK: its rank on its node), 0 when not launched (or the variable is not a number:
+    the launcher's own check reports that)."""
+    value = os.environ.get(variable, "").strip()
+    return int(value) if value.isdigit() else 0
+
+
 def say_at_start(message: str) -> None:
-    """A start-up line on stderr, "luffy-fast: <message>", from the launcher's rank 0 (RANK, read
-    before the process group exists) or an unlaunched process."""
-    if os.environ.get("RANK", "0") == "0":
+    """A start-up line on stderr, "luffy-fast: <message>", from the launcher's rank 0 or an
+    unlaunched process."""
+    if launched_rank() == 0:
         print(f"luffy-fast: {message}", file=sys.stderr, flush=True)
 
 
 def warn_at_start(message: str) -> None:
-    """A start-up warning, once per run: from the launcher's rank 0 (RANK, read before the
-    process group exists) or an unlaunched process."""
-    if os.environ.get("RANK", "0") == "0":
+    """A start-up warning, once per run: from the launcher's rank 0 or an unlaunched process."""
+    if launched_rank() == 0:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 

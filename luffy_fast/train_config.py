@@ -10,7 +10,6 @@ LuffyLossConfig, so the trainer and the fused op share one definition of every l
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,10 +246,12 @@ class OutputConfig:
         if self.wandb_project is not None:
             import importlib.util
 
+            from luffy_fast.run_files import launched_rank
+
             if not self.wandb_project.strip():
                 raise ConfigError("output.wandb_project: must not be empty (null turns W&B off)")
             # rank 0 alone logs to W&B: the other ranks (RANK set, not 0) need no wandb
-            if os.environ.get("RANK", "0") in ("", "0") and importlib.util.find_spec("wandb") is None:
+            if launched_rank() == 0 and importlib.util.find_spec("wandb") is None:
                 raise ConfigError("output.wandb_project: logging to Weights & Biases needs the "
                                   "wandb package, which is not installed (pip install wandb)")
         _positive_int("output", "save_every", self.save_every, minimum=0)
