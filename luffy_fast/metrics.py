@@ -216,13 +216,14 @@ class MetricsLogger:
                 out.write(line)
 
         naming_full_disk(self.path, "metrics", append)
+        step = metrics["step"]
+        scalars = {name: value for name, value in metrics.items()
+                   if name != "step" and isinstance(value, (int, float))}  # nulls left out
         if self.writer is not None:
-            for name, value in metrics.items():
-                if name != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(name, value, metrics["step"])
-        if self.wandb is not None and metrics["step"] >= self.wandb_from:
-            self.wandb.log({name: value for name, value in metrics.items() if name != "step"
-                            and isinstance(value, (int, float))}, step=metrics["step"])
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, step)
+        if self.wandb is not None and step >= self.wandb_from:
+            self.wandb.log(scalars, step=step)
 
     @classmethod
     def for_run(cls, directory: Path, config: LuffyTrainConfig,
