@@ -137,6 +137,19 @@ def build_engine(module: nn.Module, config: LuffyTrainConfig, bf16: bool):
     return engine, scheduler
 
 
+def release_engine(engine) -> None:
+    """Lets the engine, the policy and its optimizer states be freed once the caller drops
+    them: DeepSpeed's ZeRO-1/2/3 gradient hooks hold the engine from C++, out of the garbage
+    collector's reach, until `destroy()` removes them, and ZeRO-3 leaves the policy on its
+    module-level forward stack even then (deepspeed 0.19). Without this a second trainer in one
+    process (a notebook, a sweep, the demo's runs) finds the first one's memory still taken."""
+    from deepspeed.runtime.zero import parameter_offload
+
+    engine.destroy()
+    stack = parameter_offload.FWD_MODULE_STACK
+    stack[:] = [module for module in stack if module is not engine.module]
+
+
 def apply_optimizer_settings(engine, scheduler, optim) -> None:
     """A resumed run's `optim` settings (learning rate, betas, eps, weight decay, gradient
     clipping) over those the checkpoint restored with the optimizer and LR-schedule states, so

@@ -36,6 +36,7 @@ from luffy_fast.distributed import (
     check_world_size,
     init_distributed,
     lockstep_counts,
+    release_engine,
     training_device,
 )
 from luffy_fast.metrics import (
@@ -291,12 +292,10 @@ class LuffyTrainer:
             self.sync_rollout_weights()
         self.validation.start(resuming=latest is not None)
         lead = self.rank == 0
-        logger = None
+        history, bar, logger = [], None, None
         if lead:
             write_run_config(self.output_dir, config, latest, start_step, saved)
             logger = MetricsLogger.for_run(self.output_dir, config, resume_step=start_step)
-        history = []
-        bar = None
         try:
             if start_step == 0 and config.eval.every and self.validation.problems:
                 say(lead, self.output_dir, f"validation of {len(self.validation.problems)} problems")
@@ -331,5 +330,7 @@ class LuffyTrainer:
         return history
 
     def close(self) -> None:
+        """Stops the rollout engine and the reward workers, and lets the DeepSpeed engine go."""
         self.rollout.close()
         self.rewards.close()
+        release_engine(self.engine)

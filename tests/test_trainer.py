@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -427,6 +429,22 @@ def test_a_zero_checkpoint_resumes_only_on_the_ranks_that_saved_it(tmp_path):
     checkpoints.check_ranks({"zero_stage": 2}, 2, state_file.parent)  # saved before the count
     with pytest.raises(ConfigError, match="saved by 3 rank"):
         checkpoints.check_ranks({"world_size": 3, "zero_stage": 1}, 0, state_file.parent)
+
+
+def test_a_closed_trainer_lets_its_engine_go(tmp_path):
+    """After close() nothing holds the DeepSpeed engine, the policy or the optimizer states:
+    ZeRO's gradient hooks held them from C++ (and ZeRO-3's forward stack the policy), so a
+    second trainer in one process found the first one's memory still taken."""
+    for stage in (2, 3):
+        trainer = tiny_trainer(tmp_path / f"zero{stage}", "train.steps=1", "eval.every=0",
+                               f"train.zero_stage={stage}")
+        trainer.train()
+        trainer.close()
+        engine = trainer.engine
+        held = [weakref.ref(engine), weakref.ref(engine.module), weakref.ref(engine.optimizer)]
+        del trainer, engine
+        gc.collect()
+        assert [ref() for ref in held] == [None, None, None], f"ZeRO-{stage}"
 
 
 def test_a_resume_at_another_optimizer_layout_is_refused_before_the_load(tmp_path):
