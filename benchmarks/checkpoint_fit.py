@@ -106,13 +106,13 @@ def run_fit(plan: tu.Plan, impl: str, work: Path) -> None:
     limit_total = cap_bytes(device)
     limit = None if limit_total is None else FIT_SHARE * limit_total
     start = time.perf_counter()
-    engine, head_note = tu.build_engine(plan, impl, device)
     memory = tu.Memory(device)
-    layers = set_checkpointed(engine, plan.num_hidden_layers)
+    slot = tu.EngineSlot(plan, impl, device, memory, work, stage)
+    layers = set_checkpointed(slot.engine, plan.num_hidden_layers)
     tokens = plan.target_tokens
     micro = tu.synthetic_micro_batch(plan, tokens // plan.row_length, plan.row_length, seed=0,
                                      device=device)
-    tu.emit(work, stage, {"kind": "setup", "impl": impl, "head": head_note, "layers": layers,
+    tu.emit(work, stage, {"kind": "setup", "impl": impl, "head": slot.head_note, "layers": layers,
                           "tokens": tokens, "cap_mb": limit_total and limit_total / tu.MIB,
                           "fit_share": FIT_SHARE, "seconds": round(time.perf_counter() - start, 2),
                           "device": torch.cuda.get_device_name() if device.type == "cuda"
@@ -121,9 +121,9 @@ def run_fit(plan: tu.Plan, impl: str, work: Path) -> None:
     peaks: dict[int, tuple[float, float]] = {}
     failed = False
     for checkpointed in (layers, layers - 1, below):  # the first is also the warm-up
-        set_checkpointed(engine, checkpointed)
+        set_checkpointed(slot.engine, checkpointed)
         try:
-            loss, backward_peak, step_peak = measured_step(engine, micro, memory)
+            loss, backward_peak, step_peak = measured_step(slot.engine, micro, memory)
         except Exception as error:  # out of memory already: no room to un-checkpoint more
             tu.emit(work, stage, {"kind": "probe", "impl": impl, "checkpointed": checkpointed,
                                   "status": "oom" if tu.is_out_of_memory(error) else "error",
@@ -138,8 +138,7 @@ def run_fit(plan: tu.Plan, impl: str, work: Path) -> None:
     if layers not in peaks:
         return
     if failed:  # a ZeRO-2 engine is not reused after a step that failed half-way
-        engine = None  # the failed engine freed before the next is built
-        engine = tu.fresh_engine(plan, impl, device, memory)
+        slot.renew()
     if len(peaks) == 3:
         fewest, predicted = fewest_fitting(layers, peaks, limit)
     else:  # the probes ran out of memory: the fewest that ran
@@ -150,9 +149,9 @@ def run_fit(plan: tu.Plan, impl: str, work: Path) -> None:
                           "limit_mb": limit and limit / tu.MIB})
     for label, checkpointed in (("all", layers), ("fit", fewest)):
         for attempt in (0, 1):
-            set_checkpointed(engine, checkpointed)
+            set_checkpointed(slot.engine, checkpointed)
             try:
-                row = tu.time_size(engine, micro, memory, plan, tokens, [])
+                row = tu.time_size(slot.engine, micro, memory, plan, tokens, [])
                 failed = None
             except Exception as error:
                 failed = "oom" if tu.is_out_of_memory(error) else "error"
@@ -166,8 +165,7 @@ def run_fit(plan: tu.Plan, impl: str, work: Path) -> None:
                                       "status": "ok", **row, **reserved_mb(device)})
                 break
             # here, out of the except block, the failed step's frames no longer hold its tensors
-            engine = None  # the failed engine freed before the next is built
-            engine = tu.fresh_engine(plan, impl, device, memory)
+            slot.renew()
             if label == "all" or failed != "oom" or checkpointed == layers:
                 break
             checkpointed = min(layers, checkpointed + FIT_STEP)

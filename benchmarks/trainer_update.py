@@ -40,6 +40,7 @@ short by its timeout keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import importlib.util
 import json
@@ -50,8 +51,11 @@ import statistics
 import sys
 import time
 import traceback
+import weakref
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,7 +64,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from luffy_fast.distributed import deepspeed_config  # noqa: E402
+from luffy_fast.distributed import deepspeed_config, release_engine  # noqa: E402
 from luffy_fast.micro_batches import pack_micro_batch  # noqa: E402
 from luffy_fast.policy import PolicyWithFusedLoss  # noqa: E402
 from luffy_fast.rollout_batch import assemble_groups  # noqa: E402
@@ -608,13 +612,58 @@ def build_engine(plan: Plan, impl: str, device: torch.device):
     return engine, head_note
 
 
-def fresh_engine(plan: Plan, impl: str, device: torch.device, memory: Memory):
-    """A new engine, for one whose step failed half-way (a ZeRO-2 engine is not reused after
-    that): the caller drops its reference to the old one first (`engine = None`), so that its
-    memory is free before this one is built. The compile cache goes too (Liger's compiled loss)."""
-    memory.free()
-    torch._dynamo.reset()
-    return build_engine(plan, impl, device)[0]
+class EngineSlot:
+    """The engine being measured, held here alone so that a failed one is dropped before its
+    replacement is built: a ZeRO-2 engine is not reused after a step that failed half-way, and
+    two engines of the policy at once would leave less memory than the head is measured in.
+    A renewal's row records how many of the engines built before were still alive when the
+    new one was built (0 expected; on the H200 on 2026-11-27 a rebuilt Liger engine started
+    with 20.2 GiB more allocated than the first), and if any, what held them."""
+
+    def __init__(self, plan: Plan, impl: str, device: torch.device, memory: Memory,
+                 work: Path, stage: str) -> None:
+        self.plan, self.impl, self.device, self.memory = plan, impl, device, memory
+        self.work, self.stage = work, stage
+        self._built: weakref.WeakSet = weakref.WeakSet()  # this slot's engines not yet collected
+        self.engine, self.head_note = self._build()
+
+    def _build(self):
+        engine, head_note = build_engine(self.plan, self.impl, self.device)
+        self._built.add(engine)
+        return engine, head_note
+
+    def renew(self, kind: str = "renew") -> None:
+        """Drop the engine, free its memory and the compile cache (Liger's compiled loss), and
+        build a new one; a `kind` row records it. Call it outside an `except` block, where the
+        error's frames no longer hold the old engine."""
+        release_engine(self.engine)  # DeepSpeed's hooks would keep it alive (the H200 run's case)
+        self.engine = None
+        torch._dynamo.reset()
+        self.memory.free()
+        survivors = list(self._built)
+        alive = {"live_engines_at_build": len(survivors)}
+        if survivors:  # what still holds them (frames, dicts, ...), for the row
+            alive["held_by"] = sorted({type(referrer).__name__ for engine in survivors
+                                       for referrer in gc.get_referrers(engine)
+                                       if referrer is not survivors})
+        del survivors
+        self.engine = self._build()[0]
+        emit(self.work, self.stage, {"kind": kind, "impl": self.impl, **alive,
+                                     "allocated_mb": self.memory.allocated() / MIB})
+
+
+def with_one_retry(slot: EngineSlot, run: Callable[[Any, int], str],
+                   on_renew: Callable[[], None] = lambda: None) -> str:
+    """`run(engine, attempt)` measures and returns "ok", "oom" or "error". Anything but memory
+    gets one retry on a fresh engine: Liger's compiled loss failed in torch.compile when the
+    micro-batch's row count changed (torch 2.11, InternalTorchDynamoError, on an H200 on
+    2026-11-27), while a fresh engine ran every size. The outcome of the last attempt."""
+    outcome = run(slot.engine, 0)
+    if outcome == "error":
+        slot.renew()
+        on_renew()
+        outcome = run(slot.engine, 1)
+    return outcome
 
 
 # Tests only: a micro-batch of at least this many tokens fails as if out of memory (after its
@@ -673,10 +722,10 @@ def run_update(plan: Plan, impl: str, work: Path) -> None:
     device = device_for(plan)
     stage = f"update-{impl}"
     start = time.perf_counter()
-    engine, head_note = build_engine(plan, impl, device)
     memory = Memory(device)
+    slot = EngineSlot(plan, impl, device, memory, work, stage)
     first_allocated = memory.allocated()
-    emit(work, stage, {"kind": "setup", "impl": impl, "head": head_note,
+    emit(work, stage, {"kind": "setup", "impl": impl, "head": slot.head_note,
                        "seconds": round(time.perf_counter() - start, 2), "dtype": plan.dtype,
                        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                        "allocated_mb": first_allocated / MIB,
@@ -689,63 +738,72 @@ def run_update(plan: Plan, impl: str, work: Path) -> None:
             emit(work, stage, {"kind": "throughput", "impl": impl, "tokens": tokens, "rows": rows,
                                "status": "skipped", "note": f"{failed} tokens already failed"})
             continue
-        for attempt in (0, 1):
-            micro = synthetic_micro_batch(plan, rows, plan.row_length, seed=size_index, device=device)
-            try:
-                row = time_size(engine, micro, memory, plan, tokens, allocated_after)
-                emit(work, stage, {"kind": "throughput", "impl": impl, "tokens": tokens,
-                                   "rows": rows, "row_length": plan.row_length, "status": "ok",
-                                   **({"attempt": attempt} if attempt else {}), **row})
-                break
-            except Exception as error:
-                out_of_memory = is_out_of_memory(error)
-                emit(work, stage, {"kind": "throughput", "impl": impl, "tokens": tokens,
-                                   "rows": rows, "status": "oom" if out_of_memory else "error",
-                                   "attempt": attempt,
-                                   "error": f"{type(error).__name__}: {error}"[:300]})
-                if not out_of_memory:
-                    traceback.print_exc()
-                if out_of_memory or attempt == 1:
-                    failed = tokens
-                    break
-            finally:
-                del micro
-            # Anything but memory gets one retry on a fresh engine: Liger's compiled loss failed
-            # in torch.compile when the micro-batch's row count changed (torch 2.11,
-            # InternalTorchDynamoError, on an H200 on 2026-11-27), while a fresh engine ran every
-            # size. Here, outside the except block, the error's frames no longer hold the old
-            # engine, so it is freed before the new one is built.
-            engine = None
-            engine = fresh_engine(plan, impl, device, memory)
-            allocated_after.clear()  # the growth check then covers the fresh engine only
+        measure = functools.partial(measure_size, plan, impl, work, memory, device, size_index,
+                                    allocated_after)
+        # after a renewal the growth check covers the fresh engine only
+        if with_one_retry(slot, measure, on_renew=allocated_after.clear) != "ok":
+            failed = tokens
         memory.free()
     if allocated_after:
-        after = [a for _, a in allocated_after]
-        same_size = max((max(a for t, a in allocated_after if t == size)
-                         - next(a for t, a in allocated_after if t == size))
-                        for size in {t for t, _ in allocated_after})
-        growth = (max(after) - after[0]) / MIB
-        emit(work, stage, {"kind": "growth", "impl": impl,
-                           "allocated_after_step_mb": [round(a / MIB, 3) for a in after],
-                           "growth_mb": growth, "same_size_growth_mb": same_size / MIB,
-                           "final_minus_first_mb": (after[-1] - after[0]) / MIB,
-                           "tolerance_mb": plan.growth_tolerance_mb,
-                           # over steps of one size: across sizes the batch itself differs
-                           "ok": same_size / MIB <= plan.growth_tolerance_mb,
-                           "method": "cuda.memory_allocated" if device.type == "cuda"
-                           else "live CPU tensor storages"})
-    if failed is not None and impl in PROBED:  # the probes need an engine that did not fail
-        del engine
-        memory.free()
-        engine, _ = build_engine(plan, impl, device)
-        emit(work, stage, {"kind": "rebuild", "impl": impl, "allocated_mb":
-                           memory.allocated() / MIB, "first_setup_allocated_mb":
-                           first_allocated / MIB})
+        emit(work, stage, growth_row(plan, impl, device, allocated_after))
     if impl in PROBED:
-        run_probes(plan, impl, work, engine, memory, device)
+        if failed is not None:  # the probes need an engine that did not fail
+            slot.renew("rebuild")
+        run_probes(plan, impl, work, slot, memory, device)
 
 
-def run_probes(plan: Plan, impl: str, work: Path, engine, memory: Memory,
+def measure_size(plan: Plan, impl: str, work: Path, memory: Memory, device: torch.device,
+                 size_index: int, allocated_after: list[tuple[int, int]], engine,
+                 attempt: int) -> str:
+    """The timed steps at the plan's `size_index`-th micro-batch size, their row emitted: "ok",
+    "oom" or "error"."""
+    stage = f"update-{impl}"
+    tokens = plan.micro_batch_tokens[size_index]
+    rows = tokens // plan.row_length
+    micro = synthetic_micro_batch(plan, rows, plan.row_length, seed=size_index, device=device)
+    try:
+        row = time_size(engine, micro, memory, plan, tokens, allocated_after)
+    except Exception as error:
+        return failure_row(work, stage, error, {"kind": "throughput", "impl": impl,
+                                                "tokens": tokens, "rows": rows,
+                                                "attempt": attempt})
+    finally:
+        del micro
+    emit(work, stage, {"kind": "throughput", "impl": impl, "tokens": tokens, "rows": rows,
+                       "row_length": plan.row_length, "status": "ok",
+                       **({"attempt": attempt} if attempt else {}), **row})
+    return "ok"
+
+
+def failure_row(work: Path, stage: str, error: BaseException, row: dict) -> str:
+    """Emits `row` for a failed step, with its status ("oom" or "error") and the error, whose
+    traceback is printed unless it is out of memory; returns the status."""
+    status = "oom" if is_out_of_memory(error) else "error"
+    emit(work, stage, {**row, "status": status, "error": f"{type(error).__name__}: {error}"[:300]})
+    if status == "error":
+        traceback.print_exc()
+    return status
+
+
+def growth_row(plan: Plan, impl: str, device: torch.device,
+               allocated_after: list[tuple[int, int]]) -> dict:
+    """Allocated memory after each timed step, judged over steps of one size (across sizes the
+    batch itself differs)."""
+    after = [a for _, a in allocated_after]
+    same_size = max((max(a for t, a in allocated_after if t == size)
+                     - next(a for t, a in allocated_after if t == size))
+                    for size in {t for t, _ in allocated_after})
+    return {"kind": "growth", "impl": impl,
+            "allocated_after_step_mb": [round(a / MIB, 3) for a in after],
+            "growth_mb": (max(after) - after[0]) / MIB, "same_size_growth_mb": same_size / MIB,
+            "final_minus_first_mb": (after[-1] - after[0]) / MIB,
+            "tolerance_mb": plan.growth_tolerance_mb,
+            "ok": same_size / MIB <= plan.growth_tolerance_mb,
+            "method": "cuda.memory_allocated" if device.type == "cuda"
+            else "live CPU tensor storages"}
+
+
+def run_probes(plan: Plan, impl: str, work: Path, slot: EngineSlot, memory: Memory,
                device: torch.device) -> None:
     """One full update step on a single sequence of each probe length, ascending, until one
     runs out of memory, the limit. Any other error (Liger's compiled loss at a new shape, say)
@@ -754,12 +812,8 @@ def run_probes(plan: Plan, impl: str, work: Path, engine, memory: Memory,
     stage = f"update-{impl}"
     longest, limit_reached = 0, False
     for index, length in enumerate(plan.probe_lengths):
-        for attempt in (0, 1):
-            outcome = probe(plan, impl, work, engine, memory, device, length, index, attempt)
-            if outcome != "error" or attempt == 1:
-                break
-            engine = None  # outside the except block: the old engine is freed before the new
-            engine = fresh_engine(plan, impl, device, memory)
+        outcome = with_one_retry(slot, functools.partial(probe, plan, impl, work, memory,
+                                                         device, length, index))
         if outcome != "ok":
             limit_reached = outcome == "oom"
             break
@@ -770,8 +824,8 @@ def run_probes(plan: Plan, impl: str, work: Path, engine, memory: Memory,
                           {"note": "stopped by an error other than memory"})})
 
 
-def probe(plan: Plan, impl: str, work: Path, engine, memory: Memory, device: torch.device,
-          length: int, index: int, attempt: int) -> str:
+def probe(plan: Plan, impl: str, work: Path, memory: Memory, device: torch.device,
+          length: int, index: int, engine, attempt: int) -> str:
     """One probe's update step on a single `length`-token sequence, its row emitted: "ok",
     "oom" or "error"."""
     stage, micro = f"update-{impl}", None
@@ -785,13 +839,8 @@ def probe(plan: Plan, impl: str, work: Path, engine, memory: Memory, device: tor
         seconds = time.perf_counter() - began
         peak = memory.peak()
     except Exception as error:
-        out_of_memory = is_out_of_memory(error)
-        emit(work, stage, {"kind": "probe", "impl": impl, "length": length,
-                           "status": "oom" if out_of_memory else "error", "attempt": attempt,
-                           "error": f"{type(error).__name__}: {error}"[:300]})
-        if not out_of_memory:
-            traceback.print_exc()
-        return "oom" if out_of_memory else "error"
+        return failure_row(work, stage, error, {"kind": "probe", "impl": impl, "length": length,
+                                                "attempt": attempt})
     finally:
         del micro
         memory.free()

@@ -57,6 +57,9 @@ class StandIn:
         self.module = tiny_qwen2(layers=2)
         self.module.gradient_checkpointing_enable()
 
+    def destroy(self) -> None:
+        """DeepSpeed removes its hooks here; a stand-in has none."""
+
 
 def checkpointed_now(engine) -> int:
     return sum(layer.gradient_checkpointing for layer in checkpointable_layers(engine.module))

@@ -233,6 +233,13 @@ def run_naive_update(work, impl: str = "naive", **fault) -> None:
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
 
 
+def assert_old_engines_were_freed(rows: list[dict]) -> None:
+    """Every engine built after a failure was built with no earlier one alive: two engines at
+    once hold twice the optimizer state, and the measurements after it would be off."""
+    renewals = [r for r in rows if r["kind"] in ("renew", "rebuild")]
+    assert renewals and all(r["live_engines_at_build"] == 0 for r in renewals), renewals
+
+
 def test_out_of_memory_ends_the_sizes_and_the_probes(tmp_path):
     """A step that runs out of memory (simulated from 256 tokens on) skips the larger sizes,
     the probes run on a rebuilt engine, and the longest sequence is the last probe that fit."""
@@ -241,6 +248,7 @@ def test_out_of_memory_ends_the_sizes_and_the_probes(tmp_path):
     status = {r["tokens"]: r["status"] for r in rows if r["kind"] == "throughput"}
     assert status == {64: "ok", 256: "oom", 512: "skipped"}
     assert [r["kind"] for r in rows].count("rebuild") == 1
+    assert_old_engines_were_freed(rows)
     probes = [(r["length"], r["status"]) for r in rows if r["kind"] == "probe"]
     assert probes == [(128, "ok"), (256, "oom")]
     (longest,) = [r for r in rows if r["kind"] == "longest"]
@@ -256,6 +264,8 @@ def test_a_probe_error_other_than_memory_is_retried_and_is_no_limit(tmp_path):
     rows = tu.read_rows(tmp_path, "update-naive")
     probes = [(r["length"], r["status"], r.get("attempt", 0)) for r in rows if r["kind"] == "probe"]
     assert probes == [(128, "error", 0), (128, "ok", 1), (256, "ok", 0), (512, "ok", 0)]
+    assert [r["kind"] for r in rows].count("renew") == 1
+    assert_old_engines_were_freed(rows)
     (longest,) = [r for r in rows if r["kind"] == "longest"]
     assert longest["longest"] == 512 and not longest["limit_reached"]
     growth = next(r for r in rows if r["kind"] == "growth")  # decided over steps of one size
@@ -283,6 +293,7 @@ def test_an_error_other_than_memory_is_retried_once_on_a_fresh_engine(tmp_path):
     assert [(r["tokens"], r["status"], r.get("attempt", 0)) for r in rows] == [
         (64, "ok", 0), (256, "error", 0), (256, "ok", 1), (512, "ok", 0)]
     assert "simulated" in rows[1]["error"]
+    assert_old_engines_were_freed(tu.read_rows(tmp_path, "update-naive"))
     summary = tu.summarize(tu.DRY, tmp_path)
     assert summary["impls"]["naive"]["throughput"]["256"]["status"] == "ok"
     growth = next(r for r in tu.read_rows(tmp_path, "update-naive") if r["kind"] == "growth")
