@@ -9,6 +9,7 @@ run's settings) becomes a `Record`: chat messages, trace texts, ground truth, da
 
 from __future__ import annotations
 
+import decimal
 import json
 import math
 from collections.abc import Iterator
@@ -202,8 +203,8 @@ def prompt_messages(prompt: Any, where: str) -> list[dict]:
 
 
 def ground_truth_text(value: Any, where: str) -> str:
-    """A ground truth as text; numbers are written out, a one-answer list is its answer
-    (OlympiadBench's final_answer), empty and non-finite answers refused."""
+    """A ground truth as text; numbers are written out in full (1e-05 as 0.00001), a one-answer
+    list is its answer (OlympiadBench's final_answer), empty and non-finite answers refused."""
     if isinstance(value, (list, tuple)) and len(value) == 1:
         value = value[0]
     if isinstance(value, float) and not math.isfinite(value):
@@ -211,7 +212,8 @@ def ground_truth_text(value: Any, where: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise DataError(f"{where}: the ground truth must be a string or a number, got "
                         f"{_kind(value)} ({_short(value)})")
-    text = str(value)
+    # a number without an exponent: math-verify reads "1e-05" as e - 5 (Euler's number)
+    text = format(decimal.Decimal(repr(value)), "f") if isinstance(value, float) else str(value)
     if not text.strip():
         raise DataError(f"{where}: the ground truth is empty")
     return text

@@ -64,3 +64,19 @@ def test_math_verify_reward():
     assert reward("<think>\nreasoning </think> \\boxed{\\frac{2}{4}}", sample) == 1.0
     assert reward("reasoning... </think> The answer is \\boxed{3}", sample) == 0.0
     assert reward("no closing tag \\boxed{0.5}", sample) == 0.0  # format failure
+
+
+def test_a_number_in_scientific_notation_is_graded_as_that_number(tmp_path, tokenizer):
+    """A data file's ground truth 1e-05 (a number, as Parquet or JSON gives it) was written
+    "1e-05", which math-verify reads as e - 5 (Euler's number): the right answer scored 0 and
+    \\boxed{e-5} scored 1."""
+    rows = [{"prompt": "1 2", "target": "= 2 1", "reward_model": {"ground_truth": value}}
+            for value in (1e-05, 2.5e16, 142.0)]
+    samples = load_jsonl_samples(write_rows(tmp_path / "numbers.jsonl", rows), tokenizer, 8, 8)
+    assert [s.ground_truth for s in samples] == ["0.00001", "25000000000000000", "142.0"]
+    reward = MathVerifyReward()
+    assert reward("</think> The answer is \\boxed{0.00001}", samples[0]) == 1.0
+    assert reward("</think> The answer is \\boxed{10^{-5}}", samples[0]) == 1.0
+    assert reward("</think> The answer is \\boxed{e-5}", samples[0]) == 0.0
+    assert reward("</think> \\boxed{2.5 \\times 10^{16}}", samples[1]) == 1.0
+    assert reward("</think> \\boxed{142}", samples[2]) == 1.0
