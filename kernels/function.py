@@ -291,8 +291,8 @@ class _RecomputeBackward(torch.autograd.Function):
         hidden_c, weight_c = hidden.detach().contiguous(), weight.detach().contiguous()
         grads = zero_gradients(hidden_c, weight_c, needs)
         recomputed_gradients(state.tokens.scaled(grad_loss), hidden_c, weight_c,
-                             bias if has_bias else None, state.temperature, state.chunk, grads,
-                             state.grad_filter)
+                             bias.detach().contiguous() if has_bias else None, state.temperature,
+                             state.chunk, grads, state.grad_filter)
         if state.grad_filter is not None:
             state.skipped_fraction.copy_(state.grad_filter.fraction())
         grad_hidden, grad_weight, grad_bias = grads
@@ -334,6 +334,7 @@ def triton_token_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     of kernels/forward_fused.py at any budget, rounded as the kept chunks' logits would be."""
     _check_device(hidden, "token_logprobs")
     hidden, weight = hidden.contiguous(), weight.contiguous()
+    bias = None if bias is None else bias.contiguous()  # the kernels read it with stride 1
     T = hidden.shape[0]
     rows = torch.arange(T, device=hidden.device)
     half = half_logits(hidden.dtype, config.logits_dtype)

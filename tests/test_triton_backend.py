@@ -142,6 +142,45 @@ def test_upstream_gradient_scales_the_stored_gradients(backend, budget):
         assert_close(actual, oracle.float(), 1e-5, f"d({name})", atol=1e-8)
 
 
+def _bias_view(layout: str, values: torch.Tensor, dtype: torch.dtype):
+    """A leaf to take the gradient and the bias [V] seen through a view of it: every other entry
+    of a [2V] buffer (stride 2), or one value expanded (stride 0)."""
+    if layout == "strided":
+        leaf = torch.zeros(2 * values.numel(), dtype=dtype)
+        leaf[::2] = values
+        leaf.requires_grad_(True)
+        return leaf, leaf[::2]
+    leaf = torch.full((1,), 0.3, dtype=dtype, requires_grad=True)
+    return leaf, leaf.expand(values.numel())
+
+
+@pytest.mark.parametrize("budget", [KEEP, RECOMPUTE])
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_a_bias_view_is_read_as_the_values_it_shows(layout, budget):
+    """The kernels read the bias with stride 1: the recompute strategy's backward and
+    token_logprobs passed a strided bias on as it was (d(hidden) off by 0.67 relative, log-probs
+    by 2.8; an expanded one read past its storage)."""
+    batch = random_batch(40, 12, 37, seed=3, with_bias=True)
+    config = LuffyLossConfig.luffy(max_len=60).replace(memory_budget_mb=budget)
+
+    def gradients(backend: str, dtype: torch.dtype) -> list:
+        hidden, weight = (batch[name].to(dtype).requires_grad_(True) for name in ("hidden", "weight"))
+        leaf, bias = _bias_view(layout, batch["bias"].to(dtype), dtype)
+        loss, _ = fused_luffy_loss(hidden, weight, batch["targets"], batch["advantages"],
+                                   batch["loss_mask"], batch["off_policy_mask"], config=config,
+                                   bias=bias, backend=backend)
+        loss.backward()
+        logprobs, _ = token_logprobs(hidden.detach(), weight.detach(), batch["targets"],
+                                     bias=bias.detach(), backend=backend)
+        return [loss.detach(), logprobs, hidden.grad, weight.grad, leaf.grad]
+
+    expected = gradients("reference", torch.float64)
+    for name, actual, oracle in zip(("loss", "logprobs", "d(hidden)", "d(weight)", "d(bias)"),
+                                    gradients("triton", torch.float32), expected):
+        # atol: an expanded bias's gradient is a sum of dL/dz rows, each summing to ~0
+        assert_close(actual, oracle.float(), 1e-5, name, atol=1e-6)
+
+
 def test_triton_token_logprobs_names_a_weight_of_another_dtype():
     """Mixed dtypes reached a GEMM that failed without naming an input (review)."""
     batch = random_batch(5, 4, 6)
