@@ -117,8 +117,8 @@ class LuffyLossConfig:
             raise bad("entropy_aggregation", f"must be one of {ENTROPY_AGGREGATIONS}")
         if self.max_len is not None and not (integer(self.max_len) and self.max_len > 0):
             raise bad("max_len", "must be a positive integer")
-        if not integer(self.ignore_index):
-            raise bad("ignore_index", "must be an integer")
+        if not (integer(self.ignore_index) and -2**63 <= self.ignore_index < 2**63):
+            raise bad("ignore_index", "must be an integer that fits in int64 (as targets do)")
         for name in ("gamma", "temperature"):
             value = getattr(self, name)
             if not (number(value) and math.isfinite(value) and value > 0):
@@ -128,9 +128,9 @@ class LuffyLossConfig:
             if not (number(value) and math.isfinite(value) and value >= 0):
                 raise bad(name, "must be a non-negative finite number")
         if self.memory_budget_mb is not None and not (
-                number(self.memory_budget_mb) and math.isfinite(self.memory_budget_mb)
-                and self.memory_budget_mb > 0):
-            raise bad("memory_budget_mb", "must be None or a positive number of MiB")
+                number(self.memory_budget_mb) and 0 < self.memory_budget_mb <= 2**40):
+            raise bad("memory_budget_mb", "must be None or a positive number of MiB, at most "
+                                          "2**40 (1 EiB)")
         if self.grad_filter is not None and not (
                 number(self.grad_filter) and 0 <= self.grad_filter < 1):
             raise bad("grad_filter", "must be None (off) or a number in [0, 1)")

@@ -84,6 +84,8 @@ def test_ignore_index_is_not_out_of_range(batch):
     ("shaping", "no"), ("clip_on_policy", "false"), ("check_finite", 1), ("gamma", True),
     ("entropy_coef", True), ("max_len", True), ("ignore_index", 3.5), ("ignore_index", "x"),
     ("memory_budget_mb", "64"), ("dual_clip", "3"), ("grad_filter", False),
+    # past what the op's byte counts and int64 targets hold (an OverflowError at the first call)
+    ("memory_budget_mb", 1.7e308), ("memory_budget_mb", float("inf")), ("ignore_index", 2**63),
 ])
 def test_bad_config_names_the_field(field, value):
     base = {"normalizer": "constant", "max_len": 8} if field == "max_len" else {}
