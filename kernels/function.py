@@ -25,7 +25,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from luffy_fast.autograd import attach_gradients, bias_slot, wants_grad
+from luffy_fast.autograd import (
+    attach_gradients,
+    bias_slot,
+    check_backward,
+    wants_grad,
+    without_autocast,
+)
 from luffy_fast.config import LuffyLossConfig
 from luffy_fast.gemm import half_logits, kept_logits
 from luffy_fast.inputs import LossInputs
@@ -284,15 +290,17 @@ class _RecomputeBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
+        check_backward(ctx.state)
         hidden, weight, bias = ctx.saved_tensors
         state, ctx.state = ctx.state, None
         has_bias = bias.numel() > 0
         needs = (ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[3] and has_bias)
         hidden_c, weight_c = hidden.detach().contiguous(), weight.detach().contiguous()
         grads = zero_gradients(hidden_c, weight_c, needs)
-        recomputed_gradients(state.tokens.scaled(grad_loss), hidden_c, weight_c,
-                             bias.detach().contiguous() if has_bias else None, state.temperature,
-                             state.chunk, grads, state.grad_filter)
+        with without_autocast(hidden.device):  # a backward called inside autocast
+            recomputed_gradients(state.tokens.scaled(grad_loss), hidden_c, weight_c,
+                                 bias.detach().contiguous() if has_bias else None,
+                                 state.temperature, state.chunk, grads, state.grad_filter)
         if state.grad_filter is not None:
             state.skipped_fraction.copy_(state.grad_filter.fraction())
         grad_hidden, grad_weight, grad_bias = grads

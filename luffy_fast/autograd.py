@@ -7,6 +7,8 @@ that only scales those stored gradients by the upstream gradient.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -24,9 +26,37 @@ class StoredGradients:
         return tuple(None if g is None else g.mul_(grad_loss) for g in self.grads)
 
 
+SECOND_BACKWARD = ("fused_luffy_loss: a second backward through the same loss (retain_graph) "
+                   "is not supported by this backend: the first backward handed out the "
+                   "gradients its forward formed; compute the loss again (the 'reference' "
+                   "backend keeps the whole graph)")
+NO_CREATE_GRAPH = ("fused_luffy_loss: create_graph is not supported by this backend: its "
+                   "gradients are formed in the forward and are not themselves differentiable "
+                   "(the 'reference' backend's are)")
+
+
+def check_backward(pending) -> None:
+    """A fused backend's backward runs once (`pending`: what the forward left for it, None once
+    handed out) and without create_graph (grad mode on inside a backward means create_graph),
+    which would have given gradients that silently carry no graph."""
+    if pending is None:
+        raise RuntimeError(SECOND_BACKWARD)
+    if torch.is_grad_enabled():
+        raise RuntimeError(NO_CREATE_GRAPH)
+
+
+def without_autocast(device: torch.device):
+    """Autocast off on `device`: the op chooses its own precisions (fp32 logits and softmax),
+    which autocast would round to 16 bits in its GEMMs."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class AttachGradients(torch.autograd.Function):
     """Returns `loss` as is; its backward hands out gradients computed in the forward, scaled by
-    the upstream gradient (`gradients.scaled`) and cast to the inputs' dtypes."""
+    the upstream gradient (`gradients.scaled`) and cast to the inputs' dtypes, once
+    (`check_backward`)."""
 
     @staticmethod
     def forward(ctx, loss, hidden, weight, bias, gradients):
@@ -36,6 +66,7 @@ class AttachGradients(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        check_backward(ctx.gradients)
         grads = ctx.gradients.scaled(grad_loss)
         ctx.gradients = None
         return (None, *(None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)),

@@ -145,11 +145,11 @@ def prepare_inputs(hidden, weight, targets, advantages, loss_mask, off_policy_ma
     targets = targets.reshape(T)
     ignored = targets == config.ignore_index
     out_of_range = ~ignored & ((targets < 0) | (targets >= V))
-    raw_mask = loss_mask.reshape(T).to(compute_dtype)
+    raw_mask = loss_mask.reshape(T).detach().to(compute_dtype)  # data, as the advantages
     mask = torch.where(ignored, torch.zeros_like(raw_mask), raw_mask)
     in_loss = mask != 0
-    advantages = advantages.reshape(T)
-    old_logprobs = None if old_logprobs is None else old_logprobs.reshape(T)
+    advantages = advantages.reshape(T).detach()
+    old_logprobs = None if old_logprobs is None else old_logprobs.reshape(T).detach()
     # Every value check in one host sync: (argument, what is wrong, where it is wrong).
     checks = [("targets", None, out_of_range),
               ("loss_mask", "must be finite and non-negative", ~torch.isfinite(raw_mask) | (raw_mask < 0)),

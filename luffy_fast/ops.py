@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .autograd import without_autocast
 from .config import LuffyLossConfig
 from .inputs import LossInputs, input_error, prepare_inputs, prepare_token_inputs
 
@@ -50,11 +51,14 @@ def fused_luffy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages
 
     Returns the scalar loss (float32, or float64 for float64 inputs) and a dict of detached
     statistics. See LuffyLossConfig for the options and docs/design.md for the contract.
+    Gradients flow to hidden, weight and bias; advantages, old_logprobs and the masks are
+    data (no gradient flows into them, whatever their requires_grad). Autocast is off inside.
     """
     inputs = prepare_inputs(hidden, weight, targets, advantages, loss_mask, off_policy_mask,
                             old_logprobs, config, seq_ids, bias)
     loss_of, _ = _backend(backend, hidden.device)  # still before any kernel runs
-    loss, stats = loss_of(inputs)
+    with without_autocast(hidden.device):
+        loss, stats = loss_of(inputs)
     if config.check_finite:
         _check_finite(loss, stats, inputs)
     return loss, stats
@@ -88,22 +92,26 @@ _HOW_TO_SKIP = "; the loss would not be finite (LuffyLossConfig.check_finite=Fal
 @torch.no_grad()
 def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float = 1.0,
                    bias: Optional[Tensor] = None, with_entropy: bool = False,
-                   backend: Optional[str] = None,
-                   logits_dtype: str = "float32") -> tuple[Tensor, Optional[Tensor]]:
+                   backend: Optional[str] = None, logits_dtype: str = "float32",
+                   memory_budget_mb: Optional[float] = None) -> tuple[Tensor, Optional[Tensor]]:
     """Per-token log pi(target) (and entropy) from hidden + weight, without grad, in one pass.
 
     For old-log-prob and evaluation passes. Returns float32 tensors of the token shape; positions
-    whose target is out of range (e.g. -100 padding) get log-prob 0. `logits_dtype`: as
-    LuffyLossConfig.logits_dtype (the triton backend's kept logits; "input": 16-bit).
+    whose target is out of range (e.g. -100 padding) get log-prob 0. `logits_dtype` and
+    `memory_budget_mb`: as in LuffyLossConfig (the triton backend's kept logits: "input" keeps
+    them in 16 bits; the budget sizes the chunks of logits).
     """
-    config = LuffyLossConfig(temperature=temperature, logits_dtype=logits_dtype)
+    config = LuffyLossConfig(temperature=temperature, logits_dtype=logits_dtype,
+                             memory_budget_mb=memory_budget_mb)
     hidden_flat, safe_targets, valid = prepare_token_inputs(hidden, weight, targets, bias)
     _, logprobs_of = _backend(backend, hidden.device, "token_logprobs")
     if (backend or default_backend(hidden.device)) == "triton" and weight.dtype != hidden.dtype:
         raise input_error("weight", f"is {weight.dtype} but `hidden` is {hidden.dtype}; the triton "
                                     "backend takes one dtype for both (cast one of them)",
                           "token_logprobs")
-    logprobs, entropy = logprobs_of(hidden_flat, weight, bias, safe_targets, config, with_entropy)
+    with without_autocast(hidden.device):
+        logprobs, entropy = logprobs_of(hidden_flat, weight, bias, safe_targets, config,
+                                        with_entropy)
     token_shape = hidden.shape[:-1]
     logprobs = torch.where(valid, logprobs, torch.zeros_like(logprobs)).reshape(token_shape)
     if entropy is not None:

@@ -52,7 +52,8 @@ class FusedLossHead(nn.Module):
             return token_logprobs(hidden, self.weight, targets,
                                   temperature=self.loss_config.temperature, bias=self.bias,
                                   with_entropy=with_entropy, backend=self.backend,
-                                  logits_dtype=self.loss_config.logits_dtype)
+                                  logits_dtype=self.loss_config.logits_dtype,
+                                  memory_budget_mb=self.loss_config.memory_budget_mb)
         return fused_luffy_loss(
             hidden, self.weight, micro.targets, micro.advantages,  # fp32: not rounded to bf16
             micro.loss_mask, micro.off_policy_mask, old_logprobs=micro.old_logprobs,

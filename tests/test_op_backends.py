@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from hypothesis import given, settings
 
 from helpers import SETTINGS, assert_close, compare_backends, loss_case, random_batch, run_loss
-from luffy_fast import LuffyLossConfig, token_logprobs
+from luffy_fast import LuffyLossConfig, fused_luffy_loss, token_logprobs
 
 
 @settings(max_examples=60, **SETTINGS)
@@ -139,3 +141,116 @@ def test_the_readmes_op_snippet_runs_as_written():
     assert_close(names["loss"].detach(), expected.detach(), 1e-12, "loss")
     assert_close(names["hidden"].grad, hidden.grad, 1e-10, "d hidden")
     assert_close(names["weight"].grad, weight.grad, 1e-10, "d weight")
+
+
+# The fused backends' autograd contract, beside the reference's (whose graph is autograd's own).
+FUSED = [("torch", None), ("triton", 64.0), ("triton", 0.002)]  # triton: kept logits, recompute
+FUSED_IDS = ["torch", "triton-kept", "triton-recompute"]
+
+
+def _loss(batch: dict, backend: str, budget, **data):
+    hidden = batch["hidden"].detach().clone().requires_grad_(True)
+    weight = batch["weight"].detach().clone().requires_grad_(True)
+    inputs = {name: batch[name] for name in ("advantages", "loss_mask", "old_logprobs")} | data
+    loss, _ = fused_luffy_loss(hidden, weight, batch["targets"], inputs["advantages"],
+                               inputs["loss_mask"], batch["off_policy_mask"],
+                               old_logprobs=inputs["old_logprobs"], seq_ids=batch["seq_ids"],
+                               config=LuffyLossConfig(entropy_coef=0.05, memory_budget_mb=budget),
+                               backend=backend)
+    return loss, hidden, weight
+
+
+@pytest.mark.parametrize("backend,budget", FUSED, ids=FUSED_IDS)
+def test_a_second_backward_is_refused_by_name(backend, budget):
+    """The fused backends hand out the gradients their forward formed, once: a second backward
+    (retain_graph) failed with "'NoneType' object has no attribute 'scaled'"."""
+    loss, hidden, _ = _loss(random_batch(12, 6, 37), backend, budget)
+    (first,) = torch.autograd.grad(loss, hidden, retain_graph=True)
+    with pytest.raises(RuntimeError, match=r"^fused_luffy_loss: a second backward through the "
+                                           r"same loss \(retain_graph\) is not supported"):
+        loss.backward()
+    reference, hidden, _ = _loss(random_batch(12, 6, 37), "reference", None)
+    (once,) = torch.autograd.grad(reference, hidden, retain_graph=True)
+    reference.backward()  # the reference's graph is autograd's: twice works
+    assert_close(hidden.grad, once, 1e-12, "reference, second backward")
+    assert_close(first, once.float(), 1e-5, "first backward against the reference")
+
+
+@pytest.mark.parametrize("backend,budget", FUSED, ids=FUSED_IDS)
+def test_gradients_of_the_gradients_are_refused(backend, budget):
+    """The fused backends' gradients are formed in the forward: with create_graph they came
+    back with no graph, so a gradient penalty built on them silently added nothing."""
+    loss, hidden, _ = _loss(random_batch(12, 6, 37), backend, budget)
+    with pytest.raises(RuntimeError, match=r"^fused_luffy_loss: create_graph is not supported"):
+        torch.autograd.grad(loss, hidden, create_graph=True)
+    reference, hidden, _ = _loss(random_batch(12, 6, 37), "reference", None)
+    (grad,) = torch.autograd.grad(reference, hidden, create_graph=True)
+    assert grad.requires_grad  # the reference's are differentiable
+
+
+@pytest.mark.parametrize("backend,budget", [("reference", None), *FUSED],
+                         ids=["reference", *FUSED_IDS])
+def test_no_gradient_flows_into_advantages_old_logprobs_or_the_mask(backend, budget):
+    """They are data: the reference sent gradients into them when they required grad (a
+    critic's advantages not detached, say), the fused backends did not: now none does, and the
+    policy's gradients are those of detached inputs."""
+    batch = random_batch(16, 6, 37, mask_fraction=1.0)
+    data = {"advantages": batch["advantages"].clone().requires_grad_(True),
+            "old_logprobs": batch["old_logprobs"].clone().requires_grad_(True),
+            "loss_mask": torch.rand(16, generator=torch.Generator().manual_seed(1)).requires_grad_()}
+    loss, hidden, weight = _loss(batch, backend, budget, **data)
+    loss.backward()
+    assert [data[name].grad for name in data] == [None, None, None]
+    plain, plain_hidden, plain_weight = _loss(batch, backend, budget,
+                                              loss_mask=data["loss_mask"].detach())
+    plain.backward()
+    assert_close(hidden.grad, plain_hidden.grad, 1e-12, "d(hidden)")
+    assert_close(weight.grad, plain_weight.grad, 1e-12, "d(weight)")
+
+
+@pytest.mark.parametrize("backend,budget", [("reference", None), *FUSED],
+                         ids=["reference", *FUSED_IDS])
+def test_autocast_leaves_the_op_in_its_own_precision(backend, budget):
+    """Under torch.autocast (bf16 on the CPU) the torch backend failed in a scatter (bf16
+    logits), the reference and token_logprobs returned bf16-rounded numbers (0.047 off) and the
+    triton backend's d(hidden) was off by 2.6e-3: the op now turns autocast off inside (the
+    fused backends' backward too, even when called under autocast) and gives what it gives
+    without autocast."""
+    batch = random_batch(16, 8, 37)
+    loss, hidden, weight = _loss(batch, backend, budget)
+    loss.backward()
+    logprobs, _ = token_logprobs(batch["hidden"], batch["weight"], batch["targets"],
+                                 backend=backend, memory_budget_mb=budget)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast_loss, cast_hidden, cast_weight = _loss(batch, backend, budget)
+        if backend != "reference":  # autograd's own backward follows autocast: called outside
+            cast_loss.backward()
+        cast_logprobs, _ = token_logprobs(batch["hidden"], batch["weight"], batch["targets"],
+                                          backend=backend, memory_budget_mb=budget)
+    if backend == "reference":
+        cast_loss.backward()
+    assert cast_logprobs.dtype == torch.float32
+    for name, got, expected in (("loss", cast_loss, loss), ("logprobs", cast_logprobs, logprobs),
+                                ("d(hidden)", cast_hidden.grad, hidden.grad),
+                                ("d(weight)", cast_weight.grad, weight.grad)):
+        assert_close(got.detach(), expected.detach(), 1e-6, name)
+
+
+def test_the_heads_logprob_pass_takes_the_loss_configs_memory_budget(monkeypatch):
+    """FusedLossHead(logprobs_only) sized its chunks by the device's default budget (1 GiB on
+    CUDA), whatever the loss config's memory_budget_mb."""
+    import luffy_fast.chunked as chunked
+    from luffy_fast.policy import FusedLossHead
+
+    seen = []
+    real = chunked.chunked_token_logprobs
+    monkeypatch.setattr(chunked, "chunked_token_logprobs",
+                        lambda *args: seen.append(args[4].memory_budget_mb) or real(*args))
+    batch = random_batch(10, 6, 37)
+    head = FusedLossHead(torch.nn.Linear(6, 37, bias=False),
+                         LuffyLossConfig(memory_budget_mb=0.05), backend="torch")
+    micro = SimpleNamespace(targets=batch["targets"])
+    logprobs, _ = head(batch["hidden"], micro, logprobs_only=True)
+    assert seen == [0.05]
+    expected, _ = token_logprobs(batch["hidden"], head.weight, batch["targets"], backend="reference")
+    assert_close(logprobs, expected, 1e-6, "logprobs")
