@@ -78,6 +78,11 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
+        parser.error("--resume and --overwrite contradict each other: --resume continues the run "
+                     "in output.dir, --overwrite replaces it")
+    if getattr(args, "world_size", None) is not None and args.world_size < 1:
+        parser.error(f"--world-size: must be at least 1, got {args.world_size}")
     return args
 
 
@@ -154,7 +159,7 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
             if args.dry_run:
                 from luffy_fast.dry_run import dry_run
 
-                return dry_run(config, args.world_size or int(os.environ.get("WORLD_SIZE", 1)))
+                return dry_run(config, args.world_size or planned_world_size())
             # before any loading; a launched rank's number from the launcher (no process group yet)
             rank = launched_rank()
             with claim_run_dir(config.output.dir, rank):
@@ -205,6 +210,15 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
                   f"{resume_hint(args.command, run_dir)}", file=sys.stderr)
         return 143 if terminated else 130
     return 0
+
+
+def planned_world_size() -> int:
+    """The dry run's GPU count without --world-size: $WORLD_SIZE, or 1."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    if not (text.strip().isdigit() and int(text) >= 1):
+        raise ConfigError(f"WORLD_SIZE: must be a whole number of at least 1, got {text!r} (or "
+                          f"pass --world-size)")
+    return int(text)
 
 
 def error_prefix() -> str:

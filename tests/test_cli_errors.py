@@ -23,9 +23,9 @@ def config_file(tmp_path, *overrides) -> tuple[str, object]:
 
 
 def test_flags_are_accepted_after_the_overrides():
-    args = cli._parse(["train", "--config", "c.yaml", "optim.lr=1e-3", "--resume",
-                       "train.steps=5", "--overwrite"])
-    assert args.resume and args.overwrite
+    args = cli._parse(["train", "--config", "c.yaml", "optim.lr=1e-3", "--overwrite",
+                       "train.steps=5", "--dry-run"])
+    assert args.overwrite and args.dry_run and not args.resume
     assert args.overrides == ["optim.lr=1e-3", "train.steps=5"]
     args = cli._parse(["--resume", "train", "--config", "c.yaml", "optim.lr=1e-3"])
     assert args.resume and not args.overwrite and args.overrides == ["optim.lr=1e-3"]
@@ -35,6 +35,26 @@ def test_flags_are_accepted_after_the_overrides():
     # the DeepSpeed launcher's flag, before the command (`deepspeed --module luffy_fast train`)
     args = cli._parse(["--local_rank=3", "train", "--config", "c.yaml", "a=1", "--local-rank=3"])
     assert args.command == "train" and args.overrides == ["a=1"]
+
+
+def test_contradictory_flags_and_impossible_world_sizes_are_refused(capsys, monkeypatch):
+    """--resume --overwrite resumed and ignored --overwrite; --world-size -2 planned negative
+    memory and 0 became 1; WORLD_SIZE=abc was "invalid literal for int()"."""
+    for argv, message in (
+            (["train", "--config", "c.yaml", "--resume", "a=1", "--overwrite"],
+             "--resume and --overwrite contradict each other"),
+            (["train", "--config", "c.yaml", "--dry-run", "--world-size", "0"],
+             "--world-size: must be at least 1, got 0")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli._parse(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    for value in ("abc", "0", "-2"):
+        monkeypatch.setenv("WORLD_SIZE", value)
+        with pytest.raises(ConfigError, match=rf"^WORLD_SIZE: must be a whole number of at least "
+                                              rf"1, got '{value}' \(or pass --world-size\)$"):
+            cli.planned_world_size()
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert cli.planned_world_size() == 8
 
 
 def test_a_folder_in_use_by_another_run_is_refused(tmp_path, capsys):
