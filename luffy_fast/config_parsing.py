@@ -7,15 +7,52 @@ ConfigError naming the dotted key.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Union
 
 import yaml
 
 from luffy_fast.errors import ConfigError
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a key given twice in one mapping is an error: PyYAML
+    keeps the last one silently (a second `train:` section replaced the whole first one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` overrides by design
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable):
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} is given twice in one mapping",
+                        key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml_file(path: str | Path, what: str = "config file") -> Any:
+    """A YAML file's contents (None when empty); a ConfigError naming the file when it is
+    missing, a folder, not UTF-8 text or not valid YAML (a key given twice included)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is a folder, not a YAML file")
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text (byte {error.start})") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {error}") from None
 
 
 def to_plain(value: Any) -> Any:
@@ -86,7 +123,9 @@ def build_dataclass(prefix: str, cls: type, values: Any, kwargs_only: bool = Fal
     for name in values:
         if name not in known:
             where = f"{prefix}.{name}" if prefix else str(name)
-            raise ConfigError(f"{where}: unknown key (known keys: {', '.join(sorted(known))})")
+            close = difflib.get_close_matches(str(name), known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"{where}: unknown key ({hint}known keys: {', '.join(sorted(known))})")
     kwargs = {name: convert(f"{prefix}.{name}" if prefix else name, hints[name], value)
               for name, value in values.items()}
     return kwargs if kwargs_only else cls(**kwargs)

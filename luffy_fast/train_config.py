@@ -18,7 +18,7 @@ from typing import Optional
 import yaml
 
 from luffy_fast.config import NEEDS_MAX_LEN, LuffyLossConfig
-from luffy_fast.config_parsing import apply_overrides, build_dataclass, to_plain
+from luffy_fast.config_parsing import apply_overrides, build_dataclass, read_yaml_file, to_plain
 from luffy_fast.config_parsing import check_choice as _choice
 from luffy_fast.config_parsing import check_finite as _finite
 from luffy_fast.config_parsing import check_int as _positive_int
@@ -333,13 +333,11 @@ def load_config(path: str | Path | None = None,
     """Read a YAML file (or start from the defaults when path is None), apply overrides."""
     values: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
+        if not str(path).strip():
+            raise ConfigError("--config: the path is empty")
+        values = read_yaml_file(path)
+        if values is None:  # empty, or comments only: every setting would silently be a default
+            raise ConfigError(f"config file {str(path)!r} is empty (no settings)")
         if not isinstance(values, dict):
             raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
     return config_from_dict(apply_overrides(values, overrides))

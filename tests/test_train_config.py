@@ -70,3 +70,38 @@ def test_missing_or_broken_file(tmp_path):
     listed.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(listed)
+
+
+def test_files_that_would_silently_train_on_other_settings_are_refused(tmp_path):
+    """A second `train:` section replaced the first (PyYAML keeps the last key), an empty file
+    trained on every default; a folder was "does not exist", a file that is not UTF-8 an error
+    naming no file."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  prompts_per_step: 8\n  mini_batch_size: 8\noptim:\n  lr: 1.0e-3\n"
+                     "train:\n  steps: 5\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml' is not valid YAML: the key 'train' is "
+                                          r"given twice in one mapping\n  in .*, line 6, column 1"):
+        load_config(twice)
+    anchored = tmp_path / "anchored.yaml"  # a merge key overrides by design
+    anchored.write_text("optim: &base {lr: 1.0e-3, warmup_steps: 1}\nrollout:\n  n_on: 3\n")
+    assert load_config(anchored).rollout.n_on == 3
+    for text in ("", "# only a comment\n"):
+        (tmp_path / "empty.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=r"empty.yaml' is empty \(no settings\)$"):
+            load_config(tmp_path / "empty.yaml")
+    with pytest.raises(ConfigError, match=r"is a folder, not a YAML file$"):
+        load_config(tmp_path)
+    with pytest.raises(ConfigError, match=r"^--config: the path is empty$"):
+        load_config("")
+    (tmp_path / "latin1.yaml").write_bytes("train:\n  seed: 1 # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml' is not UTF-8 text \(byte 22\)$"):
+        load_config(tmp_path / "latin1.yaml")
+
+
+def test_a_mistyped_key_gets_the_closest_known_one():
+    with pytest.raises(ConfigError, match=r"^optim.lrr: unknown key \(did you mean 'lr'\? known"):
+        load_config(None, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match=r"^train.stpes: unknown key \(did you mean 'steps'\?"):
+        load_config(None, ["train.stpes=1"])
+    with pytest.raises(ConfigError, match=r"^optim.zzz: unknown key \(known keys: "):
+        load_config(None, ["optim.zzz=1"])
