@@ -170,9 +170,12 @@ def _deep_copy(values: dict) -> dict:
 
 # Value checks shared by the config sections (each raises ConfigError naming owner.name).
 
-def check_int(owner: str, name: str, value: Any, minimum: int = 1) -> None:
+def check_int(owner: str, name: str, value: Any, minimum: int = 1,
+              maximum: int | None = None) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ConfigError(f"{owner}.{name}: must be an integer >= {minimum} (got {value!r})")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{owner}.{name}: must be at most {maximum} (got {value!r})")
 
 
 def check_finite(owner: str, name: str, value: Any, low: float | None = None,

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from luffy_fast.errors import ConfigError
-from luffy_fast.run_files import rank_and_world
+from luffy_fast.run_files import rank_and_world, warn_at_start
 from luffy_fast.train_config import LuffyTrainConfig
 
 
@@ -87,6 +87,10 @@ def learning_rate_lambda(config: LuffyTrainConfig) -> Callable[[int], float]:
     """
     optim = config.optim
     total = config.train.steps * config.optimizer_steps_per_rollout()
+    if optim.warmup_steps > total:  # a short trial run of a real recipe, say: not an error
+        warn_at_start(f"optim.warmup_steps: {optim.warmup_steps} is more than the run's {total} "
+                      f"optimizer steps: the learning rate never reaches optim.lr "
+                      f"({optim.warmup_steps / total:.3g} x the steps are warm-up)")
 
     def factor(optimizer_step: int) -> float:
         if optimizer_step < optim.warmup_steps:

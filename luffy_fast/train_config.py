@@ -180,7 +180,7 @@ class TrainSection:
                               f"({self.prompts_per_step} % {self.mini_batch_size} != 0)")
         _choice("train", "zero_stage", self.zero_stage, (0, 1, 2, 3))
         _positive_int("train", "cpu_threads", self.cpu_threads, minimum=0)
-        _positive_int("train", "seed", self.seed, minimum=0)
+        _positive_int("train", "seed", self.seed, minimum=0, maximum=2**32 - 1)
         if self.epochs is not None:
             _positive_int("train", "epochs", self.epochs)
 
@@ -289,6 +289,19 @@ class LuffyTrainConfig:
             raise ConfigError(f"loss.max_len: the {self.loss.normalizer!r} normalizer's max_len "
                               f"({self.loss.max_len}) is below data.max_response_length "
                               f"({self.data.max_response_length})")
+        self.validate_across_sections()
+
+    def validate_across_sections(self) -> None:
+        """Settings each valid alone that would train wrongly together, without an error."""
+        if self.loss.ignore_index >= 0:
+            raise ConfigError(f"loss.ignore_index: must be negative (got {self.loss.ignore_index}): "
+                              f"it marks the positions outside the loss, and a token id would drop "
+                              f"that token from every loss")
+        longest, window = (self.data.max_prompt_length + self.data.max_response_length,
+                           self.rollout.vllm.max_model_len)
+        if self.rollout.engine == "vllm" and window is not None and window < longest:
+            raise ConfigError(f"rollout.vllm.max_model_len: {window} is below data.max_prompt_length "
+                              f"+ data.max_response_length ({longest}): responses would be cut short")
 
     def validate_sections(self) -> None:
         """Every section but `loss`, which is built from data and rollout: a bad value there is

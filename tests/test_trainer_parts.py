@@ -3,8 +3,10 @@ loaded by name (the example's user task trained for real), and the rollout engin
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -42,6 +44,20 @@ def test_learning_rate_schedules_by_hand():
                                                         "train.mini_batch_size=2"]))
     # 2 optimizer steps per rollout, 16 in all, min_lr_ratio 0
     assert [no_warmup(k) for k in (0, 8)] == [1.0, pytest.approx(0.5, abs=1e-15)]
+
+
+def test_a_warm_up_longer_than_the_run_is_named_at_start():
+    """warmup_steps 100000 in a 2-step run trained at 3e-8 and 6e-8 of a 3e-3 peak, silently; a
+    short trial of a real recipe is not an error, so it is a start-up warning."""
+    config = load_config(None, ["optim.warmup_steps=21", "train.steps=10",
+                                "train.prompts_per_step=32", "train.mini_batch_size=16"])
+    with pytest.warns(RuntimeWarning, match=r"^optim.warmup_steps: 21 is more than the run's 20 "
+                                            r"optimizer steps: the learning rate never reaches"):
+        learning_rate_lambda(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        whole_run = dataclasses.replace(config.optim, warmup_steps=20)
+        learning_rate_lambda(dataclasses.replace(config, optim=whole_run))  # allowed, quietly
 
 
 def test_cosine_after_the_warm_up_is_transformers_cosine_with_min_lr():

@@ -5,6 +5,7 @@ Kept apart from luffy_fast.rollout.vllm so that reading a config never imports v
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -70,5 +71,6 @@ class VLLMConfig:
             fail("dtype", f"must be one of {list(DTYPES)}", self.dtype)
         if self.max_model_len is not None and self.max_model_len < 2:
             fail("max_model_len", "must be an integer >= 2", self.max_model_len)
-        if not isinstance(self.sync_bucket_mb, (int, float)) or not self.sync_bucket_mb > 0:
-            fail("sync_bucket_mb", "must be a positive number", self.sync_bucket_mb)
+        bucket = self.sync_bucket_mb
+        if isinstance(bucket, bool) or not isinstance(bucket, (int, float)) or not 0 < bucket < math.inf:
+            fail("sync_bucket_mb", "must be a positive finite number", bucket)
