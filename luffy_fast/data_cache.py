@@ -26,7 +26,7 @@ import numpy as np
 
 from luffy_fast.data import DataLimits, DataReport, Sample, load_samples
 from luffy_fast.data_files import data_files
-from luffy_fast.run_files import say_at_start, warn
+from luffy_fast.run_files import ensure_writable_dir, say_at_start, warn
 
 CACHE_VERSION = 2
 KEEP_ENTRIES = 6
@@ -64,8 +64,7 @@ def load_cached_samples(source, tokenizer, limits: DataLimits, cache_dir: Path |
     """`luffy_fast.data.load_samples`, through the cache entry for (files, tokenizer, limits)."""
     from filelock import FileLock
 
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = ensure_writable_dir(cache_dir, key="data.cache_dir")
     name = cache_key(source, tokenizer, limits, key)
     entry = cache_dir / f"{name}.npz"
     with FileLock(str(cache_dir / f"{name}.lock")):

@@ -222,6 +222,14 @@ def test_the_cache_is_read_back_and_rebuilt_when_an_input_changes(tmp_path, toke
     assert load_cached_samples(path, tokenizer, LIMITS, cache)[0] == rebuilt  # whole again
 
 
+def test_a_cache_dir_that_cannot_be_a_folder_is_named(tmp_path, tokenizer):
+    """data.cache_dir pointing at a file was a FileExistsError traceback."""
+    path = write_jsonl(tmp_path / "d.jsonl", math_rows())
+    with pytest.raises(ConfigError, match=r"^data.cache_dir: '.*d.jsonl/cache' cannot be a "
+                                          r"folder: '.*d.jsonl' is a file$"):
+        load_cached_samples(path, tokenizer, LIMITS, path / "cache")
+
+
 def test_the_cache_keeps_the_last_used_entries_and_drops_dead_writes(tmp_path, tokenizer,
                                                                     monkeypatch, capsys):
     """Whoever builds an entry removes all but the KEEP_ENTRIES last used, and temporary files
