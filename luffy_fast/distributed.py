@@ -75,7 +75,24 @@ def training_device(config: LuffyTrainConfig,
                         if torch.cuda.is_available() else torch.device("cpu"))
     if device.type == "cpu" and config.train.cpu_threads:
         torch.set_num_threads(config.train.cpu_threads)
+    check_loss_backend(config, device)
     return device, config.model.trains_in_bf16(device)
+
+
+def check_loss_backend(config: LuffyTrainConfig, device: torch.device) -> None:
+    """Before any loading: the loss backend this run gets can run here and takes its options (a
+    triton backend off CUDA, or the gradient filter elsewhere, failed after the first
+    validation, leaving a run folder that needed --overwrite)."""
+    backend = config.train.loss_backend
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(f"train.loss_backend: 'triton' needs a CUDA device; this run trains on "
+                          f"{device.type} (use 'torch' or 'auto')")
+    if config.loss.grad_filter is not None and backend != "triton":
+        raise ConfigError(f"loss.grad_filter: the gradient filter is an option of the triton "
+                          f"backend, and this run's loss runs on the {backend!r} backend "
+                          f"(train.loss_backend={config.train.loss_backend!r} on {device.type})")
 
 
 def learning_rate_lambda(config: LuffyTrainConfig) -> Callable[[int], float]:

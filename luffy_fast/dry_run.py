@@ -147,9 +147,10 @@ def dry_run(config, world_size: int = 1, out: TextIO | None = None) -> int:
     say = lambda line="": print(line, file=out or sys.stdout)  # noqa: E731
     say(f"dry run: model {config.model.path}, data {config.data.source} "
         f"(task {config.data.task_name}), {world_size} GPU(s), ZeRO-{config.train.zero_stage}")
-    from luffy_fast.distributed import check_world_size
+    from luffy_fast.distributed import check_loss_backend, check_world_size
 
     checked(lambda: check_world_size(config, world_size), problems)
+    checked(lambda: check_loss_backend(config, torch.device("cuda")), problems)  # GPUs planned
     task, tokenizer, policy, notes = tokenizer_for(config, problems)
     for note in notes:
         say(f"note: {note}")

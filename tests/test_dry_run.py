@@ -147,6 +147,10 @@ def test_settings_that_cannot_work_are_problems(setup, tmp_path, capsys):
                         "model.attn_implementation=flash_attention_2")
     assert code == 2 and ("PROBLEM: model.attn_implementation: 'flash_attention_2' runs in bf16 "
                           "on CUDA only, and this run trains in fp32 on cuda") in out
+    code, out = dry_run(capsys, model, tokenizer, data, tmp_path, "loss.grad_filter=0.5",
+                        "train.loss_backend=torch")
+    assert code == 2 and ("PROBLEM: loss.grad_filter: the gradient filter is an option of the "
+                          "triton backend, and this run's loss runs on the 'torch' backend") in out
 
 
 def test_memory_estimate_by_hand():

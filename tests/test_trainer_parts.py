@@ -323,3 +323,23 @@ def test_the_head_passes_the_advantages_in_float32_under_bf16():
                                    micro.loss_mask, micro.off_policy_mask, config=head.loss_config,
                                    seq_ids=micro.seq_ids, backend="torch")
     assert float(loss) == float(expected) == pytest.approx(-1.2910, rel=1e-6)
+
+
+def test_a_loss_backend_that_cannot_run_here_stops_the_start(monkeypatch):
+    """train.loss_backend=triton off CUDA, and the gradient filter on the torch backend, failed
+    after the model loaded and the first validation ran, leaving a folder to --overwrite."""
+    from luffy_fast.distributed import training_device
+    from luffy_fast.errors import ConfigError
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cpu = torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"^train.loss_backend: 'triton' needs a CUDA device; "
+                                          r"this run trains on cpu"):
+        training_device(load_config(None, ["train.loss_backend=triton"]), cpu)
+    with pytest.raises(ConfigError, match=r"^loss.grad_filter: .* on the 'torch' backend "
+                                          r"\(train.loss_backend='auto' on cpu\)$"):
+        training_device(load_config(None, ["loss.grad_filter=0.5"]), cpu)
+    assert training_device(load_config(None, ["train.loss_backend=torch"]), cpu)[0] == cpu
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the kernels on the CPU interpreter
+    assert training_device(load_config(None, ["loss.grad_filter=0.5",
+                                              "train.loss_backend=triton"]), cpu)[0] == cpu
