@@ -14,12 +14,14 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TextIO
 
 import torch
 
 from luffy_fast.data import percentiles
 from luffy_fast.errors import ConfigError
+from luffy_fast.run_files import holds_a_run
 from luffy_fast.sampler import prompt_sampler
 
 GIB = 2**30
@@ -151,6 +153,7 @@ def dry_run(config, world_size: int = 1, out: TextIO | None = None) -> int:
 
     checked(lambda: check_world_size(config, world_size), problems)
     checked(lambda: check_loss_backend(config, torch.device("cuda")), problems)  # GPUs planned
+    output_dir_check(config.output.dir, problems, say)
     task, tokenizer, policy, notes = tokenizer_for(config, problems)
     for note in notes:
         say(f"note: {note}")
@@ -217,6 +220,18 @@ def dry_run(config, world_size: int = 1, out: TextIO | None = None) -> int:
     say(f"dry run done in {time.perf_counter() - started:.1f} s: "
         + (f"{len(problems)} problem(s)" if problems else "no problems found"))
     return 2 if problems else 0
+
+
+def output_dir_check(folder: str, problems: list[str], say) -> None:
+    """What the start will say of `output.dir`, read-only: a file where a folder must be is a
+    problem; a previous run there a note (the start needs --resume or --overwrite)."""
+    path = Path(folder)
+    blocking = next((part for part in (path, *path.parents) if part.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        problems.append(f"output.dir: {folder!r} cannot be a folder: {str(blocking)!r} is a file")
+    elif path.is_dir() and holds_a_run(path):
+        say(f"note: output.dir {folder!r} already holds a run ({', '.join(holds_a_run(path))}): "
+            f"the start needs --resume to continue it or --overwrite to replace it")
 
 
 def checked(call, problems: list[str]):

@@ -151,6 +151,17 @@ def test_settings_that_cannot_work_are_problems(setup, tmp_path, capsys):
                         "train.loss_backend=torch")
     assert code == 2 and ("PROBLEM: loss.grad_filter: the gradient filter is an option of the "
                           "triton backend, and this run's loss runs on the 'torch' backend") in out
+    # output.dir as the start sees it (the dry run said "no problems found" for both)
+    (tmp_path / "a-file").write_text("x")
+    code, out = dry_run(capsys, model, tokenizer, data, tmp_path,
+                        f"output.dir={tmp_path / 'a-file' / 'run'}")
+    assert code == 2 and f"PROBLEM: output.dir: '{tmp_path / 'a-file' / 'run'}' cannot be a folder" in out
+    (tmp_path / "old-run").mkdir()
+    (tmp_path / "old-run" / "metrics.jsonl").write_text("{}\n")
+    code, out = dry_run(capsys, model, tokenizer, data, tmp_path,
+                        f"output.dir={tmp_path / 'old-run'}")
+    assert (f"note: output.dir '{tmp_path / 'old-run'}' already holds a run (metrics.jsonl): the "
+            f"start needs --resume to continue it or --overwrite to replace it") in out
 
 
 def test_memory_estimate_by_hand():
