@@ -25,13 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from luffy_fast.autograd import (
-    attach_gradients,
-    bias_slot,
-    check_backward,
-    wants_grad,
-    without_autocast,
-)
+from luffy_fast.autograd import attach_gradients, bias_slot, check_backward, wants_grad, without_autocast
 from luffy_fast.config import LuffyLossConfig
 from luffy_fast.gemm import half_logits, kept_logits
 from luffy_fast.inputs import LossInputs
