@@ -47,6 +47,10 @@ class ModelConfig:
         for name in ("hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads"):
             _positive_int("model", name, getattr(self, name))
+        for name in ("tokenizer_path", "chat_template", "max_position_embeddings", "rope_theta"):
+            if self.path == "toy" and getattr(self, name) is not None:
+                raise ConfigError(f"model.{name}: the toy model (model.path: toy) builds its own "
+                                  f"tokenizer and shape and would ignore it (got {getattr(self, name)!r})")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"model.hidden_size: must be divisible by model.num_attention_heads "
                               f"({self.hidden_size} % {self.num_attention_heads} != 0)")

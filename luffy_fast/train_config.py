@@ -62,6 +62,10 @@ class DataConfig:
         _positive_int("data", "max_prompt_length", self.max_prompt_length)
         _positive_int("data", "max_response_length", self.max_response_length)
         _choice("data", "trace_overflow", self.trace_overflow, ("truncate", "drop"))
+        for key in ("source", "heldout_source"):  # a copy of the demo's config, say
+            if self.task_name == "toy" and getattr(self, key) not in (None, "toy"):
+                raise ConfigError(f"data.{key}: the toy task generates its own problems and would "
+                                  f"not read {getattr(self, key)!r}; set data.task: math to use it")
         if self.task_name == "math" and not Path(self.source).exists():
             raise ConfigError(f"data.source: no such file or folder {self.source!r} "
                               f"(or use 'toy')")

@@ -63,6 +63,13 @@ def test_yaml_and_dotted_overrides(tmp_path):
      "(124)"),
     (["train.seed=18446744073709551615"], "train.seed: must be at most 4294967295"),
     (["rollout.vllm.sync_bucket_mb=.inf"], "rollout.vllm.sync_bucket_mb: must be a positive finite"),
+    # the demo's config with a user's data or model settings: trained the toy task, silently
+    (["data.task=toy", "data.source=/tmp/train.jsonl"], "data.source: the toy task generates its "
+     "own problems and would not read '/tmp/train.jsonl'; set data.task: math to use it"),
+    (["data.heldout_source=/tmp/aime.parquet"], "data.heldout_source: the toy task generates"),
+    (["model.chat_template=/tmp/t.jinja"], "model.chat_template: the toy model (model.path: toy) "
+     "builds its own tokenizer and shape and would ignore it (got '/tmp/t.jinja')"),
+    (["model.max_position_embeddings=10"], "model.max_position_embeddings: the toy model"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
