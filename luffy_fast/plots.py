@@ -164,6 +164,7 @@ def plot_runs(histories: dict[str, list[dict]], names: Sequence[str], path: Path
 def run_plot(args: argparse.Namespace) -> int:
     """`luffy-fast plot`: checks every input before reading any run, then writes the PNG."""
     from luffy_fast.metrics import read_metrics
+    from luffy_fast.run_files import ensure_writable_dir
 
     if not 0 <= args.smooth < 1:
         raise ConfigError(f"plot --smooth: {args.smooth} is not in [0, 1) (0 turns it off)")
@@ -172,6 +173,9 @@ def run_plot(args: argparse.Namespace) -> int:
         files[0].parent / "curves.png" if len(files) == 1 else Path("curves.png"))
     if output.suffix.lower() not in (".png", ".pdf", ".svg"):
         raise ConfigError(f"plot --output: {str(output)!r} is not a .png, .pdf or .svg file")
+    if output.is_dir():
+        raise ConfigError(f"plot --output: {str(output)!r} is a folder, not a file")
+    ensure_writable_dir(output.parent, "plot --output")
     histories = dict(zip(run_labels(files), (read_metrics(file) for file in files)))
     names = chosen_metrics(list(histories.values()), args.metrics)
     plot_runs(histories, names, output, args.smooth)

@@ -88,11 +88,19 @@ def test_plot_command_writes_the_png(tmp_path, capsys):
     (["{empty}"], "has no metrics.jsonl"),
     (["{run}", "--smooth", "1"], r"plot --smooth: 1.0 is not in \[0, 1\)"),
     (["{run}", "--output", "curves.txt"], "plot --output: 'curves.txt' is not a .png"),
+    # a file where its folder would be; a folder /proc takes no new one in, even from root
+    (["{run}", "--output", "{run}/metrics.jsonl/curves.png"],
+     r"plot --output: '\S+/metrics.jsonl' cannot be a folder: '\S+/metrics.jsonl' is a file"),
+    (["{run}", "--output", "/proc/luffy-fast-test/curves.png"],
+     "plot --output: '/proc/luffy-fast-test' is not writable"),
+    (["{run}", "--output", "{empty}.png"], r"plot --output: '\S+/empty.png' is a folder, not "
+                                          "a file"),
     (["{run}", "--metrics", "entropy"], "plot --metrics: no run logged 'entropy'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, arguments, message):
     run = write_run(tmp_path / "run", RUN)
     (tmp_path / "empty").mkdir()
+    (tmp_path / "empty.png").mkdir()
     words = [word.format(run=run, empty=tmp_path / "empty") for word in arguments]
     assert main(["plot", *words]) == 2
     error = capsys.readouterr().err
