@@ -279,7 +279,8 @@ def open_wandb(directory: Path, config: LuffyTrainConfig, resume_step: int) -> A
 
 def read_metrics(path: str | Path) -> list[dict]:
     """The rows of a metrics.jsonl; a line that is not a JSON object (torn by a crash or a full
-    disk mid-write) is dropped with a warning naming it."""
+    disk mid-write), or whose step is not an integer (a file edited by hand), is dropped with a
+    warning naming it."""
     rows = []
     for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
         if not line.strip():
@@ -291,6 +292,10 @@ def read_metrics(path: str | Path) -> list[dict]:
         if not isinstance(row, dict):
             warn(f"{path}: line {number} is not a complete JSON object (torn write?); dropped: "
                  f"{line[:80]!r}")
+            continue
+        step = row.get("step", 0)
+        if not isinstance(step, int) or isinstance(step, bool):
+            warn(f"{path}: line {number} has a step that is not an integer ({step!r}); dropped")
             continue
         rows.append(row)
     return rows

@@ -83,6 +83,15 @@ def test_plot_command_writes_the_png(tmp_path, capsys):
     assert main(["plot", str(grpo)]) == 0 and (grpo / "curves.png").is_file()  # one run: beside it
 
 
+@pytest.mark.parametrize("step", ["2", None, [2], 2.5, True])
+def test_rows_whose_step_is_not_an_integer_are_dropped(tmp_path, capsys, step):
+    run = write_run(tmp_path / "run", [RUN[0], {**RUN[1], "step": step}, RUN[2]])
+    with pytest.warns(RuntimeWarning, match=re.escape(
+            f"line 2 has a step that is not an integer ({step!r}); dropped")):
+        assert main(["plot", str(run), "--metrics", "loss"]) == 0
+    assert "1 metrics of 1 run(s) (run to step 3)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["nowhere"], "plot: no such run: 'nowhere'"),
     (["{empty}"], "has no metrics.jsonl"),
