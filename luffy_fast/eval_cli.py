@@ -95,8 +95,10 @@ def check_arguments(args: argparse.Namespace) -> None:
                           f"(got {args.tensor_parallel_size})")
     if args.reward_workers is not None and args.reward_workers < 0:
         raise ConfigError(f"--reward-workers: must be >= 0 (got {args.reward_workers})")
-    if not args.reward_timeout > 0:
-        raise ConfigError(f"--reward-timeout: must be positive (got {args.reward_timeout})")
+    # the pool waits on its workers with poll(), whose timeout is at most 2**31 - 1 ms (24 days)
+    if not 0 < args.reward_timeout <= 86400:
+        raise ConfigError(f"--reward-timeout: must be a positive number of seconds, at most 86400 "
+                          f"(got {args.reward_timeout})")
 
 
 def check_window(model_dir: str, longest: int, max_new_tokens: int) -> None:

@@ -139,6 +139,8 @@ def test_eval_with_the_transformers_engine(tmp_path, model_dir, eval_files):
     ("checkpoint_folder", "a checkpoint's model is in its hf/ folder: --model "),
     ("broken_template", "line 1: unexpected '}' (a Jinja syntax error)"),
     ("no_chat_template", "has no chat template; pass --chat-template FILE"),
+    ("infinite_reward_timeout",
+     "--reward-timeout: must be a positive number of seconds, at most 86400 (got inf)"),
 ])
 def test_bad_input_is_reported_before_the_model_loads(tmp_path, model_dir, eval_files, case,
                                                       message, monkeypatch, capsys):
@@ -159,6 +161,8 @@ def test_bad_input_is_reported_before_the_model_loads(tmp_path, model_dir, eval_
         extra = ["--temperature", "nan"]
     elif case == "no_batch":
         extra = ["--batch-size", "0"]
+    elif case == "infinite_reward_timeout":  # an OverflowError at the first scoring before
+        extra = ["--reward-timeout", "inf"]
     elif case == "checkpoint_folder":  # checkpoints/step-N/ instead of checkpoints/step-N/hf
         from math_helpers import tiny_model_dir
 
