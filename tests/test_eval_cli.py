@@ -141,6 +141,9 @@ def test_eval_with_the_transformers_engine(tmp_path, model_dir, eval_files):
     ("no_chat_template", "has no chat template; pass --chat-template FILE"),
     ("infinite_reward_timeout",
      "--reward-timeout: must be a positive number of seconds, at most 86400 (got inf)"),
+    ("huge_seed", "--seed: must be in [0, 2**63) with the hf engine (got 99999999999999999999999)"),
+    ("vllm_seed", "--seed: must be in [0, 2**32) with the vllm engine (got 4294967296)"),
+    ("negative_seed", "--seed: must be in [0, 2**63) with the hf engine (got -1)"),
 ])
 def test_bad_input_is_reported_before_the_model_loads(tmp_path, model_dir, eval_files, case,
                                                       message, monkeypatch, capsys):
@@ -161,6 +164,12 @@ def test_bad_input_is_reported_before_the_model_loads(tmp_path, model_dir, eval_
         extra = ["--temperature", "nan"]
     elif case == "no_batch":
         extra = ["--batch-size", "0"]
+    elif case == "huge_seed":  # "Overflow when unpacking long long" from torch.manual_seed before
+        extra = ["--seed", "99999999999999999999999", "--engine", "hf"]
+    elif case == "vllm_seed":  # vLLM's workers seed numpy with it
+        extra = ["--seed", str(2**32), "--engine", "vllm"]
+    elif case == "negative_seed":
+        extra = ["--seed", "-1", "--engine", "hf"]
     elif case == "infinite_reward_timeout":  # an OverflowError at the first scoring before
         extra = ["--reward-timeout", "inf"]
     elif case == "checkpoint_folder":  # checkpoints/step-N/ instead of checkpoints/step-N/hf
