@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from pathlib import Path
 
@@ -107,11 +108,13 @@ def check_arguments(args: argparse.Namespace) -> None:
                           f"(got {args.reward_timeout})")
 
 
-def check_window(model_dir: str, longest: int, max_new_tokens: int) -> None:
-    """A warning when the longest prompt plus --max-new-tokens passes the model's window
-    (max_position_embeddings): generation past it relies on the positions extrapolating, as the
-    stock Qwen2.5-Math-7B (4096) would for LUFFY's 8192 new tokens; the official evaluation
-    uses the 16k-window model. A model with RoPE scaling (e.g. YaRN) is left alone: its window
+def check_window(model_dir: str, longest: int, max_new_tokens: int, engine: str) -> None:
+    """The longest prompt plus --max-new-tokens against the model's window
+    (max_position_embeddings). With hf, a warning: generation past it relies on the positions
+    extrapolating, as the stock Qwen2.5-Math-7B (4096) would for LUFFY's 8192 new tokens; the
+    official evaluation uses the 16k-window model. With vllm, an error before the engine starts:
+    vLLM refuses such a max_model_len unless VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 (or the config's
+    model_max_length) allows it. A model with RoPE scaling (e.g. YaRN) is left alone: its window
     is longer than max_position_embeddings says."""
     from transformers import AutoConfig
 
@@ -119,9 +122,17 @@ def check_window(model_dir: str, longest: int, max_new_tokens: int) -> None:
     window = getattr(config, "max_position_embeddings", None)
     scaling = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
     scaled = isinstance(scaling, dict) and scaling.get("rope_type") not in ("default", None)
-    if window is not None and longest > window and not scaled:
-        warn(f"--max-new-tokens: the longest prompt plus {max_new_tokens} new tokens is {longest} "
-             f"tokens, more than the model's window ({window}, max_position_embeddings)")
+    if window is None or longest <= window or scaled:
+        return
+    problem = (f"--max-new-tokens: the longest prompt plus {max_new_tokens} new tokens is "
+               f"{longest} tokens, more than the model's window ({window}, "
+               f"max_position_embeddings)")
+    allowed = os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "0").strip().lower() in ("1", "true")
+    model_max_length = getattr(config, "model_max_length", None)
+    if engine == "vllm" and not allowed and not (model_max_length and longest <= model_max_length):
+        raise ConfigError(f"{problem}, which vLLM refuses: lower --max-new-tokens, or set "
+                          f"VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 to generate past it anyway")
+    warn(problem)
 
 
 def engine_name(requested: str) -> str:
@@ -175,7 +186,7 @@ def run_eval(args: argparse.Namespace) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed)
     longest = max(len(p.prompt_ids) for p in problems) + args.max_new_tokens
-    check_window(args.model, longest, args.max_new_tokens)
+    check_window(args.model, longest, args.max_new_tokens, name)
     start = time.perf_counter()
     pool = RewardPool(MathVerifyReward(), workers=args.reward_workers,
                       timeout=args.reward_timeout)  # its settings checked before the model loads

@@ -253,3 +253,28 @@ def test_generation_past_the_models_window_is_warned_about(tmp_path, model_dir, 
         warnings.simplefilter("error", RuntimeWarning)
         assert main(["eval", "--model", str(model_dir), "--data", eval_files[0], "--n", "1",
                      "--max-new-tokens", "126", "--reward-workers", "0", "--engine", "hf"]) == 0
+
+
+def test_generation_past_the_models_window_is_an_error_with_vllm(tmp_path, model_dir, eval_files,
+                                                                 monkeypatch, capsys):
+    """vLLM refuses a max_model_len past max_position_embeddings: said before it starts."""
+    def never(*args):
+        raise AssertionError("the engine must not start")
+
+    monkeypatch.setattr(eval_cli, "build_engine", never)
+    monkeypatch.delenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", raising=False)
+    arguments = ["eval", "--model", str(model_dir), "--data", eval_files[0], "--n", "1",
+                 "--max-new-tokens", "126", "--reward-workers", "0", "--engine", "vllm"]
+    assert main(arguments) == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and len(error.splitlines()) == 2  # and the --debug hint
+    assert ("configuration error: --max-new-tokens: the longest prompt plus 126 new tokens is 129 "
+            "tokens, more than the model's window (128, max_position_embeddings), which vLLM "
+            "refuses: lower --max-new-tokens, or set VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 to generate "
+            "past it anyway") in error
+    # allowed past it, as vLLM allows it: a warning, and the engine starts
+    monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    monkeypatch.setattr(eval_cli, "build_engine",
+                        lambda name, model, tokenizer, args, length: ScriptedEngine(tokenizer))
+    with pytest.warns(RuntimeWarning, match=r"is 129 tokens, more than the model's window"):
+        assert main(arguments) == 0
