@@ -135,6 +135,14 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     assert "optim.learning_rate: unknown key" in capsys.readouterr().err
     assert main(["demo", "--runs", "luffy,ppo", "--output-dir", str(tmp_path / "d")]) == 2
     assert "demo run 'ppo'" in capsys.readouterr().err
+    # no run named: nothing trained, nothing written (an empty plot and exit 0 before)
+    with pytest.raises(ConfigError, match=r"demo --runs: no run named \(choose from \['grpo', "
+                                          r"'luffy', 'luffy_no_shaping'\]\)"):
+        run_demo(tmp_path / "e", runs=[])
+    for runs in ("", ",", " , "):
+        assert main(["demo", "--runs", runs, "--output-dir", str(tmp_path / "e")]) == 2
+        assert "demo --runs: no run named" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
 
 
 @pytest.mark.slow

@@ -93,6 +93,8 @@ def run_demo(output_dir: str | Path = "runs/demo", runs: Sequence[str] = DEFAULT
     from luffy_fast.run_files import ensure_writable_dir
     from luffy_fast.trainer import LuffyTrainer
 
+    if not runs:  # `--runs ""` or `--runs ","`: nothing to train, nor to plot
+        raise ConfigError(f"demo --runs: no run named (choose from {sorted(RUN_OVERRIDES)})")
     output_dir = ensure_writable_dir(output_dir, key="demo output directory")
     configs = {run: demo_config(run, output_dir, overrides) for run in runs}  # fail fast
     earlier = [run for run in runs if (output_dir / run / "metrics.jsonl").exists()]
