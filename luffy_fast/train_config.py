@@ -228,7 +228,7 @@ class RewardConfig:
     def validate(self) -> None:
         if self.workers is not None:
             _positive_int("reward", "workers", self.workers, minimum=0)
-        _finite("reward", "timeout", self.timeout, 0.0, low_open=True)
+        _finite("reward", "timeout", self.timeout, 0.0, 86400.0, low_open=True)  # poll: < 2**31 ms
 
 
 @dataclass

@@ -62,6 +62,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
      "rollout.vllm.max_model_len: 30 is below data.max_prompt_length + data.max_response_length "
      "(124)"),
     (["train.seed=18446744073709551615"], "train.seed: must be at most 4294967295"),
+    (["reward.timeout=1e7"], "reward.timeout: must be a number"),  # poll() overflowed past 2**31 ms
     (["rollout.vllm.sync_bucket_mb=.inf"], "rollout.vllm.sync_bucket_mb: must be a positive finite"),
     # the demo's config with a user's data or model settings: trained the toy task, silently
     (["data.task=toy", "data.source=/tmp/train.jsonl"], "data.source: the toy task generates its "
