@@ -67,8 +67,8 @@ class DataConfig:
                 raise ConfigError(f"data.{key}: the toy task generates its own problems and would "
                                   f"not read {getattr(self, key)!r}; set data.task: math to use it")
         if self.task_name == "math" and not Path(self.source).exists():
-            raise ConfigError(f"data.source: no such file or folder {self.source!r} "
-                              f"(or use 'toy')")
+            raise ConfigError(f"data.source: no such file or folder {self.source!r} (the math "
+                              f"task reads one; 'toy' is the toy task's, data.task: toy)")
 
     @property
     def task_name(self) -> str:

@@ -145,6 +145,19 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     assert not (tmp_path / "e").exists()
 
 
+def test_more_heldout_problems_than_the_toy_task_holds_name_the_key(tmp_path):
+    """eval.num_problems past the held-out share of the digit strings was "asked for ... distinct
+    heldout problems", naming no key."""
+    from luffy_fast.toy.task import ToyTask
+    from luffy_fast.train_config import load_config
+
+    config = load_config(None, ["data.num_digits=3", "eval.num_problems=1000"])
+    task = ToyTask(config)
+    with pytest.raises(ConfigError, match=r"^eval.num_problems: asked for 1000 distinct heldout "
+                                          r"problems of 3 digits; only about 100 exist"):
+        task.heldout_samples(task.components()[0])
+
+
 @pytest.mark.slow
 def test_untrained_demo_policy_samples_are_never_correct(one_thread):
     """4096 samples of the untrained demo policy, none correct: below 3 / 4096 = 7.3e-4 per

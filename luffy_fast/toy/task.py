@@ -65,7 +65,12 @@ class ToyTask(Task):
 
     def heldout_samples(self, tokenizer) -> list[Sample]:
         count = self.config.eval.num_problems  # generated: None ("all") means the default 200
-        return toy_samples(self._problems(200 if count is None else count, "heldout"), tokenizer)
+        try:
+            problems = self._problems(200 if count is None else count, "heldout")
+        except ValueError as error:  # more than the held-out share of the digit strings
+            raise ConfigError(f"eval.num_problems: {error} (data.num_digits, "
+                              f"data.heldout_fraction)") from None
+        return toy_samples(problems, tokenizer)
 
     def reward(self, response: str, sample: Sample) -> float:
         return self._reward(response, sample)
