@@ -55,6 +55,8 @@ def read_chat_template(path: str | Path, key: str) -> str:
     if not Path(path).is_file():
         raise ConfigError(f"{key}: no such file {str(path)!r} (a Jinja chat template)")
     text = Path(path).read_text()
+    if not text.strip():  # would read as "the tokenizer has no chat template"
+        raise ConfigError(f"{key}: {str(path)!r} is empty (a Jinja chat template)")
     import jinja2
 
     try:

@@ -225,6 +225,9 @@ def test_model_directory_errors(tmp_path, model_dir, monkeypatch):
     with pytest.raises(ConfigError, match=r"model.chat_template: .*broken.jinja' line 1: "
                                           r"unexpected '}' \(a Jinja syntax error\)"):
         LuffyTrainer(_config(tmp_path, bare, data, f"model.chat_template={tmp_path / 'broken.jinja'}"))
+    (tmp_path / "empty.jinja").write_text("\n")  # was "the tokenizer has no chat template"
+    with pytest.raises(ConfigError, match=r"model.chat_template: .*empty.jinja' is empty"):
+        LuffyTrainer(_config(tmp_path, bare, data, f"model.chat_template={tmp_path / 'empty.jinja'}"))
     (tmp_path / "t.jinja").write_text("{% for m in messages %}sys {{ m['content'] }} {% endfor %}")
     task_config = _config(tmp_path, bare, data, f"model.chat_template={tmp_path / 't.jinja'}")
     monkeypatch.undo()
