@@ -18,11 +18,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Optional
 
 import torch
+from torch import Tensor, nn
 
 from luffy_fast.distributed import gathered_parameters
 from luffy_fast.errors import ConfigError
@@ -34,6 +35,8 @@ from luffy_fast.run_files import (
     warn,
     write_atomic,
 )
+
+GATHER_BUCKET_MB = 256  # ZeRO-3: full-size weights gathered at once for the export
 
 
 class NonFiniteWeightsError(RuntimeError):
@@ -118,17 +121,21 @@ class CheckpointManager:
         return final
 
     def _host_weights(self, engine, step: int, zero_stage: int) -> Optional[dict]:
-        """The policy's weights on the host for rank 0's export (None on the other ranks), or
-        NonFiniteWeightsError when one holds NaN or inf."""
-        policy = engine.module.policy
-        with gathered_parameters(policy.parameters(), zero_stage):
-            gathered = policy.state_dict()
-            # checked on the device by every rank (the same gathered weights: all raise together);
-            # only rank 0, which writes the export, copies them to the host
-            bad = [name for name, tensor in gathered.items()
-                   if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
-            state = ({name: tensor.detach().cpu().clone() for name, tensor in gathered.items()}
-                     if self.rank == 0 and not bad else None)
+        """The policy's weights (its state_dict) on the host for rank 0's export (None on the
+        other ranks), or NonFiniteWeightsError when one holds NaN or inf. At ZeRO-3 they are
+        gathered GATHER_BUCKET_MB at a time, as the rollout sync does: the whole model gathered
+        at once on every GPU, beside vLLM's memory, is what a 7B model cannot afford."""
+        state, bad = ({} if self.rank == 0 else None), []
+        for bucket in size_capped(engine.module.policy.state_dict(keep_vars=True).items(),
+                                  GATHER_BUCKET_MB * 2**20):
+            with gathered_parameters(unique_parameters(bucket), zero_stage):
+                for name, tensor in bucket:
+                    # checked on the device by every rank (the same gathered weights: all raise
+                    # together); only rank 0, which writes the export, copies them to the host
+                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                        bad.append(name)
+                    elif state is not None and not bad:
+                        state[name] = tensor.detach().cpu().clone()
         if bad:
             raise NonFiniteWeightsError(f"step {step}: the weights hold non-finite values "
                                         f"({', '.join(bad[:3])}...); checkpoint not published")
@@ -227,6 +234,27 @@ class CheckpointManager:
     def _barrier(self) -> None:
         if self.world_size > 1:
             torch.distributed.barrier()
+
+
+def size_capped(entries: Iterable[tuple[str, Tensor]], cap: float
+                ) -> Iterator[list[tuple[str, Tensor]]]:
+    """(name, tensor) entries in consecutive groups of at most `cap` bytes at full size (a ZeRO-3
+    parameter's gathered size), or of one entry bigger than that alone."""
+    bucket, size = [], 0
+    for name, tensor in entries:
+        full = int(getattr(tensor, "ds_numel", tensor.numel())) * tensor.element_size()
+        if bucket and size + full > cap:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += full
+    if bucket:
+        yield bucket
+
+
+def unique_parameters(bucket: list[tuple[str, Tensor]]) -> list[nn.Parameter]:
+    """The bucket's parameters, each once (a tied weight is under two names), buffers left out."""
+    return list({id(t): t for _, t in bucket if isinstance(t, nn.Parameter)}.values())
 
 
 def check_optimizer_layout(saved: dict, zero_stage: int, bf16: bool, path: Path) -> None:
