@@ -166,7 +166,7 @@ class LuffyTrainer:
         seconds = time.perf_counter() - start
         trained_tokens = sum(batch.sequence_length(i) for i in range(len(batch)))
         return over_ranks({**rollout_metrics(batch), **scores.metrics(),
-                           **update, **correction, **self.rollout.metrics(),
+                           **update, **correction, **(self.rollout.metrics() if completions else {}),
                            **timer.metrics(), **data_metrics(self.task.data_report, self.sampler, step),
                            "step_seconds": seconds,
                            "tokens_per_second": trained_tokens / max(seconds, 1e-9)}, self.world_size)

@@ -533,3 +533,17 @@ def test_the_zero3_export_gathers_the_weights_a_bucket_at_a_time(tmp_path, monke
     assert set(exported) <= set(expected) and len(exported) >= len(expected) - 1  # tied: once
     for name, value in exported.items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0)
+
+
+def test_a_step_that_samples_no_rollouts_logs_no_rollout_entropy(tmp_path):
+    """With rollout.n_on=0 the hf engine's latest generate call was the validation's, whose
+    entropy every step logged as its rollout_entropy."""
+    trainer = tiny_trainer(tmp_path, "rollout.n_on=0", "rollout.n_off=2", "train.steps=2",
+                           "eval.every=1")
+    history = trainer.train()
+    trainer.close()
+    assert [row["step"] for row in history] == [1, 2] and "heldout_entropy" in history[0]
+    assert not [row for row in history if "rollout_entropy" in row]
+    sampled = tiny_trainer(tmp_path / "sampled", "train.steps=1", "eval.every=0")
+    assert "rollout_entropy" in sampled.train()[0]
+    sampled.close()
