@@ -12,6 +12,8 @@ from luffy_fast.config_parsing import check_finite as _finite
 from luffy_fast.config_parsing import check_int as _positive_int
 from luffy_fast.errors import ConfigError
 
+TOY_MAX_PARAMETERS = 1e9  # the toy model is built with random weights, on the CPU too
+
 
 @dataclass
 class ModelConfig:
@@ -56,6 +58,14 @@ class ModelConfig:
                               f"({self.hidden_size} % {self.num_attention_heads} != 0)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError("model.num_key_value_heads: must divide model.num_attention_heads")
+        kv = self.hidden_size // self.num_attention_heads * self.num_key_value_heads
+        size = self.num_hidden_layers * self.hidden_size * (
+            2 * self.hidden_size + 2 * kv + 3 * self.intermediate_size)
+        if self.path == "toy" and size > TOY_MAX_PARAMETERS:  # built with its weights on the CPU
+            raise ConfigError(f"model: the toy model's shape (hidden_size, intermediate_size, "
+                              f"num_hidden_layers) makes {size:.3g} parameters, over the toy "
+                              f"model's {TOY_MAX_PARAMETERS:.0e}; a larger model is a directory "
+                              f"(model.path)")
         _choice("model", "precision", self.precision, ("auto", "fp32", "bf16"))
         _choice("model", "attn_implementation", self.attn_implementation,
                 ("sdpa", "eager", "flash_attention_2"))
