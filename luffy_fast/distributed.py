@@ -160,15 +160,28 @@ def build_engine(module: nn.Module, config: LuffyTrainConfig, bf16: bool):
 
 def release_engine(engine) -> None:
     """Lets the engine, the policy and its optimizer states be freed once the caller drops
-    them: DeepSpeed's ZeRO-1/2/3 gradient hooks hold the engine from C++, out of the garbage
-    collector's reach, until `destroy()` removes them, and ZeRO-3 leaves the policy on its
-    module-level forward stack even then (deepspeed 0.19). Without this a second trainer in one
-    process (a notebook, a sweep, the demo's runs) finds the first one's memory still taken."""
+    them. DeepSpeed (0.19) holds them past the last reference in three places: ZeRO-1/2/3's
+    gradient hooks, from C++ out of the garbage collector's reach, until `destroy()` removes
+    them; ZeRO-3's module-level forward stack, which keeps the policy (and, after a forward cut
+    short, its submodules); and ZeRO-3's class-wide cache of the parameters each submodule
+    releases, keyed on the policy's modules from the second step on. Without this a second
+    trainer in one process (a notebook, a sweep, the demo's runs) finds the first one's memory
+    still taken."""
     from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import (
+        PartitionedParameterCoordinator,
+    )
 
     engine.destroy()
+    ours = {id(module) for module in engine.module.modules()}
     stack = parameter_offload.FWD_MODULE_STACK
-    stack[:] = [module for module in stack if module is not engine.module]
+    stack[:] = [module for module in stack if id(module) not in ours]
+    # an lru_cache under DeepSpeed's NVTX wrapper, which keeps no __wrapped__: found in its closure
+    cached = getattr(PartitionedParameterCoordinator,
+                     "_PartitionedParameterCoordinator__params_to_release", None)
+    for cell in getattr(cached, "__closure__", None) or ():
+        if hasattr(cell.cell_contents, "cache_clear"):
+            cell.cell_contents.cache_clear()
 
 
 def apply_optimizer_settings(engine, scheduler, optim) -> None:

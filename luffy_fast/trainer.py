@@ -124,8 +124,7 @@ class LuffyTrainer:
     # ------------------------------------------------------------------ one LUFFY step
 
     def prompt_batch(self, step: int) -> list[Sample]:
-        """The step's prompts: the seeded epoch-wise shuffle's batch for `step`, so a resumed
-        run sees the same batches; each rank takes its slice of every mini-batch."""
+        """This rank's slice of every mini-batch of the seeded shuffle's batch for `step`."""
         mine = rank_share(self.sampler.batch(step), self.config.train.mini_batch_size,
                           self.rank, self.world_size)
         return [self.train_samples[i] for i in mine]
@@ -331,6 +330,8 @@ class LuffyTrainer:
 
     def close(self) -> None:
         """Stops the rollout engine and the reward workers, and lets the DeepSpeed engine go."""
-        self.rollout.close()
-        self.rewards.close()
-        release_engine(self.engine)
+        try:
+            self.rollout.close()
+            self.rewards.close()
+        finally:
+            release_engine(self.engine)
