@@ -49,23 +49,12 @@ class ModelConfig:
         for name in ("hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads"):
             _positive_int("model", name, getattr(self, name))
-        for name in ("tokenizer_path", "chat_template", "max_position_embeddings", "rope_theta"):
-            if self.path == "toy" and getattr(self, name) is not None:
-                raise ConfigError(f"model.{name}: the toy model (model.path: toy) builds its own "
-                                  f"tokenizer and shape and would ignore it (got {getattr(self, name)!r})")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"model.hidden_size: must be divisible by model.num_attention_heads "
                               f"({self.hidden_size} % {self.num_attention_heads} != 0)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError("model.num_key_value_heads: must divide model.num_attention_heads")
-        kv = self.hidden_size // self.num_attention_heads * self.num_key_value_heads
-        size = self.num_hidden_layers * self.hidden_size * (
-            2 * self.hidden_size + 2 * kv + 3 * self.intermediate_size)
-        if self.path == "toy" and size > TOY_MAX_PARAMETERS:  # built with its weights on the CPU
-            raise ConfigError(f"model: the toy model's shape (hidden_size, intermediate_size, "
-                              f"num_hidden_layers) makes {size:.3g} parameters, over the toy "
-                              f"model's {TOY_MAX_PARAMETERS:.0e}; a larger model is a directory "
-                              f"(model.path)")
+
         _choice("model", "precision", self.precision, ("auto", "fp32", "bf16"))
         _choice("model", "attn_implementation", self.attn_implementation,
                 ("sdpa", "eager", "flash_attention_2"))
@@ -81,3 +70,20 @@ class ModelConfig:
             if self.path == "toy" and self.checkpointed_layers > self.num_hidden_layers:
                 raise ConfigError(f"model.checkpointed_layers: {self.checkpointed_layers} is more"
                                   f" than the model's {self.num_hidden_layers} layers")
+
+
+def check_toy_model(model: ModelConfig) -> None:
+    """The toy task's policy (model.path: toy with data.task: toy) builds its own tokenizer and
+    shape, with its weights, on the CPU too: a model file setting would be ignored, and a shape
+    past TOY_MAX_PARAMETERS is refused (hidden_size 100000 made the dry run allocate 40 GB)."""
+    for name in ("tokenizer_path", "chat_template", "max_position_embeddings", "rope_theta"):
+        if getattr(model, name) is not None:
+            raise ConfigError(f"model.{name}: the toy model (model.path: toy) builds its own "
+                              f"tokenizer and shape and would ignore it (got {getattr(model, name)!r})")
+    kv = model.hidden_size // model.num_attention_heads * model.num_key_value_heads
+    size = model.num_hidden_layers * model.hidden_size * (
+        2 * model.hidden_size + 2 * kv + 3 * model.intermediate_size)
+    if size > TOY_MAX_PARAMETERS:
+        raise ConfigError(f"model: the toy model's shape (hidden_size, intermediate_size, "
+                          f"num_hidden_layers) makes {size:.3g} parameters, over the toy model's "
+                          f"{TOY_MAX_PARAMETERS:.0e}; a larger model is a directory (model.path)")

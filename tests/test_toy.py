@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -181,3 +182,22 @@ def test_untrained_demo_policy_samples_are_never_correct(one_thread):
                   for s, group in zip(samples, out) for c in group)
     assert sum(len(group) for group in out) == 4096
     assert correct == 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.chat_template=/tmp/t.jinja", "model.chat_template: the toy model (model.path: toy) "
+     "builds its own tokenizer and shape and would ignore it (got '/tmp/t.jinja')"),
+    ("model.max_position_embeddings=10", "model.max_position_embeddings: the toy model"),
+    # built with its weights on the CPU (the dry run allocated 40 GB, or ran for 14 minutes)
+    ("model.hidden_size=100000", "model: the toy model's shape (hidden_size, intermediate_size, "
+     "num_hidden_layers) makes 1.2e+11 parameters, over the toy model's 1e+09"),
+])
+def test_the_toy_model_refuses_settings_it_would_ignore_or_could_not_build(override, message):
+    """A copy of the demo's config with a model's settings trained the toy model silently; a
+    user's task with model.path: toy builds its own policy and may read them: no error there."""
+    from luffy_fast.toy.task import ToyTask
+    from luffy_fast.train_config import load_config
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ToyTask(load_config(None, [override]))
+    load_config(None, [override, "data.task=examples.custom_task:CopyDigits"])

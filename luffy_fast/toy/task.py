@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from luffy_fast.data import Sample
 from luffy_fast.errors import ConfigError
+from luffy_fast.model_config import check_toy_model
 from luffy_fast.tasks import Task
 from luffy_fast.toy.model import TinyQwen2Config, build_policy, build_tokenizer
 from luffy_fast.toy.problems import Problem, extract_answer, sample_problems
@@ -40,6 +41,7 @@ class ToyTask(Task):
         if config.model.path != "toy":
             raise ConfigError("model.path: the toy policy and the toy data go together "
                               f"(model.path={config.model.path!r}, data.task='toy')")
+        check_toy_model(config.model)
         self._reward = ToyReverseReward()
 
     def components(self) -> tuple:
