@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from luffy_fast.distributed import gathered_parameters
 from luffy_fast.errors import ConfigError
+from luffy_fast.rollout.weights import size_capped
 from luffy_fast.run_files import (
     link_tree,
     naming_full_disk,
@@ -35,8 +36,6 @@ from luffy_fast.run_files import (
     warn,
     write_atomic,
 )
-
-GATHER_BUCKET_MB = 256  # ZeRO-3: full-size weights gathered at once for the export
 
 
 class NonFiniteWeightsError(RuntimeError):
@@ -57,10 +56,12 @@ class CheckpointManager:
     """The checkpoints under `root` (a run folder's `checkpoints/`, or its `checkpoints/best/`);
     rank 0 writes the files, every rank its DeepSpeed shard."""
 
-    def __init__(self, root: Path, keep: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, root: Path, keep: int, rank: int = 0, world_size: int = 1,
+                 bucket_mb: float = 256) -> None:
         self.root = Path(root)
         self.keep = keep
         self.rank, self.world_size = rank, world_size
+        self.bucket_mb = bucket_mb  # ZeRO-3: full-size weights gathered at once for the export
 
     def remove_stale_files(self) -> None:
         """Start-up clean-up (rank 0, before any save): staging folders of interrupted saves
@@ -123,11 +124,12 @@ class CheckpointManager:
     def _host_weights(self, engine, step: int, zero_stage: int) -> Optional[dict]:
         """The policy's weights (its state_dict) on the host for rank 0's export (None on the
         other ranks), or NonFiniteWeightsError when one holds NaN or inf. At ZeRO-3 they are
-        gathered GATHER_BUCKET_MB at a time, as the rollout sync does: the whole model gathered
-        at once on every GPU, beside vLLM's memory, is what a 7B model cannot afford."""
+        gathered `bucket_mb` at a time (the run's rollout.vllm.sync_bucket_mb, as for the weight
+        sync): the whole model at once on every GPU, beside vLLM's memory, is what a 7B model
+        cannot afford."""
         state, bad = ({} if self.rank == 0 else None), []
         for bucket in size_capped(engine.module.policy.state_dict(keep_vars=True).items(),
-                                  GATHER_BUCKET_MB * 2**20):
+                                  self.bucket_mb * 2**20):
             with gathered_parameters(unique_parameters(bucket), zero_stage):
                 for name, tensor in bucket:
                     # checked on the device by every rank (the same gathered weights: all raise
@@ -234,22 +236,6 @@ class CheckpointManager:
     def _barrier(self) -> None:
         if self.world_size > 1:
             torch.distributed.barrier()
-
-
-def size_capped(entries: Iterable[tuple[str, Tensor]], cap: float
-                ) -> Iterator[list[tuple[str, Tensor]]]:
-    """(name, tensor) entries in consecutive groups of at most `cap` bytes at full size (a ZeRO-3
-    parameter's gathered size), or of one entry bigger than that alone."""
-    bucket, size = [], 0
-    for name, tensor in entries:
-        full = int(getattr(tensor, "ds_numel", tensor.numel())) * tensor.element_size()
-        if bucket and size + full > cap:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, tensor))
-        size += full
-    if bucket:
-        yield bucket
 
 
 def unique_parameters(bucket: list[tuple[str, Tensor]]) -> list[nn.Parameter]:

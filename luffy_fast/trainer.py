@@ -115,8 +115,8 @@ class LuffyTrainer:
         module = PolicyWithFusedLoss(policy, config.loss.replace(check_finite=False), backend)
         self.engine, self.scheduler = build_engine(module, config, bf16)
         self.nonfinite = NonFiniteGuard(config.train.max_nonfinite_steps)
-        self.checkpoints = CheckpointManager(self.output_dir / "checkpoints",
-                                             config.output.keep_checkpoints, self.rank, self.world_size)
+        self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", config.output.keep_checkpoints,
+                                             self.rank, self.world_size, config.rollout.vllm.sync_bucket_mb)
         self.validation = Validation(self.heldout_samples, config, self.rewards,
                                      self.checkpoints.root, self.rank, self.world_size)
         self.step = 0

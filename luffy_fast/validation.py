@@ -67,7 +67,8 @@ class Validation:
                                      top_p=evaluation.top_p, seed=config.train.seed)
         self.pool, self.rank, self.world_size = pool, rank, world_size
         self.best = CheckpointManager(Path(checkpoint_root) / "best", keep=1, rank=rank,
-                                      world_size=world_size)
+                                      world_size=world_size,
+                                      bucket_mb=config.rollout.vllm.sync_bucket_mb)
         self.best_value: Optional[float] = None
 
     def run(self, engine: RolloutEngine, decode: Callable[[list[int]], str],

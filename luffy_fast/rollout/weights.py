@@ -5,7 +5,7 @@ modules are gathered in size-capped buckets.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -28,8 +28,25 @@ def is_zero3_partitioned(param: nn.Parameter) -> bool:
     return hasattr(param, "ds_id")
 
 
-def _full_numel(param: nn.Parameter) -> int:
-    return int(getattr(param, "ds_numel", param.numel()))
+def full_size(tensor: torch.Tensor) -> int:
+    """Bytes of `tensor` whole: a ZeRO-3 parameter's gathered size, not its local shard's."""
+    return int(getattr(tensor, "ds_numel", tensor.numel())) * tensor.element_size()
+
+
+def size_capped(entries: Iterable[tuple[str, torch.Tensor]], cap: float
+                ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """(name, tensor) entries in consecutive groups of at most `cap` bytes at full size, or of
+    one entry alone where it is bigger than that."""
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, tensor in entries:
+        if bucket and size + full_size(tensor) > cap:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += full_size(tensor)
+    if bucket:
+        yield bucket
 
 
 def gathered_named_parameters(module: nn.Module, bucket_mb: float = 256
@@ -44,30 +61,16 @@ def gathered_named_parameters(module: nn.Module, bucket_mb: float = 256
     """
     if bucket_mb <= 0:
         raise ValueError(f"bucket_mb must be positive (got {bucket_mb})")
-    cap = bucket_mb * 2**20
-    bucket: list[tuple[str, nn.Parameter]] = []
-    bucket_bytes = 0
-    for name, param in module.named_parameters():
-        if not is_zero3_partitioned(param):
-            yield from _flush(bucket)
-            bucket, bucket_bytes = [], 0
-            yield engine_weight_name(name), param.detach()
+    for bucket in size_capped(module.named_parameters(), bucket_mb * 2**20):
+        partitioned = [param for _, param in bucket if is_zero3_partitioned(param)]
+        if not partitioned:
+            yield from ((engine_weight_name(name), param.detach()) for name, param in bucket)
             continue
-        size = _full_numel(param) * param.element_size()
-        if bucket and bucket_bytes + size > cap:
-            yield from _flush(bucket)
-            bucket, bucket_bytes = [], 0
-        bucket.append((name, param))
-        bucket_bytes += size
-    yield from _flush(bucket)
+        import deepspeed
 
-
-def _flush(bucket: list[tuple[str, nn.Parameter]]) -> Iterator[tuple[str, torch.Tensor]]:
-    if not bucket:
-        return
-    import deepspeed
-
-    # modifier_rank=None: read-only gather, nothing is scattered back on exit
-    with deepspeed.zero.GatheredParameters([p for _, p in bucket], modifier_rank=None):
-        copies = [(engine_weight_name(name), p.detach().clone()) for name, p in bucket]
-    yield from copies
+        # modifier_rank=None: read-only gather, nothing is scattered back on exit
+        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+            copies = [(engine_weight_name(name), param.detach().clone()
+                       if is_zero3_partitioned(param) else param.detach())
+                      for name, param in bucket]
+        yield from copies
