@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import signal
 import sys
@@ -16,7 +15,13 @@ from typing import Optional
 from luffy_fast.checkpoint import CheckpointManager, NoCheckpointError
 from luffy_fast.errors import ConfigError
 from luffy_fast.nonfinite import NonFiniteTrainingError
-from luffy_fast.run_files import DiskFullError, check_run_dir, claim_run_dir, launched_rank
+from luffy_fast.run_files import (
+    DiskFullError,
+    check_run_dir,
+    claim_run_dir,
+    launched_rank,
+    launched_world_size,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -159,7 +164,7 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
             if args.dry_run:
                 from luffy_fast.dry_run import dry_run
 
-                return dry_run(config, args.world_size or planned_world_size())
+                return dry_run(config, args.world_size or launched_world_size())
             # before any loading; a launched rank's number from the launcher (no process group yet)
             rank = launched_rank()
             with claim_run_dir(config.output.dir, rank):
@@ -210,15 +215,6 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
                   f"{resume_hint(args.command, run_dir)}", file=sys.stderr)
         return 143 if terminated else 130
     return 0
-
-
-def planned_world_size() -> int:
-    """The dry run's GPU count without --world-size: $WORLD_SIZE, or 1."""
-    text = os.environ.get("WORLD_SIZE", "1")
-    if not (text.strip().isdigit() and int(text) >= 1):
-        raise ConfigError(f"WORLD_SIZE: must be a whole number of at least 1, got {text!r} (or "
-                          f"pass --world-size)")
-    return int(text)
 
 
 def error_prefix() -> str:

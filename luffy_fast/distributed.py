@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from luffy_fast.errors import ConfigError
-from luffy_fast.run_files import rank_and_world, warn_at_start
+from luffy_fast.run_files import launched_world_size, rank_and_world, warn_at_start
 from luffy_fast.train_config import LuffyTrainConfig
 
 
@@ -62,7 +62,7 @@ def check_world_size(config: LuffyTrainConfig, world_size: Optional[int] = None)
     """Every rank takes an equal share of each mini-batch's prompts; `world_size` defaults to
     the launcher's WORLD_SIZE (a launched process: RANK set, as join_process_group reads it),
     so that a launched run can check before loading anything."""
-    world_size = world_size or int(os.environ.get("WORLD_SIZE", 1) if "RANK" in os.environ else 1)
+    world_size = world_size or (launched_world_size() if "RANK" in os.environ else 1)
     if config.train.mini_batch_size % world_size:
         raise ConfigError(f"train.mini_batch_size: {config.train.mini_batch_size} prompts do not "
                           f"split evenly over {world_size} ranks")
@@ -83,9 +83,11 @@ def check_loss_backend(config: LuffyTrainConfig, device: torch.device) -> None:
     """Before any loading: the loss backend this run gets can run here and takes its options (a
     triton backend off CUDA, or the gradient filter elsewhere, failed after the first
     validation, leaving a run folder that needed --overwrite)."""
+    from luffy_fast.ops import default_backend
+
     backend = config.train.loss_backend
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "torch"
+        backend = default_backend(device)
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError(f"train.loss_backend: 'triton' needs a CUDA device; this run trains on "
                           f"{device.type} (use 'torch' or 'auto')")

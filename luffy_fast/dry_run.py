@@ -21,7 +21,7 @@ import torch
 
 from luffy_fast.data import percentiles
 from luffy_fast.errors import ConfigError
-from luffy_fast.run_files import holds_a_run
+from luffy_fast.run_files import check_no_file_in_the_way, holds_a_run
 from luffy_fast.sampler import prompt_sampler
 
 GIB = 2**30
@@ -225,13 +225,15 @@ def dry_run(config, world_size: int = 1, out: TextIO | None = None) -> int:
 def output_dir_check(folder: str, problems: list[str], say) -> None:
     """What the start will say of `output.dir`, read-only: a file where a folder must be is a
     problem; a previous run there a note (the start needs --resume or --overwrite)."""
-    path = Path(folder)
-    blocking = next((part for part in (path, *path.parents) if part.exists()), None)
-    if blocking is not None and not blocking.is_dir():
-        problems.append(f"output.dir: {folder!r} cannot be a folder: {str(blocking)!r} is a file")
-    elif path.is_dir() and holds_a_run(path):
-        say(f"note: output.dir {folder!r} already holds a run ({', '.join(holds_a_run(path))}): "
-            f"the start needs --resume to continue it or --overwrite to replace it")
+    try:
+        check_no_file_in_the_way(folder, "output.dir")
+    except ConfigError as error:
+        problems.append(str(error))
+        return
+    found = holds_a_run(Path(folder)) if Path(folder).is_dir() else []
+    if found:
+        say(f"note: output.dir {folder!r} already holds a run ({', '.join(found)}): the start "
+            f"needs --resume to continue it or --overwrite to replace it")
 
 
 def checked(call, problems: list[str]):

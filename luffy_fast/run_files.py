@@ -98,15 +98,21 @@ def write_atomic(path: Path, text: str) -> None:
     naming_full_disk(path, path.name, write)
 
 
+def check_no_file_in_the_way(path: str | Path, key: str) -> None:
+    """A ConfigError naming `key` when `path`, or the nearest of its parents that exists, is a
+    file, so that `path` cannot be a folder; reads only."""
+    path = Path(path)
+    blocking = next((part for part in (path, *path.parents) if part.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ConfigError(f"{key}: {str(path)!r} cannot be a folder: {str(blocking)!r} is a file")
+
+
 def ensure_writable_dir(path: str | Path, key: str = "output.dir") -> Path:
     """Create `path` if needed and prove it is writable, or raise naming the cause."""
     path = Path(path)
     probe = path / f".write-probe-{os.getpid()}"
     try:
-        blocking = next((part for part in (path, *path.parents) if part.exists()), None)
-        if blocking is not None and not blocking.is_dir():
-            raise ConfigError(f"{key}: {str(path)!r} cannot be a folder: {str(blocking)!r} is a "
-                              f"file")
+        check_no_file_in_the_way(path, key)
         path.mkdir(parents=True, exist_ok=True)
         probe.write_text("ok")
     except OSError as error:
@@ -282,6 +288,15 @@ def launched_rank(variable: str = "RANK") -> int:
     the launcher's own check reports that)."""
     value = os.environ.get(variable, "").strip()
     return int(value) if value.isdigit() else 0
+
+
+def launched_world_size() -> int:
+    """The launcher's WORLD_SIZE (1 when not set); a ConfigError naming it when it is not a
+    whole number of at least 1 (it was "invalid literal for int()")."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    if not (text.strip().isdigit() and int(text) >= 1):
+        raise ConfigError(f"WORLD_SIZE: must be a whole number of at least 1, got {text!r}")
+    return int(text)
 
 
 def say_at_start(message: str) -> None:
