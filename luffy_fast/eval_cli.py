@@ -84,7 +84,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     if not (math.isfinite(args.temperature) and args.temperature >= 0) or not 0 < args.top_p <= 1:
         raise ConfigError("--temperature must be a finite number >= 0 and --top-p in (0, 1] "
                           f"(got {args.temperature}, {args.top_p})")
-    # torch.manual_seed takes up to 2**64 - 1; vLLM's workers also seed numpy, which takes < 2**32
+    # an int64 for torch's generators; vLLM's workers also seed numpy, which takes < 2**32
     engine = engine_name(args.engine)
     bits = 32 if engine == "vllm" else 63
     if not 0 <= args.seed < 2**bits:

@@ -184,7 +184,7 @@ class TrainSection:
                               f"({self.prompts_per_step} % {self.mini_batch_size} != 0)")
         _choice("train", "zero_stage", self.zero_stage, (0, 1, 2, 3))
         _positive_int("train", "cpu_threads", self.cpu_threads, minimum=0)
-        _positive_int("train", "seed", self.seed, minimum=0, maximum=2**32 - 1)
+        _positive_int("train", "seed", self.seed, minimum=0, maximum=2**31 - 1)  # vLLM: + rank
         if self.epochs is not None:
             _positive_int("train", "epochs", self.epochs)
 

@@ -278,3 +278,9 @@ def test_generation_past_the_models_window_is_an_error_with_vllm(tmp_path, model
                         lambda name, model, tokenizer, args, length: ScriptedEngine(tokenizer))
     with pytest.warns(RuntimeWarning, match=r"is 129 tokens, more than the model's window"):
         assert main(arguments) == 0
+    # a config whose model_max_length covers the length: vLLM takes it too
+    monkeypatch.delenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN")
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "model_max_length": 129}))
+    with pytest.warns(RuntimeWarning, match=r"is 129 tokens, more than the model's window"):
+        assert main(arguments) == 0
