@@ -1,4 +1,4 @@
-"""Command line: `luffy-fast train|eval|plot|demo` (also `python -m luffy_fast ...`)."""
+"""Command line: `luffy-fast train|eval|table|plot|demo` (also `python -m luffy_fast ...`)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
 
     from luffy_fast.eval_cli import add_eval_parser
 
-    add_eval_parser(commands)  # luffy-fast eval (luffy_fast/eval_cli.py)
+    add_eval_parser(commands)  # luffy-fast eval and table (luffy_fast/eval_cli.py)
     from luffy_fast.plots import add_plot_parser
 
     add_plot_parser(commands)  # luffy-fast plot (luffy_fast/plots.py)
@@ -152,7 +152,7 @@ def quiet_library_progress(command: str, terminal: bool) -> None:
 
 def _run(args: argparse.Namespace, debug: bool) -> int:
     run_dir = None  # a training run's folder, for the interrupt message
-    if args.command != "plot":  # plotting needs no transformers
+    if args.command not in ("plot", "table"):  # these need no transformers
         quiet_library_progress(args.command, sys.stderr.isatty())
     try:
         if args.command == "train":
@@ -180,6 +180,10 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
             from luffy_fast.eval_cli import run_eval
 
             return run_eval(args)
+        elif args.command == "table":
+            from luffy_fast.eval_cli import run_table
+
+            return run_table(args)
         elif args.command == "plot":
             from luffy_fast.plots import run_plot
 

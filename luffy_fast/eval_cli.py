@@ -60,6 +60,47 @@ def add_eval_parser(commands) -> None:
                         help="scoring processes (default: one per CPU core; 0: in-process)")
     parser.add_argument("--reward-timeout", type=float, default=10.0,
                         help="seconds per answer before it scores 0")
+    parser.add_argument("--source", default=None, metavar="NAME",
+                        help="name every problem's data source NAME (one benchmark split over "
+                             "several files, e.g. AIME2025's I and II); default: per row or file")
+    table = commands.add_parser(
+        "table", help="one table from several eval runs (the paper's avg column)",
+        description="Each data source's avg@n at its own run's n (avg@32 for AIME, avg@1 = "
+                    "pass@1 for MATH-500) from several `eval --output` folders, and their macro "
+                    "average.")
+    table.add_argument("results", nargs="+", metavar="RESULTS",
+                       help="eval --output folders, or the results.json files in them")
+
+
+def run_table(args: argparse.Namespace) -> int:
+    """`luffy-fast table`: every run's results.json read and checked, then one table."""
+    from luffy_fast.evaluation import combined_table
+
+    runs = []
+    for item in args.results:
+        path = Path(item) / "results.json" if Path(item).is_dir() else Path(item)
+        if not path.is_file():
+            raise ConfigError(f"table: no results.json at {str(item)!r} (an eval --output folder)")
+        runs.append((str(path), read_results(path)))
+    print(combined_table(runs))
+    return 0
+
+
+def read_results(path: Path) -> dict:
+    """An eval run's results.json, or a ConfigError naming it."""
+    import json
+
+    try:
+        results = json.loads(path.read_text())
+        n, sources = results["n"], results["sources"]
+        complete = bool(sources) and all({"problems", f"avg@{n}"} <= set(entry)
+                                         for entry in sources.values())
+    except (ValueError, KeyError, TypeError, AttributeError):
+        complete = False
+    if not complete:
+        raise ConfigError(f"table: {str(path)!r} is not an eval results.json (n, and sources "
+                          f"with their problems and avg@n)")
+    return results
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -181,7 +222,8 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--model: the tokenizer of {args.model!r} has no chat template; pass "
                           f"--chat-template FILE (a Jinja template, e.g. configs/templates/)")
     problems = [problem for path in args.data for problem in load_eval_problems(
-        path, tokenizer, question_key=args.question_key, answer_key=args.answer_key)]
+        path, tokenizer, question_key=args.question_key, answer_key=args.answer_key,
+        data_source=args.source)]
     name = engine_name(args.engine)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed)
@@ -206,6 +248,8 @@ def run_eval(args: argparse.Namespace) -> int:
         settings = {"model": str(args.model), "data": list(args.data), "n": args.n,
                     "temperature": args.temperature, "top_p": args.top_p,
                     "max_new_tokens": args.max_new_tokens, "engine": name, "seed": args.seed,
+                    # with sampling, the hf engine's draws depend on it (one stream per call)
+                    "batch_size": args.batch_size, "source": args.source,
                     "chat_template": args.chat_template or "the model's",
                     "seconds": time.perf_counter() - start}
         results, generations = write_results(args.output, summary, records, settings)

@@ -13,6 +13,7 @@ after its file, or the nearest folder where the file's name is generic (`source_
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Optional
@@ -32,16 +33,19 @@ QUESTION_KEYS = ("problem", "question")
 ANSWER_KEYS = ("answer", "final_answer", "solution")  # final_answer: OlympiadBench
 # file and folder names that say nothing about the benchmark (the Hub's shards: data/test-00000-
 # of-00001.parquet): a source is named after the nearest folder that does
-GENERIC_NAMES = re.compile(r"^(train|test|validation|valid|val|dev|eval|data|default|main)"
-                           r"(-\d+-of-\d+)?$", re.IGNORECASE)
+GENERIC_NAMES = re.compile(r"^(train|test|validation|valid|val|dev|eval|data|default|main|"
+                           r"snapshots)(-\d+-of-\d+)?$|^[0-9a-f]{40}$", re.IGNORECASE)
 
 
 def source_name(file: Path) -> str:
     """The data source a benchmark file stands for when its rows name none: the file's name,
-    or for a generic one (test.jsonl, data/train-00000-of-00001.parquet) its folder's."""
+    or for a generic one (test.jsonl, data/train-00000-of-00001.parquet) its folder's, the
+    path taken whole (`test.jsonl` run inside MATH-500/ is MATH-500); in the Hub's cache
+    (datasets--owner--name/snapshots/<commit>/...) the data set's name."""
+    file = Path(os.path.abspath(file))  # not resolve(): the Hub's files link to hashed blobs
     for name in (file.stem, *(parent.name for parent in file.parents)):
         if name and not GENERIC_NAMES.match(name):
-            return name
+            return name.split("--")[-1] if name.startswith("datasets--") else name
     return file.stem
 
 

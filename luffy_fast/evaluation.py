@@ -157,3 +157,24 @@ def validation_metrics(summary: dict, prefix: str = "val") -> dict:
                      if name != "problems"})
     flat.update({f"{prefix}/macro/{name}": float(value) for name, value in summary["macro"].items()})
     return flat
+
+
+def combined_table(runs: Sequence[tuple[str, dict]]) -> str:
+    """One table from several `eval` runs' results ((path, results.json's contents)): each
+    source's avg@n at its run's n (avg@32 for AIME, avg@1 = pass@1 for MATH-500), and the macro
+    average over all of them: the paper's "avg" column. A source in two runs is an error."""
+    rows: dict[str, tuple[str, int, int, float]] = {}
+    for path, results in runs:
+        n = results["n"]
+        for source, entry in results["sources"].items():
+            if source in rows:
+                raise ValueError(f"table: source {source!r} is in both {rows[source][0]} and "
+                                 f"{path}")
+            rows[source] = (path, n, entry["problems"], entry[f"avg@{n}"])
+    width = max([len("macro average")] + [len(source) for source in rows])
+    lines = [f"{'source':<{width}}  {'problems':>8}  {'n':>4}  {'avg@n':>8}"]
+    lines += [f"{source:<{width}}  {problems:>8}  {n:>4}  {100 * score:>8.1f}"
+              for source, (_, n, problems, score) in rows.items()]
+    macro = sum(row[3] for row in rows.values()) / len(rows)
+    lines.append(f"{'macro average':<{width}}  {'':>8}  {'':>4}  {100 * macro:>8.1f}")
+    return "\n".join(lines)

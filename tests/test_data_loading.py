@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -344,6 +345,24 @@ def test_benchmark_sources_are_named_by_their_folder_where_the_file_name_is_gene
     assert labels == ["aime24", "MATH-500"]
     [problem] = load_eval_problems(olympiad, tokenizer)
     assert (problem.ground_truth, problem.data_source) == ("$\\frac{1}{2}$", "olympiad")
+
+
+def test_a_generic_file_is_named_by_its_folder_from_any_working_directory(tmp_path, monkeypatch):
+    """Run inside MATH-500/, `--data test.jsonl` was source "test"; in the Hub's cache a file
+    was named after the snapshot's commit hash. A symlink is not followed (the Hub's files link
+    to blobs named by their hash)."""
+    from luffy_fast.eval_data import source_name
+
+    (tmp_path / "MATH-500").mkdir()
+    monkeypatch.chdir(tmp_path / "MATH-500")
+    assert source_name(Path("test.jsonl")) == "MATH-500"
+    snapshot = tmp_path / "datasets--HuggingFaceH4--MATH-500" / "snapshots" / ("0f" * 20)
+    (snapshot / "data").mkdir(parents=True)
+    blob = tmp_path / ("ab" * 32)
+    blob.write_text("{}")
+    (snapshot / "data" / "test-00000-of-00001.parquet").symlink_to(blob)
+    assert source_name(snapshot / "data" / "test-00000-of-00001.parquet") == "MATH-500"
+    assert source_name(Path("../aime24.parquet")) == "aime24"
 
 
 def test_a_one_answer_list_is_its_answer(tmp_path, tokenizer):

@@ -118,6 +118,37 @@ def test_eval_two_sources_n4_by_hand(tmp_path, model_dir, eval_files, monkeypatc
     assert macro_row.split()[-2:] == ["50.0", "75.0"]  # avg@4, pass@4 in percent
 
 
+def test_one_table_of_several_runs_is_the_papers_avg_column(tmp_path, model_dir, eval_files,
+                                                           monkeypatch, capsys):
+    """avg@32 for AIME and pass@1 for MATH-500 take two runs (one --n each), and nothing joined
+    their results: `table` gives each source's avg@n at its run's n and the macro over all.
+    --source names a benchmark split over files as one."""
+    monkeypatch.setattr(eval_cli, "build_engine",
+                        lambda name, model, tokenizer, args, length: ScriptedEngine(tokenizer))
+    common = ["--model", str(model_dir), "--temperature", "0.6", "--max-new-tokens", "8",
+              "--engine", "hf", "--reward-workers", "0"]
+    assert main(["eval", *common, "--data", eval_files[0], "--n", "4",
+                 "--output", str(tmp_path / "aime")]) == 0
+    assert main(["eval", *common, "--data", eval_files[1], "--n", "1", "--source", "MATH-500",
+                 "--output", str(tmp_path / "math")]) == 0
+    math = json.loads((tmp_path / "math" / "results.json").read_text())
+    assert list(math["sources"]) == ["MATH-500"] and math["settings"]["batch_size"] == 64
+    capsys.readouterr()
+    assert main(["table", str(tmp_path / "aime"), str(tmp_path / "math" / "results.json")]) == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()}
+    # aime avg@4 0.5 (by hand above); MATH-500 avg@1: its first response per problem,
+    # problem 3 correct, problem 4 wrong -> 0.5; the macro over the two sources
+    expected = 100 * (0.5 + math["sources"]["MATH-500"]["avg@1"]) / 2
+    assert rows["aime"] == ["2", "4", "50.0"] and rows["MATH-500"][:2] == ["2", "1"]
+    assert rows["macro"] == ["average", f"{expected:.1f}"]
+    for bad, message in (([str(tmp_path / "aime"), str(tmp_path / "aime")],
+                          "table: source 'aime' is in both"),
+                         ([str(tmp_path / "nowhere")], "table: no results.json at"),
+                         ([str(eval_files[0])], "is not an eval results.json")):
+        assert main(["table", *bad]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_eval_with_the_transformers_engine(tmp_path, model_dir, eval_files):
     """A real tiny model samples; the written summary is the records' own avg@2."""
     out = tmp_path / "out"
