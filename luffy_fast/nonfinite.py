@@ -94,6 +94,15 @@ class NonFiniteGuard:
         self.record(applied, step)
         return math.nan if norm is None else norm
 
+    def state_dict(self) -> dict:
+        """The counts a checkpoint keeps, so that a resumed run stops where the whole run
+        would (pre-empted segments never reached max_consecutive)."""
+        return {"consecutive": self.consecutive, "total": self.total}
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        """A checkpoint's counts (none in checkpoints saved before they were kept: zero)."""
+        self.consecutive, self.total = (state or {}).get("consecutive", 0), (state or {}).get("total", 0)
+
     def metrics(self) -> dict:
         """Skipped optimizer steps since the last call: `nonfinite/skipped_steps`."""
         skipped, self.unreported = self.unreported, 0

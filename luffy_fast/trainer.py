@@ -213,7 +213,7 @@ class LuffyTrainer:
                 learning_rate = self.scheduler.get_last_lr()[0]
                 result = self.accumulate_gradients(batch, indices, old_logprobs, token_weights)
                 # a non-finite loss or gradient norm: no update (docs/robustness.md)
-                result["grad_norm"] = self.nonfinite.optimizer_step(self.engine, self.step + 1)
+                result["grad_norm"] = self.nonfinite.optimizer_step(self.engine, self.step)
                 result["learning_rate"] = learning_rate
                 steps.add(result)
         return {**steps.result(), **self.nonfinite.metrics()}
@@ -279,8 +279,7 @@ class LuffyTrainer:
     def train(self, resume: bool = False) -> list[dict]:
         """Run to train.steps; with resume, continue from the latest checkpoint if any.
 
-        Every rank trains on its share of each step's prompts; rank 0 logs its metrics, shows
-        the progress bar and publishes checkpoints.
+        Every rank trains its share of each step; rank 0 logs, shows the bar, publishes.
         """
         config = self.config
         # the same data in the same order as the checkpoint's run, or an error before the load
@@ -288,10 +287,10 @@ class LuffyTrainer:
                                                             self.sampler.check_trainer_state)
         if latest is not None:  # a changed optim section applies from here on
             apply_optimizer_settings(self.engine, self.scheduler, config.optim)
+            self.nonfinite.load_state_dict(saved.get("nonfinite"))  # skipped steps in a row
             self.sync_rollout_weights()
         self.validation.start(resuming=latest is not None)
-        lead = self.rank == 0
-        history, bar, logger = [], None, None
+        lead, history, bar, logger = self.rank == 0, [], None, None
         if lead:
             write_run_config(self.output_dir, config, latest, start_step, saved)
             logger = MetricsLogger.for_run(self.output_dir, config, resume_step=start_step)
@@ -305,8 +304,8 @@ class LuffyTrainer:
             bar, progress = progress_display(config.output, lead, start_step, config.train.steps,
                                              self.output_dir.name)
             for step in bar:
-                metrics = {"step": step + 1, **self.training_step(step)}
-                self.step = step + 1
+                self.step = step + 1  # the step under way (its warnings), then the one done
+                metrics = {"step": self.step, **self.training_step(step)}
                 last, best = self.step == config.train.steps, None
                 if config.eval.every and (self.step % config.eval.every == 0 or last):
                     metrics.update(self.evaluate())
@@ -319,7 +318,8 @@ class LuffyTrainer:
                 bar.set_postfix({k: f"{metrics[k]:.3g}" for k in BAR if k in metrics}, refresh=False)
                 if last or (config.output.save_every and self.step % config.output.save_every == 0):
                     self.checkpoints.save(self.engine, self.tokenizer, self.step, config.to_dict(),
-                                          {"sampler": self.sampler.state_dict(self.step)},
+                                          {"sampler": self.sampler.state_dict(self.step),
+                                           "nonfinite": self.nonfinite.state_dict()},
                                           link_from=best)
         finally:
             if bar is not None:

@@ -184,6 +184,25 @@ def test_consecutive_nonfinite_steps_stop_the_run(tmp_path):
     assert latest == "step-000001"  # the last published weights are the finite initial ones
 
 
+def test_skipped_steps_in_a_row_count_across_a_resume(tmp_path):
+    """The count of skipped steps in a row was not checkpointed: a resumed run restarted it at
+    0, so a run pre-empted every few steps never reached train.max_nonfinite_steps; and the
+    first resumed step's warnings named step 1."""
+    first = trainer(tmp_path, "train.steps=2", "output.save_every=1",
+                    "train.max_nonfinite_steps=3")
+    nan_loss_on(first, calls=set(range(1000)))
+    with pytest.warns(RuntimeWarning, match=r"^step 2: non-finite .* \(2 in a row, 2 in all\)"):
+        first.train()
+    first.close()
+    resumed = trainer(tmp_path, "train.steps=5", "output.save_every=1",
+                      "train.max_nonfinite_steps=3")
+    nan_loss_on(resumed, calls=set(range(1000)))
+    with pytest.warns(RuntimeWarning, match=r"^step 3: non-finite .* \(3 in a row, 3 in all\)"):
+        with pytest.raises(NonFiniteTrainingError, match=r"^step 3: 3 optimizer steps in a row"):
+            resumed.train(resume=True)
+    resumed.close()
+
+
 def test_nonfinite_weights_are_never_published(tmp_path):
     run = trainer(tmp_path, "train.steps=1")
     with torch.no_grad():
