@@ -25,6 +25,7 @@ import torch
 from luffy_fast.errors import ConfigError
 from luffy_fast.evaluation import format_table, generate_and_score, summarize, write_results
 from luffy_fast.metrics import ProgressLog
+from luffy_fast.reward_pool import MAX_TIMEOUT
 from luffy_fast.rollout.base import RolloutEngine, SamplingParams
 from luffy_fast.run_files import ensure_writable_dir, warn
 
@@ -143,10 +144,9 @@ def check_arguments(args: argparse.Namespace) -> None:
                           f"(got {args.tensor_parallel_size})")
     if args.reward_workers is not None and args.reward_workers < 0:
         raise ConfigError(f"--reward-workers: must be >= 0 (got {args.reward_workers})")
-    # the pool waits on its workers with poll(), whose timeout is at most 2**31 - 1 ms (24 days)
-    if not 0 < args.reward_timeout <= 86400:
-        raise ConfigError(f"--reward-timeout: must be a positive number of seconds, at most 86400 "
-                          f"(got {args.reward_timeout})")
+    if not 0 < args.reward_timeout <= MAX_TIMEOUT:  # the pool's bound, before the model loads
+        raise ConfigError(f"--reward-timeout: must be a positive number of seconds, at most "
+                          f"{MAX_TIMEOUT:g} (got {args.reward_timeout})")
 
 
 def check_window(model_dir: str, longest: int, max_new_tokens: int, engine: str) -> None:

@@ -54,7 +54,6 @@ class ModelConfig:
                               f"({self.hidden_size} % {self.num_attention_heads} != 0)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError("model.num_key_value_heads: must divide model.num_attention_heads")
-
         _choice("model", "precision", self.precision, ("auto", "fp32", "bf16"))
         _choice("model", "attn_implementation", self.attn_implementation,
                 ("sdpa", "eager", "flash_attention_2"))

@@ -27,6 +27,9 @@ from typing import Any, Optional
 
 log = logging.getLogger(__name__)
 
+# Seconds per item at most: the workers are waited on with poll(), whose timeout ends at
+# 2**31 - 1 ms (past it, an OverflowError at the first scoring).
+MAX_TIMEOUT = 86400.0
 # Loggers of verifiers that print the whole expression on every timeout or parse failure.
 QUIET_LOGGERS = ("math_verify", "latex2sympy2_extended")
 
@@ -160,8 +163,9 @@ class RewardPool:
                  timeout: float = 10.0, start_method: str = "spawn") -> None:
         if workers is not None and (not isinstance(workers, int) or workers < 0):
             raise ValueError(f"RewardPool: `workers` must be None or an integer >= 0 (got {workers!r})")
-        if not timeout > 0:
-            raise ValueError(f"RewardPool: `timeout` must be positive seconds (got {timeout!r})")
+        if not 0 < timeout <= MAX_TIMEOUT:
+            raise ValueError(f"RewardPool: `timeout` must be positive seconds, at most "
+                             f"{MAX_TIMEOUT:g} (got {timeout!r})")
         reason = getattr(reward_fn, "main_thread_only", None)
         if workers == 0 and reason:
             raise ValueError(f"RewardPool: `workers` = 0 scores in a thread of this process, "

@@ -24,6 +24,7 @@ from luffy_fast.config_parsing import check_finite as _finite
 from luffy_fast.config_parsing import check_int as _positive_int
 from luffy_fast.errors import ConfigError
 from luffy_fast.model_config import ModelConfig
+from luffy_fast.reward_pool import MAX_TIMEOUT
 from luffy_fast.rollout.vllm_config import VLLMConfig
 
 __all__ = ["ConfigError", "LuffyTrainConfig", "ModelConfig", "apply_overrides", "config_from_dict",
@@ -228,7 +229,7 @@ class RewardConfig:
     def validate(self) -> None:
         if self.workers is not None:
             _positive_int("reward", "workers", self.workers, minimum=0)
-        _finite("reward", "timeout", self.timeout, 0.0, 86400.0, low_open=True)  # poll: < 2**31 ms
+        _finite("reward", "timeout", self.timeout, 0.0, MAX_TIMEOUT, low_open=True)
 
 
 @dataclass
@@ -315,8 +316,7 @@ class LuffyTrainConfig:
                 getattr(self, section.name).validate()
 
     def optimizer_steps_per_rollout(self) -> int:
-        return (self.train.prompts_per_step // self.train.mini_batch_size
-                * self.algorithm.ppo_epochs)
+        return self.train.prompts_per_step // self.train.mini_batch_size * self.algorithm.ppo_epochs
 
     def to_dict(self) -> dict:
         return to_plain(self)

@@ -40,11 +40,12 @@ def size_capped(entries: Iterable[tuple[str, torch.Tensor]], cap: float
     bucket: list[tuple[str, torch.Tensor]] = []
     size = 0
     for name, tensor in entries:
-        if bucket and size + full_size(tensor) > cap:
+        entry_size = full_size(tensor)
+        if bucket and size + entry_size > cap:
             yield bucket
             bucket, size = [], 0
         bucket.append((name, tensor))
-        size += full_size(tensor)
+        size += entry_size
     if bucket:
         yield bucket
 
