@@ -109,7 +109,7 @@ def test_bad_settings_name_the_argument():
         RewardPool(length_parity, timeout=0)
     # past poll()'s 2**31 - 1 ms the first scoring raised an OverflowError
     with pytest.raises(ValueError, match=r"`timeout` must be positive seconds, at most 86400 "
-                                         r"\(got 1e\+07\)"):
+                                         r"\(got 10000000.0\)"):
         RewardPool(length_parity, timeout=1e7)
 
 
