@@ -52,6 +52,25 @@ def test_math_reward_by_hand(reward, response, ground_truth, expected):
     assert reward(response, sample(ground_truth)) == expected
 
 
+@pytest.mark.parametrize("response, ground_truth, expected", [
+    # The official out-of-distribution files (ARC-c, GPQA-diamond, MMLU-Pro) hold multiple-choice
+    # questions with a letter (or an ARC-c option number) as the ground truth, graded by the
+    # same math reward. Checked against math-verify 0.6.0, the official pin, on 2026-11-29.
+    ("plan </think> \\boxed{C}", "C", 1.0),
+    ("plan </think> \\boxed{(C)}", "C", 1.0),
+    ("plan </think> \\boxed{\\text{C}}", "C", 1.0),
+    ("plan </think> \\boxed{A}", "C", 0.0),
+    ("plan </think> \\boxed{2}", "2", 1.0),  # ARC-c's numbered options
+    # The questions ask for "ANSWER: $LETTER"; the official grader finds no expression in
+    # that line and scores it 0, as it does an option written out in the box.
+    ("plan </think> ANSWER: C", "C", 0.0),
+    ("plan </think> \\boxed{C) 10^{-8} eV}", "C", 0.0),
+])
+def test_multiple_choice_answers_are_graded_as_the_official_code_grades_them(
+        reward, response, ground_truth, expected):
+    assert reward(response, sample(ground_truth)) == expected
+
+
 def test_math_reward_outside_the_main_thread(reward):
     """math-verify's own timeouts need the main thread; in another thread (an in-process pool)
     the reward still verifies instead of scoring every answer 0."""
