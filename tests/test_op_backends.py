@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 
 from helpers import SETTINGS, assert_close, compare_backends, loss_case, random_batch, run_loss
 from luffy_fast import LuffyLossConfig, fused_luffy_loss, token_logprobs
@@ -30,8 +30,8 @@ def test_torch_backend_matches_reference_float32(case):
 @given(case=loss_case())
 def test_torch_backend_bfloat16_within_1e2(case):
     batch, config, scenario = case
-    if scenario == "all_clipped":
-        return  # clip decisions on bf16-rounded ratios legitimately differ from float64 ones
+    # clip decisions on bf16-rounded ratios legitimately differ from float64 ones
+    assume(scenario != "all_clipped")
     compare_backends(batch, config, torch.bfloat16, "torch")
 
 
@@ -59,14 +59,18 @@ def test_rows_layout_equals_packed_with_seq_ids(backend):
 
 
 def test_float_loss_mask_weights_tokens():
+    """The token mean with float weights w is sum(w L) / sum(w): each token's L_t is the loss of
+    the same batch with the one-hot mask on t alone (denominator 1)."""
     batch = random_batch(20, 4, 9, mask_fraction=1.0)
     weights = torch.rand(20, generator=torch.Generator().manual_seed(3))
-    batch["loss_mask"] = weights
     for backend in ("reference", "torch"):
-        loss, _, _ = run_loss(batch, backend, LuffyLossConfig())
-        batch_half = dict(batch, loss_mask=weights * 0.5)  # token mean is invariant to scale
-        loss_half, _, _ = run_loss(batch_half, backend, LuffyLossConfig())
-        assert_close(loss_half, loss, 1e-6, "scale-invariant token mean")
+        per_token = torch.stack([run_loss(dict(batch, loss_mask=torch.eye(20)[t]), backend,
+                                          LuffyLossConfig())[0] for t in range(20)])
+        expected = (weights * per_token).sum() / weights.sum()
+        loss, _, _ = run_loss(dict(batch, loss_mask=weights), backend, LuffyLossConfig())
+        assert_close(loss, expected, 1e-6, "weighted token mean")
+        binary, _, _ = run_loss(dict(batch, loss_mask=torch.ones(20)), backend, LuffyLossConfig())
+        assert abs(float(binary - expected)) > 1e-3  # the weights matter in this batch
 
 
 def test_a_token_whose_entropy_weight_underflows_keeps_its_entropy():
