@@ -59,22 +59,33 @@ def test_bad_input_names_the_argument(batch, name, change):
 
 
 def test_non_finite_values_outside_the_loss_are_ignored(batch):
-    # Padding positions may hold anything; only loss tokens are checked.
+    # Padding positions may hold anything; only loss tokens are checked. The oracle: the same
+    # batch with zeros there.
     batch["loss_mask"] = torch.ones(12, dtype=torch.bool)
     batch["loss_mask"][0] = False
-    batch["advantages"][0] = float("nan")
-    batch["old_logprobs"][0] = float("-inf")
-    batch["hidden"].requires_grad_(True)
-    loss, _ = call(batch)
-    loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(batch["hidden"].grad).all()
+    results = []
+    for advantage, old_logprob in ((0.0, 0.0), (float("nan"), float("-inf"))):
+        args = {name: value.clone() for name, value in batch.items()}
+        args["advantages"][0], args["old_logprobs"][0] = advantage, old_logprob
+        args["hidden"].requires_grad_(True)
+        loss, _ = call(args)
+        loss.backward()
+        results.append((loss, args["hidden"].grad))
+    (expected, expected_grad), (loss, grad) = results
+    assert torch.isfinite(expected) and torch.equal(loss, expected)
+    assert torch.equal(grad, expected_grad)
 
 
 def test_ignore_index_is_not_out_of_range(batch):
+    # A target of -100 leaves its token out of the loss, as masking it does
+    masked = dict(batch, loss_mask=batch["loss_mask"].clone())
+    masked["loss_mask"][:4] = 0
+    expected, _ = call(masked)
     batch["targets"][:4] = -100
     loss, stats = call(batch)
-    assert torch.isfinite(loss)
-    assert int(stats["num_on_policy_tokens"] + stats["num_off_policy_tokens"]) <= 8
+    assert torch.isfinite(loss) and torch.equal(loss, expected)
+    kept = int((batch["loss_mask"][4:] != 0).sum())
+    assert kept > 0 and int(stats["num_on_policy_tokens"] + stats["num_off_policy_tokens"]) == kept
 
 
 @pytest.mark.parametrize("field,value", [
@@ -99,6 +110,15 @@ def test_dual_clip_without_any_ppo_clip_is_refused():
                                          r"\(got 3.0\)$"):
         LuffyLossConfig(clip_on_policy=False, clip_off_policy=False, dual_clip=3.0)
     assert LuffyLossConfig(clip_on_policy=False, clip_off_policy=True, dual_clip=3.0).dual_clip == 3.0
+
+
+@pytest.mark.parametrize("name", ["targets", "advantages", "loss_mask", "off_policy_mask",
+                                  "old_logprobs", "seq_ids"])
+def test_a_per_token_input_on_another_device_is_named(batch, name):
+    # a meta tensor stands in for another device here (no GPU needed)
+    batch["seq_ids"] = torch.arange(12) // 3
+    with pytest.raises(ValueError, match=rf"^fused_luffy_loss: `{name}` is on meta, but `hidden` is on cpu"):
+        call(batch, **{name: torch.empty_like(batch[name], device="meta")})
 
 
 def test_device_mismatch_is_named(batch):

@@ -64,6 +64,7 @@ def test_nonfinite_hidden_outside_the_loss_changes_nothing(backend):
     got, _, grads = run_loss(dirty, backend, CONFIG)
     assert torch.equal(got, expected)
     assert torch.equal(grads["weight"], expected_grads["weight"])
+    assert torch.equal(grads["hidden"], expected_grads["hidden"])
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
