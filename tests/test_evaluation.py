@@ -103,6 +103,7 @@ def test_a_problem_is_the_sample_its_reward_receives_and_unlabelled_ones_count_a
                                  params=SamplingParams(max_new_tokens=4),
                                  decode=lambda ids: "right" if ids == [1] else "wrong",
                                  score=record_items)
+    assert len(received) == 4
     assert all(a is b for a, b in zip(received, [labelled] * 2 + [unlabelled] * 2))
     assert [(r.data_source, r.problem, r.reward) for r in records] == [
         ("aime", 0, 1.0), ("aime", 0, 0.0), ("heldout", 1, 1.0), ("heldout", 1, 1.0)]

@@ -145,12 +145,16 @@ def torch_stand_ins(monkeypatch, restored_qwen2):
     class RMSNorm:
         @staticmethod
         def apply(hidden, weight, eps, offset, casting_mode, in_place, row_mode):
+            # Qwen2's norm: no weight offset (Gemma's is 1), Llama's casting (normalize in fp32,
+            # cast back, then scale); the arguments the real kernel would compute with
+            assert (offset, casting_mode) == (0.0, "llama"), (offset, casting_mode)
             calls["rms_norm"] += 1
             h = hidden.float()
             h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-            return weight * h.to(hidden.dtype)
+            return (weight + offset) * h.to(hidden.dtype)
 
     def swiglu(a, b, gate_multiplier=1.0, down_multiplier=1.0):
+        assert (gate_multiplier, down_multiplier) == (1.0, 1.0)  # the plain SiLU-gated MLP
         calls["swiglu"] += 1
         return torch.nn.functional.silu(a) * b
 

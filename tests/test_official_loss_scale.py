@@ -159,6 +159,7 @@ def test_trainer_sums_micro_batches_to_the_official_gradient(tmp_path):
     trainer.config.loss = config.replace(normalizer="constant")
     trainer.engine.module.loss_head.loss_config = trainer.config.loss
     constant = policy_gradients(trainer, batch)
+    assert constant and constant.keys() == official_whole.keys() == official_split.keys()
     for name, value in constant.items():
         scale = value.abs().max().clamp_min(1e-12)
         for other in (official_whole, official_split):

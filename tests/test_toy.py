@@ -99,8 +99,12 @@ def test_demo_end_to_end_writes_summary_and_plot(tmp_path, capsys):
         assert row["steps"] == 2 and 0.0 <= row["heldout_accuracy"] <= 1.0 and row["seconds"] > 0
     assert (tmp_path / "demo.png").stat().st_size > 10_000
     for run in ("luffy", "grpo"):
-        assert (tmp_path / run / "metrics.jsonl").exists()
         assert (tmp_path / run / "checkpoints" / "latest").exists()
+        # the summary's accuracy is the run's last validation (eval.every=1: at step 2)
+        evaluated = [r for r in read_metrics(tmp_path / run / "metrics.jsonl")
+                     if "heldout_accuracy" in r]
+        assert evaluated[-1]["step"] == 2
+        assert summary["runs"][run]["heldout_accuracy"] == evaluated[-1]["heldout_accuracy"]
     # GRPO's groups are all wrong: zero advantages everywhere, and no traces
     grpo = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").open()]
     assert all(r["zero_advantage_fraction"] == 1.0 and "reward_off_policy" not in r
