@@ -14,7 +14,7 @@ from helpers import tiny_config
 from luffy_fast.data import Sample
 from luffy_fast.errors import ConfigError
 from luffy_fast.reward_pool import RewardPool
-from luffy_fast.rollout.base import Completion, RolloutEngine
+from luffy_fast.rollout import Completion, HFGenerateEngine, RolloutEngine
 from luffy_fast.toy.task import ToyTask
 from luffy_fast.train_config import load_config
 from luffy_fast.validation import Validation, check_validation
@@ -106,34 +106,68 @@ def test_the_best_checkpoint_is_kept_by_the_chosen_metric(tmp_path):
             {"val/aime/avg@1": 1.0}, 1, None, None)
 
 
+class ScriptedValidationEngine(RolloutEngine):
+    """Training rollouts from the hf engine on a copy of the trainer's initial policy; each
+    validation pass (its prompts are the held-out ones, never trained on) scripted: problem i's
+    first right[i] samples are its trace (rewarded 1), the others a bare <eos> (0)."""
+
+    def __init__(self, config, right_per_pass) -> None:
+        task = ToyTask(config)
+        tokenizer, policy = task.components()
+        self.inner = HFGenerateEngine(policy, tokenizer.pad_token_id, tokenizer.eos_token_id)
+        self.traces = {tuple(s.prompt_ids): s.traces[0] for s in task.heldout_samples(tokenizer)}
+        self.eos, self.passes = tokenizer.eos_token_id, iter(right_per_pass)
+
+    def generate(self, prompts, n, params):
+        if tuple(prompts[0]) not in self.traces:
+            return self.inner.generate(prompts, n, params)
+        right = next(self.passes)
+        responses = [[self.traces[tuple(p)] if j < right[i] else [self.eos] for j in range(n)]
+                     for i, p in enumerate(prompts)]
+        return [[Completion(r, [0.0] * len(r)) for r in group] for group in responses]
+
+    def sync_weights(self, named_tensors):
+        self.inner.sync_weights(named_tensors)
+
+    def close(self):
+        self.inner.close()
+
+
 def test_training_validates_and_keeps_the_best_checkpoint(tmp_path):
     from luffy_fast.metrics import read_metrics
     from luffy_fast.trainer import LuffyTrainer
 
     name = "val/macro/avg@2"
-    trainer = LuffyTrainer(tiny_config(tmp_path, "train.steps=3", "eval.every=1", "eval.n=2",
-                                       "eval.temperature=1.0", f"eval.best_metric={name}",
-                                       "output.save_every=1", "output.keep_checkpoints=1",
-                                       "optim.lr=1e-2"))
+    config = tiny_config(tmp_path, "train.steps=3", "eval.every=1", "eval.n=2",
+                         f"eval.best_metric={name}", "output.save_every=1",
+                         "output.keep_checkpoints=1", "optim.lr=1e-2")
+    # right samples (of 2) of each of the 8 held-out problems, at steps 0 to 3
+    right = [[2] * 8, [1, 1, 1, 1, 0, 0, 0, 0], [2, 2, 2, 2, 1, 1, 1, 1], [2, 2, 2, 2, 0, 0, 0, 0]]
+    trainer = LuffyTrainer(config, rollout_engine=ScriptedValidationEngine(config, right))
     try:
         trainer.train()
     finally:
         trainer.close()
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
-    for row in rows:
-        # one source, binary rewards: the accuracy over all samples is the macro avg@2
-        assert row["heldout_accuracy"] == pytest.approx(row["val/toy_reverse/avg@2"])
-        assert row[name] == pytest.approx(row["val/toy_reverse/avg@2"])
-        assert row["val/macro/pass@2"] >= row[name]
+    # avg@2 = right samples / 16: 16, 4, 12, 8; one source, so the macro value is its value and
+    # heldout_accuracy (binary rewards) the same fraction
+    avg = [1.0, 0.25, 0.75, 0.5]
+    # pass@2 = problems with a right sample / 8: 8, 4, 8, 4 (1 - C(2 - c, 2) / C(2, 2) = [c > 0])
+    pass_at_2 = [1.0, 0.5, 1.0, 0.5]
+    for key, expected in ((name, avg), ("val/toy_reverse/avg@2", avg),
+                          ("heldout_accuracy", avg), ("val/macro/pass@1", avg),
+                          ("val/macro/pass@2", pass_at_2)):
+        assert [r[key] for r in rows] == pytest.approx(expected), key
     assert all(r["reward/timeouts"] == 0 and r["reward/errors"] == 0 for r in rows[1:])
-    values = [r[name] for r in rows[1:]]  # step 0 (the initial weights) is not a candidate
-    best_step = 1 + values.index(max(values))
+    # the best of steps 1-3 is step 2's 0.75, kept over step 1's 0.25 and not replaced by step
+    # 3's 0.5; step 0 (the initial weights, 1.0) is not a candidate
     info = json.loads((tmp_path / "checkpoints" / "best" / "best.json").read_text())
-    assert (info["value"], info["step"]) == (pytest.approx(max(values)), best_step)
+    assert (info["metric"], info["value"], info["step"]) == (name, 0.75, 2)
     best = tmp_path / "checkpoints" / "best" / (tmp_path / "checkpoints" / "best" / "latest"
                                                 ).read_text().strip()
-    assert best.name == f"step-{best_step:06d}" and (best / "hf" / "config.json").is_file()
+    assert best.name == "step-000002" and (best / "hf" / "config.json").is_file()
+    assert [p.name for p in (tmp_path / "checkpoints" / "best").glob("step-*")] == ["step-000002"]
     # the regular checkpoints are pruned to one; the best one stays
     assert [p.name for p in (tmp_path / "checkpoints").glob("step-*")] == ["step-000003"]
 
