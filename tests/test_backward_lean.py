@@ -9,9 +9,17 @@ import os
 import pytest
 import torch
 
+from helpers import assert_no_worse
+
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="runs the kernels on the interpreter (TRITON_INTERPRET=1)")
 TEMPERATURE = 0.7
+# The largest error against float64, relative to the chunk's norm or (without entropy) each row's,
+# that either kernel's dL/dz may have: ~6-7x the default kernel's largest measured over the
+# parametrizations (fp32: chunk 5.4e-7, row 7.8e-7; bf16 dL/dz, its rounding: chunk 4.2e-3, row
+# 5.9e-3).
+BOUNDS = {("chunk", torch.float32): 4e-6, ("row", torch.float32): 5e-6,
+          ("chunk", torch.bfloat16): 3e-2, ("row", torch.bfloat16): 4e-2}
 
 
 def _chunk(C: int, V: int, with_entropy: bool, logits_dtype: torch.dtype):
@@ -81,16 +89,18 @@ def test_lean_pass_matches_float64_and_the_default_kernel(monkeypatch, C, V, log
     # token is as tiny, and its target's (z - max) - (E_p[z] - max) is ~0 less the rounding of z
     # (the default kernel here rounds z as the test's max does; a GPU fuses z - max into one FMA,
     # as the lean kernel does), so the row-relative check would measure that rounding.
+    # Both capped (assert_no_worse): the default kernel's error, and the allowance of twice it,
+    # within BOUNDS, so that a bug both kernels share fails.
     error = float((got.double() - expected).norm() / expected.norm())
     default_error = float((default.double() - expected).norm() / expected.norm())
     rounding = 2e-6 if dtype == torch.float32 else 8e-3
-    assert error <= max(rounding, 2 * default_error), (error, default_error)
+    assert_no_worse(error, default_error, rounding, BOUNDS["chunk", dtype], "chunk")
     if not with_entropy:
         scale = expected.norm(dim=1, keepdim=True).clamp_min(1e-30)
         error = float(((got.double() - expected) / scale).abs().max())
         default_error = float(((default.double() - expected) / scale).abs().max())
         rounding = 1e-5 if dtype == torch.float32 else 8e-3
-        assert error <= max(rounding, 2 * default_error), (error, default_error)
+        assert_no_worse(error, default_error, rounding, BOUNDS["row", dtype], "row")
     if not with_entropy:  # the near-certain target: 1 - p_y from log p_y, not from the logits
         target = int(per_token[0][3])
         assert 1e-12 < float(-torch.expm1(per_token[2][3])) < 1e-7

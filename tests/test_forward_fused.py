@@ -105,7 +105,7 @@ def test_fused_forward_over_bf16_inputs_stores_the_kept_logits(kept_dtype, repre
     """bf16 inputs. The stored tile is the product in the kept dtype: exact where every logit is a
     bf16 number, else rounded once. The statistics are the split kernel's over that buffer, and
     the same without a buffer (so the loss and token_logprobs agree): with 16-bit kept logits,
-    those of the rounded logits."""
+    those of the rounded logits. Both match float64 statistics of the buffer."""
     from luffy_fast.kernels.forward import logsumexp_forward
     from luffy_fast.kernels.forward_fused import fused_forward
 
@@ -136,6 +136,9 @@ def test_fused_forward_over_bf16_inputs_stores_the_kept_logits(kept_dtype, repre
     for name, a, b, c in zip(FORWARD_OUTPUTS, stored, unstored, split):
         assert torch.equal(a, b), name
         torch.testing.assert_close(a, c, rtol=2e-6, atol=1e-6, msg=name)
+    # and both those of float64 over the buffer, within FORWARD_BOUNDS
+    assert_forward_outputs(stored, split, forward_oracle(logits.double(), bias, targets,
+                                                         temperature), 2e-5)
 
 
 def _tuned_loads() -> str:
