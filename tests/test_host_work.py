@@ -90,12 +90,19 @@ def _host_work(batch: dict, rows: int, entropy_coef: float) -> tuple[collections
     return counts
 
 
-def _per_chunk(batch: dict, entropy_coef: float) -> tuple[float, float]:
-    """(launches, syncs) that each extra chunk adds: 120-row chunks against 40-row ones."""
+def _per_chunk(batch: dict, entropy_coef: float) -> tuple[float, float, int]:
+    """(launches, syncs) that each extra chunk adds: 120-row chunks against 40-row ones; and the
+    syncs of the call with 120-row chunks."""
     few, many = _host_work(batch, 120, entropy_coef), _host_work(batch, 40, entropy_coef)
     extra_chunks = T // 40 - T // 120
     return ((many["launch"] - few["launch"]) / extra_chunks,
-            (many["sync"] - few["sync"]) / extra_chunks)
+            (many["sync"] - few["sync"]) / extra_chunks, few["sync"])
+
+
+# The syncs of a call, whatever its chunks: prepare_inputs' nonzero and unique (the sequences),
+# gradient_last's count of the tokens that may carry a gradient, check_finite's one scalar check,
+# and the backward's check of its gradients. Counted, they show that the counter sees syncs.
+SYNCS_PER_CALL = 5
 
 
 @pytest.mark.parametrize("row_forward", [False, True])
@@ -107,18 +114,18 @@ def test_a_gradient_chunk_costs_nine_launches_and_no_sync(entropy_coef, row_forw
     opt-in row forward has no merge: 8."""
     monkeypatch.setenv("LUFFY_FAST_ROW_FORWARD", "1" if row_forward else "0")
     batch = random_batch(T, H, V, seed=2, mask_fraction=1.0, num_seqs=12)
-    launches, syncs = _per_chunk(batch, entropy_coef)
-    assert syncs == 0
-    assert launches <= (8 if row_forward else 9), launches
+    launches, syncs, call_syncs = _per_chunk(batch, entropy_coef)
+    assert syncs == 0 and call_syncs == SYNCS_PER_CALL, (syncs, call_syncs)
+    assert launches == (8 if row_forward else 9), launches
 
 
 def test_a_forward_only_chunk_costs_five_launches_and_no_sync():
     """Every advantage is 0 (no entropy term): every chunk is forward-only, and each costs the
     gather, the GEMM, the forward and merge kernels and the epilogue; the check for a stray
     non-finite token is one sync for all of them, not one per chunk (before: 41 launches and a
-    sync per chunk)."""
+    sync per chunk): one more than a call without forward-only chunks makes."""
     batch = random_batch(T, H, V, seed=2, mask_fraction=1.0, num_seqs=12)
     batch["advantages"] = torch.zeros_like(batch["advantages"])
-    launches, syncs = _per_chunk(batch, 0.0)
-    assert syncs == 0
-    assert launches <= 5, launches
+    launches, syncs, call_syncs = _per_chunk(batch, 0.0)
+    assert syncs == 0 and call_syncs == SYNCS_PER_CALL + 1, (syncs, call_syncs)  # + the check
+    assert launches == 5, launches
