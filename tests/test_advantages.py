@@ -42,3 +42,26 @@ def test_bad_inputs_name_the_argument():
         group_advantages(torch.zeros(3), torch.zeros(4, dtype=torch.int64))
     with pytest.raises(ValueError, match="rewards"):
         group_advantages(torch.tensor([1.0, float("nan")]), torch.zeros(2, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("use_std", [False, True])
+def test_a_group_of_two_with_different_rewards_gets_nonzero_advantages(use_std):
+    # Group 5: rewards 1, 0 -> mean 0.5 -> centered [0.5, -0.5].
+    # Unbiased std = sqrt((0.25 + 0.25) / (2 - 1)) = sqrt(0.5) = 0.70711, so with std:
+    # A = +-0.5 / (0.70711 + 1e-6) = +-0.70711 (a group of two is not a "group of one").
+    rewards = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    groups = torch.tensor([5, 5])
+    centered = torch.tensor([0.5, -0.5], dtype=torch.float64)
+    expected = centered / (math.sqrt(0.5) + 1e-6) if use_std else centered
+    torch.testing.assert_close(group_advantages(rewards, groups, use_std=use_std), expected,
+                               rtol=1e-12, atol=0)
+
+
+def test_an_empty_batch_gives_an_empty_float_result():
+    out = group_advantages(torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.int64))
+    assert out.shape == (0,) and out.dtype == torch.float64
+
+
+def test_float_group_ids_are_refused_naming_the_argument():
+    with pytest.raises(ValueError, match="group_ids"):
+        group_advantages(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]))
