@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -65,8 +66,11 @@ def test_a_resume_over_other_prompts_of_the_same_number_is_refused():
     assert set(state) == {"epoch", "batch", "seed", "size", "batch_size", "data"}
     prompt_sampler([Sample(list(s.prompt_ids), s.ground_truth, [list(t) for t in s.traces])
                     for s in samples], config).check_state(state, 3)  # equal data: accepted
-    changed = {"reordered": samples[::-1], "an answer": [*samples[:-1], Sample([19, 20], "x", [[7]])],
-               "a trace": [*samples[:-1], Sample([19, 20], "19", [[7] * 5])]}
+    # sample 19 is Sample([19, 20], "19", [[7, 7]]) (19 % 3 + 1 = 2): each change below alters
+    # exactly one of its prompt, answer or trace lengths
+    changed = {"reordered": samples[::-1], "an answer": [*samples[:-1], Sample([19, 20], "x", [[7] * 2])],
+               "a trace": [*samples[:-1], Sample([19, 20], "19", [[7] * 5])],
+               "a prompt": [*samples[:-1], Sample([19, 21], "19", [[7] * 2])]}
     for other in changed.values():
         with pytest.raises(ConfigError, match=r"^data.source: the 20 training prompts are not the "
                                               r"checkpoint's run's"):
@@ -118,3 +122,17 @@ def test_each_rank_takes_its_slice_of_every_mini_batch():
     assert rank_share(picks, 4, 0, 2) == [10, 11, 14, 15]
     assert rank_share(picks, 4, 1, 2) == [12, 13, 16, 17]
     assert rank_share(picks, 4, 0, 1) == picks
+
+
+def test_a_step_may_take_every_prompt():
+    # 4 prompts, 4 per step: one batch an epoch, each epoch the whole set in a fresh order
+    sampler = EpochSampler(size=4, batch_size=4, seed=5)
+    assert sampler.batches_per_epoch == 1 and sampler.position(3) == (3, 0)
+    assert sorted(sampler.batch(0)) == sorted(sampler.batch(1)) == [0, 1, 2, 3]
+
+
+def test_the_data_metrics_add_the_loading_reports():
+    sampler = EpochSampler(size=10, batch_size=3, seed=0)  # 3 steps an epoch: step 7 is epoch 2
+    report = SimpleNamespace(metrics=lambda: {"data/skipped": 4, "data/truncated_traces": 1})
+    assert data_metrics(report, sampler, 7) == {"data/epoch": 2, "data/skipped": 4,
+                                                "data/truncated_traces": 1}
