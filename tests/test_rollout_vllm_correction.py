@@ -111,3 +111,28 @@ def test_request_seeds_never_replay_another_prompt_or_step():
     starts = sorted(s.start for s in streams)
     assert all(b - a >= n for a, b in zip(starts, starts[1:]))
     assert request_seed(3, 1) == request_seed(3, 1)
+
+
+def test_a_weight_exactly_at_the_cap_is_not_counted_as_clipped():
+    # log-prob gaps trainer - behaviour: 0 and 0.5 -> ratios e^0 = 1 (exactly the cap: the
+    # clamp leaves it) and e^0.5 = 1.65 (cut to 1): 1 of 2 tokens clipped, weights [1, 1]
+    weights, metrics = rollout_correction([torch.tensor([-1.0, -1.0])],
+                                          [torch.tensor([-1.0, -0.5])], cap=1.0)
+    torch.testing.assert_close(weights[0], torch.tensor([1.0, 1.0]))
+    assert metrics["tis_clipped_fraction"] == 0.5
+    assert metrics["tis_weight_mean"] == 1.0
+
+
+def test_a_batch_of_only_traces_reports_no_gap_and_neutral_weights():
+    # nothing was sampled by the engine: no gap, no tokens, the weight mean of no weights is 1
+    weights, metrics = rollout_correction([None, None], [torch.tensor([-1.0]), torch.tensor([-2.0])],
+                                          cap=2.0)
+    assert weights == [None, None]
+    assert metrics == {"rollout_logprob_gap_mean": 0.0, "rollout_logprob_gap_max": 0.0,
+                       "sampled_tokens": 0, "tis_weight_mean": 1.0, "tis_clipped_fraction": 0.0}
+
+
+def test_log_probs_for_another_number_of_sequences_are_refused():
+    with pytest.raises(ValueError, match="behaviour log-probs for 2 sequences and trainer "
+                                         "log-probs for 1"):
+        rollout_correction([torch.zeros(1), torch.zeros(1)], [torch.zeros(1)])
