@@ -258,3 +258,34 @@ def test_the_heads_logprob_pass_takes_the_loss_configs_memory_budget(monkeypatch
     assert seen == [0.05]
     expected, _ = token_logprobs(batch["hidden"], head.weight, batch["targets"], backend="reference")
     assert_close(logprobs, expected, 1e-6, "logprobs")
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_float64_token_logprobs_over_many_chunks_are_float64_log_softmax(with_entropy):
+    """A 0.01 MiB budget over V = 50 gives chunks of 26 tokens (chunked.chunk_size), so 100 tokens
+    take four; each chunk's log-probs are its own tokens' targets', in float64 (the oracle:
+    log_softmax of the float64 logits, to 1e-12)."""
+    batch = random_batch(100, 8, 50, dtype=torch.float64, seed=4)
+    targets = batch["targets"].clamp_min(0)
+    lp, ent = token_logprobs(batch["hidden"], batch["weight"], targets, with_entropy=with_entropy,
+                             backend="torch", memory_budget_mb=0.01)
+    log_p = torch.log_softmax(batch["hidden"] @ batch["weight"].T, -1)
+    assert lp.dtype == torch.float64
+    assert_close(lp, log_p.gather(1, targets[:, None]).squeeze(1), 1e-12, "logprobs")
+    if with_entropy:
+        assert_close(ent, -(log_p.exp() * log_p).sum(-1), 1e-12, "entropy")
+
+
+def test_a_near_certain_tokens_logprob_keeps_its_relative_precision():
+    """W = I, h = [20, 0, 0] in float32, target 0: log pi = -log1p(2 e^-20) = -4.1223072e-9 by
+    hand. z_y - logsumexp rounds that to 0 in float32; the torch backend forms it from the other
+    entries' probabilities (chunked._softmax_parts), in the loss's statistics and in
+    token_logprobs with entropies."""
+    hidden, weight = torch.tensor([[20.0, 0.0, 0.0]]), torch.eye(3)
+    expected = -4.1223072363804075e-09
+    _, stats = fused_luffy_loss(hidden, weight, torch.tensor([0]), torch.ones(1),
+                                torch.ones(1, dtype=torch.bool), torch.zeros(1, dtype=torch.bool),
+                                backend="torch")
+    assert float(stats["logprob_mean"]) == pytest.approx(expected, rel=1e-5)
+    lp, _ = token_logprobs(hidden, weight, torch.tensor([0]), with_entropy=True, backend="torch")
+    assert float(lp[0]) == pytest.approx(expected, rel=1e-5)

@@ -75,6 +75,25 @@ def test_check_finite_off_returns_the_nonfinite_loss(backend):
     assert math.isnan(float(loss))
 
 
+def test_a_nan_at_a_zero_advantage_token_reaches_the_gradients_as_in_the_reference():
+    """check_finite off, no entropy: token 7's advantage is 0, so the torch backend puts it in a
+    forward-only chunk (chunked._chunks). Its NaN hidden still makes dL/d log pi = -0 x NaN = NaN,
+    which autograd (the reference) carries into d(hidden) row 7 and every d(weight) and d(bias)
+    entry; the torch backend's gradients are NaN at exactly those places, finite elsewhere."""
+    batch = small_batch()
+    batch["advantages"][7] = 0.0
+    batch["hidden"][7, 2] = math.nan
+    config = LuffyLossConfig.grpo(check_finite=False)
+    _, _, expected = run_loss(batch, "reference", config)
+    _, _, grads = run_loss(batch, "torch", config)
+    assert bool(expected["hidden"][7].isnan().all()) and bool(expected["weight"].isnan().all())
+    for name, grad in grads.items():
+        assert torch.equal(grad.isnan(), expected[name].isnan()), name
+    rows = torch.arange(24) != 7
+    torch.testing.assert_close(grads["hidden"][rows], expected["hidden"][rows], rtol=1e-5,
+                               atol=1e-7)
+
+
 def test_overflowing_logits_of_finite_inputs_are_reported():
     batch = small_batch()
     batch["hidden"][3] = 3e38  # finite, but h . w overflows float32
