@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
 import torch
 
 from helpers import random_batch
-from luffy_fast import LuffyLossConfig, fused_luffy_loss
+from luffy_fast import LuffyLossConfig, fused_luffy_loss, token_logprobs
+from luffy_fast.inputs import prepare_inputs
 
 
 def call(batch, **changes):
@@ -126,3 +128,48 @@ def test_device_mismatch_is_named(batch):
         pytest.skip("needs a second device type")
     with pytest.raises(ValueError, match="`weight`"):
         call(batch, weight=batch["weight"].cuda())
+
+
+# --------------------------------------------------------------------------- what passes the checks
+
+def test_a_float_loss_mask_above_one_weighs_its_token_that_many_times():
+    """Off-policy, unshaped, W = I, target 0, h = [ln 2, 0, 0]: p = [1/2, 1/4, 1/4], pi = 1/2, so
+    L_t = -A/2 and dL/dz_t = -A/2 (e_y - p) = -A/2 [1/2, -1/4, -1/4]. Weights 3 and 1 with
+    A = 1 and 2, token normalizer: L = (3 (-1/2) + 1 (-1)) / 4 = -5/8 (weights capped at 1 would
+    give -3/4); d(hidden) rows are -1/2 (e_y - p) x 3/4 and -1 (e_y - p) x 1/4."""
+    hidden = torch.tensor([[math.log(2.0), 0.0, 0.0]] * 2, dtype=torch.float64, requires_grad=True)
+    loss, stats = fused_luffy_loss(
+        hidden, torch.eye(3, dtype=torch.float64), torch.zeros(2, dtype=torch.long),
+        torch.tensor([1.0, 2.0], dtype=torch.float64), torch.tensor([3.0, 1.0], dtype=torch.float64),
+        torch.ones(2, dtype=torch.bool), config=LuffyLossConfig(shaping=False), backend="torch")
+    loss.backward()
+    assert float(loss) == pytest.approx(-5 / 8, rel=1e-12)
+    e_y_minus_p = torch.tensor([0.5, -0.25, -0.25], dtype=torch.float64)
+    expected = torch.stack([-0.5 * 3 / 4 * e_y_minus_p, -1.0 / 4 * e_y_minus_p])
+    torch.testing.assert_close(hidden.grad, expected, rtol=1e-12, atol=1e-15)
+    assert float(stats["denominator"]) == 4.0
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_token_logprobs_give_zero_for_targets_outside_the_vocabulary(backend):
+    """ops.token_logprobs: a target of -100, -1 or V (= 3 here) gets log-prob 0; the others are
+    log softmax: W = I, h = [ln 2, 0, 0], p = [1/2, 1/4, 1/4], so target 0 -> -ln 2, 2 -> -ln 4."""
+    hidden = torch.tensor([[math.log(2.0), 0.0, 0.0]] * 5, dtype=torch.float64)
+    lp, _ = token_logprobs(hidden, torch.eye(3, dtype=torch.float64),
+                           torch.tensor([0, 3, -1, 2, -100]), backend=backend)
+    expected = [-math.log(2.0), 0.0, 0.0, -math.log(4.0), 0.0]
+    assert lp.tolist() == pytest.approx(expected, rel=1e-12, abs=0.0)
+
+
+@pytest.mark.parametrize("entropy_coef, expected", [(0.0, [True, False, True]),
+                                                     (0.01, [True, True, True])])
+def test_zero_advantage_tokens_may_carry_a_gradient_only_through_the_entropy(entropy_coef,
+                                                                            expected):
+    """LossInputs.may_carry_gradient (the triton backend computes the others forward only):
+    advantages (1, 0, -2) at three loss tokens; with an entropy bonus every one may."""
+    T = 3
+    inputs = prepare_inputs(torch.zeros(T, 2), torch.zeros(4, 2), torch.zeros(T, dtype=torch.long),
+                            torch.tensor([1.0, 0.0, -2.0]), torch.ones(T, dtype=torch.bool),
+                            torch.zeros(T, dtype=torch.bool), None,
+                            LuffyLossConfig(entropy_coef=entropy_coef), None, None)
+    assert inputs.may_carry_gradient().tolist() == expected
