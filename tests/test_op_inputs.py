@@ -10,6 +10,7 @@ import torch
 
 from helpers import random_batch
 from luffy_fast import LuffyLossConfig, fused_luffy_loss, token_logprobs
+from luffy_fast.autograd import wants_grad
 from luffy_fast.inputs import prepare_inputs
 
 
@@ -173,3 +174,59 @@ def test_zero_advantage_tokens_may_carry_a_gradient_only_through_the_entropy(ent
                             torch.zeros(T, dtype=torch.bool), None,
                             LuffyLossConfig(entropy_coef=entropy_coef), None, None)
     assert inputs.may_carry_gradient().tolist() == expected
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_the_backward_scales_the_gradients_by_the_upstream_gradient(backend):
+    """The trainer scales each micro-batch's loss (denominator / global denominator) before its
+    backward: d(2.5 L)/dx is 2.5 dL/dx on every backend (the fused ones form dL/dx in the
+    forward and must multiply by the upstream gradient). Oracle: the same backend's unit
+    backward, times 2.5."""
+    grads = []
+    for scale in (1.0, 2.5):
+        batch = random_batch(20, 5, 11, dtype=torch.float64, seed=2, with_bias=True)
+        leaves = {k: batch[k].clone().requires_grad_(True) for k in ("hidden", "weight", "bias")}
+        loss, _ = fused_luffy_loss(leaves["hidden"], leaves["weight"], batch["targets"],
+                                   batch["advantages"], batch["loss_mask"],
+                                   batch["off_policy_mask"], old_logprobs=batch["old_logprobs"],
+                                   config=LuffyLossConfig(entropy_coef=0.1),
+                                   seq_ids=batch["seq_ids"], bias=leaves["bias"], backend=backend)
+        (scale * loss).backward()
+        grads.append({k: v.grad for k, v in leaves.items()})
+    for name in ("hidden", "weight", "bias"):
+        assert float(grads[0][name].abs().max()) > 0, name
+        torch.testing.assert_close(grads[1][name], 2.5 * grads[0][name], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_a_frozen_decoder_still_gets_the_lm_heads_gradient(backend):
+    """hidden without requires_grad (a frozen decoder), weight and bias trainable: d(weight) and
+    d(bias) as when hidden requires grad too (the oracle), and hidden gets none."""
+    batch = random_batch(20, 5, 11, dtype=torch.float64, seed=2, with_bias=True)
+    grads = []
+    for hidden_grad in (True, False):
+        hidden = batch["hidden"].clone().requires_grad_(hidden_grad)
+        weight, bias = batch["weight"].clone().requires_grad_(), batch["bias"].clone().requires_grad_()
+        loss, _ = fused_luffy_loss(hidden, weight, batch["targets"], batch["advantages"],
+                                   batch["loss_mask"], batch["off_policy_mask"],
+                                   old_logprobs=batch["old_logprobs"], seq_ids=batch["seq_ids"],
+                                   bias=bias, backend=backend)
+        loss.backward()
+        grads.append((hidden.grad, weight.grad, bias.grad))
+    assert grads[1][0] is None and float(grads[0][1].abs().max()) > 0
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(grads[1][2], grads[0][2], rtol=1e-12, atol=0.0)
+
+
+def test_only_the_gradients_autograd_will_use_are_formed():
+    """autograd.wants_grad: none under no_grad; d(bias) only for a bias that requires grad."""
+    weight = torch.zeros(4, 2, requires_grad=True)
+    def wanted(bias):
+        return wants_grad(prepare_inputs(
+            torch.zeros(3, 2, requires_grad=True), weight, torch.zeros(3, dtype=torch.long),
+            torch.ones(3), torch.ones(3, dtype=torch.bool), torch.zeros(3, dtype=torch.bool),
+            None, LuffyLossConfig(), None, bias))
+    assert wanted(torch.zeros(4, requires_grad=True)) == (True, True, True)
+    assert wanted(torch.zeros(4)) == (True, True, False)
+    with torch.no_grad():
+        assert wanted(torch.zeros(4, requires_grad=True)) == (False, False, False)
