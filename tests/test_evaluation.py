@@ -8,6 +8,8 @@ import pytest
 
 from luffy_fast.data import Sample
 from luffy_fast.evaluation import (
+    EvalRecord,
+    combined_table,
     format_table,
     generate_and_score,
     pass_at_k,
@@ -108,3 +110,44 @@ def test_a_problem_is_the_sample_its_reward_receives_and_unlabelled_ones_count_a
     assert [(r.data_source, r.problem, r.reward) for r in records] == [
         ("aime", 0, 1.0), ("aime", 0, 0.0), ("heldout", 1, 1.0), ("heldout", 1, 1.0)]
     assert unlabelled.data_source == ""  # the label is the record's, the sample is unchanged
+
+
+@pytest.mark.parametrize("n, c, k", [(4, 1, 0), (4, 5, 1), (4, -1, 1)])
+def test_pass_at_k_refuses_k_below_one_and_c_outside_0_to_n(n, c, k):
+    """k = 0 gave 1 - C(n-c, 0)/C(n, 0) = 0 and c > n gave 1.0 (n - c < k) without a word."""
+    with pytest.raises(ValueError, match=rf"n={n}, c={c}, k={k}"):
+        pass_at_k(n, c, k)
+
+
+def records_of(source, rewards_per_problem):
+    return [EvalRecord(source, i, k, "", "", reward, True)
+            for i, rewards in enumerate(rewards_per_problem) for k, reward in enumerate(rewards)]
+
+
+def test_partial_rewards_enter_avg_at_n_but_only_a_full_reward_is_a_pass():
+    """One problem, n = 4, rewards (1, 0.5, 0.5, 0): avg@4 = 2/4 = 0.5 (the mean reward); one
+    sample is correct (reward >= 1), so pass@1 = 1/4 and pass@2 = 1 - C(3,2)/C(4,2) = 1/2
+    (counting the 0.5s as passes would give 3/4 and 1)."""
+    summary = summarize(records_of("s", [[1.0, 0.5, 0.5, 0.0]]), n=4)
+    entry = summary["sources"]["s"]
+    assert entry["avg@4"] == pytest.approx(0.5)
+    assert entry["pass@1"] == pytest.approx(0.25)
+    assert entry["pass@2"] == pytest.approx(0.5)
+
+
+def test_the_macro_average_weighs_sources_not_problems():
+    """Source a: 1 problem solved (avg@1 = 1); source b: 3 problems, none solved (0). The paper's
+    avg column: (1 + 0) / 2 = 0.5 (weighing by problems would give 1/4)."""
+    summary = summarize(records_of("a", [[1.0]]) + records_of("b", [[0.0], [0.0], [0.0]]), n=1)
+    assert summary["macro"]["avg@1"] == pytest.approx(0.5)
+
+
+def test_the_combined_tables_macro_weighs_sources_not_problems():
+    """Run 1: aime, 2 problems, n = 4, avg@4 0.5 (pass@4 0.75, not shown); run 2: math, 6
+    problems, n = 1, avg@1 0.25. Rows in percent; macro (50 + 25) / 2 = 37.5 (weighing by
+    problems would give 31.2)."""
+    aime = {"n": 4, "sources": {"aime": {"problems": 2, "avg@4": 0.5, "pass@4": 0.75}}}
+    math500 = {"n": 1, "sources": {"math": {"problems": 6, "avg@1": 0.25, "pass@1": 0.25}}}
+    rows = [line.split() for line in combined_table([("a", aime), ("b", math500)]).splitlines()]
+    assert rows == [["source", "problems", "n", "avg@n"], ["aime", "2", "4", "50.0"],
+                    ["math", "6", "1", "25.0"], ["macro", "average", "37.5"]]
