@@ -47,6 +47,9 @@ def test_answer_segment_by_hand():
     ("no closing tag \\boxed{42}", "42", 0.0),  # format failure
     ("plan </think> no answer at all", "42", 0.0),  # nothing parsed
     ("plan </think> \\boxed{41}", "42", 0.0),
+    # verify(gold, answer), in that order: an interval gold does not accept an inequality
+    # (math-verify accepts the reverse: verify(answer, gold) would score 1.0)
+    ("plan </think> \\boxed{1<x<2}", "(1,2)", 0.0),
 ])
 def test_math_reward_by_hand(reward, response, ground_truth, expected):
     assert reward(response, sample(ground_truth)) == expected
@@ -117,3 +120,17 @@ def test_a_main_thread_only_math_verify_is_refused_outside_the_main_thread():
         RewardPool(old, workers=0)
     with RewardPool(old, workers=1) as pool:  # a worker process scores in its main thread
         assert pool.score([("plan </think> \\boxed{42}", sample("42"))]).rewards == [1.0]
+
+
+def test_a_verifier_that_raises_scores_zero(monkeypatch):
+    """math-verify's parsers raise on some malformed input (any exception type): a wrong answer,
+    0.0, not a crash of the scoring worker."""
+    from luffy_fast.rewards import MathVerifyReward
+
+    broken = MathVerifyReward()
+
+    def parse(*args, **kwargs):
+        raise ValueError("malformed LaTeX")
+
+    monkeypatch.setattr(broken, "_parse", parse)
+    assert broken("plan </think> \\boxed{42}", sample("42")) == 0.0
