@@ -96,10 +96,10 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature:
                    memory_budget_mb: Optional[float] = None) -> tuple[Tensor, Optional[Tensor]]:
     """Per-token log pi(target) (and entropy) from hidden + weight, without grad, in one pass.
 
-    For old-log-prob and evaluation passes. Returns float32 tensors of the token shape; positions
-    whose target is out of range (e.g. -100 padding) get log-prob 0. `logits_dtype` and
-    `memory_budget_mb`: as in LuffyLossConfig (the triton backend's kept logits: "input" keeps
-    them in 16 bits; the budget sizes the chunks of logits).
+    For old-log-prob and evaluation passes. Returns float32 tensors of the token shape (float64
+    for float64 inputs); positions whose target is out of range (e.g. -100 padding) get log-prob
+    0. `logits_dtype` and `memory_budget_mb`: as in LuffyLossConfig (the triton backend's kept
+    logits: "input" keeps them in 16 bits; the budget sizes the chunks of logits).
     """
     config = LuffyLossConfig(temperature=temperature, logits_dtype=logits_dtype,
                              memory_budget_mb=memory_budget_mb)
