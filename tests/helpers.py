@@ -243,6 +243,19 @@ def run_gpu_check_stage(stage: str, out) -> str:
     return log
 
 
+def hand_made_inputs():
+    """Two prompts with two sampled completions each (one cut short) and three traces: the
+    hand-worked mixed batch of tests/test_trainer.py and tests/test_rollout_batch.py."""
+    from luffy_fast.data import Sample
+    from luffy_fast.rollout import Completion
+
+    samples = [Sample(prompt_ids=[5, 6], ground_truth="x", traces=[[7, 8, 1]]),
+               Sample(prompt_ids=[9], ground_truth="y", traces=[[3, 1], [4, 4, 1]])]
+    completions = [[Completion([2, 1], [-0.5, -0.1]), Completion([3, 3, 3], [-1.0] * 3, False)],
+                   [Completion([4, 1], [-0.2, -0.3]), Completion([5, 1], [-0.4, -0.6])]]
+    return samples, completions
+
+
 def policy_gradients(trainer, batch, old_logprobs=None) -> dict[str, torch.Tensor]:
     """The policy's gradient from one accumulate_gradients over the whole rollout batch."""
     trainer.engine.zero_grad()

@@ -6,19 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import hand_made_inputs
 from luffy_fast import group_advantages
-from luffy_fast.data import Sample
-from luffy_fast.rollout import Completion
 from luffy_fast.rollout_batch import assemble_groups, reward_items, rollout_metrics, score_responses
-
-
-def hand_made_inputs():
-    # the same batch as tests/test_trainer.py's hand_made_inputs
-    samples = [Sample(prompt_ids=[5, 6], ground_truth="x", traces=[[7, 8, 1]]),
-               Sample(prompt_ids=[9], ground_truth="y", traces=[[3, 1], [4, 4, 1]])]
-    completions = [[Completion([2, 1], [-0.5, -0.1]), Completion([3, 3, 3], [-1.0] * 3, False)],
-                   [Completion([4, 1], [-0.2, -0.3]), Completion([5, 1], [-0.4, -0.6])]]
-    return samples, completions
 
 
 def test_completions_for_another_number_of_prompts_are_an_error():

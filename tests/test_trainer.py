@@ -11,6 +11,7 @@ import torch
 
 from helpers import (
     assert_same_gradients,
+    hand_made_inputs,
     policy_gradients,
     rollout_batch,
     tiny_config,
@@ -41,14 +42,6 @@ def tiny_trainer(tmp_path, *overrides) -> LuffyTrainer:
 
 
 # --------------------------------------------------------------------------- group assembly
-
-def hand_made_inputs():
-    samples = [Sample(prompt_ids=[5, 6], ground_truth="x", traces=[[7, 8, 1]]),
-               Sample(prompt_ids=[9], ground_truth="y", traces=[[3, 1], [4, 4, 1]])]
-    completions = [[Completion([2, 1], [-0.5, -0.1]), Completion([3, 3, 3], [-1.0] * 3, False)],
-                   [Completion([4, 1], [-0.2, -0.3]), Completion([5, 1], [-0.4, -0.6])]]
-    return samples, completions
-
 
 def hand_made_batch() -> RolloutBatch:
     return assemble_groups(*hand_made_inputs(), n_off=2)
