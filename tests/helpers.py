@@ -243,6 +243,21 @@ def run_gpu_check_stage(stage: str, out) -> str:
     return log
 
 
+def nucleus_logprobs(policy, prompt, continuation, top_p: float, temperature=1.0):
+    """The log-prob of each continuation token under the renormalized top-p nucleus of the
+    policy's tempered distribution, and whether each token is inside its nucleus (a token stays
+    while the mass before it is below top_p; the most likely always stays)."""
+    ids = torch.tensor([list(prompt) + list(continuation)])
+    with torch.no_grad():
+        logits = policy(ids).logits[0, len(prompt) - 1:-1].float() / temperature
+    ordered, order = logits.softmax(-1).sort(-1, descending=True)
+    keep = torch.zeros_like(ordered, dtype=torch.bool).scatter(
+        -1, order, (ordered.cumsum(-1) - ordered) < top_p)
+    drawn = torch.tensor(continuation)[:, None]
+    logprobs = logits.masked_fill(~keep, float("-inf")).log_softmax(-1)
+    return logprobs.gather(-1, drawn)[:, 0], keep.gather(-1, drawn)[:, 0]
+
+
 def hand_made_inputs():
     """Two prompts with two sampled completions each (one cut short) and three traces: the
     hand-worked mixed batch of tests/test_trainer.py and tests/test_rollout_batch.py."""
@@ -266,11 +281,15 @@ def policy_gradients(trainer, batch, old_logprobs=None) -> dict[str, torch.Tenso
     return grads
 
 
-def assert_same_gradients(a: dict, b: dict, rtol: float) -> None:
+def gradient_differences(a: dict, b: dict) -> dict[str, float]:
+    """Per parameter, max |a - b| / max |a| (the same parameters on both sides)."""
     assert a.keys() == b.keys() and a
-    for name in a:
-        scale = a[name].abs().max().clamp_min(1e-12)
-        error = (a[name] - b[name]).abs().max() / scale
+    return {name: float((a[name] - b[name]).abs().max() / a[name].abs().max().clamp_min(1e-12))
+            for name in a}
+
+
+def assert_same_gradients(a: dict, b: dict, rtol: float) -> None:
+    for name, error in gradient_differences(a, b).items():
         assert error <= rtol, f"{name}: relative difference {error:.2e}"
 
 

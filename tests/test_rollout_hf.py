@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import nucleus_logprobs
 from luffy_fast.rollout import HFGenerateEngine, SamplingParams
 from luffy_fast.toy.model import TinyQwen2Config, build_policy, build_tokenizer
 
@@ -128,19 +129,11 @@ def test_top_p_logprobs_are_those_of_the_truncated_distribution(engine):
     [group] = engine.generate([prompt], n=6, params=SamplingParams(
         8, temperature=temperature, top_p=top_p, seed=3))
     for completion in group:
-        ids = torch.tensor([prompt + completion.token_ids])
-        with torch.no_grad():
-            logits = engine.model(ids).logits[0, len(prompt) - 1:-1].float() / temperature
-        probs = logits.softmax(-1)
-        ordered, order = probs.sort(-1, descending=True)
-        # a token stays while the mass before it is below top_p (the most likely always stays)
-        keep_sorted = (ordered.cumsum(-1) - ordered) < top_p
-        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-        expected = logits.masked_fill(~keep, float("-inf")).log_softmax(-1)
-        drawn = torch.tensor(completion.token_ids)[:, None]
-        assert bool(keep.gather(-1, drawn).all())  # every token drawn from its nucleus
-        torch.testing.assert_close(torch.tensor(completion.logprobs),
-                                   expected.gather(-1, drawn)[:, 0], atol=1e-4, rtol=1e-4)
+        expected, inside = nucleus_logprobs(engine.model, prompt, completion.token_ids, top_p,
+                                            temperature)
+        assert bool(inside.all())  # every token drawn from its nucleus
+        torch.testing.assert_close(torch.tensor(completion.logprobs), expected, atol=1e-4,
+                                   rtol=1e-4)
 
 
 def test_the_recorder_keeps_one_step_of_scores():

@@ -6,6 +6,7 @@ tens of seconds). Tensor parallelism and Ctrl-C: tests/test_rollout_vllm_tensor_
 import pytest
 import torch
 
+from helpers import nucleus_logprobs
 from luffy_fast.rollout.base import SamplingParams
 from luffy_fast.rollout.vllm import VLLMRolloutEngine, VLLMStartupError
 from luffy_fast.rollout.vllm_config import VLLMConfig
@@ -13,7 +14,7 @@ from luffy_fast.rollout.weights import gathered_named_parameters
 from luffy_fast.toy.model import TinyQwen2Config, build_policy, build_tokenizer, save_pretrained_pair
 from luffy_fast.toy.problems import sample_problems
 from luffy_fast.toy.task import toy_samples
-from vllm_helpers import adamw_step, max_gap, nucleus_logprobs, trainer_logprobs
+from vllm_helpers import adamw_step, max_gap, trainer_logprobs
 
 pytest.importorskip("vllm")  # luffy_fast.rollout.vllm imports it only when an engine starts
 pytestmark = pytest.mark.slow

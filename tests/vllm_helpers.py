@@ -14,21 +14,6 @@ def trainer_logprobs(policy, prompt, continuation, temperature=1.0) -> torch.Ten
     return logits.log_softmax(-1).gather(-1, torch.tensor(continuation)[:, None])[:, 0]
 
 
-def nucleus_logprobs(policy, prompt, continuation, top_p: float, temperature=1.0):
-    """The log-prob of each continuation token under the renormalized top-p nucleus of the
-    policy's tempered distribution, and whether each token is inside its nucleus (a token stays
-    while the mass before it is below top_p; the most likely always stays)."""
-    ids = torch.tensor([list(prompt) + list(continuation)])
-    with torch.no_grad():
-        logits = policy(ids).logits[0, len(prompt) - 1:-1].float() / temperature
-    ordered, order = logits.softmax(-1).sort(-1, descending=True)
-    keep = torch.zeros_like(ordered, dtype=torch.bool).scatter(
-        -1, order, (ordered.cumsum(-1) - ordered) < top_p)
-    drawn = torch.tensor(continuation)[:, None]
-    logprobs = logits.masked_fill(~keep, float("-inf")).log_softmax(-1)
-    return logprobs.gather(-1, drawn)[:, 0], keep.gather(-1, drawn)[:, 0]
-
-
 def max_gap(engine_values, trainer_values) -> float:
     return max(float((torch.tensor(e) - t).abs().max())
                for e, t in zip(engine_values, trainer_values))
