@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from luffy_fast.autograd import attach_gradients, bias_slot, check_backward, wants_grad, without_autocast
+from luffy_fast.autograd import attach_gradients, bias_slot, check_backward, op_context, wants_grad
 from luffy_fast.config import LuffyLossConfig
 from luffy_fast.gemm import half_logits, kept_logits
 from luffy_fast.inputs import LossInputs
@@ -291,7 +291,7 @@ class _RecomputeBackward(torch.autograd.Function):
         needs = (ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[3] and has_bias)
         hidden_c, weight_c = hidden.detach().contiguous(), weight.detach().contiguous()
         grads = zero_gradients(hidden_c, weight_c, needs)
-        with without_autocast(hidden.device):  # a backward called inside autocast
+        with op_context(hidden.device):  # under autocast, or another device current
             recomputed_gradients(state.tokens.scaled(grad_loss), hidden_c, weight_c,
                                  bias.detach().contiguous() if has_bias else None,
                                  state.temperature, state.chunk, grads, state.grad_filter)

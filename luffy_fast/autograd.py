@@ -45,12 +45,19 @@ def check_backward(pending) -> None:
         raise RuntimeError(NO_CREATE_GRAPH)
 
 
-def without_autocast(device: torch.device):
-    """Autocast off on `device`: the op chooses its own precisions (fp32 logits and softmax),
-    which autocast would round to 16 bits in its GEMMs."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
+@contextlib.contextmanager
+def op_context(device: torch.device):
+    """What the backends run in: autocast off on `device` (the op chooses its own precisions,
+    fp32 logits and softmax, which autocast would round to 16 bits in its GEMMs) and, for a CUDA
+    device, that device current. Triton launches a kernel on the current device and sizes its
+    grid and its TMA scratch memory from it, so an LM head on another GPU than the current one
+    (a model split over GPUs with device_map="auto" puts it on the last) would otherwise fail."""
+    with contextlib.ExitStack() as stack:
+        if device.type == "cuda":
+            stack.enter_context(torch.cuda.device(device))
+        if torch.amp.is_autocast_available(device.type):
+            stack.enter_context(torch.autocast(device.type, enabled=False))
+        yield
 
 
 class AttachGradients(torch.autograd.Function):

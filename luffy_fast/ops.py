@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .autograd import without_autocast
+from .autograd import op_context
 from .config import LuffyLossConfig
 from .inputs import LossInputs, input_error, prepare_inputs, prepare_token_inputs
 
@@ -57,7 +57,7 @@ def fused_luffy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages
     inputs = prepare_inputs(hidden, weight, targets, advantages, loss_mask, off_policy_mask,
                             old_logprobs, config, seq_ids, bias)
     loss_of, _ = _backend(backend, hidden.device)  # still before any kernel runs
-    with without_autocast(hidden.device):
+    with op_context(hidden.device):
         loss, stats = loss_of(inputs)
     if config.check_finite:
         _check_finite(loss, stats, inputs)
@@ -109,7 +109,7 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature:
         raise input_error("weight", f"is {weight.dtype} but `hidden` is {hidden.dtype}; the triton "
                                     "backend takes one dtype for both (cast one of them)",
                           "token_logprobs")
-    with without_autocast(hidden.device):
+    with op_context(hidden.device):
         logprobs, entropy = logprobs_of(hidden_flat, weight, bias, safe_targets, config,
                                         with_entropy)
     token_shape = hidden.shape[:-1]

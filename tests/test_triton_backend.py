@@ -6,6 +6,7 @@ bf16 dots wrongly; bf16 is checked on a GPU by benchmarks/gpu_parity.py).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -352,3 +353,83 @@ def test_logprobs_keep_relative_precision_from_certain_to_unlikely_targets():
     assert float(expected.max()) > -1e-6 and float(expected.min()) < -20  # both regimes present
     error = ((got.double() - expected).abs() / expected.abs()).max()
     assert float(error) <= 1e-5, float(error)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="watches the kernel launches on the interpreter")
+@pytest.mark.parametrize("budget", [KEEP, RECOMPUTE])
+def test_every_kernel_launch_runs_with_the_inputs_device_current(monkeypatch, budget):
+    """Triton launches a kernel on the current CUDA device, so an LM head on another GPU (a model
+    split with device_map="auto") needs its device made current around each launch: the
+    op's context (luffy_fast.autograd.op_context) must hold every launch, the recompute
+    strategy's backward included, and be entered with the inputs' device."""
+    import triton.runtime.interpreter as interpreter
+
+    import luffy_fast.kernels.function as function
+    import luffy_fast.ops as ops
+    from luffy_fast.autograd import op_context
+
+    entered, launches, depth = [], {"forward": [], "backward": []}, [0]
+    phase = ["forward"]
+
+    @contextlib.contextmanager
+    def recording(device):
+        entered.append(device)
+        depth[0] += 1
+        try:
+            with op_context(device):
+                yield
+        finally:
+            depth[0] -= 1
+
+    original = interpreter.GridExecutor.__call__
+
+    def launch(executor, *args, **kwargs):
+        launches[phase[0]].append(depth[0])
+        return original(executor, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "op_context", recording)
+    monkeypatch.setattr(function, "op_context", recording)
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", launch)
+    batch = random_batch(24, 12, 37, with_bias=True)
+    hidden = batch["hidden"].clone().requires_grad_(True)
+    loss, _ = fused_luffy_loss(hidden, batch["weight"], batch["targets"], batch["advantages"],
+                               batch["loss_mask"], batch["off_policy_mask"], batch["old_logprobs"],
+                               LuffyLossConfig(memory_budget_mb=budget), seq_ids=batch["seq_ids"],
+                               bias=batch["bias"], backend="triton")
+    phase[0] = "backward"
+    loss.backward()
+    phase[0] = "forward"
+    token_logprobs(hidden.detach(), batch["weight"], batch["targets"], backend="triton",
+                   memory_budget_mb=budget)
+    assert len(launches["forward"]) >= 2
+    assert (len(launches["backward"]) > 0) == (budget == RECOMPUTE)  # kept: gradients formed ahead
+    assert all(d == 1 for d in launches["forward"] + launches["backward"]), launches
+    assert entered and all(device == hidden.device for device in entered)
+
+
+def test_the_op_context_makes_a_cuda_device_current_and_turns_autocast_off(monkeypatch):
+    """Without a GPU: torch.cuda.device is entered with the inputs' device (and left), and
+    autocast is off inside whatever the device."""
+    from luffy_fast.autograd import op_context
+
+    events = []
+
+    class Device:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            events.append(("enter", self.device))
+
+        def __exit__(self, *exc):
+            events.append(("exit", self.device))
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with op_context(torch.device("cuda", 1)):
+            assert events == [("enter", torch.device("cuda", 1))]
+        with op_context(torch.device("cpu")):
+            assert not torch.is_autocast_enabled("cpu")
+        assert torch.is_autocast_enabled("cpu")
+    assert events == [("enter", torch.device("cuda", 1)), ("exit", torch.device("cuda", 1))]
