@@ -303,6 +303,7 @@ class _RecomputeBackward(torch.autograd.Function):
         return None, grad_hidden, grad_weight, grad_bias, None
 
 
+@torch.compiler.disable  # under torch.compile: run as launched (a graph break), not traced
 def triton_loss(inputs: LossInputs) -> tuple[Tensor, dict]:
     _check_device(inputs.hidden)
     hidden, weight = inputs.hidden.detach().contiguous(), inputs.weight.detach().contiguous()
@@ -326,6 +327,7 @@ def logprob_chunk(config: LuffyLossConfig, device: torch.device, num_tokens: int
     return _kept_rows(config, device, num_tokens, vocab_size * logit_size)
 
 
+@torch.compiler.disable
 @torch.no_grad()
 def triton_token_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                           config: LuffyLossConfig, with_entropy: bool):

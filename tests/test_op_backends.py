@@ -240,6 +240,41 @@ def test_autocast_leaves_the_op_in_its_own_precision(backend, budget):
         assert_close(got.detach(), expected.detach(), 1e-6, name)
 
 
+@pytest.mark.parametrize("backend,budget", FUSED[1:], ids=FUSED_IDS[1:])  # torch: traced, fine
+def test_the_op_inside_torch_compile_gives_what_it_gives_eagerly(backend, budget):
+    """A user's torch.compile'd loss function around the op: dynamo traced into the triton
+    backend's kernel launches and failed (on the interpreter, in its pointer arithmetic); the
+    triton entry points now run as launched (a graph break). Loss, gradients and log-probs equal
+    the eager op's, at two token counts (the second a recompile or a fresh graph)."""
+    torch._dynamo.reset()
+
+    def loss_and_logprobs(batch, hidden, weight):
+        loss, _ = fused_luffy_loss(hidden * 1.0, weight, batch["targets"], batch["advantages"],
+                                   batch["loss_mask"], batch["off_policy_mask"],
+                                   old_logprobs=batch["old_logprobs"], seq_ids=batch["seq_ids"],
+                                   config=LuffyLossConfig(entropy_coef=0.05,
+                                                          memory_budget_mb=budget),
+                                   backend=backend)
+        logprobs, _ = token_logprobs(hidden.detach(), weight.detach(), batch["targets"],
+                                     backend=backend, memory_budget_mb=budget)
+        return 2 * loss, logprobs
+
+    compiled = torch.compile(loss_and_logprobs, backend="aot_eager")
+    for T in (16, 23):
+        batch = random_batch(T, 8, 37, seed=T)
+        results = []
+        for function in (loss_and_logprobs, compiled):
+            hidden = batch["hidden"].clone().requires_grad_(True)
+            weight = batch["weight"].clone().requires_grad_(True)
+            loss, logprobs = function(batch, hidden, weight)
+            loss.backward()
+            results.append((loss.detach(), logprobs, hidden.grad, weight.grad))
+        names = ("loss", "logprobs", "d(hidden)", "d(weight)")
+        for name, got, expected in zip(names, *reversed(results)):
+            assert_close(got, expected, 1e-6, f"{name} at T={T}")
+    torch._dynamo.reset()
+
+
 def test_the_heads_logprob_pass_takes_the_loss_configs_memory_budget(monkeypatch):
     """FusedLossHead(logprobs_only) sized its chunks by the device's default budget (1 GiB on
     CUDA), whatever the loss config's memory_budget_mb."""
