@@ -85,7 +85,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         args.overrides = [*args.overrides, *extra]
     if getattr(args, "resume", False) and getattr(args, "overwrite", False):
         parser.error("--resume and --overwrite contradict each other: --resume continues the run "
-                     "in output.dir, --overwrite replaces it")
+                     "in output.dir (eval: the eval in --output), --overwrite replaces it")
     if getattr(args, "world_size", None) is not None and args.world_size < 1:
         parser.error(f"--world-size: must be at least 1, got {args.world_size}")
     return args
@@ -108,9 +108,11 @@ def _terminate(signum, frame) -> None:
 
 
 def resume_hint(command: str, run_dir: Optional[str]) -> str:
-    """What `--resume` will continue from, for the interrupt message (eval has no --resume)."""
+    """What `--resume` will continue from, for the interrupt message (`run_dir`: eval's
+    --output, if any)."""
     if command == "eval":
-        return ""
+        return (f"; `--resume` with the same arguments keeps the problems done in "
+                f"{str(Path(run_dir) / 'generations.jsonl')!r}" if run_dir else "")
     if run_dir is None:
         return "; `--resume` continues from the last checkpoint"
     try:
@@ -179,6 +181,7 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
         elif args.command == "eval":
             from luffy_fast.eval_cli import run_eval
 
+            run_dir = args.output
             return run_eval(args)
         elif args.command == "table":
             from luffy_fast.eval_cli import run_table

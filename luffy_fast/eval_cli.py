@@ -7,7 +7,9 @@ avg@k and pass@k per data source with the macro average (luffy_fast/evaluation.p
 Prompts as the official evaluation builds them: the system prompt removed, the model's own chat
 template applied. Generation with vLLM when it is installed and a GPU is present (or
 `--engine vllm`), transformers `generate` otherwise. Every input is checked before the model
-loads; the table is printed, `results.json` and `generations.jsonl` written to `--output`.
+loads; the table is printed. With `--output`, the generations are written there as they come
+(`--save-every`), so that `--resume` continues an interrupted eval (luffy_fast/eval_store.py),
+and `results.json` at the end.
 The files are read by luffy_fast/eval_data.py (the official layout, or problem/question with
 answer/solution).
 """
@@ -17,13 +19,15 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from luffy_fast.errors import ConfigError
-from luffy_fast.evaluation import format_table, generate_and_score, summarize, write_results
+from luffy_fast.eval_store import EvalStore, problems_per_chunk
+from luffy_fast.evaluation import format_table, generate_and_score, summarize
 from luffy_fast.metrics import ProgressLog
 from luffy_fast.reward_pool import MAX_TIMEOUT
 from luffy_fast.rollout.base import RolloutEngine, SamplingParams
@@ -61,6 +65,13 @@ def add_eval_parser(commands) -> None:
                         help="scoring processes (default: one per CPU core; 0: in-process)")
     parser.add_argument("--reward-timeout", type=float, default=10.0,
                         help="seconds per answer before it scores 0")
+    parser.add_argument("--save-every", type=int, default=4096, metavar="SAMPLES",
+                        help="with --output, write the generations every SAMPLES samples (whole "
+                             "problems), so that an interrupted eval loses only those under way")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted eval in --output (same settings)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the eval files already in --output")
     parser.add_argument("--source", default=None, metavar="NAME",
                         help="name every problem's data source NAME (one benchmark split over "
                              "several files, e.g. AIME2025's I and II); default: per row or file")
@@ -134,6 +145,11 @@ def check_arguments(args: argparse.Namespace) -> None:
                           f"(got {args.seed})")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size: must be at least 1 (got {args.batch_size})")
+    if args.save_every < 1:
+        raise ConfigError(f"--save-every: must be at least 1 (got {args.save_every})")
+    if (args.resume or args.overwrite) and args.output is None:
+        raise ConfigError(f"--{'resume' if args.resume else 'overwrite'}: needs --output (the "
+                          f"folder of the eval's files)")
     if args.output is not None:
         if Path(args.output).exists() and not Path(args.output).is_dir():
             raise ConfigError(f"--output: {args.output!r} is a file; it names the folder for "
@@ -229,29 +245,47 @@ def run_eval(args: argparse.Namespace) -> int:
                             top_p=args.top_p, seed=args.seed)
     longest = max(len(p.prompt_ids) for p in problems) + args.max_new_tokens
     check_window(args.model, longest, args.max_new_tokens, name)
+    settings = {"model": str(args.model), "data": list(args.data), "n": args.n,
+                "temperature": args.temperature, "top_p": args.top_p,
+                "max_new_tokens": args.max_new_tokens, "engine": name, "seed": args.seed,
+                # with sampling, the hf engine's draws depend on it (one stream per call)
+                "batch_size": args.batch_size, "source": args.source,
+                "chat_template": args.chat_template or "the model's",
+                "question_key": args.question_key, "answer_key": args.answer_key,
+                "save_every": args.save_every}
+    per_chunk = problems_per_chunk(args.save_every, args.n) if args.output else None
+    store, done = None, {}
+    if args.output:  # checked, and what an interrupted eval left read, before the model loads
+        store = EvalStore.open(args.output, settings, args.resume, args.overwrite)
+        done = store.completed(problems, args.n, per_chunk)
+        if done:
+            print(f"eval: resuming with {len(done)} of {len(problems)} problems done "
+                  f"({store.generations})", file=sys.stderr)
     start = time.perf_counter()
     pool = RewardPool(MathVerifyReward(), workers=args.reward_workers,
                       timeout=args.reward_timeout)  # its settings checked before the model loads
     engine = build_engine(name, args.model, tokenizer, args, longest)
     engine.show_progress = ProgressLog.bar_wanted(True)  # a terminal, as the trainer's bar
+    finished = [len(done)]
+
+    def save(records) -> None:
+        store.append(records)
+        finished[0] += len(records) // args.n
+        print(f"eval: {finished[0]}/{len(problems)} problems in {store.generations} "
+              f"({(time.perf_counter() - start) / 60:.1f} min)", file=sys.stderr, flush=True)
+
     try:
         with pool:
             records = generate_and_score(
                 engine, problems, args.n, params,
                 lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
-                lambda items: pool.score(items).rewards)
+                lambda items: pool.score(items).rewards, per_chunk=per_chunk, done=done,
+                save=save if store else None)
     finally:
         engine.close()
     summary = summarize(records, args.n)
     print(format_table(summary))
-    if args.output:
-        settings = {"model": str(args.model), "data": list(args.data), "n": args.n,
-                    "temperature": args.temperature, "top_p": args.top_p,
-                    "max_new_tokens": args.max_new_tokens, "engine": name, "seed": args.seed,
-                    # with sampling, the hf engine's draws depend on it (one stream per call)
-                    "batch_size": args.batch_size, "source": args.source,
-                    "chat_template": args.chat_template or "the model's",
-                    "seconds": time.perf_counter() - start}
-        results, generations = write_results(args.output, summary, records, settings)
-        print(f"results: {results}  generations: {generations}")
+    if store:
+        results = store.finish(summary, {**settings, "seconds": time.perf_counter() - start})
+        print(f"results: {results}  generations: {store.generations}")
     return 0

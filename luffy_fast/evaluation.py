@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -97,11 +97,34 @@ def format_table(summary: dict) -> str:
 
 def generate_and_score(engine: RolloutEngine, problems: Sequence[Sample], n: int,
                        params: SamplingParams, decode: Callable[[list[int]], str],
-                       score: Callable[[list[tuple[str, Any]]], list[float]]) -> list[EvalRecord]:
+                       score: Callable[[list[tuple[str, Any]]], list[float]],
+                       per_chunk: Optional[int] = None,
+                       done: Optional[Mapping[int, list[EvalRecord]]] = None,
+                       save: Optional[Callable[[list[EvalRecord]], None]] = None
+                       ) -> list[EvalRecord]:
     """n samples per problem from `engine`, each scored by `score` ((response, problem) pairs ->
-    rewards, e.g. `lambda items: pool.score(items).rewards`)."""
-    completions = engine.generate([p.prompt_ids for p in problems], n=n, params=params)
-    return score_completions(problems, completions, decode, score)
+    rewards, e.g. `lambda items: pool.score(items).rewards`).
+
+    By chunks of `per_chunk` problems (default: all in one), chunk k sampled with seed + k, so
+    that chunk k is the same whatever chunks came before it. A chunk whose problems are all in
+    `done` (problem index -> its records, from an interrupted eval) is not generated again;
+    `save` receives each generated chunk's records once they are scored."""
+    per_chunk = per_chunk or max(1, len(problems))
+    by_problem: dict[int, list[EvalRecord]] = dict(done or {})
+    for k, first in enumerate(range(0, len(problems), per_chunk)):
+        indices = range(first, min(first + per_chunk, len(problems)))
+        if all(index in by_problem for index in indices):
+            continue
+        seeded = params if params.seed is None else replace(params, seed=params.seed + k)
+        completions = engine.generate([problems[i].prompt_ids for i in indices], n=n,
+                                      params=seeded)
+        records = score_completions(problems[first:indices.stop], completions, decode, score,
+                                    first=first)
+        if save is not None:
+            save(records)
+        for record in records:
+            by_problem.setdefault(record.problem, []).append(record)
+    return [record for index in range(len(problems)) for record in by_problem[index]]
 
 
 def problem_source(problem: Sample) -> str:
@@ -119,11 +142,13 @@ def metric_names(problems: Sequence[Sample], n: int, prefix: str = "val") -> lis
 
 def score_completions(problems: Sequence[Sample], completions: Sequence[Sequence[Completion]],
                       decode: Callable[[list[int]], str],
-                      score: Callable[[list[tuple[str, Any]]], list[float]]) -> list[EvalRecord]:
+                      score: Callable[[list[tuple[str, Any]]], list[float]],
+                      first: int = 0) -> list[EvalRecord]:
     """The records of generated completions (one list per problem), scored by `score`; a
-    problem without a data source is counted under HELDOUT_SOURCE."""
+    problem without a data source is counted under HELDOUT_SOURCE. `first`: the index of the
+    first problem among all of an eval's."""
     records, items = [], []
-    for index, (problem, group) in enumerate(zip(problems, completions)):
+    for index, (problem, group) in enumerate(zip(problems, completions), start=first):
         source = problem_source(problem)
         for k, completion in enumerate(group):
             response = decode(completion.token_ids)
@@ -135,13 +160,19 @@ def score_completions(problems: Sequence[Sample], completions: Sequence[Sequence
     return records
 
 
+def results_json(summary: dict, settings: Optional[dict] = None) -> str:
+    """The text of `results.json`: the settings and the summary."""
+    return json.dumps({"settings": settings or {}, **summary}, indent=1) + "\n"
+
+
 def write_results(directory: str | Path, summary: dict, records: Sequence[EvalRecord],
                   settings: Optional[dict] = None) -> tuple[Path, Path]:
-    """`results.json` (settings + summary) and `generations.jsonl` (one line per sample)."""
+    """`results.json` (settings + summary) and `generations.jsonl` (one line per sample), in one
+    go (`luffy-fast eval` writes the generations as they come: luffy_fast/eval_store.py)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     results = directory / "results.json"
-    results.write_text(json.dumps({"settings": settings or {}, **summary}, indent=1) + "\n")
+    results.write_text(results_json(summary, settings))
     generations = directory / "generations.jsonl"
     with generations.open("w") as out:
         for record in records:

@@ -402,7 +402,8 @@ def test_every_row_of_the_robustness_table_names_tests_that_exist():
     defined = set()
     for name in ("test_fault_injection.py", "test_cli_errors.py", "test_op_nonfinite.py",
                  "test_trainer.py", "test_validation.py", "test_dry_run.py", "test_reward_pool.py",
-                 "test_train_config.py", "test_trainer_parts.py", "test_op_backends.py"):
+                 "test_train_config.py", "test_trainer_parts.py", "test_op_backends.py",
+                 "test_eval_resume.py"):
         defined |= set(re.findall(r"^def (test_\w+)", (root / "tests" / name).read_text(), re.M))
     assert len(rows) >= 20
     for row in rows:
