@@ -17,6 +17,7 @@ answer/solution).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -31,7 +32,7 @@ from luffy_fast.evaluation import format_table, generate_and_score, summarize
 from luffy_fast.metrics import ProgressLog
 from luffy_fast.reward_pool import MAX_TIMEOUT
 from luffy_fast.rollout.base import RolloutEngine, SamplingParams
-from luffy_fast.run_files import ensure_writable_dir, warn
+from luffy_fast.run_files import claim_run_dir, ensure_writable_dir, warn
 
 
 def add_eval_parser(commands) -> None:
@@ -227,8 +228,6 @@ def run_eval(args: argparse.Namespace) -> int:
     from luffy_fast.data import load_tokenizer
     from luffy_fast.eval_data import load_eval_problems
     from luffy_fast.model_loading import pad_with_eos, read_chat_template
-    from luffy_fast.reward_pool import RewardPool
-    from luffy_fast.rewards import MathVerifyReward
 
     check_arguments(args)
     tokenizer = pad_with_eos(load_tokenizer(args.model))
@@ -253,6 +252,18 @@ def run_eval(args: argparse.Namespace) -> int:
                 "chat_template": args.chat_template or "the model's",
                 "question_key": args.question_key, "answer_key": args.answer_key,
                 "save_every": args.save_every}
+    # the folder held while the eval writes there: a second eval in it is refused
+    with claim_run_dir(args.output, key="--output") if args.output else contextlib.nullcontext():
+        return _generate_and_report(args, problems, tokenizer, name, params, longest, settings)
+
+
+def _generate_and_report(args: argparse.Namespace, problems: list, tokenizer, name: str,
+                         params: SamplingParams, longest: int, settings: dict) -> int:
+    """Generation and scoring (what an interrupted eval in --output left read first, before the
+    model loads), the table and the files."""
+    from luffy_fast.reward_pool import RewardPool
+    from luffy_fast.rewards import MathVerifyReward
+
     per_chunk = problems_per_chunk(args.save_every, args.n) if args.output else None
     store, done = None, {}
     if args.output:  # checked, and what an interrupted eval left read, before the model loads

@@ -129,22 +129,22 @@ def ensure_writable_dir(path: str | Path, key: str = "output.dir") -> Path:
 
 
 @contextlib.contextmanager
-def claim_run_dir(folder: str | Path, rank: int = 0) -> Iterator[None]:
+def claim_run_dir(folder: str | Path, rank: int = 0, key: str = "output.dir") -> Iterator[None]:
     """Rank 0 holds an exclusive lock on `folder/.lock` while a run uses the folder, so that a
     second run there at the same time (a `--resume` started while the ranks of an interrupted
-    launch still train, say) is a ConfigError naming the process that holds it. The OS drops
-    the lock when that process ends, however it ends; a file system without locks is not
-    checked."""
+    launch still train, say) is a ConfigError naming `key` and the process that holds it. The
+    OS drops the lock when that process ends, however it ends; a file system without locks is
+    not checked."""
     if rank != 0:
         yield
         return
-    with open(ensure_writable_dir(folder) / ".lock", "a+") as handle:
+    with open(ensure_writable_dir(folder, key) / ".lock", "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
-            raise ConfigError(f"output.dir: {str(folder)!r} is in use by another run (process "
+            raise ConfigError(f"{key}: {str(folder)!r} is in use by another run (process "
                               f"{holder}); wait for it to end or stop it (the ranks of a "
                               f"launch: signal their process group)") from None
         except OSError:

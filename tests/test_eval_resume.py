@@ -201,3 +201,24 @@ def test_chunks_keep_their_problems_and_seeds_whatever_is_done():
     generate_and_score(engine, problems, 2, SamplingParams(max_new_tokens=4), decode,
                        lambda items: [1.0] * len(items), per_chunk=2)
     assert [seed for _, seed in engine.calls] == [None, None, None]  # unseeded stays unseeded
+
+
+def test_a_folder_an_eval_is_writing_is_refused_to_a_second(tmp_path, setup, capsys):
+    """Two evals appending to one generations.jsonl would interleave their chunks: while one
+    holds --output (here this process holds its lock), a second exits 2 and touches nothing."""
+    import os
+
+    from luffy_fast.run_files import claim_run_dir
+
+    eval_command, engines = setup
+    out = tmp_path / "out"
+    assert eval_command(out, stop_at=2) == 130
+    before = (out / "generations.jsonl").read_text()
+    capsys.readouterr()
+    with claim_run_dir(out, key="--output"):
+        assert eval_command(out, "--resume") == 2
+    assert (f"--output: '{out}' is in use by another run (process {os.getpid()})"
+            in capsys.readouterr().err)
+    assert len(engines) == 1 and (out / "generations.jsonl").read_text() == before
+    assert eval_command(out, "--resume") == 0  # released: the eval goes on
+    assert [r["reward"] for r in lines(out)] == expected_rewards()
