@@ -242,10 +242,11 @@ class RewardPool:
                 try:
                     index, value, error = connection.recv()
                 except (EOFError, OSError):  # the worker died mid-item (a crash, os._exit)
+                    fresh = self._replace(worker)  # reaped first: its exit code is known
                     report.errors += 1
                     self._note(report, f"item {worker.item}: the scoring process died "
                                        f"(exit code {worker.process.exitcode})")
-                    feed(self._replace(worker))
+                    feed(fresh)
                     continue
                 if error is not None:
                     report.errors += 1
