@@ -7,6 +7,7 @@ import torch
 
 from helpers import nucleus_logprobs
 from luffy_fast.rollout import HFGenerateEngine, SamplingParams
+from luffy_fast.rollout.base import request_seed
 from luffy_fast.toy.model import TinyQwen2Config, build_policy, build_tokenizer
 
 SHAPE = TinyQwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -73,6 +74,15 @@ def test_sync_weights_copies_tensors_and_rejects_unknown_names(engine):
         torch.testing.assert_close(dict(engine.model.named_parameters())[name], value)
     with pytest.raises(KeyError, match="no parameter 'nope'"):
         engine.sync_weights([("nope", torch.zeros(1))])
+    # buffers by name too (the rotary frequencies), as the trainer's module holds them
+    name = "model.rotary_emb.inv_freq"
+    frequencies = dict(other.named_buffers())[name]
+    engine.sync_weights([(name, 2 * frequencies)])
+    assert torch.equal(dict(engine.model.named_buffers())[name], 2 * frequencies)
+    engine.sync_weights([(name, frequencies)])
+    # the engine's own copy is frozen and in eval mode
+    assert not engine.model.training
+    assert not any(p.requires_grad for p in engine.model.parameters())
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingParams(0)
 
@@ -106,6 +116,77 @@ def test_shared_module_is_left_as_the_trainer_set_it():
     got = shared.generate([[2, 3, 12]], n=4, params=params)
     want = copied.generate([[2, 3, 12]], n=4, params=params)
     assert [c.logprobs for c in got[0]] == [c.logprobs for c in want[0]]
+
+
+def test_a_shared_module_samples_without_dropout_and_keeps_its_mode():
+    """Generation runs in eval mode (no dropout: the log-probs are the eval-mode policy's) and
+    the module's own mode, training or not, is back after the call."""
+    tokenizer = build_tokenizer(3)
+    policy = build_policy(tokenizer, SHAPE, seed=4)
+    for layer in policy.model.layers:
+        layer.self_attn.attention_dropout = 0.5  # active in training mode only
+    shared = HFGenerateEngine(policy, tokenizer.pad_token_id, tokenizer.eos_token_id,
+                              shares_weights=True)
+    prompt = [2, 3, 4, 12]
+    for training in (True, False):
+        policy.train(training)
+        [group] = shared.generate([prompt], n=3, params=SamplingParams(6, seed=2))
+        assert policy.training == training
+        policy.eval()
+        for completion in group:
+            torch.testing.assert_close(torch.tensor(completion.logprobs), oracle_logprobs(
+                policy, prompt, completion.token_ids, 1.0), atol=1e-4, rtol=1e-4)
+
+
+def test_a_models_generation_defaults_change_nothing(engine):
+    """The engine's temperature and top-p are the only ones: a model whose generation config
+    asks for top-k 1, top-p 0.5 and temperature 3 samples as one without them."""
+    tokenizer = build_tokenizer(3)
+    plain = build_policy(tokenizer, SHAPE, seed=0)
+    tuned = build_policy(tokenizer, SHAPE, seed=0)
+    tuned.generation_config.update(top_k=1, top_p=0.5, temperature=3.0, do_sample=True)
+    params = SamplingParams(6, temperature=0.9, seed=4)
+    got, want = (HFGenerateEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id)
+                 .generate([[2, 3, 12]], n=6, params=params)[0] for model in (tuned, plain))
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert len({tuple(c.token_ids) for c in want}) > 1  # sampled, not top-1
+    assert [c.logprobs for c in got] == [c.logprobs for c in want]
+
+
+def test_seeded_calls_leave_the_callers_random_state_and_each_rank_its_stream(engine,
+                                                                             monkeypatch):
+    """A seeded call samples from a forked generator: the global one is as it was. Rank 0 uses
+    the seed itself, rank r the stream of request_seed(seed, 0, r)."""
+    import luffy_fast.rollout.hf as hf
+
+    def tokens(seed, rank):
+        monkeypatch.setattr(hf, "rank_and_world", lambda: (rank, 2))
+        group = engine.generate([[2, 3, 12]], n=4, params=SamplingParams(6, seed=seed))[0]
+        return [c.token_ids for c in group]
+
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    rank0 = tokens(9, 0)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert tokens(9, 1) == tokens(request_seed(9, 0, 1), 0) != rank0
+
+
+def test_trainer_engine_shares_the_policy_below_zero3_and_keeps_the_batch_size():
+    from luffy_fast.rollout.hf import trainer_hf_engine
+
+    tokenizer = build_tokenizer(3)
+    policy = build_policy(tokenizer, SHAPE, seed=0)
+    cpu = torch.device("cpu")
+    shared = trainer_hf_engine(policy, tokenizer, cpu, zero_stage=2, bf16=False, max_batch_size=3)
+    assert shared.shares_weights and shared.model is policy and shared.max_batch_size == 3
+    copied = trainer_hf_engine(policy, tokenizer, cpu, zero_stage=3, bf16=True, max_batch_size=5)
+    assert not copied.shares_weights and copied.model is not policy
+    assert copied.max_batch_size == 5
+    assert (copied.pad_token_id, copied.eos_token_id) == (tokenizer.pad_token_id,
+                                                          tokenizer.eos_token_id)
+    assert {p.dtype for p in copied.model.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match=r"max_batch_size must be positive \(got 0\)"):
+        HFGenerateEngine(policy, tokenizer.pad_token_id, tokenizer.eos_token_id, max_batch_size=0)
 
 
 def test_progress_over_the_sequences_only_when_asked(engine, capsys):
