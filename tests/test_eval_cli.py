@@ -57,9 +57,10 @@ SCRIPT = {1: ["ok", "bad", "bad", "open"],   # aime: 1 of 4
 
 class ScriptedEngine(RolloutEngine):
     def __init__(self, tokenizer):
-        self.tokenizer, self.prompts = tokenizer, []
+        self.tokenizer, self.prompts, self.params = tokenizer, [], []
 
     def generate(self, prompts, n, params):
+        self.params.append(params)
         completions = []
         for ids in prompts:
             text = self.tokenizer.decode(ids)
@@ -141,12 +142,43 @@ def test_one_table_of_several_runs_is_the_papers_avg_column(tmp_path, model_dir,
     expected = 100 * (0.5 + math["sources"]["MATH-500"]["avg@1"]) / 2
     assert rows["aime"] == ["2", "4", "50.0"] and rows["MATH-500"][:2] == ["2", "1"]
     assert rows["macro"] == ["average", f"{expected:.1f}"]
-    for bad, message in (([str(tmp_path / "aime"), str(tmp_path / "aime")],
+    (tmp_path / "empty.json").write_text(json.dumps({"n": 4, "sources": {}}))
+    (tmp_path / "no_count.json").write_text(json.dumps({"n": 4, "sources": {"aime": {"avg@4": 1}}}))
+    for bad, message in (([str(tmp_path / "empty.json")], "is not an eval results.json"),
+                         ([str(tmp_path / "no_count.json")], "is not an eval results.json"),
+                         ([str(tmp_path / "aime"), str(tmp_path / "aime")],
                           "table: source 'aime' is in both"),
                          ([str(tmp_path / "nowhere")], "table: no results.json at"),
                          ([str(eval_files[0])], "is not an eval results.json")):
         assert main(["table", *bad]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_the_sampling_settings_reach_the_engine(tmp_path, model_dir, eval_files, monkeypatch):
+    """--max-new-tokens, --temperature (0: greedy is allowed), --top-p and --seed are the
+    engine's SamplingParams, one call for every problem."""
+    from luffy_fast.rollout.base import SamplingParams
+
+    engines = []
+    monkeypatch.setattr(eval_cli, "build_engine", lambda name, model, tokenizer, args, length:
+                        engines.append(ScriptedEngine(tokenizer)) or engines[-1])
+    assert main(["eval", "--model", str(model_dir), "--data", eval_files[1], "--n", "2",
+                 "--temperature", "0", "--top-p", "0.9", "--seed", "3", "--max-new-tokens", "8",
+                 "--reward-workers", "0", "--engine", "hf"]) == 0
+    assert engines[0].params == [SamplingParams(8, temperature=0.0, top_p=0.9, seed=3)]
+
+
+def test_the_hf_engine_over_the_model_directory(model_dir):
+    """--batch-size is the engine's batch; fp32 weights on the CPU; pad and EOS the tokenizer's."""
+    import argparse
+
+    import torch
+
+    tokenizer = math_tokenizer()
+    args = argparse.Namespace(batch_size=3, tensor_parallel_size=1, seed=0)
+    engine = eval_cli.build_engine("hf", str(model_dir), tokenizer, args, 64)
+    assert (engine.max_batch_size, engine.pad_token_id, engine.eos_token_id) == (3, 0, 1)
+    assert {p.dtype for p in engine.model.parameters()} == {torch.float32}
 
 
 def test_eval_with_the_transformers_engine(tmp_path, model_dir, eval_files):
@@ -174,6 +206,12 @@ def test_eval_with_the_transformers_engine(tmp_path, model_dir, eval_files):
      "--reward-timeout: must be a positive number of seconds, at most 86400 (got inf)"),
     ("huge_seed", "--seed: must be in [0, 2**63) with the hf engine (got 99999999999999999999999)"),
     ("vllm_seed", "--seed: must be in [0, 2**32) with the vllm engine (got 4294967296)"),
+    ("no_new_tokens", "--max-new-tokens: must be at least 1 (got 0)"),
+    ("zero_top_p", "--temperature must be a finite number >= 0 and --top-p in (0, 1] (got 0.6, 0.0)"),
+    ("no_tensor_parallel", "--tensor-parallel-size: must be at least 1 (got 0)"),
+    ("negative_reward_workers", "--reward-workers: must be >= 0 (got -1)"),
+    ("zero_reward_timeout",
+     "--reward-timeout: must be a positive number of seconds, at most 86400 (got 0.0)"),
     ("negative_seed", "--seed: must be in [0, 2**63) with the hf engine (got -1)"),
 ])
 def test_bad_input_is_reported_before_the_model_loads(tmp_path, model_dir, eval_files, case,
@@ -199,6 +237,12 @@ def test_bad_input_is_reported_before_the_model_loads(tmp_path, model_dir, eval_
         extra = ["--seed", "99999999999999999999999", "--engine", "hf"]
     elif case == "vllm_seed":  # vLLM's workers seed numpy with it
         extra = ["--seed", str(2**32), "--engine", "vllm"]
+    elif case in ("no_new_tokens", "zero_top_p", "no_tensor_parallel", "negative_reward_workers",
+                  "zero_reward_timeout"):
+        extra = {"no_new_tokens": ["--max-new-tokens", "0"], "zero_top_p": ["--top-p", "0"],
+                 "no_tensor_parallel": ["--tensor-parallel-size", "0"],
+                 "negative_reward_workers": ["--reward-workers", "-1"],
+                 "zero_reward_timeout": ["--reward-timeout", "0"]}[case]
     elif case == "negative_seed":
         extra = ["--seed", "-1", "--engine", "hf"]
     elif case == "infinite_reward_timeout":  # an OverflowError at the first scoring before
@@ -269,7 +313,12 @@ def test_generation_past_the_models_window_is_warned_about(tmp_path, model_dir, 
                                                            monkeypatch):
     monkeypatch.setattr(eval_cli, "build_engine",
                         lambda name, model, tokenizer, args, length: ScriptedEngine(tokenizer))
-    # the tiny model's window is 128 tokens; "q 1 so" is 3 tokens (the chat template's)
+    # the tiny model's window is 128 tokens; "q 1 so" is 3 tokens (the chat template's): 3 + 125
+    # fills it exactly, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert main(["eval", "--model", str(model_dir), "--data", eval_files[0], "--n", "1",
+                     "--max-new-tokens", "125", "--reward-workers", "0", "--engine", "hf"]) == 0
     with pytest.warns(RuntimeWarning, match=r"--max-new-tokens: the longest prompt plus 126 new "
                                             r"tokens is 129 tokens, more than the model's "
                                             r"window \(128, max_position_embeddings\)"):
@@ -303,12 +352,14 @@ def test_generation_past_the_models_window_is_an_error_with_vllm(tmp_path, model
             "tokens, more than the model's window (128, max_position_embeddings), which vLLM "
             "refuses: lower --max-new-tokens, or set VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 to generate "
             "past it anyway") in error
-    # allowed past it, as vLLM allows it: a warning, and the engine starts
-    monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    # allowed past it, as vLLM allows it ("1" or "true", any case): a warning, and the engine
+    # starts
     monkeypatch.setattr(eval_cli, "build_engine",
                         lambda name, model, tokenizer, args, length: ScriptedEngine(tokenizer))
-    with pytest.warns(RuntimeWarning, match=r"is 129 tokens, more than the model's window"):
-        assert main(arguments) == 0
+    for allowed in ("1", " True"):
+        monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", allowed)
+        with pytest.warns(RuntimeWarning, match=r"is 129 tokens, more than the model's window"):
+            assert main(arguments) == 0
     # a config whose model_max_length covers the length: vLLM takes it too
     monkeypatch.delenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN")
     config = json.loads((model_dir / "config.json").read_text())
