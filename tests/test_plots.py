@@ -36,6 +36,10 @@ def test_smoothing_by_hand():
 def test_series_leaves_out_missing_and_null_values():
     assert series(RUN, "grad_norm") == ([1, 3], [2.0, 4.0])
     assert series(RUN, "val/macro/avg@4") == ([2], [0.25])
+    # a non-finite value (a diverged step) and a row without a step are left out too
+    rows = [{"step": 1, "loss": float("nan")}, {"loss": 5.0}, {"step": 3, "loss": float("inf")},
+            {"step": 4, "loss": 2.0}]
+    assert series(rows, "loss") == ([4], [2.0])
 
 
 def test_the_metrics_chosen():
@@ -48,6 +52,12 @@ def test_the_metrics_chosen():
         chosen_metrics([RUN], "loss,entropy")
     with pytest.raises(ConfigError, match="none of the default metrics"):
         chosen_metrics([[{"step": 1, "tokens_per_second": 3.0}]], None)
+    # "*": every logged number but the step (not text, not flags); a name asked for twice once
+    noted = [{**RUN[0], "note": "warm-up", "resumed": True}]
+    assert chosen_metrics([noted], "*") == ["grad_norm", "loss", "reward_on_policy"]
+    assert chosen_metrics([RUN], "loss, lo*, loss") == ["loss"]
+    with pytest.raises(ConfigError, match="plot --metrics: no metric named"):
+        chosen_metrics([RUN], " , ")
 
 
 def test_runs_are_labelled_by_as_many_folders_as_tell_them_apart(tmp_path):
@@ -72,6 +82,27 @@ def test_the_drawn_lines_are_the_logged_values():
     assert list(line.get_ydata()) == [0.25] and line.get_marker() == "o"
 
 
+def test_short_series_and_smoothing_off_draw_the_values_once():
+    """Fewer than 3 points, or --smooth 0: one line per run, the values themselves."""
+    two = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 3.0}]
+    [line] = draw({"luffy": two}, ["loss"], smooth=0.5).axes[0].get_lines()
+    assert list(line.get_ydata()) == [1.0, 3.0]
+    [line] = draw({"luffy": RUN}, ["loss"], smooth=0.0).axes[0].get_lines()
+    assert list(line.get_ydata()) == [1.0, 3.0, 2.0] and line.get_alpha() is None
+
+
+def test_the_panels_three_to_a_row_with_a_legend_for_several_runs():
+    names = ["loss", "reward_on_policy", "grad_norm", "val/macro/avg@4"]
+    figure = draw({"luffy": RUN}, names, smooth=0.5)
+    # 4 panels: 2 rows of 3, the last 2 hidden; one run: no legend
+    assert [ax.get_title() for ax in figure.axes] == names + ["", ""]
+    assert [ax.get_visible() for ax in figure.axes] == [True] * 4 + [False] * 2
+    assert figure.axes[0].get_subplotspec().get_geometry()[:2] == (2, 3)
+    assert all(ax.get_legend() is None for ax in figure.axes)
+    two_runs = draw({"luffy": RUN, "grpo": RUN}, names, smooth=0.5)
+    assert [t.get_text() for t in two_runs.axes[0].get_legend().get_texts()] == ["luffy", "grpo"]
+
+
 def test_plot_command_writes_the_png(tmp_path, capsys):
     luffy = write_run(tmp_path / "luffy", RUN, torn='{"step": 4, "lo')  # a run under way
     grpo = write_run(tmp_path / "grpo", RUN[:2])
@@ -81,6 +112,9 @@ def test_plot_command_writes_the_png(tmp_path, capsys):
     assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "4 metrics of 2 run(s) (luffy to step 3, grpo to step 2)" in capsys.readouterr().err
     assert main(["plot", str(grpo)]) == 0 and (grpo / "curves.png").is_file()  # one run: beside it
+    # unsmoothed, as an SVG
+    assert main(["plot", str(grpo), "--smooth", "0", "--output", str(tmp_path / "c.svg")]) == 0
+    assert b"<svg" in (tmp_path / "c.svg").read_bytes()[:400]
 
 
 @pytest.mark.parametrize("step", ["2", None, [2], 2.5, True])
