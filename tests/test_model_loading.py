@@ -1,0 +1,72 @@
+"""A model directory's tokenizer and policy as the `model` section asks
+(luffy_fast/model_loading.py): which key an error names, the EOS and pad tokens, the attention
+implementation the weights load with."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from luffy_fast.errors import ConfigError
+from luffy_fast.model_loading import (
+    check_flash_attention_precision,
+    load_policy,
+    pad_with_eos,
+    prepare_tokenizer,
+    tokenizer_directory,
+)
+from luffy_fast.toy.model import word_level_tokenizer
+from luffy_fast.train_config import load_config
+from math_helpers import WORDS, math_tokenizer, tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("model"))
+
+
+def model_section(*overrides):
+    return load_config(None, list(overrides)).model
+
+
+def test_a_tokenizer_error_names_the_key_that_points_at_it(tmp_path, model_dir):
+    assert tokenizer_directory(model_section(f"model.path={model_dir}")) == model_dir
+    with pytest.raises(ConfigError, match="^model.tokenizer_path: no such directory '/nowhere'"):
+        tokenizer_directory(model_section(f"model.path={model_dir}",
+                                          "model.tokenizer_path=/nowhere"))
+    with pytest.raises(ConfigError, match="^model.tokenizer_path: .* holds no tokenizer files"):
+        tokenizer_directory(model_section(f"model.path={model_dir}",
+                                          f"model.tokenizer_path={tmp_path}"))
+    with pytest.raises(ConfigError, match="^model.path: .* holds no tokenizer files"):
+        tokenizer_directory(model_section(f"model.path={tmp_path}"))
+
+
+def test_eos_is_required_and_an_existing_pad_token_is_kept(model_dir):
+    model = model_section(f"model.path={model_dir}")
+    no_eos = word_level_tokenizer(WORDS, pad="<pad>", eos=None, unk="<pad>")
+    with pytest.raises(ConfigError, match="has no EOS token"):
+        prepare_tokenizer(no_eos, model)
+    tokenizer = prepare_tokenizer(math_tokenizer(), model)
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 1)  # "<pad>" stays the pad
+    assert pad_with_eos(math_tokenizer(pad=False)).pad_token_id == 1  # none: EOS pads
+
+
+def test_flash_attention_in_bf16_on_the_cpu_is_refused():
+    flash = model_section("model.attn_implementation=flash_attention_2", "model.precision=bf16")
+    with pytest.raises(ConfigError, match="runs in bf16 on CUDA only, and this run trains in bf16 "
+                                          "on cpu"):
+        check_flash_attention_precision(flash, torch.device("cpu"))
+    check_flash_attention_precision(flash, torch.device("cuda", 0))
+    with pytest.raises(ConfigError, match="trains in fp32 on cuda"):
+        check_flash_attention_precision(dataclasses.replace(flash, precision="fp32"),
+                                        torch.device("cuda", 0))
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_the_policy_loads_with_the_attention_asked_for(model_dir, attention):
+    model = model_section(f"model.path={model_dir}", f"model.attn_implementation={attention}")
+    policy = load_policy(model, torch.float32)
+    assert policy.config._attn_implementation == attention
+    assert {p.dtype for p in policy.parameters()} == {torch.float32}
