@@ -27,11 +27,6 @@ from math_helpers import (
 )
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("model"))
-
-
 @pytest.mark.parametrize("writer, name", [(write_parquet, "train.parquet"),
                                           (write_jsonl, "train.jsonl")])
 def test_train_runs_three_steps(tmp_path, model_dir, writer, name, capsys):

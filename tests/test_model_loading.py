@@ -19,12 +19,7 @@ from luffy_fast.model_loading import (
 )
 from luffy_fast.toy.model import word_level_tokenizer
 from luffy_fast.train_config import load_config
-from math_helpers import WORDS, math_tokenizer, tiny_model_dir
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("model"))
+from math_helpers import WORDS, math_tokenizer
 
 
 def model_section(*overrides):
