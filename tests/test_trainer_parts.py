@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import tiny_config
+from helpers import subprocess_env, tiny_config
 from luffy_fast.data import Sample
 from luffy_fast.distributed import learning_rate_lambda
 from luffy_fast.errors import ConfigError
@@ -70,6 +70,47 @@ def test_cosine_after_the_warm_up_is_transformers_cosine_with_min_lr():
     # transformers' warm-up starts at k / 10 (a first step at lr 0); ours at (k + 1) / 10
     assert [theirs.lr_lambdas[0](k) for k in (0, 9)] == [0.0, 0.9]
     assert all(ours(k) == theirs.lr_lambdas[0](k) for k in range(10, 250))
+
+
+def test_a_resumed_runs_optim_settings_replace_the_restored_ones_by_hand():
+    """apply_optimizer_settings over an AdamW and its schedule restored 2 steps into a 4-step
+    warm-up at lr 1e-3: the new peak 2e-3 applies at the schedule's position, 2e-3 * 3/4, and
+    the next step goes on from it (2e-3 * 4/4); betas, eps, weight decay and clipping replaced."""
+    from luffy_fast.distributed import apply_optimizer_settings
+
+    config = load_config(None, ["optim.warmup_steps=4", "train.steps=20", "optim.lr=1e-3"])
+    optimizer = torch.optim.AdamW([torch.zeros(2, requires_grad=True)], lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_lambda(config))
+    for _ in range(2):
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.get_last_lr() == [pytest.approx(1e-3 * 3 / 4)]
+    engine = SimpleNamespace(optimizer=SimpleNamespace(clip_grad=1.0))  # a ZeRO wrapper's
+    changed = dataclasses.replace(config.optim, lr=2e-3, betas=[0.8, 0.95], eps=1e-6,
+                                  weight_decay=0.05, grad_clip=0.5)
+    apply_optimizer_settings(engine, scheduler, changed)
+    (group,) = optimizer.param_groups
+    assert engine.optimizer.clip_grad == 0.5
+    assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.8, 0.95), 1e-6, 0.05)
+    assert group["lr"] == scheduler.get_last_lr()[0] == pytest.approx(2e-3 * 3 / 4)
+    optimizer.step()
+    scheduler.step()
+    assert group["lr"] == pytest.approx(2e-3)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_the_optimizer_is_built_with_the_optim_section(tmp_path, zero_stage):
+    """ZeRO-0 (CheckedAdamW) and ZeRO-2 (torch's AdamW under DeepSpeed) take optim's betas, eps
+    and weight decay, and start at the first warm-up step's lr: 1e-3 * 1/2."""
+    trainer = LuffyTrainer(tiny_config(tmp_path, f"train.zero_stage={zero_stage}",
+                                       "optim.betas=[0.8,0.95]", "optim.eps=1e-6",
+                                       "optim.weight_decay=0.05"))
+    try:
+        groups = trainer.scheduler.optimizer.param_groups
+        assert groups and all((g["betas"], g["eps"], g["weight_decay"], g["lr"])
+                              == ((0.8, 0.95), 1e-6, 0.05, 5e-4) for g in groups)
+    finally:
+        trainer.close()
 
 
 # --------------------------------------------------------------------------- metrics
@@ -305,6 +346,34 @@ def test_a_world_of_one_retries_when_its_port_is_taken(monkeypatch):
     assert calls == ["gloo"] and os.environ["MASTER_PORT"] == "29500"
 
 
+def test_a_world_of_one_gives_up_after_five_ports_and_retries_nothing_else(monkeypatch):
+    """Both wordings of a taken port are retried, up to 5 attempts, after which the error is
+    raised (not a return without a process group); any other error is raised at once."""
+    import deepspeed
+
+    from luffy_fast.distributed import join_process_group
+
+    calls, error = [], {}
+
+    def fake_init(dist_backend, verbose):
+        calls.append(os.environ["MASTER_PORT"])
+        raise RuntimeError(error["message"])
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(deepspeed, "init_distributed", fake_init)
+    monkeypatch.setattr(os, "environ", subprocess_env())  # unlaunched; restored afterwards
+    error["message"] = "bind: address already in use"
+    with pytest.raises(RuntimeError, match="address already in use"):
+        join_process_group("cpu")
+    assert len(calls) == 5
+    calls.clear()
+    monkeypatch.setattr(os, "environ", subprocess_env())  # the failure left RANK=0 set
+    error["message"] = "Connection reset by peer"  # not a port taken: no new port helps
+    with pytest.raises(RuntimeError, match="Connection reset"):
+        join_process_group("cpu")
+    assert len(calls) == 1
+
+
 def test_the_head_passes_the_advantages_in_float32_under_bf16():
     """Under bf16 the head hands the op the micro-batch's float32 advantages (the op computes in
     float32): rounded to bf16 first, 1.2910 became 1.2891 (0.15 % off every term)."""
@@ -340,7 +409,20 @@ def test_a_loss_backend_that_cannot_run_here_stops_the_start(monkeypatch):
     with pytest.raises(ConfigError, match=r"^loss.grad_filter: .* on the 'torch' backend "
                                           r"\(train.loss_backend='auto' on cpu\)$"):
         training_device(load_config(None, ["loss.grad_filter=0.5"]), cpu)
+    with pytest.raises(ConfigError, match=r"^loss.grad_filter: .* on the 'reference' backend"):
+        training_device(load_config(None, ["loss.grad_filter=0.5", "train.loss_backend=reference"]),
+                        cpu)
     assert training_device(load_config(None, ["train.loss_backend=torch"]), cpu)[0] == cpu
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the kernels on the CPU interpreter
     assert training_device(load_config(None, ["loss.grad_filter=0.5",
                                               "train.loss_backend=triton"]), cpu)[0] == cpu
+
+
+def test_train_cpu_threads_sets_torchs_thread_count_on_the_cpu(monkeypatch):
+    from luffy_fast.distributed import training_device
+
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    training_device(load_config(None, ["train.cpu_threads=3"]), torch.device("cpu"))
+    training_device(load_config(None, ["train.cpu_threads=0"]), torch.device("cpu"))  # torch's own
+    assert threads == [3]
