@@ -39,7 +39,8 @@ def exact_match(response: str, sample: Sample) -> float:
 
 
 def validation(tmp_path, **eval_options) -> Validation:
-    samples = [Sample([10 + i], "right", data_source=source)
+    # with traces, as the toy task's held-out problems have: validation never scores them
+    samples = [Sample([10 + i], "right", traces=[[1, 1]], data_source=source)
                for i, source in enumerate(["aime", "aime", "amc", "amc"])]
     config = load_config(None, [f"eval.{key}={value}" for key, value in eval_options.items()])
     return Validation(samples, config, pool=RewardPool(exact_match, workers=0),
@@ -101,9 +102,63 @@ def test_the_best_checkpoint_is_kept_by_the_chosen_metric(tmp_path):
     resumed = validation(tmp_path, n=1, best_metric=name)
     resumed.start(resuming=True)
     assert resumed.best_value == 0.75
+    other = validation(tmp_path, n=1, best_metric="val/aime/avg@1")
+    other.start(resuming=True)
+    assert other.best_value is None  # best.json's 0.75 is another metric's value
+    fresh = validation(tmp_path, n=1, best_metric=name)
+    fresh.start(resuming=False)
+    assert fresh.best_value is None
     with pytest.raises(ConfigError, match="eval.best_metric.*val/aime/avg@1"):
         validation(tmp_path, n=1, best_metric="val/gsm8k/avg@1").keep_best(
             {"val/aime/avg@1": 1.0}, 1, None, None)
+
+
+class RecordingEngine(ScriptedEngine):
+    def __init__(self) -> None:
+        self.calls = []
+
+    def generate(self, prompts, n, params):
+        self.calls.append((n, params))
+        return super().generate(prompts, n, params)
+
+
+def test_validation_samples_with_the_eval_sections_settings(tmp_path):
+    """eval.n, eval.temperature and eval.top_p (not the rollout's), the response limit and the
+    run's seed, as set here."""
+    from luffy_fast.rollout import SamplingParams
+
+    config = load_config(None, ["eval.n=3", "eval.temperature=0.6", "eval.top_p=0.9",
+                                "rollout.temperature=0.8", "loss.temperature=0.8",
+                                "rollout.top_p=0.95", "data.max_prompt_length=16",
+                                "data.max_response_length=48", "train.seed=7"])
+    engine = RecordingEngine()
+    Validation([Sample([10], "right")], config, RewardPool(exact_match, workers=0),
+               tmp_path).run(engine, lambda ids: "right")
+    assert engine.calls == [(3, SamplingParams(max_new_tokens=48, temperature=0.6, top_p=0.9,
+                                               seed=7))]
+
+
+def test_heldout_accuracy_counts_only_full_rewards(tmp_path):
+    """A partial reward (0.5) counts in avg@n but is not a correct sample: 4 samples of problem
+    10 score 1, 0.5, 0.5, 0.5 (token 1 "right", 0 "half"); accuracy 1/4, avg@4 2.5/4."""
+    def reward(response: str, sample: Sample) -> float:
+        return {"right": 1.0, "half": 0.5}[response]
+
+    config = load_config(None, ["eval.n=4"])
+    check = Validation([Sample([10], "right")], config, RewardPool(reward, workers=0), tmp_path)
+    metrics = check.run(ScriptedEngine(), lambda ids: "right" if ids == [1] else "half")
+    assert metrics["val/macro/avg@4"] == pytest.approx(2.5 / 4)
+    assert metrics["heldout_accuracy"] == 0.25
+
+
+def test_without_held_out_problems_no_best_checkpoint_is_kept(tmp_path):
+    """eval.best_metric with no held-out problems is reported at start-up as keeping nothing;
+    each validation's empty metrics must then not stop the run."""
+    config = load_config(None, ["eval.best_metric=val/macro/avg@1"])
+    check = Validation([], config, RewardPool(exact_match, workers=0), tmp_path)
+    assert check.run(ScriptedEngine(), str) == {}
+    assert check.keep_best({"step": 1}, 1, None, None) is None
+    assert not (tmp_path / "best").exists()
 
 
 class ScriptedValidationEngine(RolloutEngine):
@@ -228,6 +283,57 @@ def test_the_best_checkpoint_shares_its_steps_files_and_outlives_their_rotation(
         assert export and all(torch.equal(t, at_step_1["weights"][n]) for n, t in export.items())
     finally:
         trainer.close()
+
+
+def test_validation_runs_every_n_steps_and_after_the_last_and_its_best_outlives_a_resume(tmp_path):
+    """eval.every=2 over 3 steps validates at steps 0, 2 and 3 (the last); the best of steps 2
+    and 3 (step 2's 0.5) is still the value to beat after a resume: step 4's 0.4 keeps none."""
+    from luffy_fast.trainer import LuffyTrainer
+
+    name = "val/macro/avg@1"
+    overrides = ("eval.every=2", f"eval.best_metric={name}", "output.save_every=1")
+    first = LuffyTrainer(tiny_config(tmp_path, "train.steps=3", *overrides))
+    values = iter([0.9, 0.5, 0.25])  # steps 0 (the initial weights: not a candidate), 2 and 3
+    first.evaluate = lambda: {name: next(values)}
+    try:
+        history = first.train()
+    finally:
+        first.close()
+    assert [row.get(name) for row in history] == [None, 0.5, 0.25]
+    best = tmp_path / "checkpoints" / "best" / "best.json"
+    assert json.loads(best.read_text())["step"] == 2
+    resumed = LuffyTrainer(tiny_config(tmp_path, "train.steps=4", *overrides))
+    resumed.evaluate = lambda: {name: 0.4}
+    try:
+        with pytest.warns(RuntimeWarning, match="changed settings"):
+            assert [row.get(name) for row in resumed.train(resume=True)] == [0.4]
+    finally:
+        resumed.close()
+    assert (json.loads(best.read_text())["step"], json.loads(best.read_text())["value"]) == (2, 0.5)
+
+
+def test_heldout_entropy_is_the_policys_mean_token_entropy_in_float64(tmp_path):
+    """The trainer's validation entropy against the policy's own logits in float64: the mean,
+    over every response token of the 8 held-out problems (each answered with its trace), of
+    -sum p log p of the next-token distribution."""
+    from luffy_fast.trainer import LuffyTrainer
+
+    config = tiny_config(tmp_path, "eval.n=1")
+    engine = ScriptedValidationEngine(config, [[1] * 8])
+    trainer = LuffyTrainer(config, rollout_engine=engine)
+    try:
+        metrics = trainer.evaluate()
+        policy, entropies = trainer.engine.module.policy.double(), []
+        with torch.no_grad():
+            for prompt, trace in engine.traces.items():
+                logits = policy(torch.tensor([[*prompt, *trace]])).logits[0, len(prompt) - 1:-1]
+                entropies.append(-(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1))
+    finally:
+        trainer.close()
+    expected = torch.cat(entropies)
+    assert expected.numel() == sum(len(t) for t in engine.traces.values()) and len(entropies) == 8
+    assert metrics["heldout_entropy"] == pytest.approx(float(expected.mean()), rel=1e-5)
+    assert metrics["heldout_accuracy"] == 1.0  # the traces are right
 
 
 class FailingReward:
