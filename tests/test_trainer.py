@@ -360,6 +360,13 @@ def test_mini_batches_are_whole_groups_in_order(tmp_path):
         seen.append(list(indices)) or real_accumulate(b, indices, *rest))
     trainer.update_policy(batch)
     assert seen == [list(range(0, 8)), list(range(8, 16))]
+    # two PPO epochs: the same mini-batches again, one optimizer step each
+    seen.clear()
+    trainer.config.algorithm.ppo_epochs = 2
+    steps = trainer.engine.global_steps
+    trainer.update_policy(batch)
+    assert seen == [list(range(0, 8)), list(range(8, 16))] * 2
+    assert trainer.engine.global_steps == steps + 4
 
 
 def test_a_resume_with_changed_settings_says_which_and_keeps_the_earlier_ones(tmp_path, capsys):
@@ -539,6 +546,8 @@ def test_a_step_that_samples_no_rollouts_logs_no_rollout_entropy(tmp_path):
     trainer.close()
     assert [row["step"] for row in history] == [1, 2] and "heldout_entropy" in history[0]
     assert not [row for row in history if "rollout_entropy" in row]
+    # every member a trace: 4 prompts x rollout.n_off (2), the toy's single trace twice
+    assert [(row["samples"], row["off_policy_samples"]) for row in history] == [(8, 8)] * 2
     sampled = tiny_trainer(tmp_path / "sampled", "train.steps=1", "eval.every=0")
     assert "rollout_entropy" in sampled.train()[0]
     sampled.close()

@@ -277,10 +277,11 @@ class RecordingEngine(RolloutEngine):
     """The hf engine, recording the order of the trainer's calls; its metrics count syncs."""
 
     def __init__(self, inner: HFGenerateEngine) -> None:
-        self.inner, self.calls, self.syncs = inner, [], 0
+        self.inner, self.calls, self.syncs, self.params = inner, [], 0, []
 
     def generate(self, prompts, n, params):
         self.calls.append("generate")
+        self.params.append((n, params))
         return self.inner.generate(prompts, n, params)
 
     def sync_weights(self, named_tensors):
@@ -303,7 +304,8 @@ class RecordingEngine(RolloutEngine):
 
 
 def test_engine_metrics_are_collected_after_the_sync(tmp_path):
-    config = tiny_config(tmp_path, "eval.every=0", "train.steps=2", "output.save_every=0")
+    config = tiny_config(tmp_path, "eval.every=0", "train.steps=2", "output.save_every=0",
+                         "rollout.temperature=0.9", "loss.temperature=0.9", "rollout.top_p=0.95")
     tokenizer, policy = ToyTask(config).components()  # seeded: the trainer's own initial weights
     engine = RecordingEngine(HFGenerateEngine(policy, tokenizer.pad_token_id,
                                               tokenizer.eos_token_id))
@@ -311,9 +313,37 @@ def test_engine_metrics_are_collected_after_the_sync(tmp_path):
     history = trainer.train()
     assert engine.calls == ["generate", "sleep", "sync_weights", "wake", "metrics"] * 2
     assert [row["syncs_seen"] for row in history] == [1.0, 2.0]  # this step's sync, not the last
+    # n_on samples per prompt with the rollout section's settings, seeded by train.seed (3) and
+    # the step, so that a resumed run samples the same
+    from luffy_fast.rollout import SamplingParams
+
+    assert engine.params == [(3, SamplingParams(max_new_tokens=24, temperature=0.9, top_p=0.95,
+                                                seed=3 * 1_000_003 + step)) for step in (0, 1)]
+    # the learning rate each step trained at: the warm-up's 1/2 and 2/2 of optim.lr (1e-3)
+    assert [row["learning_rate"] for row in history] == [5e-4, 1e-3]
     assert all(0 < row["rollout_entropy"] for row in history)
     assert all(row[f"time/{phase}"] >= 0 for row in history
                for phase in ("generate", "score", "update", "sync"))
+
+
+def test_a_steps_throughput_counts_every_token_it_trained_on(tmp_path, monkeypatch):
+    """tokens_per_second: the tokens fed to the model (prompt + response - 1 of every member,
+    traces included) over the step's seconds, here a clock that reads 10.0 then 12.5."""
+    import luffy_fast.trainer as trainer_module
+
+    trainer = LuffyTrainer(tiny_config(tmp_path, "eval.every=0"))
+    seen, update = [], trainer.update_policy
+    trainer.update_policy = lambda batch, *rest: seen.append(batch) or update(batch, *rest)
+    clock = iter([10.0, 12.5])
+    monkeypatch.setattr(trainer_module, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    try:
+        metrics = trainer.training_step(0)
+    finally:
+        trainer.close()
+    (batch,) = seen
+    tokens = sum(len(p) + len(r) - 1 for p, r in zip(batch.prompt_ids, batch.response_ids))
+    assert len(batch) == 16 and metrics["step_seconds"] == 2.5
+    assert metrics["tokens_per_second"] == pytest.approx(tokens / 2.5)
 
 
 def test_a_world_of_one_retries_when_its_port_is_taken(monkeypatch):
