@@ -83,6 +83,41 @@ def test_fewer_problems_than_ranks_are_validated_whole_on_every_rank(tmp_path, m
     assert metrics["heldout_accuracy"] == pytest.approx(8 / 16)  # all 16 samples, by hand
 
 
+def test_each_of_two_ranks_validates_its_share_and_logs_the_whole_sets_metrics(tmp_path,
+                                                                              monkeypatch):
+    """Rank r of 2 samples problems r and r + 2; the gathered records keep each problem's own
+    index, so rank 1 logs the metrics of all 4 problems, as in test_validation_metrics_by_hand
+    (its own share alone: aime avg@4 3/4, from problem 11's 3 right samples of 4)."""
+    import luffy_fast.validation as validation_module
+
+    shares, prompts = [], []
+
+    class Recording(ScriptedEngine):
+        def generate(self, prompts_, n, params):
+            prompts.append([p[0] for p in prompts_])
+            return super().generate(prompts_, n, params)
+
+    def gathered(value, world):  # rank 0 runs first (and gathers nothing from rank 1)
+        assert world == 2
+        if not shares:
+            shares.append(value)
+            return [value, ([], (0.0, 0))]
+        return [shares[0], value]
+
+    monkeypatch.setattr(validation_module, "from_every_rank", gathered)
+    monkeypatch.setattr(validation_module, "over_ranks", lambda metrics, world: metrics)
+    ranks = [validation(tmp_path, n=4) for _ in range(2)]
+    for rank, check in enumerate(ranks):
+        check.rank, check.world_size = rank, 2
+        metrics = check.run(Recording(), lambda ids: "right" if ids == [1] else "wrong")
+    assert prompts == [[10, 12], [11, 13]]
+    # avg@4: aime (1/4 + 3/4) / 2, amc (4/4 + 0/4) / 2; pass@2: aime (0.5 + 1) / 2, amc 1/2
+    assert (metrics["val/aime/avg@4"], metrics["val/amc/avg@4"]) == (0.5, 0.5)
+    assert metrics["val/aime/pass@2"] == pytest.approx(0.75)
+    assert metrics["val/macro/pass@4"] == pytest.approx(0.75)
+    assert metrics["heldout_accuracy"] == 8 / 16
+
+
 def test_the_best_checkpoint_is_kept_by_the_chosen_metric(tmp_path):
     saved = []
 
