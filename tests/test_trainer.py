@@ -253,6 +253,29 @@ def test_a_few_steps_with_zero(tmp_path, zero_stage):
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-000003"
 
 
+def test_a_resumed_run_hands_the_loaded_weights_to_the_rollout_engine(tmp_path):
+    """At ZeRO-3 the hf engine samples from its own copy of the policy (rollout/hf.py): a
+    resumed run sends it the checkpoint's weights before its first step, or it would sample
+    from the initial ones."""
+    overrides = ("train.zero_stage=3", "train.steps=1", "eval.every=0", "optim.lr=1e-2")
+    first = tiny_trainer(tmp_path, *overrides)
+    first.train()
+    first.close()
+    resumed = tiny_trainer(tmp_path, *overrides)
+    initial = {n: p.detach().clone() for n, p in resumed.rollout.model.named_parameters()}
+    try:
+        assert resumed.train(resume=True) == []  # step 1 of 1 is done: nothing left to train
+        policy = resumed.engine.module.policy
+        with gathered_parameters(policy.parameters(), 3):
+            loaded = {n: p.detach().clone() for n, p in policy.named_parameters()}
+        sampling = dict(resumed.rollout.model.named_parameters())
+    finally:
+        resumed.close()
+    assert all(not torch.equal(initial[n], loaded[n]) for n in loaded)  # step 1 moved them all
+    for name, value in loaded.items():
+        torch.testing.assert_close(sampling[name], value, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 def _comparable(row: dict) -> dict:
