@@ -169,6 +169,22 @@ def test_the_skipped_step_leaves_the_weights_untouched(tmp_path):
     assert run.engine.skipped_steps == 1
 
 
+def test_a_nonfinite_hidden_state_skips_the_step_instead_of_stopping_the_run(tmp_path):
+    """The trainer turns off the op's own finiteness check (a ValueError naming `hidden`): a NaN
+    from the policy's weights gives a NaN loss, and the guard skips that optimizer step."""
+    from helpers import rollout_batch
+
+    run = trainer(tmp_path, "train.steps=1")
+    batch = rollout_batch(run)
+    with torch.no_grad():
+        run.engine.module.policy.model.norm.weight[0] = math.nan  # every hidden state's first
+    result = run.accumulate_gradients(batch, list(range(len(batch))), None)
+    assert math.isnan(result["loss"])
+    with pytest.warns(RuntimeWarning, match="optimizer step skipped"):
+        assert math.isnan(run.nonfinite.optimizer_step(run.engine, 1))
+    assert run.engine.skipped_steps == 1
+
+
 def test_consecutive_nonfinite_steps_stop_the_run(tmp_path):
     run = trainer(tmp_path, "train.steps=5", "output.save_every=1", "output.keep_checkpoints=1",
                   "train.max_nonfinite_steps=2")

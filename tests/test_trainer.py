@@ -204,6 +204,27 @@ def test_logged_token_statistics_do_not_depend_on_the_micro_batch_split(tmp_path
         assert split[name] == pytest.approx(whole[name], rel=1e-5), name
 
 
+def test_the_update_plans_micro_batches_as_the_policy_runs_them(tmp_path):
+    """On the CPU the policy runs padded rows (policy.uses_packed_attention): every micro-batch
+    the update feeds it is at most token_budget tokens with its padding, at a budget where
+    packing by token count alone would put more in a micro-batch."""
+    trainer = tiny_trainer(tmp_path)
+    batch = rollout_batch(trainer)
+    assert not trainer.engine.module.packed
+    lengths = [batch.sequence_length(i) for i in range(len(batch))]
+    budget = next(b for b in range(max(lengths), 4096) if any(
+        len(part) * max(lengths[i] for i in part) > b for part in plan_micro_batches(lengths, b)))
+    trainer.config.train.token_budget = budget
+    module, fed = trainer.engine.module, []
+    forward = module.forward
+    module.forward = lambda micro, *rest, **options: fed.append(micro) or forward(micro, *rest,
+                                                                                  **options)
+    trainer.accumulate_gradients(batch, list(range(len(batch))), None)
+    trainer.engine.zero_grad()
+    assert sorted(i for micro in fed for i in micro.sequence_indices) == list(range(len(batch)))
+    assert all(micro.padded_rows()[0].numel() <= budget for micro in fed)
+
+
 def test_old_logprobs_pass_matches_the_free_path(tmp_path):
     """With unchanged weights, explicit old log-probs give the same gradient as old=None."""
     trainer = tiny_trainer(tmp_path)
