@@ -456,3 +456,21 @@ def test_train_cpu_threads_sets_torchs_thread_count_on_the_cpu(monkeypatch):
     training_device(load_config(None, ["train.cpu_threads=3"]), torch.device("cpu"))
     training_device(load_config(None, ["train.cpu_threads=0"]), torch.device("cpu"))  # torch's own
     assert threads == [3]
+
+
+def test_zero_3_lockstep_takes_the_largest_count_of_any_rank(monkeypatch):
+    """lockstep_counts at ZeRO-3 over 2 ranks: this rank's micro-batch count against the other
+    rank's 5 (the all-reduce stood in, applying the reduction it is asked for): max(3, 5) = 5,
+    max(7, 5) = 7; more would only add filler passes. Below ZeRO-3, or alone: no lockstep."""
+    from luffy_fast.distributed import lockstep_counts
+
+    reductions = {torch.distributed.ReduceOp.MAX: max, torch.distributed.ReduceOp.SUM: sum}
+
+    def all_reduce(value, op=torch.distributed.ReduceOp.SUM):
+        value.fill_(reductions[op]([int(value), 5]))
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    largest = lockstep_counts(3, 2, torch.device("cpu"))
+    assert (largest(3), largest(7)) == (5, 7)
+    assert lockstep_counts(2, 2, torch.device("cpu")) is None
+    assert lockstep_counts(3, 1, torch.device("cpu")) is None
