@@ -67,7 +67,7 @@ class DataConfig:
             if self.task_name == "toy" and getattr(self, key) not in (None, "toy"):
                 raise ConfigError(f"data.{key}: the toy task generates its own problems and would "
                                   f"not read {getattr(self, key)!r}; set data.task: math to use it")
-        if self.task_name == "math" and not Path(self.source).exists():
+        if self.task_name == "math" and not (self.source.strip() and Path(self.source).exists()):
             raise ConfigError(f"data.source: no such file or folder {self.source!r} (the math "
                               f"task reads one; 'toy' is the toy task's, data.task: toy)")
 

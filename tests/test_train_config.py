@@ -68,6 +68,8 @@ def test_yaml_and_dotted_overrides(tmp_path):
     (["data.task=toy", "data.source=/tmp/train.jsonl"], "data.source: the toy task generates its "
      "own problems and would not read '/tmp/train.jsonl'; set data.task: math to use it"),
     (["data.heldout_source=/tmp/aime.parquet"], "data.heldout_source: the toy task generates"),
+    # an empty source is no file: the math task read the working folder's data files
+    (["data.source="], "data.source: no such file or folder '' (the math task reads one"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
