@@ -141,7 +141,9 @@ def apply_overrides(values: dict, overrides: Sequence[str]) -> dict:
         parts = key.split(".")
         node = values
         for depth, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
+            child = node.get(part)
+            if child is None:  # absent, or a YAML section left empty (`optim:`): its defaults
+                child = node[part] = {}
             if not isinstance(child, dict):
                 raise ConfigError(f"{'.'.join(parts[:depth + 1])}: is a value, not a section")
             node = child

@@ -122,3 +122,12 @@ def test_a_mistyped_key_gets_the_closest_known_one():
         load_config(None, ["train.stpes=1"])
     with pytest.raises(ConfigError, match=r"^optim.zzz: unknown key \(known keys: "):
         load_config(None, ["optim.zzz=1"])
+
+
+def test_an_override_goes_into_a_section_the_file_leaves_empty(tmp_path):
+    """`optim:` with its keys commented out is a section of defaults; an override into it was
+    "optim: is a value, not a section"."""
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  # lr: 1.0e-3\neval:\n  every: 0\n")
+    assert load_config(path).optim.lr == 1e-6
+    assert load_config(path, ["optim.lr=1e-3"]).optim.lr == 1e-3
