@@ -100,11 +100,34 @@ def test_ignore_index_is_not_out_of_range(batch):
     ("memory_budget_mb", "64"), ("dual_clip", "3"), ("grad_filter", False),
     # past what the op's byte counts and int64 targets hold (an OverflowError at the first call)
     ("memory_budget_mb", 1.7e308), ("memory_budget_mb", float("inf")), ("ignore_index", 2**63),
+    # the first value past each bound
+    ("clip_low", 1.0), ("dual_clip", 1.0), ("grad_filter", 1.0), ("max_len", 0),
+    ("memory_budget_mb", 2.0**40 * 1.5), ("ignore_index", -2**63 - 1),
 ])
 def test_bad_config_names_the_field(field, value):
     base = {"normalizer": "constant", "max_len": 8} if field == "max_len" else {}
     with pytest.raises(ValueError, match=f"^LuffyLossConfig.{field}: .* \\(got {re.escape(repr(value))}\\)$"):
         LuffyLossConfig(**{**base, field: value})
+
+
+def test_the_bounds_themselves_are_accepted():
+    config = LuffyLossConfig(clip_low=0.999, dual_clip=1.001, grad_filter=0.0, max_len=1,
+                             normalizer="constant", memory_budget_mb=2.0**40, ignore_index=-2**63,
+                             entropy_coef=0.0, clip_high=0.0)
+    assert (config.clip_low, config.dual_clip, config.grad_filter, config.max_len) == (
+        0.999, 1.001, 0.0, 1)
+    assert (config.memory_budget_mb, config.ignore_index) == (2.0**40, -2**63)
+
+
+def test_the_memory_budget_in_bytes_and_each_devices_default():
+    """None: 1024 MiB on CUDA, 64 MiB on the CPU and any other device; MiB are 2**20 bytes."""
+    from luffy_fast.config import default_memory_budget_mb
+
+    assert [default_memory_budget_mb(torch.device(name)) for name in ("cuda", "cpu", "meta")] == [
+        1024.0, 64.0, 64.0]
+    assert LuffyLossConfig().memory_budget_bytes(torch.device("cpu")) == 67_108_864
+    assert LuffyLossConfig().memory_budget_bytes(torch.device("cuda")) == 1_073_741_824
+    assert LuffyLossConfig(memory_budget_mb=0.5).memory_budget_bytes(torch.device("cuda")) == 524_288
 
 
 def test_dual_clip_without_any_ppo_clip_is_refused():
