@@ -23,16 +23,20 @@ def config_file(tmp_path, *overrides) -> tuple[str, object]:
     return str(path), out
 
 
-def test_flags_are_accepted_after_the_overrides():
+def test_flags_are_accepted_after_the_overrides(capsys):
     args = cli._parse(["train", "--config", "c.yaml", "optim.lr=1e-3", "--overwrite",
                        "train.steps=5", "--dry-run"])
     assert args.overwrite and args.dry_run and not args.resume
     assert args.overrides == ["optim.lr=1e-3", "train.steps=5"]
     args = cli._parse(["--resume", "train", "--config", "c.yaml", "optim.lr=1e-3"])
     assert args.resume and not args.overwrite and args.overrides == ["optim.lr=1e-3"]
-    with pytest.raises(SystemExit) as exit_info:
-        cli._parse(["train", "--config", "c.yaml", "a=1", "--bogus"])
-    assert exit_info.value.code == 2
+    args = cli._parse(["--overwrite", "train", "--config", "c.yaml"])
+    assert args.overwrite and not args.resume and args.overrides == []
+    for flag in ("--bogus", "--optim.lr=1e-3"):  # a flag with "=" is no override either
+        with pytest.raises(SystemExit) as exit_info:
+            cli._parse(["train", "--config", "c.yaml", "a=1", flag])
+        assert exit_info.value.code == 2
+        assert f"error: unrecognized arguments: {flag}\n" in capsys.readouterr().err
     # the DeepSpeed launcher's flag, before the command (`deepspeed --module luffy_fast train`)
     args = cli._parse(["--local_rank=3", "train", "--config", "c.yaml", "a=1", "--local-rank=3"])
     assert args.command == "train" and args.overrides == ["a=1"]
@@ -145,6 +149,23 @@ def test_value_and_missing_file_errors_exit_2(tmp_path, capsys, monkeypatch, rai
     monkeypatch.setattr("luffy_fast.trainer.LuffyTrainer.__init__", fail)
     assert main(["train", "--config", config]) == 2
     assert str(raised) in capsys.readouterr().err
+
+
+def test_a_full_disk_exits_1_naming_the_file(tmp_path, capsys, monkeypatch):
+    """Not the user's settings (exit 2): the run stopped for want of space, and --resume
+    continues it once there is some."""
+    from luffy_fast.run_files import DiskFullError
+
+    config, out = config_file(tmp_path)
+
+    def full(*args, **kwargs):
+        raise DiskFullError(out / "metrics.jsonl", "metrics")
+
+    monkeypatch.setattr("luffy_fast.trainer.LuffyTrainer.__init__", full)
+    assert main(["train", "--config", config]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"luffy-fast: [Errno 28] no space left on device while writing metrics "
+                            f"to '{out / 'metrics.jsonl'}' (") and "Traceback" not in error
 
 
 def test_a_broken_latest_without_checkpoints_exits_2(tmp_path, capsys):
