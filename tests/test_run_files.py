@@ -12,7 +12,19 @@ import pytest
 import torch
 
 from luffy_fast.checkpoint import CheckpointManager
-from luffy_fast.run_files import check_run_dir, link_tree, start_fresh
+from luffy_fast.errors import ConfigError
+from luffy_fast.run_files import (
+    DiskFullError,
+    check_run_dir,
+    claim_run_dir,
+    ensure_writable_dir,
+    holds_a_run,
+    is_disk_full,
+    link_tree,
+    naming_full_disk,
+    remove_stale_temporaries,
+    start_fresh,
+)
 
 OLD_RUN = ("metrics.jsonl", "config.yaml", "config.until-step-4.yaml",
            "tensorboard/events.out.tfevents.1",
@@ -136,3 +148,79 @@ def test_link_tree_shares_the_files_and_a_failed_link_copies(tmp_path, monkeypat
         assert copied.read_bytes() == data
         assert copied.stat().st_ino != (tmp_path / "a" / name).stat().st_ino
     assert (tmp_path / "a" / "hf/model.safetensors").stat().st_nlink == 2  # a and b only
+
+
+def test_empty_run_folders_are_not_a_run_to_lose(tmp_path):
+    """A start that stopped before writing leaves empty checkpoints/ and tensorboard/: nothing
+    to refuse a fresh start for. A file in one of them, or an earlier config, is a run."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "tensorboard").mkdir()
+    (tmp_path / "notes.txt").write_text("mine")
+    assert holds_a_run(tmp_path) == []
+    check_run_dir(tmp_path, resume=False, overwrite=False)
+    (tmp_path / "tensorboard" / "events.out.tfevents.1").write_text("old")
+    (tmp_path / "config.until-step-4.yaml").write_text("old")
+    assert holds_a_run(tmp_path) == ["tensorboard", "config.until-step-4.yaml"]
+
+
+def test_only_the_temporary_files_of_gone_processes_are_removed(tmp_path, monkeypatch):
+    names = (".metrics.jsonl.tmp-111", ".write-probe-222", ".config.yaml.tmp-333",
+             ".wandb_id.tmp-444", "metrics.jsonl.tmp-111", ".write-probe-x")
+    for name in names:
+        (tmp_path / name).write_text("")
+
+    def kill(pid, signal):  # 111 and 222 are gone; 333 is another user's; 444 is ours, alive
+        assert signal == 0
+        if pid in (111, 222):
+            raise ProcessLookupError(pid)
+        if pid == 333:
+            raise PermissionError(pid)
+
+    monkeypatch.setattr(os, "kill", kill)
+    removed = remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == [".metrics.jsonl.tmp-111", ".write-probe-222"]
+    assert sorted(os.listdir(tmp_path)) == [".config.yaml.tmp-333", ".wandb_id.tmp-444",
+                                            ".write-probe-x", "metrics.jsonl.tmp-111"]
+
+
+def test_a_full_disk_or_quota_is_named_and_other_errors_pass_as_they_are(tmp_path, monkeypatch):
+    for code in (errno.ENOSPC, errno.EDQUOT):
+        assert is_disk_full(OSError(code, os.strerror(code)), tmp_path)
+    # the probe writes beside the path: fine here, impossible (not a full disk) in a missing folder
+    assert not is_disk_full(RuntimeError("torch's write failed"), tmp_path / "model.pt")
+    assert not is_disk_full(RuntimeError("torch's write failed"), tmp_path / "missing" / "model.pt")
+    assert os.listdir(tmp_path) == []  # the probe is gone
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=3 * 2**20 + 2**19))
+
+    def full():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(DiskFullError) as raised:
+        naming_full_disk(tmp_path / "metrics.jsonl", "metrics", full)
+    assert str(raised.value) == (f"[Errno {errno.ENOSPC}] no space left on device while writing "
+                                 f"metrics to '{tmp_path / 'metrics.jsonl'}' (3.5 MiB free); free "
+                                 f"some space and rerun with --resume")
+    assert type(raised.value.__cause__) is OSError  # the original, once
+    with pytest.raises(DiskFullError) as outer:  # already named: it passes as it is
+        naming_full_disk(tmp_path, "a checkpoint",
+                         lambda: naming_full_disk(tmp_path / "metrics.jsonl", "metrics", full))
+    assert f"writing metrics to '{tmp_path / 'metrics.jsonl'}'" in str(outer.value)
+    assert type(outer.value.__cause__) is OSError
+
+    def denied():
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    with pytest.raises(PermissionError):
+        naming_full_disk(tmp_path / "metrics.jsonl", "metrics", denied)
+
+
+def test_the_lock_names_this_process_and_a_file_cannot_be_the_run_folder(tmp_path):
+    (tmp_path / ".lock").write_text("4242\n")  # left by a run that has ended
+    with claim_run_dir(tmp_path):
+        assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+    (tmp_path / "run").write_text("a file")
+    with pytest.raises(ConfigError, match=rf"^output.dir: '{tmp_path / 'run'}' cannot be a "
+                                          rf"folder: '{tmp_path / 'run'}' is a file$"):
+        ensure_writable_dir(tmp_path / "run")
