@@ -197,3 +197,9 @@ def check_finite(owner: str, name: str, value: Any, low: float | None = None,
 def check_choice(owner: str, name: str, value: Any, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ConfigError(f"{owner}.{name}: must be one of {list(choices)} (got {value!r})")
+
+
+def check_exists(owner: str, name: str, value: Any, hint: str = "") -> None:
+    """A path that names a file or folder: an empty one (the working folder) is refused too."""
+    if not (str(value).strip() and Path(value).exists()):
+        raise ConfigError(f"{owner}.{name}: no such file or folder {value!r}{hint}")

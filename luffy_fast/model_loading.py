@@ -22,7 +22,7 @@ logger = logging.getLogger("luffy_fast")
 def model_directory(model) -> Path:
     """model.path as a directory holding a transformers config.json, or a clear error."""
     path = Path(model.path)
-    if not path.is_dir():
+    if not str(model.path).strip() or not path.is_dir():  # "": not the working folder
         raise ConfigError(f"model.path: no such directory {model.path!r} (a local transformers "
                           f"model directory, or 'toy'; nothing is downloaded)")
     if not (path / "config.json").is_file():

@@ -18,7 +18,7 @@ from typing import Optional
 import yaml
 
 from luffy_fast.config import NEEDS_MAX_LEN, LuffyLossConfig
-from luffy_fast.config_parsing import apply_overrides, build_dataclass, read_yaml_file, to_plain
+from luffy_fast.config_parsing import apply_overrides, build_dataclass, check_exists, read_yaml_file, to_plain
 from luffy_fast.config_parsing import check_choice as _choice
 from luffy_fast.config_parsing import check_finite as _finite
 from luffy_fast.config_parsing import check_int as _positive_int
@@ -64,12 +64,13 @@ class DataConfig:
         _positive_int("data", "max_response_length", self.max_response_length)
         _choice("data", "trace_overflow", self.trace_overflow, ("truncate", "drop"))
         for key in ("source", "heldout_source"):  # a copy of the demo's config, say
-            if self.task_name == "toy" and getattr(self, key) not in (None, "toy"):
+            value = getattr(self, key)
+            if self.task_name == "toy" and value not in (None, "toy"):
                 raise ConfigError(f"data.{key}: the toy task generates its own problems and would "
-                                  f"not read {getattr(self, key)!r}; set data.task: math to use it")
-        if self.task_name == "math" and not (self.source.strip() and Path(self.source).exists()):
-            raise ConfigError(f"data.source: no such file or folder {self.source!r} (the math "
-                              f"task reads one; 'toy' is the toy task's, data.task: toy)")
+                                  f"not read {value!r}; set data.task: math to use it")
+            if self.task_name == "math" and (key == "source" or value is not None):
+                check_exists("data", key, value, " (the math task reads one; 'toy' is the toy "
+                                                 "task's, data.task: toy)")
 
     @property
     def task_name(self) -> str:
@@ -175,8 +176,7 @@ class TrainSection:
     max_nonfinite_steps: int = 3
 
     def validate(self) -> None:
-        _choice("train", "loss_backend", self.loss_backend,
-                ("auto", "torch", "triton", "reference"))
+        _choice("train", "loss_backend", self.loss_backend, ("auto", "torch", "triton", "reference"))
         _positive_int("train", "max_nonfinite_steps", self.max_nonfinite_steps, minimum=0)
         for name in ("steps", "prompts_per_step", "mini_batch_size", "token_budget"):
             _positive_int("train", name, getattr(self, name))

@@ -64,7 +64,9 @@ def setup(tmp_path):
     return model, tmp_path / "tokenizer", data
 
 
-def dry_run(capsys, model, tokenizer, data, tmp_path, *overrides) -> tuple[int, str]:
+def dry_run(capsys, model, tokenizer, data, tmp_path, *overrides, stream: str = "out"
+            ) -> tuple[int, str]:
+    """The dry run's exit code and its standard output (`stream`="err": its error stream)."""
     code = main(["train", "--config", str(RECIPE), "--dry-run", "--world-size", "8",
                  f"model.path={model}", f"model.tokenizer_path={tokenizer}",
                  f"model.chat_template={ROOT / 'configs/templates/qwen2.5_math_think.jinja'}",
@@ -73,7 +75,7 @@ def dry_run(capsys, model, tokenizer, data, tmp_path, *overrides) -> tuple[int, 
                  "train.mini_batch_size=8", *overrides])  # one prompt per GPU
     captured = capsys.readouterr()
     assert "prompts kept" not in captured.err  # the report's data line, not a run's start-up line
-    return code, captured.out
+    return code, getattr(captured, stream)
 
 
 def test_dry_run_of_the_7b_recipe_on_a_config_only_directory(setup, tmp_path, capsys):
@@ -273,8 +275,10 @@ def test_the_toy_dry_run_builds_the_toy_components_once(capsys, monkeypatch):
 def test_dry_run_checks_the_held_out_data_and_the_best_metric(setup, tmp_path, capsys):
     model, tokenizer, data = setup
     missing = tmp_path / "nowhere" / "valid.parquet"
-    code, out = dry_run(capsys, model, tokenizer, data, tmp_path, f"data.heldout_source={missing}")
-    assert code == 2 and f"PROBLEM: data.heldout_source: no such file or folder '{missing}'" in out, out
+    code, err = dry_run(capsys, model, tokenizer, data, tmp_path, f"data.heldout_source={missing}",
+                        stream="err")  # stopped at the settings, as a missing data.source is
+    assert code == 2 and f"configuration error: data.heldout_source: no such file or folder " \
+                         f"'{missing}'" in err, err
     code, out = dry_run(capsys, model, tokenizer, data, tmp_path, f"data.heldout_source={data}",
                         "eval.best_metric=val/macro/avg@4")
     assert code == 2

@@ -5,6 +5,7 @@ implementation the weights load with."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -65,3 +66,16 @@ def test_the_policy_loads_with_the_attention_asked_for(model_dir, attention):
     policy = load_policy(model, torch.float32)
     assert policy.config._attn_implementation == attention
     assert {p.dtype for p in policy.parameters()} == {torch.float32}
+
+
+def test_an_empty_model_path_is_not_the_working_folder(model_dir, monkeypatch):
+    """`model.path=` (empty) read as Path("") is the working folder: started inside a model
+    directory, a run trained that model without saying so."""
+    from luffy_fast.model_config import ModelConfig
+    from luffy_fast.model_loading import model_directory
+
+    monkeypatch.chdir(model_dir)
+    assert model_directory(ModelConfig(path=str(model_dir))) == model_dir
+    for path in ("", "  "):
+        with pytest.raises(ConfigError, match=re.escape(f"model.path: no such directory {path!r}")):
+            model_directory(ModelConfig(path=path))

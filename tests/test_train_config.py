@@ -97,6 +97,11 @@ def test_yaml_and_dotted_overrides(tmp_path):
     (["data.trace_overflow=cut"], "data.trace_overflow: must be one of ['truncate', 'drop'] (got "
                                   "'cut')"),
     (["data.source="], "data.source: no such file or folder '' (the math task reads one"),
+    # the held-out file too, at the start rather than once the training data are tokenized
+    ([f"data.source={__file__}", "data.heldout_source=/no/such/aime.parquet"],
+     "data.heldout_source: no such file or folder '/no/such/aime.parquet' (the math task reads"),
+    ([f"data.source={__file__}", "data.heldout_source="],
+     "data.heldout_source: no such file or folder ''"),
     (["rollout.top_p=0"], "rollout.top_p: must be a number > 0.0 and <= 1.0 (got 0.0)"),
     (["rollout.max_batch_size=0"], "rollout.max_batch_size: must be an integer >= 1 (got 0)"),
     (["rollout.tis_cap=0"], "rollout.tis_cap: must be a number > 0.0 (got 0.0)"),
