@@ -113,6 +113,10 @@ def test_eval_two_sources_n4_by_hand(tmp_path, model_dir, eval_files, monkeypatc
     lines = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len(lines) == 16
     assert [r["reward"] for r in lines if r["data_source"] == "aime"] == [1, 0, 0, 0, 1, 1, 1, 0]
+    # the responses as generated, special tokens included (skip_special_tokens=False)
+    assert [r["response"] for r in lines[:4]] == ["</think> \\boxed{1} <eos>",
+                                                  "</think> \\boxed{0} <eos>",
+                                                  "</think> \\boxed{0} <eos>", "\\boxed{1} <eos>"]
     table = capsys.readouterr().out
     assert "aime" in table and "math500" in table
     macro_row = next(line for line in table.splitlines() if line.startswith("macro average"))
@@ -213,6 +217,8 @@ def test_eval_with_the_transformers_engine(tmp_path, model_dir, eval_files):
     ("zero_reward_timeout",
      "--reward-timeout: must be a positive number of seconds, at most 86400 (got 0.0)"),
     ("negative_seed", "--seed: must be in [0, 2**63) with the hf engine (got -1)"),
+    ("zero_save_every", "--save-every: must be at least 1 (got 0)"),
+    ("overwrite_without_output", "--overwrite: needs --output (the folder of the eval's files)"),
 ])
 def test_bad_input_is_reported_before_the_model_loads(tmp_path, model_dir, eval_files, case,
                                                       message, monkeypatch, capsys):
@@ -245,6 +251,10 @@ def test_bad_input_is_reported_before_the_model_loads(tmp_path, model_dir, eval_
                  "zero_reward_timeout": ["--reward-timeout", "0"]}[case]
     elif case == "negative_seed":
         extra = ["--seed", "-1", "--engine", "hf"]
+    elif case == "zero_save_every":
+        extra = ["--save-every", "0", "--output", str(tmp_path / "out")]
+    elif case == "overwrite_without_output":
+        extra = ["--overwrite"]
     elif case == "infinite_reward_timeout":  # an OverflowError at the first scoring before
         extra = ["--reward-timeout", "inf"]
     elif case == "checkpoint_folder":  # checkpoints/step-N/ instead of checkpoints/step-N/hf

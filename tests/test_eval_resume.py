@@ -6,6 +6,7 @@ given, so that a chunk sampled with the wrong seed would score differently."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -78,6 +79,11 @@ def without_time(out) -> dict:
     return results
 
 
+def progress(err: str) -> list[str]:
+    """The problem counts of the eval's progress lines ("eval: 2/5 problems in ...")."""
+    return re.findall(r"^eval: (\d+/\d+) problems in ", err, re.M)
+
+
 def expected_rewards() -> list[float]:
     """Chunk k = problems 2k, 2k + 1 with seed 7 + k."""
     return [float(correct(7 + index // 2, d, j)) for index, d in enumerate(DIGITS)
@@ -88,6 +94,7 @@ def test_an_interrupted_eval_resumes_where_it_stopped(tmp_path, setup, capsys):
     eval_command, engines = setup
     assert eval_command(tmp_path / "whole") == 0
     assert engines[0].calls == [([1, 2], 7), ([3, 4], 8), ([5], 9)]
+    assert progress(capsys.readouterr().err) == ["2/5", "4/5", "5/5"]  # problems, per chunk
     assert [r["reward"] for r in lines(tmp_path / "whole")] == expected_rewards()
     # by hand, (seed + d + j) % 3 != 0: seed 7: d=1: 8, 9; d=2: 9, 10 | seed 8: d=3: 11, 12;
     # d=4: 12, 13 | seed 9: d=5: 14, 15 -> avg@2 5 / 10; pass@2 1 (every problem once)
@@ -102,6 +109,9 @@ def test_an_interrupted_eval_resumes_where_it_stopped(tmp_path, setup, capsys):
 
     assert eval_command(out, "--resume") == 0
     assert engines[-1].calls == [([3, 4], 8), ([5], 9)]  # only the chunks not done
+    err = capsys.readouterr().err
+    assert f"eval: resuming with 2 of 5 problems done ({out / 'generations.jsonl'})" in err
+    assert progress(err) == ["4/5", "5/5"]  # counted from the problems done
     assert lines(out) == lines(tmp_path / "whole")
     assert without_time(out) == without_time(tmp_path / "whole")
 
@@ -134,6 +144,9 @@ def test_a_half_written_chunk_is_cut_and_generated_again(tmp_path, setup):
     ("other_data", "--resume: '{out}/generations.jsonl' line 1 is not a sample of these --data "
                    "(problem 0, 'digits', answer '1')"),
     ("no_output", "--resume: needs --output"),
+    # other chunks: chunk 1 would be problems 1 and 2 with seed 8
+    ("other_save_every", "--resume: the eval in '{out}' ran with other settings (save_every: 4 "
+                         "-> 2); resume it with its own, or pass --overwrite to start over"),
 ])
 def test_a_resume_that_would_mix_two_evals_is_refused_before_the_model_loads(
         tmp_path, setup, case, message, capsys, monkeypatch):
@@ -143,7 +156,7 @@ def test_a_resume_that_would_mix_two_evals_is_refused_before_the_model_loads(
     before = (out / "generations.jsonl").read_text()
     capsys.readouterr()
     extra = {"again": [], "other_n": ["--resume", "--n", "1"], "other_data": ["--resume"],
-             "no_output": ["--resume"]}[case]
+             "no_output": ["--resume"], "other_save_every": ["--resume", "--save-every", "2"]}[case]
     if case == "other_data":  # the same file name, other answers
         write_jsonl(tmp_path / "digits.jsonl", [{"problem": f"q {d}", "answer": str(d + 1)}
                                                 for d in DIGITS])
@@ -158,6 +171,24 @@ def test_a_resume_that_would_mix_two_evals_is_refused_before_the_model_loads(
     assert message.format(out=out) in capsys.readouterr().err
     assert len(engines) == 1  # no engine built after the first run
     assert (out / "generations.jsonl").read_text() == before
+
+
+def test_without_output_every_problem_is_one_call_with_the_seed(tmp_path, setup, monkeypatch,
+                                                               capsys):
+    """Nothing saved, so no chunks: --save-every is left alone and every problem sampled with
+    --seed itself. By hand, (7 + d + j) % 3 != 0: d=1: 8, 9; d=2: 9, 10; d=3: 10, 11; d=4: 11, 12;
+    d=5: 12, 13 -> 1 0, 0 1, 1 1, 1 0, 0 1: avg@2 6 / 10, pass@2 1."""
+    engines = []
+    monkeypatch.setattr(eval_cli, "build_engine", lambda name, model_dir, tokenizer, args, length:
+                        engines.append(SeededEngine(tokenizer)) or engines[-1])
+    assert main(["eval", "--model", str(tmp_path / "model"), "--data",
+                 str(tmp_path / "digits.jsonl"), "--n", "2", "--seed", "7", "--engine", "hf",
+                 "--max-new-tokens", "8", "--save-every", "4", "--reward-workers", "0"]) == 0
+    assert engines[0].calls == [([1, 2, 3, 4, 5], 7)]
+    captured = capsys.readouterr()
+    assert progress(captured.err) == []
+    digits = next(line for line in captured.out.splitlines() if line.startswith("digits"))
+    assert digits.split()[-3:] == ["5", "60.0", "100.0"]  # problems, avg@2, pass@2 in percent
 
 
 def test_overwrite_starts_the_eval_over(tmp_path, setup, capsys):
