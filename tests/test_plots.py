@@ -60,6 +60,19 @@ def test_the_metrics_chosen():
         chosen_metrics([RUN], " , ")
 
 
+def test_an_unlogged_name_lists_the_nearest_logged_ones():
+    """Those sharing the name's first word (before `*` and `/`), else every logged name; "..."
+    only when some are left out."""
+    logged = "grad_norm, loss, reward_on_policy, val/aime24/avg@4, val/macro/avg@4"
+    with pytest.raises(ConfigError) as error:
+        chosen_metrics([RUN], "entropy")
+    assert str(error.value) == f"plot --metrics: no run logged 'entropy' (logged: {logged})"
+    with pytest.raises(ConfigError) as error:
+        chosen_metrics([RUN], "val/math500*")
+    assert str(error.value) == ("plot --metrics: no run logged 'val/math500*' (logged: "
+                                "val/aime24/avg@4, val/macro/avg@4, ...)")
+
+
 def test_runs_are_labelled_by_as_many_folders_as_tell_them_apart(tmp_path):
     files = [tmp_path / "a" / "luffy" / "metrics.jsonl", tmp_path / "b" / "luffy" / "metrics.jsonl",
              tmp_path / "b" / "grpo" / "metrics.jsonl"]
@@ -89,6 +102,14 @@ def test_short_series_and_smoothing_off_draw_the_values_once():
     assert list(line.get_ydata()) == [1.0, 3.0]
     [line] = draw({"luffy": RUN}, ["loss"], smooth=0.0).axes[0].get_lines()
     assert list(line.get_ydata()) == [1.0, 3.0, 2.0] and line.get_alpha() is None
+
+
+def test_validation_metrics_are_never_smoothed():
+    """Three validation points with --smooth 0.5: one line, the values, with markers."""
+    run = [{"step": 10 * i, "val/macro/avg@4": value} for i, value in enumerate((0.5, 0.0, 1.0))]
+    [line] = draw({"luffy": run}, ["val/macro/avg@4"], smooth=0.5).axes[0].get_lines()
+    assert list(line.get_xdata()) == [0, 10, 20] and list(line.get_ydata()) == [0.5, 0.0, 1.0]
+    assert line.get_marker() == "o" and line.get_alpha() is None
 
 
 def test_the_panels_three_to_a_row_with_a_legend_for_several_runs():
