@@ -61,8 +61,10 @@ def test_refused_for_a_model_liger_does_not_patch(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_act": "gelu"}))
     with pytest.raises(ConfigError, match="SwiGLU kernel computes SiLU.*'gelu'"):
         check_liger(ModelConfig(path=str(tmp_path), liger_kernels=True), CUDA)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_act": "silu"}))
-    check_liger(ModelConfig(path=str(tmp_path), liger_kernels=True), CUDA)
+    for silu in ("silu", "swish"):  # two names of one function (transformers' ACT2FN)
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2",
+                                                          "hidden_act": silu}))
+        check_liger(ModelConfig(path=str(tmp_path), liger_kernels=True), CUDA)
     check_liger(ModelConfig(path="toy", liger_kernels=True), CUDA)  # checked when it is built
 
 

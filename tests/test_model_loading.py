@@ -14,8 +14,10 @@ from luffy_fast.errors import ConfigError
 from luffy_fast.model_loading import (
     check_flash_attention_precision,
     load_policy,
+    model_directory,
     pad_with_eos,
     prepare_tokenizer,
+    read_chat_template,
     tokenizer_directory,
 )
 from luffy_fast.toy.model import word_level_tokenizer
@@ -37,6 +39,26 @@ def test_a_tokenizer_error_names_the_key_that_points_at_it(tmp_path, model_dir):
                                           f"model.tokenizer_path={tmp_path}"))
     with pytest.raises(ConfigError, match="^model.path: .* holds no tokenizer files"):
         tokenizer_directory(model_section(f"model.path={tmp_path}"))
+
+
+def test_a_model_path_without_a_model_is_named(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        model_directory(model_section(f"model.path={tmp_path / 'nowhere'}"))
+    assert str(error.value) == (f"model.path: no such directory '{tmp_path / 'nowhere'}' (a local "
+                                f"transformers model directory, or 'toy'; nothing is downloaded)")
+    with pytest.raises(ConfigError) as error:
+        model_directory(model_section(f"model.path={tmp_path}"))
+    assert str(error.value) == (f"model.path: '{tmp_path}' has no config.json (not a "
+                                f"transformers model directory)")
+
+
+def test_a_blank_chat_template_file_is_empty(tmp_path):
+    """Whitespace only would read as "the tokenizer has no chat template"."""
+    (tmp_path / "blank.jinja").write_text(" \n\t\n")
+    with pytest.raises(ConfigError) as error:
+        read_chat_template(tmp_path / "blank.jinja", "model.chat_template")
+    assert str(error.value) == (f"model.chat_template: '{tmp_path / 'blank.jinja'}' is empty (a "
+                                f"Jinja chat template)")
 
 
 def test_eos_is_required_and_an_existing_pad_token_is_kept(model_dir):
