@@ -253,3 +253,67 @@ def test_only_the_gradients_autograd_will_use_are_formed():
     assert wanted(torch.zeros(4)) == (True, True, False)
     with torch.no_grad():
         assert wanted(torch.zeros(4, requires_grad=True)) == (False, False, False)
+
+
+def test_batched_hidden_numbers_its_sequences_row_by_row():
+    """hidden [B, L, H] without seq_ids: row b is sequence b. B = 2, L = 3, loss_mask rows
+    (1, 1, 0) and (1, 0, 0): seq_mean_token_mean weighs each token 1 / (its sequence's tokens x
+    2 sequences): 1/4, 1/4 for row 0's two, 1/2 for row 1's one."""
+    B, L = 2, 3
+    inputs = prepare_inputs(torch.zeros(B, L, 2), torch.zeros(4, 2),
+                            torch.zeros(B, L, dtype=torch.long), torch.ones(B, L),
+                            torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]),
+                            torch.zeros(B, L, dtype=torch.bool), None,
+                            LuffyLossConfig(normalizer="seq_mean_token_mean"), None, None)
+    assert inputs.rows.tolist() == [0, 1, 3]
+    assert inputs.norm.weights.tolist() == [0.25, 0.25, 0.5]
+    assert float(inputs.norm.num_sequences) == 2.0
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_ratio_statistics_pair_each_ratio_with_its_own_token(backend):
+    """W = 0: every log-prob is -ln 4 (V = 4); old log-probs -ln 4 + (0, -ln 2, ln 2) give ratios
+    (1, 2, 1/2). Tokens 0 and 2 on-policy: ratio min 1/2, mean 3/4, max 1. Token 0 has zero
+    advantage, so the torch backend computes it last (order 1, 2, 0): the statistics must still
+    read its on-policy flag, not token 2's."""
+    ln2, ln4 = math.log(2.0), math.log(4.0)
+    _, stats = fused_luffy_loss(
+        torch.zeros(3, 2, dtype=torch.float64), torch.zeros(4, 2, dtype=torch.float64),
+        torch.zeros(3, dtype=torch.long), torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64),
+        torch.ones(3, dtype=torch.bool), torch.tensor([False, True, False]),
+        old_logprobs=torch.tensor([-ln4, -ln4 - ln2, -ln4 + ln2], dtype=torch.float64),
+        config=LuffyLossConfig(), backend=backend)
+    assert [float(stats[k]) for k in ("ratio_min", "ratio_mean", "ratio_max")] == pytest.approx(
+        [0.5, 0.75, 1.0], rel=1e-6)
+    assert (int(stats["num_on_policy_tokens"]), int(stats["num_off_policy_tokens"])) == (2, 1)
+
+
+def test_reordered_permutes_every_per_token_input_together():
+    """LossInputs.reordered (the triton backend's gradient-last order): token i of the result is
+    token order[i] of the inputs, in every per-token tensor (weights 1, 2, 3 under the token
+    normalizer: 1/6, 2/6, 3/6)."""
+    inputs = prepare_inputs(torch.zeros(3, 2, dtype=torch.float64),
+                            torch.zeros(4, 2, dtype=torch.float64), torch.tensor([0, 1, 2]),
+                            torch.tensor([0.5, 0.0, -1.0], dtype=torch.float64),
+                            torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64),
+                            torch.tensor([True, False, False]),
+                            torch.tensor([-1.0, -2.0, -3.0], dtype=torch.float64),
+                            LuffyLossConfig(), None, None)
+    moved = inputs.reordered(torch.tensor([2, 0, 1]))
+    assert moved.rows.tolist() == [2, 0, 1] and moved.targets.tolist() == [2, 0, 1]
+    assert moved.advantages.tolist() == [-1.0, 0.5, 0.0]
+    assert moved.loss_mask.tolist() == [3.0, 1.0, 2.0]
+    assert moved.off_policy_mask.tolist() == [False, True, False]
+    assert moved.old_logprobs.tolist() == [-3.0, -1.0, -2.0]
+    assert moved.norm.weights.tolist() == pytest.approx([3 / 6, 1 / 6, 2 / 6], rel=1e-15)
+    assert moved.norm.entropy_weights.tolist() == pytest.approx([3 / 6, 1 / 6, 2 / 6], rel=1e-15)
+
+
+def test_an_out_of_range_target_is_named_by_the_first_bad_id(batch):
+    """Positions 3 and 7 hold 9 (= V) and -3: the message names 9, the first one."""
+    targets = batch["targets"].clone()
+    targets[3], targets[7] = 9, -3
+    with pytest.raises(ValueError) as error:
+        call(batch, targets=targets)
+    assert str(error.value) == ("fused_luffy_loss: `targets` holds id 9 outside [0, 9) (vocabulary "
+                                "size from `weight`) that is not ignore_index=-100")
