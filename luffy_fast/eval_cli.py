@@ -67,8 +67,9 @@ def add_eval_parser(commands) -> None:
     parser.add_argument("--reward-timeout", type=float, default=10.0,
                         help="seconds per answer before it scores 0")
     parser.add_argument("--save-every", type=int, default=4096, metavar="SAMPLES",
-                        help="with --output, write the generations every SAMPLES samples (whole "
-                             "problems), so that an interrupted eval loses only those under way")
+                        help="sample in chunks of SAMPLES samples (whole problems; chunk k with "
+                             "--seed + k), each written to --output once scored, so that an "
+                             "interrupted eval loses only the chunk under way")
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted eval in --output (same settings)")
     parser.add_argument("--overwrite", action="store_true",
@@ -264,7 +265,7 @@ def _generate_and_report(args: argparse.Namespace, problems: list, tokenizer, na
     from luffy_fast.reward_pool import RewardPool
     from luffy_fast.rewards import MathVerifyReward
 
-    per_chunk = problems_per_chunk(args.save_every, args.n) if args.output else None
+    per_chunk = problems_per_chunk(args.save_every, args.n)  # with --output or not: same samples
     store, done = None, {}
     if args.output:  # checked, and what an interrupted eval left read, before the model loads
         store = EvalStore.open(args.output, settings, args.resume, args.overwrite)
