@@ -21,7 +21,7 @@ from typing import Optional
 
 from luffy_fast.data import Sample
 from luffy_fast.errors import ConfigError
-from luffy_fast.evaluation import EvalRecord, problem_source, results_json
+from luffy_fast.evaluation import EvalRecord, problem_source
 from luffy_fast.run_files import naming_full_disk, warn, write_atomic
 
 SETTINGS, GENERATIONS, RESULTS = "eval_settings.json", "generations.jsonl", "results.json"
@@ -154,5 +154,5 @@ class EvalStore:
     def finish(self, summary: dict, settings: dict) -> Path:
         """`results.json`: the settings (with the eval's time) and the summary."""
         path = self.directory / RESULTS
-        write_atomic(path, results_json(summary, settings))
+        write_atomic(path, json.dumps({"settings": settings, **summary}, indent=1) + "\n")
         return path

@@ -12,11 +12,9 @@ the reward receives it beside the response, as in training.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from luffy_fast.data import Sample
@@ -158,26 +156,6 @@ def score_completions(problems: Sequence[Sample], completions: Sequence[Sequence
     for record, reward in zip(records, score(items)):
         record.reward = float(reward)
     return records
-
-
-def results_json(summary: dict, settings: Optional[dict] = None) -> str:
-    """The text of `results.json`: the settings and the summary."""
-    return json.dumps({"settings": settings or {}, **summary}, indent=1) + "\n"
-
-
-def write_results(directory: str | Path, summary: dict, records: Sequence[EvalRecord],
-                  settings: Optional[dict] = None) -> tuple[Path, Path]:
-    """`results.json` (settings + summary) and `generations.jsonl` (one line per sample), in one
-    go (`luffy-fast eval` writes the generations as they come: luffy_fast/eval_store.py)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    results = directory / "results.json"
-    results.write_text(results_json(summary, settings))
-    generations = directory / "generations.jsonl"
-    with generations.open("w") as out:
-        for record in records:
-            out.write(json.dumps(asdict(record)) + "\n")
-    return results, generations
 
 
 def validation_metrics(summary: dict, prefix: str = "val") -> dict:

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from luffy_fast.data import Sample
+from luffy_fast.eval_store import EvalStore
 from luffy_fast.evaluation import (
     EvalRecord,
     combined_table,
@@ -15,7 +16,6 @@ from luffy_fast.evaluation import (
     pass_at_k,
     summarize,
     validation_metrics,
-    write_results,
 )
 from luffy_fast.rollout.base import Completion, RolloutEngine, SamplingParams
 
@@ -79,7 +79,9 @@ def test_avg_and_pass_at_k_per_source_and_macro(tmp_path):
     assert table[1].split() == ["aime", "2", "12.5", "50.0"]
     assert table[-1].split() == ["macro", "average", "43.8", "75.0"]
 
-    results, generations = write_results(tmp_path, summary, records, {"n": 4})
+    store = EvalStore(tmp_path, {"n": 4})  # the files `luffy-fast eval --output` writes
+    store.append(records)
+    results, generations = store.finish(summary, {"n": 4}), store.generations
     assert json.loads(results.read_text())["macro"]["pass@4"] == pytest.approx(0.75)
     lines = [json.loads(line) for line in generations.read_text().splitlines()]
     assert len(lines) == 16 and sum(line["reward"] for line in lines) == 7
