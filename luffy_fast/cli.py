@@ -112,7 +112,9 @@ def resume_hint(command: str, run_dir: Optional[str]) -> str:
     --output, if any)."""
     if command == "eval":
         return (f"; `--resume` with the same arguments keeps the problems done in "
-                f"{str(Path(run_dir) / 'generations.jsonl')!r}" if run_dir else "")
+                f"{str(Path(run_dir) / 'generations.jsonl')!r}" if run_dir
+                else "; nothing was kept: with `--output DIR` an eval saves its samples as they are "
+                     "scored and `--resume` continues it")
     if run_dir is None:
         return "; `--resume` continues from the last checkpoint"
     try:

@@ -246,7 +246,9 @@ def test_the_interrupt_message_names_what_resume_will_load(tmp_path):
     (checkpoints / "latest").write_text("step-000009")  # a broken pointer: resume falls back
     assert cli.resume_hint("train", str(tmp_path)) == (
         f"; `--resume` continues from {checkpoints / 'step-000001'}")
-    assert cli.resume_hint("eval", None) == ""  # an eval without --output keeps nothing
+    assert cli.resume_hint("eval", None) == (  # an eval without --output keeps nothing
+        "; nothing was kept: with `--output DIR` an eval saves its samples as they are scored and "
+        "`--resume` continues it")
 
 
 @pytest.mark.parametrize("command, terminal, shown", [
