@@ -57,10 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="LUFFY vs on-policy GRPO on the embedded toy task",
                                description="Train LUFFY and on-policy GRPO on digit reversal with "
                                            "a tiny random-initialized Qwen2, on the CPU.")
-    demo.add_argument("--output-dir", default="runs/demo")
+    demo.add_argument("--output-dir", default="runs/demo",
+                      help="a folder per run, the summary and the plot (default: runs/demo)")
     demo.add_argument("--runs", default="luffy,grpo",
-                      help="comma-separated: luffy, grpo, luffy_no_shaping")
-    demo.add_argument("--resume", action="store_true")
+                      help="comma-separated: luffy, grpo, luffy_no_shaping (default: luffy,grpo)")
+    demo.add_argument("--resume", action="store_true",
+                      help="continue each run from its latest checkpoint, if any")
     demo.add_argument("overrides", nargs="*", metavar="dotted.key=value",
                       help="applied to every run (e.g. train.steps=100)")
     return parser

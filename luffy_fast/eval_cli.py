@@ -46,30 +46,36 @@ def add_eval_parser(commands) -> None:
                              "reward_model.ground_truth, data_source) or problem/question with "
                              "answer/solution (data source: the file's name, or its folder's for "
                              "generic names such as test.jsonl)")
-    parser.add_argument("--n", type=int, default=1, help="samples per problem (k)")
-    parser.add_argument("--temperature", type=float, default=0.6)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-new-tokens", type=int, default=8192)
+    parser.add_argument("--n", type=int, default=1,
+                        help="samples per problem, the k of avg@k and pass@k (default: 1; the paper's "
+                             "AIME and AMC: 32)")
+    parser.add_argument("--temperature", type=float, default=0.6,
+                        help="sampling temperature (default: 0.6; the official eval's)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0)")
+    parser.add_argument("--max-new-tokens", type=int, default=8192,
+                        help="response length limit (default: 8192)")
     parser.add_argument("--output", default=None,
                         help="folder for results.json and generations.jsonl (default: none)")
-    parser.add_argument("--engine", choices=("auto", "vllm", "hf"), default="auto")
+    parser.add_argument("--engine", choices=("auto", "vllm", "hf"), default="auto",
+                        help="auto (the default): vllm on a GPU where it is installed, else hf")
     parser.add_argument("--chat-template", default=None, metavar="FILE",
                         help="a Jinja chat template replacing the model's (e.g. "
                              "configs/templates/qwen2.5_math_think.jinja); default: the model's own")
     parser.add_argument("--question-key", default=None, help="the question column, if unusual")
     parser.add_argument("--answer-key", default=None, help="the answer column, if unusual")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64, help="hf engine: sequences per call")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="hf engine: sequences per call (default: 64)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1,
-                        help="vllm engine: GPUs the model is split over")
+                        help="vllm engine: GPUs the model is split over (default: 1)")
     parser.add_argument("--reward-workers", type=int, default=None,
                         help="scoring processes (default: one per CPU core; 0: in-process)")
     parser.add_argument("--reward-timeout", type=float, default=10.0,
-                        help="seconds per answer before it scores 0")
+                        help="seconds per answer before it scores 0 (default: 10)")
     parser.add_argument("--save-every", type=int, default=4096, metavar="SAMPLES",
                         help="sample in chunks of SAMPLES samples (whole problems; chunk k with "
                              "--seed + k), each written to --output once scored, so that an "
-                             "interrupted eval loses only the chunk under way")
+                             "interrupted eval loses only the chunk under way (default: 4096)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted eval in --output (same settings)")
     parser.add_argument("--overwrite", action="store_true",
