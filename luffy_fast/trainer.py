@@ -102,6 +102,9 @@ class LuffyTrainer:
         self.tokenizer, build_policy = prepare_components(self.task, config)  # data, then policy
         self.train_samples, self.heldout_samples = load_task_data(self.task, self.tokenizer, config)
         check_validation(self.heldout_samples, config, report=warn_at_start)
+        if config.rollout.n_on == 0:
+            warn_at_start("rollout.n_on=0: each group is its traces alone, and traces that all score "
+                          "the same (the official data's are all correct) have zero advantage")
         self.rewards = task_reward_pool(self.task, config.reward.workers, config.reward.timeout)
         self.sampler = prompt_sampler(self.train_samples, config)
         policy = prepare_policy(build_policy(), config.model)  # Liger kernels, checkpointing

@@ -501,3 +501,23 @@ def test_validation_without_held_out_problems_warns_once_and_logs_no_empty_row(t
         trainer.close()
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1] and not any(k.startswith("val/") for k in rows[0])
+
+
+def test_groups_of_traces_alone_are_warned_of_before_the_policy_loads(tmp_path, monkeypatch):
+    from luffy_fast import trainer as trainer_module
+
+    class Loaded(Exception):
+        pass
+
+    def policy_loads(*args):
+        raise Loaded
+
+    monkeypatch.setattr(trainer_module, "prepare_policy", policy_loads)
+    for n_on, expected in ((0, ["rollout.n_on=0: each group is its traces alone, and traces that all "
+                                "score the same (the official data's are all correct) have zero "
+                                "advantage"]), (1, [])):
+        with warnings.catch_warnings(record=True) as warned, pytest.raises(Loaded):
+            warnings.simplefilter("always")
+            trainer_module.LuffyTrainer(tiny_config(tmp_path / str(n_on), f"rollout.n_on={n_on}",
+                                                    "rollout.n_off=2"))
+        assert [str(w.message) for w in warned if "n_on" in str(w.message)] == expected
