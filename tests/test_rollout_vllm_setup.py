@@ -3,7 +3,9 @@ seeds per data-parallel rank, sleep levels and their order of calls (against a r
 stand-in for `vllm.LLM`), random state kept across start-up, one sleep-mode engine per process."""
 
 import random
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from luffy_fast.rollout.vllm_setup import (
 )
 
 PARAMETERS = {"model.embed_tokens.weight", "model.norm.weight"}
+EOS = 1
 
 
 class RecordingLLM:
@@ -43,10 +46,32 @@ class RecordingLLM:
         self.calls.append(("reset_prefix_cache",))
 
     def collective_rpc(self, method, args=()):
-        self.calls.append(("rpc", method))
         if method == "luffy_parameter_names":
+            self.calls.append(("rpc", method))
             return [set(PARAMETERS), set(PARAMETERS)]
-        return [[name for name, _ in args[0]]] * 2  # lists, as a msgpack reply would be
+        names = [name for name, _ in args[0]]
+        self.calls.append(("rpc", method, tuple(names)))
+        return [names] * 2  # lists, as a msgpack reply would be
+
+    def generate(self, requests, settings, use_tqdm=False):
+        """Sample k of a prompt ending in token t: [t + k + 1, EOS] ("stop") for even k, else
+        [t + k + 1] ("length"), each token at log-prob -(k + 1) / 4. Scoring (one settings object,
+        prompt_logprobs): token t of the scored ids at log-prob -t / 10, the first one None."""
+        self.calls.append(("generate", requests, settings))
+        if not isinstance(settings, list):
+            return [SimpleNamespace(prompt_logprobs=[None] + [{t: SimpleNamespace(logprob=-t / 10)}
+                                                              for t in r["prompt_token_ids"][1:]])
+                    for r in requests]
+        outputs = []
+        for request, setting in zip(requests, settings):
+            samples = []
+            for k in range(setting.n):
+                tokens = [request["prompt_token_ids"][-1] + k + 1] + ([EOS] if k % 2 == 0 else [])
+                samples.append(SimpleNamespace(
+                    token_ids=tokens, finish_reason="length" if k % 2 else "stop",
+                    logprobs=[{t: SimpleNamespace(logprob=-(k + 1) / 4)} for t in tokens]))
+            outputs.append(SimpleNamespace(outputs=samples))
+        return outputs
 
 
 @pytest.fixture
@@ -270,3 +295,144 @@ def test_the_automatic_dtype_follows_the_trainers_precision():
     kwargs = engine_kwargs(vllm_options(tiny_config("/tmp/unused"), cpu), Path("/m"), 1, True, 0,
                            EngineLayout(1, 0, 1))
     assert kwargs["dtype"] == "float32"
+
+
+def test_generate_asks_for_n_samples_with_the_data_parallel_ranks_seeds(make_engine):
+    engine, calls = make_engine()
+    engine.layout = EngineLayout(world=4, rank=3, tensor_parallel=1)  # data-parallel rank 3
+    params = vllm_engine.SamplingParams(max_new_tokens=5, temperature=0.7, top_p=0.9, seed=11)
+    groups = engine.generate([[2, 3], [4]], n=2, params=params)
+    (_, requests, settings), = calls
+    assert requests == [{"prompt_token_ids": [2, 3]}, {"prompt_token_ids": [4]}]
+    assert [(s.n, s.temperature, s.top_p, s.max_tokens, s.logprobs, s.detokenize)
+            for s in settings] == [(2, 0.7, 0.9, 5, 0, False)] * 2
+    # the rank is folded into each prompt's seed: rank 0's i-th prompt draws another stream
+    assert [s.seed for s in settings] == [request_seed(11, 0, 3), request_seed(11, 1, 3)]
+    assert request_seed(11, 0, 3) != request_seed(11, 0, 0)
+    # RecordingLLM's samples: [t + k + 1, EOS] at -(k + 1) / 4 for even k, [t + k + 1] cut
+    assert [[(c.token_ids, c.logprobs, c.finished) for c in group] for group in groups] == [
+        [([4, EOS], [-0.25, -0.25], True), ([5], [-0.5], False)],
+        [([5, EOS], [-0.25, -0.25], True), ([6], [-0.5], False)]]
+    metrics = engine.metrics()
+    assert metrics["generated_tokens"] == 6.0
+    assert metrics["generate_tokens_per_second"] == pytest.approx(6 / metrics["generate_seconds"])
+
+
+def test_a_rank_of_a_shared_engine_gets_only_its_own_prompts_back(make_engine, monkeypatch):
+    """Rank 1 of an engine over two ranks: rank 0's prompt [9] comes first in the gathered
+    requests; rank 1 keeps the rest (generation and scoring alike)."""
+    engine, calls = make_engine()
+    engine.layout = EngineLayout(world=2, rank=1, tensor_parallel=2)
+    gathered = []
+
+    def gather(layout, items):
+        gathered.append(list(items))
+        theirs = ([9], [2]) if isinstance(items[0], tuple) else [9]
+        return [theirs] + list(items), slice(1, 1 + len(items))
+
+    monkeypatch.setattr(vllm_engine, "gather_engine_prompts", gather)
+    params = vllm_engine.SamplingParams(max_new_tokens=2, seed=0)
+    groups = engine.generate([[2, 3], [4]], n=1, params=params)
+    assert [[c.token_ids for c in group] for group in groups] == [[[4, EOS]], [[5, EOS]]]
+    assert [r["prompt_token_ids"] for r in calls[-1][1]] == [[9], [2, 3], [4]]
+    # the engine's log-prob of each continuation token t is -t / 10 (RecordingLLM)
+    scores = engine.score([[2, 3], [4]], [[5, 6], [7]])
+    assert scores == [[-0.5, -0.6], [-0.7]]
+    assert [r["prompt_token_ids"] for r in calls[-1][1]] == [[9, 2], [2, 3, 5, 6], [4, 7]]
+
+
+def test_data_parallel_engines_sample_without_a_seed(make_engine):
+    """One training rank per engine (tensor_parallel_size 1): no other rank has to draw the same
+    tokens, so an unseeded request is let through (the engine's own seed differs per rank)."""
+    engine, calls = make_engine()
+    engine.layout = EngineLayout(world=2, rank=1, tensor_parallel=1)
+    groups = engine.generate([[2]], n=1, params=vllm_engine.SamplingParams(max_new_tokens=2))
+    assert [c.token_ids for c in groups[0]] == [[3, EOS]]
+    assert [s.seed for s in calls[-1][2]] == [None]
+
+
+def test_weights_go_in_buckets_under_transformers_names_then_the_prefix_cache_resets(make_engine):
+    # 16-byte buckets of 8-byte tensors: the bucket is sent once it holds 16 bytes
+    engine, calls = make_engine(sync_bucket_mb=16 / 2**20)
+    engine.sync_weights((f"module.layers.{i}.weight", torch.zeros(2)) for i in range(5))
+    assert calls == [("rpc", "luffy_load_weights", ("layers.0.weight", "layers.1.weight")),
+                     ("rpc", "luffy_load_weights", ("layers.2.weight", "layers.3.weight")),
+                     ("rpc", "luffy_load_weights", ("layers.4.weight",)),
+                     ("reset_prefix_cache",)]  # awake: nothing to wake, no gc
+    assert set(engine.metrics()) == {"sync_seconds", "wake_weights_seconds"}
+    assert engine.metrics()["wake_weights_seconds"] == 0.0
+    engine, calls = make_engine(sleep_level=0)  # no sleep mode: no wake timings
+    engine.sync_weights(weights())
+    assert set(engine.metrics()) == {"sync_seconds"}
+
+
+def test_a_full_sync_after_a_level_2_sleep_makes_the_engine_generate_again(make_engine):
+    engine, calls = make_engine()
+    engine.sleep()
+    engine.sync_weights(weights())
+    groups = engine.generate([[2]], n=1, params=vllm_engine.SamplingParams(max_new_tokens=2))
+    assert [c.token_ids for c in groups[0]] == [[3, EOS]]
+    assert [call[:2] for call in calls if call[0] != "gc"] == [
+        ("sleep", 2), ("wake_up", ("weights",)), ("rpc", "luffy_load_weights"),
+        ("reset_prefix_cache",), ("wake_up", ("kv_cache",)), ("generate", [{"prompt_token_ids": [2]}])]
+
+
+def test_waking_without_a_sync_wakes_the_offloaded_weights_too(make_engine):
+    engine, calls = make_engine(sleep_level=1)
+    engine.sleep()
+    engine.wake()
+    assert calls[-1] == ("wake_up", ("kv_cache", "weights"))
+    assert "wake_kv_cache_seconds" in engine.metrics()
+
+
+def test_discarded_weights_or_a_closed_engine_refuse_work(make_engine, monkeypatch):
+    monkeypatch.setattr(vllm_engine, "destroy_vllm_process_groups", lambda keep_default: None)
+    engine, _ = make_engine()
+    engine.sleep()
+    with pytest.raises(RuntimeError, match="slept at level 2"):
+        engine.score([[1, 2]], [[3]])
+    engine.close()
+    params = vllm_engine.SamplingParams(max_new_tokens=2)
+    for call in (lambda: engine.sync_weights(weights()), engine.wake,
+                 lambda: engine.score([[1]], [[2]]), lambda: engine.generate([[1]], 1, params)):
+        with pytest.raises(RuntimeError, match="the vLLM engine is closed"):
+            call()
+
+
+def test_only_a_sleep_mode_engine_checks_for_another_in_the_process(make_engine, monkeypatch):
+    def occupied():
+        raise VLLMStartupError("vLLM allows one sleep-mode engine per process")
+
+    monkeypatch.setattr(vllm_engine, "check_one_sleep_mode_engine", occupied)
+    with pytest.raises(VLLMStartupError, match="one sleep-mode engine"):
+        make_engine()  # the CUDA default, level 2
+    with pytest.raises(VLLMStartupError, match="one sleep-mode engine"):
+        make_engine(sleep_level=1)
+    assert make_engine(sleep_level=0)[0].sleep_level == 0  # no sleep-mode allocator to share
+
+
+@pytest.mark.parametrize("initialized", [True, False])
+def test_closing_keeps_the_process_group_the_trainer_created(make_engine, monkeypatch, initialized):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: initialized)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    kept = []
+
+    @contextmanager
+    def recording_group_kept(keep):
+        kept.append(("shutdown", keep))
+        yield
+
+    monkeypatch.setattr(vllm_engine, "default_group_kept", recording_group_kept)
+    monkeypatch.setattr(vllm_engine, "destroy_vllm_process_groups",
+                        lambda keep_default: kept.append(("destroy", keep_default)))
+    engine, _ = make_engine()
+    engine.close()
+    assert kept == [("shutdown", initialized), ("destroy", initialized)]
+
+
+def test_a_directory_without_config_json_is_named(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(VLLMStartupError, match=f"'{tmp_path}' has no config.json .expected a "
+                                               "transformers model directory"):
+        VLLMRolloutEngine(tmp_path, VLLMConfig(), device=torch.device("cpu"))
