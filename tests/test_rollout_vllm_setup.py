@@ -254,13 +254,19 @@ def test_a_second_sleep_mode_engine_is_a_clear_error(monkeypatch):
     from luffy_fast.rollout.vllm_setup import check_one_sleep_mode_engine
 
     class Allocator:
-        def get_current_usage(self):
-            return 3 * 2**20
+        def __init__(self, usage):
+            self.usage = usage
 
-    monkeypatch.setattr(cumem.CuMemAllocator, "instance", Allocator())
+        def get_current_usage(self):
+            return self.usage
+
+    monkeypatch.setattr(cumem.CuMemAllocator, "instance", Allocator(3 * 2**20))
     with pytest.raises(VLLMStartupError, match="one sleep-mode engine per process.*3 MiB"):
         check_one_sleep_mode_engine()
     monkeypatch.setattr(cumem.CuMemAllocator, "instance", None)
+    check_one_sleep_mode_engine()
+    # the allocator of an engine closed before: it stays, empty, and a new engine may start
+    monkeypatch.setattr(cumem.CuMemAllocator, "instance", Allocator(0))
     check_one_sleep_mode_engine()
 
 
