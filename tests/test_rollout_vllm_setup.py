@@ -278,10 +278,39 @@ def test_worker_extension_loads_and_names_parameters():
         def load_weights(self, weights):
             return [name for name, _ in weights]
 
+    model = Model(2, 2)
+    model.register_buffer("scale", torch.ones(2))  # a buffer: never sent, never waited for
     worker = LuffyWorkerExtension()
-    worker.model_runner = type("Runner", (), {"model": Model(2, 2)})()
-    assert worker.luffy_load_weights([("weight", torch.zeros(2, 2))]) == {"weight"}
+    worker.model_runner = type("Runner", (), {"model": model})()
+    assert worker.luffy_load_weights([("weight", torch.zeros(2, 2)),
+                                      ("bias", torch.zeros(2))]) == {"weight", "bias"}
     assert worker.luffy_parameter_names() == {"weight", "bias"}
+
+
+def test_the_cpu_patch_keeps_linear_weights_and_leaves_other_layers_to_vllm(monkeypatch):
+    """vLLM's CPU dispatch repacks a linear weight and drops it; the patch computes with the
+    layer's own weight instead (a reload in place then lands). 3-D weights stay with vLLM."""
+    layer_utils = pytest.importorskip("vllm.model_executor.layers.utils")
+    from vllm.platforms import current_platform
+
+    import luffy_fast.rollout.vllm_worker as worker_module
+
+    # importing the worker module applied the patch, on a CPU platform only
+    patched = getattr(layer_utils.dispatch_cpu_unquantized_gemm, "keeps_weights_unpacked", False)
+    assert patched == current_platform.is_cpu()
+    handled = []
+    monkeypatch.setattr(layer_utils, "dispatch_cpu_unquantized_gemm",
+                        lambda layer, remove_weight: handled.append(tuple(layer.weight.shape)))
+    worker_module.keep_cpu_linear_weights_unpacked()
+    dispatch = layer_utils.dispatch_cpu_unquantized_gemm
+    linear = torch.nn.Linear(3, 2)
+    dispatch(linear, remove_weight=True)
+    assert linear.cpu_linear is torch.nn.functional.linear and handled == []
+    assert isinstance(linear.weight, torch.nn.Parameter)  # kept, not removed
+    experts = torch.nn.Module()
+    experts.weight = torch.nn.Parameter(torch.zeros(4, 3, 2))  # MoE experts: vLLM's own path
+    dispatch(experts, remove_weight=True)
+    assert handled == [(4, 3, 2)] and not hasattr(experts, "cpu_linear")
 
 
 def test_the_automatic_dtype_follows_the_trainers_precision():
