@@ -136,3 +136,16 @@ def test_log_probs_for_another_number_of_sequences_are_refused():
     with pytest.raises(ValueError, match="behaviour log-probs for 2 sequences and trainer "
                                          "log-probs for 1"):
         rollout_correction([torch.zeros(1), torch.zeros(1)], [torch.zeros(1)])
+
+
+def test_only_the_response_tokens_of_the_packed_sequences_are_weighted():
+    # a micro-batch packing sequence 2 (2 prompt tokens, 3 response tokens) then sequence 0
+    # (1 prompt token, 2 response tokens); sequence 1 is packed in another micro-batch
+    seq_ids = torch.tensor([2, 2, 2, 2, 2, 0, 0, 0])
+    loss_mask = torch.tensor([0, 0, 1, 1, 1, 0, 1, 1])
+    advantages = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, -2.0, -2.0, -2.0])
+    token_weights = [torch.tensor([0.5, 2.0]), torch.tensor([9.0]), torch.tensor([0.25, 0.5, 4.0])]
+    weighted = weight_advantages(advantages, loss_mask, seq_ids, [2, 0], token_weights)
+    # prompt tokens keep A; sequence 2's responses 1 * (0.25, 0.5, 4); sequence 0's -2 * (0.5, 2)
+    assert weighted.tolist() == [1.0, 1.0, 0.25, 0.5, 4.0, -2.0, -1.0, -4.0]
+    assert advantages.tolist() == [1.0, 1.0, 1.0, 1.0, 1.0, -2.0, -2.0, -2.0]  # not modified
