@@ -7,6 +7,7 @@ import re
 import pytest
 
 from luffy_fast.config import LuffyLossConfig
+from luffy_fast.rollout.vllm_config import VLLMConfig
 from luffy_fast.train_config import ConfigError, LuffyTrainConfig, config_from_dict, load_config
 
 
@@ -198,6 +199,34 @@ def test_the_bounds_themselves_are_accepted():
     assert (config.output.save_every, config.output.log_every, config.reward.workers) == (0, 0, 0)
     assert (config.loss.ignore_index, config.loss.max_len) == (-1, 64)
     assert config.rollout.vllm.max_model_len == 124
+
+
+@pytest.mark.parametrize("options, message", [
+    # the first value past each bound; also what a VLLMConfig built by hand is refused for
+    (dict(tensor_parallel_size=0), "tensor_parallel_size: must be an integer >= 1 (got 0)"),
+    (dict(tensor_parallel_size=2.0), "tensor_parallel_size: must be an integer >= 1 (got 2.0)"),
+    (dict(gpu_memory_utilization=0.0), "gpu_memory_utilization: must be in (0, 1] (got 0.0)"),
+    (dict(gpu_memory_utilization=1.01), "gpu_memory_utilization: must be in (0, 1] (got 1.01)"),
+    (dict(sleep_level=3), "sleep_level: must be 0, 1 or 2 (got 3)"),
+    (dict(dtype="fp16"), "dtype: must be one of ['auto', 'float32', 'bfloat16', 'float16'] "
+                         "(got 'fp16')"),
+    (dict(max_model_len=1), "max_model_len: must be an integer >= 2 (got 1)"),
+    (dict(sync_bucket_mb=0), "sync_bucket_mb: must be a positive finite number (got 0)"),
+    (dict(sync_bucket_mb=True), "sync_bucket_mb: must be a positive finite number (got True)"),
+    (dict(sync_bucket_mb=float("inf")), "sync_bucket_mb: must be a positive finite number (got "
+                                        "inf)"),
+])
+def test_vllm_options_name_the_key(options, message):
+    with pytest.raises(ConfigError, match="^" + re.escape(f"rollout.vllm.{message}") + "$"):
+        VLLMConfig(**options).validate()
+
+
+def test_the_vllm_options_bounds_themselves_are_accepted():
+    for options in (dict(tensor_parallel_size=1, gpu_memory_utilization=1.0, max_model_len=2),
+                    dict(sleep_level=0, dtype="float16", sync_bucket_mb=1e-6),
+                    dict(sleep_level=1, dtype="float32", sync_bucket_mb=1),
+                    dict(sleep_level=2, dtype="bfloat16", gpu_memory_utilization=1e-3)):
+        VLLMConfig(**options).validate()
 
 
 def test_documented_defaults():
