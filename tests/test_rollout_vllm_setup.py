@@ -387,7 +387,7 @@ def test_data_parallel_engines_sample_without_a_seed(make_engine):
 
 
 def test_weights_go_in_buckets_under_transformers_names_then_the_prefix_cache_resets(make_engine):
-    # 16-byte buckets of 8-byte tensors: the bucket is sent once it holds 16 bytes
+    # 16-byte buckets of 8-byte tensors: two fill a bucket (the cap itself fits)
     engine, calls = make_engine(sync_bucket_mb=16 / 2**20)
     engine.sync_weights((f"module.layers.{i}.weight", torch.zeros(2)) for i in range(5))
     assert calls == [("rpc", "luffy_load_weights", ("layers.0.weight", "layers.1.weight")),
@@ -399,6 +399,16 @@ def test_weights_go_in_buckets_under_transformers_names_then_the_prefix_cache_re
     engine, calls = make_engine(sleep_level=0)  # no sleep mode: no wake timings
     engine.sync_weights(weights())
     assert set(engine.metrics()) == {"sync_seconds"}
+
+
+def test_a_weight_bucket_never_holds_more_than_sync_bucket_mb(make_engine):
+    """rollout.vllm.sync_bucket_mb: weights are handed to the engine in buckets of at most this
+    size (one bigger tensor alone). 8 + 4 bytes leave room for 4 more in 16, not for 8: that one
+    starts the next bucket (a bucket of 20 bytes was sent)."""
+    engine, calls = make_engine(sync_bucket_mb=16 / 2**20)
+    engine.sync_weights([("a", torch.zeros(2)), ("b", torch.zeros(1)), ("c", torch.zeros(2)),
+                         ("d", torch.zeros(8)), ("e", torch.zeros(1))])
+    assert [call[2] for call in calls if call[0] == "rpc"] == [("a", "b"), ("c",), ("d",), ("e",)]
 
 
 def test_a_full_sync_after_a_level_2_sleep_makes_the_engine_generate_again(make_engine):

@@ -63,7 +63,7 @@ from luffy_fast.rollout.vllm_setup import (
     prepare_environment,
     start_llm,
 )
-from luffy_fast.rollout.weights import engine_weight_name
+from luffy_fast.rollout.weights import engine_weight_name, size_capped
 
 # --------------------------------------------------------------------------- the engine
 
@@ -185,7 +185,8 @@ class VLLMRolloutEngine(RolloutEngine):
 
     @torch.no_grad()
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load the trainer's weights in size-capped batches, then reset the prefix cache.
+        """Load the trainer's weights in batches of at most `sync_bucket_mb` (a bigger tensor
+        alone), then reset the prefix cache.
 
         After a level-2 sleep every parameter must be sent (the engine's copy was discarded;
         reloading by resending holds for dense unquantized models, whose loaded tensors are the
@@ -195,17 +196,9 @@ class VLLMRolloutEngine(RolloutEngine):
             raise RuntimeError("the vLLM engine is closed")
         wake = self._wake({"weights"})  # the KV cache stays released until generation
         start = time.perf_counter()
-        cap = self.config.sync_bucket_mb * 2**20
-        batch: list[tuple[str, torch.Tensor]] = []
-        batch_bytes = 0
         loaded: set[str] = set()
-        for name, tensor in named_tensors:
-            batch.append((engine_weight_name(name), tensor.detach()))
-            batch_bytes += tensor.numel() * tensor.element_size()
-            if batch_bytes >= cap:
-                loaded |= self._load(batch)
-                batch, batch_bytes = [], 0
-        if batch:
+        named = ((engine_weight_name(name), tensor.detach()) for name, tensor in named_tensors)
+        for batch in size_capped(named, self.config.sync_bucket_mb * 2**20):
             loaded |= self._load(batch)
         if self._weights_discarded:
             missing = self._engine_parameters - loaded
