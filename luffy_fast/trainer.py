@@ -85,6 +85,14 @@ def loss_metrics(stats: dict) -> dict:
 BAR = ("reward_on_policy", "loss", "heldout_accuracy")  # the progress bar's metrics
 
 
+def warn_of_idle_settings(heldout_samples, config) -> None:
+    """Start-up warnings of settings that would do nothing (and errors: check_validation)."""
+    check_validation(heldout_samples, config, report=warn_at_start)
+    if config.rollout.n_on == 0:
+        warn_at_start("rollout.n_on=0: each group is its traces alone, and traces that all score "
+                      "the same (the official data's are all correct) have zero advantage")
+
+
 class LuffyTrainer:
     """Runs LUFFY (or on-policy GRPO with n_off = 0) from a LuffyTrainConfig. The task defaults
     to the one `data.task` names; tests and embedding code may pass their own task or engine."""
@@ -101,10 +109,7 @@ class LuffyTrainer:
         self.task = task or load_task(config)
         self.tokenizer, build_policy = prepare_components(self.task, config)  # data, then policy
         self.train_samples, self.heldout_samples = load_task_data(self.task, self.tokenizer, config)
-        check_validation(self.heldout_samples, config, report=warn_at_start)
-        if config.rollout.n_on == 0:
-            warn_at_start("rollout.n_on=0: each group is its traces alone, and traces that all score "
-                          "the same (the official data's are all correct) have zero advantage")
+        warn_of_idle_settings(self.heldout_samples, config)
         self.rewards = task_reward_pool(self.task, config.reward.workers, config.reward.timeout)
         self.sampler = prompt_sampler(self.train_samples, config)
         policy = prepare_policy(build_policy(), config.model)  # Liger kernels, checkpointing
