@@ -65,3 +65,29 @@ def test_an_empty_batch_gives_an_empty_float_result():
 def test_float_group_ids_are_refused_naming_the_argument():
     with pytest.raises(ValueError, match="group_ids"):
         group_advantages(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]))
+
+
+def test_two_groups_of_different_sizes_each_normalized_by_its_own_std():
+    # Group 2: rewards 1, 0, 0 -> mean 1/3, centered [2/3, -1/3, -1/3], unbiased var
+    # (4/9 + 1/9 + 1/9) / 2 = 1/3, std 0.57735 -> [1.1547, -0.57735, -0.57735].
+    # Group 9: rewards 1, 0, 1, 1 -> mean 3/4, centered [1/4, -3/4, 1/4, 1/4], unbiased var
+    # (3 x 1/16 + 9/16) / 3 = 1/4, std 1/2 -> [0.5, -1.5, 0.5, 0.5] (up to the 1e-6).
+    # float32 in, float32 out; int32 ids group the same way as int64 ones.
+    rewards = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0])
+    groups = torch.tensor([2, 9, 2, 9, 2, 9, 9])
+    third = math.sqrt(1 / 3) + 1e-6
+    expected = torch.tensor([(2 / 3) / third, 0.25 / 0.500001, (-1 / 3) / third, -0.75 / 0.500001,
+                             (-1 / 3) / third, 0.25 / 0.500001, 0.25 / 0.500001])
+    for ids in (groups, groups.to(torch.int32)):
+        out = group_advantages(rewards, ids, use_std=True)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=0)
+
+
+def test_rewards_must_be_one_float_value_per_sample():
+    with pytest.raises(ValueError, match="`rewards` must be a 1-D float tensor"):
+        group_advantages(torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="`rewards` must be a 1-D float tensor"):
+        group_advantages(torch.tensor([1, 0]), torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"`group_ids` must have the shape of `rewards` \(4,\)"):
+        group_advantages(torch.zeros(4), torch.zeros(2, 2, dtype=torch.int64))
