@@ -298,3 +298,156 @@ def test_dry_run_checks_the_mini_batch_split_over_the_gpus(setup, tmp_path, caps
     code, out = dry_run(capsys, model, tokenizer, data, tmp_path, "train.mini_batch_size=4")
     assert code == 2
     assert "PROBLEM: train.mini_batch_size: 4 prompts do not split evenly over 8 ranks" in out
+
+
+def test_the_7b_report_by_hand_settings(setup, tmp_path, capsys):
+    """The report's lines that depend on one setting each, against hand-worked numbers."""
+    model, tokenizer, data = setup
+    code, out = dry_run(capsys, model, tokenizer, data, tmp_path, "train.seed=5")
+    assert code == 0, out
+    assert "sampling: 2 steps per epoch of 8 prompts (seed 5); run length 500 steps" in out
+    # 32768 tokens x 152064 vocabulary x 4 bytes = 18.5625 GiB
+    assert "(a naive head would also hold fp32 logits: 18.6 GiB per micro-batch)" in out
+    # the recipe's colocated vLLM: the CUDA defaults, 0.5 of the memory and sleep level 2
+    assert ("rollout: vLLM takes up to 50% of each GPU while generating and sleeps (level 2) "
+            "during the update") in out
+    code, out = dry_run(capsys, model, tokenizer, data, tmp_path, "rollout.vllm.sleep_level=0",
+                        "rollout.vllm.gpu_memory_utilization=0.3")
+    assert "rollout: vLLM takes up to 30% of each GPU while generating and never sleeps" in out
+    # fp32: 4 + 4 + 8 bytes per parameter over 8 GPUs (ZeRO-3), and no flash-attn
+    code, out = dry_run(capsys, model, tokenizer, data, tmp_path, "model.precision=fp32",
+                        "model.attn_implementation=sdpa")
+    assert code == 0, out
+    assert "ZeRO-3 over 8 GPU(s), fp32, token budget 32768" in out
+    for name, bytes_per_parameter in (("weights", 4), ("gradients", 4),
+                                      ("optimizer states", 8)):
+        assert f"{name:<24} {PARAMETERS * bytes_per_parameter / 8 / GIB:8.2f} GiB" in out
+    code, out = dry_run(capsys, model, tokenizer, data, tmp_path,
+                        "model.gradient_checkpointing=false")
+    assert "0 of 28 layers checkpointed" in out
+    code, out = dry_run(capsys, model, tokenizer, data, tmp_path, "model.checkpointed_layers=29")
+    assert "28 of 28 layers checkpointed" in out  # the estimate counts the layers there are
+
+
+def test_one_gpu_too_small_names_the_estimate(setup, tmp_path, capsys):
+    # ZeRO-3 on one GPU: nothing partitioned, no layer gathered. 16 bytes per parameter, the
+    # activations of 28 checkpointed layers (their inputs, one recomputed layer's values and its
+    # gradients) and the head (hidden states, their gradient, the 1 GiB budget), 32768 tokens.
+    model, tokenizer, data = setup
+    T = 32768
+    values, kept_input = T * (10 * H + 2 * KV + 4 * I) * 2, T * H * 2
+    total = 16 * PARAMETERS + 28 * kept_input + 2 * values + T * H * 6 + 2**30
+    code, out = dry_run(capsys, model, tokenizer, data, tmp_path, "--world-size=1")
+    assert code == 2
+    assert f"{'gathered layer (ZeRO-3)':<24} {0:8.2f} GiB" in out
+    assert (f"PROBLEM: train.zero_stage: the estimate ({total / GIB:.0f} GiB per GPU) exceeds an "
+            f"80 GiB GPU; use more GPUs (--world-size), a higher ZeRO stage, a smaller token "
+            f"budget\n") in out  # every layer checkpointed already: no advice to checkpoint more
+    code, out = dry_run(capsys, model, tokenizer, data, tmp_path, "--world-size=1",
+                        "model.checkpointed_layers=1")
+    assert ("a smaller token budget or more checkpointed layers (model.checkpointed_layers)\n"
+            in out)
+
+
+def test_a_long_first_trace_is_shown_cut(setup, tmp_path, capsys):
+    # The first row's trace: 400 zeros, " </think> \\boxed{0}" and EOS: 799 + 19 + 13 = 831
+    # characters; the report shows its first 600 ("0 " x 300) and the length.
+    model, tokenizer, _ = setup
+    rows = math_rows()
+    rows[0]["target"][0]["content"] = " ".join(["0"] * 400) + " </think> \\boxed{0}"
+    data = write_parquet(tmp_path / "long.parquet", rows)
+    code, out = dry_run(capsys, model, tokenizer, data, tmp_path)
+    assert code == 0, out
+    assert "\n    " + "0 " * 300 + " ... [831 chars]\n" in out.split("first trace (")[1]
+
+
+def test_the_meta_model_notes_and_a_tokenizer_larger_than_the_vocabulary(setup, tmp_path, capsys,
+                                                                         monkeypatch):
+    import types
+
+    model, tokenizer, data = setup
+    small = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**small, "vocab_size": 300}))  # the BPE: 400
+    # flash-attn absent on this machine (a note), planned in bf16 on the GPUs (no problem)
+    monkeypatch.setattr("luffy_fast.model_loading.importlib",
+                        types.SimpleNamespace(util=types.SimpleNamespace(find_spec=lambda name: None)))
+    code, out = dry_run(capsys, model, tokenizer, data, tmp_path,
+                        "model.attn_implementation=flash_attention_2")
+    assert code == 2
+    assert ("note: on this machine: model.attn_implementation: 'flash_attention_2' needs the "
+            "flash-attn package, which is not installed") in out
+    assert ("PROBLEM: model.tokenizer_path: the tokenizer has 400 tokens, more than the model's "
+            "vocabulary (300)") in out
+
+
+def test_the_data_lines_of_the_math_setup(model_dir, tmp_path, capsys):
+    # tests/math_helpers.py's rows with 9-token prompts allowed: 16 prompts of 3 tokens ("q d so")
+    # and 4 of 9; 15 traces of 3 tokens + EOS and 5 of 10 + EOS, cut to 8. Nearest rank of 20
+    # sorted values: p50 is the 10th, p90 the 18th, p99 and p100 the 20th.
+    from math_helpers import train_yaml, write_jsonl
+
+    data = write_jsonl(tmp_path / "rows.jsonl", math_rows())
+    config = train_yaml(tmp_path / "run.yaml", model_dir, data, tmp_path / "out")
+    code = main(["train", "--config", str(config), "--dry-run", "data.max_prompt_length=9",
+                 f"data.heldout_source={data}"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert (f"data: {data}: 20 rows, 20 prompts kept, 0 skipped (prompt too long), 5 traces "
+            f"truncated, 0 dropped, 0 prompts without a trace\n") in out
+    assert "  trace lengths (before the cut): {'p50': 4, 'p90': 11, 'p99': 11, 'p100': 11}\n" in out
+    assert ("data: 20 training prompts; prompt lengths {'p50': 3, 'p90': 9, 'p99': 9, 'p100': 9}; "
+            "trace lengths {'p50': 4, 'p90': 8, 'p99': 8, 'p100': 8}\n") in out
+    assert "sampling: 5 steps per epoch of 4 prompts (seed 5); run length 3 steps\n" in out
+    assert "validation: 20 held-out problems (digits), 1 sample(s) each, never (eval.every=0)" in out
+    assert "first trace (4 tokens):\n    0 </think> \\boxed{0} <eos>\n" in out
+
+
+def test_model_shape_reads_head_dim_and_the_largest_layer():
+    import types
+
+    from torch import nn
+
+    from luffy_fast.dry_run import model_shape
+
+    class Policy(nn.Module):
+        def __init__(self, **config):
+            super().__init__()
+            self.config = types.SimpleNamespace(hidden_size=32, num_attention_heads=4,
+                                                num_hidden_layers=2, intermediate_size=64,
+                                                vocab_size=10, **config)
+            self.model = nn.Module()
+            self.model.layers = nn.ModuleList([nn.Linear(4, 5), nn.Linear(2, 3)])  # 25 and 9
+
+    # head_dim 16 set apart from hidden / heads = 8 (as Qwen3 does): kv_dim = 2 x 16
+    shape = model_shape(Policy(head_dim=16, num_key_value_heads=2))
+    assert shape == ModelShape(parameters=34, layers=2, hidden=32, intermediate=64, kv_dim=32,
+                               vocab=10, largest_layer=25)
+    assert model_shape(Policy()).kv_dim == 4 * 8  # no head_dim, no kv heads: 4 heads of 32 / 4
+
+
+def test_stage_1_and_a_single_gpu_stage_3_by_hand():
+    shape = ModelShape(parameters=1000, layers=2, hidden=4, intermediate=8, kv_dim=2, vocab=10,
+                       largest_layer=100)
+    stage1 = estimate_memory(shape, 1, 4, True, 16, 2, 64)  # optimizer states partitioned only
+    assert (stage1["weights"], stage1["gradients"], stage1["optimizer states"]) == (2000, 2000, 3000)
+    alone = estimate_memory(shape, 3, 1, True, 16, 2, 64)  # one GPU: no layer to gather
+    assert (alone["weights"], alone["gradients"], alone["gathered layer (ZeRO-3)"]) == (2000, 2000, 0)
+
+
+def test_checkpointing_advice_by_hand():
+    from luffy_fast.dry_run import checkpointing_advice
+
+    # a total of 60 GiB + 5 GiB per layer not checkpointed; the limit is 0.9 x 80 = 72 GiB
+    estimate = lambda k: {"total": (60 + 5 * (4 - k)) * GIB}  # noqa: E731
+    assert checkpointing_advice(estimate, 4, 4) == (
+        "  checkpointing: the fewest checkpointed layers that fit in 90% of an 80 GiB GPU: 2 of 4 "
+        "(model.gradient_checkpointing: true, model.checkpointed_layers: 2); this run checkpoints "
+        "4, recomputing more than it must (an estimate: check the first steps' "
+        "peak_memory_mb/update)")
+    small = lambda k: {"total": (50 + 5 * (4 - k)) * GIB}  # noqa: E731 - 70 GiB with none
+    assert checkpointing_advice(small, 4, 0) == (
+        "  checkpointing: every layer's activations fit: gradient checkpointing can be off (an "
+        "estimate: check the first steps' peak_memory_mb/update)")
+    large = lambda k: {"total": 73 * GIB}  # noqa: E731
+    assert checkpointing_advice(large, 4, 4) == (
+        "  checkpointing: no setting fits in 90% of an 80 GiB GPU by this estimate")
