@@ -205,3 +205,138 @@ def test_the_toy_model_refuses_settings_it_would_ignore_or_could_not_build(overr
     with pytest.raises(ConfigError, match=re.escape(message)):
         ToyTask(load_config(None, [override]))
     load_config(None, [override, "data.task=examples.custom_task:CopyDigits"])
+
+
+class FakeTrainer:
+    """Stands in for LuffyTrainer in run_demo: records how each run is driven and writes the
+    metrics rows given for its run to its metrics.jsonl (`fail`: the run whose train raises)."""
+
+    rows: dict[str, list[dict]] = {}
+    calls: list[tuple] = []
+    fail: str | None = None
+
+    def __init__(self, config):
+        self.config, self.run = config, config.output.dir.rsplit("/", 1)[1]
+        self.calls.append(("init", self.run, config.train.steps, config.rollout.n_on))
+
+    def train(self, resume: bool = False):
+        self.calls.append(("train", self.run, resume))
+        if self.run == self.fail:
+            raise RuntimeError(f"{self.run} crashed")
+        folder = __import__("pathlib").Path(self.config.output.dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.rows[self.run]))
+
+    def close(self):
+        self.calls.append(("close", self.run))
+
+
+@pytest.fixture
+def fake_trainer(monkeypatch):
+    import types
+
+    FakeTrainer.calls, FakeTrainer.fail = [], None
+    FakeTrainer.rows = {
+        "grpo": [{"step": 1, "loss": 0.0}, {"step": 2, "heldout_accuracy": 0.0, "heldout_entropy": 2.5},
+                 {"step": 4, "heldout_accuracy": 0.0, "heldout_entropy": 2.25}],
+        "luffy": [{"step": 2, "heldout_accuracy": 0.25, "heldout_entropy": 1.5},
+                  {"step": 3, "loss": 0.5}, {"step": 4, "heldout_accuracy": 0.75, "heldout_entropy": 1.0}],
+        "luffy_no_shaping": [{"step": 1, "loss": 0.5}],  # never validated
+    }
+    monkeypatch.setattr("luffy_fast.trainer.LuffyTrainer", FakeTrainer)
+    # each run's clock: started at 10 s, done at 100.54 s: 90.54 s, shown as 90.5
+    clock = __import__("itertools").cycle([10.0, 100.54])
+    monkeypatch.setattr("luffy_fast.toy.demo.time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    plotted = []
+    monkeypatch.setattr("luffy_fast.toy.demo.plot_runs", lambda h, p: plotted.append((h, p)))
+    return plotted
+
+
+def test_run_demo_trains_each_run_in_turn_and_summarizes_its_last_validation(tmp_path, fake_trainer,
+                                                                            capsys):
+    from luffy_fast.toy.demo import format_summary
+
+    summary = run_demo(tmp_path, runs=("grpo", "luffy", "luffy_no_shaping"),
+                       overrides=["train.steps=4"])
+    # one run at a time, each closed; grpo with its own 4 rollouts, the overrides in every run
+    assert FakeTrainer.calls == [
+        ("init", "grpo", 4, 4), ("train", "grpo", False), ("close", "grpo"),
+        ("init", "luffy", 4, 3), ("train", "luffy", False), ("close", "luffy"),
+        ("init", "luffy_no_shaping", 4, 3), ("train", "luffy_no_shaping", False),
+        ("close", "luffy_no_shaping")]
+    assert summary == {"runs": {
+        "grpo": {"heldout_accuracy": 0.0, "steps": 4, "seconds": 90.5},
+        "luffy": {"heldout_accuracy": 0.75, "steps": 4, "seconds": 90.5},  # step 4's, not step 2's
+        "luffy_no_shaping": {"heldout_accuracy": None, "steps": 4, "seconds": 90.5}}}
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    (histories, path), = fake_trainer
+    assert path == tmp_path / "demo.png" and histories == FakeTrainer.rows
+    assert list(histories) == ["grpo", "luffy", "luffy_no_shaping"]
+    assert "replacing" not in capsys.readouterr().err  # nothing there before
+    # columns of 18 (left), 18, 8 and 9 characters; 90.5 s = 1.5 minutes; a run never validated
+    # has no accuracy
+    assert format_summary(summary).split("\n") == [
+        "run" + " " * 16 + "held-out accuracy" + " " * 3 + "steps" + " " * 2 + "minutes",
+        "grpo" + " " * 14 + " " * 13 + "0.000" + " " * 7 + "4" + " " * 6 + "1.5",
+        "luffy" + " " * 13 + " " * 13 + "0.750" + " " * 7 + "4" + " " * 6 + "1.5",
+        "luffy_no_shaping" + " " * 2 + " " * 15 + "n/a" + " " * 7 + "4" + " " * 6 + "1.5"]
+
+
+def test_run_demo_resumes_or_names_the_runs_it_replaces(tmp_path, fake_trainer, capsys):
+    (tmp_path / "luffy").mkdir()
+    (tmp_path / "luffy" / "metrics.jsonl").write_text('{"step": 1}\n')
+    run_demo(tmp_path, resume=True)  # the default runs: LUFFY, then GRPO
+    assert [c for c in FakeTrainer.calls if c[0] == "train"] == [("train", "luffy", True),
+                                                                ("train", "grpo", True)]
+    assert capsys.readouterr().err == ""
+    (tmp_path / "grpo" / "metrics.jsonl").unlink()
+    run_demo(tmp_path, runs=("luffy", "grpo"))
+    assert capsys.readouterr().err == (
+        f"demo: replacing the earlier luffy run(s) in {tmp_path} (--resume continues them, "
+        f"--output-dir keeps them)\n")
+
+
+def test_run_demo_checks_every_run_first_and_keeps_the_summary_of_finished_runs(tmp_path,
+                                                                               fake_trainer):
+    with pytest.raises(ConfigError, match=r"demo run 'ppo': unknown \(choose from \['grpo', "
+                                          r"'luffy', 'luffy_no_shaping'\]\)"):
+        run_demo(tmp_path, runs=("luffy", "ppo"))
+    assert FakeTrainer.calls == []  # refused before the first run trained
+    FakeTrainer.fail = "luffy"
+    with pytest.raises(RuntimeError, match="luffy crashed"):
+        run_demo(tmp_path, runs=("grpo", "luffy"))
+    assert FakeTrainer.calls[-1] == ("close", "luffy")  # closed after a crash too
+    assert json.loads((tmp_path / "summary.json").read_text()) == {
+        "runs": {"grpo": {"heldout_accuracy": 0.0, "steps": 250, "seconds": 90.5}}}
+
+
+def test_demo_config_applies_the_user_overrides_last():
+    assert demo_config("grpo", "out", ["rollout.n_on=6"]).rollout.n_on == 6
+    assert demo_config("grpo", "out").output.dir == "out/grpo"
+    luffy, plain = demo_config("luffy", "out").to_dict(), demo_config("luffy_no_shaping", "out").to_dict()
+    assert (luffy["loss"].pop("shaping"), plain["loss"].pop("shaping")) == (True, False)
+    luffy["output"].pop("dir"), plain["output"].pop("dir")
+    assert luffy == plain  # the ablation changes f(p) and nothing else
+
+
+def test_plot_runs_draws_held_out_accuracy_and_entropy_per_run(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from luffy_fast.toy.demo import plot_runs
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda figure: (figures.append(figure), close(figure)))
+    histories = {"luffy": [{"step": 1, "loss": 0.5}, {"step": 2, "heldout_accuracy": 0.25,
+                                                      "heldout_entropy": 1.5},
+                           {"step": 4, "heldout_accuracy": 0.75, "heldout_entropy": 1.0}],
+                 "grpo": [{"step": 3, "heldout_accuracy": 0.0, "heldout_entropy": 2.5}]}
+    assert plot_runs(histories, tmp_path / "p.png") == tmp_path / "p.png"
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+    (figure,) = figures
+    accuracy, entropy = figure.axes
+    assert accuracy.get_title() == "Held-out accuracy"
+    assert [(line.get_label(), list(line.get_xdata()), list(line.get_ydata()))
+            for line in accuracy.lines] == [("luffy", [2, 4], [0.25, 0.75]), ("grpo", [3], [0.0])]
+    assert [(line.get_label(), list(line.get_xdata()), list(line.get_ydata()))
+            for line in entropy.lines] == [("luffy", [2, 4], [1.5, 1.0]), ("grpo", [3], [2.5])]
+
