@@ -66,6 +66,11 @@ def test_untrained_policy_is_almost_never_right():
 
 
 def test_heldout_problems_never_appear_in_training():
+    # the hash buckets are uniform: about 10 % (50 %) of the 10,000 4-digit strings are held
+    # out (checked first: with a skewed hash the sampling below would never end)
+    strings = [f"{n:04d}" for n in range(10_000)]
+    assert 900 <= sum(is_heldout(s, 0.1) for s in strings) <= 1100
+    assert 4800 <= sum(is_heldout(s, 0.5) for s in strings) <= 5200
     train = sample_problems(3000, 5, "train", seed=0)
     heldout = sample_problems(200, 5, "heldout", seed=0)
     assert len({p.digits for p in train}) == 3000
@@ -340,3 +345,125 @@ def test_plot_runs_draws_held_out_accuracy_and_entropy_per_run(tmp_path, monkeyp
     assert [(line.get_label(), list(line.get_xdata()), list(line.get_ydata()))
             for line in entropy.lines] == [("luffy", [2, 4], [1.5, 1.0]), ("grpo", [3], [2.5])]
 
+
+def test_sample_problems_refuses_what_it_cannot_sample():
+    with pytest.raises(ValueError, match=r"split must be 'train' or 'heldout' \(got 'test'\)"):
+        sample_problems(1, 4, "test", seed=0)
+    for digits in (0, 11):  # one label per digit: a to j
+        with pytest.raises(ValueError, match=rf"num_digits must be between 1 and 10 \(got {digits}\)"):
+            sample_problems(1, digits, "train", seed=0)
+    # at most half of the ~100 held-out 3-digit strings (10 % of 1000), so that sampling ends
+    assert len({p.digits for p in sample_problems(50, 3, "heldout", seed=0)}) == 50
+    with pytest.raises(ValueError, match="asked for 51 distinct heldout problems of 3 digits; only "
+                                         "about 100 exist"):
+        sample_problems(51, 3, "heldout", seed=0)
+
+
+def test_the_seed_picks_the_problems():
+    assert sample_problems(20, 4, "train", seed=1) == sample_problems(20, 4, "train", seed=1)
+    assert sample_problems(20, 4, "train", seed=1) != sample_problems(20, 4, "train", seed=2)
+
+
+def test_the_demo_policy_by_hand():
+    """The demo's Qwen2 over the 19-token vocabulary of 4 digits: per layer q (128 x 128 + bias),
+    k and v (128 x 64 + bias: 2 key-value heads of 32), o (128 x 128), the MLP (3 x 128 x 256)
+    and two norms; the embedding tied to the head, and the final norm."""
+    import torch
+
+    from luffy_fast.toy.model import TinyQwen2Config, build_policy
+
+    tokenizer = build_tokenizer(4)
+    assert (len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id) == (19, 0, 1)
+    layer = (128 * 128 + 128) + 2 * (128 * 64 + 64) + 128 * 128 + 3 * 128 * 256 + 2 * 128
+    rng = torch.random.get_rng_state()
+    policy = build_policy(tokenizer, TinyQwen2Config(), seed=3)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # the caller's random stream untouched
+    assert sum(p.numel() for p in policy.parameters()) == 4 * layer + 19 * 128 + 128 == 594_432
+    assert policy.config.max_position_embeddings == 128
+    assert (policy.config.eos_token_id, policy.generation_config.eos_token_id,
+            policy.generation_config.pad_token_id) == (1, 1, 0)
+    again = build_policy(tokenizer, TinyQwen2Config(), seed=3)
+    other = build_policy(tokenizer, TinyQwen2Config(), seed=4)
+    weight = policy.model.embed_tokens.weight
+    assert torch.equal(again.model.embed_tokens.weight, weight)
+    assert not torch.equal(other.model.embed_tokens.weight, weight)
+
+
+def test_save_pretrained_pair_loads_back(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from luffy_fast.data import load_tokenizer
+    from luffy_fast.toy.model import TinyQwen2Config, build_policy, save_pretrained_pair
+
+    tokenizer = build_tokenizer(3)
+    policy = build_policy(tokenizer, TinyQwen2Config(hidden_size=32, intermediate_size=64,
+                                                     num_hidden_layers=1, num_attention_heads=2,
+                                                     num_key_value_heads=1), seed=0)
+    folder = save_pretrained_pair(policy, tokenizer, tmp_path / "a" / "b")
+    assert folder == tmp_path / "a" / "b"
+    loaded = load_tokenizer(folder)
+    assert loaded("3 8 1 > a 3", add_special_tokens=False).input_ids == [5, 10, 3, 12, 15, 5]
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(folder).model.embed_tokens.weight,
+                       policy.model.embed_tokens.weight)
+
+
+def test_the_toy_task_builds_what_the_config_says():
+    import torch
+
+    from luffy_fast.toy.task import ToyTask
+
+    config = load_config(None, ["model.hidden_size=32", "model.intermediate_size=48",
+                                "model.num_hidden_layers=3", "model.num_attention_heads=4",
+                                "model.num_key_value_heads=1", "data.max_response_length=100",
+                                "data.num_digits=3", "train.seed=7"])
+    tokenizer, policy = ToyTask(config).components()
+    shape = policy.config
+    assert (shape.hidden_size, shape.intermediate_size, shape.num_hidden_layers,
+            shape.num_attention_heads, shape.num_key_value_heads, shape.vocab_size,
+            shape.max_position_embeddings) == (32, 48, 3, 4, 1, 18, 200)  # window: 2 x 100
+    config.train.seed = 8
+    _, other = ToyTask(config).components()  # the seed sets the initial weights
+    assert not torch.equal(other.model.embed_tokens.weight, policy.model.embed_tokens.weight)
+
+
+def test_the_toy_task_samples_its_split_of_the_problems():
+    from luffy_fast.toy.task import ToyTask
+
+    config = load_config(None, ["data.num_digits=3", "data.heldout_fraction=0.5",
+                                "eval.num_problems=7", "train.seed=1"])
+    task = ToyTask(config)
+    tokenizer = task.components()[0]
+    train, heldout = task.train_samples(tokenizer), task.heldout_samples(tokenizer)
+    # 40 % of the ~500 training strings; 7 held-out ones, from the held-out half
+    assert (len(train), len(heldout)) == (200, 7)
+    assert {s.data_source for s in heldout} == {"toy_reverse"}  # names its validation metrics
+    digits = ["".join(tokenizer.decode(s.prompt_ids).split()[:3]) for s in heldout]
+    assert all(is_heldout(d, 0.5) for d in digits) and not all(is_heldout(d, 0.1) for d in digits)
+    config.train.seed = 2  # another seed, other problems
+    assert [s.prompt_ids for s in ToyTask(config).train_samples(tokenizer)] != \
+        [s.prompt_ids for s in train]
+    config.eval.num_problems = None  # "all": the generated default of 200
+    assert len(ToyTask(config).heldout_samples(tokenizer)) == 200
+
+
+def test_the_toy_task_asks_for_40_percent_of_its_training_strings_at_most_20000(monkeypatch):
+    from luffy_fast.toy.task import ToyTask
+
+    asked = []
+    monkeypatch.setattr("luffy_fast.toy.task.sample_problems",
+                        lambda count, digits, split, seed, fraction: asked.append(
+                            (count, digits, split, seed, fraction)) or [])
+    for digits in (3, 5):
+        ToyTask(load_config(None, [f"data.num_digits={digits}"])).train_samples(None)
+    # 0.4 x 900 = 360; 0.4 x 90,000 = 36,000 is over the cap
+    assert asked == [(360, 3, "train", 0, 0.1), (20_000, 5, "train", 0, 0.1)]
+
+
+def test_the_toy_task_needs_the_toy_policy():
+    from luffy_fast.toy.task import ToyTask
+
+    # a user's task could take a model directory; the toy data cannot
+    with pytest.raises(ConfigError, match=r"model.path: the toy policy and the toy data go together "
+                                          r"\(model.path='/models/qwen', data.task='toy'\)"):
+        ToyTask(load_config(None, ["model.path=/models/qwen"]))
