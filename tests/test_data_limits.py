@@ -71,3 +71,17 @@ def test_the_think_prefix_of_a_trace_is_dropped_whole_and_only_when_both_have_it
 def test_a_tokenizer_without_eos_is_refused():
     with pytest.raises(DataError, match="no EOS token"):
         tokenize_records([record("q", "a")], CharTokenizer(eos_token_id=None), DataLimits(8, 8))
+
+
+class BosTokenizer(CharTokenizer):
+    """Adds a BOS (id 1) in front when asked for special tokens, as Llama's tokenizer does."""
+
+    def __call__(self, texts, add_special_tokens):
+        out = super().__call__(texts, add_special_tokens)
+        return SimpleNamespace(input_ids=[[1] * add_special_tokens + ids for ids in out.input_ids])
+
+
+def test_no_special_tokens_are_added_to_the_rendered_prompt_or_the_trace():
+    # the chat template writes the prompt's special tokens; a trace continues the prompt
+    [sample], _ = tokenize_records([record("ab", "cd")], BosTokenizer(), DataLimits(8, 8))
+    assert (sample.prompt_ids, sample.traces) == (chars("ab"), [chars("cd") + [0]])

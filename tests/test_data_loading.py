@@ -91,6 +91,41 @@ def test_percentiles_by_nearest_rank():
     assert percentiles(list(range(1, 101))) == {"p50": 50, "p90": 90, "p99": 99, "p100": 100}
     assert percentiles([7]) == {"p50": 7, "p90": 7, "p99": 7, "p100": 7}
     assert percentiles([]) == {}
+    # rank ceil(p / 100 x n), 1-based: with 10 values p99 is the 10th (9.9 rounds up), with 3
+    # p50 the 2nd (1.5 rounds up); unsorted input is sorted first
+    assert percentiles([10, 1, 2, 3, 4, 5, 6, 7, 8, 9]) == {"p50": 5, "p90": 9, "p99": 10, "p100": 10}
+    assert percentiles([30, 10, 20], points=(50, 34)) == {"p50": 20, "p34": 20}
+
+
+def test_the_report_names_each_count_in_its_place(tmp_path, tokenizer):
+    # drop: rows 3, 7, 11, 19 lose their long trace and are kept bare; 0, 5, 10, 15 skipped
+    path = write_jsonl(tmp_path / "d.jsonl", math_rows())
+    _, report = load_samples(path, tokenizer, DataLimits(8, 8, "drop"))
+    assert report.summary() == (f"{path}: 20 rows, 16 prompts kept, 4 skipped (prompt too long), "
+                                f"0 traces truncated, 4 dropped, 4 prompts without a trace")
+    report.dropped_traces, report.without_trace = 2, ["a", "b", "c"]  # all counts apart
+    assert report.summary().endswith("4 skipped (prompt too long), 0 traces truncated, "
+                                     "2 dropped, 3 prompts without a trace")
+
+
+def test_load_jsonl_samples_applies_the_overflow_and_refuses_no_rows(tmp_path, tokenizer):
+    from luffy_fast.data import load_jsonl_samples
+
+    path = write_jsonl(tmp_path / "d.jsonl", math_rows())
+    dropped = load_jsonl_samples(path, tokenizer, 8, 8, trace_overflow="drop")
+    assert [len(s.traces) for s in dropped].count(0) == 4  # the long traces left out
+    cut = load_jsonl_samples(path, tokenizer, 8, 8)
+    assert [len(s.traces) for s in cut].count(0) == 0 and len(cut) == 16
+    with pytest.raises(DataError, match=rf"^{path}: no usable rows \(empty, or every prompt is "
+                                        rf"longer than max_prompt_length=2\)"):
+        load_jsonl_samples(path, tokenizer, 2, 8)  # "q d so" is 3 tokens
+
+
+def test_a_missing_source_is_named_by_the_key_it_came_from(tmp_path, tokenizer):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=rf"^data.heldout_source: the folder '{tmp_path / 'empty'}' "
+                                        rf"holds no"):
+        load_samples(tmp_path / "empty", tokenizer, LIMITS, key="data.heldout_source")
 
 
 BAD_ROWS = [
@@ -443,3 +478,23 @@ def test_eval_prompts_are_tokenized_in_batches_as_row_by_row(tmp_path, tokenizer
     assert [p.prompt_ids for p in problems] == row_by_row
     assert [(p.ground_truth, p.data_source, p.traces, p.where) for p in problems] == [
         (str(i), "amc", [], f"{path}:{i + 1}") for i in range(5)]
+
+
+def test_a_tokenizer_saved_by_transformers_4_loads_as_saved(tmp_path):
+    """transformers 4 names a generic tokenizer "PreTrainedTokenizerFast" (5: "TokenizersBackend");
+    beside a Qwen2 config, AutoTokenizer would load Qwen2's own class over its tokenizer.json."""
+    import json
+
+    from luffy_fast.data import load_tokenizer
+    from luffy_fast.toy.model import TinyQwen2Config, build_policy
+
+    tokenizer = math_tokenizer()
+    build_policy(tokenizer, TinyQwen2Config(hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=1, num_attention_heads=2,
+                                            num_key_value_heads=1), seed=0).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    settings = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    settings["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(settings))
+    # math_helpers.WORDS: "3" is id 9, "</think>" 2, "\\boxed{3}" 19
+    assert load_tokenizer(tmp_path)("3 </think> \\boxed{3}").input_ids == [9, 2, 19]
